@@ -1,0 +1,226 @@
+"""Model zoo: MLP, VGG-style CNN, CIFAR-style ResNet-20, RNN/LSTM/GRU sequence classifiers.
+
+Every convolutional model is dimension-generic: an input of shape ``(C, L)`` builds Conv1d
+layers, ``(C, H, W)`` builds Conv2d layers, so every model runs on every data set
+(digits 1×8×8, MNIST-1D 1×40, MNIST 1×28×28, CIFAR-10 3×32×32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from fedfuse.errors import ConfigError
+
+__all__ = ["MLP", "VGG", "ResNet20", "SequenceClassifier", "MODELS", "build_model"]
+
+
+def _conv_layers(ndim: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
+    """Conv, BatchNorm and MaxPool classes for 1-d (``ndim=2``) or 2-d (``ndim=3``) inputs."""
+    if ndim == 2:
+        return nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d
+    if ndim == 3:
+        return nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d
+    raise ConfigError(
+        f"input shape of rank {ndim} is not supported by convolutional models; allowed: (C, L) or (C, H, W)"
+    )
+
+
+class MLP(nn.Module):
+    """Fully connected net ``x -> flatten -> [Linear -> ReLU] * len(widths) -> Linear``."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, widths: Sequence[int] = (128, 128)) -> None:
+        super().__init__()
+        in_features = int(torch.tensor(input_shape).prod())
+        layers: list[nn.Module] = [nn.Flatten()]
+        for width in widths:
+            layers += [nn.Linear(in_features, width), nn.ReLU()]
+            in_features = width
+        layers.append(nn.Linear(in_features, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class VGG(nn.Module):
+    """VGG-style CNN: blocks of ``conv3 -> [BN] -> ReLU`` with ``"M"`` max-pools, then flatten -> MLP head.
+
+    ``cfg`` lists channel counts and ``"M"``; a pool is skipped when the spatial size is already 1.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        cfg: Sequence[int | str] = (32, "M", 64, "M"),
+        batch_norm: bool = False,
+        hidden: int = 128,
+    ) -> None:
+        super().__init__()
+        conv, bn, pool = _conv_layers(len(input_shape))
+        layers: list[nn.Module] = []
+        channels, size = int(input_shape[0]), min(int(s) for s in input_shape[1:])
+        for item in cfg:
+            if item == "M":
+                if size >= 2:
+                    layers.append(pool(2))
+                    size //= 2
+                continue
+            layers.append(conv(channels, int(item), kernel_size=3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(bn(int(item)))
+            layers.append(nn.ReLU())
+            channels = int(item)
+        self.features = nn.Sequential(*layers)
+        with torch.no_grad():
+            flat = self.features(torch.zeros(1, *input_shape)).numel()
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block ``relu(F(x) + shortcut(x))``; the shortcut is a 1×1 conv (+BN) when shapes change."""
+
+    def __init__(self, ndim: int, in_ch: int, out_ch: int, stride: int, batch_norm: bool) -> None:
+        super().__init__()
+        conv, bn, _ = _conv_layers(ndim)
+        norm: Callable[[int], nn.Module] = bn if batch_norm else (lambda c: nn.Identity())
+        self.conv1 = conv(in_ch, out_ch, 3, stride=stride, padding=1, bias=not batch_norm)
+        self.bn1 = norm(out_ch)
+        self.conv2 = conv(out_ch, out_ch, 3, stride=1, padding=1, bias=not batch_norm)
+        self.bn2 = norm(out_ch)
+        self.relu = nn.ReLU()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(conv(in_ch, out_ch, 1, stride=stride, bias=not batch_norm), norm(out_ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """CIFAR-style ResNet-20 (He et al. 2016): 3 stages × 3 basic blocks, widths 16·w, 32·w, 64·w."""
+
+    def __init__(
+        self, input_shape: Sequence[int], num_classes: int, width: int = 1, batch_norm: bool = True, blocks: int = 3
+    ) -> None:
+        super().__init__()
+        ndim = len(input_shape)
+        conv, bn, _ = _conv_layers(ndim)
+        w = [16 * width, 32 * width, 64 * width]
+        self.conv1 = conv(int(input_shape[0]), w[0], 3, padding=1, bias=not batch_norm)
+        self.bn1 = bn(w[0]) if batch_norm else nn.Identity()
+        self.relu = nn.ReLU()
+        layers: list[nn.Module] = []
+        in_ch = w[0]
+        for stage, out_ch in enumerate(w):
+            for b in range(blocks):
+                stride = 2 if stage > 0 and b == 0 else 1
+                layers.append(BasicBlock(ndim, in_ch, out_ch, stride, batch_norm))
+                in_ch = out_ch
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool1d(1) if ndim == 2 else nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(in_ch, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(self.flatten(self.pool(out)))
+
+
+class SequenceClassifier(nn.Module):
+    """RNN/LSTM/GRU classifier over a sequence; the head reads the last time step's hidden state.
+
+    An image ``(C, H, W)`` is read row by row (H steps of C·W features); a signal ``(C, L)``
+    is read as L steps of C features (MNIST-1D: 40 steps of 1).
+    """
+
+    CELLS: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+
+    def __init__(
+        self, input_shape: Sequence[int], num_classes: int, cell: str = "lstm", hidden: int = 128, num_layers: int = 1
+    ) -> None:
+        super().__init__()
+        if cell not in self.CELLS:
+            raise ConfigError(f"cell={cell!r} is not supported; allowed: {sorted(self.CELLS)}")
+        self.input_shape = tuple(int(s) for s in input_shape)
+        features = self.input_shape[0] if len(self.input_shape) == 2 else self.input_shape[0] * self.input_shape[2]
+        self.rnn = self.CELLS[cell](features, hidden, num_layers=num_layers, batch_first=True)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # (B, C, L) -> (B, L, C)
+            seq = x.transpose(1, 2)
+        else:  # (B, C, H, W) -> (B, H, C*W)
+            seq = x.permute(0, 2, 1, 3).flatten(2)
+        out, _ = self.rnn(seq)
+        return self.fc(out[:, -1])
+
+
+def _mlp(input_shape: Sequence[int], num_classes: int, width: int, depth: int, batch_norm: bool) -> nn.Module:
+    return MLP(input_shape, num_classes, widths=[width] * depth)
+
+
+def _cnn(input_shape: Sequence[int], num_classes: int, width: int, depth: int, batch_norm: bool) -> nn.Module:
+    base = max(1, width // 4)
+    return VGG(
+        input_shape, num_classes, cfg=(base, "M", 2 * base, "M", 2 * base, "M"), batch_norm=batch_norm, hidden=width
+    )
+
+
+def _resnet(input_shape: Sequence[int], num_classes: int, width: int, depth: int, batch_norm: bool) -> nn.Module:
+    return ResNet20(input_shape, num_classes, width=max(1, width // 16), batch_norm=batch_norm)
+
+
+def _seq(cell: str) -> Callable[..., nn.Module]:
+    def build(input_shape: Sequence[int], num_classes: int, width: int, depth: int, batch_norm: bool) -> nn.Module:
+        return SequenceClassifier(input_shape, num_classes, cell=cell, hidden=width, num_layers=depth)
+
+    return build
+
+
+# name -> (builder, default width, default depth). ``width`` is the hidden size (MLP/RNN/CNN head);
+# for ResNet-20 it is 16 × the width multiplier.
+MODELS: dict[str, tuple[Callable[..., nn.Module], int, int]] = {
+    "mlp": (_mlp, 128, 2),
+    "cnn": (_cnn, 128, 1),
+    "resnet20": (_resnet, 16, 1),
+    "rnn": (_seq("rnn"), 64, 1),
+    "lstm": (_seq("lstm"), 64, 1),
+    "gru": (_seq("gru"), 64, 1),
+}
+
+
+def build_model(
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    width: int | None = None,
+    depth: int | None = None,
+    batch_norm: bool = False,
+    seed: int | None = None,
+) -> nn.Module:
+    """Build model ``name`` for ``input_shape``; with ``seed``, the init is fixed by ``torch.manual_seed``-free
+    forking (global RNG state is restored afterwards)."""
+    if name not in MODELS:
+        raise ConfigError(f"model={name!r} is unknown; allowed: {', '.join(sorted(MODELS))}")
+    builder, default_width, default_depth = MODELS[name]
+    w = default_width if width is None else int(width)
+    d = default_depth if depth is None else int(depth)
+    if w < 1 or d < 1:
+        raise ConfigError(f"model width={w} / depth={d} must be >= 1")
+    if seed is None:
+        return builder(input_shape, num_classes, w, d, batch_norm)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return builder(input_shape, num_classes, w, d, batch_norm)

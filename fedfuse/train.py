@@ -1,0 +1,103 @@
+"""Plain PyTorch local training and evaluation, shared by clients, benchmarks and tests.
+
+Batches are drawn from in-memory tensors with a seeded ``torch.Generator``, so a (seed, data)
+pair fixes the exact sequence of SGD steps on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["TrainResult", "train", "evaluate", "iterate_batches", "state_to_numpy", "numpy_to_state"]
+
+
+@dataclass
+class TrainResult:
+    """Mean loss/accuracy over the last local epoch, and the number of samples seen per epoch."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+    steps: int
+
+
+def iterate_batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled mini-batches (a random permutation from ``generator`` per call = one epoch)."""
+    order = torch.randperm(len(x), generator=generator) if generator is not None else torch.arange(len(x))
+    for start in range(0, len(x), batch_size):
+        idx = order[start : start + batch_size]
+        yield x[idx], y[idx]
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int = 1,
+    lr: float = 0.05,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    batch_size: int = 32,
+    seed: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+    after_step: Callable[[], None] | None = None,
+) -> TrainResult:
+    """Minimise cross-entropy with SGD(lr, momentum, weight_decay) for ``epochs`` passes over (x, y).
+
+    ``after_step`` runs after every optimizer step (e.g. to restore frozen entries); a custom
+    ``optimizer`` replaces the default SGD.
+    """
+    if len(x) == 0:
+        raise ValueError("cannot train on an empty data set")
+    model.train()
+    opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(int(seed))
+    loss_fn = nn.CrossEntropyLoss()
+    steps = 0
+    total_loss, correct = 0.0, 0
+    for _ in range(int(epochs)):
+        total_loss, correct = 0.0, 0
+        for xb, yb in iterate_batches(x, y, batch_size, gen):
+            opt.zero_grad(set_to_none=True)
+            logits = model(xb)
+            loss = loss_fn(logits, yb)
+            loss.backward()
+            opt.step()
+            if after_step is not None:
+                after_step()
+            steps += 1
+            total_loss += float(loss.detach()) * len(xb)
+            correct += int((logits.detach().argmax(1) == yb).sum())
+    return TrainResult(total_loss / len(x), correct / len(x), len(x), steps)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` on (x, y) in eval mode."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for xb, yb in iterate_batches(x, y, batch_size):
+        logits = model(xb)
+        total_loss += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    model.train(was_training)
+    n = max(len(x), 1)
+    return total_loss / n, correct / n
+
+
+def state_to_numpy(model: nn.Module) -> dict[str, object]:
+    """State dict as numpy arrays (zero-copy views of contiguous CPU tensors)."""
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def numpy_to_state(model: nn.Module, arrays: dict[str, object]) -> None:
+    """Load numpy arrays into ``model`` (strict: same keys and shapes)."""
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()}, strict=True)
