@@ -7,7 +7,7 @@
 | ``mnist``       | torchvision (downloads when online)       | 1×28×28    | if present   |
 | ``fashion-mnist`` | torchvision (downloads when online)     | 1×28×28    | if present   |
 | ``cifar10``     | torchvision (downloads when online)       | 3×32×32    | if present   |
-| ``mnist10k``    | the official MNIST test split under ``data_root``, split 8,000/2,000 | 1×28×28 | with ``--data-root`` |
+| ``mnist10k``    | official MNIST test split (data_root), 8,000/2,000 | 1×28×28 | with --data-root |
 """
 
 from __future__ import annotations
