@@ -48,11 +48,12 @@ def train(
     seed: int = 0,
     optimizer: torch.optim.Optimizer | None = None,
     after_step: Callable[[], None] | None = None,
+    max_steps: int | None = None,
 ) -> TrainResult:
     """Minimise cross-entropy with SGD(lr, momentum, weight_decay) for ``epochs`` passes over (x, y).
 
     ``after_step`` runs after every optimizer step (e.g. to restore frozen entries); a custom
-    ``optimizer`` replaces the default SGD.
+    ``optimizer`` replaces the default SGD; ``max_steps`` stops early (a straggler's partial work).
     """
     if len(x) == 0:
         raise ValueError("cannot train on an empty data set")
@@ -61,10 +62,12 @@ def train(
     gen = torch.Generator().manual_seed(int(seed))
     loss_fn = nn.CrossEntropyLoss()
     steps = 0
-    total_loss, correct = 0.0, 0
+    total_loss, correct, seen = 0.0, 0, 0
     for _ in range(int(epochs)):
-        total_loss, correct = 0.0, 0
+        ep_loss, ep_correct, ep_seen = 0.0, 0, 0
         for xb, yb in iterate_batches(x, y, batch_size, gen):
+            if max_steps is not None and steps >= max_steps:
+                break
             opt.zero_grad(set_to_none=True)
             logits = model(xb)
             loss = loss_fn(logits, yb)
@@ -73,9 +76,15 @@ def train(
             if after_step is not None:
                 after_step()
             steps += 1
-            total_loss += float(loss.detach()) * len(xb)
-            correct += int((logits.detach().argmax(1) == yb).sum())
-    return TrainResult(total_loss / len(x), correct / len(x), len(x), steps)
+            ep_loss += float(loss.detach()) * len(xb)
+            ep_correct += int((logits.detach().argmax(1) == yb).sum())
+            ep_seen += len(xb)
+        if ep_seen:  # report the last epoch that ran
+            total_loss, correct, seen = ep_loss, ep_correct, ep_seen
+        if max_steps is not None and steps >= max_steps:
+            break
+    seen = max(seen, 1)
+    return TrainResult(total_loss / seen, correct / seen, len(x), steps)
 
 
 @torch.no_grad()

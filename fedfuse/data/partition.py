@@ -3,7 +3,8 @@
 Schemes:
 - ``iid``: uniform random split (``IidPartitioner``).
 - ``dirichlet``: per class, client shares ~ Dir(α) (``DirichletPartitioner``); smaller α, more skew.
-- ``pathological``: every client holds ``k`` classes (``PathologicalPartitioner``, random assignment).
+- ``pathological``: every client holds ``k`` classes (``PathologicalPartitioner``; client i's first class
+  is i mod K so every class is used, the others are drawn at random).
 - ``quantity``: IID labels, client sizes ~ N·Dir(α) (NIID-Bench's quantity skew, ``SizePartitioner``).
 """
 
@@ -62,8 +63,8 @@ def _partitions(
             num_partitions=num_partitions,
             partition_by="label",
             num_classes_per_partition=classes_per_client,
-            class_assignment_mode="random",
-            first_class_deterministic_assignment=True,  # every class is used by some client
+            # first class of client i is class i mod K (so every class is used), the rest random
+            class_assignment_mode="first-deterministic",
             seed=seed,
         )
     else:

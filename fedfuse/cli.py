@@ -1,0 +1,237 @@
+"""``fedfuse`` command line: the composition root (the only core module that may import Flower code).
+
+    fedfuse simulate --strategy fedavg --dataset digits --model mlp --num-clients 10 --rounds 5 \\
+        --partition dirichlet --alpha 0.3 --local-epochs 1 --seed 0 --out runs/demo
+    fedfuse simulate --compare fedavg,wb ...
+
+Bad input exits with code 2 and one line on stderr, before Ray starts and before anything in
+``--out`` is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedfuse.config import OPTIONS, validate_config
+from fedfuse.errors import ConfigError
+
+__all__ = ["main", "build_parser", "config_from_args", "preflight"]
+
+# CLI flag → run-config key where the names differ.
+_FLAG_ALIASES = {"rounds": "num-rounds"}
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    for name, opt in OPTIONS.items():
+        flag = "rounds" if name == "num-rounds" else name
+        kwargs: dict[str, Any] = {"default": None, "help": f"{opt.help} (default: {opt.default!r})"}
+        if opt.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = str  # validated by the schema, so errors read the same everywhere
+            kwargs["metavar"] = opt.type.__name__.upper()
+        p.add_argument(f"--{flag}", dest=name, **kwargs)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedfuse", description="Alignment-aware federated learning on Flower.")
+    parser.add_argument("--version", action="version", version="fedfuse 0.1.0")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sim = sub.add_parser("simulate", help="run a federated simulation through Flower's simulation engine (Ray)")
+    _add_options(sim)
+    sim.add_argument("--compare", default=None, help="comma-separated strategies run on identical partitions/seeds")
+    sim.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    sim.add_argument("--client-cpus", type=float, default=1.0, help="CPUs reserved per client actor (default 1)")
+    sim.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per client actor (default 0)")
+    sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    sim.add_argument("--no-progress", action="store_true", help="no live progress display")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The validated run config from parsed flags (unset flags take the schema defaults)."""
+    given = {name: getattr(args, name) for name in OPTIONS if getattr(args, name, None) is not None}
+    return validate_config(given)
+
+
+def preflight(cfg: dict[str, Any], overwrite: bool) -> None:
+    """Every check that can fail, before Ray starts: strategy, data, partition sizes, output dir."""
+    from fedfuse.data.partition import partition_indices
+    from fedfuse.experiment import dataset_for
+    from fedfuse.results import check_out_dir
+    from strategies.registry import resolve_strategy  # composition root: lazy import
+
+    resolve_strategy(str(cfg["strategy"]))
+    ds = dataset_for(cfg)
+    n = len(ds.y_train)
+    if cfg["num-clients"] > n:
+        raise ConfigError(f"num-clients={cfg['num-clients']} exceeds the {n} training samples of {cfg['dataset']!r}")
+    partition_indices(
+        ds.y_train.numpy(),
+        cfg["partition"],
+        cfg["num-clients"],
+        alpha=cfg["alpha"],
+        classes_per_client=cfg["classes-per-client"],
+        seed=cfg["seed"],
+    )
+    check_out_dir(Path(cfg["out"]), overwrite)
+
+
+def _format_row(row: dict[str, Any]) -> list[str]:
+    return [
+        str(row["round"]),
+        f"{row['central_accuracy']:.4f}",
+        f"{row['central_loss']:.4f}",
+        f"{row['client_train_loss']:.4f}",
+        f"{int(row['replies'])}/{int(row['failures'])}",
+        f"{row['wall_time']:.1f}",
+    ]
+
+
+_COLUMNS = ["round", "accuracy", "loss", "client train loss", "ok/failed", "wall s"]
+
+
+def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Run one simulation on Ray with a live rich progress display; return the last metrics row."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from clients.client_app import app as client_app
+    from strategies.server_app import make_server_app
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not args.verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    from flwr.simulation import run_simulation
+
+    console = Console(stderr=False)
+    rows: list[dict[str, Any]] = []
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=args.no_progress,
+    )
+    label = f"{cfg['strategy']} on {cfg['dataset']}/{cfg['model']}"
+    task = progress.add_task(f"{label}: starting Ray", total=cfg["num-rounds"])
+
+    def on_round(row: dict[str, Any]) -> None:
+        rows.append(row)
+        progress.update(
+            task,
+            completed=row["round"],
+            description=f"{label}: round {row['round']} acc {row['central_accuracy']:.3f}",
+        )
+        console.print("  ".join(f"{k}={v}" for k, v in zip(_COLUMNS, _format_row(row), strict=True)))
+
+    backend = {
+        "client_resources": {"num_cpus": args.client_cpus, "num_gpus": args.client_gpus},
+        "init_args": {"logging_level": "INFO" if args.verbose else "ERROR", "log_to_driver": bool(args.verbose)},
+    }
+    with progress:
+        run_simulation(
+            server_app=make_server_app(cfg, on_round),
+            client_app=client_app,
+            num_supernodes=cfg["num-clients"],
+            backend_config=backend,
+            verbose_logging=args.verbose,
+        )
+    if len(rows) != cfg["num-rounds"] + 1:
+        raise RuntimeError(f"simulation ended after {max(len(rows) - 1, 0)} of {cfg['num-rounds']} rounds")
+    _print_table(console, {str(cfg["strategy"]): rows})
+    console.print(f"results in {cfg['out']}/ (metrics.json, metrics.csv, model.pt, accuracy.png)")
+    return rows[-1]
+
+
+def _print_table(console: Any, runs: dict[str, list[dict[str, Any]]]) -> None:
+    from rich.table import Table
+
+    table = Table(title="per-round results")
+    multi = len(runs) > 1
+    for col in (["strategy"] if multi else []) + _COLUMNS:
+        table.add_column(col, justify="right")
+    for name, rows in runs.items():
+        for row in rows:
+            table.add_row(*([name] if multi else []), *_format_row(row))
+    console.print(table)
+
+
+def _compare(cfg: dict[str, Any], args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Run each strategy in its own process (a fresh Ray), same partitions and seeds; one table, one plot."""
+    from rich.console import Console
+
+    from fedfuse.results import atomic_write_bytes, load_metrics, plot_accuracy
+
+    names = [s.strip() for s in args.compare.split(",") if s.strip()]
+    if len(names) < 2:
+        raise ConfigError(f"compare={args.compare!r} needs at least two comma-separated strategies")
+    out = Path(cfg["out"])
+    for name in names:
+        validate_config({**cfg, "strategy": name})
+        preflight({**cfg, "strategy": name, "out": str(out / name)}, args.overwrite)
+    base = list(argv)
+    for flag in ("--compare", "--strategy", "--out"):
+        base = _drop_flag(base, flag)
+    for name in names:
+        cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", *base, "--strategy", name, "--out", str(out / name)]
+        if subprocess.run(cmd, check=False).returncode != 0:
+            raise RuntimeError(f"strategy {name!r} failed; see its output above")
+    runs = {name: load_metrics(out / name)["rounds"] for name in names}
+    console = Console()
+    _print_table(console, runs)
+    plot_accuracy(runs, out / "compare.png", title=f"{cfg['dataset']} / {cfg['model']}, {cfg['partition']}")
+    summary = {name: rows[-1] for name, rows in runs.items()}
+    atomic_write_bytes(out / "compare.json", json.dumps(summary, indent=2).encode())
+    console.print(f"comparison in {out}/compare.png and compare.json")
+
+
+def _drop_flag(argv: list[str], flag: str) -> list[str]:
+    """``argv`` without ``flag VALUE`` / ``flag=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if args.compare:
+            _compare(cfg, args, argv[1:])
+            return 0
+        preflight(cfg, args.overwrite)
+        _simulate(cfg, args)
+    except ConfigError as exc:
+        print(f"fedfuse: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""One schema for every run option: type, default, allowed range or choices, help.
+
+The CLI builds its flags from it, ``flwr run --run-config`` keys are checked against it, and
+both fail with one line naming the option, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedfuse.data import DATASETS
+from fedfuse.data.partition import PARTITIONS
+from fedfuse.errors import ConfigError
+from fedfuse.models import MODELS
+
+__all__ = ["Option", "OPTIONS", "validate_config", "defaults", "STRATEGY_NAMES"]
+
+# Built-in strategy names; ``package.module:Class`` paths are accepted too (checked by the registry).
+STRATEGY_NAMES = ("fedavg",)
+
+
+@dataclass(frozen=True)
+class Option:
+    """A run option. ``low``/``high`` bound numbers (``low_open`` makes the lower bound strict)."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def check(self, value: Any) -> Any:
+        """Coerce ``value`` to the option's type and check it; raise ConfigError otherwise."""
+        try:
+            if self.type is bool and isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                v: Any = value.lower() in ("true", "1")
+            elif self.type is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            else:
+                v = self.type(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{self.name}={value!r} is not a valid {self.type.__name__}") from None
+        if self.choices is not None and v not in self.choices and not (self.name == "strategy" and ":" in v):
+            extra = " or package.module:Class" if self.name == "strategy" else ""
+            raise ConfigError(f"{self.name}={v!r} is not allowed; allowed: {', '.join(self.choices)}{extra}")
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            op = ">" if self.low_open else ">="
+            rng = f"{op} {self.low:g}" + (f" and <= {self.high:g}" if self.high is not None else "")
+            raise ConfigError(f"{self.name}={v!r} is out of range; allowed: {rng}")
+        if self.high is not None and v > self.high:
+            raise ConfigError(f"{self.name}={v!r} is out of range; allowed: <= {self.high:g}")
+        return v
+
+
+OPTIONS: dict[str, Option] = {
+    o.name: o
+    for o in [
+        Option("strategy", str, "fedavg", "strategy name or package.module:Class", choices=STRATEGY_NAMES),
+        Option("dataset", str, "digits", "data set", choices=tuple(DATASETS)),
+        Option("data-root", str, "", "directory with data files (torchvision layout); empty = cache dir"),
+        Option("model", str, "mlp", "model family", choices=tuple(MODELS)),
+        Option("width", int, 0, "hidden width (0 = the model's default)", low=0),
+        Option("depth", int, 0, "hidden layers / RNN layers (0 = default)", low=0),
+        Option("batch-norm", bool, False, "BatchNorm in CNN/ResNet"),
+        Option("num-clients", int, 10, "number of simulated clients (SuperNodes)", low=1),
+        Option("num-rounds", int, 5, "federated rounds", low=1),
+        Option("fraction-train", float, 1.0, "fraction of clients sampled per round", low=0.0, high=1.0, low_open=True),
+        Option("partition", str, "dirichlet", "partitioning scheme", choices=PARTITIONS),
+        Option("alpha", float, 0.3, "Dirichlet concentration (dirichlet, quantity)", low=0.0, low_open=True),
+        Option("classes-per-client", int, 2, "classes per client (pathological)", low=1),
+        Option("local-epochs", int, 1, "local epochs per round", low=1),
+        Option("local-epochs-max", int, 0, "if > local-epochs: per-client epochs drawn in [min, max] by seed", low=0),
+        Option("straggler-fraction", float, 0.0, "fraction of clients doing one local epoch only", low=0.0, high=1.0),
+        Option("batch-size", int, 32, "local batch size", low=1),
+        Option("lr", float, 0.05, "local SGD learning rate", low=0.0, low_open=True),
+        Option("momentum", float, 0.9, "local SGD momentum", low=0.0, high=1.0),
+        Option("weight-decay", float, 0.0, "local SGD weight decay", low=0.0),
+        Option("seed", int, 0, "seed for partitions, init, sampling and shuffling", low=0),
+        Option("out", str, "runs/latest", "output directory"),
+    ]
+}
+
+
+def defaults() -> dict[str, Any]:
+    """Every option at its default."""
+    return {name: o.default for name, o in OPTIONS.items()}
+
+
+def validate_config(config: Mapping[str, Any], *, fill_defaults: bool = True) -> dict[str, Any]:
+    """Check every key and value; unknown keys fail with the nearest valid key suggested."""
+    out = defaults() if fill_defaults else {}
+    for key, value in config.items():
+        if key not in OPTIONS:
+            near = difflib.get_close_matches(key, list(OPTIONS), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; allowed: {', '.join(OPTIONS)}"
+            raise ConfigError(f"unknown option {key!r}{hint}")
+        out[key] = OPTIONS[key].check(value)
+    if out.get("local-epochs-max", 0) and out["local-epochs-max"] < out["local-epochs"]:
+        raise ConfigError(
+            f"local-epochs-max={out['local-epochs-max']} is below local-epochs={out['local-epochs']}; "
+            "allowed: 0 (off) or >= local-epochs"
+        )
+    return out

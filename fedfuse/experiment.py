@@ -1,0 +1,113 @@
+"""What a run config means, in one place: the model, each client's data and local schedule.
+
+The Flower client, the server and the plain-loop benchmarks all call these, so the same
+config gives the same partitions, inits and local training everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedfuse.data import Dataset, load_dataset
+from fedfuse.data.partition import partition_indices
+from fedfuse.models import build_model
+from fedfuse.train import TrainResult, train
+
+__all__ = ["dataset_for", "model_for", "client_data", "LocalPlan", "local_plan", "local_train", "derive_seed"]
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed from integers, stable across machines (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def dataset_for(cfg: Mapping[str, Any]) -> Dataset:
+    """The run's data set (cached per process)."""
+    return load_dataset(str(cfg["dataset"]), cfg.get("data-root") or None, int(cfg["seed"]))
+
+
+def model_for(cfg: Mapping[str, Any], ds: Dataset, seed: int | None = None, width: int | None = None) -> nn.Module:
+    """The run's model; ``seed`` fixes the init (default: the run seed), ``width`` overrides the hidden width."""
+    w = width if width is not None else int(cfg.get("width", 0))
+    d = int(cfg.get("depth", 0))
+    return build_model(
+        str(cfg["model"]),
+        ds.input_shape,
+        ds.num_classes,
+        width=w or None,
+        depth=d or None,
+        batch_norm=bool(cfg.get("batch-norm", False)),
+        seed=int(cfg["seed"]) if seed is None else seed,
+    )
+
+
+def client_data(cfg: Mapping[str, Any], partition_id: int, num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Client ``partition_id``'s training tensors under the configured partitioning scheme."""
+    ds = dataset_for(cfg)
+    parts = partition_indices(
+        ds.y_train.numpy(),
+        str(cfg["partition"]),
+        num_partitions,
+        alpha=float(cfg["alpha"]),
+        classes_per_client=int(cfg["classes-per-client"]),
+        seed=int(cfg["seed"]),
+    )
+    idx = torch.as_tensor(parts[partition_id])
+    return ds.x_train[idx], ds.y_train[idx]
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """A client's work in one round: epochs, an optional step cap (straggler) and the shuffling seed."""
+
+    epochs: int
+    max_steps: int | None
+    seed: int
+    straggler: bool
+
+
+def local_plan(cfg: Mapping[str, Any], partition_id: int, server_round: int, num_samples: int) -> LocalPlan:
+    """System heterogeneity from the seed alone.
+
+    - epochs: ``local-epochs``, or with ``local-epochs-max`` > it, a per-client draw in [min, max]
+      fixed for the whole run (a slow device stays slow);
+    - straggler: with probability ``straggler-fraction`` per (client, round), the client completes only
+      a uniform fraction in [0.1, 1) of its local steps (FedProx-style partial work).
+    """
+    seed = int(cfg["seed"])
+    lo, hi = int(cfg["local-epochs"]), int(cfg.get("local-epochs-max", 0))
+    epochs = lo
+    if hi > lo:
+        epochs = int(np.random.default_rng(derive_seed(seed, partition_id, 1)).integers(lo, hi + 1))
+    rng = np.random.default_rng(derive_seed(seed, partition_id, server_round, 2))
+    straggler = bool(rng.random() < float(cfg.get("straggler-fraction", 0.0)))
+    max_steps = None
+    if straggler:
+        steps = epochs * -(-num_samples // int(cfg["batch-size"]))
+        max_steps = max(1, int(steps * rng.uniform(0.1, 1.0)))
+    return LocalPlan(epochs, max_steps, derive_seed(seed, partition_id, server_round, 3), straggler)
+
+
+def local_train(
+    cfg: Mapping[str, Any], model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: LocalPlan, **kwargs: Any
+) -> TrainResult:
+    """One client's local update under ``plan`` with the configured SGD hyper-parameters."""
+    return train(
+        model,
+        x,
+        y,
+        epochs=plan.epochs,
+        lr=float(cfg["lr"]),
+        momentum=float(cfg["momentum"]),
+        weight_decay=float(cfg["weight-decay"]),
+        batch_size=int(cfg["batch-size"]),
+        seed=plan.seed,
+        max_steps=plan.max_steps,
+        **kwargs,
+    )

@@ -1,0 +1,102 @@
+"""Run outputs: metrics.json / metrics.csv per round, the final model, accuracy plots.
+
+Every file is written to a temp file and renamed, so a crash never leaves a half-written result.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedfuse.errors import ConfigError
+
+__all__ = ["atomic_write_bytes", "RunWriter", "check_out_dir", "load_metrics", "plot_accuracy", "RESULT_FILES"]
+
+RESULT_FILES = ("metrics.json", "metrics.csv", "model.pt", "accuracy.png")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory + ``os.replace`` (atomic on POSIX)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an output directory that already holds results unless ``overwrite``."""
+    existing = [name for name in RESULT_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        raise ConfigError(
+            f"out={str(out)!r} already holds results ({', '.join(existing)}); pass --overwrite or another --out"
+        )
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={str(out)!r} exists and is not a directory")
+
+
+def load_metrics(out: Path) -> dict[str, Any]:
+    """The ``metrics.json`` of a finished (or running) run."""
+    return json.loads((Path(out) / "metrics.json").read_text())
+
+
+class RunWriter:
+    """Appends one row per round and rewrites metrics.json/csv atomically after each."""
+
+    def __init__(self, out: Path, config: Mapping[str, Any]) -> None:
+        self.out = Path(out)
+        self.config = dict(config)
+        self.rows: list[dict[str, Any]] = []
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        self.rows.append(dict(row))
+        payload = {"config": self.config, "rounds": self.rows}
+        atomic_write_bytes(self.out / "metrics.json", json.dumps(payload, indent=2).encode())
+        buf = io.StringIO()
+        fields = list(dict.fromkeys(k for r in self.rows for k in r))
+        writer = csv.DictWriter(buf, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_bytes(self.out / "metrics.csv", buf.getvalue().encode())
+
+    def finish(self, state_dict: Mapping[str, torch.Tensor], label: str) -> None:
+        buf = io.BytesIO()
+        torch.save(dict(state_dict), buf)
+        atomic_write_bytes(self.out / "model.pt", buf.getvalue())
+        plot_accuracy({label: self.rows}, self.out / "accuracy.png")
+
+
+def plot_accuracy(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title: str = "") -> None:
+    """Central test accuracy vs round, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, rows in runs.items():
+        ax.plot([r["round"] for r in rows], [r["central_accuracy"] for r in rows], marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("central test accuracy")
+    ax.set_title(title or "accuracy vs round")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())

@@ -1,0 +1,57 @@
+"""Strategy names → classes, and construction from a validated run config.
+
+A name is a built-in (``fedavg``) or any ``package.module:Class`` path to a Flower Message-API
+strategy, so users plug their own in.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.serverapp.strategy import Strategy
+
+from fedfuse.config import STRATEGY_NAMES
+from fedfuse.errors import ConfigError
+
+__all__ = ["BUILTIN", "resolve_strategy", "build_strategy"]
+
+BUILTIN: dict[str, str] = {
+    "fedavg": "strategies.base:FedFuseStrategy",
+}
+assert set(BUILTIN) == set(STRATEGY_NAMES), "fedfuse.config.STRATEGY_NAMES and BUILTIN must list the same names"
+
+
+def resolve_strategy(name: str) -> type[Strategy]:
+    """The strategy class for a built-in name or a ``package.module:Class`` path."""
+    path = BUILTIN.get(name, name)
+    if ":" not in path:
+        raise ConfigError(f"strategy={name!r} is unknown; allowed: {', '.join(BUILTIN)} or package.module:Class")
+    module_name, _, attr = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"strategy={name!r} cannot be imported ({exc})") from None
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise ConfigError(f"strategy={name!r} is not a flwr.serverapp.strategy.Strategy subclass")
+    return cls
+
+
+def build_strategy(cfg: Mapping[str, Any]) -> Strategy:
+    """Instantiate the configured strategy with FedAvg-style sampling arguments."""
+    cls = resolve_strategy(str(cfg["strategy"]))
+    n = int(cfg["num-clients"])
+    kwargs: dict[str, Any] = {
+        "fraction_train": float(cfg["fraction-train"]),
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": max(1, min(2, math.ceil(float(cfg["fraction-train"]) * n))),
+        "min_evaluate_nodes": 0,
+        "min_available_nodes": n,
+    }
+    from strategies.base import FedFuseStrategy
+
+    if issubclass(cls, FedFuseStrategy):
+        kwargs["seed"] = int(cfg["seed"])
+    return cls(**kwargs)

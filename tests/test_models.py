@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from fedfuse.errors import ConfigError
+from fedfuse.models import MODELS, build_model
+
+# every data set's input shape: digits, mnist1d, (fashion-)mnist / mnist10k, cifar10
+SHAPES = {"digits": (1, 8, 8), "mnist1d": (1, 40), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+@pytest.mark.parametrize("dataset", SHAPES)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_runs_on_every_data_set(name: str, dataset: str) -> None:
+    shape = SHAPES[dataset]
+    model = build_model(name, shape, 10, width=16 if name != "resnet20" else 16, batch_norm=True, seed=0)
+    out = model(torch.randn(4, *shape))
+    assert out.shape == (4, 10)
+    out.sum().backward()  # differentiable end to end
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_seeded_init_is_reproducible_and_leaves_global_rng_alone() -> None:
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = build_model("mlp", (1, 8, 8), 10, seed=7)
+    after = torch.rand(1)
+    b = build_model("mlp", (1, 8, 8), 10, seed=7)
+    c = build_model("mlp", (1, 8, 8), 10, seed=8)
+    assert torch.equal(before, after)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert not torch.equal(a.state_dict()["net.1.weight"], c.state_dict()["net.1.weight"])
+
+
+def test_width_and_depth_options() -> None:
+    mlp = build_model("mlp", (1, 40), 10, width=32, depth=3)
+    assert [m.out_features for m in mlp.modules() if isinstance(m, torch.nn.Linear)] == [32, 32, 32, 10]
+    lstm = build_model("lstm", (1, 28, 28), 10, width=24, depth=2)
+    assert lstm.rnn.hidden_size == 24 and lstm.rnn.num_layers == 2 and lstm.rnn.input_size == 28
+    resnet = build_model("resnet20", (3, 32, 32), 10, width=32)  # width multiplier 2
+    assert resnet.conv1.out_channels == 32 and resnet.fc.in_features == 128
+
+
+def test_unknown_model_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="model='vit' is unknown; allowed: cnn, gru, lstm, mlp, resnet20, rnn"):
+        build_model("vit", (1, 8, 8), 10)
