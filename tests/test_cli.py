@@ -1,9 +1,9 @@
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from fedfuse.cli import main
 from fedfuse.config import OPTIONS, validate_config
