@@ -13,7 +13,8 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedfuse.experiment import client_data, dataset_for, local_plan, local_train, model_for
+from fedfuse.experiment import client_data, dataset_for, local_plan, local_train, model_for, round_mask
+from fedfuse.subspace import MaskedTraining, mask_ratio
 from fedfuse.train import evaluate as evaluate_model
 
 app = ClientApp()
@@ -54,9 +55,17 @@ def train(msg: Message, context: Context) -> Message:
     model = model_for(cfg, ds)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     plan = local_plan(cfg, pid, server_round, len(x))
-    result = local_train(cfg, model, x, y, plan)
+    masks = round_mask(cfg, model, server_round)
+    extra: dict[str, float] = {}
+    if masks is None:
+        result = local_train(cfg, model, x, y, plan)
+    else:  # FedPFN/FedPNU: fixed entries keep the global values, bit for bit
+        with MaskedTraining(model, masks) as masked:
+            result = local_train(cfg, model, x, y, plan, after_step=masked.after_step)
+        extra["pfn-mask-ratio"] = mask_ratio(masks)
     metrics = MetricRecord(
         {
+            **extra,
             "num-examples": result.num_examples,
             "train-loss": result.loss,
             "train-accuracy": result.accuracy,

@@ -19,7 +19,7 @@ from fedfuse.models import MODELS
 __all__ = ["Option", "OPTIONS", "validate_config", "defaults", "STRATEGY_NAMES"]
 
 # Built-in strategy names; ``package.module:Class`` paths are accepted too (checked by the registry).
-STRATEGY_NAMES = ("fedavg",)
+STRATEGY_NAMES = ("fedavg", "fedpfn", "fedpnu")
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,14 @@ OPTIONS: dict[str, Option] = {
         Option("lr", float, 0.05, "local SGD learning rate", low=0.0, low_open=True),
         Option("momentum", float, 0.9, "local SGD momentum", low=0.0, high=1.0),
         Option("weight-decay", float, 0.0, "local SGD weight decay", low=0.0),
+        Option("pfn-ratio", float, 0.4, "fedpfn/fedpnu: fraction of each tensor fixed at init", low=0.0, high=0.99),
+        Option(
+            "pfn-granularity",
+            str,
+            "weight",
+            "fedpfn/fedpnu: fix single weights or whole neurons",
+            choices=("weight", "neuron"),
+        ),
         Option("seed", int, 0, "seed for partitions, init, sampling and shuffling", low=0),
         Option("out", str, "runs/latest", "output directory"),
     ]

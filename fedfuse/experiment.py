@@ -19,7 +19,16 @@ from fedfuse.data.partition import partition_indices
 from fedfuse.models import build_model
 from fedfuse.train import TrainResult, train
 
-__all__ = ["dataset_for", "model_for", "client_data", "LocalPlan", "local_plan", "local_train", "derive_seed"]
+__all__ = [
+    "dataset_for",
+    "model_for",
+    "client_data",
+    "LocalPlan",
+    "local_plan",
+    "local_train",
+    "derive_seed",
+    "round_mask",
+]
 
 
 def derive_seed(*parts: int) -> int:
@@ -111,3 +120,24 @@ def local_train(
         max_steps=plan.max_steps,
         **kwargs,
     )
+
+
+def round_mask(config: Mapping[str, Any], model: nn.Module, server_round: int) -> dict[str, torch.Tensor] | None:
+    """The fixed mask a PFN-family strategy asked for in this round's config, or None.
+
+    ``pfn-mode`` = ``"pfn"``: one mask from ``pfn-seed`` for the whole run (FedPFN);
+    ``"pnu"``: redrawn from (``pfn-seed``, round) every round (FedPNU). Server and clients call this
+    with the same config, so masks never travel over the wire.
+    """
+    from fedfuse.subspace import pfn_mask, pnu_mask
+
+    mode = str(config.get("pfn-mode", ""))
+    if not mode:
+        return None
+    ratio, seed = float(config["pfn-ratio"]), int(config["pfn-seed"])
+    granularity = str(config.get("pfn-granularity", "weight"))
+    if mode == "pfn":
+        return pfn_mask(model, ratio, seed, granularity=granularity)  # type: ignore[arg-type]
+    if mode == "pnu":
+        return pnu_mask(model, ratio, seed, server_round, granularity=granularity)  # type: ignore[arg-type]
+    raise ValueError(f"pfn-mode={mode!r} is unknown; allowed: pfn, pnu")

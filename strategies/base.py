@@ -18,6 +18,7 @@ from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from torch import nn
 
 from fedfuse.experiment import derive_seed
 
@@ -38,12 +39,20 @@ class FedFuseStrategy(FedAvg):
     without a partition id are ordered by node id after those with one.
     """
 
-    def __init__(self, *, seed: int = 0, query_timeout: float = 600.0, **fedavg_kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        template: nn.Module | None = None,
+        query_timeout: float = 600.0,
+        **fedavg_kwargs: Any,
+    ) -> None:
         fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
         if fedavg_kwargs["fraction_evaluate"] == 0.0:
             fedavg_kwargs.setdefault("min_evaluate_nodes", 0)
         super().__init__(**fedavg_kwargs)
         self.seed = int(seed)
+        self.template = template  # a module of the global architecture (for specs and masks)
         self.query_timeout = float(query_timeout)
         self.partition_of: dict[int, int] = {}
         self.last_train_metrics: dict[str, float] = {}

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flwr.serverapp.strategy import Strategy
+from torch import nn
 
 from fedfuse.config import STRATEGY_NAMES
 from fedfuse.errors import ConfigError
@@ -20,6 +21,8 @@ __all__ = ["BUILTIN", "resolve_strategy", "build_strategy"]
 
 BUILTIN: dict[str, str] = {
     "fedavg": "strategies.base:FedFuseStrategy",
+    "fedpfn": "strategies.pfn:FedPFN",
+    "fedpnu": "strategies.pfn:FedPNU",
 }
 assert set(BUILTIN) == set(STRATEGY_NAMES), "fedfuse.config.STRATEGY_NAMES and BUILTIN must list the same names"
 
@@ -39,8 +42,12 @@ def resolve_strategy(name: str) -> type[Strategy]:
     return cls
 
 
-def build_strategy(cfg: Mapping[str, Any]) -> Strategy:
-    """Instantiate the configured strategy with FedAvg-style sampling arguments."""
+def build_strategy(cfg: Mapping[str, Any], template: nn.Module | None = None) -> Strategy:
+    """Instantiate the configured strategy with FedAvg-style sampling arguments.
+
+    fedfuse strategies also get the run seed, a ``template`` module of the global architecture and
+    their own options from the config (``pfn-*``).
+    """
     cls = resolve_strategy(str(cfg["strategy"]))
     n = int(cfg["num-clients"])
     kwargs: dict[str, Any] = {
@@ -51,7 +58,12 @@ def build_strategy(cfg: Mapping[str, Any]) -> Strategy:
         "min_available_nodes": n,
     }
     from strategies.base import FedFuseStrategy
+    from strategies.pfn import FedPFN
 
     if issubclass(cls, FedFuseStrategy):
         kwargs["seed"] = int(cfg["seed"])
+        kwargs["template"] = template
+    if issubclass(cls, FedPFN):
+        kwargs["pfn_ratio"] = float(cfg["pfn-ratio"])
+        kwargs["pfn_granularity"] = str(cfg["pfn-granularity"])
     return cls(**kwargs)

@@ -30,7 +30,7 @@ def run_server(grid: Grid, config: Mapping[str, Any], on_round: RoundCallback | 
     cfg = validate_config(config)
     ds = dataset_for(cfg)
     model = model_for(cfg, ds)
-    strategy = build_strategy(cfg)
+    strategy = build_strategy(cfg, template=model_for(cfg, ds))
     writer = RunWriter(Path(cfg["out"]), cfg)
     t0 = time.perf_counter()
 
@@ -38,7 +38,7 @@ def run_server(grid: Grid, config: Mapping[str, Any], on_round: RoundCallback | 
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, acc = evaluate(model, ds.x_test, ds.y_test)
         train_metrics = getattr(strategy, "last_train_metrics", {}) if server_round > 0 else {}
-        stats = getattr(strategy, "round_stats", {}) if server_round > 0 else {}
+        stats = dict(getattr(strategy, "round_stats", {})) if server_round > 0 else {}
         row = {
             "round": server_round,
             "central_accuracy": acc,
@@ -48,6 +48,7 @@ def run_server(grid: Grid, config: Mapping[str, Any], on_round: RoundCallback | 
             "replies": stats.get("replies", 0.0),
             "failures": stats.get("failures", 0.0),
             "wall_time": time.perf_counter() - t0,
+            **{k: v for k, v in stats.items() if k not in ("replies", "failures")},
         }
         writer.append(row)
         if on_round is not None:

@@ -1,0 +1,91 @@
+"""FedPFN and FedPNU (training-time neuron alignment, Li et al. 2024, arXiv 2402.01342).
+
+FedPFN: the server draws one mask seed; every client rebuilds the same fixed mask from it and
+trains only the free entries, so fixed entries keep their initial global values all run long.
+FedPNU (our reading): the mask is redrawn every round from (seed, round), so each round trains a
+shared subspace while, over rounds, every weight gets updated. Masks never travel: only the seed,
+ratio and granularity go out in the round's ConfigRecord.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from torch import nn
+
+from fedfuse.errors import ConfigError
+from fedfuse.experiment import derive_seed, round_mask
+from fedfuse.subspace import fixed_distance, mask_ratio
+from strategies.base import FedFuseStrategy
+
+__all__ = ["FedPFN", "FedPNU"]
+
+
+class FedPFN(FedFuseStrategy):
+    """FedAvg over clients that train only the free entries of one seeded mask (ratio ρ fixed).
+
+    Extra per-round metrics: ``pfn_mask_ratio`` (fraction of entries fixed, server-side mask) and
+    ``pfn_fixed_distance`` = ‖(θ_global − θ_ref) ⊙ fixed‖₂ with θ_ref the initial global model; it
+    stays exactly 0 for FedPFN.
+    """
+
+    mode = "pfn"
+
+    def __init__(
+        self,
+        *,
+        template: nn.Module,
+        pfn_ratio: float = 0.4,
+        pfn_granularity: str = "weight",
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(seed=seed, template=template, **kwargs)
+        if not 0.0 <= float(pfn_ratio) < 1.0:
+            raise ConfigError(f"pfn_ratio={pfn_ratio!r} is out of range; allowed: >= 0 and < 1")
+        if pfn_granularity not in ("weight", "neuron"):
+            raise ConfigError(f"pfn_granularity={pfn_granularity!r} is not allowed; allowed: weight, neuron")
+        self.pfn_ratio = float(pfn_ratio)
+        self.pfn_granularity = pfn_granularity
+        self.pfn_seed = derive_seed(seed, 11)  # the server's one draw; clients get it in the config
+        self.reference_state: dict[str, torch.Tensor] | None = None
+
+    def pfn_config(self) -> dict[str, Any]:
+        return {
+            "pfn-mode": self.mode,
+            "pfn-ratio": self.pfn_ratio,
+            "pfn-seed": self.pfn_seed,
+            "pfn-granularity": self.pfn_granularity,
+        }
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        if self.reference_state is None or self.mode == "pnu":
+            self.reference_state = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
+        for key, value in self.pfn_config().items():
+            config[key] = value
+        return list(super().configure_train(server_round, arrays, config, grid))
+
+    def aggregate_arrays(
+        self, server_round: int, states: list[dict[str, torch.Tensor]], weights: list[float]
+    ) -> dict[str, torch.Tensor]:
+        new_state = super().aggregate_arrays(server_round, states, weights)
+        masks = round_mask(self.pfn_config(), self.template, server_round)
+        assert masks is not None and self.reference_state is not None
+        self.round_stats["pfn_mask_ratio"] = mask_ratio(masks)
+        self.round_stats["pfn_fixed_distance"] = fixed_distance(new_state, self.reference_state, masks)
+        return new_state
+
+
+class FedPNU(FedPFN):
+    """Partial neuron update: a fresh seeded mask every round (``pnu_mask(seed, round)``).
+
+    ``pfn_fixed_distance`` compares the new global model with the one sent out this round, on this
+    round's mask: 0 as well (entries fixed this round did not move this round).
+    """
+
+    mode = "pnu"
