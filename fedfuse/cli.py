@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(sim)
     sim.add_argument("--compare", default=None, help="comma-separated strategies run on identical partitions/seeds")
     sim.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    sim.add_argument(
+        "--backend",
+        choices=("ray", "inline"),
+        default="ray",
+        help="ray: Flower's simulation engine (default); inline: same apps, sequentially in this process",
+    )
     sim.add_argument("--client-cpus", type=float, default=1.0, help="CPUs reserved per client actor (default 1)")
     sim.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per client actor (default 0)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
@@ -110,7 +116,7 @@ _COLUMNS = ["round", "accuracy", "loss", "client train loss", "ok/failed", "wall
 
 
 def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Run one simulation on Ray with a live rich progress display; return the last metrics row."""
+    """Run one simulation (Ray or inline) with a live rich progress display; return the last metrics row."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -154,13 +160,19 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "init_args": {"logging_level": "INFO" if args.verbose else "ERROR", "log_to_driver": bool(args.verbose)},
     }
     with progress:
-        run_simulation(
-            server_app=make_server_app(cfg, on_round),
-            client_app=client_app,
-            num_supernodes=cfg["num-clients"],
-            backend_config=backend,
-            verbose_logging=args.verbose,
-        )
+        if args.backend == "inline":
+            from strategies.inline import InlineGrid
+            from strategies.server_app import run_server
+
+            run_server(InlineGrid(client_app, cfg["num-clients"]), cfg, on_round)
+        else:
+            run_simulation(
+                server_app=make_server_app(cfg, on_round),
+                client_app=client_app,
+                num_supernodes=cfg["num-clients"],
+                backend_config=backend,
+                verbose_logging=args.verbose,
+            )
     if len(rows) != cfg["num-rounds"] + 1:
         raise RuntimeError(f"simulation ended after {max(len(rows) - 1, 0)} of {cfg['num-rounds']} rounds")
     _print_table(console, {str(cfg["strategy"]): rows})

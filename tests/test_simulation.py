@@ -38,3 +38,9 @@ def test_three_clients_two_rounds_learn_and_are_deterministic(tmp_path) -> None:
     assert strip == [{k: v for k, v in r.items() if k != "wall_time"} for r in second["rounds"]]
     wa, wb = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    # the in-process backend runs the same ServerApp logic, ClientApp and strategy: same result, bit for bit
+    inline = _simulate(tmp_path / "c", *args, "--backend", "inline")
+    assert strip == [{k: v for k, v in r.items() if k != "wall_time"} for r in inline["rounds"]]
+    wc = torch.load(tmp_path / "c" / "model.pt")
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)

@@ -1,0 +1,87 @@
+"""In-process sequential simulation: a Flower ``Grid`` that calls the ClientApp directly.
+
+Same ServerApp logic, same ClientApp, same strategies as the Ray backend, but no actors, no
+polling and no serialisation round trip through a link state: each message is handed to the
+ClientApp of its destination node in this process, one node after another (pfl-research style).
+Messages still go through ``Message``/``RecordDict``/``ArrayRecord``, so the strategies see
+exactly what they see under Ray. Ray stays the default for multi-core and multi-node runs.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterable
+from uuid import uuid4
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+__all__ = ["InlineGrid"]
+
+
+class InlineGrid(Grid):
+    """``num_nodes`` virtual SuperNodes (ids 1..N, ``partition-id`` 0..N-1) served by one ClientApp.
+
+    Node contexts (and so ``Context.state``) persist across rounds like a SuperNode's. A ClientApp
+    exception becomes an error reply (``CLIENT_APP_RAISED_EXCEPTION``), as under Ray.
+    """
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
+        self.client_app = client_app
+        self._run = Run.create_empty(run_id=run_id)
+        # Messages stamp the process's task identity; set it as Flower's simulation entry point does.
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+        self.contexts = {
+            i + 1: Context(
+                run_id=run_id,
+                node_id=i + 1,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i in range(num_nodes)
+        }
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def get_nodes(self) -> Iterable[object]:  # NodeInfo protos are not needed in-process
+        return []
+
+    def _deliver(self, message: Message) -> Message:
+        message.metadata.__dict__["_message_id"] = str(uuid4())
+        node = message.metadata.dst_node_id
+        if node not in self.contexts:
+            return Message(Error(ErrorCode.NODE_UNAVAILABLE, f"node {node} does not exist"), reply_to=message)
+        try:
+            return self.client_app(message, self.contexts[node])
+        except Exception as exc:  # noqa: BLE001 — a client fault becomes an error reply, as under Ray
+            reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        self._replies = [self._deliver(m) for m in messages]
+        return [r.metadata.reply_to_message_id for r in self._replies]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        wanted = set(message_ids)
+        return [r for r in self._replies if r.metadata.reply_to_message_id in wanted]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return [self._deliver(m) for m in messages]
