@@ -1,0 +1,33 @@
+"""Alignment engine: transport specs, permutation/OT solvers, and model fusion (pure PyTorch + POT + scipy).
+
+A model is described as groups of hidden units (:class:`TransportSpec`, derived with ``torch.fx`` by
+:func:`derive_spec`); a solver returns one transport per group; :func:`apply_transport` re-indexes a
+model with them; :func:`fuse` aligns N models to a common target and averages them.
+"""
+
+from fedfuse.align.bn import repair, reset_bn_stats
+from fedfuse.align.fusion import align, fuse, gromov_wasserstein_barycenter, wasserstein_barycenter
+from fedfuse.align.solvers import activation_matching, ot_coupling, ot_transport, weight_matching
+from fedfuse.align.spec import Axis, Group, Site, TransportSpec, UnsupportedModelError, derive_spec
+from fedfuse.align.transport import apply_transport, permute_model
+
+__all__ = [
+    "Axis",
+    "Group",
+    "Site",
+    "TransportSpec",
+    "UnsupportedModelError",
+    "activation_matching",
+    "align",
+    "apply_transport",
+    "derive_spec",
+    "fuse",
+    "gromov_wasserstein_barycenter",
+    "ot_coupling",
+    "ot_transport",
+    "permute_model",
+    "repair",
+    "reset_bn_stats",
+    "wasserstein_barycenter",
+    "weight_matching",
+]

@@ -1,0 +1,400 @@
+"""Fusing N models into one: average, matched average, Wasserstein and Gromov-Wasserstein barycenters.
+
+All methods return a state dict. With ``λ`` the normalised ``weights``:
+
+* ``average``: ``Σ λ_i θ_i``.
+* ``match``: weight-match every model to a reference (largest λ, or ``init``), then average.
+* ``wb`` (Akash et al. 2022): barycenter ``θ̄`` initialised from the reference; alternate
+  (a) layer-wise OT of every model onto ``θ̄`` (:func:`ot_transport`, couplings carried to the next
+  layer, warm-started from the previous iteration) and (b) ``θ̄ ← Σ λ_i apply_transport(θ_i, T_i)``
+  until ``‖Δθ̄‖/‖θ̄‖ < tol`` or ``max_iter``.
+* ``gwb``: per group, every model gives the intra-model distance matrix ``D_i[b, b'] = ‖w_b − w_b'‖``
+  of its neurons' incoming weights (invariant to how the previous layer is ordered, so no coupling
+  needs carrying); ``ot.gromov.gromov_barycenters`` returns the barycenter structure and the GW
+  couplings ``Π_i``; each model is mapped with ``T_i = Π_i / Π_i·1`` and the results averaged.
+  *(our reading: the paper leaves the weight reconstruction open; we use the GW couplings as transports.)*
+
+``target_width`` (int or ``{group: width}``) fixes the barycenter's widths. Initialisation *(our choice)*:
+shrinking a group clusters the reference's neurons (k-means on incoming weights, previous layers already
+mapped) and averages each cluster (outgoing weights summed); growing copies source neuron ``⌊a·n_s/n_t⌋``
+into target neuron ``a`` with its outgoing weights split evenly among its copies, which keeps the function
+exactly (for element-wise nonlinearities and per-channel norms). The WB/GW iterations then refine these
+supports with uniform-marginal couplings.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import ot
+import torch
+from scipy.cluster.vq import kmeans2
+from torch import Tensor, nn
+
+from fedfuse.align.bn import has_batch_norm, repair, reset_bn_stats
+from fedfuse.align.solvers import (
+    activation_matching,
+    group_features,
+    ot_transport,
+    pairwise_sq_dist,
+    resolve_spec,
+    weight_matching,
+)
+from fedfuse.align.spec import TransportSpec
+from fedfuse.align.transport import Transports, _single_threaded, apply_transport, state_of
+from fedfuse.errors import ConfigError
+
+__all__ = ["fuse", "align", "wasserstein_barycenter", "gromov_wasserstein_barycenter", "init_barycenter"]
+
+Model = nn.Module | Mapping[str, Tensor]
+METHODS = ("average", "match", "wb", "gwb")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _normalise_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0 / n] * n
+    w = [float(v) for v in weights]
+    if len(w) != n:
+        raise ConfigError(f"weights has {len(w)} entries for {n} models")
+    if any(not math.isfinite(v) or v < 0 for v in w) or sum(w) <= 0:
+        raise ConfigError(f"weights={w} must be finite, >= 0 and not all zero")
+    return [v / sum(w) for v in w]
+
+
+def _check_states(states: list[dict[str, Tensor]], same_shapes: bool, method: str) -> None:
+    keys0 = list(states[0])
+    for i, s in enumerate(states[1:], start=1):
+        if set(s) != set(keys0):
+            missing, extra = sorted(set(keys0) - set(s)), sorted(set(s) - set(keys0))
+            raise ConfigError(
+                f"model {i} does not match model 0's architecture: missing parameters {missing[:5]}, "
+                f"unexpected parameters {extra[:5]}"
+            )
+        for k in keys0:
+            a, b = states[0][k], s[k]
+            if a.dim() != b.dim() or (same_shapes and a.shape != b.shape):
+                hint = "" if a.dim() != b.dim() else "; use method='wb' or 'gwb' to fuse unequal widths"
+                raise ConfigError(
+                    f"models disagree on parameter {k!r}: shape {tuple(a.shape)} in model 0 vs {tuple(b.shape)} in "
+                    f"model {i}; method={method!r} needs identical shapes{hint}"
+                )
+    for i, s in enumerate(states):
+        for k, v in s.items():
+            if torch.is_floating_point(v) and not bool(torch.isfinite(v).all()):
+                raise ConfigError(f"parameter {k!r} of model {i} contains NaN or inf values; cannot fuse")
+
+
+def _check_free_axes(states: list[dict[str, Tensor]], specs: list[TransportSpec]) -> None:
+    """Axes no group indexes (inputs, classes, kernels) must agree across models."""
+    for k, v0 in states[0].items():
+        moving = {ax.axis for _, ax in specs[0].members_of(k)}
+        for i, s in enumerate(states[1:], start=1):
+            for d in range(v0.dim()):
+                if d not in moving and s[k].shape[d] != v0.shape[d]:
+                    raise ConfigError(
+                        f"models disagree on parameter {k!r}: shape {tuple(v0.shape)} in model 0 vs "
+                        f"{tuple(s[k].shape)} in model {i}, on axis {d} which no hidden-unit group indexes"
+                    )
+
+
+def _weighted_average(states: Sequence[Mapping[str, Tensor]], lam: Sequence[float], ref: int) -> dict[str, Tensor]:
+    """``Σ λ_i θ_i`` on floating tensors; integer buffers (``num_batches_tracked``) come from ``ref``."""
+    out = {}
+    for k, v in states[ref].items():
+        if torch.is_floating_point(v):
+            acc = torch.zeros_like(v)
+            for w, s in zip(lam, states, strict=True):
+                if w:
+                    acc.add_(s[k], alpha=w)
+            out[k] = acc
+        else:
+            out[k] = v.clone()
+    return out
+
+
+def _relative_change(new: Mapping[str, Tensor], old: Mapping[str, Tensor]) -> float:
+    num = den = 0.0
+    for k, v in new.items():
+        if torch.is_floating_point(v) and old[k].shape == v.shape:
+            num += float(((v.double() - old[k].double()) ** 2).sum())
+            den += float((old[k].double() ** 2).sum())
+    return math.sqrt(num / max(den, 1e-300))
+
+
+def _target_sizes(spec: TransportSpec, target_width: int | Mapping[str, int] | None) -> dict[str, int]:
+    sizes = dict(spec.sizes)
+    if target_width is None:
+        return sizes
+    if isinstance(target_width, Mapping):
+        unknown = set(target_width) - set(sizes)
+        if unknown:
+            raise ConfigError(f"target_width names unknown groups {sorted(unknown)}; groups are {spec.names}")
+        sizes.update({k: int(v) for k, v in target_width.items()})
+    else:
+        sizes = {k: int(target_width) for k in sizes}
+    if any(v < 1 for v in sizes.values()):
+        raise ConfigError(f"target_width must be >= 1, got {target_width}")
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# barycenters
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def init_barycenter(
+    state: Mapping[str, Tensor], spec: TransportSpec, sizes: Mapping[str, int], seed: int = 0
+) -> tuple[dict[str, Tensor], Transports]:
+    """``state`` re-supported on widths ``sizes`` (k-means merge when shrinking, split when growing)."""
+    spec = spec.for_state(dict(state))
+    transports: Transports = {}
+    for g in spec.groups:
+        n_s, n_t = g.size, int(sizes[g.name])
+        if n_t == n_s:
+            continue
+        if n_t > n_s:  # target unit a copies source unit ⌊a·n_s/n_t⌋; S splits its outgoing weights evenly
+            t = torch.zeros(n_t, n_s)
+            t[torch.arange(n_t), (torch.arange(n_t) * n_s) // n_t] = 1.0
+        else:
+            feats = group_features(state, spec, g, transports, ("out",))
+            assert feats is not None
+            labels = _kmeans_labels(feats.double().numpy(), n_t, seed)
+            t = torch.zeros(n_t, n_s)
+            t[torch.as_tensor(labels), torch.arange(n_s)] = 1.0
+            t = t / t.sum(1, keepdim=True)
+        transports[g.name] = t
+    return apply_transport(state, spec, transports), transports
+
+
+def _kmeans_labels(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k-means labels with every one of the ``k`` clusters non-empty."""
+    _, labels = kmeans2(x, k, minit="++", seed=seed)
+    counts = np.bincount(labels, minlength=k)
+    for c in np.flatnonzero(counts == 0):  # refill an empty cluster from the largest one
+        big = int(np.argmax(counts))
+        j = int(np.flatnonzero(labels == big)[0])
+        labels[j], counts[big], counts[c] = c, counts[big] - 1, 1
+    return labels
+
+
+@_single_threaded
+def wasserstein_barycenter(
+    states: Sequence[Mapping[str, Tensor]],
+    lam: Sequence[float],
+    spec: TransportSpec,
+    *,
+    ref: int = 0,
+    solver: Literal["emd", "sinkhorn"] = "emd",
+    epsilon: float = 0.01,
+    max_iter: int = 10,
+    tol: float = 1e-4,
+    sizes: Mapping[str, int] | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, Tensor], list[Transports], list[dict[str, Tensor]]]:
+    """WB fusion (see module docstring): barycenter state, each model's transports and aligned state."""
+    bary, _ = init_barycenter(states[ref], spec, sizes or spec.for_state(dict(states[ref])).sizes, seed)
+    transports: list[Transports | None] = [None] * len(states)
+    aligned: list[dict[str, Tensor]] = []
+    for _ in range(max(1, max_iter)):
+        aligned = []
+        for i, s in enumerate(states):
+            transports[i] = ot_transport(bary, s, spec, solver=solver, epsilon=epsilon, init=transports[i], sweeps=1)
+            aligned.append(apply_transport(s, spec, transports[i]))  # type: ignore[arg-type]
+        new = _weighted_average(aligned, lam, ref)
+        change = _relative_change(new, bary)
+        bary = new
+        if change < tol:
+            break
+    return bary, transports, aligned  # type: ignore[return-value]
+
+
+@_single_threaded
+def gromov_wasserstein_barycenter(
+    states: Sequence[Mapping[str, Tensor]],
+    lam: Sequence[float],
+    spec: TransportSpec,
+    *,
+    ref: int = 0,
+    max_iter: int = 100,
+    tol: float = 1e-9,
+    sizes: Mapping[str, int] | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, Tensor], list[Transports], list[dict[str, Tensor]]]:
+    """GWB fusion (see module docstring): fused state, each model's transports and aligned state."""
+    specs = [spec.for_state(dict(s)) for s in states]
+    sizes = dict(sizes or specs[ref].sizes)
+    init, _ = init_barycenter(states[ref], spec, sizes, seed)
+    spec_bar = spec.resized(sizes)
+    transports: list[Transports] = [{} for _ in states]
+    for gi, g in enumerate(spec_bar.groups):
+        dists = []
+        for s, sp in zip(states, specs, strict=True):
+            f = group_features(s, sp, sp.groups[gi], None, ("out",))
+            dists.append(pairwise_sq_dist(f, f).sqrt().numpy())  # type: ignore[arg-type]
+        f0 = group_features(init, spec_bar, g, None, ("out",))
+        n = g.size
+        p = np.full(n, 1.0 / n)
+        _, log = ot.gromov.gromov_barycenters(
+            n, dists, ps=[np.full(d.shape[0], 1.0 / d.shape[0]) for d in dists], p=p, lambdas=list(lam),
+            loss_fun="square_loss", max_iter=max_iter, tol=tol, init_C=pairwise_sq_dist(f0, f0).sqrt().numpy(),
+            random_state=seed, log=True,
+        )  # fmt: skip
+        for i, pi in enumerate(log["T"]):
+            pi = np.asarray(pi)
+            transports[i][g.name] = torch.from_numpy(pi / np.maximum(pi.sum(1, keepdims=True), 1e-300)).float()
+    aligned = [apply_transport(s, spec, t) for s, t in zip(states, transports, strict=True)]
+    return _weighted_average(aligned, lam, ref), transports, aligned
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public entry points
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@_single_threaded
+def fuse(
+    models: Sequence[Model],
+    weights: Sequence[float] | None = None,
+    method: Literal["average", "match", "wb", "gwb"] = "average",
+    spec: TransportSpec | None = None,
+    example_input: Any = None,
+    *,
+    template: nn.Module | None = None,
+    solver: Literal["emd", "sinkhorn"] = "emd",
+    epsilon: float = 0.01,
+    max_iter: int | None = None,
+    tol: float = 1e-4,
+    target_width: int | Mapping[str, int] | None = None,
+    init: int | None = None,
+    bn_repair: Literal["auto", "reset", "repair"] | None = "auto",
+    repair_data: Any = None,
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """Fuse ``models`` (modules, or state dicts with a ``template`` module / a ``spec``) into one state dict.
+
+    ``init`` is the reference model's index (default: largest weight). ``max_iter``: WB outer iterations
+    (default 10), weight-matching sweeps for ``match`` (100), GW barycenter iterations for ``gwb`` (20).
+    ``bn_repair``: ``"auto"`` resets BatchNorm statistics on ``repair_data`` when given (otherwise the
+    transported average of the running statistics is kept), ``"reset"``, ``"repair"`` (REPAIR), or None.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r} is not supported; allowed: {', '.join(METHODS)}")
+    if not models:
+        raise ConfigError("fuse needs at least one model")
+    states = [state_of(m) for m in models]
+    lam = _normalise_weights(weights, len(states))
+    ref = int(np.argmax(lam)) if init is None else int(init)
+    if not 0 <= ref < len(states):
+        raise ConfigError(f"init={init} is not a model index (0..{len(states) - 1})")
+    _check_states(states, same_shapes=method in ("average", "match"), method=method)
+    module = template if template is not None else next((m for m in models if isinstance(m, nn.Module)), None)
+
+    aligned: list[dict[str, Tensor]] = states
+    if method == "average":
+        if target_width is not None:
+            raise ConfigError("target_width needs method='wb' or 'gwb'")
+        fused = _weighted_average(states, lam, ref)
+    else:
+        spec = resolve_spec(spec, module, example_input)
+        specs = [spec.for_state(s) for s in states]
+        _check_free_axes(states, specs)
+        if method == "match":
+            if target_width is not None:
+                raise ConfigError("target_width needs method='wb' or 'gwb'")
+            aligned = [
+                s
+                if i == ref
+                else apply_transport(
+                    s, spec, weight_matching(states[ref], s, spec, max_iter=max_iter or 100, seed=seed)
+                )
+                for i, s in enumerate(states)
+            ]
+            fused = _weighted_average(aligned, lam, ref)
+        elif method == "wb":
+            sizes = _target_sizes(specs[ref], target_width)
+            fused, _, aligned = wasserstein_barycenter(
+                states, lam, spec, ref=ref, solver=solver, epsilon=epsilon, max_iter=max_iter or 10, tol=tol,
+                sizes=sizes, seed=seed,
+            )  # fmt: skip
+        else:
+            sizes = _target_sizes(specs[ref], target_width)
+            fused, _, aligned = gromov_wasserstein_barycenter(
+                states, lam, spec, ref=ref, max_iter=max_iter or 20, sizes=sizes, seed=seed
+            )
+    return _post_norm(fused, aligned, lam, module, bn_repair, repair_data)
+
+
+def _post_norm(
+    fused: dict[str, Tensor],
+    aligned: list[dict[str, Tensor]],
+    lam: list[float],
+    module: nn.Module | None,
+    mode: str | None,
+    data: Any,
+) -> dict[str, Tensor]:
+    if mode not in (None, "none", "auto", "reset", "repair"):
+        raise ConfigError(f"bn_repair={mode!r} is not supported; allowed: None, 'auto', 'reset', 'repair'")
+    if mode == "auto":
+        mode = "reset" if data is not None and module is not None and has_batch_norm(module) else None
+    if mode in (None, "none"):
+        return fused
+    if data is None:
+        raise ConfigError(f"bn_repair={mode!r} needs repair_data= (an input batch)")
+    if module is None:
+        raise ConfigError(f"bn_repair={mode!r} needs an nn.Module (pass template= with the fused widths)")
+    net = _load(module, fused)
+    if mode == "reset":
+        reset_bn_stats(net, data)
+    else:
+        repair(net, [_load(module, a) for a in aligned], data, lam)
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _load(module: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
+    net = copy.deepcopy(module)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ConfigError(f"the template module does not have the fused widths; pass template= ({exc})") from exc
+    return net
+
+
+@_single_threaded
+def align(
+    model_a: Model,
+    model_b: Model,
+    method: Literal["weight", "activation", "ot"] = "weight",
+    spec: TransportSpec | None = None,
+    example_input: Any = None,
+    *,
+    batch: Any = None,
+    as_module: bool = False,
+    **kwargs: Any,
+) -> dict[str, Tensor] | nn.Module:
+    """B re-indexed onto A (``weight``/``activation`` matching, or layer-wise ``ot``); a state dict, or with
+    ``as_module=True`` a copy of ``model_a`` (an ``nn.Module``) holding B's transported weights."""
+    ex = example_input if example_input is not None else batch
+    spec = resolve_spec(spec, model_a if isinstance(model_a, nn.Module) else model_b, ex)
+    if method == "weight":
+        t = weight_matching(model_a, model_b, spec, **kwargs)
+    elif method == "activation":
+        t = activation_matching(model_a, model_b, spec, batch, **kwargs)  # type: ignore[arg-type]
+    elif method == "ot":
+        t = ot_transport(model_a, model_b, spec, batch=batch, **kwargs)
+    else:
+        raise ConfigError(f"method={method!r} is not supported; allowed: 'weight', 'activation', 'ot'")
+    state = apply_transport(model_b, spec, t)
+    if not as_module:
+        return state
+    if not isinstance(model_a, nn.Module):
+        raise ConfigError("as_module=True needs model_a to be an nn.Module")
+    return _load(model_a, state)

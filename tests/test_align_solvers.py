@@ -1,0 +1,128 @@
+"""Solvers: exact recovery of hidden permutations, OT limits, rectangular transports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedfuse.align import (
+    activation_matching,
+    align,
+    apply_transport,
+    derive_spec,
+    ot_coupling,
+    ot_transport,
+    permute_model,
+    weight_matching,
+)
+from fedfuse.align.fusion import init_barycenter
+from fedfuse.errors import ConfigError
+from fedfuse.models import MLP, VGG
+from tests.test_align_cases import CASES, make_case, max_state_diff, outputs
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("solver", ["weight_matching", "ot_emd"])
+def test_solver_recovers_identity_from_permuted_copy(name: str, solver: str) -> None:
+    # Prepare
+    model, x = make_case(name)
+    spec = derive_spec(model, x[:2])
+    permuted, _ = permute_model(model, spec, seed=5)
+    # Execute
+    if solver == "weight_matching":
+        transports = weight_matching(model, permuted, spec)
+    else:
+        transports = ot_transport(model, permuted, spec, solver="emd")
+    restored = apply_transport(permuted, spec, transports)
+    # Assert
+    assert max_state_diff(restored, model.state_dict()) < 1e-6
+
+
+def test_activation_matching_recovers_mlp_permutation() -> None:
+    model, _ = make_case("mlp")
+    x = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    spec = derive_spec(model, x[:2])
+    permuted, _ = permute_model(model, spec, seed=2)
+    restored = apply_transport(permuted, spec, activation_matching(model, permuted, spec, x))
+    assert max_state_diff(restored, model.state_dict()) < 1e-6
+
+
+def test_activation_matching_falls_back_to_weights_for_hidden_rnn_layers() -> None:
+    model, x = make_case("lstm2")
+    spec = derive_spec(model, x[:2])
+    assert not spec["rnn.l0"].sites  # inner LSTM layer: not observable in the fx graph
+    permuted, _ = permute_model(model, spec, seed=2)
+    restored = apply_transport(permuted, spec, activation_matching(model, permuted, spec, torch.randn(64, 1, 8, 8)))
+    assert max_state_diff(restored, model.state_dict()) < 1e-6
+
+
+def test_align_returns_module_with_b_function_in_a_order() -> None:
+    model, x = make_case("vgg_bn")
+    other, _ = make_case("vgg_bn", seed=1)
+    aligned = align(model, other, method="ot", example_input=x, as_module=True)
+    torch.testing.assert_close(outputs(aligned, None, x), outputs(other, None, x), atol=1e-5, rtol=1e-5)
+    assert max_state_diff(aligned.state_dict(), other.state_dict()) > 1e-3  # re-ordered, not a copy
+
+
+def test_sinkhorn_coupling_tends_to_exact_as_epsilon_vanishes() -> None:
+    # Prepare: a cost whose optimal assignment (a planted permutation) wins by a margin
+    gen = torch.Generator().manual_seed(0)
+    planted = torch.eye(12, dtype=torch.float64)[torch.randperm(12, generator=gen)]
+    cost = 0.5 * torch.rand(12, 12, generator=gen, dtype=torch.float64) + (1 - planted)
+    exact = ot_coupling(cost, "emd")
+    torch.testing.assert_close(exact, planted.float())
+    # Execute
+    dists = [float((ot_coupling(cost, "sinkhorn", eps) - exact).abs().sum()) for eps in (1.0, 0.1, 0.01, 0.001)]
+    # Assert: monotone convergence to the exact permutation
+    assert all(a >= b - 1e-9 for a, b in zip(dists, dists[1:], strict=False)), dists
+    assert dists[0] > 1.0 and dists[-1] < 1e-3, dists
+
+
+def test_sinkhorn_layerwise_transport_approaches_emd() -> None:
+    a, x = make_case("mlp")
+    spec = derive_spec(a, x[:2])
+    b, _ = permute_model(a, spec, seed=4)
+    with torch.no_grad():  # a noisy permuted copy: a unique optimum with a margin
+        for p in b.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    exact = ot_transport(a, b, spec, solver="emd")
+    gaps = []
+    for eps in (0.5, 0.05, 0.0005):
+        soft = ot_transport(a, b, spec, solver="sinkhorn", epsilon=eps)
+        gaps.append(sum(float((soft[g] - exact[g]).abs().sum()) for g in exact))
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-2, gaps
+
+
+def test_rectangular_transport_maps_onto_target_width() -> None:
+    a, b = MLP((1, 8, 8), 10, (12, 8)), MLP((1, 8, 8), 10, (20, 6))
+    spec = derive_spec(a, torch.randn(2, 1, 8, 8))
+    t = ot_transport(a, b, spec)
+    assert t["net.1"].shape == (12, 20) and t["net.3"].shape == (8, 6)
+    for m in t.values():
+        torch.testing.assert_close(m.sum(1), torch.ones(m.shape[0]))
+    state = apply_transport(b, spec, t)
+    a.load_state_dict(state)  # loads into the target width
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg_bn"])
+def test_growing_a_model_by_splitting_neurons_keeps_the_function(name: str) -> None:
+    # Prepare
+    model, x = make_case(name)
+    spec = derive_spec(model, x[:2])
+    wider = {g: int(n * 1.5) + 1 for g, n in spec.sizes.items()}
+    # Execute
+    state, transports = init_barycenter(model.state_dict(), spec, wider)
+    # Assert
+    if name == "mlp":
+        big = MLP((1, 8, 8), 10, (wider["net.1"], wider["net.3"]))
+    else:
+        big = VGG((1, 8, 8), 10, (wider["features.0"], "M", wider["features.4"], "M"), batch_norm=True,
+                  hidden=wider["classifier.1"])
+    assert all(transports[g].shape == (wider[g], n) for g, n in spec.sizes.items())
+    torch.testing.assert_close(outputs(big, state, x), outputs(model, None, x), atol=1e-5, rtol=1e-5)
+
+
+def test_weight_matching_rejects_unequal_widths() -> None:
+    a, b = MLP((4,), 2, (5,)), MLP((4,), 2, (6,))
+    with pytest.raises(ConfigError, match="equal widths"):
+        weight_matching(a, b, example_input=torch.randn(2, 4))

@@ -1,0 +1,151 @@
+"""Transport-spec derivation: structure, function invariance under permutations, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fedfuse.align import Axis, Group, TransportSpec, UnsupportedModelError, derive_spec, permute_model
+from fedfuse.align.transport import apply_transport
+from fedfuse.errors import ConfigError
+from fedfuse.models import MLP
+from tests.test_align_cases import CASES, make_case, max_state_diff, outputs
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_random_permutation_keeps_function(name: str) -> None:
+    # Prepare
+    model, x = make_case(name)
+    spec = derive_spec(model, x[:2])
+    # Execute
+    permuted, perms = permute_model(model, spec, seed=3)
+    # Assert: weights moved, function did not
+    assert max_state_diff(model.state_dict(), permuted.state_dict()) > 1e-2
+    torch.testing.assert_close(outputs(permuted, None, x), outputs(model, None, x), atol=1e-5, rtol=1e-5)
+    assert set(perms) == set(spec.names)
+
+
+def test_mlp_spec_lists_rows_bias_and_next_columns() -> None:
+    model, x = make_case("mlp")
+    spec = derive_spec(model, x)
+    assert spec.names == ["net.1", "net.3"] and spec.sizes == {"net.1": 16, "net.3": 12}
+    members = {(m.key, m.axis, m.role) for m in spec["net.1"].members}
+    assert members == {("net.1.weight", 0, "out"), ("net.1.bias", 0, "out"), ("net.3.weight", 1, "in")}
+    # the input axis (net.1.weight columns) and the classes (net.5 rows) are never transported
+    assert not spec.members_of("net.5.bias") and all(m.axis == 1 for _, m in spec.members_of("net.5.weight"))
+
+
+def test_lstm_spec_repeats_gates_and_covers_recurrent_columns() -> None:
+    model, x = make_case("lstm2")
+    spec = derive_spec(model, x)
+    assert spec.names == ["rnn.l0", "rnn.l1"]
+    l0 = {(m.key, m.axis): m for m in spec["rnn.l0"].members}
+    assert l0[("rnn.weight_ih_l0", 0)].repeat == 4 and l0[("rnn.bias_hh_l0", 0)].repeat == 4
+    assert l0[("rnn.weight_hh_l0", 1)].role == "in" and ("rnn.weight_ih_l1", 1) in l0
+    assert ("fc.weight", 1) in {(m.key, m.axis) for m in spec["rnn.l1"].members}
+
+
+def test_vgg_flatten_expands_channels_over_positions() -> None:
+    model, x = make_case("vgg_bn")
+    spec = derive_spec(model, x)
+    head = [m for m in spec["features.4"].members if m.key == "classifier.1.weight"]
+    assert head and head[0].expand == 2 * 2  # 8×8 input, two 2×2 pools
+    bn_keys = {m.key for m in spec["features.0"].members}
+    assert {"features.1.running_mean", "features.1.running_var", "features.1.weight"} <= bn_keys
+
+
+def test_resnet_residual_adds_merge_groups() -> None:
+    model, x = make_case("resnet20_bn")
+    spec = derive_spec(model, x)
+    # 3 residual streams (one per stage, shortcuts included) + 9 block-internal groups
+    assert len(spec.groups) == 12
+    stage1 = spec["conv1"]
+    keys = {m.key for m in stage1.members if m.role == "out"}
+    assert {"conv1.weight", "layers.0.conv2.weight", "layers.2.bn2.running_var"} <= keys
+    stage2 = next(g for g in spec.groups if any(m.key == "layers.3.shortcut.0.weight" and m.axis == 0
+                                                 for m in g.members))
+    assert stage2.size == 32
+
+
+def test_cat_gives_segments_in_consumer_axis() -> None:
+    model, x = make_case("residual_cat")
+    spec = derive_spec(model, x)
+    fc = {g.name: m for g in spec.groups for m in g.members if m.key == "fc.weight" and m.axis == 1}
+    assert fc["c1"].segments == ("c1", "c3") and fc["c1"].index == 0 and fc["c3"].index == 1
+    assert fc["c1"].expand == 16
+    assert "c2" not in spec.names  # merged into c1 by the residual add
+
+
+def test_manual_spec_override_is_used() -> None:
+    model = MLP((4,), 3, (5,))
+    spec = TransportSpec(
+        (Group("hidden", 5, (Axis("net.1.weight", 0), Axis("net.1.bias", 0), Axis("net.3.weight", 1, "in"))),)
+    )
+    perm = {"hidden": torch.eye(5)[[4, 0, 3, 1, 2]]}
+    moved = apply_transport(model, spec, perm)
+    net = MLP((4,), 3, (5,))
+    net.load_state_dict(moved)
+    x = torch.randn(7, 4)
+    torch.testing.assert_close(net(x), model(x))
+    assert not torch.equal(moved["net.1.weight"], model.state_dict()["net.1.weight"])
+
+
+class _MatmulNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        return self.fc2(torch.matmul(h, torch.ones(6, 6)))
+
+
+class _SortNet(_MatmulNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.sort(torch.relu(self.fc1(x)), dim=1).values)
+
+
+class _InputOpsNet(_MatmulNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # ops on the (fixed) input are fine
+        x = torch.sort(x, dim=1).values * 2.0
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize(("cls", "op"), [(_MatmulNet, "torch.matmul"), (_SortNet, "torch.sort")])
+def test_unsupported_op_is_named(cls: type[nn.Module], op: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=rf"unsupported op '{op}' at node '\w+'.*Supported: Linear") as e:
+        derive_spec(cls(), torch.randn(3, 4))
+    assert isinstance(e.value, ConfigError)
+
+
+def test_ops_on_the_model_input_are_allowed() -> None:
+    spec = derive_spec(_InputOpsNet(), torch.randn(3, 4))
+    assert spec.names == ["fc1"]
+
+
+def test_unsupported_module_and_groupnorm_blocks_are_named() -> None:
+    grouped = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.LazyLinear(2))
+    grouped(torch.randn(1, 1, 8, 8))
+    with pytest.raises(UnsupportedModelError, match="grouped convolution"):
+        derive_spec(grouped, torch.randn(2, 1, 8, 8))
+    gn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(36, 2))
+    with pytest.raises(UnsupportedModelError, match="GroupNorm with 2 groups"):
+        derive_spec(gn, torch.randn(2, 1, 5, 5))
+    ok = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(1, 4), nn.Flatten(), nn.Linear(36, 2))
+    assert "1.weight" in {m.key for m in derive_spec(ok, torch.randn(2, 1, 5, 5))["0"].members}
+
+
+def test_untraceable_model_and_missing_input_raise_config_errors() -> None:
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) * len(x)
+
+    with pytest.raises(UnsupportedModelError, match="cannot trace Untraceable"):
+        derive_spec(Untraceable(), torch.randn(3, 4))
+    with pytest.raises(ConfigError, match="example_input"):
+        derive_spec(MLP((4,), 2), None)
