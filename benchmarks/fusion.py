@@ -1,0 +1,209 @@
+"""One-shot fusion and fusion speed benchmark.
+
+(1) one-shot: N parents (different inits) trained on Dirichlet(α) splits; test accuracy of each parent, the
+logit ensemble, and the fused model by ``average`` / ``match`` / ``wb`` (exact, Sinkhorn) / ``gwb``; the
+midpoint barrier between parents 0 and 1 before and after alignment; fusion wall time.
+(2) ``--speed``: wall time of fusing random-init ResNet-20 clients (wb exact, match, average) versus the
+width multiplier and the number of clients.
+
+    python benchmarks/fusion.py --dataset digits --smoke
+    python benchmarks/fusion.py --dataset mnist10k --data-root ../shared/data --epochs 5
+    python benchmarks/fusion.py --speed
+
+Writes ``benchmarks/results/fusion-<tag>.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedfuse.align import align, derive_spec, fuse
+from fedfuse.data import load_dataset
+from fedfuse.data.partition import partition_indices
+from fedfuse.models import build_model
+from fedfuse.train import evaluate, train
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _load(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    net = copy.deepcopy(model)
+    net.load_state_dict(state)
+    return net
+
+
+@torch.no_grad()
+def _ensemble(models: list[nn.Module], lam: list[float], x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(loss, accuracy) of the λ-weighted average of the parents' logits."""
+    logits = sum(w * m.eval()(x) for w, m in zip(lam, models, strict=True))
+    loss = float(nn.functional.cross_entropy(logits, y))  # type: ignore[arg-type]
+    return loss, float((logits.argmax(1) == y).float().mean())  # type: ignore[union-attr]
+
+
+def _midpoint_barrier(a: nn.Module, b_state: dict[str, torch.Tensor], x: torch.Tensor,
+                      y: torch.Tensor) -> dict[str, float]:
+    """Loss/accuracy barrier at α = ½: ``L(½θa + ½θb) − ½(L(θa) + L(θb))`` (accuracy: the drop)."""
+    b = _load(a, b_state)
+    mid = _load(a, fuse([a, b], method="average"))
+    la, aa = evaluate(a, x, y)
+    lb, ab = evaluate(b, x, y)
+    lm, am = evaluate(mid, x, y)
+    return {"loss_barrier": lm - (la + lb) / 2, "acc_barrier": (aa + ab) / 2 - am}
+
+
+def one_shot(args: argparse.Namespace) -> list[dict[str, Any]]:
+    data = load_dataset(args.dataset, data_root=args.data_root or None, seed=args.seed)
+    x_test, y_test = data.x_test, data.y_test
+    rows = []
+    for model_name in args.models:
+        for n in args.parents:
+            parts = partition_indices(data.y_train.numpy(), "dirichlet", n, alpha=args.alpha, seed=args.seed)
+            parents = []
+            for i, idx in enumerate(parts):
+                m = build_model(model_name, data.input_shape, data.num_classes, width=args.width, depth=args.depth,
+                                seed=args.seed * 100 + i)
+                idx_t = torch.as_tensor(idx, dtype=torch.long)
+                train(m, data.x_train[idx_t], data.y_train[idx_t], epochs=args.epochs, lr=args.lr, momentum=0.9,
+                      seed=args.seed + i)
+                parents.append(m.eval())
+            sizes = [len(p) for p in parts]
+            lam = [s / sum(sizes) for s in sizes]
+            row: dict[str, Any] = {"model": model_name, "parents": n, "dataset": args.dataset, "sizes": sizes}
+            row["parent_acc"] = [evaluate(p, x_test, y_test)[1] for p in parents]
+            row["ensemble_acc"] = _ensemble(parents, lam, x_test, y_test)[1]
+            ex = x_test[:2]
+            methods = {
+                "average": {"method": "average"},
+                "match": {"method": "match"},
+                "wb_exact": {"method": "wb"},
+                "wb_sinkhorn": {"method": "wb", "solver": "sinkhorn", "epsilon": args.epsilon},
+                "gwb": {"method": "gwb"},
+            }
+            for key, kw in methods.items():
+                t0 = time.perf_counter()
+                state = fuse(parents, weights=lam, example_input=ex, **kw)  # type: ignore[arg-type]
+                row[f"{key}_time_s"] = time.perf_counter() - t0
+                row[f"{key}_acc"] = evaluate(_load(parents[0], state), x_test, y_test)[1]
+            spec = derive_spec(parents[0], ex)
+            a, b = parents[0], parents[1]
+            row["barrier_before"] = _midpoint_barrier(a, b.state_dict(), x_test, y_test)
+            for key, how in (("barrier_match", "weight"), ("barrier_ot", "ot")):
+                aligned_b = align(a, b, how, spec)  # type: ignore[arg-type]
+                row[key] = _midpoint_barrier(a, aligned_b, x_test, y_test)  # type: ignore[arg-type]
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "sizes"}, default=float))
+    return rows
+
+
+def _timed(fn: Any, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls (one warm-up call first)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def speed(args: argparse.Namespace) -> list[dict[str, Any]]:
+    shape = (3, 32, 32)
+    rows = []
+    grid = [(w, args.speed_clients_at_width) for w in args.widths] + [(1, c) for c in args.clients]
+    seen = set()
+    for mult, clients in grid:
+        if (mult, clients) in seen:
+            continue
+        seen.add((mult, clients))
+        models = [build_model("resnet20", shape, 10, width=16 * mult, seed=i) for i in range(clients)]
+        spec = derive_spec(models[0], torch.zeros(2, *shape))
+        states = [m.state_dict() for m in models]
+        n_params = sum(v.numel() for v in states[0].values())
+        for method in args.speed_methods:
+            if method == "match" and clients * mult > args.match_budget:
+                continue
+            repeats = 1 if mult >= 4 or clients >= 20 else args.repeats
+            t = _timed(lambda m=method, s=states, sp=spec: fuse(s, method=m, spec=sp), repeats)
+            row = {"method": method, "width_mult": mult, "clients": clients, "params": n_params, "time_s": t}
+            rows.append(row)
+            print(json.dumps(row))
+    return rows
+
+
+def _markdown(one: list[dict[str, Any]], fast: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [f"# Fusion benchmark ({time.strftime('%Y-%m-%d %H:%M')}, torch threads={torch.get_num_threads()})", ""]
+    lines.append(f"`{' '.join(args.argv)}`")
+    if one:
+        lines += ["", "## One-shot fusion (test accuracy; λ ∝ client size)", "",
+                  "| model | N | parents | ensemble | average | match | WB exact | WB sinkhorn | GWB | "
+                  "WB time s | barrier loss/acc before | after match | after OT |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in one:
+            par = "/".join(f"{a:.3f}" for a in r["parent_acc"])
+            bars = [f"{r[k]['loss_barrier']:.3f}/{r[k]['acc_barrier']:.3f}"
+                    for k in ("barrier_before", "barrier_match", "barrier_ot")]
+            lines.append(
+                f"| {r['model']} | {r['parents']} | {par} | {r['ensemble_acc']:.3f} | {r['average_acc']:.3f} | "
+                f"{r['match_acc']:.3f} | {r['wb_exact_acc']:.3f} | {r['wb_sinkhorn_acc']:.3f} | {r['gwb_acc']:.3f} | "
+                f"{r['wb_exact_time_s']:.2f} | {' | '.join(bars)} |"
+            )
+    if fast:
+        lines += ["", "## Fusion wall time, random-init ResNet-20 (3×32×32), seconds", "",
+                  "| method | width × | clients | params/model | time s |", "|---|---|---|---|---|"]
+        for r in fast:
+            lines.append(
+                f"| {r['method']} | {r['width_mult']} | {r['clients']} | {r['params']:,} | {r['time_s']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="digits", choices=["digits", "mnist1d", "mnist10k"])
+    p.add_argument("--data-root", default="")
+    p.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    p.add_argument("--parents", nargs="+", type=int, default=[2, 5])
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--epsilon", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speed", action="store_true", help="run the speed benchmark instead of one-shot fusion")
+    p.add_argument("--widths", nargs="+", type=int, default=[1, 2, 4, 8])
+    p.add_argument("--clients", nargs="+", type=int, default=[2, 5, 10, 20])
+    p.add_argument("--speed-clients-at-width", type=int, default=10)
+    p.add_argument("--speed-methods", nargs="+", default=["wb", "match", "average"])
+    p.add_argument("--match-budget", type=int, default=10**9, help="skip match when clients×width exceeds this")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--smoke", action="store_true", help="tiny settings to check the script runs")
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    args.argv = ["python", "benchmarks/fusion.py", *(argv if argv is not None else __import__("sys").argv[1:])]
+    if args.smoke:
+        args.width, args.depth, args.epochs, args.parents = 64, 2, 4, [2, 3]
+        args.widths, args.clients, args.repeats = [1, 2], [2, 5], 1
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    one = [] if args.speed else one_shot(args)
+    fast = speed(args) if args.speed else []
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or ("speed" if args.speed else args.dataset) + ("-smoke" if args.smoke else "")
+    (RESULTS / f"fusion-{tag}.json").write_text(json.dumps({"one_shot": one, "speed": fast}, indent=1, default=float))
+    (RESULTS / f"fusion-{tag}.md").write_text(_markdown(one, fast, args))
+    print(f"wrote {RESULTS / f'fusion-{tag}.md'}")
+
+
+if __name__ == "__main__":
+    main()
