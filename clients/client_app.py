@@ -13,9 +13,18 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedfuse.experiment import client_data, dataset_for, local_plan, local_train, model_for, round_mask
+from fedfuse.experiment import (
+    client_data,
+    dataset_for,
+    inject_faults,
+    local_plan,
+    local_train,
+    model_for,
+    round_mask,
+)
 from fedfuse.subspace import MaskedTraining, mask_ratio
 from fedfuse.train import evaluate as evaluate_model
+from fedfuse.train import torch_threads
 
 app = ClientApp()
 
@@ -27,6 +36,18 @@ def _identity(context: Context) -> tuple[int, int]:
     if "partition-id" not in cfg or "num-partitions" not in cfg:
         raise ValueError("node_config needs 'partition-id' and 'num-partitions' (e.g. --node-config)")
     return int(cfg["partition-id"]), int(cfg["num-partitions"])
+
+
+def _local_xy(cfg: dict[str, Any], context: Context) -> tuple[Any, Any]:
+    """This client's training data: node_config ``data-dir`` (local files), else its simulated partition."""
+    data_dir = context.node_config.get("data-dir")
+    if data_dir:
+        from fedfuse.data.local import load_local_data
+
+        ds = dataset_for(cfg)
+        return load_local_data(str(data_dir), ds.input_shape, ds.num_classes)
+    pid, num_parts = _identity(context)
+    return client_data(cfg, pid, num_parts)
 
 
 def _run_config(msg: Message) -> dict[str, Any]:
@@ -48,10 +69,16 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Load the global model, train on the local partition, reply with weights and metrics."""
     cfg = _run_config(msg)
+    with torch_threads(int(cfg.get("client-threads", 1))):
+        return _train(msg, context, cfg)
+
+
+def _train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
     pid, num_parts = _identity(context)
     server_round = int(cfg.get("server-round", 0))
+    inject_faults(cfg, pid, server_round)
     ds = dataset_for(cfg)
-    x, y = client_data(cfg, pid, num_parts)
+    x, y = _local_xy(cfg, context)
     model = model_for(cfg, ds)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     plan = local_plan(cfg, pid, server_round, len(x))
@@ -84,7 +111,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = _run_config(msg)
     pid, num_parts = _identity(context)
     ds = dataset_for(cfg)
-    x, y = client_data(cfg, pid, num_parts)
+    x, y = _local_xy(cfg, context)
     model = model_for(cfg, ds)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     loss, acc = evaluate_model(model, x, y)

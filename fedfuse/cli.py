@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--compare", default=None, help="comma-separated strategies run on identical partitions/seeds")
     sim.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     sim.add_argument(
+        "--resume", default=None, metavar="OUT_DIR", help="continue the run in OUT_DIR after its last complete round"
+    )
+    sim.add_argument(
         "--backend",
         choices=("ray", "inline"),
         default="ray",
@@ -76,7 +79,19 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return validate_config(given)
 
 
-def preflight(cfg: dict[str, Any], overwrite: bool) -> None:
+def resume_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The config of the checkpoint in ``--resume DIR``; flags given explicitly must agree with it."""
+    from fedfuse.checkpoint import config_mismatch, load_checkpoint
+
+    ckpt = load_checkpoint(Path(args.resume))
+    given = {name: getattr(args, name) for name in OPTIONS if getattr(args, name, None) is not None}
+    mismatch = config_mismatch(ckpt["config"], validate_config(given, fill_defaults=False))
+    if mismatch:
+        raise ConfigError(f"resume={args.resume!r}: {mismatch}; a resumed run keeps its checkpoint's config")
+    return validate_config({**ckpt["config"], "out": args.resume})
+
+
+def preflight(cfg: dict[str, Any], overwrite: bool | None) -> None:
     """Every check that can fail, before Ray starts: strategy, data, partition sizes, output dir."""
     from fedfuse.data.partition import partition_indices
     from fedfuse.experiment import dataset_for
@@ -96,7 +111,8 @@ def preflight(cfg: dict[str, Any], overwrite: bool) -> None:
         classes_per_client=cfg["classes-per-client"],
         seed=cfg["seed"],
     )
-    check_out_dir(Path(cfg["out"]), overwrite)
+    if overwrite is not None:
+        check_out_dir(Path(cfg["out"]), overwrite)
 
 
 def _format_row(row: dict[str, Any]) -> list[str]:
@@ -105,14 +121,14 @@ def _format_row(row: dict[str, Any]) -> list[str]:
         f"{row['central_accuracy']:.4f}",
         f"{row['central_loss']:.4f}",
         f"{row['client_train_loss']:.4f}",
-        f"{int(row['replies'])}/{int(row['failures'])}",
+        "/".join(str(int(row.get(k, 0))) for k in ("replies", "failures", "timeouts", "rejected")),
         f"{row['wall_time']:.1f}",
     ]
 
 
 _EXPECTED_WARNINGS = ("`run_simulation` function is deprecated", "fraction_evaluate is set to 0.0")
 
-_COLUMNS = ["round", "accuracy", "loss", "client train loss", "ok/failed", "wall s"]
+_COLUMNS = ["round", "accuracy", "loss", "client train loss", "ok/err/late/bad", "wall s"]
 
 
 def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -153,7 +169,7 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             description=f"{label}: round {row['round']} acc {row['central_accuracy']:.3f}",
         )
         r = _format_row(row)
-        console.print(f"round {r[0]}: acc {r[1]}  loss {r[2]}  client loss {r[3]}  ok/failed {r[4]}  {r[5]} s")
+        console.print(f"round {r[0]}: acc {r[1]}  loss {r[2]}  client loss {r[3]}  ok/err/late/bad {r[4]}  {r[5]} s")
 
     backend = {
         "client_resources": {"num_cpus": args.client_cpus, "num_gpus": args.client_gpus},
@@ -164,17 +180,20 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             from strategies.inline import InlineGrid
             from strategies.server_app import run_server
 
-            run_server(InlineGrid(client_app, cfg["num-clients"]), cfg, on_round)
+            run_server(InlineGrid(client_app, cfg["num-clients"]), cfg, on_round, resume=bool(args.resume))
         else:
             run_simulation(
-                server_app=make_server_app(cfg, on_round),
+                server_app=make_server_app(cfg, on_round, resume=bool(args.resume)),
                 client_app=client_app,
                 num_supernodes=cfg["num-clients"],
                 backend_config=backend,
                 verbose_logging=args.verbose,
             )
-    if len(rows) != cfg["num-rounds"] + 1:
-        raise RuntimeError(f"simulation ended after {max(len(rows) - 1, 0)} of {cfg['num-rounds']} rounds")
+    from fedfuse.results import load_metrics
+
+    rows = load_metrics(Path(cfg["out"]))["rounds"]  # the whole history, resumed rounds included
+    if not rows or rows[-1]["round"] != cfg["num-rounds"]:
+        raise RuntimeError(f"simulation ended before round {cfg['num-rounds']}; see the log above")
     _print_table(console, {str(cfg["strategy"]): rows})
     console.print(f"results in {cfg['out']}/ (metrics.json, metrics.csv, model.pt, accuracy.png)")
     return rows[-1]
@@ -244,7 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.compare:
             _compare(cfg, args, argv[1:])
             return 0
-        preflight(cfg, args.overwrite)
+        if args.resume:
+            cfg = resume_config(args)
+        preflight(cfg, None if args.resume else args.overwrite)
         _simulate(cfg, args)
     except ConfigError as exc:
         print(f"fedfuse: error: {exc}", file=sys.stderr)

@@ -91,6 +91,17 @@ OPTIONS: dict[str, Option] = {
             "fedpfn/fedpnu: fix single weights or whole neurons",
             choices=("weight", "neuron"),
         ),
+        Option("fail-prob", float, 0.0, "fault injection: probability a client raises in a round", low=0.0, high=1.0),
+        Option(
+            "straggle-prob",
+            float,
+            0.0,
+            "fault injection: probability a client sleeps past the timeout",
+            low=0.0,
+            high=1.0,
+        ),
+        Option("round-timeout", float, 600.0, "seconds the server waits for replies per round", low=0.0, low_open=True),
+        Option("client-threads", int, 1, "torch threads per client (part of bit-reproducibility)", low=1),
         Option("seed", int, 0, "seed for partitions, init, sampling and shuffling", low=0),
         Option("out", str, "runs/latest", "output directory"),
     ]

@@ -28,6 +28,7 @@ __all__ = [
     "local_train",
     "derive_seed",
     "round_mask",
+    "inject_faults",
 ]
 
 
@@ -120,6 +121,19 @@ def local_train(
         max_steps=plan.max_steps,
         **kwargs,
     )
+
+
+def inject_faults(cfg: Mapping[str, Any], partition_id: int, server_round: int) -> None:
+    """Simulated client faults, drawn from (seed, client, round): raise with ``fail-prob``; with
+    ``straggle-prob`` sleep ``round-timeout`` + 1 s so the reply arrives after the server stopped waiting."""
+    import time
+
+    rng = np.random.default_rng(derive_seed(int(cfg["seed"]), partition_id, server_round, 5))
+    fail, straggle = rng.random(), rng.random()
+    if fail < float(cfg.get("fail-prob", 0.0)):
+        raise RuntimeError(f"injected fault: partition {partition_id} failed in round {server_round}")
+    if straggle < float(cfg.get("straggle-prob", 0.0)):
+        time.sleep(float(cfg["round-timeout"]) + 1.0)
 
 
 def round_mask(config: Mapping[str, Any], model: nn.Module, server_round: int) -> dict[str, torch.Tensor] | None:

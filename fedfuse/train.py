@@ -7,12 +7,36 @@ pair fixes the exact sequence of SGD steps on the CPU.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["TrainResult", "train", "evaluate", "iterate_batches", "state_to_numpy", "numpy_to_state"]
+__all__ = [
+    "TrainResult",
+    "train",
+    "evaluate",
+    "iterate_batches",
+    "state_to_numpy",
+    "numpy_to_state",
+    "torch_threads",
+]
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads, then restore the previous setting.
+
+    Float reductions are split per thread, so the thread count is part of what makes a result
+    bit-reproducible: clients fix it (``client-threads``) whatever backend runs them.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @dataclass

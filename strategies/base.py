@@ -1,14 +1,23 @@
-"""FedFuseStrategy: Flower's FedAvg with deterministic sampling and reply order, and one aggregation hook.
+"""FedFuseStrategy: Flower's FedAvg made deterministic and fault tolerant, with one aggregation hook.
 
-Subclasses (FedWB, FedMatch, ...) override :meth:`aggregate_arrays` only: it receives the valid
-replies' state dicts and weights, already in a fixed order, and returns the new global state.
+Every fedfuse strategy inherits, and so never has to re-implement:
+- seeded client sampling and a fixed reply order (bit-identical runs on the CPU);
+- fault handling: error replies and timeouts are counted, invalid updates are rejected before any
+  aggregation or fusion sees them, and a round with fewer valid replies than ``min_train_nodes``
+  keeps the previous global model;
+- a resumable round loop (``start(..., start_round=k)``) and ``state_dict``/``load_state_dict``
+  for checkpoints.
+
+Subclasses (FedWB, FedMatch, FedPFN, ...) override :meth:`aggregate_arrays` only: it receives the
+valid replies' state dicts and weights, in partition order, and returns the new global state.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -16,27 +25,29 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import nn
 
+from fedfuse.errors import ConfigError
 from fedfuse.experiment import derive_seed
+from fedfuse.validation import check_update
 
 __all__ = ["FedFuseStrategy", "CLIENT_INFO_KEY"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fedfuse")
 
 # ConfigRecord key in replies carrying the client's identity (partition-id), for a deterministic order.
 CLIENT_INFO_KEY = "client"
 
 
 class FedFuseStrategy(FedAvg):
-    """FedAvg whose client sampling and aggregation order depend on ``seed`` only.
+    """FedAvg whose sampling, aggregation order and fault handling depend on ``seed`` only.
 
     Simulation node ids are random per run, so the strategy first asks every node (one QUERY
-    message) for its ``partition-id``; it then samples ``ceil(fraction_train · N)`` partitions with
-    a generator seeded by ``(seed, round)`` and sums replies in partition order. Deployed nodes
-    without a partition id are ordered by node id after those with one.
+    message) for its ``partition-id``; it then samples ``max(ceil(fraction_train · N), min_train_nodes)``
+    partitions with a generator seeded by ``(seed, round)`` and sums replies in partition order.
+    Deployed nodes without a partition id are ordered by node id after those with one.
     """
 
     def __init__(
@@ -50,6 +61,14 @@ class FedFuseStrategy(FedAvg):
         fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
         if fedavg_kwargs["fraction_evaluate"] == 0.0:
             fedavg_kwargs.setdefault("min_evaluate_nodes", 0)
+        _check_fraction("fraction_train", fedavg_kwargs.get("fraction_train", 1.0))
+        _check_fraction("fraction_evaluate", fedavg_kwargs["fraction_evaluate"])
+        for name in ("min_train_nodes", "min_available_nodes"):
+            value = fedavg_kwargs.get(name, 2)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name}={value!r} is out of range; allowed: an integer >= 0")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"seed={seed!r} is out of range; allowed: an integer >= 0")
         super().__init__(**fedavg_kwargs)
         self.seed = int(seed)
         self.template = template  # a module of the global architecture (for specs and masks)
@@ -57,6 +76,9 @@ class FedFuseStrategy(FedAvg):
         self.partition_of: dict[int, int] = {}
         self.last_train_metrics: dict[str, float] = {}
         self.round_stats: dict[str, float] = {}
+        self.totals: dict[str, float] = {"failures": 0.0, "timeouts": 0.0, "rejected": 0.0, "skipped_rounds": 0.0}
+        self._sent_state: dict[str, torch.Tensor] = {}
+        self._sampled = 0
 
     # ---- sampling -------------------------------------------------------------------------------
     def _discover(self, grid: Grid, node_ids: list[int]) -> None:
@@ -78,7 +100,7 @@ class FedFuseStrategy(FedAvg):
         return (0, pid) if pid >= 0 else (1, node_id)
 
     def sample(self, grid: Grid, server_round: int, fraction: float, min_nodes: int) -> list[int]:
-        """Seeded sample of ``max(ceil(fraction·N), min_nodes)`` nodes, as a sorted-by-partition list."""
+        """Seeded sample of ``max(ceil(fraction·N), min_nodes)`` nodes, sorted by partition."""
         _, all_nodes = sample_nodes(grid, self.min_available_nodes, 0)  # waits for min_available_nodes
         self._discover(grid, all_nodes)
         ordered = sorted(all_nodes, key=self._order_key)
@@ -94,7 +116,9 @@ class FedFuseStrategy(FedAvg):
         if self.fraction_train == 0.0:
             return []
         node_ids = self.sample(grid, server_round, self.fraction_train, self.min_train_nodes)
-        log.info("configure_train: round %d sampled %d nodes", server_round, len(node_ids))
+        log.info("round %d: sampled %d nodes", server_round, len(node_ids))
+        self._sent_state = arrays.to_torch_state_dict()
+        self._sampled = len(node_ids)
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, node_ids, MessageType.TRAIN)
@@ -110,23 +134,93 @@ class FedFuseStrategy(FedAvg):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, node_ids, MessageType.EVALUATE)
 
-    # ---- aggregation ----------------------------------------------------------------------------
+    # ---- validation and aggregation -------------------------------------------------------------
+    def shape_ok(self, key: str, shape: tuple[int, ...], reference: tuple[int, ...]) -> bool:
+        """Whether a reply's ``shape`` for ``key`` is acceptable when it differs from the global one.
+
+        False here; strategies that fuse clients of other widths override it.
+        """
+        return False
+
+    def _client_label(self, msg: Message) -> str:
+        node = msg.metadata.src_node_id
+        pid = self.partition_of.get(node, -1)
+        return f"node {node}" + (f" (partition {pid})" if pid >= 0 else "")
+
+    def _unpack(self, msg: Message) -> tuple[dict[str, torch.Tensor], float] | str:
+        """(state, weight) of a reply, or the reason it is rejected."""
+        content = msg.content
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            return "expected exactly one ArrayRecord and one MetricRecord"
+        metrics = next(iter(content.metric_records.values()))
+        if self.weighted_by_key not in metrics:
+            return f"MetricRecord lacks {self.weighted_by_key!r}"
+        try:
+            state = next(iter(content.array_records.values())).to_torch_state_dict()
+        except Exception as exc:  # noqa: BLE001 — undecodable arrays are a bad update, not a crash
+            return f"arrays cannot be decoded ({type(exc).__name__})"
+        weight = metrics[self.weighted_by_key]
+        reason = check_update(state, self._sent_state, weight, shape_ok=self.shape_ok)
+        return reason if reason is not None else (state, float(weight))  # type: ignore[arg-type]
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate, order by partition, then :meth:`aggregate_arrays` on state dicts."""
+        """Count faults, reject invalid updates, then :meth:`aggregate_arrays` the rest in partition order."""
         replies = sorted(replies, key=lambda m: self._order_key(m.metadata.src_node_id))
-        valid, errors = self._check_and_log_replies(replies, is_train=True)
-        self.round_stats = {"replies": float(len(valid)), "failures": float(len(errors))}
-        if not valid:
+        errors = [m for m in replies if m.has_error()]
+        for msg in errors:
+            log.warning(
+                "round %d: %s replied with an error: %s", server_round, self._client_label(msg), msg.error.reason
+            )
+        valid: list[Message] = []
+        states: list[dict[str, torch.Tensor]] = []
+        weights: list[float] = []
+        rejected = 0
+        for msg in replies:
+            if msg.has_error():
+                continue
+            unpacked = self._unpack(msg)
+            if isinstance(unpacked, str):
+                rejected += 1
+                log.warning("round %d: rejected update from %s: %s", server_round, self._client_label(msg), unpacked)
+                continue
+            valid.append(msg)
+            states.append(unpacked[0])
+            weights.append(unpacked[1])
+        timeouts = max(self._sampled - len(replies), 0)
+        if timeouts:
+            log.warning("round %d: %d sampled node(s) did not reply before the timeout", server_round, timeouts)
+        self.round_stats = {
+            "replies": float(len(valid)),
+            "failures": float(len(errors)),
+            "timeouts": float(timeouts),
+            "rejected": float(rejected),
+        }
+        for key in ("failures", "timeouts", "rejected"):
+            self.totals[key] += self.round_stats[key]
+        if len(valid) < max(self.min_train_nodes, 1):
+            self.totals["skipped_rounds"] += 1
+            self.round_stats["skipped"] = 1.0
+            log.warning(
+                "round %d: %d valid update(s) < min_train_nodes=%d; keeping the previous global model",
+                server_round,
+                len(valid),
+                self.min_train_nodes,
+            )
             return None, None
-        contents = [m.content for m in valid]
-        states = [next(iter(c.array_records.values())).to_torch_state_dict() for c in contents]
-        weights = [float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents]
+        self.round_stats["skipped"] = 0.0
         new_state = self.aggregate_arrays(server_round, states, weights)
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        metrics = self._aggregate_metrics([m.content for m in valid])
         self.last_train_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         return ArrayRecord(new_state), metrics
+
+    def _aggregate_metrics(self, contents: list[RecordDict]) -> MetricRecord:
+        try:
+            return self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        except Exception as exc:  # noqa: BLE001 — inconsistent metric keys must not lose the round's model
+            log.warning("train metrics not aggregated: %s", exc)
+            return MetricRecord({})
 
     def aggregate_arrays(
         self, server_round: int, states: list[dict[str, torch.Tensor]], weights: list[float]
@@ -143,3 +237,64 @@ class FedFuseStrategy(FedAvg):
                 acc += state[key].to(torch.float64) * (w / total)
             out[key] = acc.to(ref.dtype)
         return out
+
+    # ---- round loop and checkpoint state --------------------------------------------------------
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        start_round: int = 1,
+    ) -> Result:
+        """Flower's round loop (train → federated evaluate → central evaluate), from ``start_round``.
+
+        ``start_round > 1`` resumes a run whose rounds before it are already in a checkpoint; the
+        central evaluation of round 0 is skipped then.
+        """
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result()
+        result.arrays = initial_arrays
+        arrays = initial_arrays
+        t_start = time.time()
+        if evaluate_fn is not None and start_round == 1:
+            res = evaluate_fn(0, initial_arrays)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+        for rnd in range(start_round, num_rounds + 1):
+            replies = grid.send_and_receive(self.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
+            agg_arrays, agg_metrics = self.aggregate_train(rnd, replies)
+            if agg_arrays is not None:
+                result.arrays = arrays = agg_arrays
+            if agg_metrics is not None:
+                result.train_metrics_clientapp[rnd] = agg_metrics
+            eval_msgs = self.configure_evaluate(rnd, arrays, evaluate_config, grid)
+            if eval_msgs:
+                agg_eval = self.aggregate_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=timeout))
+                if agg_eval is not None:
+                    result.evaluate_metrics_clientapp[rnd] = agg_eval
+            if evaluate_fn is not None:
+                res = evaluate_fn(rnd, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[rnd] = res
+        log.info(
+            "%s finished rounds %d..%d in %.2fs", type(self).__name__, start_round, num_rounds, time.time() - t_start
+        )
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs besides the global model (extended by subclasses)."""
+        return {"totals": dict(self.totals)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.totals.update(state.get("totals", {}))
+
+
+def _check_fraction(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ConfigError(f"{name}={value!r} is out of range; allowed: a number in [0, 1]")

@@ -80,6 +80,13 @@ class FedPFN(FedFuseStrategy):
         self.round_stats["pfn_fixed_distance"] = fixed_distance(new_state, self.reference_state, masks)
         return new_state
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "pfn_reference": self.reference_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.reference_state = state.get("pfn_reference")
+
 
 class FedPNU(FedPFN):
     """Partial neuron update: a fresh seeded mask every round (``pnu_mask(seed, round)``).

@@ -1,7 +1,8 @@
-"""fedfuse ServerApp: build the configured strategy, run it, evaluate centrally, write results.
+"""fedfuse ServerApp: build the configured strategy, run it, evaluate centrally, checkpoint, write results.
 
 ``app`` is what ``flwr run .`` loads (config from ``[tool.flwr.app.config]`` + ``--run-config``);
-``make_server_app(cfg, on_round)`` is what ``fedfuse simulate`` hands to the simulation engine.
+``make_server_app(cfg, on_round)`` is what ``fedfuse simulate`` hands to the simulation engine;
+``run_server(grid, cfg)`` runs on any Grid (the inline backend calls it directly).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedfuse.checkpoint import config_mismatch, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from fedfuse.config import validate_config
+from fedfuse.errors import ConfigError
 from fedfuse.experiment import dataset_for, model_for
 from fedfuse.results import RunWriter
 from fedfuse.train import evaluate
@@ -25,17 +28,39 @@ __all__ = ["app", "make_server_app", "run_server"]
 RoundCallback = Callable[[dict[str, Any]], None]
 
 
-def run_server(grid: Grid, config: Mapping[str, Any], on_round: RoundCallback | None = None) -> dict[str, Any]:
-    """Run ``num-rounds`` of the configured strategy on ``grid``; return the last metrics row."""
+def run_server(
+    grid: Grid, config: Mapping[str, Any], on_round: RoundCallback | None = None, *, resume: bool = False
+) -> dict[str, Any]:
+    """Run the configured strategy on ``grid`` up to ``num-rounds``; return the last metrics row.
+
+    Every round ends with an atomic checkpoint in ``out``; with ``resume`` the run continues after
+    the checkpoint's round, with the same model, strategy state, RNG states and metrics history.
+    """
     cfg = validate_config(config)
+    out = Path(cfg["out"])
     ds = dataset_for(cfg)
     model = model_for(cfg, ds)
     strategy = build_strategy(cfg, template=model_for(cfg, ds))
-    writer = RunWriter(Path(cfg["out"]), cfg)
-    t0 = time.perf_counter()
+    writer = RunWriter(out, cfg)
+    initial = ArrayRecord(model.state_dict())
+    start_round, elapsed = 1, 0.0
+    if resume:
+        ckpt = load_checkpoint(out)
+        mismatch = config_mismatch(ckpt["config"], cfg)
+        if mismatch:
+            raise ConfigError(f"resume={str(out)!r}: {mismatch}")
+        initial = ArrayRecord(ckpt["model"])
+        writer.rows = list(ckpt["metrics"])
+        if hasattr(strategy, "load_state_dict"):
+            strategy.load_state_dict(ckpt.get("strategy", {}))
+        restore_rng_states(ckpt["rng"])
+        start_round = int(ckpt["round"]) + 1
+        elapsed = float(writer.rows[-1]["wall_time"]) if writer.rows else 0.0
+    t0 = time.perf_counter() - elapsed
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(arrays.to_torch_state_dict())
+        state = arrays.to_torch_state_dict()
+        model.load_state_dict(state)
         loss, acc = evaluate(model, ds.x_test, ds.y_test)
         train_metrics = getattr(strategy, "last_train_metrics", {}) if server_round > 0 else {}
         stats = dict(getattr(strategy, "round_stats", {})) if server_round > 0 else {}
@@ -45,35 +70,51 @@ def run_server(grid: Grid, config: Mapping[str, Any], on_round: RoundCallback | 
             "central_loss": loss,
             "client_train_loss": train_metrics.get("train-loss", float("nan")),
             "client_train_accuracy": train_metrics.get("train-accuracy", float("nan")),
-            "replies": stats.get("replies", 0.0),
-            "failures": stats.get("failures", 0.0),
+            "replies": stats.pop("replies", 0.0),
+            "failures": stats.pop("failures", 0.0),
             "wall_time": time.perf_counter() - t0,
-            **{k: v for k, v in stats.items() if k not in ("replies", "failures")},
+            **stats,
         }
         writer.append(row)
+        save_checkpoint(
+            out,
+            {
+                "round": server_round,
+                "config": cfg,
+                "model": state,
+                "strategy": strategy.state_dict() if hasattr(strategy, "state_dict") else {},
+                "rng": rng_states(),
+                "metrics": writer.rows,
+            },
+        )
         if on_round is not None:
             on_round(row)
         return MetricRecord({"accuracy": acc, "loss": loss})
 
     train_config = ConfigRecord({k: v for k, v in cfg.items() if isinstance(v, (str, int, float, bool))})
+    kwargs: dict[str, Any] = {"start_round": start_round} if start_round > 1 else {}
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
+        initial_arrays=initial,
         num_rounds=int(cfg["num-rounds"]),
+        timeout=float(cfg["round-timeout"]),
         train_config=train_config,
         evaluate_fn=central_evaluate,
+        **kwargs,
     )
     writer.finish(result.arrays.to_torch_state_dict(), str(cfg["strategy"]))
     return writer.rows[-1]
 
 
-def make_server_app(config: Mapping[str, Any], on_round: RoundCallback | None = None) -> ServerApp:
+def make_server_app(
+    config: Mapping[str, Any], on_round: RoundCallback | None = None, *, resume: bool = False
+) -> ServerApp:
     """A ServerApp bound to ``config`` (the simulation API passes no run config of its own)."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, {**config, **dict(context.run_config)}, on_round)
+        run_server(grid, {**config, **dict(context.run_config)}, on_round, resume=resume)
 
     return server
 

@@ -61,8 +61,13 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np
 
 
 def _standardise(x_train: torch.Tensor, x_test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale by the training set's global mean and std (one scalar each, so no information leaks)."""
-    mean, std = x_train.mean(), x_train.std().clamp_min(1e-8)
+    """Scale by the training set's global mean and std (one scalar each, so no information leaks).
+
+    The statistics are computed by numpy in float64: torch's float32 reductions split work per
+    thread, and a data set must come out bit-identical in every process whatever its thread count.
+    """
+    arr = x_train.numpy().astype(np.float64)
+    mean, std = float(arr.mean()), max(float(arr.std(ddof=1)), 1e-8)
     return (x_train - mean) / std, (x_test - mean) / std
 
 

@@ -1,0 +1,193 @@
+"""Client faults, update validation, checkpoints and exact resume, config validation (strategies and CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedfuse.checkpoint import load_checkpoint, save_checkpoint
+from fedfuse.errors import ConfigError
+from fedfuse.validation import check_update
+from strategies.base import FedFuseStrategy
+from strategies.inline import InlineGrid
+
+REFERENCE = {"w": torch.zeros(3, 2), "b": torch.zeros(3), "n": torch.tensor(0)}
+
+
+def _bad_client_app() -> ClientApp:
+    """Partition 0: NaN; 1: wrong shape; 2: missing key; 3: num-examples 0; 4, 5: good (value = pid)."""
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        from flwr.app import ConfigRecord
+
+        return Message(
+            RecordDict({"client": ConfigRecord({"partition-id": context.node_config["partition-id"]})}), reply_to=msg
+        )
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        state = {k: v.clone() for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+        state["w"] += pid
+        n = 10 * pid
+        if pid == 0:
+            state["w"][0, 0] = float("nan")
+        elif pid == 1:
+            state["b"] = torch.zeros(4)
+        elif pid == 2:
+            del state["b"]
+        elif pid == 3:
+            n = 0
+        return Message(
+            RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": n})}), reply_to=msg
+        )
+
+    return app
+
+
+def test_invalid_updates_are_rejected_before_aggregation() -> None:
+    grid = InlineGrid(_bad_client_app(), 6)
+    strategy = FedFuseStrategy(min_available_nodes=6, min_train_nodes=2)
+    result = strategy.start(grid, ArrayRecord(REFERENCE), num_rounds=1)
+    final = result.arrays.to_torch_state_dict()
+    assert strategy.round_stats["rejected"] == 4 and strategy.round_stats["replies"] == 2
+    # the weighted average of the two valid replies only: (40·4 + 50·5) / 90
+    assert torch.allclose(final["w"], torch.full((3, 2), (40 * 4 + 50 * 5) / 90))
+    assert torch.isfinite(final["w"]).all() and final["b"].shape == (3,)
+
+
+def test_too_few_valid_updates_keep_the_previous_model() -> None:
+    grid = InlineGrid(_bad_client_app(), 6)
+    strategy = FedFuseStrategy(min_available_nodes=6, min_train_nodes=3)
+    result = strategy.start(grid, ArrayRecord(REFERENCE), num_rounds=2)
+    final = result.arrays.to_torch_state_dict()
+    assert all(torch.equal(final[k], REFERENCE[k]) for k in REFERENCE)
+    assert strategy.totals["skipped_rounds"] == 2 and strategy.totals["rejected"] == 8
+
+
+@pytest.mark.parametrize(
+    ("state", "n", "reason"),
+    [
+        ({"w": torch.zeros(3, 2), "b": torch.zeros(3), "n": torch.tensor(0)}, 5, None),
+        ({"w": torch.full((3, 2), float("inf")), "b": torch.zeros(3), "n": torch.tensor(0)}, 5, "w: 6 non-finite"),
+        ({"w": torch.zeros(3, 2, dtype=torch.float64), "b": torch.zeros(3), "n": torch.tensor(0)}, 5, "w: dtype"),
+        ({"w": torch.zeros(3, 2), "b": torch.zeros(3), "n": torch.tensor(0), "x": torch.zeros(1)}, 5, "unexpected"),
+        ({"w": torch.zeros(3, 2), "b": torch.zeros(3), "n": torch.tensor(0)}, 2.5, "not a positive integer"),
+        ({"w": torch.zeros(3, 2), "b": torch.zeros(3), "n": torch.tensor(0)}, "7", "not a number"),
+    ],
+)
+def test_check_update_rules(state, n, reason) -> None:
+    got = check_update(state, REFERENCE, n)
+    assert (got is None) if reason is None else (reason in got)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"fraction_train": 1.5}, "fraction_train=1.5 is out of range; allowed: a number in [0, 1]"),
+        ({"min_train_nodes": -1}, "min_train_nodes=-1 is out of range"),
+        ({"seed": -3}, "seed=-3 is out of range"),
+    ],
+)
+def test_strategy_constructor_arguments_are_validated(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        FedFuseStrategy(**kwargs)
+
+
+def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", "--no-progress", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+RUN = ("--backend", "inline", "--dataset", "mnist1d", "--model", "mlp", "--num-clients", "4", "--rounds", "6",
+       "--local-epochs", "2", "--fraction-train", "0.75", "--seed", "2")  # fmt: skip
+
+
+def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path) -> None:
+    ref = _cli(*RUN, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", "--no-progress", *RUN, "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "checkpoint.pt").exists() and load_checkpoint(out)["round"] >= 2:
+                break
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    killed_at = load_checkpoint(out)["round"]
+    assert 2 <= killed_at < 6, f"the run was not interrupted mid-way (checkpoint round {killed_at})"
+    assert not (out / "model.pt").exists()
+
+    resumed = _cli("--resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = torch.load(tmp_path / "ref" / "model.pt"), torch.load(out / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows_a = json.loads((tmp_path / "ref" / "metrics.json").read_text())["rounds"]
+    rows_b = json.loads((out / "metrics.json").read_text())["rounds"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_time"} for r in rows]  # noqa: E731
+    assert strip(rows_a) == strip(rows_b)
+
+
+def test_resume_errors(tmp_path) -> None:
+    empty = _cli("--resume", str(tmp_path))
+    assert empty.returncode == 2 and "holds no checkpoint.pt" in empty.stderr
+    save_checkpoint(tmp_path, {"round": 1, "config": {"num-rounds": 6, "seed": 2}, "model": {}})
+    other = _cli("--resume", str(tmp_path), "--seed", "3")
+    assert other.returncode == 2
+    assert "seed=3 differs from the checkpoint's seed=2" in other.stderr and "Traceback" not in other.stderr
+
+
+def test_a_kill_during_the_checkpoint_write_leaves_the_previous_one_loadable(tmp_path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import os, sys, time, torch
+        from fedfuse.checkpoint import save_checkpoint
+        save_checkpoint({str(tmp_path)!r}, {{"round": 1, "config": {{}}, "model": {{"w": torch.ones(2)}}}})
+        os.fsync = lambda fd: (print("writing", flush=True), time.sleep(120))  # die mid-write
+        save_checkpoint({str(tmp_path)!r}, {{"round": 2, "config": {{}}, "model": {{"w": torch.zeros(10**6)}}}})
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt["round"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(2))
+    assert any(p.name.endswith(".tmp") for p in Path(tmp_path).iterdir())  # the torn write is left aside
+
+
+def test_load_checkpoint_rejects_garbage(tmp_path) -> None:
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="checkpoint.pt cannot be read"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.ray
+def test_ray_simulation_survives_failing_clients(tmp_path) -> None:
+    proc = _cli("--num-clients", "10", "--rounds", "5", "--fail-prob", "0.3", "--seed", "1", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == list(range(6))
+    failures = [r["failures"] for r in rows[1:]]
+    assert sum(failures) > 0 and all(r["replies"] + r["failures"] == 10 for r in rows[1:])
+    assert rows[-1]["central_accuracy"] > rows[0]["central_accuracy"]
