@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from fedfuse.experiment import (
     client_data,
     dataset_for,
+    derive_seed,
     inject_faults,
     local_plan,
     local_train,
@@ -79,8 +80,11 @@ def _train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
     inject_faults(cfg, pid, server_round)
     ds = dataset_for(cfg)
     x, y = _local_xy(cfg, context)
-    model = model_for(cfg, ds)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    if cfg.get("one-shot", False):  # one-shot fusion: an independent init per client, the global model unused
+        model = model_for(cfg, ds, seed=derive_seed(int(cfg["seed"]), pid, 13))
+    else:
+        model = model_for(cfg, ds)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     plan = local_plan(cfg, pid, server_round, len(x))
     masks = round_mask(cfg, model, server_round)
     extra: dict[str, float] = {}

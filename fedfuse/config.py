@@ -19,7 +19,7 @@ from fedfuse.models import MODELS
 __all__ = ["Option", "OPTIONS", "validate_config", "defaults", "STRATEGY_NAMES"]
 
 # Built-in strategy names; ``package.module:Class`` paths are accepted too (checked by the registry).
-STRATEGY_NAMES = ("fedavg", "fedpfn", "fedpnu")
+STRATEGY_NAMES = ("fedavg", "fedpfn", "fedpnu", "match", "wb", "gwb")
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,25 @@ OPTIONS: dict[str, Option] = {
             "fedpfn/fedpnu: fix single weights or whole neurons",
             choices=("weight", "neuron"),
         ),
+        Option(
+            "pfn-fusion",
+            str,
+            "average",
+            "fedpfn/fedpnu: aggregation (wb = FedPFN + FedWB)",
+            choices=("average", "wb", "match", "gwb"),
+        ),
+        Option("fusion-solver", str, "emd", "wb: exact OT (emd) or entropic (sinkhorn)", choices=("emd", "sinkhorn")),
+        Option(
+            "fusion-epsilon",
+            float,
+            0.01,
+            "sinkhorn regularisation (relative to the cost range)",
+            low=0.0,
+            low_open=True,
+        ),
+        Option("fusion-iters", int, 0, "barycenter iterations (0 = the method's default)", low=0),
+        Option("bn-repair", str, "auto", "BatchNorm statistics after fusion", choices=("auto", "none")),
+        Option("one-shot", bool, False, "clients train from their own seed-derived inits; fuse once (use 1 round)"),
         Option("fail-prob", float, 0.0, "fault injection: probability a client raises in a round", low=0.0, high=1.0),
         Option(
             "straggle-prob",

@@ -1,0 +1,7 @@
+"""fedfuse's Flower server side: strategies usable in any ServerApp, and fedfuse's own ServerApp."""
+
+from strategies.base import FedFuseStrategy
+from strategies.fusion import FedFusion, FedGWB, FedMatch, FedWB
+from strategies.pfn import FedPFN, FedPNU
+
+__all__ = ["FedFuseStrategy", "FedFusion", "FedGWB", "FedMatch", "FedPFN", "FedPNU", "FedWB"]

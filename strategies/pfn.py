@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from torch import nn
 
+from fedfuse.align import derive_spec, fuse
 from fedfuse.errors import ConfigError
 from fedfuse.experiment import derive_seed, round_mask
 from fedfuse.subspace import fixed_distance, mask_ratio
@@ -29,7 +30,8 @@ class FedPFN(FedFuseStrategy):
 
     Extra per-round metrics: ``pfn_mask_ratio`` (fraction of entries fixed, server-side mask) and
     ``pfn_fixed_distance`` = ‖(θ_global − θ_ref) ⊙ fixed‖₂ with θ_ref the initial global model; it
-    stays exactly 0 for FedPFN.
+    stays exactly 0 for FedPFN with ``fusion="average"``. ``fusion="wb"`` (or match/gwb) aligns the
+    clients before averaging — FedPFN + FedWB; alignment may then move fixed entries, and the metric shows it.
     """
 
     mode = "pfn"
@@ -40,10 +42,18 @@ class FedPFN(FedFuseStrategy):
         template: nn.Module,
         pfn_ratio: float = 0.4,
         pfn_granularity: str = "weight",
+        fusion: str = "average",
+        example_input: torch.Tensor | None = None,
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(seed=seed, template=template, **kwargs)
+        if fusion not in ("average", "wb", "match", "gwb"):
+            raise ConfigError(f"fusion={fusion!r} is not allowed; allowed: average, wb, match, gwb")
+        if fusion != "average" and example_input is None:
+            raise ConfigError(f"fusion={fusion!r} needs example_input (a batch to trace the model with)")
+        self.fusion = fusion
+        self.spec = derive_spec(template, example_input) if fusion != "average" else None
         if not 0.0 <= float(pfn_ratio) < 1.0:
             raise ConfigError(f"pfn_ratio={pfn_ratio!r} is out of range; allowed: >= 0 and < 1")
         if pfn_granularity not in ("weight", "neuron"):
@@ -73,7 +83,17 @@ class FedPFN(FedFuseStrategy):
     def aggregate_arrays(
         self, server_round: int, states: list[dict[str, torch.Tensor]], weights: list[float]
     ) -> dict[str, torch.Tensor]:
-        new_state = super().aggregate_arrays(server_round, states, weights)
+        if self.fusion == "average":
+            new_state = super().aggregate_arrays(server_round, states, weights)
+        else:  # FedPFN + fusion: align the clients' models before averaging (fixed entries may move then)
+            new_state = fuse(
+                states,
+                weights,
+                method=self.fusion,
+                spec=self.spec,
+                template=self.template,
+                seed=self.seed + server_round,
+            )
         masks = round_mask(self.pfn_config(), self.template, server_round)
         assert masks is not None and self.reference_state is not None
         self.round_stats["pfn_mask_ratio"] = mask_ratio(masks)

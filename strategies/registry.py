@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
@@ -23,6 +24,9 @@ BUILTIN: dict[str, str] = {
     "fedavg": "strategies.base:FedFuseStrategy",
     "fedpfn": "strategies.pfn:FedPFN",
     "fedpnu": "strategies.pfn:FedPNU",
+    "match": "strategies.fusion:FedMatch",
+    "wb": "strategies.fusion:FedWB",
+    "gwb": "strategies.fusion:FedGWB",
 }
 assert set(BUILTIN) == set(STRATEGY_NAMES), "fedfuse.config.STRATEGY_NAMES and BUILTIN must list the same names"
 
@@ -42,7 +46,9 @@ def resolve_strategy(name: str) -> type[Strategy]:
     return cls
 
 
-def build_strategy(cfg: Mapping[str, Any], template: nn.Module | None = None) -> Strategy:
+def build_strategy(
+    cfg: Mapping[str, Any], template: nn.Module | None = None, example_input: torch.Tensor | None = None
+) -> Strategy:
     """Instantiate the configured strategy with FedAvg-style sampling arguments.
 
     fedfuse strategies also get the run seed, a ``template`` module of the global architecture and
@@ -58,6 +64,7 @@ def build_strategy(cfg: Mapping[str, Any], template: nn.Module | None = None) ->
         "min_available_nodes": n,
     }
     from strategies.base import FedFuseStrategy
+    from strategies.fusion import FedFusion
     from strategies.pfn import FedPFN
 
     if issubclass(cls, FedFuseStrategy):
@@ -66,4 +73,12 @@ def build_strategy(cfg: Mapping[str, Any], template: nn.Module | None = None) ->
     if issubclass(cls, FedPFN):
         kwargs["pfn_ratio"] = float(cfg["pfn-ratio"])
         kwargs["pfn_granularity"] = str(cfg["pfn-granularity"])
+        kwargs["fusion"] = str(cfg["pfn-fusion"])
+        kwargs["example_input"] = example_input
+    if issubclass(cls, FedFusion):
+        kwargs["example_input"] = example_input
+        kwargs["solver"] = str(cfg["fusion-solver"])
+        kwargs["epsilon"] = float(cfg["fusion-epsilon"])
+        kwargs["max_iter"] = int(cfg["fusion-iters"]) or None
+        kwargs["bn_repair"] = str(cfg["bn-repair"])
     return cls(**kwargs)

@@ -40,7 +40,7 @@ def run_server(
     out = Path(cfg["out"])
     ds = dataset_for(cfg)
     model = model_for(cfg, ds)
-    strategy = build_strategy(cfg, template=model_for(cfg, ds))
+    strategy = build_strategy(cfg, template=model_for(cfg, ds), example_input=ds.x_test[:2])
     writer = RunWriter(out, cfg)
     initial = ArrayRecord(model.state_dict())
     start_round, elapsed = 1, 0.0
