@@ -29,6 +29,7 @@ __all__ = [
     "derive_seed",
     "round_mask",
     "inject_faults",
+    "sample_clients",
 ]
 
 
@@ -121,6 +122,15 @@ def local_train(
         max_steps=plan.max_steps,
         **kwargs,
     )
+
+
+def sample_clients(seed: int, server_round: int, num_clients: int, fraction: float, min_clients: int = 1) -> list[int]:
+    """Sorted indices of the ``max(ceil(fraction·N), min_clients)`` clients sampled in a round, from (seed, round)."""
+    import math
+
+    k = min(num_clients, max(math.ceil(fraction * num_clients), min_clients))
+    rng = np.random.default_rng(derive_seed(seed, server_round, 7))
+    return sorted(rng.choice(num_clients, size=k, replace=False).tolist())
 
 
 def inject_faults(cfg: Mapping[str, Any], partition_id: int, server_round: int) -> None:

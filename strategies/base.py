@@ -15,12 +15,10 @@ valid replies' state dicts and weights, in partition order, and returns the new 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
@@ -30,7 +28,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import nn
 
 from fedfuse.errors import ConfigError
-from fedfuse.experiment import derive_seed
+from fedfuse.experiment import sample_clients
 from fedfuse.validation import check_update
 
 __all__ = ["FedFuseStrategy", "CLIENT_INFO_KEY"]
@@ -104,10 +102,7 @@ class FedFuseStrategy(FedAvg):
         _, all_nodes = sample_nodes(grid, self.min_available_nodes, 0)  # waits for min_available_nodes
         self._discover(grid, all_nodes)
         ordered = sorted(all_nodes, key=self._order_key)
-        k = min(len(ordered), max(math.ceil(fraction * len(ordered)), min_nodes))
-        rng = np.random.default_rng(derive_seed(self.seed, server_round, 7))
-        chosen = sorted(rng.choice(len(ordered), size=k, replace=False).tolist())
-        return [ordered[i] for i in chosen]
+        return [ordered[i] for i in sample_clients(self.seed, server_round, len(ordered), fraction, min_nodes)]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -210,7 +205,9 @@ class FedFuseStrategy(FedAvg):
             )
             return None, None
         self.round_stats["skipped"] = 0.0
+        t_agg = time.perf_counter()
         new_state = self.aggregate_arrays(server_round, states, weights)
+        self.round_stats["aggregate_s"] = time.perf_counter() - t_agg
         metrics = self._aggregate_metrics([m.content for m in valid])
         self.last_train_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         return ArrayRecord(new_state), metrics
