@@ -44,3 +44,36 @@ def test_three_clients_two_rounds_learn_and_are_deterministic(tmp_path) -> None:
     assert strip == [{k: v for k, v in r.items() if k != "wall_time"} for r in inline["rounds"]]
     wc = torch.load(tmp_path / "c" / "model.pt")
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_simulation_on_an_existing_ray_cluster(tmp_path) -> None:
+    """`ray start --head` on loopback, then `fedfuse simulate --ray-address` joins it instead of starting Ray."""
+    import os
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen(
+        [ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
+         "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", str(tmp_path / "ray"), "--block"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait for the GCS port to accept connections
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
+        rows = _simulate(tmp_path / "out", "--ray-address", f"127.0.0.1:{port}", "--num-clients", "3", "--rounds", "2")[
+            "rounds"
+        ]
+        assert [r["round"] for r in rows] == [0, 1, 2] and all(r["replies"] == 3 for r in rows[1:])
+        assert head.poll() is None  # the cluster outlived the run: fedfuse joined it, did not own it
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
