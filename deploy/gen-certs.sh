@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Generate everything the TLS deployment (docker-compose.yml) mounts:
+#
+#   OUT/certs/ca.crt, ca.key                CA (give ca.crt to every SuperNode host and to `flwr` users)
+#   OUT/certs/superlink.crt, superlink.key  SuperLink server certificate (Fleet + Control + Runtime API)
+#   OUT/certs/supernode.crt, supernode.key  SuperNode Runtime-API certificate (SuperNode <-> its SuperExec)
+#   OUT/keys/supernode-I, supernode-I.pub   ECDSA P-384 SuperNode auth keys (OpenSSH format), I = 1..N
+#   OUT/secrets/superexec.secret            shared HMAC secret between a SuperLink/SuperNode and its SuperExec
+#
+# Usage: deploy/gen-certs.sh [OUT_DIR]          (default: deploy/ next to this script)
+# Environment:
+#   NUM_SUPERNODES   number of SuperNode key pairs (default 5: three default nodes + the `more-nodes` profile)
+#   SUPERLINK_SANS   extra subjectAltNames for the SuperLink certificate, e.g. "DNS:fl.example.org,IP:10.0.0.5"
+#                    (add the address SuperNodes and `flwr` users dial; `superlink`, `localhost`, 127.0.0.1, ::1
+#                    are always included)
+#   CERT_DAYS        validity in days (default 365)
+#   FORCE=1          overwrite existing files (default: keep an existing CA and keys, regenerate nothing)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+out="${1:-$here}"
+n="${NUM_SUPERNODES:-5}"
+days="${CERT_DAYS:-365}"
+certs="$out/certs" keys="$out/keys" secrets="$out/secrets"
+
+command -v openssl >/dev/null || { echo "gen-certs.sh: openssl not found" >&2; exit 1; }
+command -v ssh-keygen >/dev/null || { echo "gen-certs.sh: ssh-keygen not found" >&2; exit 1; }
+case "$n" in ''|*[!0-9]*) echo "gen-certs.sh: NUM_SUPERNODES=$n is not a non-negative integer" >&2; exit 2;; esac
+
+if [[ -f "$certs/ca.crt" && "${FORCE:-0}" != 1 ]]; then
+  echo "gen-certs.sh: $certs/ca.crt exists; keeping it (FORCE=1 regenerates everything)"
+  keep=1
+else
+  keep=0
+  rm -rf "$certs" "$keys" "$secrets"
+fi
+mkdir -p "$certs" "$keys" "$secrets"
+umask 077
+
+server_cert() {  # name cn sans
+  local name="$1" cn="$2" sans="$3" ext
+  ext="$(mktemp)"
+  printf 'subjectAltName=%s\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' \
+    "$sans" >"$ext"
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-384 -out "$certs/$name.key" 2>/dev/null
+  openssl req -new -key "$certs/$name.key" -subj "/CN=$cn" -out "$certs/$name.csr" 2>/dev/null
+  openssl x509 -req -in "$certs/$name.csr" -CA "$certs/ca.crt" -CAkey "$certs/ca.key" -CAcreateserial \
+    -days "$days" -sha256 -extfile "$ext" -out "$certs/$name.crt" 2>/dev/null
+  rm -f "$certs/$name.csr" "$ext"
+}
+
+if [[ "$keep" == 0 ]]; then
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-384 -out "$certs/ca.key" 2>/dev/null
+  openssl req -new -x509 -key "$certs/ca.key" -sha256 -days "$days" -subj "/CN=fedfuse-ca" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -out "$certs/ca.crt" 2>/dev/null
+
+  sans="DNS:superlink,DNS:localhost,IP:127.0.0.1,IP:::1"
+  [[ -n "${SUPERLINK_SANS:-}" ]] && sans="$sans,$SUPERLINK_SANS"
+  server_cert superlink superlink "$sans"
+
+  node_sans="DNS:localhost,IP:127.0.0.1,IP:::1"
+  for i in $(seq 1 "$n"); do node_sans="$node_sans,DNS:supernode-$i"; done
+  server_cert supernode supernode "$node_sans"
+
+  openssl rand -hex 32 | tr -d '\n' >"$secrets/superexec.secret"
+fi
+
+for i in $(seq 1 "$n"); do
+  [[ -f "$keys/supernode-$i" ]] && continue
+  ssh-keygen -q -t ecdsa -b 384 -N "" -C "supernode-$i" -f "$keys/supernode-$i"
+done
+
+# Containers run as Flower's unprivileged `app` user: make the mounted files readable (the CA key stays private).
+shopt -s nullglob
+chmod 755 "$certs" "$keys" "$secrets"
+chmod 644 "$certs"/*.crt "$certs"/superlink.key "$certs"/supernode.key "$secrets"/superexec.secret
+key_files=("$keys"/*)
+(( ${#key_files[@]} )) && chmod 644 "${key_files[@]}"
+chmod 600 "$certs/ca.key"
+rm -f "$certs/ca.srl"
+if [[ "$keep" == 1 ]]; then
+  echo "gen-certs.sh: kept $certs and $secrets; $keys has SuperNode key pairs 1..$n"
+else
+  echo "gen-certs.sh: wrote $certs (CA, superlink, supernode), $keys ($n SuperNode key pairs), $secrets"
+fi
