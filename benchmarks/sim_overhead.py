@@ -154,6 +154,22 @@ def overhead(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def fusion_share(args: argparse.Namespace) -> list[str]:
+    """Share of each round's wall time spent in aggregation, for FedAvg and the fusion strategies."""
+    lines = ["| workload | strategy | backend | round s (mean, rounds 2+) | aggregation s / round | share |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for name in args.workloads.split(","):
+        for strategy in args.fusion.split(","):
+            cfg = {**WORKLOADS[name], "seed": 0, "strategy": strategy}
+            r = run_backend("inline", cfg, Path(args.out) / name / f"fusion-{strategy}")
+            rows = r["rounds"][2:]  # round 1 carries first-call costs (imports, data loading)
+            agg = sum(x["aggregate_s"] for x in rows) / len(rows)
+            rnd = r["later_round_mean_s"]
+            lines.append(f"| {name} | {strategy} | inline | {rnd:.2f} | {agg:.3f} | {agg / rnd:.1%} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def scale(args: argparse.Namespace) -> list[str]:
     lines = ["| clients | sampled/round | backend | wall s | peak RSS MB |", "|---|---|---|---|---|"]
     for n in [int(v) for v in args.scale.split(",")]:
@@ -178,14 +194,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default="tiny,realistic")
     p.add_argument("--backends", default="plain,inline,ray")
+    p.add_argument(
+        "--fusion", default="", help="strategies whose aggregation share of a round to measure, e.g. fedavg,wb"
+    )
     p.add_argument("--scale", default="", help="comma-separated client counts for the memory-scale run")
     p.add_argument("--scale-backends", default="inline,ray")
     p.add_argument("--out", default="/tmp/fedfuse-sim-overhead")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "sim_overhead.md"))
     args = p.parse_args()
     sections = [f"# Simulation overhead\n\nCommand: `python benchmarks/sim_overhead.py {' '.join(sys.argv[1:])}`\n"]
-    if args.workloads:
+    if args.workloads and args.backends:
         sections.append("\n".join(overhead(args)))
+    if args.fusion:
+        sections.append("## Aggregation share of a round\n\n" + "\n".join(fusion_share(args)))
     if args.scale:
         sections.append("## Scale (10% sampled per round, 3 rounds, mnist1d MLP)\n\n" + "\n".join(scale(args)))
     Path(args.results).write_text("\n\n".join(sections) + "\n")
