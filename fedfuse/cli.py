@@ -273,6 +273,22 @@ def _compare(cfg: dict[str, Any], args: argparse.Namespace, argv: Sequence[str])
     console.print(f"comparison in {out}/compare.png and compare.json")
 
 
+def _check_ray_address(address: str) -> None:
+    """Fail fast (instead of Ray's long connection retries) when the cluster head does not answer."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"ray-address={address!r} is not HOST:PORT (e.g. 127.0.0.1:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"ray-address={address!r} is not reachable ({exc.strerror or exc}); start it with "
+            "`ray start --head --port PORT`"
+        ) from None
+
+
 def _drop_flag(argv: list[str], flag: str) -> list[str]:
     """``argv`` without ``flag VALUE`` / ``flag=VALUE``."""
     out, skip = [], False
@@ -374,6 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.compare:
             _compare(cfg, args, argv[1:])
             return 0
+        if getattr(args, "ray_address", None):
+            _check_ray_address(args.ray_address)
         if args.resume:
             cfg = resume_config(args)
         preflight(cfg, None if args.resume else args.overwrite)

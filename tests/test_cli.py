@@ -26,6 +26,8 @@ BAD_INPUT = [
     (["--dataset", "mnist10k", "--data-root", "/no/such/dir"], "data-root='/no/such/dir' is not a directory"),
     (["--partition", "zipf"], "partition='zipf' is not allowed; allowed: iid, dirichlet, pathological, quantity"),
     (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
+    (["--ray-address", "nohost"], "ray-address='nohost' is not HOST:PORT"),
+    (["--ray-address", "127.0.0.1:1"], "ray-address='127.0.0.1:1' is not reachable"),
 ]
 
 

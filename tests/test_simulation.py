@@ -56,15 +56,20 @@ def test_simulation_on_an_existing_ray_cluster(tmp_path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    import shutil
+    import tempfile
+
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
     head = subprocess.Popen(
         [ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
-         "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", str(tmp_path / "ray"), "--block"],
+         "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", temp_dir, "--block"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # wait for the GCS port to accept connections
+            assert head.poll() is None, "ray start --head exited"
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     break
@@ -77,3 +82,4 @@ def test_simulation_on_an_existing_ray_cluster(tmp_path) -> None:
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
