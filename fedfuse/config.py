@@ -19,7 +19,10 @@ from fedfuse.models import MODELS
 __all__ = ["Option", "OPTIONS", "validate_config", "defaults", "STRATEGY_NAMES"]
 
 # Built-in strategy names; ``package.module:Class`` paths are accepted too (checked by the registry).
-STRATEGY_NAMES = ("fedavg", "fedpfn", "fedpnu", "match", "wb", "gwb")
+STRATEGY_NAMES = ("fedavg", "fedpfn", "fedpnu", "match", "wb", "gwb", "layerwise")
+
+# LayerwiseAvg presets (``layers=<glob,glob>`` names the shared keys directly).
+LAYERWISE_PRESETS = ("body", "head", "no-bn")
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,15 @@ OPTIONS: dict[str, Option] = {
         ),
         Option("fusion-iters", int, 0, "barycenter iterations (0 = the method's default)", low=0),
         Option("bn-repair", str, "auto", "BatchNorm statistics after fusion", choices=("auto", "none")),
+        Option(
+            "layerwise-preset",
+            str,
+            "body",
+            "layerwise: shared (averaged) layers: body (FedPer), head, no-bn (FedBN) or layers=<glob,glob>",
+        ),
+        Option("lmc-monitor", bool, False, "log full and layer-wise barriers among each round's client models"),
+        Option("save-client-models", int, 0, "save the client models received in this round (0 = off)", low=0),
+        Option("client-widths", str, "", "wb/gwb: comma-separated hidden widths cycled over clients (heterogeneity)"),
         Option("one-shot", bool, False, "clients train from their own seed-derived inits; fuse once (use 1 round)"),
         Option("fail-prob", float, 0.0, "fault injection: probability a client raises in a round", low=0.0, high=1.0),
         Option(
@@ -141,6 +153,16 @@ def validate_config(config: Mapping[str, Any], *, fill_defaults: bool = True) ->
             hint = f"; did you mean {near[0]!r}?" if near else f"; allowed: {', '.join(OPTIONS)}"
             raise ConfigError(f"unknown option {key!r}{hint}")
         out[key] = OPTIONS[key].check(value)
+    preset = str(out.get("layerwise-preset", "body"))
+    if preset not in LAYERWISE_PRESETS and not (preset.startswith("layers=") and preset[7:].strip(", ")):
+        raise ConfigError(
+            f"layerwise-preset={preset!r} is not allowed; allowed: {', '.join(LAYERWISE_PRESETS)} or layers=<glob,glob>"
+        )
+    widths = str(out.get("client-widths", "")).strip()
+    if widths and not all(w.strip().isdigit() and int(w) > 0 for w in widths.split(",")):
+        raise ConfigError(f"client-widths={widths!r} is not a comma-separated list of positive integers")
+    if widths and out.get("strategy") in STRATEGY_NAMES and out["strategy"] not in ("wb", "gwb"):
+        raise ConfigError(f"client-widths={widths!r} needs strategy wb or gwb; got {out['strategy']!r}")
     if out.get("local-epochs-max", 0) and out["local-epochs-max"] < out["local-epochs"]:
         raise ConfigError(
             f"local-epochs-max={out['local-epochs-max']} is below local-epochs={out['local-epochs']}; "

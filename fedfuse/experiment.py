@@ -30,6 +30,8 @@ __all__ = [
     "round_mask",
     "inject_faults",
     "sample_clients",
+    "client_widths",
+    "client_model",
 ]
 
 
@@ -122,6 +124,18 @@ def local_train(
         max_steps=plan.max_steps,
         **kwargs,
     )
+
+
+def client_widths(cfg: Mapping[str, Any]) -> list[int]:
+    """The ``client-widths`` option as a list (empty: every client has the global width)."""
+    text = str(cfg.get("client-widths", "")).strip()
+    return [int(w) for w in text.split(",")] if text else []
+
+
+def client_model(cfg: Mapping[str, Any], ds: Dataset, partition_id: int, seed: int | None = None) -> nn.Module:
+    """The model a client trains: the global architecture, at its own width under width heterogeneity."""
+    widths = client_widths(cfg)
+    return model_for(cfg, ds, seed=seed, width=widths[partition_id % len(widths)] if widths else None)
 
 
 def sample_clients(seed: int, server_round: int, num_clients: int, fraction: float, min_clients: int = 1) -> list[int]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,6 +77,7 @@ class FedFuseStrategy(FedAvg):
         self.round_stats: dict[str, float] = {}
         self.totals: dict[str, float] = {"failures": 0.0, "timeouts": 0.0, "rejected": 0.0, "skipped_rounds": 0.0}
         self._sent_state: dict[str, torch.Tensor] = {}
+        self._sent_states: dict[int, dict[str, torch.Tensor]] = {}  # per node, where nodes get different models
         self._sampled = 0
 
     # ---- sampling -------------------------------------------------------------------------------
@@ -113,6 +115,7 @@ class FedFuseStrategy(FedAvg):
         node_ids = self.sample(grid, server_round, self.fraction_train, self.min_train_nodes)
         log.info("round %d: sampled %d nodes", server_round, len(node_ids))
         self._sent_state = arrays.to_torch_state_dict()
+        self._sent_states = {}
         self._sampled = len(node_ids)
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -128,6 +131,47 @@ class FedFuseStrategy(FedAvg):
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, node_ids, MessageType.EVALUATE)
+
+    # ---- optional observation of the round's client models (--lmc-monitor, --save-client-models) ---
+    # Off unless the ServerApp calls configure_monitoring.
+    lmc_data: tuple[torch.Tensor, torch.Tensor] | None = None
+    save_client_models: int = 0
+    out_dir: Path | None = None
+
+    def configure_monitoring(
+        self,
+        *,
+        lmc_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+        save_client_models: int = 0,
+        out: Path | None = None,
+    ) -> None:
+        """Log barriers among each round's client models on ``lmc_data`` (a held-out batch), and save the
+        client models of round ``save_client_models`` under ``out/clients/round<R>/partition<P>.pt``."""
+        self.lmc_data = lmc_data
+        self.save_client_models = int(save_client_models)
+        self.out_dir = None if out is None else Path(out)
+
+    def client_model_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A valid reply as a full model state (strategies whose replies are partial complete it)."""
+        return state
+
+    def _observe_clients(
+        self, server_round: int, valid: list[Message], states: list[dict[str, torch.Tensor]], weights: list[float]
+    ) -> None:
+        from strategies.layerwise import lmc_round_stats, save_client_states
+
+        full = [self.client_model_state(s) for s in states]
+        if self.save_client_models == server_round and self.out_dir is not None:
+            labels = []
+            for msg in valid:
+                pid = self.partition_of.get(msg.metadata.src_node_id, -1)
+                labels.append(f"partition{pid}" if pid >= 0 else f"node{msg.metadata.src_node_id}")
+            save_client_states(self.out_dir / "clients" / f"round{server_round}", labels, full)
+        if self.lmc_data is not None and self.template is not None and len(full) >= 2:
+            try:
+                self.round_stats.update(lmc_round_stats(self.template, full, weights, *self.lmc_data))
+            except (ConfigError, RuntimeError) as exc:  # e.g. clients of other widths: skip, never lose the round
+                log.warning("round %d: LMC monitor skipped: %s", server_round, exc)
 
     # ---- validation and aggregation -------------------------------------------------------------
     def shape_ok(self, key: str, shape: tuple[int, ...], reference: tuple[int, ...]) -> bool:
@@ -155,7 +199,8 @@ class FedFuseStrategy(FedAvg):
         except Exception as exc:  # noqa: BLE001 — undecodable arrays are a bad update, not a crash
             return f"arrays cannot be decoded ({type(exc).__name__})"
         weight = metrics[self.weighted_by_key]
-        reason = check_update(state, self._sent_state, weight, shape_ok=self.shape_ok)
+        sent = self._sent_states.get(msg.metadata.src_node_id, self._sent_state)
+        reason = check_update(state, sent, weight, shape_ok=self.shape_ok)
         return reason if reason is not None else (state, float(weight))  # type: ignore[arg-type]
 
     def aggregate_train(
@@ -205,6 +250,8 @@ class FedFuseStrategy(FedAvg):
             )
             return None, None
         self.round_stats["skipped"] = 0.0
+        if self.lmc_data is not None or self.save_client_models == server_round:
+            self._observe_clients(server_round, valid, states, weights)
         t_agg = time.perf_counter()
         new_state = self.aggregate_arrays(server_round, states, weights)
         self.round_stats["aggregate_s"] = time.perf_counter() - t_agg

@@ -7,9 +7,13 @@ space) instead of a plain weighted average. The maths lives in ``fedfuse.align``
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.serverapp import Grid
 from torch import nn
 
 from fedfuse.align import derive_spec, fuse
@@ -30,6 +34,11 @@ class FedFusion(FedFuseStrategy):
     (``emd`` exact or ``sinkhorn``), ``epsilon`` (Sinkhorn regularisation, relative to the cost
     range), ``max_iter`` (barycenter iterations), ``bn_repair`` (``auto``: transported average of
     BatchNorm statistics; ``none``).
+
+    Width heterogeneity (wb/gwb): with ``client_widths`` (client with partition p gets
+    ``client_widths[p % len]``) and ``model_factory(width) -> module``, each client receives the global
+    model transported to its width (a one-model barycenter of that width) and the server fuses the
+    clients' models of different widths back into the global width (``target_width`` per group).
     """
 
     method = "average"
@@ -43,6 +52,8 @@ class FedFusion(FedFuseStrategy):
         epsilon: float = 0.01,
         max_iter: int | None = None,
         bn_repair: str = "auto",
+        client_widths: Sequence[int] | None = None,
+        model_factory: Callable[[int], nn.Module] | None = None,
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
@@ -61,6 +72,42 @@ class FedFusion(FedFuseStrategy):
         self.epsilon = float(epsilon)
         self.max_iter = max_iter
         self.bn_repair = None if bn_repair == "none" else "auto"
+        self.client_widths = [int(w) for w in client_widths] if client_widths else None
+        self.group_sizes: dict[int, dict[str, int]] = {}
+        if self.client_widths:
+            if self.method not in ("wb", "gwb"):
+                raise ConfigError(f"client_widths needs method wb or gwb; got {self.method!r}")
+            if model_factory is None or min(self.client_widths) < 1:
+                raise ConfigError(f"client_widths={client_widths!r} needs widths >= 1 and a model_factory")
+            for w in set(self.client_widths):  # per width, the size of every hidden group
+                self.group_sizes[w] = derive_spec(model_factory(w), example_input).sizes
+        self.global_sizes = self.spec.sizes
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """As FedAvg; with client widths, each node gets the global model transported to its width."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if not self.client_widths:
+            return messages
+        global_state = arrays.to_torch_state_dict()
+        resized: dict[int, dict[str, torch.Tensor]] = {}
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            width = self.client_widths[max(self.partition_of.get(node, 0), 0) % len(self.client_widths)]
+            if self.group_sizes[width] == self.global_sizes:
+                out.append(msg)
+                continue
+            if width not in resized:
+                resized[width] = fuse(
+                    [global_state], method="wb", spec=self.spec, template=self.template,
+                    target_width=self.group_sizes[width], bn_repair=self.bn_repair,  # type: ignore[arg-type]
+                )  # fmt: skip
+            self._sent_states[node] = resized[width]
+            content = RecordDict({self.arrayrecord_key: ArrayRecord(resized[width]), self.configrecord_key: config})
+            out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        return out
 
     def aggregate_arrays(
         self, server_round: int, states: list[dict[str, torch.Tensor]], weights: list[float]
@@ -76,6 +123,7 @@ class FedFusion(FedFuseStrategy):
             max_iter=self.max_iter,
             bn_repair=self.bn_repair,  # type: ignore[arg-type]
             seed=self.seed + server_round,
+            target_width=self.global_sizes if self.client_widths else None,
         )
 
 

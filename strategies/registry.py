@@ -27,6 +27,7 @@ BUILTIN: dict[str, str] = {
     "match": "strategies.fusion:FedMatch",
     "wb": "strategies.fusion:FedWB",
     "gwb": "strategies.fusion:FedGWB",
+    "layerwise": "strategies.layerwise:LayerwiseAvg",
 }
 assert set(BUILTIN) == set(STRATEGY_NAMES), "fedfuse.config.STRATEGY_NAMES and BUILTIN must list the same names"
 
@@ -65,8 +66,11 @@ def build_strategy(
     }
     from strategies.base import FedFuseStrategy
     from strategies.fusion import FedFusion
+    from strategies.layerwise import LayerwiseAvg
     from strategies.pfn import FedPFN
 
+    if cfg.get("client-widths") and not issubclass(cls, FedFusion):
+        raise ConfigError(f"client-widths={cfg['client-widths']!r} needs strategy wb or gwb; got {cfg['strategy']!r}")
     if issubclass(cls, FedFuseStrategy):
         kwargs["seed"] = int(cfg["seed"])
         kwargs["template"] = template
@@ -81,4 +85,13 @@ def build_strategy(
         kwargs["epsilon"] = float(cfg["fusion-epsilon"])
         kwargs["max_iter"] = int(cfg["fusion-iters"]) or None
         kwargs["bn_repair"] = str(cfg["bn-repair"])
+        if cfg["client-widths"]:
+            from fedfuse.experiment import client_widths, dataset_for, model_for
+
+            ds = dataset_for(cfg)
+            kwargs["client_widths"] = client_widths(cfg)
+            kwargs["model_factory"] = lambda w: model_for(cfg, ds, width=w)
+    if issubclass(cls, LayerwiseAvg):  # personalised evaluation on every client's holdout, every round
+        kwargs["preset"] = str(cfg["layerwise-preset"])
+        kwargs["fraction_evaluate"] = 1.0
     return cls(**kwargs)

@@ -127,3 +127,26 @@ def test_fedwb_plugs_into_a_users_own_serverapp(tmp_path) -> None:
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("HISTORY"))
     history = json.loads(line.split(" ", 1)[1])
     assert len(history) == 3 and history[2] > history[0] + 0.3, history
+
+
+def test_width_heterogeneous_clients_fuse_into_the_global_width(tmp_path) -> None:
+    """Clients of widths 32/48/64 get the global model transported to their width; wb fuses them back."""
+    args = ["--backend", "inline", "--strategy", "wb", "--client-widths", "32,48,64", "--width", "64"]
+    args += ["--num-clients", "3", "--rounds", "3", "--local-epochs", "2", "--out", str(tmp_path)]
+    proc = subprocess.run([sys.executable, "-m", "fedfuse.cli", "simulate", "--no-progress", *args],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    assert all(r["replies"] == 3 and r["rejected"] == 0 for r in rows[1:])  # every width-w reply fit its width
+    assert rows[-1]["central_accuracy"] > rows[0]["central_accuracy"] + 0.3
+    final = torch.load(tmp_path / "model.pt")
+    assert final["net.1.weight"].shape == (64, 64) and final["net.3.weight"].shape == (64, 64)
+
+
+def test_client_widths_need_a_barycenter_strategy(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedfuse.cli", "simulate", "--strategy", "fedavg", "--client-widths", "32,64",
+         "--out", str(tmp_path / "x")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "client-widths='32,64' needs strategy wb or gwb" in proc.stderr
