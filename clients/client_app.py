@@ -10,17 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedfuse.experiment import (
     client_data,
+    client_model,
     dataset_for,
     derive_seed,
     inject_faults,
     local_plan,
     local_train,
-    model_for,
     round_mask,
 )
 from fedfuse.subspace import MaskedTraining, mask_ratio
@@ -59,6 +61,49 @@ def _info(partition_id: int) -> ConfigRecord:
     return ConfigRecord({"partition-id": partition_id})
 
 
+# ---- layer-wise mode (strategies.layerwise.LayerwiseAvg): personal layers never leave the client -------------
+PERSONAL_STATE_KEY = "layerwise-personal"  # Context.state ArrayRecord holding this client's personal layers
+
+
+def _shared_keys(cfg: dict[str, Any]) -> list[str] | None:
+    """The keys the server averages (round config ``shared-keys``), or None outside layer-wise mode."""
+    keys = str(cfg.get("shared-keys", ""))
+    return keys.split(",") if keys else None
+
+
+def _layerwise_split(cfg: dict[str, Any], pid: int, x: Any, y: Any, part: str) -> tuple[Any, Any]:
+    """``part`` = "train" (80 %) or "test" (a seeded 20 % holdout, >= 1 sample) of this client's partition."""
+    n = len(x)
+    perm = np.random.default_rng(derive_seed(int(cfg["seed"]), pid, 17)).permutation(n)
+    n_test = max(1, round(0.2 * n)) if n >= 2 else 0
+    idx = np.sort(perm[:n_test] if part == "test" else perm[n_test:])
+    if len(idx) == 0:  # a one-sample partition: train and evaluate on it
+        idx = np.arange(n)
+    t = torch.as_tensor(idx)
+    return x[t], y[t]
+
+
+def _load_personal(model: Any, msg: Message, context: Context, shared: list[str]) -> None:
+    """Model = this client's personal layers (Context.state; the initial model before its first round) + the
+    received shared keys, which must be exactly ``shared``."""
+    received = msg.content["arrays"].to_torch_state_dict()
+    if set(received) != set(shared):
+        raise ValueError(f"layer-wise mode: received keys {sorted(received)[:3]}... differ from shared-keys")
+    state = model.state_dict()
+    if PERSONAL_STATE_KEY in context.state.array_records:
+        state.update(context.state.array_records[PERSONAL_STATE_KEY].to_torch_state_dict())
+    state.update(received)
+    model.load_state_dict(state)
+
+
+def _keep_personal(model: Any, context: Context, shared: list[str]) -> dict[str, Any]:
+    """Store the personal layers in Context.state; return the shared part (all that goes to the server)."""
+    state = model.state_dict()
+    keep = set(shared)
+    context.state[PERSONAL_STATE_KEY] = ArrayRecord({k: v for k, v in state.items() if k not in keep})
+    return {k: state[k] for k in shared}
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Report this node's partition id (the server orders and samples clients by it)."""
@@ -80,11 +125,17 @@ def _train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
     inject_faults(cfg, pid, server_round)
     ds = dataset_for(cfg)
     x, y = _local_xy(cfg, context)
+    shared = _shared_keys(cfg)
+    if shared is not None:
+        x, y = _layerwise_split(cfg, pid, x, y, "train")
     if cfg.get("one-shot", False):  # one-shot fusion: an independent init per client, the global model unused
-        model = model_for(cfg, ds, seed=derive_seed(int(cfg["seed"]), pid, 13))
+        model = client_model(cfg, ds, pid, seed=derive_seed(int(cfg["seed"]), pid, 13))
     else:
-        model = model_for(cfg, ds)
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        model = client_model(cfg, ds, pid)  # the global architecture at this client's width
+        if shared is None:
+            model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        else:
+            _load_personal(model, msg, context, shared)
     plan = local_plan(cfg, pid, server_round, len(x))
     masks = round_mask(cfg, model, server_round)
     extra: dict[str, float] = {}
@@ -105,19 +156,26 @@ def _train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
             "straggler": int(plan.straggler),
         }
     )
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, CLIENT_INFO_KEY: _info(pid)})
+    state = model.state_dict() if shared is None else _keep_personal(model, context, shared)
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics, CLIENT_INFO_KEY: _info(pid)})
     return Message(content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received model on this client's training partition (no local test split yet)."""
+    """Evaluate the received model on this client's training partition; in layer-wise mode, the client's
+    personal model (received shared keys + its personal layers) on its 20 % holdout."""
     cfg = _run_config(msg)
     pid, num_parts = _identity(context)
     ds = dataset_for(cfg)
     x, y = _local_xy(cfg, context)
-    model = model_for(cfg, ds)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model = client_model(cfg, ds, pid)
+    shared = _shared_keys(cfg)
+    if shared is None:
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    else:
+        x, y = _layerwise_split(cfg, pid, x, y, "test")
+        _load_personal(model, msg, context, shared)
     loss, acc = evaluate_model(model, x, y)
     metrics = MetricRecord({"num-examples": len(x), "eval-loss": loss, "eval-accuracy": acc})
     return Message(RecordDict({"metrics": metrics, CLIENT_INFO_KEY: _info(pid)}), reply_to=msg)

@@ -41,6 +41,9 @@ def run_server(
     ds = dataset_for(cfg)
     model = model_for(cfg, ds)
     strategy = build_strategy(cfg, template=model_for(cfg, ds), example_input=ds.x_test[:2])
+    if hasattr(strategy, "configure_monitoring"):  # --lmc-monitor on the first 256 test samples; --save-client-models
+        lmc_data = (ds.x_test[:256], ds.y_test[:256]) if cfg["lmc-monitor"] else None
+        strategy.configure_monitoring(lmc_data=lmc_data, save_client_models=cfg["save-client-models"], out=out)
     writer = RunWriter(out, cfg)
     initial = ArrayRecord(model.state_dict())
     start_round, elapsed = 1, 0.0
@@ -103,6 +106,10 @@ def run_server(
         **kwargs,
     )
     writer.finish(result.arrays.to_torch_state_dict(), str(cfg["strategy"]))
+    if cfg["lmc-monitor"]:
+        from strategies.layerwise import plot_lmc_monitor
+
+        plot_lmc_monitor(writer.rows, out / "lmc.png")
     return writer.rows[-1]
 
 

@@ -10,6 +10,11 @@ import torch
 pytestmark = pytest.mark.ray
 
 
+def _results(rows: list[dict]) -> list[dict]:
+    """Metrics rows without their timings (wall_time, aggregate_s): measurements, not results."""
+    return [{k: v for k, v in r.items() if k not in ("wall_time", "aggregate_s")} for r in rows]
+
+
 def _simulate(out, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", "--no-progress", "--out", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -34,14 +39,14 @@ def test_three_clients_two_rounds_learn_and_are_deterministic(tmp_path) -> None:
         assert (tmp_path / "a" / name).stat().st_size > 0
 
     # same seed, same command: identical metrics (wall time aside) and bit-identical final weights
-    strip = [{k: v for k, v in r.items() if k != "wall_time"} for r in rounds]
-    assert strip == [{k: v for k, v in r.items() if k != "wall_time"} for r in second["rounds"]]
+    strip = _results(rounds)
+    assert strip == _results(second["rounds"])
     wa, wb = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
     # the in-process backend runs the same ServerApp logic, ClientApp and strategy: same result, bit for bit
     inline = _simulate(tmp_path / "c", *args, "--backend", "inline")
-    assert strip == [{k: v for k, v in r.items() if k != "wall_time"} for r in inline["rounds"]]
+    assert strip == _results(inline["rounds"])
     wc = torch.load(tmp_path / "c" / "model.pt")
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
 
