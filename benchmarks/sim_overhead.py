@@ -38,12 +38,13 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 
 
 def plain_loop(cfg: dict[str, Any]) -> dict[str, Any]:
-    """FedAvg as a plain Python loop over the same fedfuse functions the ClientApp and strategy use."""
+    """FedAvg as a plain Python loop over the same fedfuse functions the ClientApp and strategy use,
+    with the same per-round central evaluation on the test set (the work a researcher's loop does too)."""
     import torch
 
     from fedfuse.config import validate_config
     from fedfuse.experiment import client_data, dataset_for, local_plan, local_train, model_for, sample_clients
-    from fedfuse.train import torch_threads
+    from fedfuse.train import evaluate, torch_threads
     from strategies.base import FedFuseStrategy
 
     t0 = time.perf_counter()
@@ -55,7 +56,10 @@ def plain_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     aggregate = FedFuseStrategy(seed=cfg["seed"]).aggregate_arrays
     data = {}
     t_setup = time.perf_counter() - t0
-    train_s = agg_s = 0.0
+    train_s = agg_s = eval_s = 0.0
+    t = time.perf_counter()
+    evaluate(model, ds.x_test, ds.y_test)
+    eval_s += time.perf_counter() - t
     for rnd in range(1, cfg["num-rounds"] + 1):
         sampled = sample_clients(cfg["seed"], rnd, n, cfg["fraction-train"], min(2, n))
         states, weights = [], []
@@ -74,8 +78,12 @@ def plain_loop(cfg: dict[str, Any]) -> dict[str, Any]:
         t = time.perf_counter()
         state = aggregate(rnd, states, weights)
         agg_s += time.perf_counter() - t
+        t = time.perf_counter()
+        model.load_state_dict(state)
+        evaluate(model, ds.x_test, ds.y_test)
+        eval_s += time.perf_counter() - t
     torch.save(state, Path(cfg["out"]) / "model.pt")
-    return {"setup_s": t_setup, "train_s": train_s, "aggregate_s": agg_s}
+    return {"setup_s": t_setup, "train_s": train_s, "aggregate_s": agg_s, "eval_s": eval_s}
 
 
 def run_backend(backend: str, cfg: dict[str, Any], out: Path) -> dict[str, Any]:
