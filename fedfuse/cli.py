@@ -179,7 +179,6 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     console = Console(stderr=False)
-    rows: list[dict[str, Any]] = []
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -192,7 +191,6 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     task = progress.add_task(f"{label}: starting Ray", total=cfg["num-rounds"])
 
     def on_round(row: dict[str, Any]) -> None:
-        rows.append(row)
         progress.update(
             task,
             completed=row["round"],

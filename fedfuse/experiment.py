@@ -6,6 +6,8 @@ config gives the same partitions, inits and local training everywhere.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -140,8 +142,6 @@ def client_model(cfg: Mapping[str, Any], ds: Dataset, partition_id: int, seed: i
 
 def sample_clients(seed: int, server_round: int, num_clients: int, fraction: float, min_clients: int = 1) -> list[int]:
     """Sorted indices of the ``max(ceil(fraction·N), min_clients)`` clients sampled in a round, from (seed, round)."""
-    import math
-
     k = min(num_clients, max(math.ceil(fraction * num_clients), min_clients))
     rng = np.random.default_rng(derive_seed(seed, server_round, 7))
     return sorted(rng.choice(num_clients, size=k, replace=False).tolist())
@@ -150,8 +150,6 @@ def sample_clients(seed: int, server_round: int, num_clients: int, fraction: flo
 def inject_faults(cfg: Mapping[str, Any], partition_id: int, server_round: int) -> None:
     """Simulated client faults, drawn from (seed, client, round): raise with ``fail-prob``; with
     ``straggle-prob`` sleep ``round-timeout`` + 1 s so the reply arrives after the server stopped waiting."""
-    import time
-
     rng = np.random.default_rng(derive_seed(int(cfg["seed"]), partition_id, server_round, 5))
     fail, straggle = rng.random(), rng.random()
     if fail < float(cfg.get("fail-prob", 0.0)):

@@ -19,7 +19,6 @@ __all__ = [
     "evaluate",
     "iterate_batches",
     "state_to_numpy",
-    "numpy_to_state",
     "torch_threads",
 ]
 
@@ -129,8 +128,3 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 def state_to_numpy(model: nn.Module) -> dict[str, object]:
     """State dict as numpy arrays (zero-copy views of contiguous CPU tensors)."""
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-
-
-def numpy_to_state(model: nn.Module, arrays: dict[str, object]) -> None:
-    """Load numpy arrays into ``model`` (strict: same keys and shapes)."""
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()}, strict=True)
