@@ -19,7 +19,6 @@ Pure PyTorch; never imports Flower.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import re
 import zlib
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from fedfuse.errors import ConfigError
+from fedfuse.select import matches
 
 __all__ = [
     "GRANULARITIES",
@@ -89,8 +89,8 @@ def _select(table: list[tuple[str, str, str, nn.Parameter]], layers: str | Seque
     """Full names of the parameters that get a mask.
 
     ``"first"`` / ``"last"``: the parameters of the first / last module (registration order) that owns
-    parameters; ``"middle"``: all other modules; a list of glob patterns matches a parameter's full name
-    or its module's name (``"net.1"`` selects ``net.1.weight`` and ``net.1.bias``).
+    parameters; ``"middle"``: all other modules; a list of glob patterns in the grammar of
+    :func:`fedfuse.select.matches` (``"net.1"`` selects ``net.1.weight`` and ``net.1.bias``).
     """
     bad = ConfigError(f"layers={layers!r} is invalid; allowed: {', '.join(LAYER_GROUPS)} or a list of glob patterns")
     if isinstance(layers, str):
@@ -111,11 +111,7 @@ def _select(table: list[tuple[str, str, str, nn.Parameter]], layers: str | Seque
         raise bad
     selected: set[str] = set()
     for pattern in patterns:
-        hits = {
-            full
-            for mod, _, full, _ in table
-            if fnmatch.fnmatchcase(full, pattern) or (mod and fnmatch.fnmatchcase(mod, pattern))
-        }
+        hits = {full for _, _, full, _ in table if matches(full, pattern)}
         if not hits:
             names = ", ".join(full for _, _, full, _ in table)
             raise ConfigError(f"layers pattern {pattern!r} matches no parameter; parameters are: {names}")

@@ -7,11 +7,12 @@ pair fixes the exact sequence of SGD steps on the CPU.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from fedfuse.state import torch_threads  # re-exported for benchmarks/sim_overhead.py until it imports fedfuse.state
 
 __all__ = [
     "TrainResult",
@@ -21,21 +22,6 @@ __all__ = [
     "state_to_numpy",
     "torch_threads",
 ]
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` intra-op threads, then restore the previous setting.
-
-    Float reductions are split per thread, so the thread count is part of what makes a result
-    bit-reproducible: clients fix it (``client-threads``) whatever backend runs them.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(n)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @dataclass

@@ -98,6 +98,31 @@ def test_reset_bn_stats_matches_batch_statistics() -> None:
     assert not model.training
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_reset_bn_stats_trains_only_batchnorm_and_restores_every_mode(training: bool) -> None:
+    # Prepare: Dropout in front of a BatchNorm would corrupt the statistics if it ran in train mode
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Dropout(0.5), nn.BatchNorm1d(5), nn.Linear(5, 2)).train(training)
+    model[1].eval()  # a module whose mode differs from the model's must keep it too
+    x = torch.randn(64, 6)
+    seen: list[bool] = []
+    model[1].register_forward_hook(lambda m, i, o: seen.append(m.training))
+    # Execute
+    reset_bn_stats(model, x, batch_size=64)
+    # Assert: BN statistics of the Dropout-free features; every flag and the momentum restored
+    assert seen == [False]
+    torch.testing.assert_close(model[2].running_mean, model[0](x).mean(0), atol=1e-6, rtol=1e-6)
+    assert [m.training for m in model] == [training, False, training, training] and model.training == training
+    assert model[2].momentum == 0.1
+
+
+def test_reset_bn_stats_restores_modes_on_error() -> None:
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)).eval()
+    with pytest.raises(RuntimeError):
+        reset_bn_stats(model, torch.randn(8, 7))  # wrong input width
+    assert not any(m.training for m in model.modules()) and model[1].momentum == 0.1
+
+
 def test_repair_matches_interpolated_parent_statistics() -> None:
     # Prepare: two aligned parents and their plain average
     a, _ = make_case("vgg_bn")

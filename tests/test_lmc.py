@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fedfuse import lmc
+from fedfuse.align.bn import reset_bn_stats
 from fedfuse.data import load_dataset
 from fedfuse.errors import ConfigError
 from fedfuse.models import VGG, build_model
@@ -319,8 +320,8 @@ def test_bn_reset_at_each_alpha_on_vgg(digits):
     assert reset.losses[1] != pytest.approx(plain.losses[1], abs=1e-4)  # the reset changes the midpoint
     bn = next(m for m in probe.modules() if isinstance(m, nn.BatchNorm2d))
     assert bn.momentum is None
-    work = copy.deepcopy(template)
-    lmc.reset_batchnorm(work, x)
+    work = copy.deepcopy(template).eval()  # the LMC curves reset BN statistics with the rest of the model in eval
+    reset_bn_stats(work, x, batch_size=256)
     assert all(m.momentum == 0.1 for m in work.modules() if isinstance(m, nn.BatchNorm2d))  # restored
     assert not work.training
 

@@ -2,7 +2,8 @@
 
 Averaging aligned weights shrinks activation variance ("variance collapse"); two fixes:
 
-* :func:`reset_bn_stats` — recompute every BatchNorm's running mean/var on data (cumulative average).
+* :func:`reset_bn_stats` — recompute every BatchNorm's running mean/var on data (cumulative average);
+  the one BN reset of fedfuse (fusion, REPAIR and the LMC curves use it).
 * :func:`repair` — REPAIR-style (Jordan et al. 2022, our implementation): make every channel's
   activation mean and std equal the λ-interpolation of the (aligned) parents' statistics.
   With BatchNorm the channel's output is ``γ x̂ + β`` and ``x̂`` has mean 0 / std 1 on the data once the
@@ -40,22 +41,32 @@ def has_batch_norm(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def reset_bn_stats(model: nn.Module, data: Any, batch_size: int = 512) -> nn.Module:
-    """Recompute every BatchNorm's running statistics on ``data`` (in place; returns ``model``)."""
+    """Recompute the running statistics of every tracked BatchNorm on ``data`` (in place; returns ``model``).
+
+    Only the BatchNorm layers that track running statistics are put in train mode, with ``momentum=None``
+    (a cumulative average: the running mean/var become the mean of the per-batch statistics over
+    ``batch_size`` batches); every other module keeps its mode (Dropout stays as it is). Momenta and every
+    module's training flag are restored afterwards, also on error. Call ``model.eval()`` first to run the
+    rest of the model in inference mode.
+    """
     x = _inputs(data)
-    bns = [m for m in model.modules() if isinstance(m, _BN)]
+    bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
     if not bns:
         return model
+    modes = [(m, m.training) for m in model.modules()]
     momenta = [m.momentum for m in bns]
-    was_training = model.training
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average = exact mean over the batches
-    model.train()
-    for start in range(0, len(x), batch_size):
-        model(x[start : start + batch_size])
-    for m, mom in zip(bns, momenta, strict=True):
-        m.momentum = mom
-    model.train(was_training)
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average = exact mean over the batches
+            m.train()
+        for start in range(0, len(x), int(batch_size)):
+            model(x[start : start + int(batch_size)])
+    finally:
+        for m, mom in zip(bns, momenta, strict=True):
+            m.momentum = mom
+        for m, training in modes:
+            m.training = training
     return model
 
 

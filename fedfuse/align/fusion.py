@@ -45,8 +45,9 @@ from fedfuse.align.solvers import (
     weight_matching,
 )
 from fedfuse.align.spec import TransportSpec
-from fedfuse.align.transport import Transports, _single_threaded, apply_transport, state_of
+from fedfuse.align.transport import Transports, apply_transport, state_of
 from fedfuse.errors import ConfigError
+from fedfuse.state import normalise_weights, single_threaded, weighted_average
 
 __all__ = ["fuse", "align", "wasserstein_barycenter", "gromov_wasserstein_barycenter", "init_barycenter"]
 
@@ -57,17 +58,6 @@ METHODS = ("average", "match", "wb", "gwb")
 # ---------------------------------------------------------------------------------------------------------------
 # validation
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _normalise_weights(weights: Sequence[float] | None, n: int) -> list[float]:
-    if weights is None:
-        return [1.0 / n] * n
-    w = [float(v) for v in weights]
-    if len(w) != n:
-        raise ConfigError(f"weights has {len(w)} entries for {n} models")
-    if any(not math.isfinite(v) or v < 0 for v in w) or sum(w) <= 0:
-        raise ConfigError(f"weights={w} must be finite, >= 0 and not all zero")
-    return [v / sum(w) for v in w]
 
 
 def _check_states(states: list[dict[str, Tensor]], same_shapes: bool, method: str) -> None:
@@ -104,21 +94,6 @@ def _check_free_axes(states: list[dict[str, Tensor]], specs: list[TransportSpec]
                         f"models disagree on parameter {k!r}: shape {tuple(v0.shape)} in model 0 vs "
                         f"{tuple(s[k].shape)} in model {i}, on axis {d} which no hidden-unit group indexes"
                     )
-
-
-def _weighted_average(states: Sequence[Mapping[str, Tensor]], lam: Sequence[float], ref: int) -> dict[str, Tensor]:
-    """``Σ λ_i θ_i`` on floating tensors; integer buffers (``num_batches_tracked``) come from ``ref``."""
-    out = {}
-    for k, v in states[ref].items():
-        if torch.is_floating_point(v):
-            acc = torch.zeros_like(v)
-            for w, s in zip(lam, states, strict=True):
-                if w:
-                    acc.add_(s[k], alpha=w)
-            out[k] = acc
-        else:
-            out[k] = v.clone()
-    return out
 
 
 def _relative_change(new: Mapping[str, Tensor], old: Mapping[str, Tensor]) -> float:
@@ -186,7 +161,7 @@ def _kmeans_labels(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     return labels
 
 
-@_single_threaded
+@single_threaded()
 def wasserstein_barycenter(
     states: Sequence[Mapping[str, Tensor]],
     lam: Sequence[float],
@@ -209,7 +184,7 @@ def wasserstein_barycenter(
         for i, s in enumerate(states):
             transports[i] = ot_transport(bary, s, spec, solver=solver, epsilon=epsilon, init=transports[i], sweeps=1)
             aligned.append(apply_transport(s, spec, transports[i]))  # type: ignore[arg-type]
-        new = _weighted_average(aligned, lam, ref)
+        new = weighted_average(aligned, lam, ref=ref)
         change = _relative_change(new, bary)
         bary = new
         if change < tol:
@@ -217,7 +192,7 @@ def wasserstein_barycenter(
     return bary, transports, aligned  # type: ignore[return-value]
 
 
-@_single_threaded
+@single_threaded()
 def gromov_wasserstein_barycenter(
     states: Sequence[Mapping[str, Tensor]],
     lam: Sequence[float],
@@ -252,7 +227,7 @@ def gromov_wasserstein_barycenter(
             pi = np.asarray(pi)
             transports[i][g.name] = torch.from_numpy(pi / np.maximum(pi.sum(1, keepdims=True), 1e-300)).float()
     aligned = [apply_transport(s, spec, t) for s, t in zip(states, transports, strict=True)]
-    return _weighted_average(aligned, lam, ref), transports, aligned
+    return weighted_average(aligned, lam, ref=ref), transports, aligned
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -260,7 +235,7 @@ def gromov_wasserstein_barycenter(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@_single_threaded
+@single_threaded()
 def fuse(
     models: Sequence[Model],
     weights: Sequence[float] | None = None,
@@ -291,7 +266,7 @@ def fuse(
     if not models:
         raise ConfigError("fuse needs at least one model")
     states = [state_of(m) for m in models]
-    lam = _normalise_weights(weights, len(states))
+    lam = normalise_weights(weights, len(states))
     ref = int(np.argmax(lam)) if init is None else int(init)
     if not 0 <= ref < len(states):
         raise ConfigError(f"init={init} is not a model index (0..{len(states) - 1})")
@@ -302,7 +277,7 @@ def fuse(
     if method == "average":
         if target_width is not None:
             raise ConfigError("target_width needs method='wb' or 'gwb'")
-        fused = _weighted_average(states, lam, ref)
+        fused = weighted_average(states, lam, ref=ref)
     else:
         spec = resolve_spec(spec, module, example_input)
         specs = [spec.for_state(s) for s in states]
@@ -318,7 +293,7 @@ def fuse(
                 )
                 for i, s in enumerate(states)
             ]
-            fused = _weighted_average(aligned, lam, ref)
+            fused = weighted_average(aligned, lam, ref=ref)
         elif method == "wb":
             sizes = _target_sizes(specs[ref], target_width)
             fused, _, aligned = wasserstein_barycenter(
@@ -368,7 +343,7 @@ def _load(module: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
     return net
 
 
-@_single_threaded
+@single_threaded()
 def align(
     model_a: Model,
     model_b: Model,

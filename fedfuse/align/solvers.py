@@ -23,8 +23,9 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from fedfuse.align.spec import Group, TransportSpec, derive_spec, segment_range, trace_values
-from fedfuse.align.transport import Transports, _single_threaded, member_features, state_of
+from fedfuse.align.transport import Transports, member_features, state_of
 from fedfuse.errors import ConfigError
+from fedfuse.state import single_threaded
 
 __all__ = [
     "weight_matching",
@@ -163,7 +164,7 @@ def _specs(
     return spec_a, spec_b
 
 
-@_single_threaded
+@single_threaded()
 def weight_matching(
     model_a: Model,
     model_b: Model,
@@ -213,7 +214,7 @@ def weight_matching(
     return (perms, sweeps) if return_iterations else perms
 
 
-@_single_threaded
+@single_threaded()
 def activation_matching(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -250,7 +251,7 @@ def _standardise(x: Tensor) -> Tensor:
     return x / x.std(1, keepdim=True).clamp_min(1e-8)
 
 
-@_single_threaded
+@single_threaded()
 def ot_transport(
     model_a: Model,
     model_b: Model,

@@ -17,19 +17,15 @@ handled by reading the axis as ``(repeat, block, expand)``.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from fedfuse.align.spec import Axis, Group, TransportSpec, segment_range
 from fedfuse.errors import ConfigError
-
-F = TypeVar("F", bound=Callable[..., Any])
+from fedfuse.state import single_threaded
 
 __all__ = [
     "Transports",
@@ -39,36 +35,10 @@ __all__ = [
     "input_side",
     "transport_axis",
     "member_features",
-    "identity_transports",
     "permutation_index",
-    "single_threaded",
 ]
 
 Transports = dict[str, Tensor]
-
-
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run torch on one thread inside the block (restored after).
-
-    Alignment does thousands of small gathers/matmuls; OpenMP start-up and contention cost more than
-    they save there (≈20× slower measured on a loaded 2-core CPU).
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def _single_threaded(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with single_threaded():
-            return fn(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
 
 
 def state_of(model_or_state: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -173,7 +143,7 @@ def _matrices(
     return per_axis
 
 
-@_single_threaded
+@single_threaded()
 def apply_transport(
     model_or_state: nn.Module | Mapping[str, Tensor], spec: TransportSpec, transports: Mapping[str, Tensor]
 ) -> dict[str, Tensor]:
@@ -227,11 +197,6 @@ def member_features(
     block, off, n = segment_range(member, sizes, shape[member.axis])
     x = w.reshape(*shape[: member.axis], member.repeat, block, member.expand, *shape[member.axis + 1 :])
     return x.narrow(member.axis + 1, off, n).movedim(member.axis + 1, 0).reshape(n, -1)
-
-
-def identity_transports(spec: TransportSpec) -> Transports:
-    """One identity matrix per group."""
-    return {g.name: torch.eye(g.size) for g in spec.groups}
 
 
 def permute_model(model: nn.Module, spec: TransportSpec, seed: int = 0) -> tuple[nn.Module, Transports]:

@@ -1,0 +1,148 @@
+"""State-dict arithmetic, written once: weight normalisation, weighted average, interpolation, thread control.
+
+Every averaging path of fedfuse goes through :func:`weighted_average` — the server's FedAvg, fusion
+(``fedfuse.align``), the LMC barriers and monitor (``fedfuse.lmc``) — so they agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedfuse.errors import ConfigError
+
+__all__ = [
+    "State",
+    "normalise_weights",
+    "check_compatible",
+    "weighted_average",
+    "interpolate",
+    "torch_threads",
+    "single_threaded",
+]
+
+State = Mapping[str, Tensor]
+
+
+def normalise_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    """λᵢ = wᵢ / Σⱼ wⱼ for ``n`` states; ``None`` gives uniform weights 1/n.
+
+    Raises ConfigError (naming the value) on a wrong length or a negative, non-finite or all-zero weight.
+    """
+    if n < 1:
+        raise ConfigError("at least one state is needed")
+    if weights is None:
+        return [1.0 / n] * n
+    try:
+        w = [float(v) for v in weights]
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"weights={weights!r} must be numbers ({exc})") from exc
+    if len(w) != n:
+        raise ConfigError(f"weights={w} has {len(w)} entries for {n} states")
+    total = sum(w)
+    if any(not math.isfinite(v) or v < 0 for v in w) or not math.isfinite(total) or total <= 0:
+        raise ConfigError(f"weights={w} must be finite, >= 0 and not all zero")
+    return [v / total for v in w]
+
+
+def check_compatible(states: Sequence[State], ref: int = 0) -> None:
+    """Every state has the keys and shapes of ``states[ref]`` (ConfigError naming the first offending key)."""
+    base = states[ref]
+    for i, s in enumerate(states):
+        if i == ref:
+            continue
+        if set(s) != set(base):
+            missing, extra = sorted(set(base) - set(s)), sorted(set(s) - set(base))
+            raise ConfigError(
+                f"state dict {i} has different keys than state dict {ref}: "
+                f"missing {missing[:5]}, unexpected {extra[:5]}"
+            )
+        for k, v in base.items():
+            if tuple(s[k].shape) != tuple(v.shape):
+                raise ConfigError(
+                    f"state entry {k!r} has shape {tuple(s[k].shape)} in state dict {i} "
+                    f"but {tuple(v.shape)} in state dict {ref}"
+                )
+
+
+def weighted_average(
+    states: Sequence[State], weights: Sequence[float] | None = None, *, ref: int = 0
+) -> dict[str, Tensor]:
+    """θ = Σᵢ λᵢ θᵢ with λ = :func:`normalise_weights` (uniform by default), on floating tensors.
+
+    Integer buffers (``num_batches_tracked``) are copied from ``states[ref]``, whose keys, order, device and
+    dtypes the result takes. Each entry is accumulated in float64, in the given order of ``states``
+    (``acc += θᵢ.double() · λᵢ``), and cast back to the dtype of ``states[ref]``. Why float64: the result then
+    does not depend on the number of clients or the summation order at float32 precision (the rounding
+    happens once, at the cast), and N identical float32 states average to exactly θ — the float64 sum is
+    within about 2⁻⁵⁰ (relative) of θ, far inside half a float32 ulp, so the cast returns θ. The server's
+    FedAvg uses this same loop, so fused, monitored and served averages are bit-identical.
+    """
+    if not states:
+        raise ConfigError("weighted_average needs at least one state dict")
+    lam = normalise_weights(weights, len(states))
+    if not 0 <= int(ref) < len(states):
+        raise ConfigError(f"ref={ref} is not a state index (0..{len(states) - 1})")
+    check_compatible(states, int(ref))
+    out: dict[str, Tensor] = {}
+    for k, v in states[int(ref)].items():
+        v = v.detach()
+        if not torch.is_floating_point(v):
+            out[k] = v.clone()
+            continue
+        acc = torch.zeros_like(v, dtype=torch.float64)
+        for s, w in zip(states, lam, strict=True):
+            acc += s[k].detach().to(device=v.device, dtype=torch.float64) * w
+        out[k] = acc.to(v.dtype)
+    return out
+
+
+def interpolate(state_a: State, state_b: State, alpha: float, keys: Iterable[str] | None = None) -> dict[str, Any]:
+    """θ(α) = (1 − α)·θA + α·θB on ``keys`` (default: every float tensor); every other entry is copied from A.
+
+    Integer buffers (``num_batches_tracked``) always come from A. Uses ``torch.lerp``, which returns θA
+    exactly at α = 0 and θB exactly at α = 1, so a model interpolated with itself is unchanged.
+    """
+    check_compatible([state_a, state_b])
+    chosen = set(state_a) if keys is None else set(keys)
+    unknown = sorted(chosen - set(state_a))
+    if unknown:
+        raise ConfigError(f"keys not in the state dict: {unknown[:5]}")
+    out: dict[str, Any] = {}
+    for k, va in state_a.items():
+        va = va.detach()
+        if k in chosen and va.is_floating_point():
+            out[k] = torch.lerp(va, state_b[k].detach().to(device=va.device, dtype=va.dtype), float(alpha))
+        else:
+            out[k] = va.clone()
+    return out
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads, then restore the previous setting.
+
+    Float reductions are split per thread, so the thread count is part of what makes a result
+    bit-reproducible: clients fix it (``client-threads``) whatever backend runs them.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def single_threaded() -> AbstractContextManager[None]:
+    """``torch_threads(1)``: ``with single_threaded(): ...`` or, as a decorator, ``@single_threaded()``.
+
+    Alignment does thousands of small gathers/matmuls; OpenMP start-up and contention cost more than
+    they save there (≈20× slower measured on a loaded 2-core CPU). As a decorator the guard is recreated
+    on every call (``contextlib.ContextDecorator``), so decorated functions may nest and recurse.
+    """
+    return torch_threads(1)
