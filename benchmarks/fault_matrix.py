@@ -28,7 +28,7 @@ def main() -> None:
     logging.getLogger("fedfuse").setLevel(logging.ERROR)
     from clients.client_app import app
     from fedfuse.results import load_metrics
-    from strategies.inline import InlineGrid
+    from fedfuse.runners.inline import InlineGrid
     from strategies.server_app import run_server
 
     lines = [

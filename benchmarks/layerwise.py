@@ -112,7 +112,7 @@ def fl_study(
     dataset: str, data_root: str, width: int, rounds: int, local_epochs: int, clients: int, seed: int
 ) -> list[dict[str, Any]]:
     from clients.client_app import app
-    from strategies.inline import InlineGrid
+    from fedfuse.runners.inline import InlineGrid
     from strategies.server_app import run_server
 
     rows = []

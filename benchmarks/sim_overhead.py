@@ -44,7 +44,8 @@ def plain_loop(cfg: dict[str, Any]) -> dict[str, Any]:
 
     from fedfuse.config import validate_config
     from fedfuse.experiment import client_data, dataset_for, local_plan, local_train, model_for, sample_clients
-    from fedfuse.train import evaluate, torch_threads
+    from fedfuse.state import torch_threads
+    from fedfuse.train import evaluate
     from strategies.base import FedFuseStrategy
 
     t0 = time.perf_counter()
@@ -95,7 +96,7 @@ def run_backend(backend: str, cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         code += "from benchmarks.sim_overhead import plain_loop; r = plain_loop(cfg)\n"
     elif backend == "inline":
         code += (
-            "from strategies.inline import InlineGrid; from strategies.server_app import run_server\n"
+            "from fedfuse.runners.inline import InlineGrid; from strategies.server_app import run_server\n"
             "from clients.client_app import app; run_server(InlineGrid(app, cfg['num-clients']), cfg); r = {}\n"
         )
     else:

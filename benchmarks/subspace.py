@@ -283,7 +283,7 @@ def barrier_md(res: dict[str, Any], args: argparse.Namespace, cmd: str, elapsed:
 
 def run_fl(args: argparse.Namespace) -> dict[str, Any]:
     from clients.client_app import app
-    from strategies.inline import InlineGrid
+    from fedfuse.runners.inline import InlineGrid
     from strategies.server_app import run_server
 
     rows = []

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.personal import holdout_split, keep_personal, load_personal, shared_keys_of
+from fedfuse import protocol
 from fedfuse.experiment import (
     client_data,
     client_model,
@@ -25,25 +26,23 @@ from fedfuse.experiment import (
     local_train,
     round_mask,
 )
+from fedfuse.state import torch_threads
 from fedfuse.subspace import MaskedTraining, mask_ratio
 from fedfuse.train import evaluate as evaluate_model
-from fedfuse.train import torch_threads
 
 app = ClientApp()
-
-CLIENT_INFO_KEY = "client"  # mirrors strategies.base.CLIENT_INFO_KEY (clients must not import strategies)
 
 
 def _identity(context: Context) -> tuple[int, int]:
     cfg = context.node_config
-    if "partition-id" not in cfg or "num-partitions" not in cfg:
+    if protocol.PARTITION_ID not in cfg or protocol.NUM_PARTITIONS not in cfg:
         raise ValueError("node_config needs 'partition-id' and 'num-partitions' (e.g. --node-config)")
-    return int(cfg["partition-id"]), int(cfg["num-partitions"])
+    return int(cfg[protocol.PARTITION_ID]), int(cfg[protocol.NUM_PARTITIONS])
 
 
 def _local_xy(cfg: dict[str, Any], context: Context) -> tuple[Any, Any]:
     """This client's training data: node_config ``data-dir`` (local files), else its simulated partition."""
-    data_dir = context.node_config.get("data-dir")
+    data_dir = context.node_config.get(protocol.DATA_DIR)
     if data_dir:
         from fedfuse.data.local import load_local_data
 
@@ -54,61 +53,24 @@ def _local_xy(cfg: dict[str, Any], context: Context) -> tuple[Any, Any]:
 
 
 def _run_config(msg: Message) -> dict[str, Any]:
-    return dict(msg.content["config"])
+    """The message's one ConfigRecord (the run config + round keys), whatever the strategy named it."""
+    return dict(next(iter(msg.content.config_records.values())))
+
+
+def _received_state(msg: Message) -> dict[str, torch.Tensor]:
+    """The message's one ArrayRecord as a state dict, whatever the strategy named it."""
+    return next(iter(msg.content.array_records.values())).to_torch_state_dict()
 
 
 def _info(partition_id: int) -> ConfigRecord:
-    return ConfigRecord({"partition-id": partition_id})
-
-
-# ---- layer-wise mode (strategies.layerwise.LayerwiseAvg): personal layers never leave the client -------------
-PERSONAL_STATE_KEY = "layerwise-personal"  # Context.state ArrayRecord holding this client's personal layers
-
-
-def _shared_keys(cfg: dict[str, Any]) -> list[str] | None:
-    """The keys the server averages (round config ``shared-keys``), or None outside layer-wise mode."""
-    keys = str(cfg.get("shared-keys", ""))
-    return keys.split(",") if keys else None
-
-
-def _layerwise_split(cfg: dict[str, Any], pid: int, x: Any, y: Any, part: str) -> tuple[Any, Any]:
-    """``part`` = "train" (80 %) or "test" (a seeded 20 % holdout, >= 1 sample) of this client's partition."""
-    n = len(x)
-    perm = np.random.default_rng(derive_seed(int(cfg["seed"]), pid, 17)).permutation(n)
-    n_test = max(1, round(0.2 * n)) if n >= 2 else 0
-    idx = np.sort(perm[:n_test] if part == "test" else perm[n_test:])
-    if len(idx) == 0:  # a one-sample partition: train and evaluate on it
-        idx = np.arange(n)
-    t = torch.as_tensor(idx)
-    return x[t], y[t]
-
-
-def _load_personal(model: Any, msg: Message, context: Context, shared: list[str]) -> None:
-    """Model = this client's personal layers (Context.state; the initial model before its first round) + the
-    received shared keys, which must be exactly ``shared``."""
-    received = msg.content["arrays"].to_torch_state_dict()
-    if set(received) != set(shared):
-        raise ValueError(f"layer-wise mode: received keys {sorted(received)[:3]}... differ from shared-keys")
-    state = model.state_dict()
-    if PERSONAL_STATE_KEY in context.state.array_records:
-        state.update(context.state.array_records[PERSONAL_STATE_KEY].to_torch_state_dict())
-    state.update(received)
-    model.load_state_dict(state)
-
-
-def _keep_personal(model: Any, context: Context, shared: list[str]) -> dict[str, Any]:
-    """Store the personal layers in Context.state; return the shared part (all that goes to the server)."""
-    state = model.state_dict()
-    keep = set(shared)
-    context.state[PERSONAL_STATE_KEY] = ArrayRecord({k: v for k, v in state.items() if k not in keep})
-    return {k: state[k] for k in shared}
+    return ConfigRecord({protocol.PARTITION_ID: partition_id})
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Report this node's partition id (the server orders and samples clients by it)."""
     pid, _ = _identity(context)
-    return Message(RecordDict({CLIENT_INFO_KEY: _info(pid)}), reply_to=msg)
+    return Message(RecordDict({protocol.CLIENT_INFO: _info(pid)}), reply_to=msg)
 
 
 @app.train()
@@ -121,21 +83,21 @@ def train(msg: Message, context: Context) -> Message:
 
 def _train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
     pid, num_parts = _identity(context)
-    server_round = int(cfg.get("server-round", 0))
+    server_round = int(cfg.get(protocol.SERVER_ROUND, 0))
     inject_faults(cfg, pid, server_round)
     ds = dataset_for(cfg)
     x, y = _local_xy(cfg, context)
-    shared = _shared_keys(cfg)
+    shared = shared_keys_of(cfg)
     if shared is not None:
-        x, y = _layerwise_split(cfg, pid, x, y, "train")
+        x, y = holdout_split(int(cfg["seed"]), pid, x, y, "train")
     if cfg.get("one-shot", False):  # one-shot fusion: an independent init per client, the global model unused
         model = client_model(cfg, ds, pid, seed=derive_seed(int(cfg["seed"]), pid, 13))
     else:
         model = client_model(cfg, ds, pid)  # the global architecture at this client's width
         if shared is None:
-            model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+            model.load_state_dict(_received_state(msg))
         else:
-            _load_personal(model, msg, context, shared)
+            load_personal(model, _received_state(msg), context, shared)
     plan = local_plan(cfg, pid, server_round, len(x))
     masks = round_mask(cfg, model, server_round)
     extra: dict[str, float] = {}
@@ -148,17 +110,17 @@ def _train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
     metrics = MetricRecord(
         {
             **extra,
-            "num-examples": result.num_examples,
-            "train-loss": result.loss,
-            "train-accuracy": result.accuracy,
+            protocol.NUM_EXAMPLES: result.num_examples,
+            protocol.TRAIN_LOSS: result.loss,
+            protocol.TRAIN_ACCURACY: result.accuracy,
             "local-epochs": plan.epochs,
             "local-steps": result.steps,
             "straggler": int(plan.straggler),
         }
     )
-    state = model.state_dict() if shared is None else _keep_personal(model, context, shared)
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics, CLIENT_INFO_KEY: _info(pid)})
-    return Message(content, reply_to=msg)
+    state = model.state_dict() if shared is None else keep_personal(model, context, shared)
+    content = {protocol.ARRAYS: ArrayRecord(state), protocol.METRICS: metrics, protocol.CLIENT_INFO: _info(pid)}
+    return Message(RecordDict(content), reply_to=msg)
 
 
 @app.evaluate()
@@ -170,12 +132,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     ds = dataset_for(cfg)
     x, y = _local_xy(cfg, context)
     model = client_model(cfg, ds, pid)
-    shared = _shared_keys(cfg)
+    shared = shared_keys_of(cfg)
     if shared is None:
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        model.load_state_dict(_received_state(msg))
     else:
-        x, y = _layerwise_split(cfg, pid, x, y, "test")
-        _load_personal(model, msg, context, shared)
+        x, y = holdout_split(int(cfg["seed"]), pid, x, y, "test")
+        load_personal(model, _received_state(msg), context, shared)
     loss, acc = evaluate_model(model, x, y)
-    metrics = MetricRecord({"num-examples": len(x), "eval-loss": loss, "eval-accuracy": acc})
-    return Message(RecordDict({"metrics": metrics, CLIENT_INFO_KEY: _info(pid)}), reply_to=msg)
+    metrics = MetricRecord({protocol.NUM_EXAMPLES: len(x), protocol.EVAL_LOSS: loss, protocol.EVAL_ACCURACY: acc})
+    return Message(RecordDict({protocol.METRICS: metrics, protocol.CLIENT_INFO: _info(pid)}), reply_to=msg)

@@ -1,4 +1,5 @@
-"""``fedfuse`` command line: the composition root (the only core module that may import Flower code).
+"""``fedfuse`` command line: the composition root (with ``fedfuse.runners``, the only core code that may
+import Flower, ``strategies`` and ``clients`` — lazily, inside functions).
 
     fedfuse simulate --strategy fedavg --dataset digits --model mlp --num-clients 10 --rounds 5 \\
         --partition dirichlet --alpha 0.3 --local-epochs 1 --seed 0 --out runs/demo
@@ -12,25 +13,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedfuse.config import OPTIONS, validate_config
+from fedfuse.config import OPTIONS
 from fedfuse.errors import ConfigError
 
 __all__ = ["main", "build_parser", "config_from_args", "preflight"]
 
-# CLI flag → run-config key where the names differ.
-_FLAG_ALIASES = {"rounds": "num-rounds"}
+
+def _schema() -> dict[str, Any]:
+    """Every run option: the core ones and each registered strategy's (``strategies.registry``)."""
+    from strategies.registry import OPTIONS as ALL
+
+    return ALL
+
+
+def validate_config(config: dict[str, Any], *, fill_defaults: bool = True, check_owners: bool = True) -> dict[str, Any]:
+    from strategies.registry import validate_config as validate
+
+    return validate(config, fill_defaults=fill_defaults, check_owners=check_owners)
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
-    for name, opt in OPTIONS.items():
+    for name, opt in _schema().items():
         flag = "rounds" if name == "num-rounds" else name
         kwargs: dict[str, Any] = {"default": None, "help": f"{opt.help} (default: {opt.default!r})"}
         if opt.type is bool:
@@ -99,9 +108,10 @@ def _add_lmc_parser(sub: Any) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The validated run config from parsed flags (unset flags take the schema defaults)."""
-    given = {name: getattr(args, name) for name in OPTIONS if getattr(args, name, None) is not None}
-    return validate_config(given)
+    """The validated run config from parsed flags (unset flags take the schema defaults); with ``--compare``
+    a strategy's own options may be given (each compared strategy gets the ones it reads)."""
+    given = {name: getattr(args, name) for name in _schema() if getattr(args, name, None) is not None}
+    return validate_config(given, check_owners=not getattr(args, "compare", None))
 
 
 def resume_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -109,7 +119,7 @@ def resume_config(args: argparse.Namespace) -> dict[str, Any]:
     from fedfuse.checkpoint import config_mismatch, load_checkpoint
 
     ckpt = load_checkpoint(Path(args.resume))
-    given = {name: getattr(args, name) for name in OPTIONS if getattr(args, name, None) is not None}
+    given = {name: getattr(args, name) for name in _schema() if getattr(args, name, None) is not None}
     mismatch = config_mismatch(ckpt["config"], validate_config(given, fill_defaults=False))
     if mismatch:
         raise ConfigError(f"resume={args.resume!r}: {mismatch}; a resumed run keeps its checkpoint's config")
@@ -127,7 +137,7 @@ def preflight(cfg: dict[str, Any], overwrite: bool | None) -> None:
     ds = dataset_for(cfg)
     if cfg["strategy"] == "layerwise":  # a preset that fits no parameter of this model fails here, not under Ray
         from fedfuse.experiment import model_for
-        from strategies.layerwise import shared_keys
+        from fedfuse.selection import shared_keys
 
         shared_keys(model_for(cfg, ds), str(cfg["layerwise-preset"]))
     n = len(ds.y_train)
@@ -150,13 +160,11 @@ def _format_row(row: dict[str, Any]) -> list[str]:
         str(row["round"]),
         f"{row['central_accuracy']:.4f}",
         f"{row['central_loss']:.4f}",
-        f"{row['client_train_loss']:.4f}",
+        f"{row.get('client_train_loss', float('nan')):.4f}",
         "/".join(str(int(row.get(k, 0))) for k in ("replies", "failures", "timeouts", "rejected")),
         f"{row['wall_time']:.1f}",
     ]
 
-
-_EXPECTED_WARNINGS = ("`run_simulation` function is deprecated", "fraction_evaluate is set to 0.0")
 
 _COLUMNS = ["round", "accuracy", "loss", "client train loss", "ok/err/late/bad", "wall s"]
 
@@ -166,17 +174,6 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from clients.client_app import app as client_app
-    from strategies.server_app import make_server_app
-
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    if not args.verbose:
-        flwr_log = logging.getLogger("flwr")
-        flwr_log.setLevel(logging.WARNING)
-        # known, deliberate: the Python simulation API (deprecated in 1.41) and server-side-only evaluation
-        flwr_log.addFilter(lambda r: not any(s in r.getMessage() for s in _EXPECTED_WARNINGS))
-    from flwr.simulation import run_simulation
 
     console = Console(stderr=False)
     progress = Progress(
@@ -188,7 +185,8 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         disable=args.no_progress,
     )
     label = f"{cfg['strategy']} on {cfg['dataset']}/{cfg['model']}"
-    task = progress.add_task(f"{label}: starting Ray", total=cfg["num-rounds"])
+    starting = "starting Ray" if args.backend == "ray" else "starting"
+    task = progress.add_task(f"{label}: {starting}", total=cfg["num-rounds"])
 
     def on_round(row: dict[str, Any]) -> None:
         progress.update(
@@ -199,25 +197,22 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         r = _format_row(row)
         console.print(f"round {r[0]}: acc {r[1]}  loss {r[2]}  client loss {r[3]}  ok/err/late/bad {r[4]}  {r[5]} s")
 
-    backend = {
-        "client_resources": {"num_cpus": args.client_cpus, "num_gpus": args.client_gpus},
-        "init_args": {"logging_level": "INFO" if args.verbose else "ERROR", "log_to_driver": bool(args.verbose)},
-    }
-    if args.ray_address:
-        backend["init_args"]["address"] = args.ray_address
     with progress:
         if args.backend == "inline":
-            from strategies.inline import InlineGrid
-            from strategies.server_app import run_server
+            from fedfuse.runners.inline import run_inline
 
-            run_server(InlineGrid(client_app, cfg["num-clients"]), cfg, on_round, resume=bool(args.resume))
+            run_inline(cfg, on_round, resume=bool(args.resume))
         else:
-            run_simulation(
-                server_app=make_server_app(cfg, on_round, resume=bool(args.resume)),
-                client_app=client_app,
-                num_supernodes=cfg["num-clients"],
-                backend_config=backend,
-                verbose_logging=args.verbose,
+            from fedfuse.runners.ray import run_ray
+
+            run_ray(
+                cfg,
+                on_round,
+                resume=bool(args.resume),
+                client_cpus=args.client_cpus,
+                client_gpus=args.client_gpus,
+                ray_address=args.ray_address,
+                verbose=args.verbose,
             )
     from fedfuse.results import load_metrics
 
@@ -247,19 +242,23 @@ def _compare(cfg: dict[str, Any], args: argparse.Namespace, argv: Sequence[str])
     from rich.console import Console
 
     from fedfuse.results import atomic_write_bytes, load_metrics, plot_accuracy
+    from strategies.registry import options_for
 
     names = [s.strip() for s in args.compare.split(",") if s.strip()]
     if len(names) < 2:
         raise ConfigError(f"compare={args.compare!r} needs at least two comma-separated strategies")
     out = Path(cfg["out"])
     for name in names:
-        validate_config({**cfg, "strategy": name})
-        preflight({**cfg, "strategy": name, "out": str(out / name)}, args.overwrite)
+        validate_config(options_for(cfg, name))
+        preflight({**options_for(cfg, name), "out": str(out / name)}, args.overwrite)
     base = list(argv)
     for flag in ("--compare", "--strategy", "--out"):
         base = _drop_flag(base, flag)
     for name in names:
-        cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", *base, "--strategy", name, "--out", str(out / name)]
+        own = base
+        for key in set(cfg) - set(k for k, v in options_for(cfg, name).items() if v == cfg[k]):
+            own = _drop_flag(own, f"--{key}")  # options only other compared strategies read
+        cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", *own, "--strategy", name, "--out", str(out / name)]
         if subprocess.run(cmd, check=False).returncode != 0:
             raise RuntimeError(f"strategy {name!r} failed; see its output above")
     runs = {name: load_metrics(out / name)["rounds"] for name in names}

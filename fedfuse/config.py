@@ -2,12 +2,16 @@
 
 The CLI builds its flags from it, ``flwr run --run-config`` keys are checked against it, and
 both fail with one line naming the option, the value and what is allowed.
+
+This module holds the options every run has (data, model, local training, federation, faults,
+output). Each strategy declares its own options next to its code (``options`` on the class);
+``strategies.registry.OPTIONS`` is the full schema = these + every registered strategy's.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,13 +20,7 @@ from fedfuse.data.partition import PARTITIONS
 from fedfuse.errors import ConfigError
 from fedfuse.models import MODELS
 
-__all__ = ["Option", "OPTIONS", "validate_config", "defaults", "STRATEGY_NAMES"]
-
-# Built-in strategy names; ``package.module:Class`` paths are accepted too (checked by the registry).
-STRATEGY_NAMES = ("fedavg", "fedpfn", "fedpnu", "match", "wb", "gwb", "layerwise")
-
-# LayerwiseAvg presets (``layers=<glob,glob>`` names the shared keys directly).
-LAYERWISE_PRESETS = ("body", "head", "no-bn")
+__all__ = ["Option", "OPTIONS", "validate_config", "defaults"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +35,7 @@ class Option:
     low: float | None = None
     high: float | None = None
     low_open: bool = False
+    check_value: Callable[[Any], str | None] | None = None  # extra rule: a reason the value is refused, or None
 
     def check(self, value: Any) -> Any:
         """Coerce ``value`` to the option's type and check it; raise ConfigError otherwise."""
@@ -60,13 +59,16 @@ class Option:
             raise ConfigError(f"{self.name}={v!r} is out of range; allowed: {rng}")
         if self.high is not None and v > self.high:
             raise ConfigError(f"{self.name}={v!r} is out of range; allowed: <= {self.high:g}")
+        reason = self.check_value(v) if self.check_value is not None else None
+        if reason:
+            raise ConfigError(f"{self.name}={v!r} {reason}")
         return v
 
 
 OPTIONS: dict[str, Option] = {
     o.name: o
     for o in [
-        Option("strategy", str, "fedavg", "strategy name or package.module:Class", choices=STRATEGY_NAMES),
+        Option("strategy", str, "fedavg", "strategy: a registered name or package.module:Class"),
         Option("dataset", str, "digits", "data set", choices=tuple(DATASETS)),
         Option("data-root", str, "", "directory with data files (torchvision layout); empty = cache dir"),
         Option("model", str, "mlp", "model family", choices=tuple(MODELS)),
@@ -81,46 +83,20 @@ OPTIONS: dict[str, Option] = {
         Option("classes-per-client", int, 2, "classes per client (pathological)", low=1),
         Option("local-epochs", int, 1, "local epochs per round", low=1),
         Option("local-epochs-max", int, 0, "if > local-epochs: per-client epochs drawn in [min, max] by seed", low=0),
-        Option("straggler-fraction", float, 0.0, "fraction of clients doing one local epoch only", low=0.0, high=1.0),
+        Option(
+            "straggler-fraction",
+            float,
+            0.0,
+            "per (client, round) probability of doing only a random 10-100 % of the local steps",
+            low=0.0,
+            high=1.0,
+        ),
         Option("batch-size", int, 32, "local batch size", low=1),
         Option("lr", float, 0.05, "local SGD learning rate", low=0.0, low_open=True),
         Option("momentum", float, 0.9, "local SGD momentum", low=0.0, high=1.0),
         Option("weight-decay", float, 0.0, "local SGD weight decay", low=0.0),
-        Option("pfn-ratio", float, 0.4, "fedpfn/fedpnu: fraction of each tensor fixed at init", low=0.0, high=0.99),
-        Option(
-            "pfn-granularity",
-            str,
-            "weight",
-            "fedpfn/fedpnu: fix single weights or whole neurons",
-            choices=("weight", "neuron"),
-        ),
-        Option(
-            "pfn-fusion",
-            str,
-            "average",
-            "fedpfn/fedpnu: aggregation (wb = FedPFN + FedWB)",
-            choices=("average", "wb", "match", "gwb"),
-        ),
-        Option("fusion-solver", str, "emd", "wb: exact OT (emd) or entropic (sinkhorn)", choices=("emd", "sinkhorn")),
-        Option(
-            "fusion-epsilon",
-            float,
-            0.01,
-            "sinkhorn regularisation (relative to the cost range)",
-            low=0.0,
-            low_open=True,
-        ),
-        Option("fusion-iters", int, 0, "barycenter iterations (0 = the method's default)", low=0),
-        Option("bn-repair", str, "auto", "BatchNorm statistics after fusion", choices=("auto", "none")),
-        Option(
-            "layerwise-preset",
-            str,
-            "body",
-            "layerwise: shared (averaged) layers: body (FedPer), head, no-bn (FedBN) or layers=<glob,glob>",
-        ),
         Option("lmc-monitor", bool, False, "log full and layer-wise barriers among each round's client models"),
         Option("save-client-models", int, 0, "save the client models received in this round (0 = off)", low=0),
-        Option("client-widths", str, "", "wb/gwb: comma-separated hidden widths cycled over clients (heterogeneity)"),
         Option("one-shot", bool, False, "clients train from their own seed-derived inits; fuse once (use 1 round)"),
         Option("fail-prob", float, 0.0, "fault injection: probability a client raises in a round", low=0.0, high=1.0),
         Option(
@@ -139,30 +115,24 @@ OPTIONS: dict[str, Option] = {
 }
 
 
-def defaults() -> dict[str, Any]:
+def defaults(options: Mapping[str, Option] | None = None) -> dict[str, Any]:
     """Every option at its default."""
-    return {name: o.default for name, o in OPTIONS.items()}
+    return {name: o.default for name, o in (OPTIONS if options is None else options).items()}
 
 
-def validate_config(config: Mapping[str, Any], *, fill_defaults: bool = True) -> dict[str, Any]:
-    """Check every key and value; unknown keys fail with the nearest valid key suggested."""
-    out = defaults() if fill_defaults else {}
+def validate_config(
+    config: Mapping[str, Any], *, options: Mapping[str, Option] | None = None, fill_defaults: bool = True
+) -> dict[str, Any]:
+    """Check every key and value against ``options`` (default: the core options); unknown keys fail with
+    the nearest valid key suggested."""
+    options = OPTIONS if options is None else options
+    out = defaults(options) if fill_defaults else {}
     for key, value in config.items():
-        if key not in OPTIONS:
-            near = difflib.get_close_matches(key, list(OPTIONS), n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else f"; allowed: {', '.join(OPTIONS)}"
+        if key not in options:
+            near = difflib.get_close_matches(key, list(options), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; allowed: {', '.join(options)}"
             raise ConfigError(f"unknown option {key!r}{hint}")
-        out[key] = OPTIONS[key].check(value)
-    preset = str(out.get("layerwise-preset", "body"))
-    if preset not in LAYERWISE_PRESETS and not (preset.startswith("layers=") and preset[7:].strip(", ")):
-        raise ConfigError(
-            f"layerwise-preset={preset!r} is not allowed; allowed: {', '.join(LAYERWISE_PRESETS)} or layers=<glob,glob>"
-        )
-    widths = str(out.get("client-widths", "")).strip()
-    if widths and not all(w.strip().isdigit() and int(w) > 0 for w in widths.split(",")):
-        raise ConfigError(f"client-widths={widths!r} is not a comma-separated list of positive integers")
-    if widths and out.get("strategy") in STRATEGY_NAMES and out["strategy"] not in ("wb", "gwb"):
-        raise ConfigError(f"client-widths={widths!r} needs strategy wb or gwb; got {out['strategy']!r}")
+        out[key] = options[key].check(value)
     if out.get("local-epochs-max", 0) and out["local-epochs-max"] < out["local-epochs"]:
         raise ConfigError(
             f"local-epochs-max={out['local-epochs-max']} is below local-epochs={out['local-epochs']}; "

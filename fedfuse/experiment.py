@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedfuse import protocol
 from fedfuse.data import Dataset, load_dataset
 from fedfuse.data.partition import partition_indices
 from fedfuse.models import build_model
@@ -167,11 +168,11 @@ def round_mask(config: Mapping[str, Any], model: nn.Module, server_round: int) -
     """
     from fedfuse.subspace import pfn_mask, pnu_mask
 
-    mode = str(config.get("pfn-mode", ""))
+    mode = str(config.get(protocol.PFN_MODE, ""))
     if not mode:
         return None
-    ratio, seed = float(config["pfn-ratio"]), int(config["pfn-seed"])
-    granularity = str(config.get("pfn-granularity", "weight"))
+    ratio, seed = float(config[protocol.PFN_RATIO]), int(config[protocol.PFN_SEED])
+    granularity = str(config.get(protocol.PFN_GRANULARITY, "weight"))
     if mode == "pfn":
         return pfn_mask(model, ratio, seed, granularity=granularity)  # type: ignore[arg-type]
     if mode == "pnu":

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from fedfuse.errors import ConfigError
-from fedfuse.select import matches
+from fedfuse.selection import matches
 
 __all__ = [
     "GRANULARITIES",
@@ -90,7 +90,7 @@ def _select(table: list[tuple[str, str, str, nn.Parameter]], layers: str | Seque
 
     ``"first"`` / ``"last"``: the parameters of the first / last module (registration order) that owns
     parameters; ``"middle"``: all other modules; a list of glob patterns in the grammar of
-    :func:`fedfuse.select.matches` (``"net.1"`` selects ``net.1.weight`` and ``net.1.bias``).
+    :func:`fedfuse.selection.matches` (``"net.1"`` selects ``net.1.weight`` and ``net.1.bias``).
     """
     bad = ConfigError(f"layers={layers!r} is invalid; allowed: {', '.join(LAYER_GROUPS)} or a list of glob patterns")
     if isinstance(layers, str):

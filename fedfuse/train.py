@@ -12,15 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedfuse.state import torch_threads  # re-exported for benchmarks/sim_overhead.py until it imports fedfuse.state
-
 __all__ = [
     "TrainResult",
     "train",
     "evaluate",
     "iterate_batches",
     "state_to_numpy",
-    "torch_threads",
 ]
 
 

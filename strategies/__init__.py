@@ -2,6 +2,7 @@
 
 from strategies.base import FedFuseStrategy
 from strategies.fusion import FedFusion, FedGWB, FedMatch, FedWB
+from strategies.layerwise import LayerwiseAvg
 from strategies.pfn import FedPFN, FedPNU
 
-__all__ = ["FedFuseStrategy", "FedFusion", "FedGWB", "FedMatch", "FedPFN", "FedPNU", "FedWB"]
+__all__ = ["FedFuseStrategy", "FedFusion", "FedGWB", "FedMatch", "FedPFN", "FedPNU", "FedWB", "LayerwiseAvg"]

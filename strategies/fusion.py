@@ -7,8 +7,8 @@ space) instead of a plain weighted average. The maths lives in ``fedfuse.align``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -17,6 +17,7 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from fedfuse.align import derive_spec, fuse
+from fedfuse.config import Option
 from fedfuse.errors import ConfigError
 from strategies.base import FedFuseStrategy
 
@@ -26,10 +27,30 @@ SOLVERS = ("emd", "sinkhorn")
 BN_REPAIRS = ("auto", "none")
 
 
+def _widths_reason(value: str) -> str | None:
+    ok = not value.strip() or all(w.strip().isdigit() and int(w) > 0 for w in value.split(","))
+    return None if ok else "is not a comma-separated list of positive integers"
+
+
+FUSION_OPTIONS = (
+    Option("fusion-solver", str, "emd", "wb: exact OT (emd) or entropic (sinkhorn)", choices=SOLVERS),
+    Option("fusion-epsilon", float, 0.01, "sinkhorn regularisation, relative to the cost range", low=0, low_open=True),
+    Option("fusion-iters", int, 0, "barycenter iterations (0 = the method's default)", low=0),
+    Option("bn-repair", str, "auto", "BatchNorm statistics after fusion", choices=BN_REPAIRS),
+)
+WIDTHS_OPTION = Option(
+    "client-widths",
+    str,
+    "",
+    "wb/gwb: comma-separated hidden widths cycled over clients (heterogeneity)",
+    check_value=_widths_reason,
+)
+
+
 class FedFusion(FedFuseStrategy):
     """Aggregate with ``fuse(states, weights, method=self.method, ...)``; λ_i = n_i / Σ n_j.
 
-    Arguments beyond FedAvg's: ``template`` (a module of the global architecture) and an
+    Arguments beyond FedAvg's: ``model`` (a module of the global architecture) and an
     ``example_input`` batch (to derive the transport spec with torch.fx, once); ``solver``
     (``emd`` exact or ``sinkhorn``), ``epsilon`` (Sinkhorn regularisation, relative to the cost
     range), ``max_iter`` (barycenter iterations), ``bn_repair`` (``auto``: transported average of
@@ -42,11 +63,12 @@ class FedFusion(FedFuseStrategy):
     """
 
     method = "average"
+    options: ClassVar[tuple[Option, ...]] = FUSION_OPTIONS
 
     def __init__(
         self,
         *,
-        template: nn.Module,
+        model: nn.Module,
         example_input: torch.Tensor,
         solver: str = "emd",
         epsilon: float = 0.01,
@@ -65,9 +87,10 @@ class FedFusion(FedFuseStrategy):
             raise ConfigError(f"bn_repair={bn_repair!r} is not allowed; allowed: {', '.join(BN_REPAIRS)}")
         if max_iter is not None and int(max_iter) < 1:
             raise ConfigError(f"max_iter={max_iter!r} is out of range; allowed: >= 1")
-        super().__init__(seed=seed, template=template, **kwargs)
+        super().__init__(seed=seed, **kwargs)
+        self.template = model
         self.example_input = example_input
-        self.spec = derive_spec(template, example_input)  # fails early, naming an unsupported op
+        self.spec = derive_spec(model, example_input)  # fails early, naming an unsupported op
         self.solver = solver
         self.epsilon = float(epsilon)
         self.max_iter = max_iter
@@ -83,6 +106,24 @@ class FedFusion(FedFuseStrategy):
                 self.group_sizes[w] = derive_spec(model_factory(w), example_input).sizes
         self.global_sizes = self.spec.sizes
 
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], *, model: Any = None, example_input: Any = None, **kwargs: Any):
+        from fedfuse.experiment import client_widths, dataset_for, model_for
+
+        widths = client_widths(cfg)
+        return cls(
+            model=model,
+            example_input=example_input,
+            solver=str(cfg["fusion-solver"]),
+            epsilon=float(cfg["fusion-epsilon"]),
+            max_iter=int(cfg["fusion-iters"]) or None,
+            bn_repair=str(cfg["bn-repair"]),
+            client_widths=widths or None,
+            model_factory=(lambda w: model_for(cfg, dataset_for(cfg), width=w)) if widths else None,
+            seed=int(cfg["seed"]),
+            **kwargs,
+        )
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -95,7 +136,7 @@ class FedFusion(FedFuseStrategy):
         out = []
         for msg in messages:
             node = msg.metadata.dst_node_id
-            width = self.client_widths[max(self.partition_of.get(node, 0), 0) % len(self.client_widths)]
+            width = self.client_widths[max(self.nodes.partition_of.get(node, 0), 0) % len(self.client_widths)]
             if self.group_sizes[width] == self.global_sizes:
                 out.append(msg)
                 continue
@@ -104,7 +145,7 @@ class FedFusion(FedFuseStrategy):
                     [global_state], method="wb", spec=self.spec, template=self.template,
                     target_width=self.group_sizes[width], bn_repair=self.bn_repair,  # type: ignore[arg-type]
                 )  # fmt: skip
-            self._sent_states[node] = resized[width]
+            self._sent_to[node] = resized[width]
             content = RecordDict({self.arrayrecord_key: ArrayRecord(resized[width]), self.configrecord_key: config})
             out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         return out
@@ -137,9 +178,11 @@ class FedWB(FedFusion):
     """Wasserstein-barycenter fusion (Akash et al. 2022): alternate OT alignment and averaging."""
 
     method = "wb"
+    options = (*FUSION_OPTIONS, WIDTHS_OPTION)
 
 
 class FedGWB(FedFusion):
     """Gromov-Wasserstein-barycenter fusion: align neurons through intra-model distance matrices."""
 
     method = "gwb"
+    options = (*FUSION_OPTIONS, WIDTHS_OPTION)

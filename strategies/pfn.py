@@ -9,14 +9,17 @@ ratio and granularity go out in the round's ConfigRecord.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from torch import nn
 
+from fedfuse import protocol
 from fedfuse.align import derive_spec, fuse
+from fedfuse.config import Option
 from fedfuse.errors import ConfigError
 from fedfuse.experiment import derive_seed, round_mask
 from fedfuse.subspace import fixed_distance, mask_ratio
@@ -35,11 +38,22 @@ class FedPFN(FedFuseStrategy):
     """
 
     mode = "pfn"
+    options: ClassVar[tuple[Option, ...]] = (
+        Option("pfn-ratio", float, 0.4, "fedpfn/fedpnu: fraction of each tensor fixed at init", low=0.0, high=0.99),
+        Option(
+            "pfn-granularity", str, "weight", "fedpfn/fedpnu: fix single weights or whole neurons",
+            choices=("weight", "neuron"),
+        ),
+        Option(
+            "pfn-fusion", str, "average", "fedpfn/fedpnu: aggregation (wb = FedPFN + FedWB)",
+            choices=("average", "wb", "match", "gwb"),
+        ),
+    )  # fmt: skip
 
     def __init__(
         self,
         *,
-        template: nn.Module,
+        model: nn.Module,
         pfn_ratio: float = 0.4,
         pfn_granularity: str = "weight",
         fusion: str = "average",
@@ -47,13 +61,14 @@ class FedPFN(FedFuseStrategy):
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(seed=seed, template=template, **kwargs)
+        super().__init__(seed=seed, **kwargs)
+        self.template = model
         if fusion not in ("average", "wb", "match", "gwb"):
             raise ConfigError(f"fusion={fusion!r} is not allowed; allowed: average, wb, match, gwb")
         if fusion != "average" and example_input is None:
             raise ConfigError(f"fusion={fusion!r} needs example_input (a batch to trace the model with)")
         self.fusion = fusion
-        self.spec = derive_spec(template, example_input) if fusion != "average" else None
+        self.spec = derive_spec(model, example_input) if fusion != "average" else None
         if not 0.0 <= float(pfn_ratio) < 1.0:
             raise ConfigError(f"pfn_ratio={pfn_ratio!r} is out of range; allowed: >= 0 and < 1")
         if pfn_granularity not in ("weight", "neuron"):
@@ -63,12 +78,25 @@ class FedPFN(FedFuseStrategy):
         self.pfn_seed = derive_seed(seed, 11)  # the server's one draw; clients get it in the config
         self.reference_state: dict[str, torch.Tensor] | None = None
 
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], *, model: Any = None, example_input: Any = None, **kwargs: Any):
+        return cls(
+            model=model,
+            pfn_ratio=float(cfg["pfn-ratio"]),
+            pfn_granularity=str(cfg["pfn-granularity"]),
+            fusion=str(cfg["pfn-fusion"]),
+            example_input=example_input,
+            seed=int(cfg["seed"]),
+            **kwargs,
+        )
+
     def pfn_config(self) -> dict[str, Any]:
+        """The round-config keys clients rebuild the mask from (the mask itself never travels)."""
         return {
-            "pfn-mode": self.mode,
-            "pfn-ratio": self.pfn_ratio,
-            "pfn-seed": self.pfn_seed,
-            "pfn-granularity": self.pfn_granularity,
+            protocol.PFN_MODE: self.mode,
+            protocol.PFN_RATIO: self.pfn_ratio,
+            protocol.PFN_SEED: self.pfn_seed,
+            protocol.PFN_GRANULARITY: self.pfn_granularity,
         }
 
     def configure_train(
@@ -96,14 +124,14 @@ class FedPFN(FedFuseStrategy):
             )
         masks = round_mask(self.pfn_config(), self.template, server_round)
         assert masks is not None and self.reference_state is not None
-        self.round_stats["pfn_mask_ratio"] = mask_ratio(masks)
-        self.round_stats["pfn_fixed_distance"] = fixed_distance(new_state, self.reference_state, masks)
+        self.round_metrics["pfn_mask_ratio"] = mask_ratio(masks)
+        self.round_metrics["pfn_fixed_distance"] = fixed_distance(new_state, self.reference_state, masks)
         return new_state
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "pfn_reference": self.reference_state}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.reference_state = state.get("pfn_reference")
 

@@ -1,7 +1,12 @@
-"""Strategy names → classes, and construction from a validated run config.
+"""Strategy names → classes, the full option schema, and construction from a run config.
 
-A name is a built-in (``fedavg``) or any ``package.module:Class`` path to a Flower Message-API
-strategy, so users plug their own in.
+Adding a strategy = one module + one line in :data:`STRATEGIES`. Its run options live on the class
+(``options``, :class:`fedfuse.config.Option`) and its construction in ``from_config``; this module
+merges the options into the schema the CLI, ``flwr run`` and the ServerApp validate against.
+
+A name is a registered one (``fedavg``) or any ``package.module:Class`` path to a Flower Message-API
+strategy, so users plug their own in (constructed with FedAvg's sampling arguments, or through its own
+``from_config(cfg, model=..., example_input=..., **fedavg_kwargs)`` when it has one).
 """
 
 from __future__ import annotations
@@ -9,18 +14,18 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
-import torch
 from flwr.serverapp.strategy import Strategy
-from torch import nn
 
-from fedfuse.config import STRATEGY_NAMES
+from fedfuse import config as core
+from fedfuse.config import Option
 from fedfuse.errors import ConfigError
 
-__all__ = ["BUILTIN", "resolve_strategy", "build_strategy"]
+__all__ = ["STRATEGIES", "OPTIONS", "OWNERS", "resolve_strategy", "build_strategy", "validate_config", "options_for"]
 
-BUILTIN: dict[str, str] = {
+STRATEGIES: dict[str, str] = {
     "fedavg": "strategies.base:FedFuseStrategy",
     "fedpfn": "strategies.pfn:FedPFN",
     "fedpnu": "strategies.pfn:FedPNU",
@@ -29,14 +34,9 @@ BUILTIN: dict[str, str] = {
     "gwb": "strategies.fusion:FedGWB",
     "layerwise": "strategies.layerwise:LayerwiseAvg",
 }
-assert set(BUILTIN) == set(STRATEGY_NAMES), "fedfuse.config.STRATEGY_NAMES and BUILTIN must list the same names"
 
 
-def resolve_strategy(name: str) -> type[Strategy]:
-    """The strategy class for a built-in name or a ``package.module:Class`` path."""
-    path = BUILTIN.get(name, name)
-    if ":" not in path:
-        raise ConfigError(f"strategy={name!r} is unknown; allowed: {', '.join(BUILTIN)} or package.module:Class")
+def _import(path: str, name: str) -> type[Strategy]:
     module_name, _, attr = path.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
@@ -47,14 +47,55 @@ def resolve_strategy(name: str) -> type[Strategy]:
     return cls
 
 
-def build_strategy(
-    cfg: Mapping[str, Any], template: nn.Module | None = None, example_input: torch.Tensor | None = None
-) -> Strategy:
-    """Instantiate the configured strategy with FedAvg-style sampling arguments.
+def resolve_strategy(name: str) -> type[Strategy]:
+    """The strategy class for a registered name or a ``package.module:Class`` path."""
+    path = STRATEGIES.get(name, name)
+    if ":" not in path:
+        raise ConfigError(f"strategy={name!r} is unknown; allowed: {', '.join(STRATEGIES)} or package.module:Class")
+    return _import(path, name)
 
-    fedfuse strategies also get the run seed, a ``template`` module of the global architecture and
-    their own options from the config (``pfn-*``).
-    """
+
+def _schema() -> tuple[dict[str, Option], dict[str, list[str]]]:
+    """(every option, option name → the registered strategies that read it)."""
+    options = dict(core.OPTIONS)
+    options["strategy"] = replace(core.OPTIONS["strategy"], choices=tuple(STRATEGIES))
+    owners: dict[str, list[str]] = {}
+    for name in STRATEGIES:
+        for opt in getattr(resolve_strategy(name), "options", ()):
+            if opt.name in core.OPTIONS or options.get(opt.name, opt) != opt:
+                raise ConfigError(f"strategy {name!r} redefines option {opt.name!r} differently")
+            options[opt.name] = opt
+            owners.setdefault(opt.name, []).append(name)
+    return options, owners
+
+
+OPTIONS, OWNERS = _schema()
+
+
+def validate_config(
+    config: Mapping[str, Any], *, fill_defaults: bool = True, check_owners: bool = True
+) -> dict[str, Any]:
+    """:func:`fedfuse.config.validate_config` on the full schema; with ``check_owners``, a strategy's own
+    option set to a non-default value for another registered strategy is refused (it would be ignored)."""
+    cfg = core.validate_config(config, options=OPTIONS, fill_defaults=fill_defaults)
+    strategy = cfg.get("strategy")
+    if check_owners and strategy in STRATEGIES:
+        for key, owners in OWNERS.items():
+            if key in cfg and strategy not in owners and cfg[key] != OPTIONS[key].default:
+                raise ConfigError(f"{key}={cfg[key]!r} needs strategy {' or '.join(owners)}; got {strategy!r}")
+    return cfg
+
+
+def options_for(cfg: Mapping[str, Any], strategy: str) -> dict[str, Any]:
+    """``cfg`` for ``strategy``: options only other registered strategies read are reset to their defaults."""
+    if strategy not in STRATEGIES:
+        return {**cfg, "strategy": strategy}
+    reset = {k: OPTIONS[k].default for k, owners in OWNERS.items() if k in cfg and strategy not in owners}
+    return {**cfg, **reset, "strategy": strategy}
+
+
+def build_strategy(cfg: Mapping[str, Any], model: Any = None, example_input: Any = None) -> Strategy:
+    """Instantiate the configured strategy with FedAvg-style sampling arguments for ``num-clients`` nodes."""
     cls = resolve_strategy(str(cfg["strategy"]))
     n = int(cfg["num-clients"])
     kwargs: dict[str, Any] = {
@@ -64,34 +105,6 @@ def build_strategy(
         "min_evaluate_nodes": 0,
         "min_available_nodes": n,
     }
-    from strategies.base import FedFuseStrategy
-    from strategies.fusion import FedFusion
-    from strategies.layerwise import LayerwiseAvg
-    from strategies.pfn import FedPFN
-
-    if cfg.get("client-widths") and not issubclass(cls, FedFusion):
-        raise ConfigError(f"client-widths={cfg['client-widths']!r} needs strategy wb or gwb; got {cfg['strategy']!r}")
-    if issubclass(cls, FedFuseStrategy):
-        kwargs["seed"] = int(cfg["seed"])
-        kwargs["template"] = template
-    if issubclass(cls, FedPFN):
-        kwargs["pfn_ratio"] = float(cfg["pfn-ratio"])
-        kwargs["pfn_granularity"] = str(cfg["pfn-granularity"])
-        kwargs["fusion"] = str(cfg["pfn-fusion"])
-        kwargs["example_input"] = example_input
-    if issubclass(cls, FedFusion):
-        kwargs["example_input"] = example_input
-        kwargs["solver"] = str(cfg["fusion-solver"])
-        kwargs["epsilon"] = float(cfg["fusion-epsilon"])
-        kwargs["max_iter"] = int(cfg["fusion-iters"]) or None
-        kwargs["bn_repair"] = str(cfg["bn-repair"])
-        if cfg["client-widths"]:
-            from fedfuse.experiment import client_widths, dataset_for, model_for
-
-            ds = dataset_for(cfg)
-            kwargs["client_widths"] = client_widths(cfg)
-            kwargs["model_factory"] = lambda w: model_for(cfg, ds, width=w)
-    if issubclass(cls, LayerwiseAvg):  # personalised evaluation on every client's holdout, every round
-        kwargs["preset"] = str(cfg["layerwise-preset"])
-        kwargs["fraction_evaluate"] = 1.0
+    if hasattr(cls, "from_config"):
+        return cls.from_config(cfg, model=model, example_input=example_input, **kwargs)
     return cls(**kwargs)

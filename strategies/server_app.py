@@ -1,8 +1,12 @@
 """fedfuse ServerApp: build the configured strategy, run it, evaluate centrally, checkpoint, write results.
 
 ``app`` is what ``flwr run .`` loads (config from ``[tool.flwr.app.config]`` + ``--run-config``);
-``make_server_app(cfg, on_round)`` is what ``fedfuse simulate`` hands to the simulation engine;
-``run_server(grid, cfg)`` runs on any Grid (the inline backend calls it directly).
+``make_server_app(cfg, on_round)`` is what the Ray runner hands to the simulation engine;
+``run_server(grid, cfg)`` runs on any Grid (the inline runner calls it directly).
+
+Everything a row of ``metrics.json`` holds comes from the central evaluation, from what the strategy's
+``aggregate_train``/``aggregate_evaluate`` return, or from the composed observers
+(:class:`strategies.observed.ObservedStrategy`) — never from a strategy's attributes.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedfuse.checkpoint import config_mismatch, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
-from fedfuse.config import validate_config
 from fedfuse.errors import ConfigError
 from fedfuse.experiment import dataset_for, model_for
 from fedfuse.results import RunWriter
 from fedfuse.train import evaluate
-from strategies.registry import build_strategy
+from strategies.monitor import ClientModelDump, LMCMonitor
+from strategies.observed import ObservedStrategy, RoundObserver
+from strategies.registry import build_strategy, validate_config
 
 __all__ = ["app", "make_server_app", "run_server"]
 
@@ -40,10 +45,12 @@ def run_server(
     out = Path(cfg["out"])
     ds = dataset_for(cfg)
     model = model_for(cfg, ds)
-    strategy = build_strategy(cfg, template=model_for(cfg, ds), example_input=ds.x_test[:2])
-    if hasattr(strategy, "configure_monitoring"):  # --lmc-monitor on the first 256 test samples; --save-client-models
-        lmc_data = (ds.x_test[:256], ds.y_test[:256]) if cfg["lmc-monitor"] else None
-        strategy.configure_monitoring(lmc_data=lmc_data, save_client_models=cfg["save-client-models"], out=out)
+    strategy = build_strategy(cfg, model=model_for(cfg, ds), example_input=ds.x_test[:2])
+    observers: list[RoundObserver] = []
+    if cfg["lmc-monitor"]:  # barriers on the first 256 test samples
+        observers.append(LMCMonitor(model_for(cfg, ds), ds.x_test[:256], ds.y_test[:256]))
+    if cfg["save-client-models"]:
+        observers.append(ClientModelDump(cfg["save-client-models"], out))
     writer = RunWriter(out, cfg)
     initial = ArrayRecord(model.state_dict())
     start_round, elapsed = 1, 0.0
@@ -54,30 +61,25 @@ def run_server(
             raise ConfigError(f"resume={str(out)!r}: {mismatch}")
         initial = ArrayRecord(ckpt["model"])
         writer.rows = list(ckpt["metrics"])
-        if hasattr(strategy, "load_state_dict"):
+        if hasattr(strategy, "load_state_dict"):  # fedfuse strategies' checkpoint protocol (state_dict/load)
             strategy.load_state_dict(ckpt.get("strategy", {}))
         restore_rng_states(ckpt["rng"])
         start_round = int(ckpt["round"]) + 1
         elapsed = float(writer.rows[-1]["wall_time"]) if writer.rows else 0.0
+    observed = ObservedStrategy(strategy, observers, first_round=start_round)
     t0 = time.perf_counter() - elapsed
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Row of round ``server_round`` (central test metrics + the round's record), then the checkpoint."""
         state = arrays.to_torch_state_dict()
         model.load_state_dict(state)
         loss, acc = evaluate(model, ds.x_test, ds.y_test)
-        train_metrics = getattr(strategy, "last_train_metrics", {}) if server_round > 0 else {}
-        stats = dict(getattr(strategy, "round_stats", {})) if server_round > 0 else {}
-        row = {
-            "round": server_round,
-            "central_accuracy": acc,
-            "central_loss": loss,
-            "client_train_loss": train_metrics.get("train-loss", float("nan")),
-            "client_train_accuracy": train_metrics.get("train-accuracy", float("nan")),
-            "replies": stats.pop("replies", 0.0),
-            "failures": stats.pop("failures", 0.0),
-            "wall_time": time.perf_counter() - t0,
-            **stats,
-        }
+        nan = float("nan")
+        row = {"round": server_round, "central_accuracy": acc, "central_loss": loss, "client_train_loss": nan,
+               "client_train_accuracy": nan, "replies": 0.0, "failures": 0.0}  # fmt: skip
+        if server_round > 0:
+            row |= observed.round_metrics()
+        row["wall_time"] = time.perf_counter() - t0
         writer.append(row)
         save_checkpoint(
             out,
@@ -95,19 +97,17 @@ def run_server(
         return MetricRecord({"accuracy": acc, "loss": loss})
 
     train_config = ConfigRecord({k: v for k, v in cfg.items() if isinstance(v, (str, int, float, bool))})
-    kwargs: dict[str, Any] = {"start_round": start_round} if start_round > 1 else {}
-    result = strategy.start(
+    result = observed.start(
         grid=grid,
         initial_arrays=initial,
         num_rounds=int(cfg["num-rounds"]),
         timeout=float(cfg["round-timeout"]),
         train_config=train_config,
         evaluate_fn=central_evaluate,
-        **kwargs,
     )
-    writer.finish(result.arrays.to_torch_state_dict(), str(cfg["strategy"]))
+    writer.finish(result.arrays.to_torch_state_dict() if len(result.arrays) else model.state_dict(), cfg["strategy"])
     if cfg["lmc-monitor"]:
-        from strategies.layerwise import plot_lmc_monitor
+        from fedfuse.lmc.monitor import plot_lmc_monitor
 
         plot_lmc_monitor(writer.rows, out / "lmc.png")
     return writer.rows[-1]

@@ -6,8 +6,8 @@ import pytest
 import tomllib
 
 from fedfuse.cli import main
-from fedfuse.config import OPTIONS, validate_config
 from fedfuse.errors import ConfigError
+from strategies.registry import OPTIONS, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -34,9 +34,9 @@ def test_fusion_strategy_arguments_are_validated() -> None:
     model = build_model("mlp", (1, 8, 8), 10)
     x = torch.zeros(2, 1, 8, 8)
     with pytest.raises(ConfigError, match="solver='lp' is not allowed; allowed: emd, sinkhorn"):
-        FedWB(template=model, example_input=x, solver="lp")
+        FedWB(model=model, example_input=x, solver="lp")
     with pytest.raises(ConfigError, match="epsilon=0 is out of range"):
-        FedWB(template=model, example_input=x, epsilon=0)
+        FedWB(model=model, example_input=x, epsilon=0)
 
     class Sorted(torch.nn.Module):
         def __init__(self) -> None:
@@ -48,7 +48,7 @@ def test_fusion_strategy_arguments_are_validated() -> None:
             return self.out(torch.sort(self.fc(x), dim=1).values)
 
     with pytest.raises(ConfigError, match="sort"):
-        FedWB(template=Sorted(), example_input=torch.zeros(2, 4))
+        FedWB(model=Sorted(), example_input=torch.zeros(2, 4))
 
 
 PLUGIN = '''
@@ -101,7 +101,7 @@ server = ServerApp()
 @server.main()
 def main(grid: Grid, context: Context) -> None:
     model = net()
-    strategy = FedWB(template=model, example_input=X[:2], fraction_evaluate=0.0, min_available_nodes=3)
+    strategy = FedWB(model=model, example_input=X[:2], fraction_evaluate=0.0, min_available_nodes=3)
     history = []
 
     def central(rnd: int, arrays: ArrayRecord) -> MetricRecord:

@@ -12,12 +12,14 @@ from flwr.app.message_type import MessageType
 from flwr.clientapp import ClientApp
 
 from clients import client_app as capp
-from fedfuse.config import validate_config
+from fedfuse import protocol
 from fedfuse.errors import ConfigError
 from fedfuse.experiment import dataset_for, model_for
 from fedfuse.lmc import layerwise_barriers
-from strategies.inline import InlineGrid
-from strategies.layerwise import head_keys, lmc_round_stats, shared_keys
+from fedfuse.lmc.monitor import lmc_round_stats
+from fedfuse.runners.inline import InlineGrid
+from fedfuse.selection import head_keys, shared_keys
+from strategies.registry import validate_config
 from strategies.server_app import run_server
 
 BASE = {"dataset": "digits", "width": 16, "num-clients": 3, "num-rounds": 2, "seed": 1, "local-epochs": 1}
@@ -105,7 +107,7 @@ def test_personal_layers_live_in_context_state_and_metrics_report_personal_accur
     _, grid, init, out = body_run
     heads = []
     for ctx in grid.contexts.values():
-        personal = ctx.state.array_records[capp.PERSONAL_STATE_KEY].to_torch_state_dict()
+        personal = ctx.state.array_records[protocol.PERSONAL_STATE].to_torch_state_dict()
         assert set(personal) == {"net.5.weight", "net.5.bias"}
         assert not torch.equal(personal["net.5.weight"], init["net.5.weight"])  # trained locally
         heads.append(personal["net.5.weight"])
@@ -125,14 +127,14 @@ def test_client_loads_its_stored_personal_layers_and_keeps_them_local() -> None:
     grid = InlineGrid(capp.app, 2)
     ctx = grid.contexts[1]
     sentinel = {k: torch.full_like(model.state_dict()[k], 7.0) for k in head}
-    ctx.state[capp.PERSONAL_STATE_KEY] = ArrayRecord(sentinel)
+    ctx.state[protocol.PERSONAL_STATE] = ArrayRecord(sentinel)
     config = ConfigRecord({**cfg, "server-round": 3, "shared-keys": ",".join(shared)})
     arrays = ArrayRecord({k: v for k, v in model.state_dict().items() if k in shared})
     msg = Message(RecordDict({"arrays": arrays, "config": config}), 1, MessageType.TRAIN)
     reply = grid._deliver(msg)
     assert not reply.has_error(), reply.error
     assert set(reply.content["arrays"].keys()) == set(shared)
-    stored = ctx.state.array_records[capp.PERSONAL_STATE_KEY].to_torch_state_dict()
+    stored = ctx.state.array_records[protocol.PERSONAL_STATE].to_torch_state_dict()
     for k in head:
         torch.testing.assert_close(stored[k], sentinel[k], atol=1e-4, rtol=0)
 
@@ -168,7 +170,7 @@ def test_no_bn_keeps_batchnorm_parameters_and_statistics_local(tmp_path) -> None
     for e in grid.log:
         for part in ("sent", "reply"):
             assert not bn & set(e.get(part, {})), part
-    personal = grid.contexts[1].state.array_records[capp.PERSONAL_STATE_KEY].to_torch_state_dict()
+    personal = grid.contexts[1].state.array_records[protocol.PERSONAL_STATE].to_torch_state_dict()
     assert set(personal) == bn
 
 

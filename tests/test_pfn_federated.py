@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from fedfuse.config import validate_config
 from fedfuse.experiment import dataset_for, derive_seed, model_for, round_mask
 from fedfuse.subspace import pfn_mask, pnu_mask
+from strategies.registry import validate_config
 
 pytestmark = pytest.mark.ray
 

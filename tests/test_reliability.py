@@ -18,9 +18,10 @@ from flwr.clientapp import ClientApp
 
 from fedfuse.checkpoint import load_checkpoint, save_checkpoint
 from fedfuse.errors import ConfigError
+from fedfuse.runners.inline import InlineGrid
 from fedfuse.validation import check_update
 from strategies.base import FedFuseStrategy
-from strategies.inline import InlineGrid
+from strategies.observed import ObservedStrategy
 
 REFERENCE = {"w": torch.zeros(3, 2), "b": torch.zeros(3), "n": torch.tensor(0)}
 
@@ -61,9 +62,11 @@ def _bad_client_app() -> ClientApp:
 def test_invalid_updates_are_rejected_before_aggregation() -> None:
     grid = InlineGrid(_bad_client_app(), 6)
     strategy = FedFuseStrategy(min_available_nodes=6, min_train_nodes=2)
-    result = strategy.start(grid, ArrayRecord(REFERENCE), num_rounds=1)
+    observed = ObservedStrategy(strategy)
+    result = observed.start(grid, ArrayRecord(REFERENCE), num_rounds=1)
     final = result.arrays.to_torch_state_dict()
-    assert strategy.round_stats["rejected"] == 4 and strategy.round_stats["replies"] == 2
+    stats = observed.round_metrics()  # what the ServerApp writes into metrics.json
+    assert stats["rejected"] == 4 and stats["replies"] == 2
     # the weighted average of the two valid replies only: (40·4 + 50·5) / 90
     assert torch.allclose(final["w"], torch.full((3, 2), (40 * 4 + 50 * 5) / 90))
     assert torch.isfinite(final["w"]).all() and final["b"].shape == (3,)
@@ -72,10 +75,10 @@ def test_invalid_updates_are_rejected_before_aggregation() -> None:
 def test_too_few_valid_updates_keep_the_previous_model() -> None:
     grid = InlineGrid(_bad_client_app(), 6)
     strategy = FedFuseStrategy(min_available_nodes=6, min_train_nodes=3)
-    result = strategy.start(grid, ArrayRecord(REFERENCE), num_rounds=2)
-    final = result.arrays.to_torch_state_dict()
-    assert all(torch.equal(final[k], REFERENCE[k]) for k in REFERENCE)
-    assert strategy.totals["skipped_rounds"] == 2 and strategy.totals["rejected"] == 8
+    result = strategy.start(grid, ArrayRecord(REFERENCE), num_rounds=2)  # Flower's own loop, no wrapper
+    assert not result.arrays  # no round produced a model: the caller keeps the initial one
+    rounds = result.train_metrics_clientapp.values()  # the statistics travel in the returned MetricRecords
+    assert sum(m["skipped"] for m in rounds) == 2 and sum(m["rejected"] for m in rounds) == 8
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,6 @@ from fedfuse.lmc.layerwise import (
 from fedfuse.lmc.monitor import lmc_round_stats, plot_lmc_monitor, save_client_states
 from fedfuse.lmc.plots import plot_cumulative, plot_curve, plot_layerwise
 from fedfuse.state import interpolate
-from fedfuse.state import weighted_average as average_states  # kept for strategies/ until they import fedfuse.state
 
 __all__ = [
     "METRICS",
@@ -57,7 +56,6 @@ __all__ = [
     "CumulativeResult",
     "MultiModelBarrier",
     "interpolate",
-    "average_states",
     "interpolation_curve",
     "max_barrier",
     "midpoint_barrier",

@@ -18,7 +18,7 @@ from torch import nn
 
 from fedfuse.errors import ConfigError
 from fedfuse.lmc.curves import BarrierStats, _curve, _reference_of, barrier_stats
-from fedfuse.select import matches
+from fedfuse.selection import matches
 
 __all__ = [
     "GroupBarrier",
@@ -89,7 +89,7 @@ def layer_groups(
 
     Default: one group per module owning parameters/buffers, named after the module; a BatchNorm joins the
     group of the Conv/Linear registered right before it. With ``patterns`` (a list of globs in the grammar of
-    :func:`fedfuse.select.matches`, each its own group, or a mapping name → glob(s)), a key goes to the first
+    :func:`fedfuse.selection.matches`, each its own group, or a mapping name → glob(s)), a key goes to the first
     group whose pattern matches it; keys matching nothing belong to no group.
     """
     state_keys = list(model.state_dict().keys())

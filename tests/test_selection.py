@@ -1,4 +1,4 @@
-"""fedfuse.select: one glob grammar for LMC layer groups, partial-averaging presets and PFN masks."""
+"""fedfuse.selection: one glob grammar for LMC layer groups, partial-averaging presets and PFN masks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 from fedfuse.errors import ConfigError
 from fedfuse.lmc import layer_groups
 from fedfuse.models import MLP, VGG
-from fedfuse.select import batchnorm_keys, head_keys, matches, select_keys, shared_keys
+from fedfuse.selection import batchnorm_keys, head_keys, matches, select_keys, shared_keys
 from fedfuse.subspace import pfn_mask
 
 KEYS = ["net.1.weight", "net.1.bias", "net.10.weight", "net.10.bias", "head.weight"]

@@ -5,12 +5,15 @@ polling and no serialisation round trip through a link state: each message is ha
 ClientApp of its destination node in this process, one node after another (pfl-research style).
 Messages still go through ``Message``/``RecordDict``/``ArrayRecord``, so the strategies see
 exactly what they see under Ray. Ray stays the default for multi-core and multi-node runs.
+
+Composition layer (imports Flower): nothing in the core imports this module.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -20,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-__all__ = ["InlineGrid"]
+__all__ = ["InlineGrid", "run_inline"]
 
 
 class InlineGrid(Grid):
@@ -65,6 +68,8 @@ class InlineGrid(Grid):
         return []
 
     def _deliver(self, message: Message) -> Message:
+        # A reply points at its instruction's id, which the link state assigns. Flower 1.41 has no public
+        # setter; its own InMemoryGrid.push_messages sets the id exactly like this.
         message.metadata.__dict__["_message_id"] = str(uuid4())
         node = message.metadata.dst_node_id
         if node not in self.contexts:
@@ -93,3 +98,13 @@ class InlineGrid(Grid):
             if timeout is None or time.monotonic() - start <= timeout:
                 replies.append(reply)
         return replies
+
+
+def run_inline(
+    cfg: dict[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None, *, resume: bool = False
+) -> None:
+    """fedfuse's ServerApp logic on an :class:`InlineGrid` of ``cfg['num-clients']`` nodes running its ClientApp."""
+    from clients.client_app import app as client_app
+    from strategies.server_app import run_server
+
+    run_server(InlineGrid(client_app, int(cfg["num-clients"])), cfg, on_round, resume=resume)

@@ -1,0 +1,65 @@
+"""Every key shared by the fedfuse ClientApp and the server side, in one place.
+
+Both ``clients/`` and ``strategies/`` import these names (the client never imports ``strategies``),
+so a key cannot drift between the two ends of the wire. Plain strings only: no Flower import.
+
+Messages: a TRAIN/EVALUATE message carries one ArrayRecord (the model, or its shared part) and one
+ConfigRecord (the whole validated run config plus the round keys below); a reply carries one
+ArrayRecord (TRAIN only), one MetricRecord (``num-examples`` and the client's metrics) and a
+ConfigRecord :data:`CLIENT_INFO` naming the client's partition. Readers take *the* ArrayRecord /
+ConfigRecord of a message whatever its key, so strategies may rename them (FedAvg's
+``arrayrecord_key``/``configrecord_key``); writers use :data:`ARRAYS`, :data:`METRICS`, :data:`CONFIG`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ARRAYS",
+    "METRICS",
+    "CONFIG",
+    "CLIENT_INFO",
+    "PARTITION_ID",
+    "NUM_PARTITIONS",
+    "DATA_DIR",
+    "NUM_EXAMPLES",
+    "TRAIN_LOSS",
+    "TRAIN_ACCURACY",
+    "EVAL_LOSS",
+    "EVAL_ACCURACY",
+    "SERVER_ROUND",
+    "SHARED_KEYS",
+    "PFN_MODE",
+    "PFN_RATIO",
+    "PFN_SEED",
+    "PFN_GRANULARITY",
+    "PERSONAL_STATE",
+]
+
+# record names inside a Message's RecordDict
+ARRAYS = "arrays"  # the model (ArrayRecord)
+METRICS = "metrics"  # a reply's MetricRecord
+CONFIG = "config"  # the round's ConfigRecord
+CLIENT_INFO = "client"  # a reply's ConfigRecord with the client's PARTITION_ID (deterministic ordering)
+
+# node_config keys (Flower simulation sets the first two; a deployed SuperNode gets them from --node-config)
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+DATA_DIR = "data-dir"  # a deployed SuperNode's own data directory (train.pt / train.npz)
+
+# MetricRecord keys of replies
+NUM_EXAMPLES = "num-examples"  # FedAvg's weighted_by_key
+TRAIN_LOSS = "train-loss"
+TRAIN_ACCURACY = "train-accuracy"
+EVAL_LOSS = "eval-loss"
+EVAL_ACCURACY = "eval-accuracy"
+
+# round keys the strategies add to the run config they send
+SERVER_ROUND = "server-round"
+SHARED_KEYS = "shared-keys"  # LayerwiseAvg: comma-joined state-dict keys that travel; the rest stay personal
+PFN_MODE = "pfn-mode"  # "pfn" (one mask all run) or "pnu" (a mask per round)
+PFN_RATIO = "pfn-ratio"
+PFN_SEED = "pfn-seed"
+PFN_GRANULARITY = "pfn-granularity"
+
+# Context.state record of a client
+PERSONAL_STATE = "layerwise-personal"  # LayerwiseAvg: this client's personal layers (ArrayRecord)

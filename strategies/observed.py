@@ -1,0 +1,173 @@
+"""ObservedStrategy: how the ServerApp runs *any* Message-API strategy and learns what happened in a round.
+
+The ServerApp never reads a strategy's internals. It wraps the strategy (fedfuse's or a user's plain
+``FedAvg`` subclass) in :class:`ObservedStrategy`, which delegates every call and records:
+
+- what any strategy exposes: messages sent, replies received, error replies, late replies
+  (sampled − received), and the MetricRecords ``aggregate_train``/``aggregate_evaluate`` return;
+- what :class:`RoundObserver` objects compute from the round's client models (the LMC monitor, the
+  client-model dump of :mod:`strategies.monitor`), given the replies that pass
+  :func:`fedfuse.validation.check_update` against the model that was sent.
+
+It also resumes: with ``first_round=k`` Flower's own ``Strategy.start`` loop runs rounds 1..N−k+1
+and every call is shifted to rounds k..N. Flower offers no start-round hook; this offset is the smallest
+wrapper that keeps its loop (no copy of it here). Flower's log then counts "[ROUND 1/…]" from the restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from fedfuse import protocol
+from fedfuse.validation import check_update
+
+__all__ = ["ClientModel", "RoundObserver", "ObservedStrategy"]
+
+log = logging.getLogger("fedfuse")
+
+
+@dataclass(frozen=True)
+class ClientModel:
+    """One valid client reply: a label (``partition3`` or ``node17``), its full state dict, its weight."""
+
+    label: str
+    state: dict[str, torch.Tensor]
+    weight: float
+
+
+class RoundObserver(Protocol):
+    """Looks at a round's client models; returns extra per-round metrics (may be empty)."""
+
+    def observe(self, server_round: int, clients: Sequence[ClientModel]) -> Mapping[str, float]: ...
+
+
+def _metric_keys(replies: Iterable[Message]) -> set[str]:
+    return {k for m in replies if not m.has_error() for rec in m.content.metric_records.values() for k in rec}
+
+
+@dataclass
+class _Round:
+    sampled: int = 0
+    received: int = 0
+    failures: int = 0
+    train: dict[str, float] = field(default_factory=dict)
+    train_client_keys: set[str] = field(default_factory=set)
+    evaluate: dict[str, float] = field(default_factory=dict)
+    evaluate_client_keys: set[str] = field(default_factory=set)
+    observed: dict[str, float] = field(default_factory=dict)
+
+
+class ObservedStrategy(Strategy):
+    """Delegates to ``inner``; :meth:`round_metrics` is the flat record of the last round."""
+
+    def __init__(self, inner: Strategy, observers: Sequence[RoundObserver] = (), *, first_round: int = 1) -> None:
+        self.inner = inner
+        self.observers = list(observers)
+        self.offset = int(first_round) - 1
+        self._round = _Round()
+        self._sent: dict[str, torch.Tensor] = {}
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(self.inner.configure_train(server_round + self.offset, arrays, config, grid))
+        self._round = _Round(sampled=len(messages))
+        if self.observers:
+            self._sent = arrays.to_torch_state_dict()
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        rnd = self._round
+        rnd.received = len(replies)
+        rnd.failures = sum(m.has_error() for m in replies)
+        rnd.train_client_keys = _metric_keys(replies)
+        if self.observers:
+            clients = self._client_models(replies)
+            for observer in self.observers:
+                rnd.observed.update(observer.observe(server_round + self.offset, clients))
+        arrays, metrics = self.inner.aggregate_train(server_round + self.offset, replies)
+        rnd.train = dict(metrics) if metrics is not None else {}
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self._round.evaluate_client_keys = _metric_keys(replies)
+        metrics = self.inner.aggregate_evaluate(server_round + self.offset, replies)
+        self._round.evaluate = dict(metrics) if metrics is not None else {}
+        return metrics
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Flower's loop over rounds ``first_round..num_rounds`` (round 0 is evaluated only on a fresh start)."""
+        shifted = None
+        if evaluate_fn is not None:
+
+            def shifted(rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
+                return None if rnd == 0 and self.offset else evaluate_fn(rnd + self.offset, arrays)
+
+        return super().start(
+            grid, initial_arrays, num_rounds - self.offset, timeout, train_config, evaluate_config, shifted
+        )
+
+    def round_metrics(self) -> dict[str, float]:
+        """The last round as one flat record: ``replies`` (valid), ``failures``, ``timeouts``, the strategy's
+        own statistics, the clients' aggregated metrics as ``client_<key>`` and the observers' metrics."""
+        rnd = self._round
+        row: dict[str, float] = {}
+        for metrics, client_keys in ((rnd.train, rnd.train_client_keys), (rnd.evaluate, rnd.evaluate_client_keys)):
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    name = key.replace("-", "_")
+                    row["client_" + name if key in client_keys else name] = float(value)
+        row["replies"] = float(rnd.received - rnd.failures - row.get("rejected", 0.0))
+        row["failures"] = float(rnd.failures)
+        row["timeouts"] = float(max(rnd.sampled - rnd.received, 0))
+        return {**row, **rnd.observed}
+
+    def _client_models(self, replies: Sequence[Message]) -> list[ClientModel]:
+        """Valid replies as full models (a partial reply is completed with the sent model), sorted by label."""
+        out: list[tuple[tuple[int, int], ClientModel]] = []
+        for msg in replies:
+            content = msg.content if not msg.has_error() else None
+            if content is None or len(content.array_records) != 1 or len(content.metric_records) != 1:
+                continue
+            weight = next(iter(content.metric_records.values())).get(protocol.NUM_EXAMPLES)
+            try:
+                state = {**self._sent, **next(iter(content.array_records.values())).to_torch_state_dict()}
+            except Exception:  # noqa: BLE001 — the strategy rejects (and logs) undecodable replies itself
+                continue
+            if check_update(state, self._sent, weight) is not None:
+                continue
+            info = content.config_records.get(protocol.CLIENT_INFO)
+            pid = int(info.get(protocol.PARTITION_ID, -1)) if info is not None else -1
+            node = msg.metadata.src_node_id
+            key, label = ((0, pid), f"partition{pid}") if pid >= 0 else ((1, node), f"node{node}")
+            out.append((key, ClientModel(label, state, float(weight))))  # type: ignore[arg-type]
+        return [client for _, client in sorted(out, key=lambda item: item[0])]

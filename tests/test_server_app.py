@@ -1,0 +1,41 @@
+"""The ServerApp reports what any strategy returns: a user's plain FedAvg subclass gets real client metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+USER_STRATEGY = '''
+"""A user's own strategy: Flower only, nothing from fedfuse."""
+from flwr.serverapp.strategy import FedAvg
+
+
+class LoudFedAvg(FedAvg):
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        metrics["server-note"] = float(server_round)  # a strategy statistic, not a client metric
+        return arrays, metrics
+'''
+
+
+def test_a_users_plain_fedavg_subclass_reports_client_metrics(tmp_path: Path) -> None:
+    (tmp_path / "user_strategies.py").write_text(textwrap.dedent(USER_STRATEGY))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", "--no-progress", "--backend", "inline",
+           "--strategy", "user_strategies:LoudFedAvg", "--dataset", "digits", "--num-clients", "3",
+           "--rounds", "2", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert math.isfinite(row["client_train_loss"]) and 0.0 <= row["client_train_accuracy"] <= 1.0
+        assert row["replies"] == 3 and row["failures"] == 0 and row["timeouts"] == 0
+        assert row["server_note"] == row["round"]  # the strategy's own key, kept apart from client metrics
+    assert rows[2]["client_train_loss"] < rows[1]["client_train_loss"]
