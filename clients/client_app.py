@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from clients.personal import holdout_split, keep_personal, load_personal, shared_keys_of
 from fedfuse import protocol
+from fedfuse.config import OPTIONS
 from fedfuse.experiment import (
     client_data,
     client_model,
@@ -53,8 +54,22 @@ def _local_xy(cfg: dict[str, Any], context: Context) -> tuple[Any, Any]:
 
 
 def _run_config(msg: Message) -> dict[str, Any]:
-    """The message's one ConfigRecord (the run config + round keys), whatever the strategy named it."""
-    return dict(next(iter(msg.content.config_records.values())))
+    """The message's one ConfigRecord (the run config + round keys), whatever the strategy named it.
+
+    Every core run option must be there (fedfuse's ServerApp sends them all); a missing one is an error
+    reply naming it, never a KeyError deep inside training.
+    """
+    records = list(msg.content.config_records.values())
+    cfg = dict(records[0]) if len(records) == 1 else {}
+    missing = [key for key in OPTIONS if key not in cfg]
+    if len(records) != 1 or missing:
+        found = f"{len(records)} ConfigRecords" if len(records) != 1 else f"lacks {', '.join(map(repr, missing[:6]))}"
+        raise ValueError(
+            f"fedfuse ClientApp: the {msg.metadata.message_type} message's config {found}"
+            f"{' ...' if len(missing) > 6 else ''}; send the whole run config, e.g. "
+            "train_config=ConfigRecord(strategies.registry.validate_config({...}))"
+        )
+    return cfg
 
 
 def _received_state(msg: Message) -> dict[str, torch.Tensor]:

@@ -103,6 +103,7 @@ def run_server(
         num_rounds=int(cfg["num-rounds"]),
         timeout=float(cfg["round-timeout"]),
         train_config=train_config,
+        evaluate_config=ConfigRecord(dict(train_config)),  # clients evaluate under the same run config
         evaluate_fn=central_evaluate,
     )
     writer.finish(result.arrays.to_torch_state_dict() if len(result.arrays) else model.state_dict(), cfg["strategy"])

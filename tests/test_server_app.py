@@ -39,3 +39,20 @@ def test_a_users_plain_fedavg_subclass_reports_client_metrics(tmp_path: Path) ->
         assert row["replies"] == 3 and row["failures"] == 0 and row["timeouts"] == 0
         assert row["server_note"] == row["round"]  # the strategy's own key, kept apart from client metrics
     assert rows[2]["client_train_loss"] < rows[1]["client_train_loss"]
+
+
+def test_fedfuse_clientapp_names_a_missing_config_key_in_its_error_reply() -> None:
+    """A user's ServerApp that sends fedfuse's ClientApp no run config gets an error reply naming the keys."""
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+    from flwr.app.message_type import MessageType
+
+    from clients.client_app import app
+    from fedfuse.runners.inline import InlineGrid
+
+    grid = InlineGrid(app, 2)
+    content = RecordDict({"arrays": ArrayRecord({"w": torch.zeros(2)}), "config": ConfigRecord({"lr": 0.1})})
+    msg = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=1)
+    (reply,) = grid.send_and_receive([msg])
+    assert reply.has_error()
+    assert "config lacks 'strategy', 'dataset'" in reply.error.reason and "validate_config" in reply.error.reason
