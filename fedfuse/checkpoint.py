@@ -1,7 +1,9 @@
 """Round checkpoints: written atomically every round, read back for an exact resume.
 
 A checkpoint holds the round number, the run config, the global model, the strategy's state,
-the RNG states of this process (torch, numpy, random) and the metrics history.
+the RNG states of this process (torch, numpy, random) and the metrics history — only tensors and plain
+types (dict, list, tuple, str, int, float, bool, None), so it is read with ``torch.load(weights_only=True)``:
+loading a checkpoint never runs code, whoever wrote the file.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import torch
 from fedfuse.errors import ConfigError
 from fedfuse.results import atomic_write_bytes
 
-__all__ = ["CHECKPOINT", "save_checkpoint", "load_checkpoint", "rng_states", "restore_rng_states", "config_mismatch"]
+__all__ = [
+    "CHECKPOINT", "save_checkpoint", "load_checkpoint", "rng_states", "restore_rng_states", "config_mismatch", "plain"
+]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -27,19 +31,52 @@ RESUMABLE_OVERRIDES = frozenset({"out"})
 
 
 def rng_states() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+    """This process's RNG states as tensors and plain types (what ``weights_only`` loading allows)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},  # fmt: skip
+        "random": {"version": int(version), "state": [int(v) for v in internal], "gauss_next": gauss_next},
+    }
 
 
 def restore_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore :func:`rng_states`."""
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["random"])
+    npy = states["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["name"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    rnd = states["random"]
+    random.setstate((rnd["version"], tuple(rnd["state"]), rnd["gauss_next"]))
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` as tensors and plain types (numpy scalars/arrays converted); TypeError for anything else."""
+    if obj is None or isinstance(obj, (bool, str, torch.Tensor)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, Mapping):
+        return {plain(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and type(obj) is tuple:
+        return tuple(plain(v) for v in obj)
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    raise TypeError(f"a checkpoint holds tensors and plain types only, not {type(obj).__name__}")
 
 
 def save_checkpoint(out: Path, payload: Mapping[str, Any]) -> Path:
     """``torch.save`` into memory, then temp file + rename: a crash mid-write keeps the previous one."""
     buf = io.BytesIO()
-    torch.save(dict(payload), buf)
+    torch.save(plain(dict(payload)), buf)
     path = Path(out) / CHECKPOINT
     atomic_write_bytes(path, buf.getvalue())
     return path
@@ -51,9 +88,12 @@ def load_checkpoint(out: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"resume={str(out)!r} holds no {CHECKPOINT}; allowed: an --out directory of an earlier run")
     try:
-        ckpt = torch.load(path, weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"resume={str(out)!r}: {CHECKPOINT} cannot be read ({type(exc).__name__})") from None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    except Exception as exc:  # noqa: BLE001 — unreadable, or it holds something other than tensors/plain types
+        raise ConfigError(
+            f"resume={str(out)!r}: {path} cannot be read as a fedfuse checkpoint ({type(exc).__name__}); "
+            "only tensors and plain types are loaded"
+        ) from None
     if not isinstance(ckpt, dict) or not {"round", "config", "model"} <= set(ckpt):
         raise ConfigError(f"resume={str(out)!r}: {CHECKPOINT} is not a fedfuse checkpoint")
     return ckpt

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from numbers import Number
 
 import torch
 
-__all__ = ["check_update"]
+__all__ = ["check_update", "check_num_examples", "MAX_NUM_EXAMPLES"]
+
+MAX_NUM_EXAMPLES = 1e9  # default bound on a reply's num-examples (its aggregation weight)
 
 ShapeCheck = Callable[[str, tuple[int, ...], tuple[int, ...]], bool]
 
@@ -18,17 +21,17 @@ def check_update(
     num_examples: object,
     *,
     shape_ok: ShapeCheck | None = None,
+    max_num_examples: float = MAX_NUM_EXAMPLES,
 ) -> str | None:
     """Why ``state`` cannot be aggregated against the global ``reference``, or None when it can.
 
     Rules: the same keys; the same dtype per key; the same shape per key (or, with width
     heterogeneity, ``shape_ok(key, shape, reference_shape)``); every value finite; ``num_examples``
-    a positive integer.
+    a positive integer <= ``max_num_examples``. Never raises on a malformed reply: every fault is a reason.
     """
-    if isinstance(num_examples, bool) or not isinstance(num_examples, Number):
-        return f"num-examples={num_examples!r} is not a number"
-    if float(num_examples) != int(float(num_examples)) or int(float(num_examples)) <= 0:
-        return f"num-examples={num_examples!r} is not a positive integer"
+    reason = check_num_examples(num_examples, max_num_examples)
+    if reason is not None:
+        return reason
     missing = sorted(set(reference) - set(state))
     extra = sorted(set(state) - set(reference))
     if missing:
@@ -45,4 +48,23 @@ def check_update(
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
             return f"{key}: {bad} non-finite value(s)"
+    return None
+
+
+def check_num_examples(num_examples: object, max_num_examples: float = MAX_NUM_EXAMPLES) -> str | None:
+    """Why ``num_examples`` is not a usable aggregation weight (a positive integer <= the bound), or None."""
+    if isinstance(num_examples, bool) or not isinstance(num_examples, Number):
+        return f"num-examples={num_examples!r} is not a number"
+    try:
+        value = float(num_examples)  # type: ignore[arg-type]
+    except OverflowError:
+        return f"num-examples={num_examples!r} exceeds the limit {max_num_examples:g}"
+    except (TypeError, ValueError):  # complex, exotic Number types
+        return f"num-examples={num_examples!r} is not a real number"
+    if not math.isfinite(value):
+        return f"num-examples={num_examples!r} is not finite"
+    if value <= 0 or value != math.floor(value):
+        return f"num-examples={num_examples!r} is not a positive integer"
+    if value > max_num_examples:
+        return f"num-examples={num_examples!r} exceeds the limit {max_num_examples:g}"
     return None

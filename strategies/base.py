@@ -1,8 +1,9 @@
 """FedFuseStrategy: Flower's FedAvg, made deterministic and strict about what it aggregates.
 
 Only what every fedfuse strategy shares: seeded sampling and a fixed reply order
-(:mod:`strategies.sampling`); reply validation (:func:`fedfuse.validation.check_update`) before any
-aggregation, keeping the previous model when fewer than ``min_train_nodes`` updates are valid; round
+(:mod:`strategies.sampling`); reply validation (keys and size against the sent model before anything is
+decoded, then :func:`fedfuse.validation.check_update`) before any aggregation, keeping the previous model
+when fewer than ``min_train_nodes`` updates are valid; round
 statistics (``rejected``, ``skipped``, ``aggregate_s`` + ``self.round_metrics``) in the MetricRecord
 ``aggregate_train`` returns. The round loop is Flower's own ``Strategy.start``. Subclasses override
 :meth:`aggregate_arrays` and, for run options, ``options`` + :meth:`from_config` (:mod:`strategies.registry`).
@@ -25,7 +26,7 @@ from fedfuse import protocol
 from fedfuse.config import Option
 from fedfuse.errors import ConfigError
 from fedfuse.state import weighted_average
-from fedfuse.validation import check_update
+from fedfuse.validation import MAX_NUM_EXAMPLES, check_update
 from strategies.sampling import NodeOrder, seeded_sample
 
 __all__ = ["FedFuseStrategy"]
@@ -42,7 +43,16 @@ class FedFuseStrategy(FedAvg):
 
     options: ClassVar[tuple[Option, ...]] = ()  # run options this strategy reads (beyond the core ones)
 
-    def __init__(self, *, seed: int = 0, query_timeout: float = 600.0, **fedavg_kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        discover_partitions: bool = False,
+        query_timeout: float = 600.0,
+        max_num_examples: float = MAX_NUM_EXAMPLES,
+        max_reply_factor: float = 2.0,
+        **fedavg_kwargs: Any,
+    ) -> None:
         fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
         if fedavg_kwargs["fraction_evaluate"] == 0.0:
             fedavg_kwargs.setdefault("min_evaluate_nodes", 0)
@@ -54,9 +64,14 @@ class FedFuseStrategy(FedAvg):
                             ("seed", seed)]:  # fmt: skip
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name}={value!r} is out of range; allowed: an integer >= 0")
+        for name, value in (("max_num_examples", max_num_examples), ("max_reply_factor", max_reply_factor)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) > 0:
+                raise ConfigError(f"{name}={value!r} is out of range; allowed: a number > 0")
         super().__init__(**fedavg_kwargs)
         self.seed = int(seed)
-        self.nodes = NodeOrder(query_timeout)
+        self.max_num_examples = float(max_num_examples)  # a reply's num-examples above this is rejected
+        self.max_reply_factor = float(max_reply_factor)  # a reply above this × the sent model's bytes is rejected
+        self.nodes = NodeOrder(query_timeout, query=discover_partitions)  # see strategies.sampling
         self.round_metrics: dict[str, float] = {}  # statistics of the current round, returned with the metrics
         self._sent: State = {}
         self._sent_to: dict[int, State] = {}  # per node, where nodes get different models (width heterogeneity)
@@ -64,8 +79,15 @@ class FedFuseStrategy(FedAvg):
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, model: Any = None, example_input: Any = None, **kwargs: Any):
-        """The strategy a validated run config asks for; ``kwargs`` are FedAvg's sampling arguments."""
-        return cls(seed=int(cfg["seed"]), **kwargs)
+        """The strategy a validated run config asks for (fedfuse's ServerApp, whose ClientApp answers the
+        partition query); ``kwargs`` are FedAvg's sampling arguments, :meth:`config_kwargs` the strategy's own."""
+        own = cls.config_kwargs(cfg, model=model, example_input=example_input)
+        return cls(**{**kwargs, "seed": int(cfg["seed"]), "discover_partitions": True, **own})
+
+    @classmethod
+    def config_kwargs(cls, cfg: Mapping[str, Any], *, model: Any, example_input: Any) -> dict[str, Any]:
+        """Constructor arguments from this strategy's run options (none here)."""
+        return {}
 
     # ---- sampling -------------------------------------------------------------------------------
     def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, kind: str):
@@ -108,20 +130,45 @@ class FedFuseStrategy(FedAvg):
         metrics = next(iter(content.metric_records.values()))
         if self.weighted_by_key not in metrics:
             return f"MetricRecord lacks {self.weighted_by_key!r}"
+        sent = self._sent_to.get(msg.metadata.src_node_id, self._sent)
+        record = next(iter(content.array_records.values()))
+        reason = self._reply_size_reason(record, sent)
+        if reason is not None:
+            return reason
         try:
-            state = next(iter(content.array_records.values())).to_torch_state_dict()
+            state = record.to_torch_state_dict()
         except Exception as exc:  # noqa: BLE001 — undecodable arrays are a bad update, not a crash
             return f"arrays cannot be decoded ({type(exc).__name__})"
         weight = metrics[self.weighted_by_key]
-        sent = self._sent_to.get(msg.metadata.src_node_id, self._sent)
-        reason = check_update(state, sent, weight, shape_ok=self.shape_ok)
+        reason = check_update(state, sent, weight, shape_ok=self.shape_ok, max_num_examples=self.max_num_examples)
         return reason if reason is not None else (state, float(weight))  # type: ignore[arg-type]
+
+    def _reply_size_reason(self, record: ArrayRecord, sent: State) -> str | None:
+        """Keys the sent model lacks, or more bytes than ``max_reply_factor`` × the sent model's, checked on
+        the serialised arrays before anything is decoded (a reply cannot make the server allocate much)."""
+        extra = sorted(k for k in record.keys() if k not in sent)
+        if extra:
+            return f"unexpected key(s) {extra[:3]}"
+        # the sent model's raw bytes + 256 per array for the serialisation header (.npy: 128 bytes)
+        limit = self.max_reply_factor * sum(t.numel() * t.element_size() + 256 for t in sent.values())
+        size = 0
+        for key in record.keys():
+            data = getattr(record[key], "data", None)
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                return f"{key}: not a serialised array"
+            size += len(data)
+        if size > limit:
+            return f"reply of {size} bytes exceeds {self.max_reply_factor:g} × the sent model ({limit:.0f} bytes)"
+        return None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Reject invalid updates, then :meth:`aggregate_arrays` the rest in partition order."""
-        replies = sorted(replies, key=lambda m: self.nodes.key(m.metadata.src_node_id))
+        replies = list(replies)
+        for msg in replies:
+            self.nodes.learn(msg)
+        replies.sort(key=lambda m: self.nodes.key(m.metadata.src_node_id))
         valid, states, weights = [], [], []
         for msg in replies:
             label = self.nodes.label(msg.metadata.src_node_id)

@@ -107,22 +107,20 @@ class FedFusion(FedFuseStrategy):
         self.global_sizes = self.spec.sizes
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], *, model: Any = None, example_input: Any = None, **kwargs: Any):
+    def config_kwargs(cls, cfg: Mapping[str, Any], *, model: Any, example_input: Any) -> dict[str, Any]:
         from fedfuse.experiment import client_widths, dataset_for, model_for
 
-        widths = client_widths(cfg)
-        return cls(
-            model=model,
-            example_input=example_input,
-            solver=str(cfg["fusion-solver"]),
-            epsilon=float(cfg["fusion-epsilon"]),
-            max_iter=int(cfg["fusion-iters"]) or None,
-            bn_repair=str(cfg["bn-repair"]),
-            client_widths=widths or None,
-            model_factory=(lambda w: model_for(cfg, dataset_for(cfg), width=w)) if widths else None,
-            seed=int(cfg["seed"]),
-            **kwargs,
-        )
+        widths = client_widths(cfg) if "client-widths" in cfg else []
+        return {
+            "model": model,
+            "example_input": example_input,
+            "solver": str(cfg["fusion-solver"]),
+            "epsilon": float(cfg["fusion-epsilon"]),
+            "max_iter": int(cfg["fusion-iters"]) or None,
+            "bn_repair": str(cfg["bn-repair"]),
+            "client_widths": widths or None,
+            "model_factory": (lambda w: model_for(cfg, dataset_for(cfg), width=w)) if widths else None,
+        }
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -81,10 +81,9 @@ class LayerwiseAvg(FedFuseStrategy):
         self._run_config: dict[str, Any] = {}
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], *, model: Any = None, example_input: Any = None, **kwargs: Any):
+    def config_kwargs(cls, cfg: Mapping[str, Any], *, model: Any, example_input: Any) -> dict[str, Any]:
         # personalised evaluation on every client's holdout, every round
-        kwargs["fraction_evaluate"] = 1.0
-        return cls(model=model, preset=str(cfg["layerwise-preset"]), seed=int(cfg["seed"]), **kwargs)
+        return {"model": model, "preset": str(cfg["layerwise-preset"]), "fraction_evaluate": 1.0}
 
     def _shared_record(self, state: Mapping[str, torch.Tensor]) -> ArrayRecord:
         return ArrayRecord({k: state[k] for k in self.shared})

@@ -79,16 +79,14 @@ class FedPFN(FedFuseStrategy):
         self.reference_state: dict[str, torch.Tensor] | None = None
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], *, model: Any = None, example_input: Any = None, **kwargs: Any):
-        return cls(
-            model=model,
-            pfn_ratio=float(cfg["pfn-ratio"]),
-            pfn_granularity=str(cfg["pfn-granularity"]),
-            fusion=str(cfg["pfn-fusion"]),
-            example_input=example_input,
-            seed=int(cfg["seed"]),
-            **kwargs,
-        )
+    def config_kwargs(cls, cfg: Mapping[str, Any], *, model: Any, example_input: Any) -> dict[str, Any]:
+        return {
+            "model": model,
+            "pfn_ratio": float(cfg["pfn-ratio"]),
+            "pfn_granularity": str(cfg["pfn-granularity"]),
+            "fusion": str(cfg["pfn-fusion"]),
+            "example_input": example_input,
+        }
 
     def pfn_config(self) -> dict[str, Any]:
         """The round-config keys clients rebuild the mask from (the mask itself never travels)."""

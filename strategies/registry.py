@@ -1,7 +1,7 @@
 """Strategy names → classes, the full option schema, and construction from a run config.
 
 Adding a strategy = one module + one line in :data:`STRATEGIES`. Its run options live on the class
-(``options``, :class:`fedfuse.config.Option`) and its construction in ``from_config``; this module
+(``options``, :class:`fedfuse.config.Option`) and its construction in ``config_kwargs``; this module
 merges the options into the schema the CLI, ``flwr run`` and the ServerApp validate against.
 
 A name is a registered one (``fedavg``) or any ``package.module:Class`` path to a Flower Message-API

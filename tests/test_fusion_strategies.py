@@ -124,6 +124,8 @@ def test_fedwb_plugs_into_a_users_own_serverapp(tmp_path) -> None:
     script.write_text(PLUGIN)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "Traceback" not in log and "ClientAppException" not in log, log[-3000:]  # no QUERY to a user's app
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("HISTORY"))
     history = json.loads(line.split(" ", 1)[1])
     assert len(history) == 3 and history[2] > history[0] + 0.3, history

@@ -1,0 +1,153 @@
+"""Security and integrity: nothing fedfuse reads runs code, replies cannot crash or flood the server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedfuse.runners.inline import InlineGrid
+from fedfuse.validation import check_update
+from strategies.base import FedFuseStrategy
+from strategies.observed import ObservedStrategy
+
+REFERENCE = {"w": torch.zeros(3, 2), "b": torch.zeros(3), "n": torch.tensor(0)}
+
+
+class _Payload:
+    """Unpickling this runs code: it writes ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def _crafted(path: Path, marker: Path, payload: dict) -> None:
+    torch.save({**payload, "x": _Payload(marker)}, path)
+    # the payload is live: an unsafe load would run it
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+
+
+def _fedfuse(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedfuse.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_resume_from_a_crafted_checkpoint_runs_no_code(tmp_path) -> None:
+    marker = tmp_path / "marker"
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = {"num-rounds": 2, "seed": 0, "dataset": "mnist1d", "model": "mlp", "out": str(run)}
+    _crafted(run / "checkpoint.pt", marker, {"round": 1, "config": cfg, "model": {}})
+    proc = _fedfuse("simulate", "--no-progress", "--backend", "inline", "--resume", str(run))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(run / "checkpoint.pt") in lines[0] and "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
+def test_lmc_on_a_crafted_model_file_runs_no_code(tmp_path) -> None:
+    marker = tmp_path / "marker"
+    evil, good = tmp_path / "evil.pt", tmp_path / "good.pt"
+    _crafted(evil, marker, {"w": torch.zeros(1)})
+    torch.save({"w": torch.zeros(1)}, good)
+    proc = _fedfuse("lmc", str(evil), str(good), "--dataset", "mnist1d", "--model", "mlp", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(evil) in lines[0]
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("n", "reason"),
+    [
+        (float("nan"), "not finite"),
+        (float("inf"), "not finite"),
+        (float("-inf"), "not finite"),
+        (-3, "not a positive integer"),
+        (0, "not a positive integer"),
+        (1e12, "exceeds the limit"),
+        (10**400, "exceeds the limit"),
+        (True, "not a number"),
+        ("7", "not a number"),
+        (None, "not a number"),
+        ([1, 2], "not a number"),
+        (1 + 2j, "not a real number"),
+        (5, None),
+        (5.0, None),
+    ],
+)
+def test_check_update_never_raises_on_num_examples(n, reason) -> None:
+    got = check_update(dict(REFERENCE), REFERENCE, n)
+    assert (got is None) if reason is None else (reason in got)
+
+
+def test_max_num_examples_is_configurable() -> None:
+    assert check_update(dict(REFERENCE), REFERENCE, 500, max_num_examples=100) is not None
+    assert check_update(dict(REFERENCE), REFERENCE, 1e12, max_num_examples=1e13) is None
+    with pytest.raises(ValueError, match="max_reply_factor=0 is out of range"):
+        FedFuseStrategy(max_reply_factor=0)
+
+
+def _malicious_client_app() -> ClientApp:
+    """Partition 0: num-examples NaN; 1: inf; 2: 1e12; 3: an extra large array; 4: a huge value for a known key;
+    5, 6: good."""
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        pid = context.node_config["partition-id"]
+        return Message(RecordDict({"client": ConfigRecord({"partition-id": pid})}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        state = {k: v.clone() for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+        n: float = 10
+        if pid == 0:
+            n = float("nan")
+        elif pid == 1:
+            n = float("inf")
+        elif pid == 2:
+            n = 1e12
+        elif pid == 3:
+            state["extra"] = torch.zeros(10**6)
+        elif pid == 4:
+            state["w"] = torch.zeros(1000, 1000)
+        return Message(
+            RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": n})}), reply_to=msg
+        )
+
+    return app
+
+
+def test_malformed_and_oversized_replies_are_rejected(caplog) -> None:
+    grid = InlineGrid(_malicious_client_app(), 7)
+    strategy = FedFuseStrategy(min_available_nodes=7, min_train_nodes=2)
+    observed = ObservedStrategy(strategy)
+    result = observed.start(grid, ArrayRecord(REFERENCE), num_rounds=2)
+    stats = observed.round_metrics()
+    assert stats["rejected"] == 5 and stats["replies"] == 2 and stats["skipped"] == 0
+    final = result.arrays.to_torch_state_dict()
+    assert set(final) == set(REFERENCE) and final["w"].shape == (3, 2)
+    text = caplog.text
+    assert "not finite" in text and "exceeds the limit" in text
+    assert "unexpected key(s) ['extra']" in text and "exceeds 2 × the sent model" in text
+
+
+def test_reply_size_is_checked_before_decoding(monkeypatch) -> None:
+    strategy = FedFuseStrategy()
+    strategy._sent = dict(REFERENCE)
+    big = ArrayRecord({"w": torch.zeros(100, 100), "b": torch.zeros(3), "n": torch.tensor(0)})
+    monkeypatch.setattr(ArrayRecord, "to_torch_state_dict", lambda self: pytest.fail("decoded"))
+    assert "exceeds" in strategy._reply_size_reason(big, strategy._sent)
+    assert "unexpected" in strategy._reply_size_reason(ArrayRecord({"z": torch.zeros(1)}), strategy._sent)
+    assert strategy._reply_size_reason(ArrayRecord(dict(REFERENCE)), strategy._sent) is None
