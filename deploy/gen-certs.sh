@@ -15,7 +15,13 @@
 #                    are always included)
 #   CERT_DAYS        validity in days (default 365)
 #   FORCE=1          overwrite existing files (default: keep an existing CA and keys, regenerate nothing)
+#   CONTAINER_UID    chown the output to this uid (Flower's images run as `app`, uid 49999; needs root), so the
+#                    containers can read the private files, which stay 0600 in 0700 directories
+#
+# Private keys and the SuperExec secret are written 0600, their directories 0700 (umask 077); certificates
+# and public keys are 0644.
 set -euo pipefail
+umask 077
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${1:-$here}"
@@ -35,7 +41,6 @@ else
   rm -rf "$certs" "$keys" "$secrets"
 fi
 mkdir -p "$certs" "$keys" "$secrets"
-umask 077
 
 server_cert() {  # name cn sans
   local name="$1" cn="$2" sans="$3" ext
@@ -71,14 +76,19 @@ for i in $(seq 1 "$n"); do
   ssh-keygen -q -t ecdsa -b 384 -N "" -C "supernode-$i" -f "$keys/supernode-$i"
 done
 
-# Containers run as Flower's unprivileged `app` user: make the mounted files readable (the CA key stays private).
+# Private: keys and the secret 0600, directories 0700 (also for files kept from an earlier run); public: 0644.
 shopt -s nullglob
-chmod 755 "$certs" "$keys" "$secrets"
-chmod 644 "$certs"/*.crt "$certs"/superlink.key "$certs"/supernode.key "$secrets"/superexec.secret
-key_files=("$keys"/*)
-(( ${#key_files[@]} )) && chmod 644 "${key_files[@]}"
-chmod 600 "$certs/ca.key"
+chmod 700 "$certs" "$keys" "$secrets"
+private=("$certs"/*.key "$secrets"/*)
+public=("$certs"/*.crt "$keys"/*.pub)
+for f in "$keys"/*; do [[ "$f" == *.pub ]] || private+=("$f"); done
+(( ${#private[@]} )) && chmod 600 "${private[@]}"
+(( ${#public[@]} )) && chmod 644 "${public[@]}"
 rm -f "$certs/ca.srl"
+if [[ -n "${CONTAINER_UID:-}" ]]; then
+  chown -R "$CONTAINER_UID" "$certs" "$keys" "$secrets" || {
+    echo "gen-certs.sh: chown to CONTAINER_UID=$CONTAINER_UID failed (run as root)" >&2; exit 1; }
+fi
 if [[ "$keep" == 1 ]]; then
   echo "gen-certs.sh: kept $certs and $secrets; $keys has SuperNode key pairs 1..$n"
 else

@@ -6,7 +6,8 @@ import Flower, ``strategies`` and ``clients`` — lazily, inside functions).
     fedfuse simulate --compare fedavg,wb ...
 
 Bad input exits with code 2 and one line on stderr, before Ray starts and before anything in
-``--out`` is touched.
+``--out`` is touched. A run that cannot write its results (the path named), or in which no round produced
+a model, exits with code 1 and one line; results already written stay as they were.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfuse.config import OPTIONS
-from fedfuse.errors import ConfigError
+from fedfuse.errors import ConfigError, RunFailedError
 
 __all__ = ["main", "build_parser", "config_from_args", "preflight"]
 
@@ -114,8 +115,8 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return validate_config(given, check_owners=not getattr(args, "compare", None))
 
 
-def resume_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The config of the checkpoint in ``--resume DIR``; flags given explicitly must agree with it."""
+def resume_config(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    """The config of the checkpoint in ``--resume DIR`` and its round; flags given explicitly must agree."""
     from fedfuse.checkpoint import config_mismatch, load_checkpoint
 
     ckpt = load_checkpoint(Path(args.resume))
@@ -123,14 +124,14 @@ def resume_config(args: argparse.Namespace) -> dict[str, Any]:
     mismatch = config_mismatch(ckpt["config"], validate_config(given, fill_defaults=False))
     if mismatch:
         raise ConfigError(f"resume={args.resume!r}: {mismatch}; a resumed run keeps its checkpoint's config")
-    return validate_config({**ckpt["config"], "out": args.resume})
+    return validate_config({**ckpt["config"], "out": args.resume}), int(ckpt["round"])
 
 
 def preflight(cfg: dict[str, Any], overwrite: bool | None) -> None:
     """Every check that can fail, before Ray starts: strategy, data, partition sizes, output dir."""
     from fedfuse.data.partition import partition_indices
     from fedfuse.experiment import dataset_for
-    from fedfuse.results import check_out_dir
+    from fedfuse.results import check_out_dir, check_writable
     from strategies.registry import resolve_strategy  # composition root: lazy import
 
     resolve_strategy(str(cfg["strategy"]))
@@ -153,6 +154,7 @@ def preflight(cfg: dict[str, Any], overwrite: bool | None) -> None:
     )
     if overwrite is not None:
         check_out_dir(Path(cfg["out"]), overwrite)
+    check_writable(Path(cfg["out"]))
 
 
 def _format_row(row: dict[str, Any]) -> list[str]:
@@ -220,6 +222,12 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     if not rows or rows[-1]["round"] != cfg["num-rounds"]:
         raise RuntimeError(f"simulation ended before round {cfg['num-rounds']}; see the log above")
     _print_table(console, {str(cfg["strategy"]): rows})
+    trained = [r for r in rows if r["round"] >= 1]
+    if trained and all(r.get("skipped", 0) == 1 or r.get("replies", 0) == 0 for r in trained):
+        raise RunFailedError(
+            f"no round produced a model (all {len(trained)} skipped: no or too few valid client updates); "
+            f"results in {cfg['out']}/ hold the initial model"
+        )
     console.print(f"results in {cfg['out']}/ (metrics.json, metrics.csv, model.pt, accuracy.png)")
     return rows[-1]
 
@@ -381,6 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"fedfuse: error: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:
+            print(f"fedfuse: error: cannot write {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         return 0
     try:
         cfg = config_from_args(args)
@@ -390,12 +401,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "ray_address", None):
             _check_ray_address(args.ray_address)
         if args.resume:
-            cfg = resume_config(args)
+            cfg, done = resume_config(args)
+            if done >= cfg["num-rounds"]:
+                print(f"run in {args.resume} is already complete ({done} rounds); nothing to do")
+                return 0
         preflight(cfg, None if args.resume else args.overwrite)
         _simulate(cfg, args)
     except ConfigError as exc:
         print(f"fedfuse: error: {exc}", file=sys.stderr)
         return 2
+    except RunFailedError as exc:
+        print(f"fedfuse: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # writing results: read-only directory, disk full, a path that is a directory
+        where = exc.filename if exc.filename is not None else "results"
+        print(f"fedfuse: error: cannot write {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 

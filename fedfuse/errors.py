@@ -1,10 +1,14 @@
-"""Errors the CLI turns into one line and exit code 2."""
+"""Errors the CLI turns into one line: ConfigError → exit code 2, RunFailedError → exit code 1."""
 
 from __future__ import annotations
 
 
 class ConfigError(ValueError):
     """A bad option value; the message names the option, the value and what is allowed."""
+
+
+class RunFailedError(RuntimeError):
+    """A run that ended without a usable result (e.g. every round skipped); what it wrote stays."""
 
 
 class DataUnavailableError(ConfigError):

@@ -18,24 +18,58 @@ import torch
 
 from fedfuse.errors import ConfigError
 
-__all__ = ["atomic_write_bytes", "RunWriter", "check_out_dir", "load_metrics", "plot_accuracy", "RESULT_FILES"]
+__all__ = [
+    "atomic_write_bytes", "RunWriter", "check_out_dir", "load_metrics", "plot_accuracy", "RESULT_FILES",
+    "remove_stale_temp_files", "check_writable",
+]
 
 RESULT_FILES = ("metrics.json", "metrics.csv", "model.pt", "accuracy.png")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory + ``os.replace`` (atomic on POSIX)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``data`` to ``path`` via a temp file in the same directory + ``os.replace`` (atomic on POSIX).
+
+    An OSError (read-only directory, disk full, ``path`` a directory) is re-raised naming ``path`` (as
+    ``filename``); the previous ``path`` is left as it was.
+    """
+    path = Path(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename != str(path):
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
+
+
+def remove_stale_temp_files(out: Path) -> list[Path]:
+    """Delete the ``.*.tmp`` files an interrupted :func:`atomic_write_bytes` left under ``out``; return them."""
+    out = Path(out)
+    stale = [p for p in out.rglob(".*.tmp") if p.is_file()] if out.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def check_writable(out: Path) -> None:
+    """OSError naming ``out`` when a file cannot be created in it (read-only directory, no space, ...)."""
+    out = Path(out)
+    if not out.is_dir():  # created later; a failure then is reported the same way
+        return
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=".write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from exc
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:

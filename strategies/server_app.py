@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedfuse.checkpoint import config_mismatch, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from fedfuse.errors import ConfigError
 from fedfuse.experiment import dataset_for, model_for
-from fedfuse.results import RunWriter
+from fedfuse.results import RunWriter, remove_stale_temp_files
 from fedfuse.train import evaluate
 from strategies.monitor import ClientModelDump, LMCMonitor
 from strategies.observed import ObservedStrategy, RoundObserver
@@ -52,6 +52,7 @@ def run_server(
     if cfg["save-client-models"]:
         observers.append(ClientModelDump(cfg["save-client-models"], out))
     writer = RunWriter(out, cfg)
+    remove_stale_temp_files(out)  # left by an interrupted atomic write; never results
     initial = ArrayRecord(model.state_dict())
     start_round, elapsed = 1, 0.0
     if resume:
@@ -66,6 +67,8 @@ def run_server(
         restore_rng_states(ckpt["rng"])
         start_round = int(ckpt["round"]) + 1
         elapsed = float(writer.rows[-1]["wall_time"]) if writer.rows else 0.0
+        if start_round > int(cfg["num-rounds"]):  # already complete: change nothing
+            return writer.rows[-1] if writer.rows else {}
     observed = ObservedStrategy(strategy, observers, first_round=start_round)
     t0 = time.perf_counter() - elapsed
 

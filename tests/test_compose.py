@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -320,6 +321,15 @@ def test_tls_is_default_and_insecure_only_in_override() -> None:
 def test_mounted_paths_match_flags_and_gen_certs(tmp_path: Path) -> None:
     """Every file a command reads is inside a volume of its service, and gen-certs.sh makes every bind source."""
     subprocess.run(["bash", str(GEN_CERTS), str(tmp_path)], check=True, capture_output=True, timeout=60)
+    # private keys and the SuperExec secret 0600, their directories 0700; certificates and public keys 0644
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert all(mode(tmp_path / d) == 0o700 for d in ("certs", "keys", "secrets"))
+    private = [*(tmp_path / "certs").glob("*.key"), tmp_path / "secrets" / "superexec.secret"]
+    private += [p for p in (tmp_path / "keys").iterdir() if p.suffix != ".pub"]
+    public = [*(tmp_path / "certs").glob("*.crt"), *(tmp_path / "keys").glob("*.pub")]
+    assert len(private) == 4 + 5 and len(public) == 3 + 5
+    assert {p.name: mode(p) for p in private} == {p.name: 0o600 for p in private}
+    assert {p.name: mode(p) for p in public} == {p.name: 0o644 for p in public}
     for files in VARIANTS.values():
         services = load_compose(*files)
         for name, svc in services.items():

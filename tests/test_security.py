@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +153,101 @@ def test_reply_size_is_checked_before_decoding(monkeypatch) -> None:
     assert "exceeds" in strategy._reply_size_reason(big, strategy._sent)
     assert "unexpected" in strategy._reply_size_reason(ArrayRecord({"z": torch.zeros(1)}), strategy._sent)
     assert strategy._reply_size_reason(ArrayRecord(dict(REFERENCE)), strategy._sent) is None
+
+
+# ---- results never mixed ------------------------------------------------------------------------------
+SMALL = ("simulate", "--no-progress", "--backend", "inline", "--dataset", "mnist1d", "--model", "mlp",
+         "--num-clients", "2", "--rounds", "2", "--local-epochs", "1", "--seed", "0")  # fmt: skip
+
+
+def _errors(proc: subprocess.CompletedProcess) -> list[str]:
+    """fedfuse's own error lines (Flower logs to stderr too); a traceback fails the test."""
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return [line for line in proc.stderr.splitlines() if line.startswith("fedfuse: error:")]
+
+
+def _snapshot(out: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(out)): (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "run"
+    proc = _fedfuse(*SMALL, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_resuming_a_complete_run_changes_nothing(finished) -> None:
+    before = _snapshot(finished)
+    proc = _fedfuse("simulate", "--no-progress", "--backend", "inline", "--resume", str(finished))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == f"run in {finished} is already complete (2 rounds); nothing to do"
+    assert _snapshot(finished) == before
+
+
+def test_stale_temp_files_are_removed_when_a_run_starts(finished, tmp_path) -> None:
+    import shutil
+
+    from fedfuse.checkpoint import load_checkpoint, save_checkpoint
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    ckpt = load_checkpoint(out)
+    save_checkpoint(out, {**ckpt, "round": 1, "metrics": ckpt["metrics"][:2]})  # as if killed after round 1
+    stale = [out / ".checkpoint.pt.abc123.tmp", out / ".metrics.json.xyz.tmp"]
+    for p in stale:
+        p.write_bytes(b"torn")
+    proc = _fedfuse("simulate", "--no-progress", "--backend", "inline", "--resume", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not any(p.exists() for p in stale)
+    (out / ".model.pt.q.tmp").write_bytes(b"torn")
+    proc = _fedfuse(*SMALL, "--out", str(out), "--overwrite")  # a fresh run in the same directory
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not list(out.rglob(".*.tmp"))
+
+
+def test_a_run_in_which_every_round_was_skipped_fails(tmp_path) -> None:
+    out = tmp_path / "run"
+    proc = _fedfuse(*SMALL, "--fail-prob", "1.0", "--out", str(out))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = _errors(proc)
+    assert len(lines) == 1 and "no round produced a model" in lines[0], proc.stderr[-2000:]
+    rows = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == [0, 1, 2]  # what was written stays
+
+
+def test_a_result_path_that_cannot_be_written_is_one_line(finished, tmp_path) -> None:
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / "metrics.json").unlink()
+    (out / "metrics.json").mkdir()  # fails for root too
+    before = _snapshot(out)
+    proc = _fedfuse(*SMALL, "--out", str(out), "--overwrite")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = _errors(proc)
+    assert len(lines) == 1 and f"cannot write {out / 'metrics.json'}" in lines[0], proc.stderr[-2000:]
+    after = _snapshot(out)
+    for name in ("metrics.csv", "model.pt", "accuracy.png"):
+        assert after[name][0] == before[name][0]
+
+
+def test_a_read_only_out_directory_is_one_line(finished, tmp_path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("running as root: chmod does not stop root from writing (see the metrics.json-directory test)")
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    before = _snapshot(out)
+    out.chmod(0o555)
+    try:
+        proc = _fedfuse(*SMALL, "--out", str(out), "--overwrite")
+    finally:
+        out.chmod(0o755)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = _errors(proc)
+    assert len(lines) == 1 and f"cannot write {out}" in lines[0], proc.stderr[-2000:]
+    assert _snapshot(out) == before
