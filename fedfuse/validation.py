@@ -8,11 +8,28 @@ from numbers import Number
 
 import torch
 
-__all__ = ["check_update", "check_num_examples", "MAX_NUM_EXAMPLES"]
+__all__ = ["check_update", "check_num_examples", "check_reply_size", "MAX_NUM_EXAMPLES", "MAX_REPLY_FACTOR"]
 
 MAX_NUM_EXAMPLES = 1e9  # default bound on a reply's num-examples (its aggregation weight)
+MAX_REPLY_FACTOR = 2.0  # default bound on a reply's serialised bytes, relative to the model sent
 
 ShapeCheck = Callable[[str, tuple[int, ...], tuple[int, ...]], bool]
+
+
+def check_reply_size(
+    sizes: Mapping[str, int], reference: Mapping[str, torch.Tensor], max_factor: float = MAX_REPLY_FACTOR
+) -> str | None:
+    """Why a reply whose arrays serialise to ``sizes`` bytes (key → bytes) is refused before it is decoded:
+    keys ``reference`` lacks, or Σ sizes > ``max_factor`` · Σ (raw bytes + 256) of ``reference`` (256 bytes
+    per array cover the serialisation header; .npy uses 128). None when it may be decoded."""
+    extra = sorted(k for k in sizes if k not in reference)
+    if extra:
+        return f"unexpected key(s) {extra[:3]}"
+    limit = max_factor * sum(t.numel() * t.element_size() + 256 for t in reference.values())
+    size = sum(sizes.values())
+    if size > limit:
+        return f"reply of {size} bytes exceeds {max_factor:g} × the sent model ({limit:.0f} bytes)"
+    return None
 
 
 def check_update(

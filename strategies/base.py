@@ -26,13 +26,25 @@ from fedfuse import protocol
 from fedfuse.config import Option
 from fedfuse.errors import ConfigError
 from fedfuse.state import weighted_average
-from fedfuse.validation import MAX_NUM_EXAMPLES, check_update
+from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_reply_size, check_update
 from strategies.sampling import NodeOrder, seeded_sample
 
-__all__ = ["FedFuseStrategy"]
+__all__ = ["FedFuseStrategy", "reply_size_reason"]
 
 log = logging.getLogger("fedfuse")
 State = dict[str, torch.Tensor]
+
+
+def reply_size_reason(record: ArrayRecord, sent: State, max_factor: float = MAX_REPLY_FACTOR) -> str | None:
+    """:func:`fedfuse.validation.check_reply_size` on a reply's serialised arrays, before anything is decoded
+    (so a reply cannot make the server allocate much)."""
+    sizes = {}
+    for key in record.keys():
+        data = getattr(record[key], "data", None)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            return f"{key}: not a serialised array"
+        sizes[key] = len(data)
+    return check_reply_size(sizes, sent, max_factor)
 
 
 class FedFuseStrategy(FedAvg):
@@ -50,7 +62,7 @@ class FedFuseStrategy(FedAvg):
         discover_partitions: bool = False,
         query_timeout: float = 600.0,
         max_num_examples: float = MAX_NUM_EXAMPLES,
-        max_reply_factor: float = 2.0,
+        max_reply_factor: float = MAX_REPLY_FACTOR,
         **fedavg_kwargs: Any,
     ) -> None:
         fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
@@ -132,7 +144,7 @@ class FedFuseStrategy(FedAvg):
             return f"MetricRecord lacks {self.weighted_by_key!r}"
         sent = self._sent_to.get(msg.metadata.src_node_id, self._sent)
         record = next(iter(content.array_records.values()))
-        reason = self._reply_size_reason(record, sent)
+        reason = reply_size_reason(record, sent, self.max_reply_factor)
         if reason is not None:
             return reason
         try:
@@ -142,24 +154,6 @@ class FedFuseStrategy(FedAvg):
         weight = metrics[self.weighted_by_key]
         reason = check_update(state, sent, weight, shape_ok=self.shape_ok, max_num_examples=self.max_num_examples)
         return reason if reason is not None else (state, float(weight))  # type: ignore[arg-type]
-
-    def _reply_size_reason(self, record: ArrayRecord, sent: State) -> str | None:
-        """Keys the sent model lacks, or more bytes than ``max_reply_factor`` × the sent model's, checked on
-        the serialised arrays before anything is decoded (a reply cannot make the server allocate much)."""
-        extra = sorted(k for k in record.keys() if k not in sent)
-        if extra:
-            return f"unexpected key(s) {extra[:3]}"
-        # the sent model's raw bytes + 256 per array for the serialisation header (.npy: 128 bytes)
-        limit = self.max_reply_factor * sum(t.numel() * t.element_size() + 256 for t in sent.values())
-        size = 0
-        for key in record.keys():
-            data = getattr(record[key], "data", None)
-            if not isinstance(data, (bytes, bytearray, memoryview)):
-                return f"{key}: not a serialised array"
-            size += len(data)
-        if size > limit:
-            return f"reply of {size} bytes exceeds {self.max_reply_factor:g} × the sent model ({limit:.0f} bytes)"
-        return None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedfuse import protocol
 from fedfuse.validation import check_update
+from strategies.base import reply_size_reason
 
 __all__ = ["ClientModel", "RoundObserver", "ObservedStrategy"]
 
@@ -159,8 +160,11 @@ class ObservedStrategy(Strategy):
             if content is None or len(content.array_records) != 1 or len(content.metric_records) != 1:
                 continue
             weight = next(iter(content.metric_records.values())).get(protocol.NUM_EXAMPLES)
+            record = next(iter(content.array_records.values()))
+            if reply_size_reason(record, self._sent) is not None:  # never decode what the strategy refuses
+                continue
             try:
-                state = {**self._sent, **next(iter(content.array_records.values())).to_torch_state_dict()}
+                state = {**self._sent, **record.to_torch_state_dict()}
             except Exception:  # noqa: BLE001 — the strategy rejects (and logs) undecodable replies itself
                 continue
             if check_update(state, self._sent, weight) is not None:

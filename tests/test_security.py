@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from fedfuse.runners.inline import InlineGrid
 from fedfuse.validation import check_update
-from strategies.base import FedFuseStrategy
+from strategies.base import FedFuseStrategy, reply_size_reason
 from strategies.observed import ObservedStrategy
 
 REFERENCE = {"w": torch.zeros(3, 2), "b": torch.zeros(3), "n": torch.tensor(0)}
@@ -146,13 +146,23 @@ def test_malformed_and_oversized_replies_are_rejected(caplog) -> None:
 
 
 def test_reply_size_is_checked_before_decoding(monkeypatch) -> None:
-    strategy = FedFuseStrategy()
-    strategy._sent = dict(REFERENCE)
+    sent = dict(REFERENCE)
     big = ArrayRecord({"w": torch.zeros(100, 100), "b": torch.zeros(3), "n": torch.tensor(0)})
     monkeypatch.setattr(ArrayRecord, "to_torch_state_dict", lambda self: pytest.fail("decoded"))
-    assert "exceeds" in strategy._reply_size_reason(big, strategy._sent)
-    assert "unexpected" in strategy._reply_size_reason(ArrayRecord({"z": torch.zeros(1)}), strategy._sent)
-    assert strategy._reply_size_reason(ArrayRecord(dict(REFERENCE)), strategy._sent) is None
+    assert "exceeds" in reply_size_reason(big, sent)
+    assert "unexpected" in reply_size_reason(ArrayRecord({"z": torch.zeros(1)}), sent)
+    assert reply_size_reason(ArrayRecord(dict(REFERENCE)), sent) is None
+
+
+def test_observers_never_decode_an_oversized_reply(monkeypatch) -> None:
+    """The ServerApp's observers (LMC monitor, client dump) apply the same pre-decode size check."""
+    observed = ObservedStrategy(FedFuseStrategy(), [])
+    observed._sent = dict(REFERENCE)
+    big = ArrayRecord({"w": torch.zeros(100, 100), "b": torch.zeros(3), "n": torch.tensor(0)})
+    reply = Message(RecordDict({"arrays": big, "metrics": MetricRecord({"num-examples": 5})}), dst_node_id=1,
+                    message_type="train")  # fmt: skip
+    monkeypatch.setattr(ArrayRecord, "to_torch_state_dict", lambda self: pytest.fail("decoded"))
+    assert observed._client_models([reply]) == []
 
 
 # ---- results never mixed ------------------------------------------------------------------------------
