@@ -22,8 +22,15 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from fedfuse.align.spec import Group, TransportSpec, derive_spec, segment_range, trace_values
-from fedfuse.align.transport import Transports, member_features, state_of
+from fedfuse.align.spec import Axis, Group, TransportSpec, derive_spec, segment_range, trace_values
+from fedfuse.align.transport import (
+    Transports,
+    member_features,
+    member_rows,
+    permutation_index,
+    state_of,
+    transport_axis,
+)
 from fedfuse.errors import ConfigError
 from fedfuse.state import single_threaded
 
@@ -185,10 +192,166 @@ def weight_matching(
 
     With ``return_iterations=True`` returns ``(perms, sweeps)``: the number of full sweeps run, the last
     (non-improving) one included, so 1 means the initial permutations were already a fixed point.
+
+    Each member's term ``C_m = A_m B̃_mᵀ`` is cached with the permutations of B's other axes it was built
+    with and only rebuilt (or corrected by a low-rank update, when few units moved) after one of those
+    changes; a group whose terms all stand as at its last step is not re-solved (the assignment would be
+    the same). The result is the plain coordinate descent's (``_weight_matching_reference``), up to the
+    float64 summation order of the scores.
     """
     spec = resolve_spec(spec, model_a, example_input)
     sa, sb = state_of(model_a), state_of(model_b)
     spec_a, spec_b = _specs(spec, sa, sb, True, "weight_matching")
+    start = {k: permutation_index(v) for k, v in (init or {}).items()}
+    if _REFERENCE or any(idx is None for idx in start.values()):
+        return _weight_matching_reference(sa, sb, spec_a, spec_b, max_iter, seed, init, frozen, return_iterations)
+    perms: dict[str, Tensor] = {g.name: torch.arange(g.size) for g in spec_a.groups}
+    perms.update(start)  # type: ignore[arg-type]
+    frozen = set(frozen)
+    terms = {
+        ga.name: [_Term(sa, sb, spec_a, spec_b, ga, gb, i) for i in range(len(ga.members))]
+        for ga, gb in zip(spec_a.groups, spec_b.groups, strict=True)
+    }
+    last: dict[str, tuple[int, ...]] = {}  # the term versions each group was last solved with
+    names = [g.name for g in spec_a.groups if g.name not in frozen]
+    rng = np.random.default_rng(seed)
+    sweeps = 0
+    for _ in range(max_iter):
+        sweeps += 1
+        progress = False
+        for idx in rng.permutation(len(names)):
+            name = names[idx]
+            for t in terms[name]:
+                t.refresh(perms)
+            versions = tuple(t.version for t in terms[name])
+            if last.get(name) == versions:  # same score as at this group's last step: same (non-)move
+                continue
+            last[name] = versions
+            score = terms[name][0].c.clone()
+            for t in terms[name][1:]:
+                score += t.c
+            sc = score.numpy()
+            _, cols = linear_sum_assignment(sc, maximize=True)
+            rows = np.arange(sc.shape[0])
+            cur = perms[name].numpy()
+            gain = float(sc[rows, cols].sum() - sc[rows, cur].sum())
+            if gain > 1e-9 * max(1.0, float(np.abs(sc).sum())):
+                perms[name] = torch.from_numpy(cols.astype(np.int64))
+                progress = True
+        if not progress:
+            break
+    out: Transports = {}
+    for g in spec_a.groups:
+        idx = perms[g.name]
+        out[g.name] = init[g.name].float() if init and idx is start.get(g.name) else torch.eye(g.size)[idx]
+    return (out, sweeps) if return_iterations else out
+
+
+# A term whose full rebuild costs fewer multiply-adds than this is always rebuilt in full (exactly the plain
+# product); above it, a change of one other-axis permutation that moves at most _LOW_RANK_FRACTION of that axis
+# is applied as the correction ``A_m[:, J] (B̃_new − B̃_old)[:, J]ᵀ`` over the moved columns J.
+_LOW_RANK_MIN_MACS = 50_000_000
+_LOW_RANK_FRACTION = 0.5
+# ``_REFERENCE = True`` routes weight_matching to the plain implementation (benchmarks/speed.py measures both).
+_REFERENCE = False
+
+
+class _Term:
+    """One member's cost term ``C_m = A_m B̃_mᵀ`` (n × n, float64) for weight matching, cached.
+
+    ``B̃_m`` is B's parameter with every *other* axis permuted by the current permutations (its ``deps``);
+    ``version`` counts the changes of ``c``.
+    """
+
+    def __init__(
+        self,
+        sa: Mapping[str, Tensor],
+        sb: Mapping[str, Tensor],
+        spec_a: TransportSpec,
+        spec_b: TransportSpec,
+        ga: Group,
+        gb: Group,
+        i: int,
+    ) -> None:
+        self.member, self.sizes = gb.members[i], spec_b.sizes
+        self.w = sb[self.member.key]
+        a = member_rows(sa[self.member.key], ga.members[i], spec_a.sizes)
+        self.a = a.double() if a.numel() <= 4_000_000 else a  # large ones are converted when used
+        self.axes: dict[int, list[tuple[Axis, str]]] = {}
+        for g, ax in spec_b.members_of(self.member.key):
+            if ax.axis != self.member.axis:
+                self.axes.setdefault(ax.axis, []).append((ax, g.name))
+        self.deps = sorted({name for members in self.axes.values() for _, name in members})
+        self.seen: dict[str, Tensor] = {}
+        self.c: Tensor = torch.empty(0)
+        self.version = -1
+
+    def _b_rows(self, perms: Mapping[str, Tensor]) -> Tensor:
+        w = self.w
+        for axis, members in self.axes.items():
+            w = transport_axis(w, axis, [(ax, perms[name]) for ax, name in members], self.sizes)
+        return member_rows(w, self.member, self.sizes)
+
+    def _moved_columns(self, name: str, moved: Tensor) -> Tensor:
+        """Columns of the ``(n, d)`` rows that read an axis position of a unit of group ``name`` in ``moved``."""
+        m = self.member
+        shape = list(self.w.shape)
+        col_shape = [*shape[: m.axis], m.repeat, m.expand, *shape[m.axis + 1 :]]
+        mask = torch.zeros(col_shape, dtype=torch.bool)
+        for axis, members in self.axes.items():
+            hit = torch.zeros(shape[axis], dtype=torch.bool)
+            for ax, g in members:
+                if g == name:
+                    block, off, _ = segment_range(ax, self.sizes, shape[axis])
+                    part = hit.view(ax.repeat, block, ax.expand)
+                    part[:, off + moved, :] = True
+            dim = axis if axis < m.axis else axis + 1
+            view = [1] * len(col_shape)
+            view[dim] = shape[axis]
+            mask |= hit.view(view)
+        return mask.reshape(-1).nonzero().squeeze(1)
+
+    def refresh(self, perms: Mapping[str, Tensor]) -> None:
+        """Bring ``c`` up to the current ``perms`` (a rebuild, a low-rank correction, or nothing)."""
+        if self.version >= 0 and all(perms[d] is self.seen[d] for d in self.deps):
+            return
+        n, d = self.a.shape
+        if self.version >= 0 and n * n * d >= _LOW_RANK_MIN_MACS:
+            seen = dict(self.seen)
+            for name in self.deps:
+                new, old = perms[name], seen[name]
+                if new is old:
+                    continue
+                moved = (new != old).nonzero().squeeze(1)
+                cols = self._moved_columns(name, moved)
+                if cols.numel() > _LOW_RANK_FRACTION * d:
+                    break
+                if cols.numel():
+                    b_old = self._b_rows(seen).index_select(1, cols).double()
+                    seen[name] = new
+                    b_new = self._b_rows(seen).index_select(1, cols).double()
+                    self.c += self.a.index_select(1, cols).double() @ (b_new - b_old).T
+                seen[name] = new
+            else:
+                self.seen, self.version = seen, self.version + 1
+                return
+        self.seen = {name: perms[name] for name in self.deps}
+        self.c = self.a.double() @ self._b_rows(self.seen).double().T
+        self.version += 1
+
+
+def _weight_matching_reference(
+    sa: Mapping[str, Tensor],
+    sb: Mapping[str, Tensor],
+    spec_a: TransportSpec,
+    spec_b: TransportSpec,
+    max_iter: int,
+    seed: int,
+    init: Mapping[str, Tensor] | None,
+    frozen: Iterable[str],
+    return_iterations: bool,
+) -> Transports | tuple[Transports, int]:
+    """The plain coordinate descent: every step rebuilds the group's whole ``(n, D)`` features of B."""
     perms: dict[str, Tensor] = {g.name: torch.eye(g.size) for g in spec_a.groups}
     perms.update({k: v.float() for k, v in (init or {}).items()})
     frozen = set(frozen)

@@ -35,6 +35,7 @@ __all__ = [
     "input_side",
     "transport_axis",
     "member_features",
+    "member_rows",
     "permutation_index",
 ]
 
@@ -88,8 +89,9 @@ def transport_axis(w: Tensor, axis: int, members: list[tuple[Axis, Tensor | None
     """Contract ``w`` along ``axis`` with each member's matrix (``M @ segment``); untransported parts stay.
 
     All ``members`` share ``(key, axis)`` (one per concatenated segment); each matrix ``M`` is
-    already the out-side ``T`` or the in-side ``S``; ``None`` = identity. Permutation matrices are
-    applied as an index gather, other matrices as one ``tensordot``.
+    already the out-side ``T`` or the in-side ``S``; ``None`` = identity; a 1-D integer tensor ``idx``
+    stands for the permutation ``I[idx]``. Permutation matrices are applied as an index gather, other
+    matrices as one ``tensordot``.
     """
     if all(m is None for _, m in members):
         return w
@@ -114,11 +116,11 @@ def transport_axis(w: Tensor, axis: int, members: list[tuple[Axis, Tensor | None
     for off, width, mat in pieces:
         seg = x.narrow(bdim, off, width)
         if mat is not None:
-            if mat.shape[1] != width:
+            if mat.shape[-1] != width:
                 raise ConfigError(
-                    f"transport for {first.key!r} axis {axis} has {mat.shape[1]} source units, the axis has {width}"
+                    f"transport for {first.key!r} axis {axis} has {mat.shape[-1]} source units, the axis has {width}"
                 )
-            idx = permutation_index(mat)
+            idx = mat if mat.dim() == 1 else permutation_index(mat)
             if idx is not None:
                 seg = seg.index_select(bdim, idx)
             else:
@@ -193,6 +195,11 @@ def member_features(
             if require and any(mat is None for _, mat in members):
                 return None
             w = transport_axis(w, axis, members, sizes)
+    return member_rows(w, member, sizes)
+
+
+def member_rows(w: Tensor, member: Axis, sizes: Mapping[str, int]) -> Tensor:
+    """``w`` read as ``member``'s ``(n, d)`` rows: its ``(repeat, block, expand)`` axis, our segment, moved first."""
     shape = tuple(w.shape)
     block, off, n = segment_range(member, sizes, shape[member.axis])
     x = w.reshape(*shape[: member.axis], member.repeat, block, member.expand, *shape[member.axis + 1 :])
