@@ -10,9 +10,11 @@ from fedfuse.align import (
     align,
     apply_transport,
     derive_spec,
+    fuse,
     ot_coupling,
     ot_transport,
     permute_model,
+    solvers,
     weight_matching,
 )
 from fedfuse.align.fusion import init_barycenter
@@ -116,8 +118,13 @@ def test_growing_a_model_by_splitting_neurons_keeps_the_function(name: str) -> N
     if name == "mlp":
         big = MLP((1, 8, 8), 10, (wider["net.1"], wider["net.3"]))
     else:
-        big = VGG((1, 8, 8), 10, (wider["features.0"], "M", wider["features.4"], "M"), batch_norm=True,
-                  hidden=wider["classifier.1"])
+        big = VGG(
+            (1, 8, 8),
+            10,
+            (wider["features.0"], "M", wider["features.4"], "M"),
+            batch_norm=True,
+            hidden=wider["classifier.1"],
+        )
     assert all(transports[g].shape == (wider[g], n) for g, n in spec.sizes.items())
     torch.testing.assert_close(outputs(big, state, x), outputs(model, None, x), atol=1e-5, rtol=1e-5)
 
@@ -126,3 +133,39 @@ def test_weight_matching_rejects_unequal_widths() -> None:
     a, b = MLP((4,), 2, (5,)), MLP((4,), 2, (6,))
     with pytest.raises(ConfigError, match="equal widths"):
         weight_matching(a, b, example_input=torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("path", ["default", "low_rank_always", "float32_rows"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cached_weight_matching_equals_plain_coordinate_descent(
+    name: str, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: two independently initialised models (no planted permutation: many sweeps, many moves)
+    if path == "low_rank_always":  # every term update after the first build is a low-rank correction
+        monkeypatch.setattr(solvers, "_LOW_RANK_MIN_MACS", 0)
+        monkeypatch.setattr(solvers, "_LOW_RANK_FRACTION", 1.0)
+    elif path == "float32_rows":  # rows kept in float32 and converted when used (the large-model path)
+        monkeypatch.setattr(solvers, "_CACHE_DOUBLE_MAX", 0)
+    a, x = make_case(name, seed=0)
+    b, _ = make_case(name, seed=1)
+    spec = derive_spec(a, x[:2])
+    spec_a = spec.for_state(a.state_dict())
+    sa, sb = a.state_dict(), b.state_dict()
+    # Execute
+    fast, fast_sweeps = weight_matching(a, b, spec, max_iter=30, seed=3, return_iterations=True)
+    plain, plain_sweeps = solvers._weight_matching_reference(sa, sb, spec_a, spec_a, 30, 3, None, (), True)
+    # Assert
+    assert fast_sweeps == plain_sweeps
+    assert fast.keys() == plain.keys()
+    for g in plain:
+        assert torch.equal(fast[g], plain[g]), g
+    assert any(not torch.equal(p, torch.eye(p.shape[0])) for p in fast.values())  # something was matched
+
+
+def test_match_fusion_equals_the_plain_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    models = [make_case("resnet20_bn", seed=s)[0] for s in range(3)]
+    spec = derive_spec(models[0], make_case("resnet20_bn")[1][:2])
+    fast = fuse(models, method="match", spec=spec)
+    monkeypatch.setattr(solvers, "_REFERENCE", True)
+    plain = fuse(models, method="match", spec=spec)
+    assert all(torch.equal(fast[k], plain[k]) for k in plain)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
@@ -252,6 +253,7 @@ def weight_matching(
 # is applied as the correction ``A_m[:, J] (B̃_new − B̃_old)[:, J]ᵀ`` over the moved columns J.
 _LOW_RANK_MIN_MACS = 50_000_000
 _LOW_RANK_FRACTION = 0.5
+_CACHE_DOUBLE_MAX = 4_000_000  # terms with at most this many entries keep their rows in float64
 # ``_REFERENCE = True`` routes weight_matching to the plain implementation (benchmarks/speed.py measures both).
 _REFERENCE = False
 
@@ -259,8 +261,10 @@ _REFERENCE = False
 class _Term:
     """One member's cost term ``C_m = A_m B̃_mᵀ`` (n × n, float64) for weight matching, cached.
 
-    ``B̃_m`` is B's parameter with every *other* axis permuted by the current permutations (its ``deps``);
-    ``version`` counts the changes of ``c``.
+    ``B̃_m`` is B's parameter with every *other* axis permuted by the current permutations (its ``deps``):
+    the ``(n, d)`` rows of the unpermuted B with their columns gathered by ``src`` (the same permutations
+    applied to the column indices). Rows are kept transposed (``d × n``, contiguous) so that gathering
+    columns copies contiguous lines. ``version`` counts the changes of ``c``.
     """
 
     def __init__(
@@ -273,71 +277,53 @@ class _Term:
         gb: Group,
         i: int,
     ) -> None:
-        self.member, self.sizes = gb.members[i], spec_b.sizes
-        self.w = sb[self.member.key]
-        a = member_rows(sa[self.member.key], ga.members[i], spec_a.sizes)
-        self.a = a.double() if a.numel() <= 4_000_000 else a  # large ones are converted when used
-        self.axes: dict[int, list[tuple[Axis, str]]] = {}
-        for g, ax in spec_b.members_of(self.member.key):
-            if ax.axis != self.member.axis:
-                self.axes.setdefault(ax.axis, []).append((ax, g.name))
-        self.deps = sorted({name for members in self.axes.values() for _, name in members})
+        member, self.sizes = gb.members[i], spec_b.sizes
+        a = member_rows(sa[member.key], ga.members[i], spec_a.sizes).T
+        b = member_rows(sb[member.key], member, self.sizes).T
+        dtype = torch.float64 if a.numel() <= _CACHE_DOUBLE_MAX else a.dtype  # large ones: converted when used
+        self.at = a.to(dtype, memory_format=torch.contiguous_format)
+        self.bt = b.to(dtype, memory_format=torch.contiguous_format)
+        shape = list(sb[member.key].shape)
+        self.col_shape = [*shape[: member.axis], member.repeat, member.expand, *shape[member.axis + 1 :]]
+        axes: dict[int, list[tuple[Axis, str]]] = {}
+        for g, ax in spec_b.members_of(member.key):
+            if ax.axis != member.axis:
+                axes.setdefault(ax.axis, []).append((ax, g.name))
+        # (column dim, axis length, members) per other axis: original axis j is column dim j, or j + 1 after ours
+        self.axes = [(j if j < member.axis else j + 1, shape[j], m) for j, m in axes.items()]
+        self.deps = sorted({name for _, _, members in self.axes for _, name in members})
         self.seen: dict[str, Tensor] = {}
+        self.src: Tensor | None = None
         self.c: Tensor = torch.empty(0)
         self.version = -1
 
-    def _b_rows(self, perms: Mapping[str, Tensor]) -> Tensor:
-        w = self.w
-        for axis, members in self.axes.items():
-            w = transport_axis(w, axis, [(ax, perms[name]) for ax, name in members], self.sizes)
-        return member_rows(w, self.member, self.sizes)
-
-    def _moved_columns(self, name: str, moved: Tensor) -> Tensor:
-        """Columns of the ``(n, d)`` rows that read an axis position of a unit of group ``name`` in ``moved``."""
-        m = self.member
-        shape = list(self.w.shape)
-        col_shape = [*shape[: m.axis], m.repeat, m.expand, *shape[m.axis + 1 :]]
-        mask = torch.zeros(col_shape, dtype=torch.bool)
-        for axis, members in self.axes.items():
-            hit = torch.zeros(shape[axis], dtype=torch.bool)
-            for ax, g in members:
-                if g == name:
-                    block, off, _ = segment_range(ax, self.sizes, shape[axis])
-                    part = hit.view(ax.repeat, block, ax.expand)
-                    part[:, off + moved, :] = True
-            dim = axis if axis < m.axis else axis + 1
-            view = [1] * len(col_shape)
-            view[dim] = shape[axis]
-            mask |= hit.view(view)
-        return mask.reshape(-1).nonzero().squeeze(1)
+    def _src(self, perms: Mapping[str, Tensor]) -> Tensor | None:
+        """Column ``k`` of B̃'s rows is column ``src[k]`` of B's (None: no other axis is permuted)."""
+        if not self.axes:
+            return None
+        cols = torch.arange(math.prod(self.col_shape)).view(self.col_shape)
+        for dim, length, members in self.axes:
+            idx = transport_axis(torch.arange(length), 0, [(ax, perms[name]) for ax, name in members], self.sizes)
+            cols = cols.index_select(dim, idx)
+        return cols.reshape(-1)
 
     def refresh(self, perms: Mapping[str, Tensor]) -> None:
-        """Bring ``c`` up to the current ``perms`` (a rebuild, a low-rank correction, or nothing)."""
+        """Bring ``c`` up to the current ``perms``: a rebuild, a low-rank correction, or nothing."""
         if self.version >= 0 and all(perms[d] is self.seen[d] for d in self.deps):
             return
-        n, d = self.a.shape
-        if self.version >= 0 and n * n * d >= _LOW_RANK_MIN_MACS:
-            seen = dict(self.seen)
-            for name in self.deps:
-                new, old = perms[name], seen[name]
-                if new is old:
-                    continue
-                moved = (new != old).nonzero().squeeze(1)
-                cols = self._moved_columns(name, moved)
-                if cols.numel() > _LOW_RANK_FRACTION * d:
-                    break
-                if cols.numel():
-                    b_old = self._b_rows(seen).index_select(1, cols).double()
-                    seen[name] = new
-                    b_new = self._b_rows(seen).index_select(1, cols).double()
-                    self.c += self.a.index_select(1, cols).double() @ (b_new - b_old).T
-                seen[name] = new
-            else:
-                self.seen, self.version = seen, self.version + 1
-                return
         self.seen = {name: perms[name] for name in self.deps}
-        self.c = self.a.double() @ self._b_rows(self.seen).double().T
-        self.version += 1
+        src, old = self._src(perms), self.src
+        self.src, self.version = src, self.version + 1
+        d, n = self.at.shape
+        if old is not None and src is not None and n * n * d >= _LOW_RANK_MIN_MACS:
+            moved = (src != old).nonzero().squeeze(1)
+            if moved.numel() <= _LOW_RANK_FRACTION * d:
+                if moved.numel():
+                    diff = self.bt.index_select(0, src[moved]).double() - self.bt.index_select(0, old[moved]).double()
+                    self.c += self.at.index_select(0, moved).double().T @ diff
+                return
+        bt = self.bt if src is None else self.bt.index_select(0, src)
+        self.c = self.at.double().T @ bt.double()
 
 
 def _weight_matching_reference(
