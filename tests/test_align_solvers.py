@@ -20,6 +20,7 @@ from fedfuse.align import (
 from fedfuse.align.fusion import init_barycenter
 from fedfuse.errors import ConfigError
 from fedfuse.models import MLP, VGG
+from fedfuse.state import weighted_average
 from tests.test_align_cases import CASES, make_case, max_state_diff, outputs
 
 
@@ -135,7 +136,7 @@ def test_weight_matching_rejects_unequal_widths() -> None:
         weight_matching(a, b, example_input=torch.randn(2, 4))
 
 
-@pytest.mark.parametrize("path", ["default", "low_rank_always", "float32_rows"])
+@pytest.mark.parametrize("path", ["identity", "greedy", "low_rank_always", "float32_rows"])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_cached_weight_matching_equals_plain_coordinate_descent(
     name: str, path: str, monkeypatch: pytest.MonkeyPatch
@@ -151,9 +152,11 @@ def test_cached_weight_matching_equals_plain_coordinate_descent(
     spec = derive_spec(a, x[:2])
     spec_a = spec.for_state(a.state_dict())
     sa, sb = a.state_dict(), b.state_dict()
+    start = "identity" if path == "identity" else "greedy"
+    init = None if start == "identity" else weight_matching(a, b, spec, max_iter=0)  # the greedy start alone
     # Execute
-    fast, fast_sweeps = weight_matching(a, b, spec, max_iter=30, seed=3, return_iterations=True)
-    plain, plain_sweeps = solvers._weight_matching_reference(sa, sb, spec_a, spec_a, 30, 3, None, (), True)
+    fast, fast_sweeps = weight_matching(a, b, spec, max_iter=30, seed=3, return_iterations=True, start=start)
+    plain, plain_sweeps = solvers._weight_matching_reference(sa, sb, spec_a, spec_a, 30, 3, init, (), True)
     # Assert
     assert fast_sweeps == plain_sweeps
     assert fast.keys() == plain.keys()
@@ -162,10 +165,35 @@ def test_cached_weight_matching_equals_plain_coordinate_descent(
     assert any(not torch.equal(p, torch.eye(p.shape[0])) for p in fast.values())  # something was matched
 
 
-def test_match_fusion_equals_the_plain_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_greedy_start_alone_recovers_a_permuted_copy(name: str) -> None:
+    model, x = make_case(name)
+    spec = derive_spec(model, x[:2])
+    permuted, _ = permute_model(model, spec, seed=5)
+    perms, sweeps = weight_matching(model, permuted, spec, return_iterations=True)
+    assert sweeps == 1  # the start is already a fixed point
+    assert max_state_diff(apply_transport(permuted, spec, perms), model.state_dict()) < 1e-6
+
+
+def test_weight_matching_rejects_unknown_start() -> None:
+    model, x = make_case("mlp")
+    with pytest.raises(ConfigError, match="start='random'"):
+        weight_matching(model, model, example_input=x, start="random")  # type: ignore[arg-type]
+
+
+def test_match_fusion_equals_the_average_of_plainly_matched_models() -> None:
+    # Prepare
     models = [make_case("resnet20_bn", seed=s)[0] for s in range(3)]
     spec = derive_spec(models[0], make_case("resnet20_bn")[1][:2])
-    fast = fuse(models, method="match", spec=spec)
-    monkeypatch.setattr(solvers, "_REFERENCE", True)
-    plain = fuse(models, method="match", spec=spec)
-    assert all(torch.equal(fast[k], plain[k]) for k in plain)
+    sa = models[0].state_dict()
+    spec_a = spec.for_state(sa)
+    # Execute
+    fused = fuse(models, method="match", spec=spec)
+    # Assert: model 0 is the reference; the others matched by the plain loop from the same (greedy) start
+    aligned = [sa]
+    for m in models[1:]:
+        init = weight_matching(models[0], m, spec, max_iter=0)
+        perms = solvers._weight_matching_reference(sa, m.state_dict(), spec_a, spec_a, 100, 0, init, (), False)
+        aligned.append(apply_transport(m, spec, perms))
+    plain = weighted_average(aligned)
+    assert all(torch.equal(fused[k], plain[k]) for k in plain)
