@@ -6,11 +6,12 @@ Cases (random init, ``num_classes=10``, no weights downloaded):
 * ``cifar_vgg11_pair``: two CIFAR-width VGG11 (convs 64…512 + BN, one Linear 512→10), ``weight_matching``;
 * ``cifar_vgg11_match`` / ``cifar_vgg11_wb``: six of them, ``fuse(method="match" | "wb")``.
 
-"before" runs ``fedfuse.align.solvers._weight_matching_reference`` (the plain coordinate descent,
-``solvers._REFERENCE = True``), "after" the cached one; both in the same process, so the ratio is
-measured under the same load (the machine is shared: compare ratios, not absolute times). The spec is
-derived once per case, outside the timings. Each case also checks that both give the same permutations
-(pairs) or the same fused state (fusions).
+"before" runs ``fedfuse.align.solvers._weight_matching_reference`` (the plain coordinate descent from
+the identity, ``solvers._REFERENCE = True``); "after" the cached one with its default greedy start; for
+pairs also "same start" (cached, ``start="identity"``), which must return the very permutations of
+"before". All in the same process, so the ratios are measured under the same load (the machine is shared:
+compare ratios, not absolute times). The spec is derived once per case, outside the timings. Pairs report
+the objective ``Σ_k ⟨A_k, (P·B)_k⟩`` of each result (higher is better).
 
     python benchmarks/speed.py                       # every case, before and after
     python benchmarks/speed.py --cases cifar_vgg11_match --no-before
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedfuse.align import derive_spec, fuse, solvers, weight_matching
+from fedfuse.align import apply_transport, derive_spec, fuse, solvers, weight_matching
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -78,13 +79,22 @@ def _models(build: Callable[[], nn.Module], n: int) -> list[nn.Module]:
     return out
 
 
-def _run(kind: str, models: list[nn.Module], spec: Any, reference: bool) -> tuple[float, Any, int | None]:
+def _run(
+    kind: str, models: list[nn.Module], spec: Any, reference: bool, start: str = "greedy", max_iter: int = 100
+) -> tuple[float, Any, int | None]:
     """(seconds, result, sweeps) with the plain (``reference``) or the current implementation."""
     solvers._REFERENCE = reference
     try:
         t0 = time.perf_counter()
         if kind == "wm":
-            perms, sweeps = weight_matching(models[0], models[1], spec, return_iterations=True)
+            perms, sweeps = weight_matching(
+                models[0],
+                models[1],
+                spec,
+                return_iterations=True,
+                start=start,
+                max_iter=max_iter,  # type: ignore[arg-type]
+            )
             return time.perf_counter() - t0, perms, sweeps  # type: ignore[return-value]
         fused = fuse(models, method=kind, spec=spec)  # type: ignore[arg-type]
         return time.perf_counter() - t0, fused, None
@@ -97,7 +107,13 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel())
 
 
-def run_case(name: str, before: bool) -> dict[str, Any]:
+def _objective(models: list[nn.Module], spec: Any, perms: dict[str, torch.Tensor]) -> float:
+    """``Σ_k ⟨A_k, (P·B)_k⟩`` over floating entries: what weight matching maximises."""
+    sa, sb = models[0].state_dict(), apply_transport(models[1], spec, perms)
+    return sum(float((sa[k].double() * sb[k].double()).sum()) for k in sa if sa[k].is_floating_point())
+
+
+def run_case(name: str, before: bool, max_iter: int) -> dict[str, Any]:
     build, shape, n, kind = CASES[name]
     models = _models(build, n)
     t0 = time.perf_counter()
@@ -110,16 +126,24 @@ def run_case(name: str, before: bool) -> dict[str, Any]:
         "groups": len(spec.groups),
         "derive_s": time.perf_counter() - t0,
     }
-    row["after_s"], after, row["sweeps"] = _run(kind, models, spec, reference=False)
-    print(f"{name}: after {row['after_s']:.2f} s", flush=True)
+    if max_iter != 100:
+        row["max_iter"] = max_iter
+    row["after_s"], after, row["sweeps"] = _run(kind, models, spec, False, max_iter=max_iter)
+    print(f"{name}: after {row['after_s']:.2f} s, {row['sweeps']} sweeps", flush=True)
+    if kind == "wm":
+        row["objective_after"] = _objective(models, spec, after)
+        row["same_start_s"], same, row["same_start_sweeps"] = _run(kind, models, spec, False, "identity", max_iter)
+        row["objective_same_start"] = _objective(models, spec, same)
+        print(f"{name}: same start {row['same_start_s']:.2f} s, {row['same_start_sweeps']} sweeps", flush=True)
     if before:
-        row["before_s"], ref, sweeps = _run(kind, models, spec, reference=True)
+        row["before_s"], ref, row["before_sweeps"] = _run(kind, models, spec, True, max_iter=max_iter)
         row["speedup"] = row["before_s"] / row["after_s"]
         row["max_abs_diff"] = _same(ref, after)
-        row["same_sweeps"] = sweeps == row["sweeps"]
-        print(
-            f"{name}: before {row['before_s']:.2f} s, ×{row['speedup']:.1f}, diff {row['max_abs_diff']:.3g}", flush=True
-        )
+        if kind == "wm":
+            row["objective_before"] = _objective(models, spec, ref)
+            row["speedup_same_start"] = row["before_s"] / row["same_start_s"]
+            row["same_start_diff"] = _same(ref, same)
+        print(f"{name}: before {row['before_s']:.2f} s, ×{row['speedup']:.1f}", flush=True)
     return row
 
 
@@ -130,20 +154,23 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for key, style in (("before_s", "o--"), ("after_s", "s-")):
-        pts = sorted((r["params"], r[key] / r["models"], r["case"]) for r in rows if key in r)
-        if not pts:
-            continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=key.split("_")[0])
-        for x, y, label in pts:
-            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    markers = {"wm": "o", "match": "s", "wb": "^"}
+    for kind, marker in markers.items():
+        for key, line in (("before_s", "--"), ("after_s", "-")):
+            pts = sorted((r["params"], r[key] / r["models"], r["case"]) for r in rows if key in r and r["kind"] == kind)
+            if not pts:
+                continue
+            label = f"{'pair weight matching' if kind == 'wm' else f'6-model {kind}'}, {key.split('_')[0]}"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker + line, label=label)
+            for x, y, case in pts:
+                ax.annotate(case, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("parameters per model")
     ax.set_ylabel("seconds per model")
     ax.set_title("weight matching / fusion time per model (2 torch threads)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -155,21 +182,32 @@ def _md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "",
         f"{meta['when']}, {meta['machine']}, torch {meta['torch']}, {meta['threads']} torch threads, "
         f"load average at start {meta['load']}. Random init, num_classes=10. Times exclude spec derivation "
-        "(*derive*). *Per model*: time / number of models. *Diff*: largest absolute difference between the "
-        "two results (permutation matrices for pairs, fused states for six-model fusions).",
+        "(*derive*). *before*: plain loop from the identity; *same start*: cached loop from the identity (its "
+        "permutations must equal *before*'s: *diff* column, max |Δ| of the permutation matrices); *after*: "
+        "cached loop from the greedy start (the default). Sweeps: before / same start / after. *obj*: "
+        "Σ⟨A, P·B⟩ of before / after (higher is better). For six-model fusions *diff* is max |Δ| between the "
+        "fused states of before and after. *max_iter*: sweep cap when not the default 100.",
         "",
-        "| case | run | models | params/model | groups | derive s | before s | after s | speed-up | "
-        "after s / model | sweeps | diff |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | run | models | params/model | groups | derive s | before s | same start s | after s | "
+        "×same start | ×after | after s / model | sweeps | diff | obj before → after |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
+
+    def f(r: dict[str, Any], key: str, fmt: str = "{:.2f}") -> str:
+        return fmt.format(r[key]) if key in r else "–"
+
     for r in rows:
-        before = f"{r['before_s']:.2f}" if "before_s" in r else "–"
-        speed = f"×{r['speedup']:.1f}" if "speedup" in r else "–"
-        diff = f"{r['max_abs_diff']:.3g}" if "max_abs_diff" in r else "–"
+        sweeps = "/".join(str(r[k]) for k in ("before_sweeps", "same_start_sweeps", "sweeps") if r.get(k))
+        if "max_iter" in r:
+            sweeps += f" (max_iter {r['max_iter']})"
+        wm = r["kind"] == "wm"
+        diff = f(r, "same_start_diff", "{:.3g}") if wm else f(r, "max_abs_diff", "{:.3g}")
+        obj = f"{f(r, 'objective_before', '{:.6g}')} → {f(r, 'objective_after', '{:.6g}')}" if wm else "–"
         lines.append(
             f"| {r['case']} | {r['kind']} | {r['models']} | {r['params']:,} | {r['groups']} | {r['derive_s']:.1f} | "
-            f"{before} | {r['after_s']:.2f} | {speed} | {r['after_s'] / r['models']:.2f} | {r['sweeps'] or '–'} | "
-            f"{diff} |"
+            f"{f(r, 'before_s')} | {f(r, 'same_start_s')} | {r['after_s']:.2f} | "
+            f"{f(r, 'speedup_same_start', '×{:.1f}')} | {f(r, 'speedup', '×{:.1f}')} | "
+            f"{r['after_s'] / r['models']:.2f} | {sweeps} | {diff} | {obj} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -179,6 +217,7 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--no-before", action="store_true", help="skip the plain implementation (no ratios)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-iter", type=int, default=100, help="sweep cap for pairs (the same for every variant)")
     p.add_argument("--tag", default="", help="suffix of the result files (speed-<tag>.*)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -189,7 +228,7 @@ def main() -> None:
         "threads": args.threads,
         "load": " ".join(f"{v:.1f}" for v in os.getloadavg()),
     }
-    rows = [run_case(name, not args.no_before) for name in args.cases]
+    rows = [run_case(name, not args.no_before, args.max_iter) for name in args.cases]
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "speed" + (f"-{args.tag}" if args.tag else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
