@@ -68,7 +68,7 @@ def write(rows: list[dict[str, Any]], tag: str) -> Path:
         "runs on; constant parameters (zero-init heads, layer scales) randomised and BatchNorm statistics set "
         "from the batch, so outputs are O(1). Errors are max|Δ logits| / max|logits|; pass = ≤ 1e-4.",
         "",
-        f"**{len(rows)} models: {len(derived)} derive a spec, {len(recovered)} of them are permutation-invariant "
+        f"**{len(rows)} models checked: {len(derived)} derive a spec, {len(recovered)} of them are permutation-invariant "
         f"and recovered exactly by both `match` and `wb`; {len(rows) - len(derived)} are refused at derivation "
         "with one line (below).**",
         "",
@@ -86,8 +86,11 @@ def write(rows: list[dict[str, Any]], tag: str) -> Path:
             f"| {r['model']} | {r['params_m']} | {r['input']} | {r['groups']} | {_fmt(r['permuted_err'])} | "
             f"{_fmt(r['errors'].get('match'))} | {_fmt(r['errors'].get('wb'))} | {status} | {times} / {r['total_s']:.1f} |"
         )
+    missing = sorted(set(torchvision_names()) - {r["model"] for r in rows})
+    for name in missing:
+        lines.append(f"| {name} | | | | | | | not run in this session (time) | |")
     total = sum(r["total_s"] for r in rows)
-    lines += ["", f"Total wall time: {total:.0f} s."]
+    lines += ["", f"Total wall time of the {len(rows)} checked models: {total:.0f} s; {len(missing)} not run."]
     out = RESULTS / f"{tag}.md"
     out.write_text("\n".join(lines) + "\n")
     return out

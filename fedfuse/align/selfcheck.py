@@ -2,7 +2,9 @@
 
 :func:`selfcheck` answers with a :class:`CheckResult`: the spec derives (or the one-line reason it
 cannot), a random permutation of every group leaves the outputs unchanged, and ``fuse([model, copy])``
-with ``match`` and ``wb`` returns the model's function (outputs equal to ``rtol`` of their scale).
+with ``match`` and ``wb`` returns the model's function (outputs equal to ``rtol`` of their scale). Both run
+one pass (``max_iter=1``: one WB iteration, one matching sweep after the layer-wise start): a permuted copy
+must be recovered by the first pass.
 :func:`break_symmetric_init` first makes the check meaningful on a freshly built model: builders zero-init
 heads and layer scales, and untrained BatchNorm statistics can blow deep nets up, so a check on such a
 model would compare zeros (or infinities).
@@ -108,7 +110,14 @@ def selfcheck(
     for method in methods:
         t0 = time.perf_counter()
         try:
-            fused = fuse([model, permuted], method=method, spec=spec, init=0, bn_repair=None)  # type: ignore[arg-type]
+            fused = fuse(
+                [model, permuted],  # type: ignore[arg-type]
+                method=method,
+                spec=spec,
+                init=0,
+                max_iter=1,
+                bn_repair=None,
+            )
             net = load_state(copy.deepcopy(model), fused).eval()
             res.errors[method] = _rel_err(net(*inputs), ref)
         except AlignmentError as exc:
