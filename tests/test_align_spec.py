@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedfuse.align import Axis, Group, TransportSpec, UnsupportedModelError, derive_spec, permute_model
@@ -257,3 +258,22 @@ def test_fusion_refuses_a_wrong_alignment_of_permuted_copies() -> None:
         bad = dict(model.state_dict())
         bad["net.1.bias"] = bad["net.1.bias"][:-1]
         check_alignment([model.state_dict()], [bad], spec, 0)
+
+
+def test_token_mixing_linear_keeps_the_channel_groups() -> None:
+    class Mixer(nn.Module):  # MLP-Mixer block: a Linear over tokens between two channel Linears
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.tokens, self.head = nn.Linear(3, 8), nn.Linear(5, 5), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)  # (B, 5 tokens, 8 channels)
+            h = h + F.gelu(self.tokens(h.transpose(1, 2))).transpose(1, 2)
+            return self.head(h.mean(1))
+
+    model, x = Mixer().eval(), torch.randn(4, 5, 3)
+    spec = derive_spec(model, x)
+    assert spec.names == ["embed"]  # the token Linear's own units stay fixed; the channels are one group
+    permuted, _ = permute_model(model, spec, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(permuted(x), model(x), atol=1e-5, rtol=1e-5)
