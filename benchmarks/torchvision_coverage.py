@@ -72,6 +72,13 @@ def write(rows: list[dict[str, Any]], tag: str) -> Path:
         f"and recovered exactly by both `match` and `wb`; {len(rows) - len(derived)} are refused at derivation "
         "with one line (below).**",
         "",
+        "Exact by construction, partial where a symmetry is not representable (those units stay fixed, never "
+        "wrongly moved; see `fedfuse/align/rules.py`): grouped convolutions (ResNeXt, RegNet) keep their input "
+        "channels fixed and permute outputs within each block; RegNet-Y's squeeze-excitation scale meets a grouped "
+        "conv's per-block groups, so both stay fixed; ShuffleNet's channel shuffle and MaxViT's q/k/v `chunk` cut "
+        "through a group, which fixes it; attention permutes dims within each head (q/k jointly, v with the "
+        "output projection), never whole heads.",
+        "",
         "| model | params (M) | input | groups | permuted | match | wb | status | derive / match / wb / total s |",
         "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]

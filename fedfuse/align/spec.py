@@ -109,7 +109,8 @@ class TransportSpec:
 
         ``rows``: a mapping ``{(key, axis): group}`` or pairs ``((key, axis), group)``; ``group`` is a name, or
         ``(name, role)`` to override the role (default: axis 1 of a ≥2-d weight is a consumer's ``"in"`` axis,
-        every other axis the unit's own ``"out"``). Widths come from ``model_or_state``; groups keep first-seen order::
+        every other axis the unit's own ``"out"``). Widths come from ``model_or_state``; groups keep first-seen order
+        (shallow → deep). Gate blocks, flattened positions and concatenations need :class:`Axis` rows directly::
 
             TransportSpec.from_rows({("fc1.weight", 0): "h", ("fc1.bias", 0): "h", ("fc2.weight", 1): "h"}, model)
         """
