@@ -18,7 +18,7 @@ from typing import Any
 from fedfuse.data import DATASETS
 from fedfuse.data.partition import PARTITIONS
 from fedfuse.errors import ConfigError
-from fedfuse.models import MODELS
+from fedfuse.models import MODELS, model_name_problem
 
 __all__ = ["Option", "OPTIONS", "validate_config", "defaults"]
 
@@ -71,7 +71,7 @@ OPTIONS: dict[str, Option] = {
         Option("strategy", str, "fedavg", "strategy: a registered name or package.module:Class"),
         Option("dataset", str, "digits", "data set", choices=tuple(DATASETS)),
         Option("data-root", str, "", "directory with data files (torchvision layout); empty = cache dir"),
-        Option("model", str, "mlp", "model family", choices=tuple(MODELS)),
+        Option("model", str, "mlp", f"{'/'.join(MODELS)} or torchvision:NAME", check_value=model_name_problem),
         Option("width", int, 0, "hidden width (0 = the model's default)", low=0),
         Option("depth", int, 0, "hidden layers / RNN layers (0 = default)", low=0),
         Option("batch-norm", bool, False, "BatchNorm in CNN/ResNet"),

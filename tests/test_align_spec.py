@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedfuse.align import Axis, Group, TransportSpec, UnsupportedModelError, derive_spec, permute_model
@@ -63,8 +64,9 @@ def test_resnet_residual_adds_merge_groups() -> None:
     stage1 = spec["conv1"]
     keys = {m.key for m in stage1.members if m.role == "out"}
     assert {"conv1.weight", "layers.0.conv2.weight", "layers.2.bn2.running_var"} <= keys
-    stage2 = next(g for g in spec.groups if any(m.key == "layers.3.shortcut.0.weight" and m.axis == 0
-                                                 for m in g.members))
+    stage2 = next(
+        g for g in spec.groups if any(m.key == "layers.3.shortcut.0.weight" and m.axis == 0 for m in g.members)
+    )
     assert stage2.size == 32
 
 
@@ -124,11 +126,23 @@ def test_ops_on_the_model_input_are_allowed() -> None:
     assert spec.names == ["fc1"]
 
 
+def test_grouped_conv_permutes_within_blocks_and_depthwise_ties_channels() -> None:
+    grouped = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 6, 3, groups=2), nn.Flatten(), nn.Linear(6 * 16, 2))
+    spec = derive_spec(grouped, torch.randn(2, 1, 8, 8))
+    # exact choice: the grouped conv's input stays fixed, its outputs permute within each of the 2 blocks
+    assert spec.names == ["1.g0", "1.g1"] and spec.sizes == {"1.g0": 3, "1.g1": 3}
+    assert {m.segments for m in spec["1.g1"].members if m.key == "1.weight"} == {("1.g0", "1.g1")}
+    dw = nn.Sequential(nn.Conv2d(1, 4, 1), nn.Conv2d(4, 8, 3, groups=4), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 2))
+    spec = derive_spec(dw, torch.randn(2, 1, 8, 8))
+    assert spec.names == ["0"]  # the depthwise conv (multiplier 2) follows its input channels
+    assert {(m.key, m.expand) for m in spec["0"].members} >= {("1.weight", 2), ("4.weight", 2 * 36)}
+    for model in (grouped, dw):
+        x = torch.randn(3, 1, 8, 8)
+        permuted, _ = permute_model(model, derive_spec(model, x), seed=1)
+        torch.testing.assert_close(permuted(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_unsupported_module_and_groupnorm_blocks_are_named() -> None:
-    grouped = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.LazyLinear(2))
-    grouped(torch.randn(1, 1, 8, 8))
-    with pytest.raises(UnsupportedModelError, match="grouped convolution"):
-        derive_spec(grouped, torch.randn(2, 1, 8, 8))
     gn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(36, 2))
     with pytest.raises(UnsupportedModelError, match="GroupNorm with 2 groups"):
         derive_spec(gn, torch.randn(2, 1, 5, 5))
@@ -149,3 +163,117 @@ def test_untraceable_model_and_missing_input_raise_config_errors() -> None:
         derive_spec(Untraceable(), torch.randn(3, 4))
     with pytest.raises(ConfigError, match="example_input"):
         derive_spec(MLP((4,), 2), None)
+
+
+def test_declarative_rows_give_the_same_spec_as_derivation() -> None:
+    model = MLP((4,), 3, (5, 6))
+    rows = {
+        ("net.1.weight", 0): "h1", ("net.1.bias", 0): "h1", ("net.3.weight", 1): "h1",
+        ("net.3.weight", 0): "h2", ("net.3.bias", 0): "h2", ("net.5.weight", 1): "h2",
+    }  # fmt: skip
+    spec = TransportSpec.from_rows(rows, model)
+    derived = derive_spec(model, torch.randn(2, 4))
+    assert spec.sizes == {"h1": 5, "h2": 6}
+    as_set = lambda s: {(g.size, frozenset((m.key, m.axis, m.role) for m in g.members)) for g in s.groups}  # noqa: E731
+    assert as_set(spec) == as_set(derived)
+    with pytest.raises(ConfigError, match=r"spec row \('net.9.weight', 0\) names no parameter"):
+        TransportSpec.from_rows({("net.9.weight", 0): "h"}, model)
+
+
+def test_a_rule_is_one_table_entry() -> None:
+    from fedfuse.align import rules
+
+    class Custom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.special.expit(self.fc1(x)))
+
+    with pytest.raises(UnsupportedModelError, match="unsupported op '.*special_expit'"):
+        derive_spec(Custom(), torch.randn(3, 4))
+    rules.register_rule(torch.special.expit, rules.elementwise)
+    try:
+        assert derive_spec(Custom(), torch.randn(3, 4)).names == ["fc1"]
+    finally:
+        del rules.FUNCTION_RULES[torch.special.expit]
+
+
+def test_layer_scale_attention_and_functional_layer_norm_are_exact() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(5, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.scale = nn.Parameter(torch.randn(8))
+            self.ln_w, self.ln_b = nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(8))
+            self.token = nn.Parameter(torch.randn(1, 1, 8))
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            h = torch.cat([self.token.expand(h.shape[0], -1, -1), h], dim=1)
+            h = h + self.scale * self.attn(h, h, h, need_weights=False)[0]
+            h = torch.nn.functional.layer_norm(h, (8,), self.ln_w, self.ln_b)
+            return self.out(h[:, 0])
+
+    model, x = Block().eval(), torch.randn(3, 4, 5)
+    spec = derive_spec(model, x)
+    # residual stream (inp, attn output, scale, token, layer norm) is one group; per head a q/k and a v group
+    assert sorted(spec.names) == sorted(["inp", "attn.qk0", "attn.qk1", "attn.v0", "attn.v1"])
+    assert {"scale", "token", "ln_w", "ln_b", "attn.out_proj.weight"} <= {m.key for m in spec["inp"].members}
+    permuted, _ = permute_model(model, spec, seed=2)
+    assert max_state_diff(model.state_dict(), permuted.state_dict()) > 1e-2
+    with torch.no_grad():
+        torch.testing.assert_close(permuted(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_example_input_is_inferred_where_the_model_fixes_it() -> None:
+    from fedfuse.align import fuse, infer_example_input
+    from fedfuse.models import VGG, SequenceClassifier
+
+    assert infer_example_input(MLP((1, 8, 8), 10)).shape == (2, 64)
+    vgg = VGG((1, 8, 8), 10, (4, "M", 8, "M"), hidden=16)  # flatten feeds a Linear: only 8×8 runs
+    assert infer_example_input(vgg).shape == (2, 1, 8, 8)
+    fused = fuse([vgg, permute_model(vgg, derive_spec(vgg, torch.randn(2, 1, 8, 8)), seed=1)[0]], method="wb")
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(outputs(vgg, fused, x), outputs(vgg, None, x), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="cannot infer the input shape of SequenceClassifier.*pass example_input="):
+        infer_example_input(SequenceClassifier((1, 8, 6), 10, "lstm", hidden=4))
+
+
+def test_fusion_refuses_a_wrong_alignment_of_permuted_copies() -> None:
+    from fedfuse.align import AlignmentError, fuse
+
+    model, x = make_case("mlp")
+    spec = derive_spec(model, x)
+    permuted, _ = permute_model(model, spec, seed=3)
+    partial = TransportSpec(spec.groups[1:])  # misses the first hidden group: cannot undo its permutation
+    with pytest.raises(AlignmentError, match="holds model 0's weights in another order"):
+        fuse([model, permuted], method="match", spec=partial)
+    with pytest.raises(ConfigError, match="implies width"):  # an inconsistent (resized) state is refused too
+        from fedfuse.align.fusion import check_alignment
+
+        bad = dict(model.state_dict())
+        bad["net.1.bias"] = bad["net.1.bias"][:-1]
+        check_alignment([model.state_dict()], [bad], spec, 0)
+
+
+def test_token_mixing_linear_keeps_the_channel_groups() -> None:
+    class Mixer(nn.Module):  # MLP-Mixer block: a Linear over tokens between two channel Linears
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.tokens, self.head = nn.Linear(3, 8), nn.Linear(5, 5), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)  # (B, 5 tokens, 8 channels)
+            h = h + F.gelu(self.tokens(h.transpose(1, 2))).transpose(1, 2)
+            return self.head(h.mean(1))
+
+    model, x = Mixer().eval(), torch.randn(4, 5, 3)
+    spec = derive_spec(model, x)
+    assert spec.names == ["embed"]  # the token Linear's own units stay fixed; the channels are one group
+    permuted, _ = permute_model(model, spec, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(permuted(x), model(x), atol=1e-5, rtol=1e-5)

@@ -44,3 +44,20 @@ def test_width_and_depth_options() -> None:
 def test_unknown_model_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="model='vit' is unknown; allowed: cnn, gru, lstm, mlp, resnet20, rnn"):
         build_model("vit", (1, 8, 8), 10)
+
+
+def test_torchvision_builder_takes_the_data_sets_channels_and_classes() -> None:
+    from fedfuse.config import OPTIONS
+
+    model = build_model("torchvision:mobilenet_v3_small", (1, 28, 28), 7, seed=0)
+    assert model.eval()(torch.zeros(2, 1, 28, 28)).shape == (2, 7)
+    assert build_model("torchvision:vit_b_16", (3, 32, 32), 10).eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(ConfigError, match="torchvision:inception_v3 does not run on \\(1, 8, 8\\) inputs .*75×75"):
+        build_model("torchvision:inception_v3", (1, 8, 8), 10)
+    with pytest.raises(ConfigError, match="'torchvision:resnet9' is not a torchvision classification model"):
+        build_model("torchvision:resnet9", (1, 28, 28), 10)
+    with pytest.raises(ConfigError, match="needs images"):
+        build_model("torchvision:resnet18", (1, 40), 10)
+    assert OPTIONS["model"].check("torchvision:resnet18") == "torchvision:resnet18"
+    with pytest.raises(ConfigError, match="model='torchvision:nope' is not a torchvision classification model"):
+        OPTIONS["model"].check("torchvision:nope")

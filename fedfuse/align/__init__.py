@@ -6,8 +6,9 @@ model with them; :func:`fuse` aligns N models to a common target and averages th
 """
 
 from fedfuse.align.bn import repair, reset_bn_stats
-from fedfuse.align.fusion import align, fuse, gromov_wasserstein_barycenter, wasserstein_barycenter
-from fedfuse.align.solvers import activation_matching, ot_coupling, ot_transport, weight_matching
+from fedfuse.align.fusion import AlignmentError, align, fuse, gromov_wasserstein_barycenter, wasserstein_barycenter
+from fedfuse.align.rules import register_rule
+from fedfuse.align.solvers import activation_matching, infer_example_input, ot_coupling, ot_transport, weight_matching
 from fedfuse.align.spec import Axis, Group, Site, TransportSpec, UnsupportedModelError, derive_spec
 from fedfuse.align.transport import apply_transport, permute_model
 
@@ -17,16 +18,19 @@ __all__ = [
     "Site",
     "TransportSpec",
     "UnsupportedModelError",
+    "AlignmentError",
     "activation_matching",
     "align",
     "apply_transport",
     "derive_spec",
     "fuse",
     "gromov_wasserstein_barycenter",
+    "infer_example_input",
     "ot_coupling",
     "ot_transport",
     "permute_model",
     "repair",
+    "register_rule",
     "reset_bn_stats",
     "wasserstein_barycenter",
     "weight_matching",

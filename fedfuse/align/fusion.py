@@ -44,7 +44,7 @@ from fedfuse.align.solvers import (
     resolve_spec,
     weight_matching,
 )
-from fedfuse.align.spec import TransportSpec
+from fedfuse.align.spec import TransportSpec, segment_range
 from fedfuse.align.transport import Transports, apply_transport, state_of
 from fedfuse.errors import ConfigError
 from fedfuse.state import normalise_weights, single_threaded, weighted_average
@@ -305,7 +305,65 @@ def fuse(
             fused, _, aligned = gromov_wasserstein_barycenter(
                 states, lam, spec, ref=ref, max_iter=max_iter or 20, sizes=sizes, seed=seed
             )
+        check_alignment(states, aligned, spec, ref, method)
     return _post_norm(fused, aligned, lam, module, bn_repair, repair_data)
+
+
+class AlignmentError(RuntimeError):
+    """Alignment produced a result that cannot be right (see :func:`check_alignment`)."""
+
+
+def _same_up_to_reordering(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
+    """Every float tensor of ``a`` holds the same values as ``b``'s, in some order (sums first: cheap)."""
+    keys = [k for k, v in a.items() if torch.is_floating_point(v) and v.numel()]
+    for k in keys:
+        x, y = a[k].double(), b[k].double()
+        if x.shape != y.shape or not torch.allclose(x.sum(), y.sum(), rtol=1e-6, atol=1e-9 * x.numel()):
+            return False
+    for k in keys:
+        x, y = a[k].flatten().sort().values, b[k].flatten().sort().values
+        if not torch.allclose(x, y, rtol=1e-6, atol=1e-8):
+            return False
+    return True
+
+
+def check_alignment(
+    states: Sequence[Mapping[str, Tensor]],
+    aligned: Sequence[Mapping[str, Tensor]],
+    spec: TransportSpec,
+    ref: int,
+    method: str = "match",
+    tol: float = 1e-4,
+) -> None:
+    """No silent wrong answer after alignment; raises :class:`AlignmentError` or ConfigError.
+
+    (a) Every aligned state is consistent with the spec: each group's members agree on its width and
+    concatenated segments add up (``spec.for_state``). (b) Models holding the same values up to reordering
+    (permuted copies) must land on exactly the reference's aligned state: ``max|θ_i − θ_ref| ≤ tol·max|θ_ref|``
+    over every float tensor — so the fused model computes the reference's function.
+    """
+    for a in aligned:
+        sp = spec.for_state(dict(a))
+        for g in sp.groups:
+            for m in g.members:
+                if m.segments is not None:
+                    segment_range(m, sp.sizes, a[m.key].shape[m.axis])  # raises if segments do not add up
+    if method == "gwb":
+        return  # GW couplings need not be permutations even for permuted copies
+    for i, s in enumerate(states):
+        if i == ref or not _same_up_to_reordering(s, states[ref]):
+            continue
+        worst, where = 0.0, ""
+        for k, v in aligned[ref].items():
+            if torch.is_floating_point(v) and v.numel():
+                d = float((aligned[i][k].double() - v.double()).abs().max()) / max(float(v.abs().max()), 1e-12)
+                if d > worst:
+                    worst, where = d, k
+        if worst > tol:
+            raise AlignmentError(
+                f"method={method!r}: model {i} holds model {ref}'s weights in another order, but after alignment "
+                f"{where!r} differs by {worst:.3g} (relative); the transport spec or the solver missed a symmetry"
+            )
 
 
 def _post_norm(

@@ -41,9 +41,11 @@ __all__ = [
     "ot_transport",
     "ot_coupling",
     "resolve_spec",
+    "infer_example_input",
     "group_features",
     "capture_activations",
     "pairwise_sq_dist",
+    "layerwise_lap_init",
 ]
 
 Model = nn.Module | Mapping[str, Tensor]
@@ -58,8 +60,50 @@ def resolve_spec(spec: TransportSpec | None, model: Any, example_input: Any = No
     if not isinstance(model, nn.Module):
         raise ConfigError("state dicts carry no architecture: pass spec= (a TransportSpec) or an nn.Module template")
     if example_input is None:
-        raise ConfigError("deriving a transport spec needs example_input= (a small input batch) or spec=")
+        example_input = infer_example_input(model)
     return derive_spec(model, example_input)
+
+
+_SIDES = (8, 16, 24, 28, 32, 40, 64, 96, 128, 224)
+
+
+def infer_example_input(model: nn.Module) -> Tensor:
+    """A batch of 2 random inputs of the shape the model's first layer fixes.
+
+    A first ``Linear`` fixes ``(2, in_features)``; a first ``Conv1d``/``Conv2d`` fixes the channels, and the
+    length/side is the smallest of 8, 16, …, 224 the model runs on (a flatten feeding a Linear fixes it; with
+    adaptive pooling any size gives the same spec); a first RNN fixes the feature size. Otherwise raises
+    ConfigError asking for ``example_input``.
+    """
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.RNNBase))), None)
+    if isinstance(first, nn.Linear):
+        shapes = [(2, first.in_features)]
+    elif isinstance(first, nn.Conv1d):
+        shapes = [(2, first.in_channels, s) for s in _SIDES]
+    elif isinstance(first, nn.Conv2d):
+        shapes = [(2, first.in_channels, s, s) for s in _SIDES]
+    elif isinstance(first, nn.RNNBase):
+        shapes = [(2, 8, first.input_size) if first.batch_first else (8, 2, first.input_size)]
+    else:
+        shapes = []
+    gen = torch.Generator().manual_seed(0)
+    was_training = model.training
+    model.eval()
+    try:
+        for shape in shapes:
+            x = torch.randn(shape, generator=gen)
+            try:
+                with torch.no_grad():
+                    model(x)
+            except Exception:  # a wrong guess fails in many ways (shape errors of any layer)
+                continue
+            return x
+    finally:
+        model.train(was_training)
+    tried = f" (tried {shapes[0]}…{shapes[-1]})" if shapes else ""
+    raise ConfigError(
+        f"cannot infer the input shape of {type(model).__name__}{tried}: pass example_input= (a small input batch)"
+    )
 
 
 def group_features(
@@ -367,6 +411,7 @@ def _weight_matching_reference(
 ) -> Transports | tuple[Transports, int]:
     """The plain coordinate descent: every step rebuilds the group's whole ``(n, D)`` features of B."""
     perms: dict[str, Tensor] = {g.name: torch.eye(g.size) for g in spec_a.groups}
+    perms.update(layerwise_lap_init(sa, sb, spec_a, spec_b) if init is None else {})  # see layerwise_lap_init
     perms.update({k: v.float() for k, v in (init or {}).items()})
     frozen = set(frozen)
     feats_a = {g.name: group_features(sa, spec_a, g) for g in spec_a.groups}
@@ -509,3 +554,29 @@ def _paired_out_features(
             cache_a[(ga.name, i)] = member_features(sa, spec_a, ga, ma)  # type: ignore[assignment]
         pairs.append((cache_a[(ga.name, i)], fb))
     return pairs
+
+
+def layerwise_lap_init(
+    sa: Mapping[str, Tensor], sb: Mapping[str, Tensor], spec_a: TransportSpec, spec_b: TransportSpec
+) -> Transports:
+    """Start for weight matching: one shallow → deep pass, each group's LAP on ``Σ_m A_m B̃_mᵀ`` over the members
+    whose other axes are already solved (fixed axes — the model input, the classes — count as solved).
+
+    Coordinate descent from the identity can stop at a poor fixed point when a group's informative rows are
+    outnumbered by the columns of consumers not yet matched: in squeezenet1_1 a Fire module's squeeze group has
+    64 rows of input weights but 640 columns of its two (still unmatched) expand convolutions, so every group
+    keeps a wrong permutation and ``match`` returned a model 0.5 away from a permuted copy's function.
+    """
+    perms: Transports = {}
+    for ga, gb in zip(spec_a.groups, spec_b.groups, strict=True):
+        score = None
+        for ma, mb in zip(ga.members, gb.members, strict=True):
+            fb = member_features(sb, spec_b, gb, mb, perms, require=True)
+            if fb is None:
+                continue
+            fa = member_features(sa, spec_a, ga, ma)
+            part = fa.double() @ fb.double().T  # type: ignore[union-attr]
+            score = part if score is None else score + part
+        if score is not None:
+            perms[ga.name] = _lap_permutation(score.numpy())
+    return perms

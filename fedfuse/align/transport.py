@@ -18,6 +18,7 @@ handled by reading the axis as ``(repeat, block, expand)``.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
@@ -37,6 +38,7 @@ __all__ = [
     "member_features",
     "member_rows",
     "permutation_index",
+    "load_state",
 ]
 
 Transports = dict[str, Tensor]
@@ -216,5 +218,14 @@ def permute_model(model: nn.Module, spec: TransportSpec, seed: int = 0) -> tuple
     spec = spec.for_state(state)
     perms = {g.name: torch.eye(g.size)[torch.randperm(g.size, generator=gen)] for g in spec.groups}
     new = copy.deepcopy(model)
-    new.load_state_dict(apply_transport(state, spec, perms))
+    load_state(new, apply_transport(state, spec, perms))
     return new, perms
+
+
+def load_state(module: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
+    """``module.load_state_dict(state)`` keeping the module's own state-dict metadata (versions some
+    modules check on load, e.g. torchvision's MNASNet); returns ``module``."""
+    sd = OrderedDict(state)
+    sd._metadata = getattr(module.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    module.load_state_dict(sd)
+    return module

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from fedfuse.errors import ConfigError
+from fedfuse.models.torchvision_models import PREFIX, build_torchvision, check_torchvision_name
 
-__all__ = ["MLP", "VGG", "ResNet20", "SequenceClassifier", "MODELS", "build_model"]
+__all__ = ["MLP", "VGG", "ResNet20", "SequenceClassifier", "MODELS", "build_model", "model_name_problem"]
 
 
 def _conv_layers(ndim: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
@@ -200,6 +201,15 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], int, int]] = {
 }
 
 
+def model_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a model fedfuse can build (a ``MODELS`` key or ``torchvision:NAME``), or None."""
+    if name in MODELS:
+        return None
+    if name.startswith(PREFIX):
+        return check_torchvision_name(name[len(PREFIX) :])
+    return f"is not allowed; allowed: {', '.join(sorted(MODELS))}, or {PREFIX}NAME (a torchvision classifier)"
+
+
 def build_model(
     name: str,
     input_shape: Sequence[int],
@@ -212,8 +222,10 @@ def build_model(
 ) -> nn.Module:
     """Build model ``name`` for ``input_shape``; with ``seed``, the init is fixed by ``torch.manual_seed``-free
     forking (global RNG state is restored afterwards)."""
+    if name.startswith(PREFIX):  # width/depth/batch_norm do not apply: the builder fixes the architecture
+        return build_torchvision(name[len(PREFIX) :], input_shape, num_classes, seed=seed)
     if name not in MODELS:
-        raise ConfigError(f"model={name!r} is unknown; allowed: {', '.join(sorted(MODELS))}")
+        raise ConfigError(f"model={name!r} is unknown; allowed: {', '.join(sorted(MODELS))}, or {PREFIX}NAME")
     builder, default_width, default_depth = MODELS[name]
     w = default_width if width is None else int(width)
     d = default_depth if depth is None else int(depth)

@@ -1,0 +1,138 @@
+"""Does fedfuse handle a model exactly? Derive its spec, permute it randomly, and recover it by fusion.
+
+:func:`selfcheck` answers with a :class:`CheckResult`: the spec derives (or the one-line reason it
+cannot), a random permutation of every group leaves the outputs unchanged, and ``fuse([model, copy])``
+with ``match`` and ``wb`` returns the model's function (outputs equal to ``rtol`` of their scale). Both run
+one pass (``max_iter=1``: one WB iteration, one matching sweep after the layer-wise start): a permuted copy
+must be recovered by the first pass.
+:func:`break_symmetric_init` first makes the check meaningful on a freshly built model: builders zero-init
+heads and layer scales, and untrained BatchNorm statistics can blow deep nets up, so a check on such a
+model would compare zeros (or infinities).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedfuse.align.fusion import AlignmentError, fuse
+from fedfuse.align.spec import UnsupportedModelError, derive_spec
+from fedfuse.align.transport import load_state, permute_model
+
+__all__ = ["CheckResult", "break_symmetric_init", "selfcheck"]
+
+F64_MAX_PARAMS = 150_000_000  # models up to this size are compared in float64
+
+
+@dataclass
+class CheckResult:
+    """Outcome of :func:`selfcheck`; ``*_err`` are max |Δ output| / max |output| (None: not run)."""
+
+    derived: bool
+    reason: str = ""
+    groups: int = 0
+    permuted_err: float | None = None
+    errors: dict[str, float] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    rtol: float = 1e-4
+
+    @property
+    def ok(self) -> bool:
+        """Derived, permutation-invariant and recovered by every method — or refused with a reason."""
+        if not self.derived:
+            return bool(self.reason)
+        return (
+            self.permuted_err is not None
+            and self.permuted_err <= self.rtol
+            and not self.failures
+            and all(e <= self.rtol for e in self.errors.values())
+        )
+
+
+@torch.no_grad()
+def break_symmetric_init(model: nn.Module, x: Any, seed: int = 0) -> nn.Module:
+    """Randomise constant parameters (zero-init heads, unit norm scales, layer scales) and set every BatchNorm's
+    running statistics to the batch statistics of ``x``, variance ≥ 0.01 (activations stay O(1) at any depth).
+    In place."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.numel() > 1 and float(p.std()) == 0.0:
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+        elif p.numel() == 1:
+            p.fill_(float(p) + 0.1 * float(torch.randn((), generator=gen)))
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if bns:
+        old = [(m.momentum, m.training) for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: one batch gives its own statistics
+        model.eval()
+        for m in bns:
+            m.train()
+        model(*(x if isinstance(x, tuple) else (x,)))
+        for m, (mom, _) in zip(bns, old, strict=True):
+            m.momentum = mom
+            if m.running_var is not None:  # 2 samples can give ~0 variance: 1/√var would amplify rounding
+                m.running_var.clamp_(min=1e-2)
+    return model.eval()
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
+
+
+@torch.no_grad()
+def selfcheck(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    methods: tuple[str, ...] = ("match", "wb"),
+    seed: int = 1,
+    rtol: float = 1e-4,
+) -> CheckResult:
+    """Derive, permute, and recover ``model`` (eval mode) on ``example_input``; see :class:`CheckResult`."""
+    model = model.eval()
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    t0 = time.perf_counter()
+    try:
+        spec = derive_spec(model, example_input)
+    except UnsupportedModelError as exc:
+        return CheckResult(False, str(exc).splitlines()[0], seconds={"derive": time.perf_counter() - t0})
+    res = CheckResult(True, groups=len(spec.groups), rtol=rtol)
+    res.seconds["derive"] = time.perf_counter() - t0
+    permuted, _ = permute_model(model, spec, seed=seed)
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for method in methods:
+        t0 = time.perf_counter()
+        try:
+            fused[method] = fuse(
+                [model, permuted],  # type: ignore[arg-type]
+                method=method,
+                spec=spec,
+                init=0,
+                max_iter=1,
+                bn_repair=None,
+            )
+        except AlignmentError as exc:
+            res.failures[method] = str(exc)
+        res.seconds[method] = time.perf_counter() - t0
+    # outputs in float64 where memory allows: float32 rounding, amplified by deep random nets, can reach 1e-4
+    in_f64 = sum(p.numel() for p in model.parameters()) <= F64_MAX_PARAMS
+    base = copy.deepcopy(model).double() if in_f64 else model
+    xs = tuple(i.double() if in_f64 and torch.is_floating_point(i) else i for i in inputs)
+
+    def run(state: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        net = base if state is None else load_state(copy.deepcopy(base), state)
+        return net.eval()(*xs)
+
+    ref = run(None)
+    res.permuted_err = _rel_err(run(permuted.state_dict()), ref)
+    for method, state in fused.items():
+        res.errors[method] = _rel_err(run(state), ref)
+    return res
