@@ -12,7 +12,7 @@
 # bundle (pip's global `cert`), the CPU torch wheel from the host's pip find-links, and a constraint
 # pinning torch to that wheel. Needs root, a running Docker engine, debootstrap and the Debian mirror.
 # Environment: DEBIAN_MIRROR (default: first URI of the host's apt sources, else deb.debian.org),
-# FORCE=1 rebuilds an existing stand-in.
+# PYTHON (whose pip config is read; default python3), FORCE=1 rebuilds an existing stand-in.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -53,12 +53,13 @@ fi
 ctx="$(mktemp -d)"
 trap 'rm -rf "$ctx"' EXIT
 cp "$here/standin-base.Dockerfile" "$ctx/Dockerfile"
-cert="$(pip config get global.cert 2>/dev/null || true)"
+py="${PYTHON:-python3}"
+cert="$("$py" -m pip config get global.cert 2>/dev/null || true)"
 cert="${cert:-${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}}"
 cp "$cert" "$ctx/host-ca.crt"
 mkdir -p "$ctx/wheels"
 : >"$ctx/constraints.txt"
-links="$(pip config get global.find-links 2>/dev/null || true) ${PIP_FIND_LINKS:-}"
+links="$("$py" -m pip config get global.find-links 2>/dev/null || true) ${PIP_FIND_LINKS:-}"
 for d in $links; do
   for w in "$d"/torch-*+cpu-cp311-cp311-*.whl; do
     [[ -f "$w" ]] || continue
