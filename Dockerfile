@@ -3,8 +3,9 @@
 #
 # One image runs every process of the deployment (docker-compose.yml picks the command):
 #   flower-superlink, flower-supernode and flower-superexec (which starts flwr-serverapp / flwr-clientapp
-#   with the fedfuse ServerApp and ClientApp). fedfuse and its dependencies are installed here, so no
-#   process installs anything at run time (--disable-runtime-dependency-installation on the SuperLink).
+#   with the fedfuse ServerApp and ClientApp), and the Fleet-only gateway (deploy/fleet_gateway.py).
+#   fedfuse and its dependencies are installed here, so no process installs anything at run time
+#   (--disable-runtime-dependency-installation on the SuperLink).
 #
 #   docker build -t fedfuse/flower:0.1.0 .
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 ...   # CUDA wheels
@@ -29,11 +30,12 @@ COPY fedfuse ./fedfuse
 COPY strategies ./strategies
 COPY clients ./clients
 COPY deploy/register-supernodes.sh /usr/local/bin/register-supernodes.sh
+COPY deploy/fleet_gateway.py /usr/local/bin/fleet_gateway.py
 # /app/state (SuperLink database) and /app/runs (ServerApp `out`, relative to /app) are volumes that
 # Docker initialises from these directories, owned by the base image's unprivileged user `app`.
 RUN python -m pip install --no-cache-dir --no-deps . \
     && rm -rf build *.egg-info \
-    && chmod 755 /usr/local/bin/register-supernodes.sh \
+    && chmod 755 /usr/local/bin/register-supernodes.sh /usr/local/bin/fleet_gateway.py \
     && python -c "import flwr, fedfuse, clients.client_app, strategies.server_app; print('flwr', flwr.__version__)" \
     && mkdir -p /app/state /app/runs /app/.flwr \
     && chown -R app:app /app/state /app/runs /app/.flwr

@@ -11,8 +11,8 @@
 # Environment:
 #   NUM_SUPERNODES   number of SuperNode key pairs (default 5: three default nodes + the `more-nodes` profile)
 #   SUPERLINK_SANS   extra subjectAltNames for the SuperLink certificate, e.g. "DNS:fl.example.org,IP:10.0.0.5"
-#                    (add the address SuperNodes and `flwr` users dial; `superlink`, `localhost`, 127.0.0.1, ::1
-#                    are always included)
+#                    (add the address SuperNodes and `flwr` users dial; `superlink`, `fleet-gateway`, `localhost`,
+#                    127.0.0.1, ::1 are always included; the Fleet gateway serves the same certificate)
 #   CERT_DAYS        validity in days (default 365)
 #   FORCE=1          overwrite existing files (default: keep an existing CA and keys, regenerate nothing)
 #   CONTAINER_UID    chown the output to this uid (Flower's images run as `app`, uid 49999; needs root), so the
@@ -60,7 +60,7 @@ if [[ "$keep" == 0 ]]; then
     -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
     -out "$certs/ca.crt" 2>/dev/null
 
-  sans="DNS:superlink,DNS:localhost,IP:127.0.0.1,IP:::1"
+  sans="DNS:superlink,DNS:fleet-gateway,DNS:localhost,IP:127.0.0.1,IP:::1"
   [[ -n "${SUPERLINK_SANS:-}" ]] && sans="$sans,$SUPERLINK_SANS"
   server_cert superlink superlink "$sans"
 

@@ -29,6 +29,7 @@ class NodeOrder:
         self.timeout = float(timeout)
         self.query = bool(query)
         self.partition_of: dict[int, int] = {}
+        self.joined = False  # min_available nodes were online once (see seeded_sample)
 
     def learn(self, reply: Message) -> None:
         """Record the partition id a reply carries (``protocol.CLIENT_INFO``), if any."""
@@ -60,8 +61,15 @@ class NodeOrder:
 def seeded_sample(
     grid: Grid, order: NodeOrder, seed: int, server_round: int, fraction: float, min_nodes: int, min_available: int
 ) -> list[int]:
-    """Node ids of the round's sample, in partition order (waits for ``min_available`` nodes first)."""
-    _, all_nodes = sample_nodes(grid, min_available, 0)
+    """Node ids of the round's sample, in partition order.
+
+    Before the first round this order has seen, waits for ``min_available`` nodes (everyone joins);
+    afterwards only for ``min_nodes``: Flower's wait has no timeout, so a node that died (a killed
+    container, a lost host) would otherwise stall every later round of the run forever.
+    """
+    needed = max(1, min(min_available, min_nodes)) if order.joined else min_available
+    _, all_nodes = sample_nodes(grid, needed, 0)
+    order.joined = True
     order.discover(grid, all_nodes)
     ordered = sorted(all_nodes, key=order.key)
     return [ordered[i] for i in sample_clients(seed, server_round, len(ordered), fraction, min_nodes)]

@@ -275,17 +275,28 @@ def test_topology(variant: tuple[str, dict[str, dict[str, Any]]]) -> None:
 def test_addresses_and_ports_are_consistent(variant: tuple[str, dict[str, dict[str, Any]]]) -> None:
     _, services = variant
     cmds = flower_services(services)
+    cmds["fleet-gateway"] = command_of(services["fleet-gateway"])
     port_of = {n: flag_value(c, "--port") for n, c in cmds.items() if "--port" in c}
     for n, c in cmds.items():
         if "--port" in c:  # reached from other containers
             assert flag_value(c, "--host") == "0.0.0.0", n
-        for flag in ("--superlink", "--runtime-api-address"):
+        for flag in ("--superlink", "--runtime-api-address", "--upstream"):
             if flag in c:
                 host, port = flag_value(c, flag).rsplit(":", 1)
                 assert host in services, f"{n}: {flag} names unknown service {host!r}"
                 assert port == port_of[host], f"{n}: {flag} port {port} != {host} --port {port_of[host]}"
-    published = [p.split(":") for p in services["superlink"].get("ports", [])]
-    assert [port_of["superlink"], port_of["superlink"]] in published
+    # SuperNodes reach the SuperLink only through the Fleet gateway, which forwards to the SuperLink
+    assert flag_value(cmds["fleet-gateway"], "--upstream") == f"superlink:{port_of['superlink']}"
+    for n, c in cmds.items():
+        if c[0] == "flower-supernode":
+            assert flag_value(c, "--superlink") == f"fleet-gateway:{port_of['fleet-gateway']}", n
+    # the SuperLink's port (Control API: flwr run, supernode register) is published on loopback only;
+    # the gateway's Fleet port is the one port open to other hosts
+    published = {n: [p.split(":") for p in s.get("ports", [])] for n, s in services.items() if s.get("ports")}
+    assert published == {
+        "superlink": [["127.0.0.1", port_of["superlink"], port_of["superlink"]]],
+        "fleet-gateway": [[port_of["fleet-gateway"], port_of["fleet-gateway"]]],
+    }, published
     reg_env = services["supernode-register"].get("environment", {})
     if "SUPERLINK_ADDRESS" in reg_env:
         assert reg_env["SUPERLINK_ADDRESS"] == f"superlink:{port_of['superlink']}"
@@ -390,9 +401,9 @@ def test_interpolation_and_localize(tmp_path: Path) -> None:
     assert interpolate("n=${N:-3} m=${M} $$x", {"M": "7"}) == "n=3 m=7 $x"
     assert interpolate("n=${N:-3}", {"N": "5"}) == "n=5"
     services = load_compose(COMPOSE)
-    ports = {"superlink": 1111, "supernode-1": 2222}
+    ports = {"superlink": 1111, "supernode-1": 2222, "fleet-gateway": 3333}
     cmd, _ = localize(services, "supernode-1", ports, tmp_path / "d", tmp_path / "v")
-    assert flag_value(cmd, "--superlink") == "127.0.0.1:1111"
+    assert flag_value(cmd, "--superlink") == "127.0.0.1:3333"
     assert flag_value(cmd, "--port") == "2222" and flag_value(cmd, "--host") == "127.0.0.1"
     assert flag_value(cmd, "--root-certificates") == str(tmp_path / "d" / "certs" / "ca.crt")
     assert flag_value(cmd, "--node-config") == "partition-id=0 num-partitions=3"

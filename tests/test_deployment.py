@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +108,8 @@ class Deployment:
         )
         if cmd[0] == "register-supernodes.sh":  # installed into the image from deploy/
             cmd[0] = str(ROOT / "deploy" / "register-supernodes.sh")
+        if cmd[:2] == ["python", "/usr/local/bin/fleet_gateway.py"]:  # likewise
+            cmd[:2] = [sys.executable, str(ROOT / "deploy" / "fleet_gateway.py")]
         if extra_node_config:
             i = cmd.index("--node-config") + 1
             cmd[i] = f"{cmd[i]} {extra_node_config}"
@@ -224,6 +227,8 @@ def tls_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         missing_dir = tmp / "no-such-client-data"
 
         dep.wait_port("superlink")
+        dep.start("fleet-gateway")
+        dep.wait_port("fleet-gateway")
         cmd, environment = dep.command("supernode-register")  # an unregistered SuperNode exits at once
         reg = subprocess.run(
             cmd, env={**_env(tmp / "home" / "register"), **environment}, capture_output=True, text=True, timeout=180
@@ -349,6 +354,35 @@ class TestTLSDeployment:
         _exits_nonzero(dep.start("supernode-1", cmd=cmd, label="unregistered"), within=60)
         assert "Failed to activate SuperNode" in dep.log("unregistered"), dep.log("unregistered")[-2000:]
 
+    def test_ca_only_client_cannot_use_the_fleet_port(self, tls_run: dict[str, Any], tmp_path: Path) -> None:
+        """Through the Fleet gateway (the port other hosts reach) a client with ca.crt can neither submit
+        a run nor register a SuperNode key; the same commands on the SuperLink's own port (the operator's)
+        are served."""
+        dep: Deployment = tls_run["deployment"]
+        key = tmp_path / "intruder"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(key)], check=True)
+        home = tmp_path / "outsider-home"
+        home.mkdir()
+        ca = dep.deploy_dir / "certs" / "ca.crt"
+        address = f"127.0.0.1:{dep.ports['fleet-gateway']}"
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "outside"\n\n[superlink.outside]\naddress = "{address}"\n'
+            f'root-certificates = "{ca}"\n'
+        )
+        env = _env(home)
+        flwr = str(BIN / "flwr")
+        opts = dict(cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        reg = subprocess.run([flwr, "supernode", "register", f"{key}.pub", "outside"], **opts)  # type: ignore[call-overload]
+        run = subprocess.run([flwr, "run", ".", "outside", "--run-config", "num-rounds=1"], **opts)  # type: ignore[call-overload]
+        ls = subprocess.run([flwr, "ls", "outside"], **opts)  # type: ignore[call-overload]
+        for res in (reg, run, ls):
+            assert res.returncode != 0, res.stdout + res.stderr
+        assert "refused" in dep.log("fleet-gateway") and "/v1/control/" in dep.log("fleet-gateway")
+        nodes = dep.flwr("supernode", "ls", dep.connection, "--format", "json", timeout=60)
+        assert nodes.returncode == 0, nodes.stdout + nodes.stderr
+        # the five keys of the operator's one-shot, not the intruder's
+        assert len(json.loads(nodes.stdout[nodes.stdout.index("{") :])["nodes"]) == 5, nodes.stdout
+
 
 # ---------------------------------------------------------------- insecure override
 
@@ -368,6 +402,8 @@ def test_insecure_override_connects(tmp_path: Path) -> None:
         dep.wait_log("superexec-serverapp", "Connection attempt failed")
         dep.start("superlink")
         dep.wait_port("superlink")
+        dep.start("fleet-gateway")
+        dep.wait_port("fleet-gateway")
         dep.start("supernode-1")
         dep.wait_nodes(["supernode-1"])
         dep.wait_log("superexec-serverapp", "Connection successful")
