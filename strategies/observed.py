@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedfuse import protocol
 from fedfuse.validation import check_update
-from strategies.base import reply_size_reason
+from strategies.base import error_summary, reply_size_reason
 
 __all__ = ["ClientModel", "RoundObserver", "ObservedStrategy"]
 
@@ -160,8 +160,7 @@ class ObservedStrategy(Strategy):
         rnd = self._round
         if rnd.sampled == 0 or rnd.failures < rnd.sampled:
             return None
-        reason = rnd.first_error.strip().splitlines()[-1] if rnd.first_error.strip() else "no reason given"
-        return f"every client failed ({rnd.failures} of {rnd.sampled}); first error: {reason}"
+        return f"every client failed ({rnd.failures} of {rnd.sampled}); first error: {error_summary(rnd.first_error)}"
 
     def _client_models(self, replies: Sequence[Message]) -> list[ClientModel]:
         """Valid replies as full models (a partial reply is completed with the sent model), sorted by label."""

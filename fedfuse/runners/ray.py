@@ -32,11 +32,12 @@ from typing import Any
 
 from fedfuse.errors import RunFailedError
 
-__all__ = ["run_ray", "local_superlink", "EXPECTED_WARNINGS", "write_app"]
+__all__ = ["run_ray", "local_superlink", "run_status", "wait_finished", "EXPECTED_WARNINGS", "write_app"]
 
 # Known and deliberate: server-side-only evaluation; Flower's note on its default federation size (we set it).
 EXPECTED_WARNINGS = ("fraction_evaluate is set to 0.0", "default simulated SuperNodes changed")
 _ERROR = re.compile(r"fedfuse: error: (.*)")
+_STARTED = re.compile(r"Successfully started run (\d+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -99,6 +100,15 @@ def _wait_healthy(port: int, proc: subprocess.Popen[bytes], log_path: Path, time
     raise RunFailedError(f"flower-superlink did not answer on 127.0.0.1:{port} within {timeout:.0f} s")
 
 
+def _die_with_parent() -> None:
+    """In the SuperLink's process, before exec: SIGTERM when the process that started it dies (Linux), so a
+    killed ``fedfuse simulate`` does not leave its SuperLink (and the run) going."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """Stop the process group we started (SuperLink, SuperExec, ServerApp and simulation processes)."""
     if proc.poll() is None:
@@ -121,6 +131,33 @@ def _rows(out: Path) -> list[dict[str, Any]]:
         return list(json.loads((out / "metrics.json").read_text())["rounds"])
     except (OSError, ValueError, KeyError):
         return []  # not written yet (or being replaced right now: atomic writes make that a missing file)
+
+
+def run_status(env: Mapping[str, str], run_id: str) -> tuple[str, str]:
+    """(status, status details) of run ``run_id`` on the SuperLink of ``env`` (``flwr list --run-id``)."""
+    proc = subprocess.run(
+        [_tool("flwr"), "list", "--run-id", str(run_id), "--format", "json"],
+        env=dict(env), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    try:
+        run = json.loads(proc.stdout)["runs"][0]
+    except (ValueError, KeyError, IndexError):
+        return "unknown", proc.stdout[-300:] + proc.stderr[-300:]
+    return str(run["status"]), str(run.get("status-details", ""))
+
+
+def wait_finished(
+    env: Mapping[str, str], run_id: str, timeout: float = 3600.0, tick: Callable[[], None] | None = None
+) -> tuple[str, str]:
+    """Poll until run ``run_id`` is ``finished:*`` (``flwr run --stream`` may return before that)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, details = run_status(env, run_id)
+        if status.startswith("finished") or time.monotonic() > deadline:
+            return status, details
+        if tick is not None:
+            tick()
+        time.sleep(2.0)
 
 
 @contextmanager
@@ -158,6 +195,7 @@ def local_superlink(workdir: Path, extra_env: Mapping[str, str] | None = None) -
              "--control-api-address", f"127.0.0.1:{_free_port()}", "--host", "127.0.0.1", "--port", str(port),
              "--database", ":memory:"],
             env=env, cwd=workdir, stdout=link_log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent,
         )  # fmt: skip
     try:
         _wait_healthy(port, superlink, log_path)
@@ -186,9 +224,12 @@ def run_ray(
     seen = {int(r["round"]) for r in _rows(out)} if resume else set()
     tail: deque[str] = deque(maxlen=40)
     errors: list[str] = []
+    run_ids: list[str] = []
 
     def record(plain: str) -> None:
         tail.append(plain)
+        if m := _STARTED.search(plain):
+            run_ids.append(m.group(1))
         if m := _ERROR.search(plain):
             errors.append(m.group(1))
         if verbose and not any(w in plain for w in EXPECTED_WARNINGS):
@@ -232,13 +273,19 @@ def run_ray(
                 while run.poll() is None:
                     follow()
                     time.sleep(0.5)
+                reader.join(timeout=10)
+                status, details = wait_finished(env, run_ids[0], tick=follow) if run_ids else ("", "")
             finally:
                 if run.poll() is None:  # Ctrl-C: the SuperLink goes down with its runs below
                     run.terminate()
                     run.wait(timeout=20)
-            reader.join(timeout=10)
             follow()
     if errors:
         raise RunFailedError(f"{errors[0]} (Flower's log: {out}/flower.log)")
-    if run.returncode != 0:
+    if status.endswith("failed") or status.endswith("stopped"):
+        reason = details.removeprefix("Simulation failed with exception: ") or status
+        raise RunFailedError(f"{reason} (Flower's log: {out}/flower.log)")
+    if errors:
+        raise RunFailedError(f"{errors[0]} (Flower's log: {out}/flower.log)")
+    if run.returncode != 0 or not status:
         raise RunFailedError(f"`flwr run` exited with code {run.returncode}: {' | '.join(list(tail)[-5:])}")
