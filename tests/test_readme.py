@@ -12,7 +12,9 @@ Small settings, and nothing else changed (each override is listed here):
 - ``flwr run`` lines get ``--run-config "num-rounds=1"`` appended, with a private ``FLWR_HOME`` and free
   ports for the local SuperLink Flower starts (stopped afterwards: it is found by its port);
 - a python snippet whose first line is ``# some/path.py`` is also written to that path (the module a later
-  snippet imports).
+  snippet imports);
+- shell snippets run as one reader's session would: once a snippet has run ``source .venv/bin/activate``
+  (or ``export``ed a variable), later ones start with the same lines.
 The number of snippets executed must equal the number found: nothing is skipped silently.
 """
 
@@ -103,6 +105,7 @@ def test_every_readme_snippet_runs(tmp_path: Path) -> None:
         "NO_COLOR": "1",
     }
     executed = []
+    session: list[str] = []  # activation and exports so far, as in one reader's shell
     try:
         for i, (lang, code) in enumerate(found):
             if lang == "python":
@@ -112,7 +115,9 @@ def test_every_readme_snippet_runs(tmp_path: Path) -> None:
                     (repo / m.group(1)).write_text(code)
                 cmd = [sys.executable, "-c", code]
             else:
-                script = "set -euo pipefail\n" + "\n".join(small(ln, venv) for ln in join_continuations(code))
+                lines = [small(ln, venv) for ln in join_continuations(code)]
+                script = "\n".join(["set -euo pipefail", *session, *lines])
+                session += [ln for ln in lines if re.match(r"\s*(source|\.|export)\s", ln)]
                 cmd = ["bash", "-c", script]
             proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
             log = proc.stdout + proc.stderr
