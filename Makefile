@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedfuse-installed
 PYTEST_ARGS ?=
+# appended to the demo's flags (later flags win): tests/test_readme.py runs a small demo
+DEMO_ARGS ?=
 
 .PHONY: install demo test lint clean
 
@@ -17,9 +19,10 @@ install: $(STAMP)
 # The main job: a 10-client non-IID (Dirichlet 0.3) federated simulation on Ray, bundled digits data.
 demo: $(STAMP)
 	$(VENV)/bin/fedfuse simulate --strategy fedavg --dataset digits --model mlp --num-clients 10 \
-		--rounds 10 --partition dirichlet --alpha 0.3 --local-epochs 2 --seed 0 --out runs/demo --overwrite
+		--rounds 10 --partition dirichlet --alpha 0.3 --local-epochs 2 --seed 0 --out runs/demo --overwrite $(DEMO_ARGS)
 
 test: $(STAMP)
+	$(PY) -c "import flwr, torch; print('flwr', flwr.__version__, '/ torch', torch.__version__)"
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

@@ -42,12 +42,16 @@ def validate_config(config: dict[str, Any], *, fill_defaults: bool = True, check
 def _add_options(p: argparse.ArgumentParser) -> None:
     for name, opt in _schema().items():
         flag = "rounds" if name == "num-rounds" else name
-        kwargs: dict[str, Any] = {"default": None, "help": f"{opt.help} (default: {opt.default!r})"}
+        allowed = f"; one of: {', '.join(opt.choices)}" if opt.choices else ""
+        if name == "strategy":
+            allowed += " or package.module:Class"
+        text = f"{opt.help}{allowed} (default: {opt.default!r})".replace("%", "%%")  # argparse formats help with %
+        kwargs: dict[str, Any] = {"default": None, "help": text}
         if opt.type is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = str  # validated by the schema, so errors read the same everywhere
-            kwargs["metavar"] = opt.type.__name__.upper()
+            kwargs["metavar"] = "NAME" if opt.choices else opt.type.__name__.upper()
         p.add_argument(f"--{flag}", dest=name, **kwargs)
 
 
@@ -59,11 +63,33 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+SIMULATE_EXAMPLES = """examples:
+  fedfuse simulate --strategy wb --dataset digits --model mlp --num-clients 10 \\
+      --rounds 10 --partition dirichlet --alpha 0.3 --seed 0 --out runs/wb
+  fedfuse simulate --backend inline --strategy fedpfn --dataset mnist1d --out runs/pfn
+  fedfuse simulate --compare fedavg,wb,match --rounds 5 --out runs/cmp
+  fedfuse simulate --strategy my_pkg.my_mod:MyStrategy --out runs/mine  # from .
+  fedfuse simulate --resume runs/wb     # continue after the last complete round
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fedfuse", description="Alignment-aware federated learning on Flower.")
+    parser = _Parser(
+        prog="fedfuse",
+        description="Alignment-aware federated learning on Flower.",
+        epilog="examples:\n  fedfuse simulate --strategy wb --out runs/wb\n"
+        "  fedfuse lmc runs/a/model.pt runs/b/model.pt --align --out runs/lmc\n\n"
+        "fedfuse simulate --help lists every option.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version="fedfuse 0.1.0")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    sim = sub.add_parser("simulate", help="run a federated simulation through Flower's simulation engine (Ray)")
+    sim = sub.add_parser(
+        "simulate",
+        help="run a federated simulation through Flower's simulation engine (Ray) or inline",
+        epilog=SIMULATE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_options(sim)
     sim.add_argument("--compare", default=None, help="comma-separated strategies run on identical partitions/seeds")
     sim.add_argument("--overwrite", action="store_true", help="replace results already in --out")
@@ -73,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--backend",
         choices=("ray", "inline"),
-        default="ray",
-        help="ray: Flower's simulation engine (default); inline: same apps, sequentially in this process",
+        default=None,
+        help="ray: Flower's simulation engine via `flwr run` on a local SuperLink (default); inline: same apps, "
+        "sequentially in this process. --resume reuses the run's backend unless given",
     )
     sim.add_argument("--client-cpus", type=float, default=1.0, help="CPUs reserved per client actor (default 1)")
     sim.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per client actor (default 0)")
@@ -168,6 +195,12 @@ def _format_row(row: dict[str, Any]) -> list[str]:
     ]
 
 
+def round_line(row: dict[str, Any]) -> str:
+    """One progress line per round, within 80 columns for up to 999 rounds, 99 clients and 9999 s."""
+    r = _format_row(row)
+    return f"round {r[0]}: acc {r[1]} loss {r[2]} train {r[3]} ok/err/late/bad {r[4]} {r[5]}s"
+
+
 _COLUMNS = ["round", "accuracy", "loss", "client train loss", "ok/err/late/bad", "wall s"]
 
 
@@ -175,7 +208,6 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Run one simulation (Ray or inline) with a live rich progress display; return the last metrics row."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 
     console = Console(stderr=False)
     progress = Progress(
@@ -187,7 +219,7 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         disable=args.no_progress,
     )
     label = f"{cfg['strategy']} on {cfg['dataset']}/{cfg['model']}"
-    starting = "starting Ray" if args.backend == "ray" else "starting"
+    starting = "starting Flower's simulation engine (Ray)" if args.backend == "ray" else "starting (inline)"
     task = progress.add_task(f"{label}: {starting}", total=cfg["num-rounds"])
 
     def on_round(row: dict[str, Any]) -> None:
@@ -196,8 +228,7 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             completed=row["round"],
             description=f"{label}: round {row['round']} acc {row['central_accuracy']:.3f}",
         )
-        r = _format_row(row)
-        console.print(f"round {r[0]}: acc {r[1]}  loss {r[2]}  client loss {r[3]}  ok/err/late/bad {r[4]}  {r[5]} s")
+        console.print(round_line(row), soft_wrap=True)
 
     with progress:
         if args.backend == "inline":
@@ -220,7 +251,7 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
     rows = load_metrics(Path(cfg["out"]))["rounds"]  # the whole history, resumed rounds included
     if not rows or rows[-1]["round"] != cfg["num-rounds"]:
-        raise RuntimeError(f"simulation ended before round {cfg['num-rounds']}; see the log above")
+        raise RunFailedError(f"simulation ended before round {cfg['num-rounds']}; see the log above")
     _print_table(console, {str(cfg["strategy"]): rows})
     trained = [r for r in rows if r["round"] >= 1]
     if trained and all(r.get("skipped", 0) == 1 or r.get("replies", 0) == 0 for r in trained):
@@ -230,6 +261,25 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         )
     console.print(f"results in {cfg['out']}/ (metrics.json, metrics.csv, model.pt, accuracy.png)")
     return rows[-1]
+
+
+RUNTIME_FILE = "runtime.json"  # how a run was executed (not what it computes): the backend --resume reuses
+
+
+def _save_backend(out: Path, backend: str) -> None:
+    from fedfuse.results import atomic_write_bytes
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / RUNTIME_FILE, json.dumps({"backend": backend}).encode())
+
+
+def _saved_backend(out: Path) -> str:
+    """The backend the run in ``out`` ran on (``ray`` for runs older than ``runtime.json``)."""
+    try:
+        backend = json.loads((out / RUNTIME_FILE).read_text()).get("backend", "ray")
+    except (OSError, ValueError, AttributeError):
+        return "ray"
+    return backend if backend in ("ray", "inline") else "ray"
 
 
 def _print_table(console: Any, runs: dict[str, list[dict[str, Any]]]) -> None:
@@ -258,7 +308,7 @@ def _compare(cfg: dict[str, Any], args: argparse.Namespace, argv: Sequence[str])
     out = Path(cfg["out"])
     for name in names:
         validate_config(options_for(cfg, name))
-        preflight({**options_for(cfg, name), "out": str(out / name)}, args.overwrite)
+        preflight({**options_for(cfg, name), "out": str(out / run_dir_name(name))}, args.overwrite)
     base = list(argv)
     for flag in ("--compare", "--strategy", "--out"):
         base = _drop_flag(base, flag)
@@ -266,16 +316,22 @@ def _compare(cfg: dict[str, Any], args: argparse.Namespace, argv: Sequence[str])
         own = base
         for key in set(cfg) - set(k for k, v in options_for(cfg, name).items() if v == cfg[k]):
             own = _drop_flag(own, f"--{key}")  # options only other compared strategies read
-        cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", *own, "--strategy", name, "--out", str(out / name)]
+        cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", *own, "--strategy", name]
+        cmd += ["--out", str(out / run_dir_name(name))]
         if subprocess.run(cmd, check=False).returncode != 0:
-            raise RuntimeError(f"strategy {name!r} failed; see its output above")
-    runs = {name: load_metrics(out / name)["rounds"] for name in names}
+            raise RunFailedError(f"strategy {name!r} failed; see its output above")
+    runs = {name: load_metrics(out / run_dir_name(name))["rounds"] for name in names}
     console = Console()
     _print_table(console, runs)
     plot_accuracy(runs, out / "compare.png", title=f"{cfg['dataset']} / {cfg['model']}, {cfg['partition']}")
     summary = {name: rows[-1] for name, rows in runs.items()}
     atomic_write_bytes(out / "compare.json", json.dumps(summary, indent=2).encode())
     console.print(f"comparison in {out}/compare.png and compare.json")
+
+
+def run_dir_name(strategy: str) -> str:
+    """A compared strategy's result folder: its name, ``pkg.mod:Class`` as ``pkg.mod.Class`` (no colon)."""
+    return strategy.replace(":", ".")
 
 
 def _check_ray_address(address: str) -> None:
@@ -405,7 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if done >= cfg["num-rounds"]:
                 print(f"run in {args.resume} is already complete ({done} rounds); nothing to do")
                 return 0
+            args.backend = args.backend or _saved_backend(Path(args.resume))
+        args.backend = args.backend or "ray"
         preflight(cfg, None if args.resume else args.overwrite)
+        _save_backend(Path(cfg["out"]), args.backend)
         _simulate(cfg, args)
     except ConfigError as exc:
         print(f"fedfuse: error: {exc}", file=sys.stderr)

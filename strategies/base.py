@@ -12,6 +12,7 @@ statistics (``rejected``, ``skipped``, ``aggregate_s`` + ``self.round_metrics``)
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
@@ -29,10 +30,25 @@ from fedfuse.state import weighted_average
 from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_reply_size, check_update
 from strategies.sampling import NodeOrder, seeded_sample
 
-__all__ = ["FedFuseStrategy", "reply_size_reason"]
+__all__ = ["FedFuseStrategy", "reply_size_reason", "error_summary"]
 
 log = logging.getLogger("fedfuse")
 State = dict[str, torch.Tensor]
+
+
+_EXC_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)): (.+?)\s*$")
+_WRAPPERS = ("ClientAppException", "RayTaskError", "RayActorError")
+
+
+def error_summary(reason: str | None) -> str:
+    """One line of an error reply's reason (often a whole traceback, under Ray wrapped twice): the client's
+    own ``Type: message`` line where there is one, else the last line."""
+    lines = [ln for ln in (reason or "").splitlines() if ln.strip()]
+    found = [m for ln in lines if (m := _EXC_LINE.match(ln))]
+    own = [m for m in found if not any(w in m.group(1) for w in _WRAPPERS)]
+    if own:
+        return f"{own[-1].group(1).rsplit('.', 1)[-1]}: {own[-1].group(2)}"
+    return lines[-1].strip() if lines else "no reason given"
 
 
 def reply_size_reason(record: ArrayRecord, sent: State, max_factor: float = MAX_REPLY_FACTOR) -> str | None:
@@ -167,7 +183,8 @@ class FedFuseStrategy(FedAvg):
         for msg in replies:
             label = self.nodes.label(msg.metadata.src_node_id)
             if msg.has_error():
-                log.warning("round %d: %s replied with an error: %s", server_round, label, msg.error.reason)
+                reason = error_summary(msg.error.reason)
+                log.warning("round %d: %s replied with an error: %s", server_round, label, reason)
                 continue
             unpacked = self._unpack(msg)
             if isinstance(unpacked, str):

@@ -16,7 +16,8 @@ from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from torch import nn
 
-from fedfuse.align import derive_spec, fuse
+from fedfuse.align import fuse
+from fedfuse.align.solvers import resolve_spec
 from fedfuse.config import Option
 from fedfuse.errors import ConfigError
 from strategies.base import FedFuseStrategy
@@ -50,8 +51,9 @@ WIDTHS_OPTION = Option(
 class FedFusion(FedFuseStrategy):
     """Aggregate with ``fuse(states, weights, method=self.method, ...)``; λ_i = n_i / Σ n_j.
 
-    Arguments beyond FedAvg's: ``model`` (a module of the global architecture) and an
-    ``example_input`` batch (to derive the transport spec with torch.fx, once); ``solver``
+    Arguments beyond FedAvg's: ``model`` (a module of the global architecture) and, where the model
+    cannot fix its input shape itself, an ``example_input`` batch (to derive the transport spec with
+    torch.fx, once); ``solver``
     (``emd`` exact or ``sinkhorn``), ``epsilon`` (Sinkhorn regularisation, relative to the cost
     range), ``max_iter`` (barycenter iterations), ``bn_repair`` (``auto``: transported average of
     BatchNorm statistics; ``none``).
@@ -69,7 +71,7 @@ class FedFusion(FedFuseStrategy):
         self,
         *,
         model: nn.Module,
-        example_input: torch.Tensor,
+        example_input: torch.Tensor | None = None,
         solver: str = "emd",
         epsilon: float = 0.01,
         max_iter: int | None = None,
@@ -90,7 +92,7 @@ class FedFusion(FedFuseStrategy):
         super().__init__(seed=seed, **kwargs)
         self.template = model
         self.example_input = example_input
-        self.spec = derive_spec(model, example_input)  # fails early, naming an unsupported op
+        self.spec = resolve_spec(None, model, example_input)  # fails early, naming an unsupported op
         self.solver = solver
         self.epsilon = float(epsilon)
         self.max_iter = max_iter
@@ -103,7 +105,7 @@ class FedFusion(FedFuseStrategy):
             if model_factory is None or min(self.client_widths) < 1:
                 raise ConfigError(f"client_widths={client_widths!r} needs widths >= 1 and a model_factory")
             for w in set(self.client_widths):  # per width, the size of every hidden group
-                self.group_sizes[w] = derive_spec(model_factory(w), example_input).sizes
+                self.group_sizes[w] = resolve_spec(None, model_factory(w), example_input).sizes
         self.global_sizes = self.spec.sizes
 
     @classmethod

@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedfuse import protocol
 from fedfuse.validation import check_update
-from strategies.base import reply_size_reason
+from strategies.base import error_summary, reply_size_reason
 
 __all__ = ["ClientModel", "RoundObserver", "ObservedStrategy"]
 
@@ -59,6 +59,7 @@ class _Round:
     sampled: int = 0
     received: int = 0
     failures: int = 0
+    first_error: str = ""
     train: dict[str, float] = field(default_factory=dict)
     train_client_keys: set[str] = field(default_factory=set)
     evaluate: dict[str, float] = field(default_factory=dict)
@@ -95,6 +96,7 @@ class ObservedStrategy(Strategy):
         rnd = self._round
         rnd.received = len(replies)
         rnd.failures = sum(m.has_error() for m in replies)
+        rnd.first_error = next((m.error.reason or "" for m in replies if m.has_error()), "")
         rnd.train_client_keys = _metric_keys(replies)
         if self.observers:
             clients = self._client_models(replies)
@@ -151,6 +153,14 @@ class ObservedStrategy(Strategy):
         row["failures"] = float(rnd.failures)
         row["timeouts"] = float(max(rnd.sampled - rnd.received, 0))
         return {**row, **rnd.observed}
+
+    def all_failed(self) -> str | None:
+        """If every sampled client of the last round replied with an error: a line saying so (with the first
+        error's reason), else None. Late replies alone do not count (stragglers are expected)."""
+        rnd = self._round
+        if rnd.sampled == 0 or rnd.failures < rnd.sampled:
+            return None
+        return f"every client failed ({rnd.failures} of {rnd.sampled}); first error: {error_summary(rnd.first_error)}"
 
     def _client_models(self, replies: Sequence[Message]) -> list[ClientModel]:
         """Valid replies as full models (a partial reply is completed with the sent model), sorted by label."""

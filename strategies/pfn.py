@@ -18,7 +18,8 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from fedfuse import protocol
-from fedfuse.align import derive_spec, fuse
+from fedfuse.align import fuse
+from fedfuse.align.solvers import resolve_spec
 from fedfuse.config import Option
 from fedfuse.errors import ConfigError
 from fedfuse.experiment import derive_seed, round_mask
@@ -65,10 +66,8 @@ class FedPFN(FedFuseStrategy):
         self.template = model
         if fusion not in ("average", "wb", "match", "gwb"):
             raise ConfigError(f"fusion={fusion!r} is not allowed; allowed: average, wb, match, gwb")
-        if fusion != "average" and example_input is None:
-            raise ConfigError(f"fusion={fusion!r} needs example_input (a batch to trace the model with)")
         self.fusion = fusion
-        self.spec = derive_spec(model, example_input) if fusion != "average" else None
+        self.spec = resolve_spec(None, model, example_input) if fusion != "average" else None
         if not 0.0 <= float(pfn_ratio) < 1.0:
             raise ConfigError(f"pfn_ratio={pfn_ratio!r} is out of range; allowed: >= 0 and < 1")
         if pfn_granularity not in ("weight", "neuron"):

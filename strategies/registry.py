@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -38,6 +40,8 @@ STRATEGIES: dict[str, str] = {
 
 def _import(path: str, name: str) -> type[Strategy]:
     module_name, _, attr = path.partition(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:  # a user's module beside them, as `python -m` finds it
+        sys.path.append(os.getcwd())
     try:
         cls = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:

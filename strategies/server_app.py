@@ -1,7 +1,9 @@
 """fedfuse ServerApp: build the configured strategy, run it, evaluate centrally, checkpoint, write results.
 
-``app`` is what ``flwr run .`` loads (config from ``[tool.flwr.app.config]`` + ``--run-config``);
-``make_server_app(cfg, on_round)`` is what the Ray runner hands to the simulation engine;
+``app`` is what ``flwr run .`` loads (config from ``[tool.flwr.app.config]`` + ``--run-config``): it never
+overwrites results (a taken ``out`` gets a fresh ``OUT-2``, ``OUT-3``, ...), logs where results go, and turns
+a bad config or a failed run into one error line and a failed run. ``simulate_app`` / ``resume_app`` are
+what ``fedfuse simulate`` submits through ``flwr run`` (the CLI has checked ``out`` already);
 ``run_server(grid, cfg)`` runs on any Grid (the inline runner calls it directly).
 
 Everything a row of ``metrics.json`` holds comes from the central evaluation, from what the strategy's
@@ -11,6 +13,7 @@ Everything a row of ``metrics.json`` holds comes from the central evaluation, fr
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedfuse.checkpoint import config_mismatch, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
-from fedfuse.errors import ConfigError
+from fedfuse.errors import ConfigError, RunFailedError
 from fedfuse.experiment import dataset_for, model_for
 from fedfuse.results import RunWriter, remove_stale_temp_files
 from fedfuse.train import evaluate
@@ -28,7 +31,9 @@ from strategies.monitor import ClientModelDump, LMCMonitor
 from strategies.observed import ObservedStrategy, RoundObserver
 from strategies.registry import build_strategy, validate_config
 
-__all__ = ["app", "make_server_app", "run_server"]
+__all__ = ["app", "simulate_app", "resume_app", "make_server_app", "run_server", "fresh_out_dir", "FailedRun"]
+
+log = logging.getLogger("flwr")  # Flower's logger: what the ServerApp logs reaches `flwr run --stream`
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -97,6 +102,9 @@ def run_server(
         )
         if on_round is not None:
             on_round(row)
+        failed = observed.all_failed() if server_round > 0 else None
+        if failed:  # nothing to aggregate and nothing will change by itself: stop, keep what was written
+            raise RunFailedError(f"round {server_round}: {failed}; the run stops (results up to it in {out}/)")
         return MetricRecord({"accuracy": acc, "loss": loss})
 
     train_config = ConfigRecord({k: v for k, v in cfg.items() if isinstance(v, (str, int, float, bool))})
@@ -120,7 +128,7 @@ def run_server(
 def make_server_app(
     config: Mapping[str, Any], on_round: RoundCallback | None = None, *, resume: bool = False
 ) -> ServerApp:
-    """A ServerApp bound to ``config`` (the simulation API passes no run config of its own)."""
+    """A ServerApp bound to ``config`` (for Flower's Python simulation API, which passes no run config)."""
     server = ServerApp()
 
     @server.main()
@@ -130,10 +138,87 @@ def make_server_app(
     return server
 
 
+def fresh_out_dir(out: Path) -> Path:
+    """``out`` if it holds no results, else the first of ``OUT-2``, ``OUT-3``, ... that holds none."""
+    from fedfuse.results import RESULT_FILES
+
+    def taken(p: Path) -> bool:
+        return p.exists() and (not p.is_dir() or any((p / name).exists() for name in RESULT_FILES))
+
+    candidate, n = out, 1
+    while taken(candidate):
+        n += 1
+        candidate = out.with_name(f"{out.name}-{n}")
+    return candidate
+
+
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float = 60.0) -> None:
+    """Fail with a line naming both numbers when fewer than ``wanted`` SuperNodes connect within ``timeout``
+    (Flower's strategies would otherwise wait for them forever)."""
+    deadline = time.monotonic() + timeout
+    while (have := len(list(grid.get_node_ids()))) < wanted:
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"num-clients={wanted} but the federation has {have} SuperNodes; pass --run-config "
+                f"'num-clients={have}' or --federation-config 'num-supernodes={wanted}' to `flwr run`"
+            )
+        time.sleep(1.0)
+
+
+class FailedRun(Exception):
+    """Raised out of a ServerApp after its one error line: Flower then marks the run ``finished:failed``.
+
+    Flower logs a ServerApp's exception with its traceback; this one's message already says everything,
+    so its traceback reads as None (Python still keeps it internally; only the log line is short)."""
+
+    @property  # type: ignore[override]
+    def __traceback__(self) -> None:  # noqa: D105
+        return None
+
+    @__traceback__.setter
+    def __traceback__(self, value: object) -> None:
+        pass
+
+
+def _fail(exc: Exception) -> None:
+    """One error line in the run's log, then a failed run (``finished:failed`` in `flwr list`)."""
+    log.error("fedfuse: error: %s", exc)
+    raise FailedRun(str(exc)) from None
+
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: the run config comes from pyproject + ``--run-config``."""
-    run_server(grid, dict(context.run_config))
+    try:
+        cfg = validate_config(dict(context.run_config))
+        out = fresh_out_dir(Path(cfg["out"]))
+        if out != Path(cfg["out"]):
+            log.info("fedfuse: %s already holds results; this run writes to %s", cfg["out"], out)
+        cfg["out"] = str(out)
+        wait_for_nodes(grid, int(cfg["num-clients"]))
+        log.info("fedfuse: results go to %s/", out.resolve())
+        run_server(grid, cfg)
+        log.info("fedfuse: results in %s/ (metrics.json, metrics.csv, model.pt, accuracy.png)", out.resolve())
+    except (ConfigError, RunFailedError, OSError) as exc:
+        _fail(exc)
+
+
+def _submitted(resume: bool) -> ServerApp:
+    """What ``fedfuse simulate`` submits: the CLI has validated the config and checked ``out``."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            run_server(grid, dict(context.run_config), resume=resume)
+        except (ConfigError, RunFailedError, OSError) as exc:
+            _fail(exc)
+
+    return server
+
+
+simulate_app = _submitted(resume=False)
+resume_app = _submitted(resume=True)

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,70 @@ def test_pyproject_run_config_matches_the_schema() -> None:
     assert cfg["strategy"] == "fedavg"
     components = data["tool"]["flwr"]["app"]["components"]
     assert components == {"serverapp": "strategies.server_app:app", "clientapp": "clients.client_app:app"}
+
+
+def test_help_lists_allowed_values_and_has_examples(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse would break "fashion-mnist" at its hyphen
+    assert run_cli(["simulate", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    from fedfuse.data import DATASETS
+    from fedfuse.models import MODELS
+
+    for flag, values in [
+        ("--dataset", DATASETS), ("--model", MODELS), ("--partition", OPTIONS["partition"].choices),
+        ("--fusion-solver", ("emd", "sinkhorn")), ("--bn-repair", ("auto", "none")),
+        ("--pfn-granularity", ("weight", "neuron")), ("--pfn-fusion", ("average", "wb", "match", "gwb")),
+    ]:  # fmt: skip
+        i = text.index(f"{flag} NAME ")
+        assert f"one of: {', '.join(values)}" in text[i : i + 300], (flag, text[i : i + 300])
+    assert "examples: fedfuse simulate --strategy wb" in text and "--resume runs/wb" in text
+
+
+def test_a_round_line_fits_80_columns() -> None:
+    from fedfuse.cli import round_line
+
+    row = {"round": 999, "central_accuracy": 0.8802, "central_loss": 2.3133, "client_train_loss": 1.5,
+           "replies": 99.0, "failures": 0.0, "timeouts": 0.0, "rejected": 0.0, "wall_time": 9999.9}  # fmt: skip
+    line = round_line(row)
+    assert len(line) <= 80, (len(line), line)
+    assert line.startswith("round 999: acc 0.8802") and "ok/err/late/bad 99/0/0/0" in line
+
+
+def test_resume_reuses_the_backend_of_the_run(tmp_path, monkeypatch) -> None:
+    """The backend a run started on is kept in OUT/runtime.json; --resume without --backend reuses it."""
+    import fedfuse.cli as cli
+
+    seen: list[str] = []
+    monkeypatch.setattr(cli, "preflight", lambda cfg, overwrite: None)
+    monkeypatch.setattr(cli, "_simulate", lambda cfg, args: seen.append(args.backend))
+    out = tmp_path / "run"
+    assert run_cli(["simulate", "--backend", "inline", "--out", str(out)]) == 0
+    assert json.loads((out / "runtime.json").read_text()) == {"backend": "inline"}
+    monkeypatch.setattr(cli, "resume_config", lambda args: (validate_config({"out": args.resume}), 0))
+    assert run_cli(["simulate", "--resume", str(out)]) == 0
+    assert run_cli(["simulate", "--resume", str(out), "--backend", "ray"]) == 0  # an explicit flag wins
+    assert seen == ["inline", "inline", "ray"]
+
+
+def test_compare_folder_of_a_strategy_path_has_no_colon() -> None:
+    from fedfuse.cli import run_dir_name
+
+    assert run_dir_name("my_pkg.my_mod:MyStrategy") == "my_pkg.my_mod.MyStrategy"
+    assert run_dir_name("wb") == "wb"
+
+
+def test_a_round_in_which_every_client_errors_ends_the_run(tmp_path) -> None:
+    """CLI path (inline): exit 1, one line naming the round and the clients' error; what was written stays."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedfuse.cli", "simulate", "--no-progress", "--backend", "inline",
+         "--num-clients", "2", "--rounds", "3", "--fail-prob", "1.0", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("fedfuse:")]  # (inline shows Flower's log)
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[0].startswith("fedfuse: error: round 1: every client failed (2 of 2); first error:"), lines[0]
+    assert "RuntimeError: injected fault: partition" in lines[0]
+    rows = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["failures"] == 2

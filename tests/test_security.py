@@ -217,14 +217,14 @@ def test_stale_temp_files_are_removed_when_a_run_starts(finished, tmp_path) -> N
     assert not list(out.rglob(".*.tmp"))
 
 
-def test_a_run_in_which_every_round_was_skipped_fails(tmp_path) -> None:
+def test_a_run_in_which_every_client_failed_fails(tmp_path) -> None:
     out = tmp_path / "run"
     proc = _fedfuse(*SMALL, "--fail-prob", "1.0", "--out", str(out))
     assert proc.returncode == 1, proc.stderr[-2000:]
     lines = _errors(proc)
-    assert len(lines) == 1 and "no round produced a model" in lines[0], proc.stderr[-2000:]
+    assert len(lines) == 1 and "round 1: every client failed" in lines[0], proc.stderr[-2000:]
     rows = json.loads((out / "metrics.json").read_text())["rounds"]
-    assert [r["round"] for r in rows] == [0, 1, 2]  # what was written stays
+    assert [r["round"] for r in rows] == [0, 1]  # the run stops at that round; what was written stays
 
 
 def test_a_result_path_that_cannot_be_written_is_one_line(finished, tmp_path) -> None:

@@ -56,3 +56,21 @@ def test_fedfuse_clientapp_names_a_missing_config_key_in_its_error_reply() -> No
     (reply,) = grid.send_and_receive([msg])
     assert reply.has_error()
     assert "config lacks 'strategy', 'dataset'" in reply.error.reason and "validate_config" in reply.error.reason
+
+
+def test_an_error_reply_is_summarised_in_one_line() -> None:
+    """Under Ray an error reply's reason is a traceback wrapped twice; logs and the run's error show the
+    client's own exception line."""
+    from strategies.base import error_summary
+
+    ray_reason = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=1)\n"
+        '  File "/x/client_app.py", line 96, in train\n'
+        "RuntimeError: injected fault: partition 1 failed in round 1\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        "flwr.clientapp.client_app.ClientAppException: \n"
+        "Exception ClientAppException occurred. Message: injected fault: partition 1 failed in round 1'>"
+    )
+    assert error_summary(ray_reason) == "RuntimeError: injected fault: partition 1 failed in round 1"
+    assert error_summary("Traceback (most recent call last):\n  File x\nKeyError: 'seed'") == "KeyError: 'seed'"
+    assert error_summary(None) == "no reason given"

@@ -19,6 +19,9 @@ def _simulate(out, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", "--no-progress", "--out", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Flower's supported path: no deprecation warning, neither shown nor in Flower's log of the run
+    shown = proc.stdout + proc.stderr + ((out / "flower.log").read_text() if (out / "flower.log").exists() else "")
+    assert "deprecat" not in shown.lower(), [ln for ln in shown.splitlines() if "deprecat" in ln.lower()]
     return json.loads((out / "metrics.json").read_text())
 
 

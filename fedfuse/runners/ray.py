@@ -1,16 +1,207 @@
-"""Run fedfuse's ServerApp and ClientApp through Flower's simulation engine (Ray backend)."""
+"""Run fedfuse through Flower's supported simulation path: ``flwr run`` against a local SuperLink in
+simulation mode (Flower's simulation engine on Ray), the same path ``flwr run .`` takes.
+
+``run_ray`` starts its own SuperLink on a free loopback port with a private ``FLWR_HOME`` (so it neither
+uses nor disturbs the user's Flower config or a SuperLink they run), submits a throwaway app whose
+``[tool.flwr.app.config]`` is the validated run config, follows ``metrics.json`` for per-round progress,
+and stops the SuperLink (and its ServerApp/simulation processes) when the run ends, also on Ctrl-C.
+Flower's Python ``run_simulation`` is deprecated from flwr 1.41 on, so it is not used.
+
+Composition layer (starts Flower processes): nothing in the core imports this module.
+"""
 
 from __future__ import annotations
 
-import logging
+import json
 import os
-from collections.abc import Callable
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-__all__ = ["run_ray", "EXPECTED_WARNINGS"]
+from fedfuse.errors import RunFailedError
 
-# Known and deliberate: the Python simulation API (deprecated in 1.41) and server-side-only evaluation.
-EXPECTED_WARNINGS = ("`run_simulation` function is deprecated", "fraction_evaluate is set to 0.0")
+__all__ = ["run_ray", "local_superlink", "run_status", "wait_finished", "EXPECTED_WARNINGS", "write_app"]
+
+# Known and deliberate: server-side-only evaluation; Flower's note on its default federation size (we set it).
+EXPECTED_WARNINGS = ("fraction_evaluate is set to 0.0", "default simulated SuperNodes changed")
+_ERROR = re.compile(r"fedfuse: error: (.*)")
+_STARTED = re.compile(r"Successfully started run (\d+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tool(name: str) -> str:
+    """A console script of this interpreter's environment (``flwr``, ``flower-superlink``)."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if found is None:
+        raise RunFailedError(f"{name!r} not found next to {sys.executable}; install flwr[simulation]")
+    return found
+
+
+def write_app(app_dir: Path, cfg: Mapping[str, Any], *, resume: bool) -> None:
+    """A Flower app with no code of its own: fedfuse's ServerApp/ClientApp (imported from the installed
+    packages) and ``cfg`` as its run-config defaults."""
+    import tomli_w  # a dependency of flwr
+
+    project = {
+        "project": {"name": "fedfuse-simulate", "version": "0.1.0"},
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "fedfuse",
+                    "components": {
+                        "serverapp": f"strategies.server_app:{'resume_app' if resume else 'simulate_app'}",
+                        "clientapp": "clients.client_app:app",
+                    },
+                    "config": {k: v for k, v in cfg.items() if isinstance(v, (str, int, float, bool))},
+                }
+            }
+        },
+    }
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_bytes(tomli_w.dumps(project).encode())
+
+
+def _last_line(path: Path) -> str:
+    lines = [ln for ln in _ANSI.sub("", path.read_text(errors="replace")).splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else "(no output)"
+
+
+def _wait_healthy(port: int, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RunFailedError(f"flower-superlink exited with code {proc.returncode}: {_last_line(log_path)}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:  # noqa: S310 — loopback
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RunFailedError(f"flower-superlink did not answer on 127.0.0.1:{port} within {timeout:.0f} s")
+
+
+def _die_with_parent() -> None:
+    """In the SuperLink's process, before exec: SIGTERM when the process that started it dies (Linux), so a
+    killed ``fedfuse simulate`` does not leave its SuperLink (and the run) going."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the process group we started (SuperLink, SuperExec, ServerApp and simulation processes)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+    try:  # children that outlived their parent
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _rows(out: Path) -> list[dict[str, Any]]:
+    try:
+        return list(json.loads((out / "metrics.json").read_text())["rounds"])
+    except (OSError, ValueError, KeyError):
+        return []  # not written yet (or being replaced right now: atomic writes make that a missing file)
+
+
+def run_status(env: Mapping[str, str], run_id: str) -> tuple[str, str]:
+    """(status, status details) of run ``run_id`` on the SuperLink of ``env`` (``flwr list --run-id``)."""
+    proc = subprocess.run(
+        [_tool("flwr"), "list", "--run-id", str(run_id), "--format", "json"],
+        env=dict(env), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    try:
+        run = json.loads(proc.stdout)["runs"][0]
+    except (ValueError, KeyError, IndexError):
+        return "unknown", proc.stdout[-300:] + proc.stderr[-300:]
+    return str(run["status"]), str(run.get("status-details", ""))
+
+
+def wait_finished(
+    env: Mapping[str, str], run_id: str, timeout: float = 3600.0, tick: Callable[[], None] | None = None
+) -> tuple[str, str]:
+    """Poll until run ``run_id`` is ``finished:*`` (``flwr run --stream`` may return before that)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, details = run_status(env, run_id)
+        if status.startswith("finished") or time.monotonic() > deadline:
+            return status, details
+        if tick is not None:
+            tick()
+        time.sleep(2.0)
+
+
+@contextmanager
+def local_superlink(workdir: Path, extra_env: Mapping[str, str] | None = None) -> Iterator[dict[str, str]]:
+    """A SuperLink in simulation mode on a free loopback port, with a private ``FLWR_HOME`` in ``workdir``
+    whose default connection points at it; yields the environment for ``flwr run`` / ``flwr list``.
+    The SuperLink and every process it started are stopped on exit."""
+    import fedfuse
+
+    home = workdir / "flwr-home"
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fedfuse"\n\n[superlink.fedfuse]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    root = Path(fedfuse.__file__).resolve().parent.parent  # the code this CLI runs is the code the apps run
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_DEDUP_LOGS": "0",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        # the SuperLink starts flower-superexec, flwr-serverapp, ... by name: this environment's, also when
+        # it is not activated (`.venv/bin/fedfuse simulate`)
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        # fedfuse's code first, then the user's directory (a `pkg.mod:Class` strategy beside them)
+        "PYTHONPATH": os.pathsep.join([str(root), os.getcwd(), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        **(extra_env or {}),
+    }
+    log_path = workdir / "superlink.log"
+    with open(log_path, "wb") as link_log:
+        superlink = subprocess.Popen(
+            [_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+             "--control-api-address", f"127.0.0.1:{_free_port()}", "--host", "127.0.0.1", "--port", str(port),
+             "--database", ":memory:"],
+            env=env, cwd=workdir, stdout=link_log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )  # fmt: skip
+    try:
+        _wait_healthy(port, superlink, log_path)
+        yield env
+    finally:
+        _stop(superlink)
 
 
 def run_ray(
@@ -23,26 +214,78 @@ def run_ray(
     ray_address: str | None = None,
     verbose: bool = False,
 ) -> None:
-    """``cfg['num-clients']`` virtual SuperNodes on Ray, each actor reserving ``client_cpus``/``client_gpus``;
-    ``ray_address`` joins an existing cluster instead of starting a local one."""
-    from flwr.simulation import run_simulation
+    """``cfg['num-clients']`` simulated SuperNodes on Ray, each ClientApp reserving ``client_cpus`` /
+    ``client_gpus``; ``ray_address`` joins an existing Ray cluster (``RAY_ADDRESS``) instead of a local one.
 
-    from clients.client_app import app as client_app
-    from strategies.server_app import make_server_app
+    Raises :class:`RunFailedError` with the ServerApp's error line when the run fails.
+    """
+    out = Path(cfg["out"]).resolve()
+    cfg = {**cfg, "out": str(out)}  # the ServerApp's working directory is the SuperLink's: no relative paths
+    seen = {int(r["round"]) for r in _rows(out)} if resume else set()
+    tail: deque[str] = deque(maxlen=40)
+    errors: list[str] = []
+    run_ids: list[str] = []
 
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    if not verbose:
-        flwr_log = logging.getLogger("flwr")
-        flwr_log.setLevel(logging.WARNING)
-        flwr_log.addFilter(lambda r: not any(s in r.getMessage() for s in EXPECTED_WARNINGS))
-    init_args: dict[str, Any] = {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}
-    if ray_address:
-        init_args["address"] = ray_address
-    run_simulation(
-        server_app=make_server_app(cfg, on_round, resume=resume),
-        client_app=client_app,
-        num_supernodes=cfg["num-clients"],
-        backend_config={"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus}, "init_args": init_args},
-        verbose_logging=verbose,
-    )
+    def record(plain: str) -> None:
+        tail.append(plain)
+        if m := _STARTED.search(plain):
+            run_ids.append(m.group(1))
+        if m := _ERROR.search(plain):
+            errors.append(m.group(1))
+        if verbose and not any(w in plain for w in EXPECTED_WARNINGS):
+            print(plain, file=sys.stderr)
+
+    def follow() -> None:
+        for row in _rows(out):
+            if int(row["round"]) not in seen:
+                seen.add(int(row["round"]))
+                if on_round is not None:
+                    on_round(row)
+
+    with tempfile.TemporaryDirectory(prefix="fedfuse-flwr-") as tmp:
+        app_dir = Path(tmp) / "app"
+        write_app(app_dir, cfg, resume=resume)
+        with local_superlink(Path(tmp), {"RAY_ADDRESS": ray_address} if ray_address else None) as env:
+            level, to_driver = ("INFO", "true") if verbose else ("ERROR", "false")
+            fed = (
+                f"num-supernodes={int(cfg['num-clients'])} client-resources-num-cpus={client_cpus:g} "
+                f"client-resources-num-gpus={client_gpus:g} init-args-logging-level='{level}' "
+                f"init-args-log-to-driver={to_driver}"
+            )
+            run = subprocess.Popen(
+                [_tool("flwr"), "run", str(app_dir), "--stream", "--federation-config", fed],
+                env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )  # fmt: skip
+
+            def read() -> None:  # Flower's log of the run goes to OUT/flower.log (appended on --resume)
+                assert run.stdout is not None
+                out.mkdir(parents=True, exist_ok=True)
+                with open(out / "flower.log", "a", encoding="utf-8") as log_file:
+                    for line in run.stdout:
+                        plain = _ANSI.sub("", line.rstrip())
+                        log_file.write(plain + "\n")
+                        log_file.flush()
+                        record(plain)
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            try:
+                while run.poll() is None:
+                    follow()
+                    time.sleep(0.5)
+                reader.join(timeout=10)
+                status, details = wait_finished(env, run_ids[0], tick=follow) if run_ids else ("", "")
+            finally:
+                if run.poll() is None:  # Ctrl-C: the SuperLink goes down with its runs below
+                    run.terminate()
+                    run.wait(timeout=20)
+            follow()
+    if errors:
+        raise RunFailedError(f"{errors[0]} (Flower's log: {out}/flower.log)")
+    if status.endswith("failed") or status.endswith("stopped"):
+        reason = details.removeprefix("Simulation failed with exception: ") or status
+        raise RunFailedError(f"{reason} (Flower's log: {out}/flower.log)")
+    if errors:
+        raise RunFailedError(f"{errors[0]} (Flower's log: {out}/flower.log)")
+    if run.returncode != 0 or not status:
+        raise RunFailedError(f"`flwr run` exited with code {run.returncode}: {' | '.join(list(tail)[-5:])}")
