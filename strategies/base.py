@@ -25,11 +25,12 @@ from flwr.serverapp.strategy import FedAvg
 from fedfuse import protocol
 from fedfuse.config import Option
 from fedfuse.errors import ConfigError
+from fedfuse.robust import NORM_ACTIONS, ROBUST_METHODS, Reducer, reducer, screen_updates
 from fedfuse.state import weighted_average
 from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_reply_size, check_update
 from strategies.sampling import NodeOrder, seeded_sample
 
-__all__ = ["FedFuseStrategy", "reply_size_reason"]
+__all__ = ["FedFuseStrategy", "reply_size_reason", "ROBUST_OPTIONS"]
 
 log = logging.getLogger("fedfuse")
 State = dict[str, torch.Tensor]
@@ -47,13 +48,36 @@ def reply_size_reason(record: ArrayRecord, sent: State, max_factor: float = MAX_
     return check_reply_size(sizes, sent, max_factor)
 
 
+UPDATE_NORM_BOUND = 4.0  # default: × the round's median update norm (honest ratios: docs/security.md)
+EXAMPLES_BOUND = 10.0  # default: × the round's median num-examples
+MIN_UPDATE_COSINE = -1.0  # default off: honest non-IID updates reach cosine -0.26 with the median update
+
+ROBUST_OPTIONS = (
+    Option(
+        "robust", str, "none",
+        "reduction of the (aligned) client models: weighted average, coordinate median, trimmed mean, multi-Krum",
+        choices=ROBUST_METHODS,
+    ),
+    Option("robust-fraction", float, 0.2, "robust: assumed Byzantine fraction (trimmed per side; Krum's f)",
+           low=0.0, high=0.49),
+    Option("update-norm-bound", float, UPDATE_NORM_BOUND,
+           "an update norm above this × the round's median update norm is rejected or clipped (0 = off)", low=0.0),
+    Option("update-norm-action", str, "reject", "what update-norm-bound does", choices=NORM_ACTIONS),
+    Option("examples-bound", float, EXAMPLES_BOUND,
+           "a num-examples above this × the round's median is rejected (0 = off)", low=0.0),
+    Option("min-update-cosine", float, MIN_UPDATE_COSINE,
+           "an update whose cosine with the round's median update is below this is rejected (-1 = off)",
+           low=-1.0, high=1.0),
+)  # fmt: skip
+
+
 class FedFuseStrategy(FedAvg):
     """FedAvg whose sampling, aggregation order and fault handling depend on ``seed`` only.
 
     θ = Σ_i (n_i / Σ_j n_j) θ_i over the valid replies, summed in partition order in float64.
     """
 
-    options: ClassVar[tuple[Option, ...]] = ()  # run options this strategy reads (beyond the core ones)
+    options: ClassVar[tuple[Option, ...]] = ROBUST_OPTIONS  # run options it reads (beyond the core ones)
 
     def __init__(
         self,
@@ -63,6 +87,12 @@ class FedFuseStrategy(FedAvg):
         query_timeout: float = 600.0,
         max_num_examples: float = MAX_NUM_EXAMPLES,
         max_reply_factor: float = MAX_REPLY_FACTOR,
+        robust: str = "none",
+        robust_fraction: float = 0.2,
+        update_norm_bound: float = UPDATE_NORM_BOUND,
+        update_norm_action: str = "reject",
+        examples_bound: float = EXAMPLES_BOUND,
+        min_update_cosine: float = MIN_UPDATE_COSINE,
         **fedavg_kwargs: Any,
     ) -> None:
         fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
@@ -79,7 +109,16 @@ class FedFuseStrategy(FedAvg):
         for name, value in (("max_num_examples", max_num_examples), ("max_reply_factor", max_reply_factor)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) > 0:
                 raise ConfigError(f"{name}={value!r} is out of range; allowed: a number > 0")
+        for name, value in (("update_norm_bound", update_norm_bound), ("examples_bound", examples_bound)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) >= 0:
+                raise ConfigError(f"{name}={value!r} is out of range; allowed: a number >= 0 (0 = off)")
+        if update_norm_action not in NORM_ACTIONS:
+            raise ConfigError(f"update_norm_action={update_norm_action!r}; allowed: {', '.join(NORM_ACTIONS)}")
         super().__init__(**fedavg_kwargs)
+        self.reduce: Reducer | None = reducer(robust, robust_fraction)  # None: the weighted average
+        self.robust = robust
+        self.update_norm_bound, self.update_norm_action = float(update_norm_bound), update_norm_action
+        self.examples_bound, self.min_update_cosine = float(examples_bound), float(min_update_cosine)
         self.seed = int(seed)
         self.max_num_examples = float(max_num_examples)  # a reply's num-examples above this is rejected
         self.max_reply_factor = float(max_reply_factor)  # a reply above this × the sent model's bytes is rejected
@@ -94,7 +133,8 @@ class FedFuseStrategy(FedAvg):
         """The strategy a validated run config asks for (fedfuse's ServerApp, whose ClientApp answers the
         partition query); ``kwargs`` are FedAvg's sampling arguments, :meth:`config_kwargs` the strategy's own."""
         own = cls.config_kwargs(cfg, model=model, example_input=example_input)
-        return cls(**{**kwargs, "seed": int(cfg["seed"]), "discover_partitions": True, **own})
+        defences = {o.name.replace("-", "_"): cfg[o.name] for o in ROBUST_OPTIONS if o.name in cfg}
+        return cls(**{**kwargs, "seed": int(cfg["seed"]), "discover_partitions": True, **defences, **own})
 
     @classmethod
     def config_kwargs(cls, cfg: Mapping[str, Any], *, model: Any, example_input: Any) -> dict[str, Any]:
@@ -163,7 +203,7 @@ class FedFuseStrategy(FedAvg):
         for msg in replies:
             self.nodes.learn(msg)
         replies.sort(key=lambda m: self.nodes.key(m.metadata.src_node_id))
-        valid, states, weights = [], [], []
+        valid, states, weights, sent = [], [], [], []
         for msg in replies:
             label = self.nodes.label(msg.metadata.src_node_id)
             if msg.has_error():
@@ -176,7 +216,10 @@ class FedFuseStrategy(FedAvg):
             valid.append(msg)
             states.append(unpacked[0])
             weights.append(unpacked[1])
+            sent.append(self._sent_to.get(msg.metadata.src_node_id, self._sent))
+        valid, states, weights, screen_stats = self._screen(server_round, valid, states, weights, sent)
         stats = {"rejected": float(sum(not m.has_error() for m in replies) - len(valid)), "skipped": 0.0}
+        stats.update(screen_stats)
         if len(replies) < self._sampled:
             late = self._sampled - len(replies)
             log.warning("round %d: %d sampled node(s) did not reply in time", server_round, late)
@@ -189,6 +232,9 @@ class FedFuseStrategy(FedAvg):
         t_agg = time.perf_counter()
         new_state = self.aggregate_arrays(server_round, states, weights)
         stats["aggregate_s"] = time.perf_counter() - t_agg
+        if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
+            log.warning("round %d: the aggregate is not finite; keeping the previous global model", server_round)
+            return None, MetricRecord({**stats, "skipped": 1.0})
         try:
             metrics = dict(self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key))
         except Exception as exc:  # noqa: BLE001 — inconsistent client metric keys must not lose the round's model
@@ -196,9 +242,32 @@ class FedFuseStrategy(FedAvg):
             metrics = {}
         return ArrayRecord(new_state), MetricRecord({**metrics, **stats, **self.round_metrics})
 
+    def _screen(
+        self, server_round: int, valid: list[Message], states: list[State], weights: list[float], sent: list[State]
+    ) -> tuple[list[Message], list[State], list[float], dict[str, float]]:
+        """Round-level defences (:func:`fedfuse.robust.screen_updates`): updates far above the round's median
+        norm and num-examples far above its median are rejected (logged, naming the client) or clipped."""
+        screen = screen_updates(
+            states, sent, weights, norm_factor=self.update_norm_bound, norm_action=self.update_norm_action,
+            examples_factor=self.examples_bound, min_cosine=self.min_update_cosine,
+        )  # fmt: skip
+        keep = []
+        for i, reason in enumerate(screen.reasons):
+            if reason is None:
+                keep.append(i)
+            else:
+                label = self.nodes.label(valid[i].metadata.src_node_id)
+                log.warning("round %d: rejected update from %s: %s", server_round, label, reason)
+        stats = dict(screen.ratios)
+        if self.update_norm_action == "clip" and self.update_norm_bound > 0:
+            stats["clipped"] = float(screen.clipped)
+        pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
+        return pick(valid), pick(screen.states), pick(weights), stats
+
     def aggregate_arrays(self, server_round: int, states: list[State], weights: list[float]) -> State:
-        """FedAvg: θ = Σ_i (n_i / Σ_j n_j) θ_i (:func:`fedfuse.state.weighted_average`)."""
-        return weighted_average(states, weights)
+        """FedAvg: θ = Σ_i (n_i / Σ_j n_j) θ_i (:func:`fedfuse.state.weighted_average`), or the ``robust``
+        reduction (:func:`fedfuse.robust.robust_reduce`)."""
+        return (self.reduce or weighted_average)(states, weights)
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs besides the global model (the ServerApp checkpoints it; subclasses extend)."""

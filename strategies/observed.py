@@ -54,6 +54,10 @@ def _metric_keys(replies: Iterable[Message]) -> set[str]:
     return {k for m in replies if not m.has_error() for rec in m.content.metric_records.values() for k in rec}
 
 
+def _injected_late(msg: Message) -> bool:
+    return any(protocol.INJECTED_LATE in rec for rec in msg.content.metric_records.values())
+
+
 @dataclass
 class _Round:
     sampled: int = 0
@@ -91,7 +95,8 @@ class ObservedStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        # a simulated straggler's reply (fedfuse.protocol.INJECTED_LATE) counts as not received in time
+        replies = [m for m in replies if m.has_error() or not _injected_late(m)]
         rnd = self._round
         rnd.received = len(replies)
         rnd.failures = sum(m.has_error() for m in replies)
