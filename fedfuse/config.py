@@ -104,7 +104,7 @@ OPTIONS: dict[str, Option] = {
             "straggle-prob",
             float,
             0.0,
-            "fault injection: probability a client sleeps past the timeout",
+            "fault injection: probability a client's reply counts as late (simulated: no actor is held)",
             low=0.0,
             high=1.0,
         ),

@@ -4,7 +4,8 @@ The ServerApp never reads a strategy's internals. It wraps the strategy (fedfuse
 ``FedAvg`` subclass) in :class:`ObservedStrategy`, which delegates every call and records:
 
 - what any strategy exposes: messages sent, replies received, error replies, late replies
-  (sampled − received), and the MetricRecords ``aggregate_train``/``aggregate_evaluate`` return;
+  (sampled − received; a simulated straggler's ``injected-late`` reply counts as late and is dropped),
+  and the MetricRecords ``aggregate_train``/``aggregate_evaluate`` return;
 - what :class:`RoundObserver` objects compute from the round's client models (the LMC monitor, the
   client-model dump of :mod:`strategies.monitor`), given the replies that pass
   :func:`fedfuse.validation.check_update` against the model that was sent.

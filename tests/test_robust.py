@@ -225,3 +225,33 @@ def test_injected_stragglers_are_counted_late_exactly_and_never_sleep(tmp_path) 
         expected.append(float(sum(d < p for d in draws)))
     assert [r["timeouts"] for r in rows[1:]] == expected and sum(expected) > 0
     assert [r["replies"] for r in rows[1:]] == [n - e for e in expected]
+
+
+def test_a_non_finite_aggregate_is_never_installed_and_blames_no_client(caplog) -> None:
+    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from fedfuse.runners.inline import InlineGrid
+    from strategies.base import FedFuseStrategy
+    from strategies.observed import ObservedStrategy
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        state = {k: v + 1.0 for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+        content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 10})})
+        return Message(content, reply_to=msg)
+
+    class Overflowing(FedFuseStrategy):
+        def aggregate_arrays(self, server_round, states, weights):
+            return {k: v * float("inf") for k, v in super().aggregate_arrays(server_round, states, weights).items()}
+
+    caplog.set_level(logging.WARNING, logger="fedfuse")
+    observed = ObservedStrategy(Overflowing(min_available_nodes=3, min_train_nodes=2))
+    start = {"w": torch.zeros(2, 2)}
+    result = observed.start(InlineGrid(app, 3), ArrayRecord(start), num_rounds=1)
+    assert "w" not in result.arrays.to_torch_state_dict()  # Flower's Result holds only aggregates it installed
+    stats = observed.round_metrics()
+    assert stats["skipped"] == 1 and stats["rejected"] == 0
+    assert "aggregate is not finite" in caplog.text and "rejected update" not in caplog.text
