@@ -12,6 +12,7 @@ statistics (``rejected``, ``skipped``, ``aggregate_s`` + ``self.round_metrics``)
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
@@ -204,6 +205,7 @@ class FedFuseStrategy(FedAvg):
             self.nodes.learn(msg)
         replies.sort(key=lambda m: self.nodes.key(m.metadata.src_node_id))
         valid, states, weights, sent = [], [], [], []
+        rejected: list[tuple[str, str]] = []
         for msg in replies:
             label = self.nodes.label(msg.metadata.src_node_id)
             if msg.has_error():
@@ -211,14 +213,21 @@ class FedFuseStrategy(FedAvg):
                 continue
             unpacked = self._unpack(msg)
             if isinstance(unpacked, str):
-                log.warning("round %d: rejected update from %s: %s", server_round, label, unpacked)
+                rejected.append((label, unpacked))
                 continue
             valid.append(msg)
             states.append(unpacked[0])
             weights.append(unpacked[1])
             sent.append(self._sent_to.get(msg.metadata.src_node_id, self._sent))
+        diverged = self._diverged(server_round, rejected, sum(not m.has_error() for m in replies))
+        for label, reason in rejected:
+            if (label, reason) not in diverged:
+                log.warning("round %d: rejected update from %s: %s", server_round, label, reason)
         valid, states, weights, screen_stats = self._screen(server_round, valid, states, weights, sent)
-        stats = {"rejected": float(sum(not m.has_error() for m in replies) - len(valid)), "skipped": 0.0}
+        answered = sum(not m.has_error() for m in replies)
+        stats = {"rejected": float(answered - len(valid) - len(diverged)), "skipped": 0.0}
+        if diverged:
+            stats["diverged"] = float(len(diverged))
         stats.update(screen_stats)
         if len(replies) < self._sampled:
             late = self._sampled - len(replies)
@@ -241,6 +250,21 @@ class FedFuseStrategy(FedAvg):
             log.warning("round %d: client metrics not aggregated: %s", server_round, exc)
             metrics = {}
         return ArrayRecord(new_state), MetricRecord({**metrics, **stats, **self.round_metrics})
+
+    def _diverged(self, server_round: int, rejected: list[tuple[str, str]], answered: int) -> list[tuple[str, str]]:
+        """The non-finite updates to blame on the global model rather than on the clients: when at least half
+        of the round's answers (and at least 2) diverged, training from the model sent is what fails — a
+        poisoned global (defences off) or a too large learning rate. Counted as ``diverged``, not ``rejected``."""
+        diverged = [(label, reason) for label, reason in rejected if "non-finite value" in reason]
+        if len(diverged) < 2 or 2 * len(diverged) < answered:
+            return []
+        norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in self._sent.values() if v.is_floating_point()))
+        log.warning(
+            "round %d: %d of %d updates are non-finite after training from the global model sent (norm %.4g); "
+            "the global model is the likely cause, not the clients (%s)",
+            server_round, len(diverged), answered, norm, ", ".join(label for label, _ in diverged),
+        )  # fmt: skip
+        return diverged
 
     def _screen(
         self, server_round: int, valid: list[Message], states: list[State], weights: list[float], sent: list[State]

@@ -153,7 +153,7 @@ class ObservedStrategy(Strategy):
                 if isinstance(value, (int, float)):
                     name = key.replace("-", "_")
                     row["client_" + name if key in client_keys else name] = float(value)
-        row["replies"] = float(rnd.received - rnd.failures - row.get("rejected", 0.0))
+        row["replies"] = float(rnd.received - rnd.failures - row.get("rejected", 0.0) - row.get("diverged", 0.0))
         row["failures"] = float(rnd.failures)
         row["timeouts"] = float(max(rnd.sampled - rnd.received, 0))
         return {**row, **rnd.observed}

@@ -255,3 +255,17 @@ def test_a_non_finite_aggregate_is_never_installed_and_blames_no_client(caplog) 
     stats = observed.round_metrics()
     assert stats["skipped"] == 1 and stats["rejected"] == 0
     assert "aggregate is not finite" in caplog.text and "rejected update" not in caplog.text
+
+
+def test_with_defences_off_a_poisoned_global_is_blamed_not_the_honest_clients(tmp_path, caplog) -> None:
+    """The old bug: after a ×1e6 update was accepted, honest clients were rejected as "non-finite". Now their
+    diverged updates are counted as ``diverged`` with one line naming the global model as the cause."""
+    caplog.set_level(logging.WARNING, logger="fedfuse")
+    off = {"update-norm-bound": 0.0, "examples-bound": 0.0}
+    cfg = {"dataset": "digits", "num-clients": 4, "num-rounds": 3, "seed": 0, "out": str(tmp_path),
+           "attack": "scale:1e6", "attackers": 1, **off}  # fmt: skip
+    rows = _run(cfg, 4)
+    assert sum(r.get("diverged", 0) for r in rows[1:]) >= 2
+    assert sum(r.get("rejected", 0) for r in rows[1:]) == 0
+    assert "rejected update" not in caplog.text
+    assert "the global model is the likely cause" in caplog.text
