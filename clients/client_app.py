@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from clients.personal import holdout_split, keep_personal, load_personal, shared_keys_of
 from fedfuse import protocol
+from fedfuse.attacks import claimed_examples, is_attacker, parse_attack, poison_state
 from fedfuse.config import OPTIONS
 from fedfuse.experiment import (
     client_data,
@@ -99,7 +100,9 @@ def train(msg: Message, context: Context) -> Message:
 def _train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
     pid, num_parts = _identity(context)
     server_round = int(cfg.get(protocol.SERVER_ROUND, 0))
-    inject_faults(cfg, pid, server_round)
+    if inject_faults(cfg, pid, server_round):  # a simulated straggler: the server counts this reply as late
+        late = MetricRecord({protocol.INJECTED_LATE: 1})
+        return Message(RecordDict({protocol.METRICS: late, protocol.CLIENT_INFO: _info(pid)}), reply_to=msg)
     ds = dataset_for(cfg)
     x, y = _local_xy(cfg, context)
     shared = shared_keys_of(cfg)
@@ -134,6 +137,10 @@ def _train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
         }
     )
     state = model.state_dict() if shared is None else keep_personal(model, context, shared)
+    attack = parse_attack(str(cfg.get("attack", "")))
+    if attack is not None and is_attacker(cfg, pid):  # a simulated Byzantine client (fedfuse.attacks)
+        state = poison_state(*attack, state, _received_state(msg))
+        metrics[protocol.NUM_EXAMPLES] = claimed_examples(*attack, result.num_examples)
     content = {protocol.ARRAYS: ArrayRecord(state), protocol.METRICS: metrics, protocol.CLIENT_INFO: _info(pid)}
     return Message(RecordDict(content), reply_to=msg)
 

@@ -282,6 +282,27 @@ def _saved_backend(out: Path) -> str:
     return backend if backend in ("ray", "inline") else "ray"
 
 
+def _simulate_replacing(cfg: dict[str, Any], args: argparse.Namespace) -> None:
+    """``--overwrite``: the previous results are renamed aside first (never mixed with the new run's files, even
+    if it is killed), dropped once the new run has a model, and put back if it fails."""
+    from fedfuse.results import drop_aside, restore_aside, set_aside
+
+    out = Path(cfg["out"])
+    aside = set_aside(out) if args.overwrite and not args.resume else None
+    try:
+        _save_backend(out, args.backend)
+        _simulate(cfg, args)
+    except RunFailedError as exc:
+        restore_aside(out, aside)
+        if aside is None:
+            raise
+        raise RunFailedError(f"{str(exc).split('; results in')[0]}; the previous results in {out}/ are kept") from None
+    except BaseException:
+        restore_aside(out, aside)
+        raise
+    drop_aside(aside)
+
+
 def _print_table(console: Any, runs: dict[str, list[dict[str, Any]]]) -> None:
     from rich.table import Table
 
@@ -464,8 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.backend = args.backend or _saved_backend(Path(args.resume))
         args.backend = args.backend or "ray"
         preflight(cfg, None if args.resume else args.overwrite)
-        _save_backend(Path(cfg["out"]), args.backend)
-        _simulate(cfg, args)
+        _simulate_replacing(cfg, args)
     except ConfigError as exc:
         print(f"fedfuse: error: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fedfuse.attacks import attack_reason
 from fedfuse.data import DATASETS
 from fedfuse.data.partition import PARTITIONS
 from fedfuse.errors import ConfigError
@@ -103,10 +104,18 @@ OPTIONS: dict[str, Option] = {
             "straggle-prob",
             float,
             0.0,
-            "fault injection: probability a client sleeps past the timeout",
+            "fault injection: probability a client's reply counts as late (simulated: no actor is held)",
             low=0.0,
             high=1.0,
         ),
+        Option(
+            "attack",
+            str,
+            "",
+            "simulated attack: scale:S, signflip:S, num-examples:V, extra-bytes:B",
+            check_value=attack_reason,
+        ),
+        Option("attackers", int, 1, "number of attacking clients (chosen from the seed) when attack is set", low=0),
         Option("round-timeout", float, 600.0, "seconds the server waits for replies per round", low=0.0, low_open=True),
         Option("client-threads", int, 1, "torch threads per client (part of bit-reproducibility)", low=1),
         Option("seed", int, 0, "seed for partitions, init, sampling and shuffling", low=0),

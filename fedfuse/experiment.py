@@ -7,7 +7,6 @@ config gives the same partitions, inits and local training everywhere.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -148,15 +147,18 @@ def sample_clients(seed: int, server_round: int, num_clients: int, fraction: flo
     return sorted(rng.choice(num_clients, size=k, replace=False).tolist())
 
 
-def inject_faults(cfg: Mapping[str, Any], partition_id: int, server_round: int) -> None:
+def inject_faults(cfg: Mapping[str, Any], partition_id: int, server_round: int) -> bool:
     """Simulated client faults, drawn from (seed, client, round): raise with ``fail-prob``; with
-    ``straggle-prob`` sleep ``round-timeout`` + 1 s so the reply arrives after the server stopped waiting."""
+    ``straggle-prob`` return True: this client is a straggler whose reply counts as arriving after
+    ``round-timeout``. It does not sleep: a sleeping client would hold a simulation actor (Ray runs as many
+    clients at a time as it has actors), so honest clients queued behind it would be late too and the
+    number of late replies would measure the actor count, not what was injected. The ClientApp replies at
+    once with :data:`fedfuse.protocol.INJECTED_LATE` and the ServerApp counts that reply as late."""
     rng = np.random.default_rng(derive_seed(int(cfg["seed"]), partition_id, server_round, 5))
     fail, straggle = rng.random(), rng.random()
     if fail < float(cfg.get("fail-prob", 0.0)):
         raise RuntimeError(f"injected fault: partition {partition_id} failed in round {server_round}")
-    if straggle < float(cfg.get("straggle-prob", 0.0)):
-        time.sleep(float(cfg["round-timeout"]) + 1.0)
+    return bool(straggle < float(cfg.get("straggle-prob", 0.0)))
 
 
 def round_mask(config: Mapping[str, Any], model: nn.Module, server_round: int) -> dict[str, torch.Tensor] | None:

@@ -26,6 +26,7 @@ __all__ = [
     "TRAIN_ACCURACY",
     "EVAL_LOSS",
     "EVAL_ACCURACY",
+    "INJECTED_LATE",
     "SERVER_ROUND",
     "SHARED_KEYS",
     "PFN_MODE",
@@ -52,6 +53,9 @@ TRAIN_LOSS = "train-loss"
 TRAIN_ACCURACY = "train-accuracy"
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
+# a simulated straggler's reply (``straggle-prob``): sent at once, counted by the server as a late reply and
+# dropped, so the injected lateness never occupies a simulation actor (honest clients are not delayed)
+INJECTED_LATE = "injected-late"
 
 # round keys the strategies add to the run config they send
 SERVER_ROUND = "server-round"

@@ -9,7 +9,9 @@ import csv
 import io
 import json
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from fedfuse.errors import ConfigError
 
 __all__ = [
     "atomic_write_bytes", "RunWriter", "check_out_dir", "load_metrics", "plot_accuracy", "RESULT_FILES",
+    "set_aside", "drop_aside", "restore_aside",
     "remove_stale_temp_files", "check_writable",
 ]
 
@@ -81,6 +84,35 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         )
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={str(out)!r} exists and is not a directory")
+
+
+def set_aside(out: Path) -> Path | None:
+    """For ``--overwrite``: atomically rename a result directory ``out`` to a sibling ``.<name>.replaced-<time>``
+    and create an empty ``out``, so a new run never writes beside the old run's files (a run killed midway
+    leaves only its own files in ``out``; the old ones wait in the sibling). None when ``out`` holds no results.
+    Finish with :func:`drop_aside` (the new run has results) or :func:`restore_aside` (it has none)."""
+    out = Path(out)
+    if not out.is_dir() or not any((out / name).exists() for name in (*RESULT_FILES, "checkpoint.pt")):
+        return None
+    aside = out.with_name(f".{out.name}.replaced-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    os.rename(out, aside)
+    out.mkdir()
+    return aside
+
+
+def drop_aside(aside: Path | None) -> None:
+    """Delete the previous results :func:`set_aside` kept (the new run has replaced them)."""
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def restore_aside(out: Path, aside: Path | None) -> None:
+    """Put the previous results back in ``out`` (the new run produced nothing to show); the new run's partial
+    files are deleted."""
+    if aside is None:
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(aside, out)
 
 
 def load_metrics(out: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ statistics (``rejected``, ``skipped``, ``aggregate_s`` + ``self.round_metrics``)
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -26,11 +27,12 @@ from flwr.serverapp.strategy import FedAvg
 from fedfuse import protocol
 from fedfuse.config import Option
 from fedfuse.errors import ConfigError
+from fedfuse.robust import NORM_ACTIONS, ROBUST_METHODS, Reducer, reducer, screen_updates
 from fedfuse.state import weighted_average
 from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_reply_size, check_update
 from strategies.sampling import NodeOrder, seeded_sample
 
-__all__ = ["FedFuseStrategy", "reply_size_reason", "error_summary"]
+__all__ = ["FedFuseStrategy", "reply_size_reason", "error_summary", "ROBUST_OPTIONS"]
 
 log = logging.getLogger("fedfuse")
 State = dict[str, torch.Tensor]
@@ -63,13 +65,36 @@ def reply_size_reason(record: ArrayRecord, sent: State, max_factor: float = MAX_
     return check_reply_size(sizes, sent, max_factor)
 
 
+UPDATE_NORM_BOUND = 4.0  # default: × the round's median update norm (honest ratios: docs/security.md)
+EXAMPLES_BOUND = 10.0  # default: × the round's median num-examples
+MIN_UPDATE_COSINE = -1.0  # default off: honest non-IID updates reach cosine -0.26 with the median update
+
+ROBUST_OPTIONS = (
+    Option(
+        "robust", str, "none",
+        "reduction of the (aligned) client models: weighted average, coordinate median, trimmed mean, multi-Krum",
+        choices=ROBUST_METHODS,
+    ),
+    Option("robust-fraction", float, 0.2, "robust: assumed Byzantine fraction (trimmed per side; Krum's f)",
+           low=0.0, high=0.49),
+    Option("update-norm-bound", float, UPDATE_NORM_BOUND,
+           "an update norm above this × the round's median update norm is rejected or clipped (0 = off)", low=0.0),
+    Option("update-norm-action", str, "reject", "what update-norm-bound does", choices=NORM_ACTIONS),
+    Option("examples-bound", float, EXAMPLES_BOUND,
+           "a num-examples above this × the round's median is rejected (0 = off)", low=0.0),
+    Option("min-update-cosine", float, MIN_UPDATE_COSINE,
+           "an update whose cosine with the round's median update is below this is rejected (-1 = off)",
+           low=-1.0, high=1.0),
+)  # fmt: skip
+
+
 class FedFuseStrategy(FedAvg):
     """FedAvg whose sampling, aggregation order and fault handling depend on ``seed`` only.
 
     θ = Σ_i (n_i / Σ_j n_j) θ_i over the valid replies, summed in partition order in float64.
     """
 
-    options: ClassVar[tuple[Option, ...]] = ()  # run options this strategy reads (beyond the core ones)
+    options: ClassVar[tuple[Option, ...]] = ROBUST_OPTIONS  # run options it reads (beyond the core ones)
 
     def __init__(
         self,
@@ -79,6 +104,12 @@ class FedFuseStrategy(FedAvg):
         query_timeout: float = 600.0,
         max_num_examples: float = MAX_NUM_EXAMPLES,
         max_reply_factor: float = MAX_REPLY_FACTOR,
+        robust: str = "none",
+        robust_fraction: float = 0.2,
+        update_norm_bound: float = UPDATE_NORM_BOUND,
+        update_norm_action: str = "reject",
+        examples_bound: float = EXAMPLES_BOUND,
+        min_update_cosine: float = MIN_UPDATE_COSINE,
         **fedavg_kwargs: Any,
     ) -> None:
         fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
@@ -95,7 +126,16 @@ class FedFuseStrategy(FedAvg):
         for name, value in (("max_num_examples", max_num_examples), ("max_reply_factor", max_reply_factor)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) > 0:
                 raise ConfigError(f"{name}={value!r} is out of range; allowed: a number > 0")
+        for name, value in (("update_norm_bound", update_norm_bound), ("examples_bound", examples_bound)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) >= 0:
+                raise ConfigError(f"{name}={value!r} is out of range; allowed: a number >= 0 (0 = off)")
+        if update_norm_action not in NORM_ACTIONS:
+            raise ConfigError(f"update_norm_action={update_norm_action!r}; allowed: {', '.join(NORM_ACTIONS)}")
         super().__init__(**fedavg_kwargs)
+        self.reduce: Reducer | None = reducer(robust, robust_fraction)  # None: the weighted average
+        self.robust = robust
+        self.update_norm_bound, self.update_norm_action = float(update_norm_bound), update_norm_action
+        self.examples_bound, self.min_update_cosine = float(examples_bound), float(min_update_cosine)
         self.seed = int(seed)
         self.max_num_examples = float(max_num_examples)  # a reply's num-examples above this is rejected
         self.max_reply_factor = float(max_reply_factor)  # a reply above this × the sent model's bytes is rejected
@@ -110,7 +150,8 @@ class FedFuseStrategy(FedAvg):
         """The strategy a validated run config asks for (fedfuse's ServerApp, whose ClientApp answers the
         partition query); ``kwargs`` are FedAvg's sampling arguments, :meth:`config_kwargs` the strategy's own."""
         own = cls.config_kwargs(cfg, model=model, example_input=example_input)
-        return cls(**{**kwargs, "seed": int(cfg["seed"]), "discover_partitions": True, **own})
+        defences = {o.name.replace("-", "_"): cfg[o.name] for o in ROBUST_OPTIONS if o.name in cfg}
+        return cls(**{**kwargs, "seed": int(cfg["seed"]), "discover_partitions": True, **defences, **own})
 
     @classmethod
     def config_kwargs(cls, cfg: Mapping[str, Any], *, model: Any, example_input: Any) -> dict[str, Any]:
@@ -179,7 +220,8 @@ class FedFuseStrategy(FedAvg):
         for msg in replies:
             self.nodes.learn(msg)
         replies.sort(key=lambda m: self.nodes.key(m.metadata.src_node_id))
-        valid, states, weights = [], [], []
+        valid, states, weights, sent = [], [], [], []
+        rejected: list[tuple[str, str]] = []
         for msg in replies:
             label = self.nodes.label(msg.metadata.src_node_id)
             if msg.has_error():
@@ -188,12 +230,22 @@ class FedFuseStrategy(FedAvg):
                 continue
             unpacked = self._unpack(msg)
             if isinstance(unpacked, str):
-                log.warning("round %d: rejected update from %s: %s", server_round, label, unpacked)
+                rejected.append((label, unpacked))
                 continue
             valid.append(msg)
             states.append(unpacked[0])
             weights.append(unpacked[1])
-        stats = {"rejected": float(sum(not m.has_error() for m in replies) - len(valid)), "skipped": 0.0}
+            sent.append(self._sent_to.get(msg.metadata.src_node_id, self._sent))
+        diverged = self._diverged(server_round, rejected, sum(not m.has_error() for m in replies))
+        for label, reason in rejected:
+            if (label, reason) not in diverged:
+                log.warning("round %d: rejected update from %s: %s", server_round, label, reason)
+        valid, states, weights, screen_stats = self._screen(server_round, valid, states, weights, sent)
+        answered = sum(not m.has_error() for m in replies)
+        stats = {"rejected": float(answered - len(valid) - len(diverged)), "skipped": 0.0}
+        if diverged:
+            stats["diverged"] = float(len(diverged))
+        stats.update(screen_stats)
         if len(replies) < self._sampled:
             late = self._sampled - len(replies)
             log.warning("round %d: %d sampled node(s) did not reply in time", server_round, late)
@@ -206,6 +258,9 @@ class FedFuseStrategy(FedAvg):
         t_agg = time.perf_counter()
         new_state = self.aggregate_arrays(server_round, states, weights)
         stats["aggregate_s"] = time.perf_counter() - t_agg
+        if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
+            log.warning("round %d: the aggregate is not finite; keeping the previous global model", server_round)
+            return None, MetricRecord({**stats, "skipped": 1.0})
         try:
             metrics = dict(self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key))
         except Exception as exc:  # noqa: BLE001 — inconsistent client metric keys must not lose the round's model
@@ -213,9 +268,47 @@ class FedFuseStrategy(FedAvg):
             metrics = {}
         return ArrayRecord(new_state), MetricRecord({**metrics, **stats, **self.round_metrics})
 
+    def _diverged(self, server_round: int, rejected: list[tuple[str, str]], answered: int) -> list[tuple[str, str]]:
+        """The non-finite updates to blame on the global model rather than on the clients: when at least half
+        of the round's answers (and at least 2) diverged, training from the model sent is what fails — a
+        poisoned global (defences off) or a too large learning rate. Counted as ``diverged``, not ``rejected``."""
+        diverged = [(label, reason) for label, reason in rejected if "non-finite value" in reason]
+        if len(diverged) < 2 or 2 * len(diverged) < answered:
+            return []
+        norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in self._sent.values() if v.is_floating_point()))
+        log.warning(
+            "round %d: %d of %d updates are non-finite after training from the global model sent (norm %.4g); "
+            "the global model is the likely cause, not the clients (%s)",
+            server_round, len(diverged), answered, norm, ", ".join(label for label, _ in diverged),
+        )  # fmt: skip
+        return diverged
+
+    def _screen(
+        self, server_round: int, valid: list[Message], states: list[State], weights: list[float], sent: list[State]
+    ) -> tuple[list[Message], list[State], list[float], dict[str, float]]:
+        """Round-level defences (:func:`fedfuse.robust.screen_updates`): updates far above the round's median
+        norm and num-examples far above its median are rejected (logged, naming the client) or clipped."""
+        screen = screen_updates(
+            states, sent, weights, norm_factor=self.update_norm_bound, norm_action=self.update_norm_action,
+            examples_factor=self.examples_bound, min_cosine=self.min_update_cosine,
+        )  # fmt: skip
+        keep = []
+        for i, reason in enumerate(screen.reasons):
+            if reason is None:
+                keep.append(i)
+            else:
+                label = self.nodes.label(valid[i].metadata.src_node_id)
+                log.warning("round %d: rejected update from %s: %s", server_round, label, reason)
+        stats = dict(screen.ratios)
+        if self.update_norm_action == "clip" and self.update_norm_bound > 0:
+            stats["clipped"] = float(screen.clipped)
+        pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
+        return pick(valid), pick(screen.states), pick(weights), stats
+
     def aggregate_arrays(self, server_round: int, states: list[State], weights: list[float]) -> State:
-        """FedAvg: θ = Σ_i (n_i / Σ_j n_j) θ_i (:func:`fedfuse.state.weighted_average`)."""
-        return weighted_average(states, weights)
+        """FedAvg: θ = Σ_i (n_i / Σ_j n_j) θ_i (:func:`fedfuse.state.weighted_average`), or the ``robust``
+        reduction (:func:`fedfuse.robust.robust_reduce`)."""
+        return (self.reduce or weighted_average)(states, weights)
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs besides the global model (the ServerApp checkpoints it; subclasses extend)."""

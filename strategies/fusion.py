@@ -20,7 +20,7 @@ from fedfuse.align import fuse
 from fedfuse.align.solvers import resolve_spec
 from fedfuse.config import Option
 from fedfuse.errors import ConfigError
-from strategies.base import FedFuseStrategy
+from strategies.base import ROBUST_OPTIONS, FedFuseStrategy
 
 __all__ = ["FedFusion", "FedMatch", "FedWB", "FedGWB"]
 
@@ -65,7 +65,7 @@ class FedFusion(FedFuseStrategy):
     """
 
     method = "average"
-    options: ClassVar[tuple[Option, ...]] = FUSION_OPTIONS
+    options: ClassVar[tuple[Option, ...]] = (*ROBUST_OPTIONS, *FUSION_OPTIONS)
 
     def __init__(
         self,
@@ -165,6 +165,7 @@ class FedFusion(FedFuseStrategy):
             bn_repair=self.bn_repair,  # type: ignore[arg-type]
             seed=self.seed + server_round,
             target_width=self.global_sizes if self.client_widths else None,
+            reduce=self.reduce,  # robust aggregation in the aligned space
         )
 
 
@@ -178,11 +179,11 @@ class FedWB(FedFusion):
     """Wasserstein-barycenter fusion (Akash et al. 2022): alternate OT alignment and averaging."""
 
     method = "wb"
-    options = (*FUSION_OPTIONS, WIDTHS_OPTION)
+    options = (*ROBUST_OPTIONS, *FUSION_OPTIONS, WIDTHS_OPTION)
 
 
 class FedGWB(FedFusion):
     """Gromov-Wasserstein-barycenter fusion: align neurons through intra-model distance matrices."""
 
     method = "gwb"
-    options = (*FUSION_OPTIONS, WIDTHS_OPTION)
+    options = (*ROBUST_OPTIONS, *FUSION_OPTIONS, WIDTHS_OPTION)

@@ -57,6 +57,7 @@ class LayerwiseAvg(FedFuseStrategy):
     """
 
     options: ClassVar[tuple[Option, ...]] = (
+        *FedFuseStrategy.options,
         Option(
             "layerwise-preset",
             str,

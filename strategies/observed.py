@@ -4,7 +4,8 @@ The ServerApp never reads a strategy's internals. It wraps the strategy (fedfuse
 ``FedAvg`` subclass) in :class:`ObservedStrategy`, which delegates every call and records:
 
 - what any strategy exposes: messages sent, replies received, error replies, late replies
-  (sampled − received), and the MetricRecords ``aggregate_train``/``aggregate_evaluate`` return;
+  (sampled − received; a simulated straggler's ``injected-late`` reply counts as late and is dropped),
+  and the MetricRecords ``aggregate_train``/``aggregate_evaluate`` return;
 - what :class:`RoundObserver` objects compute from the round's client models (the LMC monitor, the
   client-model dump of :mod:`strategies.monitor`), given the replies that pass
   :func:`fedfuse.validation.check_update` against the model that was sent.
@@ -54,6 +55,10 @@ def _metric_keys(replies: Iterable[Message]) -> set[str]:
     return {k for m in replies if not m.has_error() for rec in m.content.metric_records.values() for k in rec}
 
 
+def _injected_late(msg: Message) -> bool:
+    return any(protocol.INJECTED_LATE in rec for rec in msg.content.metric_records.values())
+
+
 @dataclass
 class _Round:
     sampled: int = 0
@@ -92,7 +97,8 @@ class ObservedStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        # a simulated straggler's reply (fedfuse.protocol.INJECTED_LATE) counts as not received in time
+        replies = [m for m in replies if m.has_error() or not _injected_late(m)]
         rnd = self._round
         rnd.received = len(replies)
         rnd.failures = sum(m.has_error() for m in replies)
@@ -149,7 +155,7 @@ class ObservedStrategy(Strategy):
                 if isinstance(value, (int, float)):
                     name = key.replace("-", "_")
                     row["client_" + name if key in client_keys else name] = float(value)
-        row["replies"] = float(rnd.received - rnd.failures - row.get("rejected", 0.0))
+        row["replies"] = float(rnd.received - rnd.failures - row.get("rejected", 0.0) - row.get("diverged", 0.0))
         row["failures"] = float(rnd.failures)
         row["timeouts"] = float(max(rnd.sampled - rnd.received, 0))
         return {**row, **rnd.observed}

@@ -40,6 +40,7 @@ class FedPFN(FedFuseStrategy):
 
     mode = "pfn"
     options: ClassVar[tuple[Option, ...]] = (
+        *FedFuseStrategy.options,
         Option("pfn-ratio", float, 0.4, "fedpfn/fedpnu: fraction of each tensor fixed at init", low=0.0, high=0.99),
         Option(
             "pfn-granularity", str, "weight", "fedpfn/fedpnu: fix single weights or whole neurons",
@@ -118,6 +119,7 @@ class FedPFN(FedFuseStrategy):
                 spec=self.spec,
                 template=self.template,
                 seed=self.seed + server_round,
+                reduce=self.reduce,
             )
         masks = round_mask(self.pfn_config(), self.template, server_round)
         assert masks is not None and self.reference_state is not None

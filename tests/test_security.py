@@ -227,21 +227,62 @@ def test_a_run_in_which_every_client_failed_fails(tmp_path) -> None:
     assert [r["round"] for r in rows] == [0, 1]  # the run stops at that round; what was written stays
 
 
-def test_a_result_path_that_cannot_be_written_is_one_line(finished, tmp_path) -> None:
+def test_a_result_path_that_cannot_be_written_is_one_line(tmp_path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").mkdir()  # fails for root too
+    proc = _fedfuse(*SMALL, "--out", str(out))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = _errors(proc)
+    assert len(lines) == 1 and f"cannot write {out / 'checkpoint.pt'}" in lines[0], proc.stderr[-2000:]
+
+
+def test_overwrite_keeps_the_previous_results_when_the_new_run_fails(finished, tmp_path) -> None:
     import shutil
 
     out = tmp_path / "run"
     shutil.copytree(finished, out)
-    (out / "metrics.json").unlink()
-    (out / "metrics.json").mkdir()  # fails for root too
     before = _snapshot(out)
-    proc = _fedfuse(*SMALL, "--out", str(out), "--overwrite")
+    proc = _fedfuse(*SMALL, "--out", str(out), "--overwrite", "--fail-prob", "1.0")  # every round skipped
     assert proc.returncode == 1, proc.stderr[-2000:]
     lines = _errors(proc)
-    assert len(lines) == 1 and f"cannot write {out / 'metrics.json'}" in lines[0], proc.stderr[-2000:]
-    after = _snapshot(out)
-    for name in ("metrics.csv", "model.pt", "accuracy.png"):
-        assert after[name][0] == before[name][0]
+    assert len(lines) == 1 and "previous results" in lines[0] and "kept" in lines[0], proc.stderr[-2000:]
+    assert _snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # nothing left aside
+
+
+def test_overwrite_killed_midway_never_mixes_old_and_new_files(finished, tmp_path) -> None:
+    """The old run's files are renamed aside before the new run writes anything: killed after its first round,
+    ``out`` holds only the new run's files (resumable), the old ones wait in ``.run.replaced-*``."""
+    import shutil
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    old_model = (out / "model.pt").read_bytes()
+    cmd = [sys.executable, "-m", "fedfuse.cli", *SMALL, "--rounds", "200", "--out", str(out), "--overwrite"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            try:
+                rows = json.loads((out / "metrics.json").read_text())["rounds"]
+                moved = any(tmp_path.glob(".run.replaced-*"))  # before that, out holds the old run
+                if moved and len(rows) >= 2 and (out / "checkpoint.pt").exists():
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail("the new run wrote no round in time")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert json.loads((out / "metrics.json").read_text())["config"]["num-rounds"] == 200
+    assert not (out / "model.pt").exists() and not (out / "accuracy.png").exists()
+    (aside,) = tmp_path.glob(".run.replaced-*")
+    assert (aside / "model.pt").read_bytes() == old_model
 
 
 def test_a_read_only_out_directory_is_one_line(finished, tmp_path) -> None:

@@ -47,6 +47,7 @@ from fedfuse.align.solvers import (
 from fedfuse.align.spec import TransportSpec, segment_range
 from fedfuse.align.transport import Transports, apply_transport, state_of
 from fedfuse.errors import ConfigError
+from fedfuse.robust import Reducer
 from fedfuse.state import normalise_weights, single_threaded, weighted_average
 
 __all__ = ["fuse", "align", "wasserstein_barycenter", "gromov_wasserstein_barycenter", "init_barycenter"]
@@ -174,6 +175,7 @@ def wasserstein_barycenter(
     tol: float = 1e-4,
     sizes: Mapping[str, int] | None = None,
     seed: int = 0,
+    reduce: Reducer | None = None,
 ) -> tuple[dict[str, Tensor], list[Transports], list[dict[str, Tensor]]]:
     """WB fusion (see module docstring): barycenter state, each model's transports and aligned state."""
     bary, _ = init_barycenter(states[ref], spec, sizes or spec.for_state(dict(states[ref])).sizes, seed)
@@ -184,7 +186,7 @@ def wasserstein_barycenter(
         for i, s in enumerate(states):
             transports[i] = ot_transport(bary, s, spec, solver=solver, epsilon=epsilon, init=transports[i], sweeps=1)
             aligned.append(apply_transport(s, spec, transports[i]))  # type: ignore[arg-type]
-        new = weighted_average(aligned, lam, ref=ref)
+        new = (reduce or weighted_average)(aligned, lam, ref=ref)
         change = _relative_change(new, bary)
         bary = new
         if change < tol:
@@ -203,6 +205,7 @@ def gromov_wasserstein_barycenter(
     tol: float = 1e-9,
     sizes: Mapping[str, int] | None = None,
     seed: int = 0,
+    reduce: Reducer | None = None,
 ) -> tuple[dict[str, Tensor], list[Transports], list[dict[str, Tensor]]]:
     """GWB fusion (see module docstring): fused state, each model's transports and aligned state."""
     specs = [spec.for_state(dict(s)) for s in states]
@@ -227,7 +230,7 @@ def gromov_wasserstein_barycenter(
             pi = np.asarray(pi)
             transports[i][g.name] = torch.from_numpy(pi / np.maximum(pi.sum(1, keepdims=True), 1e-300)).float()
     aligned = [apply_transport(s, spec, t) for s, t in zip(states, transports, strict=True)]
-    return weighted_average(aligned, lam, ref=ref), transports, aligned
+    return (reduce or weighted_average)(aligned, lam, ref=ref), transports, aligned
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,6 +256,7 @@ def fuse(
     bn_repair: Literal["auto", "reset", "repair"] | None = "auto",
     repair_data: Any = None,
     seed: int = 0,
+    reduce: Reducer | None = None,
 ) -> dict[str, Tensor]:
     """Fuse ``models`` (modules, or state dicts with a ``template`` module / a ``spec``) into one state dict.
 
@@ -260,6 +264,8 @@ def fuse(
     (default 10), weight-matching sweeps for ``match`` (100), GW barycenter iterations for ``gwb`` (20).
     ``bn_repair``: ``"auto"`` resets BatchNorm statistics on ``repair_data`` when given (otherwise the
     transported average of the running statistics is kept), ``"reset"``, ``"repair"`` (REPAIR), or None.
+    ``reduce(aligned, λ, ref=...)`` replaces the weighted average of the aligned models (WB/GWB: in every
+    barycenter iteration), e.g. :func:`fedfuse.robust.reducer` for robust aggregation in the aligned space.
     """
     if method not in METHODS:
         raise ConfigError(f"method={method!r} is not supported; allowed: {', '.join(METHODS)}")
@@ -274,10 +280,11 @@ def fuse(
     module = template if template is not None else next((m for m in models if isinstance(m, nn.Module)), None)
 
     aligned: list[dict[str, Tensor]] = states
+    average = reduce or weighted_average
     if method == "average":
         if target_width is not None:
             raise ConfigError("target_width needs method='wb' or 'gwb'")
-        fused = weighted_average(states, lam, ref=ref)
+        fused = average(states, lam, ref=ref)
     else:
         spec = resolve_spec(spec, module, example_input)
         specs = [spec.for_state(s) for s in states]
@@ -293,17 +300,17 @@ def fuse(
                 )
                 for i, s in enumerate(states)
             ]
-            fused = weighted_average(aligned, lam, ref=ref)
+            fused = average(aligned, lam, ref=ref)
         elif method == "wb":
             sizes = _target_sizes(specs[ref], target_width)
             fused, _, aligned = wasserstein_barycenter(
                 states, lam, spec, ref=ref, solver=solver, epsilon=epsilon, max_iter=max_iter or 10, tol=tol,
-                sizes=sizes, seed=seed,
+                sizes=sizes, seed=seed, reduce=reduce,
             )  # fmt: skip
         else:
             sizes = _target_sizes(specs[ref], target_width)
             fused, _, aligned = gromov_wasserstein_barycenter(
-                states, lam, spec, ref=ref, max_iter=max_iter or 20, sizes=sizes, seed=seed
+                states, lam, spec, ref=ref, max_iter=max_iter or 20, sizes=sizes, seed=seed, reduce=reduce
             )
         check_alignment(states, aligned, spec, ref, method)
     return _post_norm(fused, aligned, lam, module, bn_repair, repair_data)
