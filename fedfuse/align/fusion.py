@@ -311,9 +311,13 @@ def fuse(
             )  # fmt: skip
         elif method == "gwb":
             sizes = _target_sizes(specs[ref], target_width)
+            wb = wasserstein_barycenter(
+                states, lam, spec, ref=ref, solver=solver, epsilon=epsilon, max_iter=max_iter or 10, tol=tol,
+                sizes=sizes, seed=seed,
+            )  # fmt: skip
             fused, _, aligned = fused_gromov_wasserstein_barycenter(
-                states, lam, spec, alpha=DEFAULT_ALPHA if alpha is None else alpha, ref=ref, solver=solver,
-                epsilon=epsilon, max_iter=max_iter or 10, tol=tol, sizes=sizes, seed=seed,
+                states, lam, spec, wb[:2], alpha=DEFAULT_ALPHA if alpha is None else alpha, ref=ref,
+                max_iter=max_iter or 10,
             )  # fmt: skip
         else:
             sizes = _target_sizes(specs[ref], target_width)

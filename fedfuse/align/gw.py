@@ -20,8 +20,8 @@ transports of the layers below, as in WB), with ``w̄_a`` the barycenter's and `
   ``C_i``. *(our reading: the normalisation makes α a trade-off between unit-free terms, and removes the
   barycenter's uniformly shrunk distances — averaging aligned neurons pulls them together — from the
   structure term; the paper does not say how the terms are scaled.)*
-* ``T_i = Π_i / Π_i·1``; the barycenter is ``θ̄ ← Σ λ_i apply_transport(θ_i, T_i)``; repeat until
-  ``‖Δθ̄‖/‖θ̄‖ < tol`` or ``max_iter``.
+* ``T_i = Π_i / Π_i·1``; the barycenter is ``θ̄ ← Σ λ_i apply_transport(θ_i, T_i)``; repeat until no coupling
+  changes or ``max_iter``.
 
 Initialisation *(our choice)*: the WB barycenter and its couplings (:func:`wasserstein_barycenter`), so the
 conditional gradient starts from the WB plan (``G0``) and only moves where the structure term pays for it;
@@ -32,7 +32,6 @@ see ``benchmarks/results/repair-*.md``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 import numpy as np
 import ot
@@ -88,26 +87,23 @@ def fused_gromov_wasserstein_barycenter(
     states: Sequence[Mapping[str, Tensor]],
     lam: Sequence[float],
     spec: TransportSpec,
+    init: tuple[Mapping[str, Tensor], Sequence[Transports]],
     *,
     alpha: float = DEFAULT_ALPHA,
     ref: int = 0,
     max_iter: int = 10,
-    tol: float = 1e-4,
-    sizes: Mapping[str, int] | None = None,
-    solver: Literal["emd", "sinkhorn"] = "emd",
-    epsilon: float = 0.01,
-    seed: int = 0,
 ) -> tuple[dict[str, Tensor], list[Transports], list[dict[str, Tensor]]]:
-    """FGW barycenter fusion (module docstring): fused state, each model's transports and aligned state."""
-    from fedfuse.align.fusion import _relative_change, wasserstein_barycenter
+    """FGW barycenter fusion (module docstring) from ``init`` = (WB barycenter, WB transports of every model).
 
+    Returns the fused state, each model's transports and aligned state; stops when no coupling changes.
+    """
     if not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"alpha={alpha!r} is out of range; allowed: 0 <= alpha <= 1")
-    bary, transports, aligned = wasserstein_barycenter(
-        states, lam, spec, ref=ref, solver=solver, epsilon=epsilon, max_iter=max_iter, tol=tol, sizes=sizes, seed=seed
-    )
+    bary = dict(init[0])
+    transports = [dict(t) for t in init[1]]
+    aligned = [apply_transport(s, spec, t) for s, t in zip(states, transports, strict=True)]
     if alpha == 0.0:
-        return bary, transports, aligned
+        return weighted_average(aligned, lam, ref=ref), transports, aligned
     specs = [spec.for_state(dict(s)) for s in states]
     struct = [  # each model's own neuron rows (structure term: invariant to the ordering below)
         {g.name: group_features(s, sp, g, None, ("out",)) for g in sp.groups}
@@ -116,7 +112,7 @@ def fused_gromov_wasserstein_barycenter(
     for _ in range(max(1, max_iter)):
         spec_bar = spec.for_state(bary)
         feats_bar = {g.name: group_features(bary, spec_bar, g, None, ("out",)) for g in spec_bar.groups}
-        aligned = []
+        aligned, changed = [], False
         for i, (s, sp) in enumerate(zip(states, specs, strict=True)):
             new: Transports = dict(transports[i])
             for g in sp.groups:  # shallow → deep: model i's rows re-indexed by the transports found so far
@@ -124,12 +120,13 @@ def fused_gromov_wasserstein_barycenter(
                 fa, si = feats_bar[g.name], struct[i][g.name]
                 if fa is None or fb is None or si is None:
                     continue
-                new[g.name] = fgw_coupling(fa, fb, si, float(alpha), init=transports[i].get(g.name))
+                t = fgw_coupling(fa, fb, si, float(alpha), init=transports[i].get(g.name))
+                old = transports[i].get(g.name)
+                changed = changed or old is None or old.shape != t.shape or not torch.allclose(old, t, atol=1e-6)
+                new[g.name] = t
             transports[i] = new
             aligned.append(apply_transport(s, spec, new))
-        new_bary = weighted_average(aligned, lam, ref=ref)
-        change = _relative_change(new_bary, bary)
-        bary = new_bary
-        if change < tol:
+        bary = weighted_average(aligned, lam, ref=ref)
+        if not changed:
             break
     return bary, transports, aligned
