@@ -53,11 +53,19 @@ def _load(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     return net.eval()
 
 
-def parents(args: argparse.Namespace, data: Any, name: str, n: int) -> tuple[list[nn.Module], list[np.ndarray]]:
-    """``n`` trained parents and their partitions (trained once, then loaded from ``args.cache``)."""
+def parents(
+    args: argparse.Namespace, data: Any, name: str, n: int, shared: bool = False
+) -> tuple[list[nn.Module], list[np.ndarray]]:
+    """``n`` trained parents and their partitions (trained once, then loaded from ``args.cache``); ``shared``:
+    every parent trains on the whole training set (REPAIR's two-model setting)."""
     kind, width, depth, bn = MODELS[name]
-    parts = partition_indices(data.y_train.numpy(), "dirichlet", n, alpha=args.alpha, seed=args.seed)
-    key = f"{name}-{n}-{args.epochs}-{args.alpha}-{args.seed}-{args.lr}-{args.batch_size}"
+    if shared:
+        parts = [np.arange(len(data.y_train))] * n
+    else:
+        parts = partition_indices(data.y_train.numpy(), "dirichlet", n, alpha=args.alpha, seed=args.seed)
+    key = f"{name}-{n}-{args.epochs}-{args.alpha}-{args.seed}-{args.lr}-{args.batch_size}" + (
+        "-shared" if shared else ""
+    )
     path = Path(args.cache) / f"parents-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
     models = [
         build_model(kind, data.input_shape, data.num_classes, width=width, depth=depth, batch_norm=bn,
@@ -132,6 +140,7 @@ def run_model(args: argparse.Namespace, data: Any, name: str) -> dict[str, Any]:
     }  # fmt: skip
     methods: dict[str, dict[str, Any]] = {"average": {}, "match": {}, "wb": {}, "gw": {}}
     methods.update({f"gwb_a{a:g}": {"method": "gwb", "alpha": a} for a in args.gwb_alphas})
+    methods = {k: v for k, v in methods.items() if k.split("_")[0] in args.methods}
     results = {}
     wb_transports = None
     for key, kw in methods.items():
@@ -186,6 +195,19 @@ def run_model(args: argparse.Namespace, data: Any, name: str) -> dict[str, Any]:
         rep = _federated_repair(template, mid, [a.state_dict(), b_al], xs[:2], lam2, None)  # type: ignore[list-item]
         bar[f"{key}_repair"] = _barrier(a, b_al, xt, yt, rep)  # type: ignore[arg-type]
     row["barrier"] = bar
+    if args.shared_pair:  # REPAIR's setting: two parents from different inits on the same (whole) training set
+        pair, pair_parts = parents(args, data, name, 2, shared=True)
+        a, b = pair
+        xs2 = [data.x_train[torch.as_tensor(p, dtype=torch.long)] for p in pair_parts]
+        shared_bar: dict[str, Any] = {"before": _barrier(a, b.state_dict(), xt, yt)}
+        for key, how in (("match", "weight"), ("ot", "ot")):
+            b_al = align(a, b, how, spec)
+            mid = fuse([a.state_dict(), b_al], lam2, method="average")
+            shared_bar[key] = _barrier(a, b_al, xt, yt, mid)  # type: ignore[arg-type]
+            rep = _federated_repair(template, mid, [a.state_dict(), b_al], xs2, lam2, None)  # type: ignore[list-item]
+            shared_bar[f"{key}_repair"] = _barrier(a, b_al, xt, yt, rep)  # type: ignore[arg-type]
+        row["barrier_shared"] = shared_bar
+        print(name, "barrier (shared data)", json.dumps(shared_bar), flush=True)
     print(name, "barrier", json.dumps(bar), flush=True)
     return row
 
@@ -226,7 +248,7 @@ def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace, elapsed: flo
     for r in rows:
         m = r["methods"]
         gwb = m.get(f"gwb_a{DEFAULT_ALPHA:g}")
-        if gwb:
+        if gwb and all(k in m for k in ("average", "wb", "gw")):
             lines.append(
                 f"- {r['model']}: gwb (α={DEFAULT_ALPHA}) − average = {gwb['acc'] - m['average']['acc']:+.3f} "
                 f"(goal ≥ +0.30); gwb − wb = {gwb['acc'] - m['wb']['acc']:+.3f} (goal ≥ −0.03); plain gw − average "
@@ -234,6 +256,8 @@ def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace, elapsed: flo
                 f"{gwb.get('rel_diff_vs_wb', float('nan')):.4f}"
             )
         best = max(("wb", "match", f"gwb_a{DEFAULT_ALPHA:g}"), key=lambda k: m[k]["repair_acc"] if k in m else -1)
+        if best not in m or "wb" not in m:
+            continue
         lines.append(
             f"- {r['model']}: ensemble − (wb + REPAIR) = {r['ensemble_acc'] - m['wb']['repair_acc']:+.3f}, "
             f"ensemble − (best fused + REPAIR: {best}) = {r['ensemble_acc'] - m[best]['repair_acc']:+.3f} "
@@ -275,12 +299,15 @@ def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace, elapsed: flo
         return ", ".join(parts)
 
     for r in rows:
-        bar = r["barrier"]
-        lines.append(
-            f"| {r['model']} | {cell(bar['before'])} | {cell(bar['match'])} | {cell(bar['match_repair'])} | "
-            f"{red(bar['match'], bar['match_repair'])} | {cell(bar['ot'])} | {cell(bar['ot_repair'])} | "
-            f"{red(bar['ot'], bar['ot_repair'])} |"
-        )
+        for label, key in (("Dirichlet parents 0, 1", "barrier"), ("same data (whole train set)", "barrier_shared")):
+            if key not in r:
+                continue
+            bar = r[key]
+            lines.append(
+                f"| {r['model']}, {label} | {cell(bar['before'])} | {cell(bar['match'])} | "
+                f"{cell(bar['match_repair'])} | {red(bar['match'], bar['match_repair'])} | {cell(bar['ot'])} | "
+                f"{cell(bar['ot_repair'])} | {red(bar['ot'], bar['ot_repair'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -297,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default="/tmp/fedfuse-parents")
     p.add_argument("--gwb-alphas", nargs="+", type=float, default=sorted({0.1, DEFAULT_ALPHA, 0.9, 1.0}))
+    p.add_argument("--methods", nargs="+", default=["average", "match", "wb", "gw", "gwb"])
+    p.add_argument("--shared-pair", action="store_true", help="also two parents trained on the same whole train set")
     p.add_argument("--train-only", action="store_true")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
@@ -307,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.models:
             t0 = time.perf_counter()
             models, _ = parents(args, data, name, args.parents)
+            if args.shared_pair:
+                models += parents(args, data, name, 2, shared=True)[0]
             accs = [evaluate(m, data.x_test, data.y_test)[1] for m in models]
             print(name, f"{time.perf_counter() - t0:.0f}s", [f"{a:.3f}" for a in accs], flush=True)
         return

@@ -17,6 +17,7 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from fedfuse.align import derive_spec, fuse
+from fedfuse.align.gw import DEFAULT_ALPHA
 from fedfuse.config import Option
 from fedfuse.errors import ConfigError
 from strategies.base import FedFuseStrategy
@@ -94,6 +95,7 @@ class FedFusion(FedFuseStrategy):
         self.solver = solver
         self.epsilon = float(epsilon)
         self.max_iter = max_iter
+        self.fuse_kwargs: dict[str, Any] = {}  # method-specific fuse() arguments (gwb: alpha)
         self.post = PostFusionRepair(bn_repair, rounds=repair_rounds, template=model, example_input=example_input)
         self.bn_repair = None  # the server holds no data: BN statistics stay the transported average unless self.post
         self._grid: Grid | None = None
@@ -167,6 +169,7 @@ class FedFusion(FedFuseStrategy):
             solver=self.solver,  # type: ignore[arg-type]
             epsilon=self.epsilon,
             max_iter=self.max_iter,
+            **self.fuse_kwargs,
             bn_repair=self.bn_repair,  # type: ignore[arg-type]
             seed=self.seed + server_round,
             target_width=self.global_sizes if self.client_widths else None,
@@ -189,7 +192,25 @@ class FedWB(FedFusion):
 
 
 class FedGWB(FedFusion):
-    """Gromov-Wasserstein-barycenter fusion: align neurons through intra-model distance matrices."""
+    """Fused Gromov-Wasserstein-barycenter fusion (:mod:`fedfuse.align.gw`): intra-model distance structure +
+    WB's feature cost, trade-off ``alpha`` (0 = WB, 1 = GW warm-started from WB)."""
 
     method = "gwb"
-    options = (*FUSION_OPTIONS, WIDTHS_OPTION)
+    options = (
+        *FUSION_OPTIONS,
+        WIDTHS_OPTION,
+        Option("gwb-alpha", float, DEFAULT_ALPHA, "gwb: structure weight α (0 = WB, 1 = pure GW)", low=0, high=1),
+    )
+
+    def __init__(self, *, alpha: float = DEFAULT_ALPHA, **kwargs: Any) -> None:
+        if isinstance(alpha, bool) or not 0.0 <= float(alpha) <= 1.0:
+            raise ConfigError(f"alpha={alpha!r} is out of range; allowed: 0 <= alpha <= 1")
+        super().__init__(**kwargs)
+        self.fuse_kwargs["alpha"] = float(alpha)
+
+    @classmethod
+    def config_kwargs(cls, cfg: Mapping[str, Any], *, model: Any, example_input: Any) -> dict[str, Any]:
+        return {
+            **super().config_kwargs(cfg, model=model, example_input=example_input),
+            "alpha": float(cfg["gwb-alpha"]),
+        }

@@ -100,3 +100,8 @@ def test_repair_options_are_validated() -> None:
         FedWB(model=_net(), example_input=x, bn_repair="auto")
     with pytest.raises(ConfigError, match="repair_rounds=-1 is out of range"):
         FedWB(model=_net(), example_input=x, bn_repair="repair", repair_rounds=-1)
+    from strategies import FedGWB
+
+    with pytest.raises(ConfigError, match="alpha=2.0 is out of range"):
+        FedGWB(model=_net(), example_input=x, alpha=2.0)
+    assert FedGWB(model=_net(), example_input=x, alpha=0.25).fuse_kwargs == {"alpha": 0.25}
