@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from clients.personal import holdout_split, keep_personal, load_personal, shared_keys_of
 from fedfuse import protocol
+from fedfuse.align.repair import bn_statistics, unit_statistics
 from fedfuse.attacks import claimed_examples, is_attacker, parse_attack, poison_state
 from fedfuse.config import OPTIONS
 from fedfuse.experiment import (
@@ -87,6 +88,38 @@ def query(msg: Message, context: Context) -> Message:
     """Report this node's partition id (the server orders and samples clients by it)."""
     pid, _ = _identity(context)
     return Message(RecordDict({protocol.CLIENT_INFO: _info(pid)}), reply_to=msg)
+
+
+@app.query(protocol.REPAIR_ACTION)
+def repair_statistics(msg: Message, context: Context) -> Message:
+    """Statistics for the server's post-fusion ``bn-repair`` round, on this client's training data.
+
+    ``bn-stats``: the fused model's BatchNorm running statistics recomputed locally; ``unit-stats``: per-unit
+    (mean, std) at the requested sites of the fused model and, when sent, of this client's own model aligned
+    to it (:mod:`fedfuse.align.repair`). Only these statistics leave the client.
+    """
+    cfg = _run_config(msg)
+    with torch_threads(int(cfg.get("client-threads", 1))):
+        pid, _ = _identity(context)
+        ds = dataset_for(cfg)
+        x, _ = _local_xy(cfg, context)
+        arrays = msg.content.array_records
+        fused = client_model(cfg, ds, pid)
+        fused.load_state_dict(arrays[protocol.ARRAYS].to_torch_state_dict())
+        kind = str(cfg.get(protocol.REPAIR_KIND, ""))
+        if kind == "bn-stats":
+            records = {protocol.REPAIR_FUSED: ArrayRecord(bn_statistics(fused, x))}
+        elif kind == "unit-stats":
+            sites = [s for s in str(cfg.get(protocol.REPAIR_SITES, "")).split(",") if s]
+            records = {protocol.REPAIR_FUSED: ArrayRecord(unit_statistics(fused, x, sites))}
+            if protocol.REPAIR_OWN in arrays:
+                own = client_model(cfg, ds, pid)
+                own.load_state_dict(arrays[protocol.REPAIR_OWN].to_torch_state_dict())
+                records[protocol.REPAIR_OWN] = ArrayRecord(unit_statistics(own, x, sites))
+        else:
+            raise ValueError(f"{protocol.REPAIR_KIND}={kind!r} is not supported; allowed: bn-stats, unit-stats")
+    metrics = MetricRecord({protocol.NUM_EXAMPLES: len(x)})
+    return Message(RecordDict({**records, protocol.METRICS: metrics, protocol.CLIENT_INFO: _info(pid)}), reply_to=msg)
 
 
 @app.train()

@@ -34,6 +34,12 @@ __all__ = [
     "PFN_SEED",
     "PFN_GRANULARITY",
     "PERSONAL_STATE",
+    "REPAIR_ACTION",
+    "REPAIR_MESSAGE_TYPE",
+    "REPAIR_KIND",
+    "REPAIR_SITES",
+    "REPAIR_OWN",
+    "REPAIR_FUSED",
 ]
 
 # record names inside a Message's RecordDict
@@ -67,3 +73,14 @@ PFN_GRANULARITY = "pfn-granularity"
 
 # Context.state record of a client
 PERSONAL_STATE = "layerwise-personal"  # LayerwiseAvg: this client's personal layers (ArrayRecord)
+
+# Post-fusion statistics round (strategies' bn-repair option; the ClientApp's ``@app.query(REPAIR_ACTION)``).
+# Request: the fused model (ARRAYS), the run config (CONFIG) with REPAIR_KIND, and for "unit-stats" the
+# comma-joined REPAIR_SITES and optionally the client's own model aligned to the fused one (REPAIR_OWN).
+# Reply: ArrayRecords REPAIR_FUSED (and REPAIR_OWN) of statistics + METRICS with NUM_EXAMPLES. No raw data.
+REPAIR_ACTION = "repair"
+REPAIR_MESSAGE_TYPE = "query.repair"  # Flower routes "query.<action>" to @app.query("<action>")
+REPAIR_KIND = "repair-kind"  # "bn-stats": BatchNorm statistics recomputed locally; "unit-stats": per-unit (mean, std)
+REPAIR_SITES = "repair-sites"
+REPAIR_OWN = "own"
+REPAIR_FUSED = "fused"

@@ -144,6 +144,7 @@ class FedFuseStrategy(FedAvg):
         self._sent: State = {}
         self._sent_to: dict[int, State] = {}  # per node, where nodes get different models (width heterogeneity)
         self._sampled = 0
+        self._valid_nodes: list[int] = []
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, model: Any = None, example_input: Any = None, **kwargs: Any):
@@ -256,6 +257,7 @@ class FedFuseStrategy(FedAvg):
             )  # fmt: skip
             return None, MetricRecord({**stats, "skipped": 1.0})
         t_agg = time.perf_counter()
+        self._valid_nodes = [m.metadata.src_node_id for m in valid]  # whose states these are (post-fusion rounds)
         new_state = self.aggregate_arrays(server_round, states, weights)
         stats["aggregate_s"] = time.perf_counter() - t_agg
         if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):

@@ -17,15 +17,16 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from fedfuse.align import fuse
+from fedfuse.align.gw import DEFAULT_ALPHA
 from fedfuse.align.solvers import resolve_spec
 from fedfuse.config import Option
 from fedfuse.errors import ConfigError
 from strategies.base import ROBUST_OPTIONS, FedFuseStrategy
+from strategies.repair import REPAIR_OPTIONS, PostFusionRepair
 
 __all__ = ["FedFusion", "FedMatch", "FedWB", "FedGWB"]
 
 SOLVERS = ("emd", "sinkhorn")
-BN_REPAIRS = ("auto", "none")
 
 
 def _widths_reason(value: str) -> str | None:
@@ -37,7 +38,7 @@ FUSION_OPTIONS = (
     Option("fusion-solver", str, "emd", "wb: exact OT (emd) or entropic (sinkhorn)", choices=SOLVERS),
     Option("fusion-epsilon", float, 0.01, "sinkhorn regularisation, relative to the cost range", low=0, low_open=True),
     Option("fusion-iters", int, 0, "barycenter iterations (0 = the method's default)", low=0),
-    Option("bn-repair", str, "auto", "BatchNorm statistics after fusion", choices=BN_REPAIRS),
+    *REPAIR_OPTIONS,
 )
 WIDTHS_OPTION = Option(
     "client-widths",
@@ -55,8 +56,9 @@ class FedFusion(FedFuseStrategy):
     cannot fix its input shape itself, an ``example_input`` batch (to derive the transport spec with
     torch.fx, once); ``solver``
     (``emd`` exact or ``sinkhorn``), ``epsilon`` (Sinkhorn regularisation, relative to the cost
-    range), ``max_iter`` (barycenter iterations), ``bn_repair`` (``auto``: transported average of
-    BatchNorm statistics; ``none``).
+    range), ``max_iter`` (barycenter iterations), ``bn_repair`` (``none``: BatchNorm statistics are the
+    transported average; ``reset``/``repair``: a post-fusion statistics round with the same clients,
+    :mod:`strategies.repair`, ``repair_rounds`` Jacobi rounds for ``repair``).
 
     Width heterogeneity (wb/gwb): with ``client_widths`` (client with partition p gets
     ``client_widths[p % len]``) and ``model_factory(width) -> module``, each client receives the global
@@ -75,7 +77,8 @@ class FedFusion(FedFuseStrategy):
         solver: str = "emd",
         epsilon: float = 0.01,
         max_iter: int | None = None,
-        bn_repair: str = "auto",
+        bn_repair: str = "none",
+        repair_rounds: int = 0,
         client_widths: Sequence[int] | None = None,
         model_factory: Callable[[int], nn.Module] | None = None,
         seed: int = 0,
@@ -85,8 +88,6 @@ class FedFusion(FedFuseStrategy):
             raise ConfigError(f"solver={solver!r} is not allowed; allowed: {', '.join(SOLVERS)}")
         if not float(epsilon) > 0:
             raise ConfigError(f"epsilon={epsilon!r} is out of range; allowed: > 0")
-        if bn_repair not in BN_REPAIRS:
-            raise ConfigError(f"bn_repair={bn_repair!r} is not allowed; allowed: {', '.join(BN_REPAIRS)}")
         if max_iter is not None and int(max_iter) < 1:
             raise ConfigError(f"max_iter={max_iter!r} is out of range; allowed: >= 1")
         super().__init__(seed=seed, **kwargs)
@@ -96,12 +97,18 @@ class FedFusion(FedFuseStrategy):
         self.solver = solver
         self.epsilon = float(epsilon)
         self.max_iter = max_iter
-        self.bn_repair = None if bn_repair == "none" else "auto"
+        self.fuse_kwargs: dict[str, Any] = {}  # method-specific fuse() arguments (gwb: alpha)
+        self.post = PostFusionRepair(bn_repair, rounds=repair_rounds, template=model, example_input=example_input)
+        self.bn_repair = None  # the server holds no data: BN statistics stay the transported average unless self.post
+        self._grid: Grid | None = None
+        self._train_config = ConfigRecord()
         self.client_widths = [int(w) for w in client_widths] if client_widths else None
         self.group_sizes: dict[int, dict[str, int]] = {}
         if self.client_widths:
             if self.method not in ("wb", "gwb"):
                 raise ConfigError(f"client_widths needs method wb or gwb; got {self.method!r}")
+            if self.post.enabled:
+                raise ConfigError(f"bn_repair={bn_repair!r} needs equal client widths (client_widths is set)")
             if model_factory is None or min(self.client_widths) < 1:
                 raise ConfigError(f"client_widths={client_widths!r} needs widths >= 1 and a model_factory")
             for w in set(self.client_widths):  # per width, the size of every hidden group
@@ -120,6 +127,7 @@ class FedFusion(FedFuseStrategy):
             "epsilon": float(cfg["fusion-epsilon"]),
             "max_iter": int(cfg["fusion-iters"]) or None,
             "bn_repair": str(cfg["bn-repair"]),
+            "repair_rounds": int(cfg["repair-rounds"]),
             "client_widths": widths or None,
             "model_factory": (lambda w: model_for(cfg, dataset_for(cfg), width=w)) if widths else None,
         }
@@ -129,6 +137,7 @@ class FedFusion(FedFuseStrategy):
     ) -> Iterable[Message]:
         """As FedAvg; with client widths, each node gets the global model transported to its width."""
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._grid, self._train_config = grid, config  # for the post-fusion statistics round (bn-repair)
         if not self.client_widths:
             return messages
         global_state = arrays.to_torch_state_dict()
@@ -153,7 +162,7 @@ class FedFusion(FedFuseStrategy):
     def aggregate_arrays(
         self, server_round: int, states: list[dict[str, torch.Tensor]], weights: list[float]
     ) -> dict[str, torch.Tensor]:
-        return fuse(
+        fused, aligned = fuse(
             states,
             weights,
             method=self.method,  # type: ignore[arg-type]
@@ -162,11 +171,14 @@ class FedFusion(FedFuseStrategy):
             solver=self.solver,  # type: ignore[arg-type]
             epsilon=self.epsilon,
             max_iter=self.max_iter,
+            **self.fuse_kwargs,
             bn_repair=self.bn_repair,  # type: ignore[arg-type]
             seed=self.seed + server_round,
             target_width=self.global_sizes if self.client_widths else None,
             reduce=self.reduce,  # robust aggregation in the aligned space
+            return_aligned=True,
         )
+        return self.post.for_strategy(self, server_round, fused, aligned, weights)
 
 
 class FedMatch(FedFusion):
@@ -183,7 +195,26 @@ class FedWB(FedFusion):
 
 
 class FedGWB(FedFusion):
-    """Gromov-Wasserstein-barycenter fusion: align neurons through intra-model distance matrices."""
+    """Fused Gromov-Wasserstein-barycenter fusion (:mod:`fedfuse.align.gw`): intra-model distance structure +
+    WB's feature cost, trade-off ``alpha`` (0 = WB, 1 = GW warm-started from WB)."""
 
     method = "gwb"
-    options = (*ROBUST_OPTIONS, *FUSION_OPTIONS, WIDTHS_OPTION)
+    options = (
+        *ROBUST_OPTIONS,
+        *FUSION_OPTIONS,
+        WIDTHS_OPTION,
+        Option("gwb-alpha", float, DEFAULT_ALPHA, "gwb: structure weight α (0 = WB, 1 = pure GW)", low=0, high=1),
+    )
+
+    def __init__(self, *, alpha: float = DEFAULT_ALPHA, **kwargs: Any) -> None:
+        if isinstance(alpha, bool) or not 0.0 <= float(alpha) <= 1.0:
+            raise ConfigError(f"alpha={alpha!r} is out of range; allowed: 0 <= alpha <= 1")
+        super().__init__(**kwargs)
+        self.fuse_kwargs["alpha"] = float(alpha)
+
+    @classmethod
+    def config_kwargs(cls, cfg: Mapping[str, Any], *, model: Any, example_input: Any) -> dict[str, Any]:
+        return {
+            **super().config_kwargs(cfg, model=model, example_input=example_input),
+            "alpha": float(cfg["gwb-alpha"]),
+        }

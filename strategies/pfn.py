@@ -25,6 +25,7 @@ from fedfuse.errors import ConfigError
 from fedfuse.experiment import derive_seed, round_mask
 from fedfuse.subspace import fixed_distance, mask_ratio
 from strategies.base import FedFuseStrategy
+from strategies.repair import REPAIR_OPTIONS, PostFusionRepair
 
 __all__ = ["FedPFN", "FedPNU"]
 
@@ -50,6 +51,7 @@ class FedPFN(FedFuseStrategy):
             "pfn-fusion", str, "average", "fedpfn/fedpnu: aggregation (wb = FedPFN + FedWB)",
             choices=("average", "wb", "match", "gwb"),
         ),
+        *REPAIR_OPTIONS,
     )  # fmt: skip
 
     def __init__(
@@ -60,6 +62,8 @@ class FedPFN(FedFuseStrategy):
         pfn_granularity: str = "weight",
         fusion: str = "average",
         example_input: torch.Tensor | None = None,
+        bn_repair: str = "none",
+        repair_rounds: int = 0,
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
@@ -77,6 +81,9 @@ class FedPFN(FedFuseStrategy):
         self.pfn_granularity = pfn_granularity
         self.pfn_seed = derive_seed(seed, 11)  # the server's one draw; clients get it in the config
         self.reference_state: dict[str, torch.Tensor] | None = None
+        self.post = PostFusionRepair(bn_repair, rounds=repair_rounds, template=model, example_input=example_input)
+        self._grid: Grid | None = None
+        self._train_config = ConfigRecord()
 
     @classmethod
     def config_kwargs(cls, cfg: Mapping[str, Any], *, model: Any, example_input: Any) -> dict[str, Any]:
@@ -86,6 +93,8 @@ class FedPFN(FedFuseStrategy):
             "pfn_granularity": str(cfg["pfn-granularity"]),
             "fusion": str(cfg["pfn-fusion"]),
             "example_input": example_input,
+            "bn_repair": str(cfg["bn-repair"]),
+            "repair_rounds": int(cfg["repair-rounds"]),
         }
 
     def pfn_config(self) -> dict[str, Any]:
@@ -104,15 +113,17 @@ class FedPFN(FedFuseStrategy):
             self.reference_state = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
         for key, value in self.pfn_config().items():
             config[key] = value
+        self._grid, self._train_config = grid, config  # for the post-fusion statistics round (bn-repair)
         return list(super().configure_train(server_round, arrays, config, grid))
 
     def aggregate_arrays(
         self, server_round: int, states: list[dict[str, torch.Tensor]], weights: list[float]
     ) -> dict[str, torch.Tensor]:
+        aligned = states
         if self.fusion == "average":
             new_state = super().aggregate_arrays(server_round, states, weights)
         else:  # FedPFN + fusion: align the clients' models before averaging (fixed entries may move then)
-            new_state = fuse(
+            new_state, aligned = fuse(
                 states,
                 weights,
                 method=self.fusion,
@@ -120,7 +131,9 @@ class FedPFN(FedFuseStrategy):
                 template=self.template,
                 seed=self.seed + server_round,
                 reduce=self.reduce,
+                return_aligned=True,
             )
+        new_state = self.post.for_strategy(self, server_round, new_state, aligned, weights)  # bn-repair (moves fixed)
         masks = round_mask(self.pfn_config(), self.template, server_round)
         assert masks is not None and self.reference_state is not None
         self.round_metrics["pfn_mask_ratio"] = mask_ratio(masks)

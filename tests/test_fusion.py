@@ -17,7 +17,7 @@ from tests.test_align_cases import CASES, make_case, max_state_diff, outputs
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("method", ["match", "wb", "gwb"])
+@pytest.mark.parametrize("method", ["match", "wb", "gwb", "gw"])
 def test_fusing_a_model_with_its_permuted_copy_gives_the_model(name: str, method: str) -> None:
     # Prepare
     model, x = make_case(name)

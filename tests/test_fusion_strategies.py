@@ -23,9 +23,8 @@ def test_one_shot_fusion_beats_plain_averaging(tmp_path) -> None:
     acc = {k: v["central_accuracy"] for k, v in json.loads((tmp_path / "compare.json").read_text()).items()}
     assert acc["wb"] > acc["fedavg"] + 0.1, acc
     assert acc["match"] > acc["fedavg"] + 0.1, acc
-    # gwb measured 0.17 here vs fedavg 0.28: it loses in this setting (see the benchmark); pin only that it
-    # yields a working model above chance (0.1)
-    assert acc["gwb"] > 0.12, acc
+    # gwb (fused GW, warm-started from WB) now aligns like wb; plain GW (fuse(method="gw")) loses here
+    assert acc["gwb"] > acc["fedavg"] + 0.1, acc
 
 
 def test_fusion_strategy_arguments_are_validated() -> None:

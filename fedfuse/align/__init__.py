@@ -5,8 +5,9 @@ A model is described as groups of hidden units (:class:`TransportSpec`, derived 
 model with them; :func:`fuse` aligns N models to a common target and averages them.
 """
 
-from fedfuse.align.bn import repair, reset_bn_stats
+from fedfuse.align.bn import reset_bn_stats
 from fedfuse.align.fusion import AlignmentError, align, fuse, gromov_wasserstein_barycenter, wasserstein_barycenter
+from fedfuse.align.repair import repair  # the function (the module is fedfuse.align.repair)
 from fedfuse.align.rules import register_rule
 from fedfuse.align.solvers import activation_matching, infer_example_input, ot_coupling, ot_transport, weight_matching
 from fedfuse.align.spec import Axis, Group, Site, TransportSpec, UnsupportedModelError, derive_spec

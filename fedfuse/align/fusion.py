@@ -8,9 +8,11 @@ All methods return a state dict. With ``λ`` the normalised ``weights``:
   (a) layer-wise OT of every model onto ``θ̄`` (:func:`ot_transport`, couplings carried to the next
   layer, warm-started from the previous iteration) and (b) ``θ̄ ← Σ λ_i apply_transport(θ_i, T_i)``
   until ``‖Δθ̄‖/‖θ̄‖ < tol`` or ``max_iter``.
-* ``gwb``: per group, every model gives the intra-model distance matrix ``D_i[b, b'] = ‖w_b − w_b'‖``
-  of its neurons' incoming weights (invariant to how the previous layer is ordered, so no coupling
-  needs carrying); ``ot.gromov.gromov_barycenters`` returns the barycenter structure and the GW
+* ``gwb``: fused Gromov-Wasserstein barycenter (structure + WB's feature term, trade-off ``alpha``), see
+  :mod:`fedfuse.align.gw`.
+* ``gw`` (plain GW, the paper's GWB): per group, every model gives the intra-model distance matrix
+  ``D_i[b, b'] = ‖w_b − w_b'‖`` of its neurons' incoming weights (invariant to how the previous layer is
+  ordered, so no coupling needs carrying); ``ot.gromov.gromov_barycenters`` returns the barycenter structure and the GW
   couplings ``Π_i``; each model is mapped with ``T_i = Π_i / Π_i·1`` and the results averaged.
   *(our reading: the paper leaves the weight reconstruction open; we use the GW couplings as transports.)*
 
@@ -35,7 +37,9 @@ import torch
 from scipy.cluster.vq import kmeans2
 from torch import Tensor, nn
 
-from fedfuse.align.bn import has_batch_norm, repair, reset_bn_stats
+from fedfuse.align.bn import has_batch_norm, reset_bn_stats
+from fedfuse.align.gw import DEFAULT_ALPHA, fused_gromov_wasserstein_barycenter
+from fedfuse.align.repair import repair
 from fedfuse.align.solvers import (
     activation_matching,
     group_features,
@@ -53,7 +57,7 @@ from fedfuse.state import normalise_weights, single_threaded, weighted_average
 __all__ = ["fuse", "align", "wasserstein_barycenter", "gromov_wasserstein_barycenter", "init_barycenter"]
 
 Model = nn.Module | Mapping[str, Tensor]
-METHODS = ("average", "match", "wb", "gwb")
+METHODS = ("average", "match", "wb", "gwb", "gw")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,7 +77,7 @@ def _check_states(states: list[dict[str, Tensor]], same_shapes: bool, method: st
         for k in keys0:
             a, b = states[0][k], s[k]
             if a.dim() != b.dim() or (same_shapes and a.shape != b.shape):
-                hint = "" if a.dim() != b.dim() else "; use method='wb' or 'gwb' to fuse unequal widths"
+                hint = "" if a.dim() != b.dim() else "; use method='wb', 'gwb' or 'gw' to fuse unequal widths"
                 raise ConfigError(
                     f"models disagree on parameter {k!r}: shape {tuple(a.shape)} in model 0 vs {tuple(b.shape)} in "
                     f"model {i}; method={method!r} needs identical shapes{hint}"
@@ -242,7 +246,7 @@ def gromov_wasserstein_barycenter(
 def fuse(
     models: Sequence[Model],
     weights: Sequence[float] | None = None,
-    method: Literal["average", "match", "wb", "gwb"] = "average",
+    method: Literal["average", "match", "wb", "gwb", "gw"] = "average",
     spec: TransportSpec | None = None,
     example_input: Any = None,
     *,
@@ -256,15 +260,20 @@ def fuse(
     bn_repair: Literal["auto", "reset", "repair"] | None = "auto",
     repair_data: Any = None,
     seed: int = 0,
+    alpha: float | None = None,
+    return_aligned: bool = False,
     reduce: Reducer | None = None,
-) -> dict[str, Tensor]:
+) -> dict[str, Tensor] | tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
     """Fuse ``models`` (modules, or state dicts with a ``template`` module / a ``spec``) into one state dict.
 
     ``init`` is the reference model's index (default: largest weight). ``max_iter``: WB outer iterations
-    (default 10), weight-matching sweeps for ``match`` (100), GW barycenter iterations for ``gwb`` (20).
+    (default 10), weight-matching sweeps for ``match`` (100), GW barycenter iterations for ``gw`` (20).
+    ``alpha``: ``gwb``'s structure/feature trade-off (default :data:`fedfuse.align.gw.DEFAULT_ALPHA`).
     ``bn_repair``: ``"auto"`` resets BatchNorm statistics on ``repair_data`` when given (otherwise the
-    transported average of the running statistics is kept), ``"reset"``, ``"repair"`` (REPAIR), or None.
-    ``reduce(aligned, λ, ref=...)`` replaces the weighted average of the aligned models (WB/GWB: in every
+    transported average of the running statistics is kept), ``"reset"``, ``"repair"`` (REPAIR, with or without
+    BatchNorm: :mod:`fedfuse.align.repair`), or None. ``return_aligned``: also return every model aligned to
+    the fused one (what federated REPAIR sends back to each client).
+    ``reduce(aligned, λ, ref=...)`` replaces the weighted average of the aligned models (WB/GW: in every
     barycenter iteration), e.g. :func:`fedfuse.robust.reducer` for robust aggregation in the aligned space.
     """
     if method not in METHODS:
@@ -283,7 +292,7 @@ def fuse(
     average = reduce or weighted_average
     if method == "average":
         if target_width is not None:
-            raise ConfigError("target_width needs method='wb' or 'gwb'")
+            raise ConfigError("target_width needs method='wb', 'gwb' or 'gw'")
         fused = average(states, lam, ref=ref)
     else:
         spec = resolve_spec(spec, module, example_input)
@@ -291,7 +300,7 @@ def fuse(
         _check_free_axes(states, specs)
         if method == "match":
             if target_width is not None:
-                raise ConfigError("target_width needs method='wb' or 'gwb'")
+                raise ConfigError("target_width needs method='wb', 'gwb' or 'gw'")
             aligned = [
                 s
                 if i == ref
@@ -307,13 +316,24 @@ def fuse(
                 states, lam, spec, ref=ref, solver=solver, epsilon=epsilon, max_iter=max_iter or 10, tol=tol,
                 sizes=sizes, seed=seed, reduce=reduce,
             )  # fmt: skip
+        elif method == "gwb":
+            sizes = _target_sizes(specs[ref], target_width)
+            wb = wasserstein_barycenter(
+                states, lam, spec, ref=ref, solver=solver, epsilon=epsilon, max_iter=max_iter or 10, tol=tol,
+                sizes=sizes, seed=seed, reduce=reduce,
+            )  # fmt: skip
+            fused, _, aligned = fused_gromov_wasserstein_barycenter(
+                states, lam, spec, wb[:2], alpha=DEFAULT_ALPHA if alpha is None else alpha, ref=ref,
+                max_iter=max_iter or 10, reduce=reduce,
+            )  # fmt: skip
         else:
             sizes = _target_sizes(specs[ref], target_width)
             fused, _, aligned = gromov_wasserstein_barycenter(
                 states, lam, spec, ref=ref, max_iter=max_iter or 20, sizes=sizes, seed=seed, reduce=reduce
             )
         check_alignment(states, aligned, spec, ref, method)
-    return _post_norm(fused, aligned, lam, module, bn_repair, repair_data)
+    fused = _post_norm(fused, aligned, lam, module, bn_repair, repair_data)
+    return (fused, aligned) if return_aligned else fused
 
 
 class AlignmentError(RuntimeError):
@@ -355,8 +375,8 @@ def check_alignment(
             for m in g.members:
                 if m.segments is not None:
                     segment_range(m, sp.sizes, a[m.key].shape[m.axis])  # raises if segments do not add up
-    if method == "gwb":
-        return  # GW couplings need not be permutations even for permuted copies
+    if method in ("gw", "gwb"):
+        return  # GW / fused-GW couplings need not be permutations even for permuted copies
     for i, s in enumerate(states):
         if i == ref or not _same_up_to_reordering(s, states[ref]):
             continue

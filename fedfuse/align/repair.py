@@ -1,0 +1,252 @@
+"""REPAIR (Jordan et al. 2022, our implementation) as sufficient statistics, so it also runs federated.
+
+Averaging aligned models shrinks the variance of hidden units ("variance collapse"). REPAIR rescales every
+hidden unit ``c`` of the fused model so that its output's mean and std on data equal the λ-weighted average of
+the same unit's statistics in the parents *aligned to the fused model*::
+
+    μ_t = Σ_i λ_i μ_i[c],   σ_t = Σ_i λ_i σ_i[c],   s = σ_t / σ_c
+    W[c] ← s · W[c],        b[c] ← s · (b[c] − μ_c) + μ_t
+
+The corrected map is the *last affine map of the unit* (a "site"): the unit's BatchNorm in eval mode
+(``γ x̂ + β``, ``x̂`` from the running statistics: affine in ``x``, so ``γ``/``β`` play ``W``/``b``) when its group
+has a BatchNorm, otherwise its Linear/Conv producer. Statistics are per channel, pooled over the batch and
+spatial positions, with the model in eval mode — one code path with and without BatchNorm; running
+statistics are left as they are (the correction absorbs their error). A unit whose fused std is ~0 (dead on the
+data) is only shifted *(our choice: scaling it would multiply its weights by a huge factor)*.
+
+Federated form (no raw data moves): client ``i`` runs the fused model and its own aligned model on its local
+data and reports ``(μ, σ)`` per unit of both (:func:`unit_statistics`). The server averages each with
+``λ_i = n_i / Σ n_j`` (:func:`average_statistics`) and rescales (:func:`rescale_units`). *(our reading: the
+paper computes both statistics on one shared data set; here "the data" is the union of the clients' data,
+each client's statistics weighted by its size.)* Correcting a layer changes the statistics of the layers
+above it, so the exact (sequential) REPAIR needs the fused statistics re-measured after each layer; we
+iterate all layers at once (Jacobi): after ``r`` rounds the ``r`` shallowest depths are exact, and
+``rounds = number of sites`` reproduces sequential REPAIR. The one-shot :func:`repair` uses the same
+functions, with the parents' statistics on ``data`` (or, with one batch per parent, on each parent's own).
+
+Federated BatchNorm reset (:func:`bn_statistics`, :func:`pool_bn_statistics`): each client recomputes the
+fused model's BN statistics on its data (:func:`fedfuse.align.bn.reset_bn_stats`); the server pools them as
+the statistics of the union, ``μ = Σ λ_i μ_i``, ``v = Σ λ_i (v_i + μ_i²) − μ²``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fedfuse.align.bn import reset_bn_stats
+from fedfuse.align.spec import TransportSpec
+from fedfuse.errors import ConfigError
+
+__all__ = [
+    "RepairSite",
+    "repair_sites",
+    "unit_statistics",
+    "average_statistics",
+    "rescale_units",
+    "repair",
+    "bn_statistics",
+    "pool_bn_statistics",
+    "Stats",
+]
+
+Stats = dict[str, Tensor]  # site module name -> (2, C) tensor: per-channel mean (row 0) and std (row 1)
+_BN = nn.modules.batchnorm._BatchNorm
+_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_TINY = 1e-6
+
+
+@dataclass(frozen=True)
+class RepairSite:
+    """A module whose output channels are one hidden group's units, and whose weight/bias REPAIR rescales."""
+
+    module: str
+    group: str
+    kind: str  # "bn" or "producer"
+
+
+def _inputs(data: Any) -> Tensor:
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], Tensor) and len(data) == 2:
+        data = data[0]
+    if not isinstance(data, Tensor) or len(data) == 0:
+        raise ConfigError("repair data must be a non-empty input tensor (or an (x, y) pair)")
+    return data
+
+
+def repair_sites(model: nn.Module, spec: TransportSpec | None = None, example_input: Any = None) -> list[RepairSite]:
+    """Per hidden group (shallow → deep): its affine BatchNorms if it has any, else its Linear/Conv producers.
+
+    Groups without such a module (recurrent cells, LayerNorm-only units) are not repaired.
+    """
+    if spec is None:
+        if example_input is None:
+            raise ConfigError("repair_sites needs spec= or example_input= (a small input batch)")
+        from fedfuse.align.spec import derive_spec
+
+        spec = derive_spec(model, _inputs(example_input)[:2])
+    modules = dict(model.named_modules())
+    sites: list[RepairSite] = []
+    for g in spec.groups:
+        bns, producers = [], []
+        for m in g.members:
+            if m.role != "out" or not m.key.endswith(".weight") or m.axis != 0:
+                continue
+            mod = modules.get(m.key[: -len(".weight")])
+            if isinstance(mod, _BN) and mod.affine:
+                bns.append(m.key[: -len(".weight")])
+            elif isinstance(mod, _PRODUCERS):
+                producers.append(m.key[: -len(".weight")])
+        chosen = [RepairSite(n, g.name, "bn") for n in bns] or [RepairSite(n, g.name, "producer") for n in producers]
+        sites.extend(chosen)
+    return sites
+
+
+@torch.no_grad()
+def unit_statistics(model: nn.Module, data: Any, sites: Sequence[RepairSite | str], batch_size: int = 1024) -> Stats:
+    """Per site: ``(2, C)`` mean and std of each output channel on ``data`` (eval mode; batch × positions)."""
+    x = _inputs(data)
+    names = [s.module if isinstance(s, RepairSite) else s for s in sites]
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ConfigError(f"repair sites {missing[:3]} are not modules of the model")
+    sums: dict[str, list[Tensor]] = {}
+
+    def hook(name: str):
+        def record(_m: nn.Module, _i: Any, out: Tensor) -> None:
+            o = out.detach().double()
+            flat = o.transpose(0, 1).reshape(o.shape[1], -1) if o.dim() > 2 else o.T
+            acc = sums.setdefault(name, [torch.zeros(flat.shape[0], dtype=torch.float64)] * 2 + [torch.zeros(())])
+            sums[name] = [acc[0] + flat.sum(1), acc[1] + (flat * flat).sum(1), acc[2] + flat.shape[1]]
+
+        return record
+
+    hooks = [modules[n].register_forward_hook(hook(n)) for n in names]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(x), int(batch_size)):
+            model(x[start : start + int(batch_size)])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    out: Stats = {}
+    for n in names:
+        s, sq, cnt = sums[n]
+        mean = s / cnt
+        var = (sq / cnt - mean * mean).clamp_min(0.0) * (cnt / max(float(cnt) - 1.0, 1.0))
+        out[n] = torch.stack([mean, var.sqrt()]).float()
+    return out
+
+
+def average_statistics(stats: Sequence[Stats], weights: Sequence[float] | None = None) -> Stats:
+    """``Σ_i λ_i stats_i`` per site (means and stds averaged separately: REPAIR's interpolated targets)."""
+    if not stats:
+        raise ConfigError("average_statistics needs at least one set of statistics")
+    lam = torch.full((len(stats),), 1.0 / len(stats), dtype=torch.float64) if weights is None else (
+        torch.as_tensor(list(weights), dtype=torch.float64)
+    )  # fmt: skip
+    if len(lam) != len(stats) or not bool((lam >= 0).all()) or float(lam.sum()) <= 0:
+        raise ConfigError(f"weights {list(map(float, lam))} must be {len(stats)} non-negative numbers, not all 0")
+    lam = lam / lam.sum()
+    keys = set(stats[0])
+    for i, s in enumerate(stats):
+        if set(s) != keys:
+            raise ConfigError(f"statistics {i} cover sites {sorted(s)[:3]}..., expected {sorted(keys)[:3]}...")
+    return {k: sum(float(w) * s[k].double() for w, s in zip(lam, stats, strict=True)).float() for k in stats[0]}
+
+
+def rescale_units(
+    state: Mapping[str, Tensor], sites: Sequence[RepairSite], fused: Stats, target: Stats
+) -> dict[str, Tensor]:
+    """New state with every site's unit ``c`` rescaled so its (mean, std) go from ``fused`` to ``target``."""
+    out = {k: v.clone() for k, v in state.items()}
+    for site in sites:
+        n = site.module
+        if n not in fused or n not in target:
+            continue
+        (mean_c, std_c), (mean_t, std_t) = fused[n].double(), target[n].double()
+        if mean_c.shape != mean_t.shape or f"{n}.weight" not in out:
+            raise ConfigError(f"statistics of site {n!r} do not match the model ({tuple(mean_c.shape)} units)")
+        alive = std_c > _TINY * (1.0 + std_t)
+        scale = torch.where(alive, std_t / std_c.clamp_min(1e-300), torch.ones_like(std_c))
+        w = out[f"{n}.weight"]
+        out[f"{n}.weight"] = (w.double() * scale.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
+        if f"{n}.bias" in out:
+            b = out[f"{n}.bias"]
+            out[f"{n}.bias"] = ((b.double() - mean_c) * scale + mean_t).to(b.dtype)
+    return out
+
+
+def _load(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
+    net = copy.deepcopy(model)
+    net.load_state_dict(dict(state))
+    return net
+
+
+@torch.no_grad()
+def repair(
+    model: nn.Module,
+    parents: Sequence[nn.Module],
+    data: Any,
+    weights: Sequence[float] | None = None,
+    *,
+    rounds: int | None = None,
+    spec: TransportSpec | None = None,
+) -> nn.Module:
+    """REPAIR ``model`` in place from ``parents`` *already aligned to it* (same widths and unit order).
+
+    ``data``: one input batch for all, or a list with one batch per parent (each parent's statistics on its own
+    batch, the fused model's averaged over them with ``weights`` — the federated form). ``rounds``: Jacobi
+    rounds (default: the number of sites, i.e. exact sequential REPAIR).
+    """
+    per_parent = isinstance(data, (list, tuple)) and len(data) == len(parents) and not (
+        len(data) == 2 and isinstance(data[1], Tensor) and data[1].dtype == torch.long
+    )  # fmt: skip
+    batches = [_inputs(d) for d in data] if per_parent else [_inputs(data)] * len(parents)
+    sites = repair_sites(model, spec, batches[0])
+    if not sites:
+        return model
+    target = average_statistics([unit_statistics(p, b, sites) for p, b in zip(parents, batches, strict=True)], weights)
+    own_batches = batches if per_parent else batches[:1]
+    own_weights = weights if per_parent else None
+    for _ in range(len(sites) if rounds is None else max(1, int(rounds))):
+        fused = average_statistics([unit_statistics(model, b, sites) for b in own_batches], own_weights)
+        model.load_state_dict(rescale_units(model.state_dict(), sites, fused, target))
+    return model
+
+
+@torch.no_grad()
+def bn_statistics(model: nn.Module, data: Any) -> dict[str, Tensor]:
+    """Every tracked BatchNorm's ``running_mean``/``running_var`` recomputed on ``data`` (model unchanged)."""
+    net = reset_bn_stats(copy.deepcopy(model).eval(), _inputs(data))
+    out = {}
+    for n, m in net.named_modules():
+        if isinstance(m, _BN) and m.track_running_stats:
+            out[f"{n}.running_mean"] = m.running_mean.detach().clone()
+            out[f"{n}.running_var"] = m.running_var.detach().clone()
+    return out
+
+
+def pool_bn_statistics(stats: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
+    """Clients' BN statistics pooled as the union's: ``μ = Σ λ_i μ_i``, ``v = Σ λ_i (v_i + μ_i²) − μ²``."""
+    if not stats:
+        raise ConfigError("pool_bn_statistics needs at least one client's statistics")
+    lam = torch.as_tensor(list(weights), dtype=torch.float64)
+    lam = lam / lam.sum()
+    out: dict[str, Tensor] = {}
+    for key in stats[0]:
+        if not key.endswith(".running_mean"):
+            continue
+        var_key = key[: -len("mean")] + "var"
+        mean = sum(float(w) * s[key].double() for w, s in zip(lam, stats, strict=True))
+        second = sum(float(w) * (s[var_key].double() + s[key].double() ** 2) for w, s in zip(lam, stats, strict=True))
+        out[key] = mean.float()  # type: ignore[union-attr]
+        out[var_key] = (second - mean * mean).clamp_min(0.0).float()  # type: ignore[operator,union-attr]
+    return out

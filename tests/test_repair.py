@@ -1,0 +1,160 @@
+"""REPAIR as sufficient statistics (one-shot and federated form), federated BN pooling, fused-GW fusion."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fedfuse.align import derive_spec, fuse
+from fedfuse.align.repair import (
+    average_statistics,
+    pool_bn_statistics,
+    repair,
+    repair_sites,
+    rescale_units,
+    unit_statistics,
+)
+from fedfuse.errors import ConfigError
+from fedfuse.models import MLP
+from tests.test_align_cases import make_case, max_state_diff, outputs
+
+
+def _mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return MLP((6,), 3, (16, 12)).eval()
+
+
+def _hidden(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Pre-activation outputs of the two hidden Linear layers."""
+    with torch.no_grad():
+        h1 = model.net[1](model.net[0](x))
+        h2 = model.net[3](model.net[2](h1))
+    return [h1, h2]
+
+
+def test_sites_are_bn_layers_with_batch_norm_and_producers_without() -> None:
+    vgg, x = make_case("vgg_bn")
+    mlp = _mlp(0)
+    modules = dict(vgg.named_modules())
+    sites = repair_sites(vgg, example_input=x)
+    conv_groups = [s for s in sites if not isinstance(modules[s.module], nn.Linear)]
+    assert conv_groups and all(isinstance(modules[s.module], nn.BatchNorm2d) for s in conv_groups)
+    assert [s.module for s in repair_sites(mlp, example_input=torch.randn(2, 6))] == ["net.1", "net.3"]
+
+
+def test_unit_statistics_equal_direct_mean_and_std_over_batches() -> None:
+    model, x = _mlp(0), torch.randn(300, 6, generator=torch.Generator().manual_seed(1))
+    stats = unit_statistics(model, x, ["net.1", "net.3"], batch_size=64)
+    for name, h in zip(["net.1", "net.3"], _hidden(model, x), strict=True):
+        torch.testing.assert_close(stats[name][0], h.mean(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stats[name][1], h.std(0), atol=1e-5, rtol=1e-5)
+
+
+def test_sequential_repair_gives_every_layer_the_interpolated_statistics() -> None:
+    # Prepare: two parents (already "aligned": any two same-shaped models are), their plain average
+    a, b = _mlp(0), _mlp(1)
+    x = torch.randn(512, 6, generator=torch.Generator().manual_seed(2))
+    fused = copy.deepcopy(a)
+    fused.load_state_dict(fuse([a, b], method="average"))
+    one_round = copy.deepcopy(fused)
+    # Execute
+    repair(fused, [a, b], x, [0.25, 0.75])  # rounds = number of sites: exact
+    repair(one_round, [a, b], x, [0.25, 0.75], rounds=1)
+    # Assert: both layers hit the targets after the full repair; one round gets the first layer only
+    ha, hb, hf, h1 = _hidden(a, x), _hidden(b, x), _hidden(fused, x), _hidden(one_round, x)
+    for k in range(2):
+        torch.testing.assert_close(hf[k].mean(0), 0.25 * ha[k].mean(0) + 0.75 * hb[k].mean(0), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(hf[k].std(0), 0.25 * ha[k].std(0) + 0.75 * hb[k].std(0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(h1[0].std(0), 0.25 * ha[0].std(0) + 0.75 * hb[0].std(0), atol=1e-4, rtol=1e-4)
+    assert float((h1[1].std(0) - hf[1].std(0)).abs().max()) > 1e-3
+
+
+def test_federated_form_weights_each_parent_on_its_own_data() -> None:
+    # client i's statistics on its own batch, λ-averaged, equal the server-side computation from the pieces
+    a, b = _mlp(0), _mlp(1)
+    xa, xb = torch.randn(100, 6) + 1.0, torch.randn(300, 6) - 1.0
+    fused = copy.deepcopy(a)
+    fused.load_state_dict(fuse([a, b], method="average"))
+    sites = repair_sites(fused, example_input=xa)
+    expected_target = average_statistics([unit_statistics(a, xa, sites), unit_statistics(b, xb, sites)], [1, 3])
+    fused_stats = average_statistics([unit_statistics(fused, xa, sites), unit_statistics(fused, xb, sites)], [1, 3])
+    manual = rescale_units(fused.state_dict(), sites[:1], fused_stats, expected_target)
+    repaired = repair(copy.deepcopy(fused), [a, b], [xa, xb], [1, 3], rounds=1)
+    torch.testing.assert_close(repaired.state_dict()["net.1.weight"], manual["net.1.weight"])
+    torch.testing.assert_close(repaired.state_dict()["net.1.bias"], manual["net.1.bias"])
+
+
+def test_repair_of_a_batch_norm_model_acts_on_the_bn_affine_in_eval_mode() -> None:
+    a, x = make_case("vgg_bn")
+    b, _ = make_case("vgg_bn", seed=1)
+    fused = copy.deepcopy(a)
+    fused.load_state_dict(fuse([a, b], method="average", bn_repair=None))
+    before = copy.deepcopy(fused.state_dict())
+    repair(fused, [a, b], x)
+    after = fused.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(".weight" in k or ".bias" in k for k in changed)
+    assert all(k.startswith("features.1.") or k.startswith("features.5.") for k in changed if "features" in k)
+    site = repair_sites(fused, example_input=x)[0].module
+    got = unit_statistics(fused, x, [site])[site]
+    want = average_statistics([unit_statistics(a, x, [site]), unit_statistics(b, x, [site])])[site]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_dead_units_are_only_shifted() -> None:
+    state = {"l.weight": torch.ones(2, 3), "l.bias": torch.zeros(2)}
+    from fedfuse.align.repair import RepairSite
+
+    site = RepairSite("l", "g", "producer")
+    fused = {"l": torch.tensor([[0.0, 1.0], [0.0, 2.0]])}  # rows: means, stds; unit 0 has std 0
+    target = {"l": torch.tensor([[1.0, 1.0], [5.0, 4.0]])}  # unit 1: mean 1 → 1, std 2 → 4
+    out = rescale_units(state, [site], fused, target)
+    torch.testing.assert_close(out["l.weight"], torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]))
+    torch.testing.assert_close(out["l.bias"], torch.tensor([1.0, -1.0]))  # (0 − 1)·2 + 1
+
+
+def test_pooled_bn_statistics_are_the_statistics_of_the_union() -> None:
+    g = torch.Generator().manual_seed(0)
+    xa, xb = torch.randn(40, 3, generator=g) * 2 + 1, torch.randn(120, 3, generator=g) - 3
+    stats = [{"bn.running_mean": x.mean(0), "bn.running_var": x.var(0, unbiased=False)} for x in (xa, xb)]
+    pooled = pool_bn_statistics(stats, [40, 120])
+    union = torch.cat([xa, xb])
+    torch.testing.assert_close(pooled["bn.running_mean"], union.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled["bn.running_var"], union.var(0, unbiased=False), atol=1e-5, rtol=1e-5)
+
+
+def test_statistics_from_different_sites_are_rejected() -> None:
+    with pytest.raises(ConfigError, match="cover sites"):
+        average_statistics([{"a": torch.zeros(2, 3)}, {"b": torch.zeros(2, 3)}])
+
+
+# ---- fused Gromov-Wasserstein barycenter ---------------------------------------------------------
+
+
+def test_gwb_with_alpha_zero_is_wb_and_plain_gw_stays_available() -> None:
+    a, b = _mlp(0), _mlp(1)
+    x = torch.randn(2, 6)
+    wb = fuse([a, b], method="wb", example_input=x)
+    assert max_state_diff(fuse([a, b], method="gwb", alpha=0.0, example_input=x), wb) == 0.0
+    gw = fuse([a, b], method="gw", example_input=x)
+    assert set(gw) == set(wb)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_gwb_recovers_a_permuted_copy_at_any_alpha(alpha: float) -> None:
+    from fedfuse.align import permute_model
+
+    model, x = make_case("mlp")
+    spec = derive_spec(model, x[:2])
+    permuted, _ = permute_model(model, spec, seed=3)
+    fused = fuse([model, permuted], method="gwb", spec=spec, alpha=alpha)
+    torch.testing.assert_close(outputs(model, fused, x), outputs(model, None, x), atol=1e-5, rtol=1e-5)
+
+
+def test_gwb_alpha_out_of_range_is_one_clear_error() -> None:
+    a, b = _mlp(0), _mlp(1)
+    with pytest.raises(ConfigError, match=r"alpha=1.5 is out of range"):
+        fuse([a, b], method="gwb", alpha=1.5, example_input=torch.randn(2, 6))
