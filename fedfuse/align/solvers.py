@@ -45,7 +45,6 @@ __all__ = [
     "group_features",
     "capture_activations",
     "pairwise_sq_dist",
-    "layerwise_lap_init",
 ]
 
 Model = nn.Module | Mapping[str, Tensor]
@@ -411,7 +410,6 @@ def _weight_matching_reference(
 ) -> Transports | tuple[Transports, int]:
     """The plain coordinate descent: every step rebuilds the group's whole ``(n, D)`` features of B."""
     perms: dict[str, Tensor] = {g.name: torch.eye(g.size) for g in spec_a.groups}
-    perms.update(layerwise_lap_init(sa, sb, spec_a, spec_b) if init is None else {})  # see layerwise_lap_init
     perms.update({k: v.float() for k, v in (init or {}).items()})
     frozen = set(frozen)
     feats_a = {g.name: group_features(sa, spec_a, g) for g in spec_a.groups}
@@ -554,29 +552,3 @@ def _paired_out_features(
             cache_a[(ga.name, i)] = member_features(sa, spec_a, ga, ma)  # type: ignore[assignment]
         pairs.append((cache_a[(ga.name, i)], fb))
     return pairs
-
-
-def layerwise_lap_init(
-    sa: Mapping[str, Tensor], sb: Mapping[str, Tensor], spec_a: TransportSpec, spec_b: TransportSpec
-) -> Transports:
-    """Start for weight matching: one shallow → deep pass, each group's LAP on ``Σ_m A_m B̃_mᵀ`` over the members
-    whose other axes are already solved (fixed axes — the model input, the classes — count as solved).
-
-    Coordinate descent from the identity can stop at a poor fixed point when a group's informative rows are
-    outnumbered by the columns of consumers not yet matched: in squeezenet1_1 a Fire module's squeeze group has
-    64 rows of input weights but 640 columns of its two (still unmatched) expand convolutions, so every group
-    keeps a wrong permutation and ``match`` returned a model 0.5 away from a permuted copy's function.
-    """
-    perms: Transports = {}
-    for ga, gb in zip(spec_a.groups, spec_b.groups, strict=True):
-        score = None
-        for ma, mb in zip(ga.members, gb.members, strict=True):
-            fb = member_features(sb, spec_b, gb, mb, perms, require=True)
-            if fb is None:
-                continue
-            fa = member_features(sa, spec_a, ga, ma)
-            part = fa.double() @ fb.double().T  # type: ignore[union-attr]
-            score = part if score is None else score + part
-        if score is not None:
-            perms[ga.name] = _lap_permutation(score.numpy())
-    return perms
