@@ -147,6 +147,10 @@ def run_case(name: str, before: bool, max_iter: int) -> dict[str, Any]:
     return row
 
 
+def _label(row: dict[str, Any]) -> str:
+    return row["case"] + (f" ({row['max_iter']} sweeps)" if "max_iter" in row else "")
+
+
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -157,7 +161,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     markers = {"wm": "o", "match": "s", "wb": "^"}
     for kind, marker in markers.items():
         for key, line in (("before_s", "--"), ("after_s", "-")):
-            pts = sorted((r["params"], r[key] / r["models"], r["case"]) for r in rows if key in r and r["kind"] == kind)
+            pts = sorted((r["params"], r[key] / r["models"], _label(r)) for r in rows if key in r and r["kind"] == kind)
             if not pts:
                 continue
             label = f"{'pair weight matching' if kind == 'wm' else f'6-model {kind}'}, {key.split('_')[0]}"
@@ -219,7 +223,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-iter", type=int, default=100, help="sweep cap for pairs (the same for every variant)")
     p.add_argument("--tag", default="", help="suffix of the result files (speed-<tag>.*)")
+    p.add_argument(
+        "--plot-from", nargs="+", type=Path, help="only plot the rows of these speed*.json into speed-all.png"
+    )
     args = p.parse_args()
+    if args.plot_from:
+        rows = [r for f in args.plot_from for r in json.loads(f.read_text())["rows"]]
+        _plot(rows, RESULTS / "speed-all.png")
+        return
     torch.set_num_threads(args.threads)
     meta = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
