@@ -108,10 +108,14 @@ def main() -> None:
     ap.add_argument("models", nargs="*", help="model names (default: all torchvision classifiers)")
     ap.add_argument("--tag", default="torchvision-coverage")
     ap.add_argument("--update", action="store_true", help="re-check the named models in the existing results")
+    ap.add_argument("--merge", nargs="*", default=[], help="tags of other runs whose records to take in")
     args = ap.parse_args()
     torch.set_num_threads(1)
     old = RESULTS / f"{args.tag}.json"
     rows = json.loads(old.read_text()) if args.update and old.exists() else []
+    for tag in args.merge:  # records of another (parallel) run of this script
+        extra = json.loads((RESULTS / f"{tag}.json").read_text())
+        rows = [r for r in rows if r["model"] not in {e["model"] for e in extra}] + extra
     for name in args.models or torchvision_names():
         rows = [r for r in rows if r["model"] != name]
         rows.append(check(name))
