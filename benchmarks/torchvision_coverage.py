@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -63,8 +64,9 @@ def write(rows: list[dict[str, Any]], tag: str) -> Path:
     lines = [
         "# torchvision classifiers: derive / permute / recover",
         "",
-        f"Produced by `python benchmarks/torchvision_coverage.py` ({platform.node()}, 1 torch thread, "
-        f"torch {torch.__version__}). Random init, `num_classes=10`, batch of 2 at the smallest input each model "
+        f"Produced by `python benchmarks/torchvision_coverage.py` ({platform.node()}, 2 shared cores, 1 torch "
+        f"thread, load average {os.getloadavg()[0]:.1f} when written — times are inflated by other jobs; "
+        f"torch {torch.__version__}). Each model's record is one `check()`; runs may be resumed with `--update`. Random init, `num_classes=10`, batch of 2 at the smallest input each model "
         "runs on; constant parameters (zero-init heads, layer scales) randomised and BatchNorm statistics set "
         "from the batch, so outputs are O(1). Errors are max|Δ logits| / max|logits|; pass = ≤ 1e-4.",
         "",
@@ -108,11 +110,17 @@ def main() -> None:
     ap.add_argument("models", nargs="*", help="model names (default: all torchvision classifiers)")
     ap.add_argument("--tag", default="torchvision-coverage")
     ap.add_argument("--update", action="store_true", help="re-check the named models in the existing results")
+    ap.add_argument("--merge", nargs="*", default=[], help="tags of other runs whose records to take in")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from the stored records")
     args = ap.parse_args()
+    args.update = args.update or args.report_only
     torch.set_num_threads(1)
     old = RESULTS / f"{args.tag}.json"
     rows = json.loads(old.read_text()) if args.update and old.exists() else []
-    for name in args.models or torchvision_names():
+    for tag in args.merge:  # records of another (parallel) run of this script
+        extra = json.loads((RESULTS / f"{tag}.json").read_text())
+        rows = [r for r in rows if r["model"] not in {e["model"] for e in extra}] + extra
+    for name in [] if args.report_only else args.models or torchvision_names():
         rows = [r for r in rows if r["model"] != name]
         rows.append(check(name))
         r = rows[-1]

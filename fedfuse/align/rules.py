@@ -154,6 +154,16 @@ def channels_last(d: Any, node: fx.Node, mod: Any = None) -> Any:
     return d.check_channel(node, d.lay(x), d.value(x).dim() - 1) or FIXED
 
 
+def patch_merging(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """Swin's ``_patch_merging_pad``: pads H, W and concatenates the 4 strided sub-grids on the (last) channel dim."""
+    x = node.args[0]
+    lay = d.check_channel(node, d.lay(x), d.value(x).dim() - 1)
+    if lay is None:
+        return FIXED
+    k = d.values[node.name].shape[-1] // d.value(x).shape[-1]
+    return Layout(lay.dim, lay.segs * k, lay.expand)
+
+
 def fixed_output(d: Any, node: fx.Node, mod: Any = None) -> Any:
     """An op whose inputs must be fixed and whose output is fixed (e.g. a relative-position-bias builder)."""
     for a in node.all_input_nodes:
@@ -762,7 +772,7 @@ register_rule(F.batch_norm, functional_batch_norm)
 register_rule(F.group_norm, functional_group_norm)
 register_rule("torchvision.models.swin_transformer.shifted_window_attention", shifted_window_attention)
 register_rule("torchvision.models.swin_transformer._get_relative_position_bias", fixed_output)
-register_rule("torchvision.models.swin_transformer._patch_merging_pad", channels_last)  # pads H and W
+register_rule("torchvision.models.swin_transformer._patch_merging_pad", patch_merging)
 
 
 def supported_summary() -> str:

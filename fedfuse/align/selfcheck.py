@@ -23,6 +23,7 @@ from torch import nn
 from fedfuse.align.fusion import AlignmentError, fuse
 from fedfuse.align.spec import UnsupportedModelError, derive_spec
 from fedfuse.align.transport import load_state, permute_model
+from fedfuse.errors import ConfigError
 
 __all__ = ["CheckResult", "break_symmetric_init", "selfcheck"]
 
@@ -106,7 +107,11 @@ def selfcheck(
         return CheckResult(False, str(exc).splitlines()[0], seconds={"derive": time.perf_counter() - t0})
     res = CheckResult(True, groups=len(spec.groups), rtol=rtol)
     res.seconds["derive"] = time.perf_counter() - t0
-    permuted, _ = permute_model(model, spec, seed=seed)
+    try:
+        permuted, _ = permute_model(model, spec, seed=seed)
+    except ConfigError as exc:  # an inconsistent spec (a derivation bug): report, do not crash a survey
+        res.failures["permute"] = str(exc)
+        return res
     fused: dict[str, dict[str, torch.Tensor]] = {}
     for method in methods:
         t0 = time.perf_counter()

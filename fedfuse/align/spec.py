@@ -14,7 +14,10 @@ fixed, never-transported chunks such as the model input) and ``index`` says whic
 Derivation runs the model once through a tracer that records concrete values (so shape-dependent
 Python control flow such as ``if x.dim() == 3`` resolves), then propagates a *layout* — which groups
 index the channel dimension of every tensor — node by node. Residual ``add`` unions groups
-(union-find); the model input and the model output are fixed (never transported).
+(union-find); the model input and the model output are fixed (never transported). What each op does to
+the layout is data: the rule tables of :mod:`fedfuse.align.rules` (one entry per module type, function or
+tensor method). A hand-written spec can be given as rows ``(param, axis) -> group``
+(:meth:`TransportSpec.from_rows`).
 """
 
 from __future__ import annotations

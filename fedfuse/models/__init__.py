@@ -207,7 +207,7 @@ def model_name_problem(name: str) -> str | None:
         return None
     if name.startswith(PREFIX):
         return check_torchvision_name(name[len(PREFIX) :])
-    return f"is not allowed; allowed: {', '.join(sorted(MODELS))}, or {PREFIX}NAME (a torchvision classifier)"
+    return f"is not allowed; allowed: {', '.join(MODELS)}, or {PREFIX}NAME (a torchvision classifier)"
 
 
 def build_model(
