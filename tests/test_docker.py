@@ -54,6 +54,7 @@ CONTAINER_UID = "49999"  # the base image's `app` user (official flwr/base and t
 ROUNDS = 3
 RUN_TIMEOUT = float(os.environ.get("FEDFUSE_DOCKER_RUN_TIMEOUT", 900))
 TIMES: dict[str, float] = {}
+_NO_ENGINE: list[str] = []  # why the engine could not start, once known
 
 
 def _sh(cmd: list[str], timeout: float = 600, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -74,17 +75,23 @@ def _skip(reason: str) -> None:
 @pytest.fixture(scope="module")
 def engine() -> Iterator[None]:
     """A Docker engine that answers; started (and later stopped) here if none was running."""
+    if _NO_ENGINE:  # a skip is not cached with the fixture: do not try (and wait) again for every test
+        _skip(_NO_ENGINE[0])
     if not shutil.which("docker") and os.geteuid() != 0:
-        _skip("no docker CLI and not root: cannot install a Docker engine")
+        _NO_ENGINE.append("no docker CLI and not root: cannot install a Docker engine")
+        _skip(_NO_ENGINE[0])
     t0 = time.monotonic()
     try:
         res = subprocess.run(
             ["bash", str(ROOT / "deploy" / "install-docker.sh")], capture_output=True, text=True, timeout=600
         )
     except subprocess.TimeoutExpired:
-        _skip("deploy/install-docker.sh did not finish in 600 s")
+        _NO_ENGINE.append("deploy/install-docker.sh did not finish in 600 s")
+        _skip(_NO_ENGINE[0])
     if res.returncode != 0:
-        _skip(f"the Docker engine cannot start here: {res.stderr.strip().splitlines()[-1:] or res.returncode}")
+        lines = res.stderr.strip().splitlines()
+        _NO_ENGINE.append(f"the Docker engine cannot start here: {lines[-1] if lines else f'exit {res.returncode}'}")
+        _skip(_NO_ENGINE[0])
     m = re.search(r"started-dockerd (\d+)", res.stdout)
     TIMES["engine"] = time.monotonic() - t0
     yield
