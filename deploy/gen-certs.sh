@@ -89,6 +89,10 @@ if [[ -n "${CONTAINER_UID:-}" ]]; then
   chown -R "$CONTAINER_UID" "$certs" "$keys" "$secrets" || {
     echo "gen-certs.sh: chown to CONTAINER_UID=$CONTAINER_UID failed (run as root)" >&2; exit 1; }
 fi
+if [[ -z "${CONTAINER_UID:-}" && "$(id -u)" != 49999 ]]; then
+  echo "gen-certs.sh: note: the files belong to uid $(id -u); docker-compose.yml's containers run as uid 49999 and" \
+    "cannot read them: sudo CONTAINER_UID=49999 $0 ${1:-} (docs/deployment.md)" >&2
+fi
 if [[ "$keep" == 1 ]]; then
   echo "gen-certs.sh: kept $certs and $secrets; $keys has SuperNode key pairs 1..$n"
 else

@@ -72,4 +72,5 @@ for _ in $(seq 1 60); do
   sleep 0.5
 done
 kill "$pid" 2>/dev/null || true
+for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done  # let it shut down
 die "dockerd did not come up (last lines of $logfile: $(tail -n 3 "$logfile" 2>/dev/null | tr '\n' ' '))"
