@@ -66,7 +66,7 @@ class _Parser(argparse.ArgumentParser):
 SIMULATE_EXAMPLES = """examples:
   fedfuse simulate --strategy wb --dataset digits --model mlp --num-clients 10 \\
       --rounds 10 --partition dirichlet --alpha 0.3 --seed 0 --out runs/wb
-  fedfuse simulate --backend inline --strategy fedpfn --dataset mnist1d --out runs/pfn
+  fedfuse simulate --backend inline --strategy fedpfn --out runs/pfn
   fedfuse simulate --compare fedavg,wb,match --rounds 5 --out runs/cmp
   fedfuse simulate --strategy my_pkg.my_mod:MyStrategy --out runs/mine  # from .
   fedfuse simulate --resume runs/wb     # continue after the last complete round

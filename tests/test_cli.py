@@ -98,6 +98,10 @@ def test_help_lists_allowed_values_and_has_examples(capsys, monkeypatch) -> None
         i = text.index(f"{flag} NAME ")
         assert f"one of: {', '.join(values)}" in text[i : i + 300], (flag, text[i : i + 300])
     assert "examples: fedfuse simulate --strategy wb" in text and "--resume runs/wb" in text
+    monkeypatch.setenv("COLUMNS", "80")
+    assert run_cli(["simulate", "--help"]) == 0
+    wide = [ln for ln in capsys.readouterr().out.splitlines() if len(ln) > 80]
+    assert not wide, wide
 
 
 def test_a_round_line_fits_80_columns() -> None:

@@ -192,8 +192,7 @@ def local_superlink(workdir: Path, extra_env: Mapping[str, str] | None = None) -
     with open(log_path, "wb") as link_log:
         superlink = subprocess.Popen(
             [_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-             "--control-api-address", f"127.0.0.1:{_free_port()}", "--host", "127.0.0.1", "--port", str(port),
-             "--database", ":memory:"],
+             "--control-api-address", f"127.0.0.1:{_free_port()}", "--host", "127.0.0.1", "--port", str(port)],
             env=env, cwd=workdir, stdout=link_log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=_die_with_parent,
         )  # fmt: skip
