@@ -19,6 +19,7 @@ and, in brackets, the updates rejected over the run. Defences:
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -62,8 +63,10 @@ def run_cell(strategy: str, clients: int, attackers: int, attack: str, defence: 
     try:
         run_server(InlineGrid(app, clients), validate_config(cfg))
     except Exception as exc:  # noqa: BLE001 — a crash is a result here
+        shutil.rmtree(out, ignore_errors=True)
         return {"crashed": f"{type(exc).__name__}: {exc}"[:200], "seconds": time.perf_counter() - t0}
     rows = load_metrics(out)["rounds"]
+    shutil.rmtree(out, ignore_errors=True)
     return {
         "accuracy": rows[-1]["central_accuracy"],
         "rejected": int(sum(r.get("rejected", 0) for r in rows[1:])),
