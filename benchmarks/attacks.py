@@ -19,6 +19,7 @@ and, in brackets, the updates rejected over the run. Defences:
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -62,12 +63,15 @@ def run_cell(strategy: str, clients: int, attackers: int, attack: str, defence: 
     try:
         run_server(InlineGrid(app, clients), validate_config(cfg))
     except Exception as exc:  # noqa: BLE001 — a crash is a result here
+        shutil.rmtree(out, ignore_errors=True)
         return {"crashed": f"{type(exc).__name__}: {exc}"[:200], "seconds": time.perf_counter() - t0}
     rows = load_metrics(out)["rounds"]
+    shutil.rmtree(out, ignore_errors=True)
     return {
         "accuracy": rows[-1]["central_accuracy"],
         "rejected": int(sum(r.get("rejected", 0) for r in rows[1:])),
         "skipped": int(sum(r.get("skipped", 0) for r in rows[1:])),
+        "diverged": int(sum(r.get("diverged", 0) for r in rows[1:])),
         "seconds": time.perf_counter() - t0,
     }
 
@@ -77,7 +81,8 @@ def _cell(r: dict | None) -> str:
         return "–"
     if "crashed" in r:
         return "server crashed"
-    return f"{r['accuracy']:.3f} ({r['rejected']})"
+    diverged = f", {r['diverged']} diverged" if r.get("diverged") else ""
+    return f"{r['accuracy']:.3f} ({r['rejected']}{diverged})"
 
 
 def main() -> None:
@@ -106,7 +111,8 @@ def write_table(results: dict[str, dict], path: Path) -> None:
         "# Attacks × strategies × defences",
         "",
         "Command: `python benchmarks/attacks.py` (inline backend; digits MLP, Dirichlet α=0.3, 3 rounds, seed 0).",
-        "Cell: final central accuracy (updates rejected over the 3 rounds). `off` → `defaults`: before → after.",
+        "Cell: final central accuracy (updates rejected over the 3 rounds; updates that diverged after training from",
+        "a poisoned global model, not blamed on their clients). `off` → `defaults`: before → after.",
         "`extra-bytes` sends 1e7 bytes (bounded on purpose; 2e9 takes the same path). Gap = defaults − no-attack",
         "defaults, in points.",
         "",

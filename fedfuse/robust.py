@@ -246,7 +246,7 @@ def screen_updates(
         result.ratios["examples_ratio"] = max(weights) / median
         for i, w in enumerate(weights):
             if w > bound:
-                reasons[i] = f"num-examples={w:g} exceeds {examples_factor:g} × the round's median ({bound:g})"
+                reasons[i] = f"num-examples={w:g} exceeds {examples_factor:g} × the round's median (= {bound:g})"
     if min_cosine > -1.0 and n >= 3:
         deltas = [_flat_delta(s, r) for s, r in zip(states, sent, strict=True)]
         median = torch.stack(deltas).median(dim=0).values
@@ -266,7 +266,7 @@ def screen_updates(
             if reasons[i] is not None or not norm > bound or median == 0:
                 continue
             if norm_action == "reject":
-                reasons[i] = f"update norm {norm:.4g} exceeds {norm_factor:g} × the round's median ({bound:.4g})"
+                reasons[i] = f"update norm {norm:.4g} exceeds {norm_factor:g} × the round's median norm (= {bound:.4g})"
             else:
                 scale = bound / norm
                 out[i] = {

@@ -2,7 +2,9 @@
 
 Only what every fedfuse strategy shares: seeded sampling and a fixed reply order
 (:mod:`strategies.sampling`); reply validation (keys and size against the sent model before anything is
-decoded, then :func:`fedfuse.validation.check_update`) before any aggregation, keeping the previous model
+decoded, then :func:`fedfuse.validation.check_update`) and round-level screening (:mod:`fedfuse.robust`:
+update-norm and num-examples bounds relative to the round's median) before any aggregation, with the
+``robust`` reduction (or the weighted average), keeping the previous model
 when fewer than ``min_train_nodes`` updates are valid; round
 statistics (``rejected``, ``skipped``, ``aggregate_s`` + ``self.round_metrics``) in the MetricRecord
 ``aggregate_train`` returns. The round loop is Flower's own ``Strategy.start``. Subclasses override
@@ -65,7 +67,7 @@ def reply_size_reason(record: ArrayRecord, sent: State, max_factor: float = MAX_
     return check_reply_size(sizes, sent, max_factor)
 
 
-UPDATE_NORM_BOUND = 4.0  # default: × the round's median update norm (honest ratios: docs/security.md)
+UPDATE_NORM_BOUND = 4.0  # default: × the round's median update norm (honest ratios: docs/robustness.md)
 EXAMPLES_BOUND = 10.0  # default: × the round's median num-examples
 MIN_UPDATE_COSINE = -1.0  # default off: honest non-IID updates reach cosine -0.26 with the median update
 
@@ -129,6 +131,8 @@ class FedFuseStrategy(FedAvg):
         for name, value in (("update_norm_bound", update_norm_bound), ("examples_bound", examples_bound)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) >= 0:
                 raise ConfigError(f"{name}={value!r} is out of range; allowed: a number >= 0 (0 = off)")
+        if isinstance(min_update_cosine, bool) or not -1.0 <= float(min_update_cosine) <= 1.0:
+            raise ConfigError(f"min_update_cosine={min_update_cosine!r} is out of range; allowed: [-1, 1] (-1 = off)")
         if update_norm_action not in NORM_ACTIONS:
             raise ConfigError(f"update_norm_action={update_norm_action!r}; allowed: {', '.join(NORM_ACTIONS)}")
         super().__init__(**fedavg_kwargs)
@@ -237,12 +241,12 @@ class FedFuseStrategy(FedAvg):
             states.append(unpacked[0])
             weights.append(unpacked[1])
             sent.append(self._sent_to.get(msg.metadata.src_node_id, self._sent))
-        diverged = self._diverged(server_round, rejected, sum(not m.has_error() for m in replies))
+        answered = sum(not m.has_error() for m in replies)
+        diverged = self._diverged(server_round, rejected, answered)
         for label, reason in rejected:
             if (label, reason) not in diverged:
                 log.warning("round %d: rejected update from %s: %s", server_round, label, reason)
         valid, states, weights, screen_stats = self._screen(server_round, valid, states, weights, sent)
-        answered = sum(not m.has_error() for m in replies)
         stats = {"rejected": float(answered - len(valid) - len(diverged)), "skipped": 0.0}
         if diverged:
             stats["diverged"] = float(len(diverged))
