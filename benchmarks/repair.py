@@ -118,6 +118,14 @@ def _barrier(a: nn.Module, b_state: dict, x: torch.Tensor, y: torch.Tensor, mid:
     return {"loss_barrier": lm - (la + lb) / 2, "acc_barrier": (aa + ab) / 2 - am, "mid_acc": am}
 
 
+def _stats_batch(x: torch.Tensor, idx: np.ndarray, args: argparse.Namespace, salt: int = 0) -> torch.Tensor:
+    """A client's statistics data: a seeded subset of at most ``--stats-samples`` of its partition."""
+    idx = np.asarray(idx)
+    if args.stats_samples and len(idx) > args.stats_samples:
+        idx = np.random.default_rng([args.seed, salt, len(idx)]).choice(idx, args.stats_samples, replace=False)
+    return x[torch.as_tensor(idx, dtype=torch.long)]
+
+
 def run_model(args: argparse.Namespace, data: Any, name: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     models, parts = parents(args, data, name, args.parents)
@@ -125,7 +133,7 @@ def run_model(args: argparse.Namespace, data: Any, name: str) -> dict[str, Any]:
     xt, yt = data.x_test, data.y_test
     sizes = [len(p) for p in parts]
     lam = [s / sum(sizes) for s in sizes]
-    xs = [data.x_train[torch.as_tensor(p, dtype=torch.long)] for p in parts]
+    xs = [_stats_batch(data.x_train, p, args) for p in parts]
     ex = xt[:2]
     template = models[0]
     spec = derive_spec(template, ex)
@@ -159,8 +167,11 @@ def run_model(args: argparse.Namespace, data: Any, name: str) -> dict[str, Any]:
             wb_transports = aligned
         elif key.startswith("gwb") and wb_transports is not None:  # how far the structure term moved the plan
             res["rel_diff_vs_wb"] = float(
-                sum(sum(float((a[k] - w[k]).norm()) for k in a) for a, w in zip(aligned, wb_transports, strict=True))
-                / max(sum(sum(float(w[k].norm()) for k in w) for w in wb_transports), 1e-12)
+                sum(
+                    sum(float((a[k] - w[k]).norm()) for k in a if a[k].is_floating_point())
+                    for a, w in zip(aligned, wb_transports, strict=True)
+                )
+                / max(sum(sum(float(w[k].norm()) for k in w if w[k].is_floating_point()) for w in wb_transports), 1e-12)
             )
         results[key] = res
         print(name, key, {k: round(v, 4) for k, v in res.items()}, flush=True)
@@ -198,7 +209,7 @@ def run_model(args: argparse.Namespace, data: Any, name: str) -> dict[str, Any]:
     if args.shared_pair:  # REPAIR's setting: two parents from different inits on the same (whole) training set
         pair, pair_parts = parents(args, data, name, 2, shared=True)
         a, b = pair
-        xs2 = [data.x_train[torch.as_tensor(p, dtype=torch.long)] for p in pair_parts]
+        xs2 = [_stats_batch(data.x_train, p, args, salt=i) for i, p in enumerate(pair_parts)]
         shared_bar: dict[str, Any] = {"before": _barrier(a, b.state_dict(), xt, yt)}
         for key, how in (("match", "weight"), ("ot", "ot")):
             b_al = align(a, b, how, spec)
@@ -229,7 +240,8 @@ def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace, elapsed: flo
         "(conv 32-64-64, head 128), cnn-bn the same with BatchNorm. *+REPAIR* = federated REPAIR: each parent's "
         "statistics (of the fused model and of its own aligned model) on its own partition only, λ-averaged, "
         "one round per repaired layer (exact); *1 round* = a single statistics round (Jacobi); *BN reset* = "
-        "federated BN statistics (clients recompute, server pools).",
+        f"federated BN statistics (clients recompute, server pools). Statistics use at most {args.stats_samples or 'all'} "
+        "samples per client (seeded subset of its partition).",
         "",
         "## Test accuracy of the fused model (5 parents)",
         "",
@@ -324,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default="/tmp/fedfuse-parents")
     p.add_argument("--gwb-alphas", nargs="+", type=float, default=sorted({0.1, DEFAULT_ALPHA, 0.9, 1.0}))
+    p.add_argument("--stats-samples", type=int, default=400, help="per-client samples for statistics (0 = all)")
     p.add_argument("--methods", nargs="+", default=["average", "match", "wb", "gw", "gwb"])
     p.add_argument("--shared-pair", action="store_true", help="also two parents trained on the same whole train set")
     p.add_argument("--train-only", action="store_true")
