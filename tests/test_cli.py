@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 BAD_INPUT = [
     (["--dataset", "imagenet"], "dataset='imagenet' is not allowed; allowed: digits, mnist1d"),
-    (["--model", "vit"], "model='vit' is not allowed; allowed: mlp, cnn, resnet20"),
+    (["--model", "vit"], "model='vit' is not allowed; allowed: mlp, cnn, resnet20, rnn, lstm, gru, or torchvision:NAME"),
     (["--strategy", "fedsgd"], "strategy='fedsgd' is not allowed; allowed: fedavg"),
     (["--strategy", "nosuchmodule:Foo"], "strategy='nosuchmodule:Foo' cannot be imported"),
     (["--alpha", "0"], "alpha=0.0 is out of range; allowed: > 0"),
@@ -91,12 +91,14 @@ def test_help_lists_allowed_values_and_has_examples(capsys, monkeypatch) -> None
     from fedfuse.models import MODELS
 
     for flag, values in [
-        ("--dataset", DATASETS), ("--model", MODELS), ("--partition", OPTIONS["partition"].choices),
-        ("--fusion-solver", ("emd", "sinkhorn")), ("--bn-repair", ("auto", "none")),
+        ("--dataset", DATASETS), ("--partition", OPTIONS["partition"].choices),
+        ("--fusion-solver", ("emd", "sinkhorn")), ("--bn-repair", ("none", "reset", "repair")),
         ("--pfn-granularity", ("weight", "neuron")), ("--pfn-fusion", ("average", "wb", "match", "gwb")),
     ]:  # fmt: skip
         i = text.index(f"{flag} NAME ")
-        assert f"one of: {', '.join(values)}" in text[i : i + 300], (flag, text[i : i + 300])
+        assert f"one of: {', '.join(values)}" in text[i : i + 600], (flag, text[i : i + 600])
+    i = text.index("--model STR ")  # any torchvision classifier too: the built-in names and the prefix
+    assert all(name in text[i : i + 200] for name in MODELS) and "torchvision:NAME" in text[i : i + 200]
     assert "examples: fedfuse simulate --strategy wb" in text and "--resume runs/wb" in text
     monkeypatch.setenv("COLUMNS", "80")
     assert run_cli(["simulate", "--help"]) == 0
