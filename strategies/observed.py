@@ -10,6 +10,12 @@ The ServerApp never reads a strategy's internals. It wraps the strategy (fedfuse
   client-model dump of :mod:`strategies.monitor`), given the replies that pass
   :func:`fedfuse.validation.check_update` against the model that was sent.
 
+For a strategy without fedfuse's own checks (any strategy that is not a
+:class:`strategies.base.FedFuseStrategy`, e.g. Flower's ``FedMedian``), a :class:`ReplyGuard` applies them
+before the strategy sees the replies: the size limit before decoding, :func:`fedfuse.validation.check_update`,
+and the round-level screening of :func:`fedfuse.robust.screen_updates` (update-norm and num-examples bounds,
+the same defaults). Rejected replies are dropped, logged naming the node, and counted as ``rejected``.
+
 It also resumes: with ``first_round=k`` Flower's own ``Strategy.start`` loop runs rounds 1..N−k+1
 and every call is shifted to rounds k..N. Flower offers no start-round hook; this offset is the smallest
 wrapper that keeps its loop (no copy of it here). Flower's log then counts "[ROUND 1/…]" from the restart.
@@ -28,10 +34,18 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedfuse import protocol
-from fedfuse.validation import check_update
-from strategies.base import error_summary, reply_size_reason
+from fedfuse.robust import screen_updates
+from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_update
+from strategies.base import (
+    EXAMPLES_BOUND,
+    MIN_UPDATE_COSINE,
+    UPDATE_NORM_BOUND,
+    FedFuseStrategy,
+    error_summary,
+    reply_size_reason,
+)
 
-__all__ = ["ClientModel", "RoundObserver", "ObservedStrategy"]
+__all__ = ["ClientModel", "RoundObserver", "ObservedStrategy", "ReplyGuard"]
 
 log = logging.getLogger("fedfuse")
 
@@ -72,11 +86,97 @@ class _Round:
     observed: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class ReplyGuard:
+    """fedfuse's reply checks for a strategy that has none (see the module docstring); the arguments are
+    :class:`strategies.base.FedFuseStrategy`'s of the same names."""
+
+    update_norm_bound: float = UPDATE_NORM_BOUND
+    update_norm_action: str = "reject"
+    examples_bound: float = EXAMPLES_BOUND
+    min_update_cosine: float = MIN_UPDATE_COSINE
+    max_num_examples: float = MAX_NUM_EXAMPLES
+    max_reply_factor: float = MAX_REPLY_FACTOR
+
+    def filter(
+        self, server_round: int, replies: list[Message], sent: Mapping[str, torch.Tensor], weighted_by_key: str
+    ) -> tuple[list[Message], int]:
+        """The replies ``aggregate_train`` may see (error replies pass through untouched) and how many were
+        rejected. A clipped update replaces the reply's arrays (θ_i ← sent + Δ_i · bound / ‖Δ_i‖)."""
+        keep: list[Message] = []
+        valid: list[tuple[Message, dict[str, torch.Tensor], float]] = []
+        rejected = 0
+        for msg in replies:
+            if msg.has_error():
+                keep.append(msg)
+                continue
+            unpacked = _unpack(msg, sent, weighted_by_key, self.max_reply_factor, self.max_num_examples)
+            if isinstance(unpacked, str):
+                log.warning("round %d: rejected update from node %d: %s", server_round, msg.metadata.src_node_id,
+                            unpacked)  # fmt: skip
+                rejected += 1
+            else:
+                valid.append((msg, *unpacked))
+        screen = screen_updates(
+            [v[1] for v in valid], [dict(sent)] * len(valid), [v[2] for v in valid],
+            norm_factor=self.update_norm_bound, norm_action=self.update_norm_action,
+            examples_factor=self.examples_bound, min_cosine=self.min_update_cosine,
+        )  # fmt: skip
+        for (msg, state, _), reason, new in zip(valid, screen.reasons, screen.states, strict=True):
+            if reason is not None:
+                log.warning("round %d: rejected update from node %d: %s", server_round, msg.metadata.src_node_id,
+                            reason)  # fmt: skip
+                rejected += 1
+                continue
+            if any(new[k] is not state[k] for k in state):  # clipped
+                name = next(iter(msg.content.array_records))
+                msg.content.array_records[name] = ArrayRecord(new)
+            keep.append(msg)
+        return keep, rejected
+
+
+def _unpack(
+    msg: Message,
+    sent: Mapping[str, torch.Tensor],
+    weighted_by_key: str,
+    max_reply_factor: float,
+    max_num_examples: float,
+) -> tuple[dict[str, torch.Tensor], float] | str:
+    """(state, num-examples) of a reply, or why it is rejected (never raises)."""
+    content = msg.content
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        return "expected exactly one ArrayRecord and one MetricRecord"
+    metrics = next(iter(content.metric_records.values()))
+    if weighted_by_key not in metrics:
+        return f"MetricRecord lacks {weighted_by_key!r}"
+    record = next(iter(content.array_records.values()))
+    reason = reply_size_reason(record, sent, max_reply_factor)
+    if reason is not None:
+        return reason
+    try:
+        state = record.to_torch_state_dict()
+    except Exception as exc:  # noqa: BLE001 — undecodable arrays are a bad update, not a crash
+        return f"arrays cannot be decoded ({type(exc).__name__})"
+    num_examples = metrics[weighted_by_key]
+    reason = check_update(state, sent, num_examples, max_num_examples=max_num_examples)
+    return reason if reason is not None else (state, float(num_examples))  # type: ignore[arg-type]
+
+
 class ObservedStrategy(Strategy):
     """Delegates to ``inner``; :meth:`round_metrics` is the flat record of the last round."""
 
-    def __init__(self, inner: Strategy, observers: Sequence[RoundObserver] = (), *, first_round: int = 1) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        observers: Sequence[RoundObserver] = (),
+        *,
+        first_round: int = 1,
+        guard: ReplyGuard | None = None,
+    ) -> None:
+        """``guard``: the checks for a strategy without fedfuse's own (default: on unless ``inner`` is a
+        :class:`FedFuseStrategy`, which checks every reply itself)."""
         self.inner = inner
+        self.guard = guard if guard is not None else (None if isinstance(inner, FedFuseStrategy) else ReplyGuard())
         self.observers = list(observers)
         self.offset = int(first_round) - 1
         self._round = _Round()
@@ -90,7 +190,7 @@ class ObservedStrategy(Strategy):
     ) -> Iterable[Message]:
         messages = list(self.inner.configure_train(server_round + self.offset, arrays, config, grid))
         self._round = _Round(sampled=len(messages))
-        if self.observers:
+        if self.observers or self.guard is not None:
             self._sent = arrays.to_torch_state_dict()
         return messages
 
@@ -108,8 +208,14 @@ class ObservedStrategy(Strategy):
             clients = self._client_models(replies)
             for observer in self.observers:
                 rnd.observed.update(observer.observe(server_round + self.offset, clients))
+        guarded = 0
+        if self.guard is not None:
+            key = str(getattr(self.inner, "weighted_by_key", protocol.NUM_EXAMPLES))
+            replies, guarded = self.guard.filter(server_round + self.offset, replies, self._sent, key)
         arrays, metrics = self.inner.aggregate_train(server_round + self.offset, replies)
         rnd.train = dict(metrics) if metrics is not None else {}
+        if guarded:
+            rnd.train["rejected"] = float(rnd.train.get("rejected", 0.0)) + guarded
         return arrays, metrics
 
     def configure_evaluate(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import numpy as np
@@ -269,3 +270,18 @@ def test_with_defences_off_a_poisoned_global_is_blamed_not_the_honest_clients(tm
     assert sum(r.get("rejected", 0) for r in rows[1:]) == 0
     assert "rejected update" not in caplog.text
     assert "the global model is the likely cause" in caplog.text
+
+
+@pytest.mark.parametrize("attack", ["scale:1e6", "num-examples:nan", "extra-bytes:2e6"])
+def test_a_flower_strategy_gets_the_same_reply_checks(tmp_path, caplog, attack) -> None:
+    """Flower's own FedMedian has no update checks; run by fedfuse's ServerApp it sees only the replies that pass
+    fedfuse's (the ObservedStrategy's ReplyGuard): the attacker is rejected each round, the model stays finite."""
+    caplog.set_level(logging.WARNING, logger="fedfuse")
+    cfg = {"strategy": "flwr.serverapp.strategy:FedMedian", "dataset": "mnist1d", "num-clients": 4,
+           "num-rounds": 2, "seed": 0, "out": str(tmp_path), "attack": attack, "attackers": 1}  # fmt: skip
+    rows = _run(cfg, 4)
+    assert [r["rejected"] for r in rows[1:]] == [1.0, 1.0]
+    assert [r["replies"] for r in rows[1:]] == [3.0, 3.0]
+    assert all(math.isfinite(r["central_loss"]) for r in rows)
+    assert rows[-1]["central_accuracy"] > rows[0]["central_accuracy"]
+    assert sum("rejected update from node" in r.message for r in caplog.records) == 2
