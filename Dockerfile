@@ -1,5 +1,5 @@
 # fedfuse on Flower's official base image (Python 3.11, Ubuntu 24.04), pinned to the Flower version
-# fedfuse depends on (flwr==1.41.0 in pyproject.toml; tests/test_compose.py checks the two agree).
+# CI installs (pyproject.toml admits flwr 1.41 and 1.42; tests/test_compose.py checks the tag is the installed flwr).
 #
 # One image runs every process of the deployment (docker-compose.yml picks the command):
 #   flower-superlink, flower-supernode and flower-superexec (which starts flwr-serverapp / flwr-clientapp
@@ -9,7 +9,7 @@
 #
 #   docker build -t fedfuse/flower:0.1.0 .
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 ...   # CUDA wheels
-FROM flwr/base:1.41.0-py3.11-ubuntu24.04
+FROM flwr/base:1.42.0-py3.11-ubuntu24.04
 
 # CPU wheels by default (a few hundred MB instead of several GB of CUDA libraries).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -17,10 +17,10 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 USER root
 WORKDIR /app
 
-# Dependencies first (cached while only the code changes). The base image already has flwr 1.41.0;
+# Dependencies first (cached while only the code changes). The base image already has flwr 1.42.0;
 # drop the `[simulation]` extra (Ray), which a deployment does not use.
 COPY pyproject.toml README.md ./
-RUN sed -i 's/"flwr\[simulation\]==/"flwr==/' pyproject.toml \
+RUN sed -i 's/"flwr\[simulation\]/"flwr/' pyproject.toml \
     && mkdir -p fedfuse strategies clients && touch fedfuse/__init__.py strategies/__init__.py clients/__init__.py \
     && python -m pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" . \
     && python -m pip uninstall -y fedfuse \
