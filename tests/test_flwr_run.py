@@ -127,7 +127,7 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({"accuracy": history[-1]})
 
     # was: FedAvg(fraction_evaluate=0.0, min_available_nodes=2)
-    strategy = FedWB(model=net, example_input=x_test[:2], fraction_evaluate=0.0, min_available_nodes=2)
+    strategy = FedWB(model=net, fraction_evaluate=0.0, min_available_nodes=2)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(net.state_dict()),
                    num_rounds=int(context.run_config["num-server-rounds"]), evaluate_fn=evaluate)
 '''
