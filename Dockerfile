@@ -1,5 +1,6 @@
 # fedfuse on Flower's official base image (Python 3.11, Ubuntu 24.04), pinned to the Flower version
-# CI installs (pyproject.toml admits flwr 1.41 and 1.42; tests/test_compose.py checks the tag is the installed flwr).
+# CI installs (pyproject.toml admits flwr 1.41 and 1.42; tests/test_compose.py checks the tag is the installed flwr;
+# pip resolves 1.41.0 where 1.42.0's certifi>=2026.10.19 is not on the package index).
 #
 # One image runs every process of the deployment (docker-compose.yml picks the command):
 #   flower-superlink, flower-supernode and flower-superexec (which starts flwr-serverapp / flwr-clientapp
@@ -9,7 +10,7 @@
 #
 #   docker build -t fedfuse/flower:0.1.0 .
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 ...   # CUDA wheels
-FROM flwr/base:1.42.0-py3.11-ubuntu24.04
+FROM flwr/base:1.41.0-py3.11-ubuntu24.04
 
 # CPU wheels by default (a few hundred MB instead of several GB of CUDA libraries).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -17,7 +18,7 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 USER root
 WORKDIR /app
 
-# Dependencies first (cached while only the code changes). The base image already has flwr 1.42.0;
+# Dependencies first (cached while only the code changes). The base image already has flwr 1.41.0;
 # drop the `[simulation]` extra (Ray), which a deployment does not use.
 COPY pyproject.toml README.md ./
 RUN sed -i 's/"flwr\[simulation\]/"flwr/' pyproject.toml \
