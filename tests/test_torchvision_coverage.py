@@ -1,7 +1,8 @@
 """Every torchvision classifier: an exact spec (permutation-invariant, recovered by match and wb) or a clear refusal.
 
-Random init, ``num_classes=10``, batch of 2 at a small input, no downloads. Models marked ``slow`` (the
-bigger ones) run in CI (`make test` runs everything); ``pytest -m "not slow"`` skips them locally.
+Random init, ``num_classes=10``, batch of 2 at a small input, no downloads. Models marked ``slow`` run in CI
+(`make test`); ``pytest -m "not slow"`` skips them locally. Models marked ``huge`` (over the CI time budget
+with today's weight-matching/OT speed) are deselected by default; ``pytest -m huge`` runs them.
 Measured wall times per model: ``benchmarks/results/torchvision-coverage.md``.
 """
 
@@ -24,8 +25,24 @@ FAST = {
 }  # fmt: skip
 
 
+# over the CI time budget with today's solvers (or not measured yet): marked ``huge`` and deselected by default
+# (pyproject addopts); ``pytest -m huge`` runs them, benchmarks/torchvision_coverage.py reports them.
+HUGE = {
+    # not measured in the session that wrote this (vgg*: 4096-wide LAP/OT; vit_l/vit_h, regnet_y_32gf/128gf: size)
+    "convnext_large", "efficientnet_v2_l", "regnet_x_32gf", "regnet_y_128gf", "regnet_y_32gf", "vgg11", "vgg11_bn",
+    "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "vit_h_14", "vit_l_16", "vit_l_32",
+    "wide_resnet101_2",
+    # measured > 120 s on the shared machine (all exact; see the coverage report)
+    "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_v2_m", "efficientnet_v2_s", "maxvit_t",
+    "swin_t", "regnet_x_8gf", "alexnet",
+}  # fmt: skip
+
+
 def _params() -> list:
-    return [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in torchvision_names()]
+    def marks(n: str) -> tuple:
+        return () if n in FAST else (pytest.mark.slow, pytest.mark.huge) if n in HUGE else (pytest.mark.slow,)
+
+    return [pytest.param(n, marks=marks(n)) for n in torchvision_names()]
 
 
 @pytest.mark.parametrize("name", _params())
