@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import posixpath
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -53,7 +54,14 @@ log = logging.getLogger("fleet-gateway")
 
 
 def allowed(path: str) -> bool:
-    """True for the paths the gateway forwards: the Fleet API and the health probe."""
+    """True for the paths the gateway forwards: the Fleet API and the health probe, in canonical form only.
+
+    ``path`` is the percent-decoded request path. A path with ``.``/``..`` or empty segments or a backslash is
+    refused: HTTP clients (httpx included) remove dot segments when sending, so ``/v1/fleet/../control/...``
+    would pass a prefix check here and reach the Control API upstream. What is checked is what is forwarded.
+    """
+    if "\\" in path or "//" in path or posixpath.normpath(path) != path:
+        return False
     return path in ALLOWED_PATHS or any(path.startswith(p) for p in ALLOWED_PREFIXES)
 
 
