@@ -283,9 +283,9 @@ def weight_matching(
             if last.get(name) == versions:  # same score as at this group's last step: same (non-)move
                 continue
             last[name] = versions
-            score = terms[name][0].c.clone()
+            score = terms[name][0].value().clone()
             for t in terms[name][1:]:
-                score += t.c
+                score += t.value()
             sc = score.numpy()
             _, cols = linear_sum_assignment(sc, maximize=True)
             rows = np.arange(sc.shape[0])
@@ -309,6 +309,10 @@ def weight_matching(
 _LOW_RANK_MIN_MACS = 50_000_000
 _LOW_RANK_FRACTION = 0.5
 _CACHE_DOUBLE_MAX = 4_000_000  # terms with at most this many entries keep their rows in float64
+# A term whose rows are short (d < n / _LIGHT_RATIO: BatchNorm vectors, depthwise kernels) costs n²d to rebuild, no
+# more than reading a stored n × n matrix; it is rebuilt when used instead of cached (an EfficientNet-B7 pair held
+# ~20 GB of such n × n terms).
+_LIGHT_RATIO = 4
 # ``_REFERENCE = True`` routes weight_matching to the plain implementation (benchmarks/speed.py measures both).
 _REFERENCE = False
 
@@ -326,7 +330,7 @@ def _greedy_start(
         if ready:
             for t in ready:
                 t.refresh(perms)
-            score = sum((t.c for t in ready[1:]), ready[0].c.clone()).numpy()
+            score = sum((t.value() for t in ready[1:]), ready[0].value().clone()).numpy()
             perms[name] = out[name] = torch.from_numpy(linear_sum_assignment(score, maximize=True)[1].astype(np.int64))
     return out
 
@@ -369,6 +373,14 @@ class _Term:
         self.src: Tensor | None = None
         self.c: Tensor = torch.empty(0)
         self.version = -1
+        self.light = self.at.shape[0] * _LIGHT_RATIO < self.at.shape[1]  # d < n / _LIGHT_RATIO: not cached
+
+    def value(self) -> Tensor:
+        """``C_m`` at the permutations of the last :meth:`refresh` (rebuilt here for a light term)."""
+        if not self.light:
+            return self.c
+        bt = self.bt if self.src is None else self.bt.index_select(0, self.src)
+        return self.at.double().T @ bt.double()
 
     def _src(self, perms: Mapping[str, Tensor]) -> Tensor | None:
         """Column ``k`` of B̃'s rows is column ``src[k]`` of B's (None: no other axis is permuted)."""
@@ -388,6 +400,8 @@ class _Term:
         src, old = self._src(perms), self.src
         self.src, self.version = src, self.version + 1
         d, n = self.at.shape
+        if self.light:
+            return
         if old is not None and src is not None and n * n * d >= _LOW_RANK_MIN_MACS:
             moved = (src != old).nonzero().squeeze(1)
             if moved.numel() <= _LOW_RANK_FRACTION * d:
