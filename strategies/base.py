@@ -34,7 +34,7 @@ from fedfuse.state import weighted_average
 from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_reply_size, check_update
 from strategies.sampling import NodeOrder, seeded_sample
 
-__all__ = ["FedFuseStrategy", "reply_size_reason", "error_summary", "ROBUST_OPTIONS"]
+__all__ = ["FedFuseStrategy", "reply_size_reason", "unpack_reply", "error_summary", "ROBUST_OPTIONS"]
 
 log = logging.getLogger("fedfuse")
 State = dict[str, torch.Tensor]
@@ -65,6 +65,37 @@ def reply_size_reason(record: ArrayRecord, sent: State, max_factor: float = MAX_
             return f"{key}: not a serialised array"
         sizes[key] = len(data)
     return check_reply_size(sizes, sent, max_factor)
+
+
+def unpack_reply(
+    msg: Message,
+    sent: Mapping[str, torch.Tensor],
+    weighted_by_key: str,
+    *,
+    max_reply_factor: float = MAX_REPLY_FACTOR,
+    max_num_examples: float = MAX_NUM_EXAMPLES,
+    shape_ok: Any = None,
+) -> tuple[State, float] | str:
+    """(state, num-examples) of a train reply, or why it is rejected; never raises. Checks, in order: one
+    ArrayRecord + one MetricRecord, the weight key, the size limit BEFORE decoding, decoding, then
+    :func:`fedfuse.validation.check_update` against the model ``sent`` to that client."""
+    content = msg.content
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        return "expected exactly one ArrayRecord and one MetricRecord"
+    metrics = next(iter(content.metric_records.values()))
+    if weighted_by_key not in metrics:
+        return f"MetricRecord lacks {weighted_by_key!r}"
+    record = next(iter(content.array_records.values()))
+    reason = reply_size_reason(record, sent, max_reply_factor)
+    if reason is not None:
+        return reason
+    try:
+        state = record.to_torch_state_dict()
+    except Exception as exc:  # noqa: BLE001 — undecodable arrays are a bad update, not a crash
+        return f"arrays cannot be decoded ({type(exc).__name__})"
+    weight = metrics[weighted_by_key]
+    reason = check_update(state, sent, weight, shape_ok=shape_ok, max_num_examples=max_num_examples)
+    return reason if reason is not None else (state, float(weight))  # type: ignore[arg-type]
 
 
 UPDATE_NORM_BOUND = 4.0  # default: × the round's median update norm (honest ratios: docs/robustness.md)
@@ -197,25 +228,12 @@ class FedFuseStrategy(FedAvg):
         return False
 
     def _unpack(self, msg: Message) -> tuple[State, float] | str:
-        """(state, weight) of a reply, or the reason it is rejected."""
-        content = msg.content
-        if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            return "expected exactly one ArrayRecord and one MetricRecord"
-        metrics = next(iter(content.metric_records.values()))
-        if self.weighted_by_key not in metrics:
-            return f"MetricRecord lacks {self.weighted_by_key!r}"
+        """(state, weight) of a reply, or the reason it is rejected (:func:`unpack_reply`)."""
         sent = self._sent_to.get(msg.metadata.src_node_id, self._sent)
-        record = next(iter(content.array_records.values()))
-        reason = reply_size_reason(record, sent, self.max_reply_factor)
-        if reason is not None:
-            return reason
-        try:
-            state = record.to_torch_state_dict()
-        except Exception as exc:  # noqa: BLE001 — undecodable arrays are a bad update, not a crash
-            return f"arrays cannot be decoded ({type(exc).__name__})"
-        weight = metrics[self.weighted_by_key]
-        reason = check_update(state, sent, weight, shape_ok=self.shape_ok, max_num_examples=self.max_num_examples)
-        return reason if reason is not None else (state, float(weight))  # type: ignore[arg-type]
+        return unpack_reply(
+            msg, sent, self.weighted_by_key, max_reply_factor=self.max_reply_factor,
+            max_num_examples=self.max_num_examples, shape_ok=self.shape_ok,
+        )  # fmt: skip
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -43,6 +43,7 @@ from strategies.base import (
     FedFuseStrategy,
     error_summary,
     reply_size_reason,
+    unpack_reply,
 )
 
 __all__ = ["ClientModel", "RoundObserver", "ObservedStrategy", "ReplyGuard"]
@@ -110,7 +111,10 @@ class ReplyGuard:
             if msg.has_error():
                 keep.append(msg)
                 continue
-            unpacked = _unpack(msg, sent, weighted_by_key, self.max_reply_factor, self.max_num_examples)
+            unpacked = unpack_reply(
+                msg, sent, weighted_by_key, max_reply_factor=self.max_reply_factor,
+                max_num_examples=self.max_num_examples,
+            )  # fmt: skip
             if isinstance(unpacked, str):
                 log.warning("round %d: rejected update from node %d: %s", server_round, msg.metadata.src_node_id,
                             unpacked)  # fmt: skip
@@ -133,33 +137,6 @@ class ReplyGuard:
                 msg.content.array_records[name] = ArrayRecord(new)
             keep.append(msg)
         return keep, rejected
-
-
-def _unpack(
-    msg: Message,
-    sent: Mapping[str, torch.Tensor],
-    weighted_by_key: str,
-    max_reply_factor: float,
-    max_num_examples: float,
-) -> tuple[dict[str, torch.Tensor], float] | str:
-    """(state, num-examples) of a reply, or why it is rejected (never raises)."""
-    content = msg.content
-    if len(content.array_records) != 1 or len(content.metric_records) != 1:
-        return "expected exactly one ArrayRecord and one MetricRecord"
-    metrics = next(iter(content.metric_records.values()))
-    if weighted_by_key not in metrics:
-        return f"MetricRecord lacks {weighted_by_key!r}"
-    record = next(iter(content.array_records.values()))
-    reason = reply_size_reason(record, sent, max_reply_factor)
-    if reason is not None:
-        return reason
-    try:
-        state = record.to_torch_state_dict()
-    except Exception as exc:  # noqa: BLE001 — undecodable arrays are a bad update, not a crash
-        return f"arrays cannot be decoded ({type(exc).__name__})"
-    num_examples = metrics[weighted_by_key]
-    reason = check_update(state, sent, num_examples, max_num_examples=max_num_examples)
-    return reason if reason is not None else (state, float(num_examples))  # type: ignore[arg-type]
 
 
 class ObservedStrategy(Strategy):
