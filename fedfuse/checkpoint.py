@@ -21,7 +21,13 @@ from fedfuse.errors import ConfigError
 from fedfuse.results import atomic_write_bytes
 
 __all__ = [
-    "CHECKPOINT", "save_checkpoint", "load_checkpoint", "rng_states", "restore_rng_states", "config_mismatch", "plain"
+    "CHECKPOINT",
+    "save_checkpoint",
+    "load_checkpoint",
+    "rng_states",
+    "restore_rng_states",
+    "config_mismatch",
+    "plain",
 ]
 
 CHECKPOINT = "checkpoint.pt"
@@ -36,8 +42,13 @@ def rng_states() -> dict[str, Any]:
     version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},  # fmt: skip
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },  # fmt: skip
         "random": {"version": int(version), "state": [int(v) for v in internal], "gauss_next": gauss_next},
     }
 

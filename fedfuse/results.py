@@ -21,9 +21,17 @@ import torch
 from fedfuse.errors import ConfigError
 
 __all__ = [
-    "atomic_write_bytes", "RunWriter", "check_out_dir", "load_metrics", "plot_accuracy", "RESULT_FILES",
-    "set_aside", "drop_aside", "restore_aside",
-    "remove_stale_temp_files", "check_writable",
+    "atomic_write_bytes",
+    "RunWriter",
+    "check_out_dir",
+    "load_metrics",
+    "plot_accuracy",
+    "RESULT_FILES",
+    "set_aside",
+    "drop_aside",
+    "restore_aside",
+    "remove_stale_temp_files",
+    "check_writable",
 ]
 
 RESULT_FILES = ("metrics.json", "metrics.csv", "model.pt", "accuracy.png")

@@ -132,6 +132,7 @@ def test_repair_matches_interpolated_parent_statistics() -> None:
     fused.load_state_dict(fuse([a, b], method="average", bn_repair=None))
     # Execute
     repair(fused, [a, b], x, weights=[0.5, 0.5])
+
     # Assert: per-channel mean/std of the first BN output equal the parents' average
     def stats(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -149,8 +150,9 @@ def test_fuse_resets_bn_stats_when_repair_data_given() -> None:
     fused = fuse([a, b], method="wb", example_input=x[:2], repair_data=x)
     net = copy.deepcopy(a)
     net.load_state_dict(fused)
-    torch.testing.assert_close(fused["features.1.running_mean"], net.features[0](x).mean((0, 2, 3)),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        fused["features.1.running_mean"], net.features[0](x).mean((0, 2, 3)), atol=1e-5, rtol=1e-5
+    )
     fused_rep = fuse([a, b], method="match", example_input=x[:2], repair_data=x, bn_repair="repair")
     assert max_state_diff(fused_rep, fused) > 0
 
