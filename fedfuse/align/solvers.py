@@ -578,8 +578,26 @@ def ot_transport(
         acts_a, acts_b = capture_activations(model_a, spec, batch), capture_activations(model_b, spec, batch)
     elif cost != "weight":
         raise ConfigError(f"cost={cost!r} is not supported; allowed: 'weight', 'activation'")
+    return _layerwise_ot(sa, sb, spec_a, spec_b, solver, epsilon, init, sweeps, {}, acts_a, acts_b)
+
+
+def _layerwise_ot(
+    sa: Mapping[str, Tensor],
+    sb: Mapping[str, Tensor],
+    spec_a: TransportSpec,
+    spec_b: TransportSpec,
+    solver: Literal["emd", "sinkhorn"],
+    epsilon: float,
+    init: Mapping[str, Tensor] | None,
+    sweeps: int,
+    cache_a: dict[tuple[str, Any], Tensor],
+    acts_a: Mapping[str, Tensor] | None = None,
+    acts_b: Mapping[str, Tensor] | None = None,
+) -> Transports:
+    """:func:`ot_transport` on states with their specs. ``cache_a`` keeps A's rows (per member, and
+    concatenated per group and member set): A is the fixed target, so the WB step shares it across models."""
+    acts_a, acts_b = acts_a or {}, acts_b or {}
     transports: dict[str, Tensor] = {k: v.float() for k, v in (init or {}).items()}
-    cache_a: dict[tuple[str, int], Tensor] = {}  # A is the fixed target: its rows never change
     for sweep in range(max(1, sweeps)):
         changed = False
         for ga, gb in zip(spec_a.groups, spec_b.groups, strict=True):
@@ -591,7 +609,10 @@ def ot_transport(
                 pairs = _paired_out_features(sa, spec_a, ga, sb, spec_b, gb, transports, require, cache_a)
                 if not pairs:  # nothing solved yet feeds this group: use every member untransported
                     pairs = _paired_out_features(sa, spec_a, ga, sb, spec_b, gb, transports, False, cache_a)
-                fa, fb = torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 1)
+                key = (name, tuple(i for i, _, _ in pairs))
+                if key not in cache_a:
+                    cache_a[key] = torch.cat([p[1] for p in pairs], 1)
+                fa, fb = cache_a[key], torch.cat([p[2] for p in pairs], 1)
             t = ot_coupling(pairwise_sq_dist(fa, fb), solver, epsilon)
             old = transports.get(name)
             if old is None or old.shape != t.shape or not torch.allclose(old, t, atol=1e-6):
@@ -611,9 +632,9 @@ def _paired_out_features(
     gb: Group,
     transports: Mapping[str, Tensor],
     require: bool,
-    cache_a: dict[tuple[str, int], Tensor],
-) -> list[tuple[Tensor, Tensor]]:
-    """(A rows, B rows with other axes transported) for each ``out`` member usable now."""
+    cache_a: dict[tuple[str, Any], Tensor],
+) -> list[tuple[int, Tensor, Tensor]]:
+    """(member index, A rows, B rows with other axes transported) for each ``out`` member usable now."""
     pairs = []
     for i, (ma, mb) in enumerate(zip(ga.members, gb.members, strict=True)):
         if ma.role != "out":
@@ -623,5 +644,5 @@ def _paired_out_features(
             continue
         if (ga.name, i) not in cache_a:
             cache_a[(ga.name, i)] = member_features(sa, spec_a, ga, ma)  # type: ignore[assignment]
-        pairs.append((cache_a[(ga.name, i)], fb))
+        pairs.append((i, cache_a[(ga.name, i)], fb))
     return pairs
