@@ -192,15 +192,26 @@ def wasserstein_barycenter(
     states = [state_of(s) for s in states]
     specs = [spec.for_state(s) for s in states]
     for _ in range(max(1, max_iter)):
-        aligned = []
+        previous, aligned = aligned, []
         spec_bar = spec.for_state(bary)
         cache: dict[tuple[str, Any], Tensor] = {}  # the barycenter's rows: read once per iteration, not per model
         for i, s in enumerate(states):
             # ot_transport(bary, s, spec, solver=…, epsilon=…, init=transports[i], sweeps=1), sharing ``cache``
-            transports[i] = _layerwise_ot(bary, s, spec_bar, specs[i], solver, epsilon, transports[i], 1, cache)
-            aligned.append(apply_transport(s, spec, transports[i]))  # type: ignore[arg-type]
-        new = (reduce or weighted_average)(aligned, lam, ref=ref)
-        change = _relative_change(new, bary)
+            old = transports[i]
+            transports[i] = _layerwise_ot(bary, s, spec_bar, specs[i], solver, epsilon, old, 1, cache)
+            if (
+                previous
+                and old is not None
+                and all(g in old and torch.equal(old[g], t) for g, t in transports[i].items())
+            ):
+                aligned.append(previous[i])  # same transports: the same aligned state as last iteration
+            else:
+                aligned.append(apply_transport(s, spec, transports[i]))  # type: ignore[arg-type]
+        if reduce is None and all(a is p for a, p in zip(aligned, previous, strict=False)) and previous:
+            new, change = bary, 0.0  # bary is already weighted_average(previous): the same bits
+        else:
+            new = (reduce or weighted_average)(aligned, lam, ref=ref)
+            change = _relative_change(new, bary)
         bary = new
         if change < tol:
             break
