@@ -7,7 +7,9 @@ Cases (random init, ``num_classes=10``, no weights downloaded):
 * ``cifar_vgg11_match`` / ``cifar_vgg11_wb``: six of them, ``fuse(method="match" | "wb")``.
 
 "before" runs ``fedfuse.align.solvers._weight_matching_reference`` (the plain coordinate descent from
-the identity, ``solvers._REFERENCE = True``); "after" the cached one with its default greedy start; for
+the identity, ``solvers._REFERENCE = True``) and, for ``wb``, :func:`_wb_before` (the WB loop as it was
+before the speed work: one ``ot_transport`` per model, allocating float64 average, mask-based finite
+check; its fused state must equal "after"'s bit for bit); "after" the cached one with its default greedy start; for
 pairs also "same start" (cached, ``start="identity"``), which must return the very permutations of
 "before". All in the same process, so the ratios are measured under the same load (the machine is shared:
 compare ratios, not absolute times). The spec is derived once per case, outside the timings. Pairs report
@@ -33,7 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedfuse.align import apply_transport, derive_spec, fuse, solvers, weight_matching
+from fedfuse.align import apply_transport, derive_spec, fuse, ot_transport, solvers, weight_matching
+from fedfuse.align import fusion as fusion_mod
+from fedfuse.align.transport import state_of
+from fedfuse.state import normalise_weights
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -79,6 +84,50 @@ def _models(build: Callable[[], nn.Module], n: int) -> list[nn.Module]:
     return out
 
 
+def _wb_before(models: list[nn.Module], spec: Any, max_iter: int = 10, tol: float = 1e-4) -> dict[str, torch.Tensor]:
+    """``fuse(models, method="wb", spec=spec)`` as implemented before the speed work (uniform weights, ref 0)."""
+
+    def average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, v in states[0].items():
+            if not torch.is_floating_point(v):
+                out[k] = v.clone()
+                continue
+            acc = torch.zeros_like(v, dtype=torch.float64)
+            lam = normalise_weights(normalise_weights(None, len(states)), len(states))  # fuse's λ, renormalised
+            for st, w in zip(states, lam, strict=True):
+                acc += st[k].to(dtype=torch.float64) * w
+            out[k] = acc.to(v.dtype)
+        return out
+
+    def change(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> float:
+        num = sum(float(((v.double() - old[k].double()) ** 2).sum()) for k, v in new.items() if v.is_floating_point())
+        den = sum(float((old[k].double() ** 2).sum()) for k, v in new.items() if v.is_floating_point())
+        return (num / max(den, 1e-300)) ** 0.5
+
+    with torch.no_grad(), fusion_mod.single_threaded():
+        states = [state_of(m) for m in models]
+        for i, st in enumerate(states):
+            for k, v in st.items():
+                if torch.is_floating_point(v) and not bool(torch.isfinite(v).all()):
+                    raise ValueError(f"{k} of model {i} is not finite")
+        fusion_mod._check_free_axes(states, [spec.for_state(st) for st in states])
+        bary: dict[str, torch.Tensor] = {k: v.clone() for k, v in states[0].items()}
+        transports: list[Any] = [None] * len(states)
+        aligned: list[dict[str, torch.Tensor]] = []
+        for _ in range(max_iter):
+            aligned = []
+            for i, st in enumerate(states):
+                transports[i] = ot_transport(bary, st, spec, init=transports[i], sweeps=1)
+                aligned.append(apply_transport(st, spec, transports[i]))
+            new = average(aligned)
+            delta, bary = change(new, bary), new
+            if delta < tol:
+                break
+        fusion_mod.check_alignment(states, aligned, spec, 0, "wb")
+    return bary
+
+
 def _run(
     kind: str, models: list[nn.Module], spec: Any, reference: bool, start: str = "greedy", max_iter: int = 100
 ) -> tuple[float, Any, int | None]:
@@ -96,6 +145,9 @@ def _run(
                 max_iter=max_iter,  # type: ignore[arg-type]
             )
             return time.perf_counter() - t0, perms, sweeps  # type: ignore[return-value]
+        if reference and kind == "wb":
+            before = _wb_before(models, spec)
+            return time.perf_counter() - t0, before, None
         fused = fuse(models, method=kind, spec=spec)  # type: ignore[arg-type]
         return time.perf_counter() - t0, fused, None
     finally:
@@ -185,7 +237,7 @@ def _md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "# Alignment speed: plain vs cached weight matching (one run)",
         "",
         f"{meta['when']}, {meta['machine']}, torch {meta['torch']}, {meta['threads']} torch threads, "
-        f"load average at start {meta['load']}. Random init, num_classes=10. Times exclude spec derivation "
+        f"load average (1, 5, 15 min) at start {meta['load']}, at the end {meta.get('load_end', '?')}. Random init, num_classes=10. Times exclude spec derivation "
         "(*derive*). *before*: plain loop from the identity; *same start*: cached loop from the identity (its "
         "permutations must equal *before*'s: *diff* column, max |Δ| of the permutation matrices); *after*: "
         "cached loop from the greedy start (the default). Sweeps: before / same start / after. *obj*: "
@@ -228,7 +280,10 @@ def main() -> None:
     )
     args = p.parse_args()
     if args.plot_from:
-        rows = [r for f in args.plot_from for r in json.loads(f.read_text())["rows"]]
+        latest = {}  # a case measured again in a later file replaces the earlier row
+        for f in args.plot_from:
+            latest.update({(r["case"], r.get("max_iter")): r for r in json.loads(f.read_text())["rows"]})
+        rows = list(latest.values())
         _plot(rows, RESULTS / "speed-all.png")
         return
     torch.set_num_threads(args.threads)
@@ -240,6 +295,7 @@ def main() -> None:
         "load": " ".join(f"{v:.1f}" for v in os.getloadavg()),
     }
     rows = [run_case(name, not args.no_before, args.max_iter) for name in args.cases]
+    meta["load_end"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "speed" + (f"-{args.tag}" if args.tag else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -96,8 +96,9 @@ def weighted_average(
             out[k] = v.clone()
             continue
         acc = torch.zeros_like(v, dtype=torch.float64)
+        term = torch.empty_like(acc)  # reused: the same float64 ops as acc += θᵢ.double() * λᵢ, fewer allocations
         for s, w in zip(states, lam, strict=True):
-            acc += s[k].detach().to(device=v.device, dtype=torch.float64) * w
+            acc += term.copy_(s[k].detach()).mul_(w)
         out[k] = acc.to(v.dtype)
     return out
 

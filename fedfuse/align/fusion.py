@@ -41,6 +41,7 @@ from fedfuse.align.bn import has_batch_norm, reset_bn_stats
 from fedfuse.align.gw import DEFAULT_ALPHA, fused_gromov_wasserstein_barycenter
 from fedfuse.align.repair import repair
 from fedfuse.align.solvers import (
+    _layerwise_ot,
     activation_matching,
     group_features,
     ot_transport,
@@ -84,7 +85,8 @@ def _check_states(states: list[dict[str, Tensor]], same_shapes: bool, method: st
                 )
     for i, s in enumerate(states):
         for k, v in s.items():
-            if torch.is_floating_point(v) and not bool(torch.isfinite(v).all()):
+            # a finite sum has no inf/NaN term (one pass, no mask); an overflowing one is checked per entry
+            if torch.is_floating_point(v) and not math.isfinite(float(v.sum())) and not bool(torch.isfinite(v).all()):
                 raise ConfigError(f"parameter {k!r} of model {i} contains NaN or inf values; cannot fuse")
 
 
@@ -105,8 +107,10 @@ def _relative_change(new: Mapping[str, Tensor], old: Mapping[str, Tensor]) -> fl
     num = den = 0.0
     for k, v in new.items():
         if torch.is_floating_point(v) and old[k].shape == v.shape:
-            num += float(((v.double() - old[k].double()) ** 2).sum())
-            den += float((old[k].double() ** 2).sum())
+            o = old[k].to(torch.float64, copy=True)
+            d = v.to(torch.float64, copy=True).sub_(o)  # ((v − o)²).sum() and (o²).sum(), in place on copies
+            num += float(d.mul_(d).sum())
+            den += float(o.mul_(o).sum())
     return math.sqrt(num / max(den, 1e-300))
 
 
@@ -185,13 +189,29 @@ def wasserstein_barycenter(
     bary, _ = init_barycenter(states[ref], spec, sizes or spec.for_state(dict(states[ref])).sizes, seed)
     transports: list[Transports | None] = [None] * len(states)
     aligned: list[dict[str, Tensor]] = []
+    states = [state_of(s) for s in states]
+    specs = [spec.for_state(s) for s in states]
     for _ in range(max(1, max_iter)):
-        aligned = []
+        previous, aligned = aligned, []
+        spec_bar = spec.for_state(bary)
+        cache: dict[tuple[str, Any], Tensor] = {}  # the barycenter's rows: read once per iteration, not per model
         for i, s in enumerate(states):
-            transports[i] = ot_transport(bary, s, spec, solver=solver, epsilon=epsilon, init=transports[i], sweeps=1)
-            aligned.append(apply_transport(s, spec, transports[i]))  # type: ignore[arg-type]
-        new = (reduce or weighted_average)(aligned, lam, ref=ref)
-        change = _relative_change(new, bary)
+            # ot_transport(bary, s, spec, solver=…, epsilon=…, init=transports[i], sweeps=1), sharing ``cache``
+            old = transports[i]
+            transports[i] = _layerwise_ot(bary, s, spec_bar, specs[i], solver, epsilon, old, 1, cache)
+            if (
+                previous
+                and old is not None
+                and all(g in old and torch.equal(old[g], t) for g, t in transports[i].items())
+            ):
+                aligned.append(previous[i])  # same transports: the same aligned state as last iteration
+            else:
+                aligned.append(apply_transport(s, spec, transports[i]))  # type: ignore[arg-type]
+        if reduce is None and all(a is p for a, p in zip(aligned, previous, strict=False)) and previous:
+            new, change = bary, 0.0  # bary is already weighted_average(previous): the same bits
+        else:
+            new = (reduce or weighted_average)(aligned, lam, ref=ref)
+            change = _relative_change(new, bary)
         bary = new
         if change < tol:
             break

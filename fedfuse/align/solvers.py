@@ -248,8 +248,9 @@ def weight_matching(
     Each member's term ``C_m = A_m B̃_mᵀ`` is cached with the permutations of B's other axes it was built
     with and only rebuilt (or corrected by a low-rank update, when few units moved) after one of those
     changes; a group whose terms all stand as at its last step is not re-solved (the assignment would be
-    the same). The result is the plain coordinate descent's (``_weight_matching_reference``) from the same
-    start, up to the float64 summation order of the scores.
+    the same). Terms with no other axis permuted (BatchNorm vectors, biases) are summed once per group as
+    one product (:class:`_Score`). The result is the plain coordinate descent's
+    (``_weight_matching_reference``) from the same start, up to the float64 summation order of the scores.
     """
     spec = resolve_spec(spec, model_a, example_input)
     sa, sb = state_of(model_a), state_of(model_b)
@@ -266,10 +267,11 @@ def weight_matching(
         ga.name: [_Term(sa, sb, spec_a, spec_b, ga, gb, i) for i in range(len(ga.members))]
         for ga, gb in zip(spec_a.groups, spec_b.groups, strict=True)
     }
+    scores = {name: _Score(ts) for name, ts in terms.items()}
     last: dict[str, tuple[int, ...]] = {}  # the term versions each group was last solved with
     names = [g.name for g in spec_a.groups if g.name not in frozen]
     if start == "greedy":
-        perms.update(_greedy_start(terms, names, frozen | set(given), perms))
+        perms.update(_greedy_start(terms, scores, names, frozen | set(given), perms))
     rng = np.random.default_rng(seed)
     sweeps = 0
     for _ in range(max_iter):
@@ -283,10 +285,7 @@ def weight_matching(
             if last.get(name) == versions:  # same score as at this group's last step: same (non-)move
                 continue
             last[name] = versions
-            score = terms[name][0].value().clone()
-            for t in terms[name][1:]:
-                score += t.value()
-            sc = score.numpy()
+            sc = scores[name].value().numpy()
             _, cols = linear_sum_assignment(sc, maximize=True)
             rows = np.arange(sc.shape[0])
             cur = perms[name].numpy()
@@ -318,7 +317,11 @@ _REFERENCE = False
 
 
 def _greedy_start(
-    terms: Mapping[str, list[_Term]], names: list[str], solved: set[str], perms: dict[str, Tensor]
+    terms: Mapping[str, list[_Term]],
+    scores: Mapping[str, _Score],
+    names: list[str],
+    solved: set[str],
+    perms: dict[str, Tensor],
 ) -> dict[str, Tensor]:
     """Layer-wise start: each group (shallow → deep) maximises the terms whose other axes are solved."""
     perms, solved, out = dict(perms), set(solved), {}
@@ -330,9 +333,62 @@ def _greedy_start(
         if ready:
             for t in ready:
                 t.refresh(perms)
-            score = sum((t.value() for t in ready[1:]), ready[0].value().clone()).numpy()
+            score = scores[name].value(ready).numpy()
             perms[name] = out[name] = torch.from_numpy(linear_sum_assignment(score, maximize=True)[1].astype(np.int64))
     return out
+
+
+class _Score:
+    """A group's score ``Σ_m C_m`` (n × n, float64) from its :class:`_Term` s, summed in three parts.
+
+    * fixed terms (no other axis permuted: BatchNorm vectors, biases, a first layer's weights) never change:
+      their sum is one product of the concatenated rows, built once and kept when the group caches a term anyway
+      (else rebuilt when used, as the short-row terms are);
+    * short-row (``light``) terms with permuted other axes: one product of their concatenated gathered rows;
+    * cached terms: their ``c`` added.
+
+    A residual stream's group has dozens of BatchNorm vectors: one ``n × n`` product in place of one ``n × n``
+    matrix each (resnet50: most of the time of the plain cached sum). Sums in another order than the per-term
+    loop, so equal up to float64 rounding.
+    """
+
+    def __init__(self, terms: list[_Term]) -> None:
+        self.terms = terms
+        self.fixed = [t for t in terms if not t.deps]
+        self.keep = any(not t.light for t in terms)  # the group holds n × n terms: one more for the fixed sum
+        self.const: Tensor | None = None
+
+    def _fixed(self) -> Tensor | None:
+        if self.const is not None:
+            return self.const
+        c = _product(self.fixed)
+        if self.keep:
+            self.const = c
+        return c
+
+    def value(self, ready: list[_Term] | None = None) -> Tensor:
+        """A new float64 tensor: the sum over the ``ready`` terms (default all; fixed terms always count)."""
+        moving = [t for t in (self.terms if ready is None else ready) if t.deps]
+        fixed, light = self._fixed(), _product([t for t in moving if t.light])
+        parts = [(p, p is not self.const) for p in (fixed, light) if p is not None]  # (matrix, built here)
+        parts += [(t.c, False) for t in moving if not t.light]
+        if len(parts) == 1:
+            return parts[0][0] if parts[0][1] else parts[0][0].clone()
+        (p0, fresh), (p1, _) = parts[0], parts[1]
+        score = p0.add_(p1) if fresh else p0 + p1
+        for p, _ in parts[2:]:
+            score += p
+        return score
+
+
+def _product(terms: list[_Term]) -> Tensor | None:
+    """``Σ_m A_m B̃_mᵀ`` over ``terms`` as one product of their concatenated (d × n) rows (None if empty)."""
+    if not terms:
+        return None
+    a = torch.cat([t.a.double() for t in terms], 1) if len(terms) > 1 else terms[0].a.double()
+    bts = [t.bt if t.src is None else t.bt.index_select(0, t.src) for t in terms]
+    bt = torch.cat([b.double() for b in bts]) if len(bts) > 1 else bts[0].double()
+    return a @ bt
 
 
 class _Term:
@@ -340,8 +396,9 @@ class _Term:
 
     ``B̃_m`` is B's parameter with every *other* axis permuted by the current permutations (its ``deps``):
     the ``(n, d)`` rows of the unpermuted B with their columns gathered by ``src`` (the same permutations
-    applied to the column indices). Rows are kept transposed (``d × n``, contiguous) so that gathering
-    columns copies contiguous lines. ``version`` counts the changes of ``c``.
+    applied to the column indices). B's rows are kept transposed (``bt``: ``d × n``, contiguous, one permuted
+    copy of the parameter) so that gathering columns copies contiguous lines; A's rows ``a`` (``n × d``) are
+    a view where the parameter allows. ``version`` counts the changes of ``c``.
     """
 
     def __init__(
@@ -355,11 +412,10 @@ class _Term:
         i: int,
     ) -> None:
         member, self.sizes = gb.members[i], spec_b.sizes
-        a = member_rows(sa[member.key], ga.members[i], spec_a.sizes).T
-        b = member_rows(sb[member.key], member, self.sizes).T
+        a = member_rows(sa[member.key], ga.members[i], spec_a.sizes)
         dtype = torch.float64 if a.numel() <= _CACHE_DOUBLE_MAX else a.dtype  # large ones: converted when used
-        self.at = a.to(dtype, memory_format=torch.contiguous_format)
-        self.bt = b.to(dtype, memory_format=torch.contiguous_format)
+        self.a = a.to(dtype)
+        self.bt = _rows_transposed(sb[member.key], member, self.sizes).to(dtype)
         shape = list(sb[member.key].shape)
         self.col_shape = [*shape[: member.axis], member.repeat, member.expand, *shape[member.axis + 1 :]]
         axes: dict[int, list[tuple[Axis, str]]] = {}
@@ -373,14 +429,7 @@ class _Term:
         self.src: Tensor | None = None
         self.c: Tensor = torch.empty(0)
         self.version = -1
-        self.light = self.at.shape[0] * _LIGHT_RATIO < self.at.shape[1]  # d < n / _LIGHT_RATIO: not cached
-
-    def value(self) -> Tensor:
-        """``C_m`` at the permutations of the last :meth:`refresh` (rebuilt here for a light term)."""
-        if not self.light:
-            return self.c
-        bt = self.bt if self.src is None else self.bt.index_select(0, self.src)
-        return self.at.double().T @ bt.double()
+        self.light = self.bt.shape[0] * _LIGHT_RATIO < self.bt.shape[1]  # d < n / _LIGHT_RATIO: not cached
 
     def _src(self, perms: Mapping[str, Tensor]) -> Tensor | None:
         """Column ``k`` of B̃'s rows is column ``src[k]`` of B's (None: no other axis is permuted)."""
@@ -399,18 +448,26 @@ class _Term:
         self.seen = {name: perms[name] for name in self.deps}
         src, old = self._src(perms), self.src
         self.src, self.version = src, self.version + 1
-        d, n = self.at.shape
-        if self.light:
+        d, n = self.bt.shape
+        if self.light or not self.deps:  # built when used / summed once by _Score
             return
         if old is not None and src is not None and n * n * d >= _LOW_RANK_MIN_MACS:
             moved = (src != old).nonzero().squeeze(1)
             if moved.numel() <= _LOW_RANK_FRACTION * d:
                 if moved.numel():
                     diff = self.bt.index_select(0, src[moved]).double() - self.bt.index_select(0, old[moved]).double()
-                    self.c += self.at.index_select(0, moved).double().T @ diff
+                    self.c += self.a.index_select(1, moved).double() @ diff
                 return
         bt = self.bt if src is None else self.bt.index_select(0, src)
-        self.c = self.at.double().T @ bt.double()
+        self.c = self.a.double() @ bt.double()
+
+
+def _rows_transposed(w: Tensor, member: Axis, sizes: Mapping[str, int]) -> Tensor:
+    """``member_rows(w, member, sizes).T`` made contiguous in one copy (the member's axis moved last)."""
+    shape = tuple(w.shape)
+    block, off, n = segment_range(member, sizes, shape[member.axis])
+    x = w.reshape(*shape[: member.axis], member.repeat, block, member.expand, *shape[member.axis + 1 :])
+    return x.narrow(member.axis + 1, off, n).movedim(member.axis + 1, -1).reshape(-1, n).contiguous()
 
 
 def _weight_matching_reference(
@@ -521,8 +578,26 @@ def ot_transport(
         acts_a, acts_b = capture_activations(model_a, spec, batch), capture_activations(model_b, spec, batch)
     elif cost != "weight":
         raise ConfigError(f"cost={cost!r} is not supported; allowed: 'weight', 'activation'")
+    return _layerwise_ot(sa, sb, spec_a, spec_b, solver, epsilon, init, sweeps, {}, acts_a, acts_b)
+
+
+def _layerwise_ot(
+    sa: Mapping[str, Tensor],
+    sb: Mapping[str, Tensor],
+    spec_a: TransportSpec,
+    spec_b: TransportSpec,
+    solver: Literal["emd", "sinkhorn"],
+    epsilon: float,
+    init: Mapping[str, Tensor] | None,
+    sweeps: int,
+    cache_a: dict[tuple[str, Any], Tensor],
+    acts_a: Mapping[str, Tensor] | None = None,
+    acts_b: Mapping[str, Tensor] | None = None,
+) -> Transports:
+    """:func:`ot_transport` on states with their specs. ``cache_a`` keeps A's rows (per member, and
+    concatenated per group and member set): A is the fixed target, so the WB step shares it across models."""
+    acts_a, acts_b = acts_a or {}, acts_b or {}
     transports: dict[str, Tensor] = {k: v.float() for k, v in (init or {}).items()}
-    cache_a: dict[tuple[str, int], Tensor] = {}  # A is the fixed target: its rows never change
     for sweep in range(max(1, sweeps)):
         changed = False
         for ga, gb in zip(spec_a.groups, spec_b.groups, strict=True):
@@ -534,7 +609,10 @@ def ot_transport(
                 pairs = _paired_out_features(sa, spec_a, ga, sb, spec_b, gb, transports, require, cache_a)
                 if not pairs:  # nothing solved yet feeds this group: use every member untransported
                     pairs = _paired_out_features(sa, spec_a, ga, sb, spec_b, gb, transports, False, cache_a)
-                fa, fb = torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 1)
+                key = (name, tuple(i for i, _, _ in pairs))
+                if key not in cache_a:
+                    cache_a[key] = torch.cat([p[1] for p in pairs], 1)
+                fa, fb = cache_a[key], torch.cat([p[2] for p in pairs], 1)
             t = ot_coupling(pairwise_sq_dist(fa, fb), solver, epsilon)
             old = transports.get(name)
             if old is None or old.shape != t.shape or not torch.allclose(old, t, atol=1e-6):
@@ -554,9 +632,9 @@ def _paired_out_features(
     gb: Group,
     transports: Mapping[str, Tensor],
     require: bool,
-    cache_a: dict[tuple[str, int], Tensor],
-) -> list[tuple[Tensor, Tensor]]:
-    """(A rows, B rows with other axes transported) for each ``out`` member usable now."""
+    cache_a: dict[tuple[str, Any], Tensor],
+) -> list[tuple[int, Tensor, Tensor]]:
+    """(member index, A rows, B rows with other axes transported) for each ``out`` member usable now."""
     pairs = []
     for i, (ma, mb) in enumerate(zip(ga.members, gb.members, strict=True)):
         if ma.role != "out":
@@ -566,5 +644,5 @@ def _paired_out_features(
             continue
         if (ga.name, i) not in cache_a:
             cache_a[(ga.name, i)] = member_features(sa, spec_a, ga, ma)  # type: ignore[assignment]
-        pairs.append((cache_a[(ga.name, i)], fb))
+        pairs.append((i, cache_a[(ga.name, i)], fb))
     return pairs
