@@ -11,7 +11,8 @@ describes is handled once, there. (Out axes: ``E W`` keeps the first rows; in ax
 
 Masked averaging: with ``e_i = embed(θ_i)`` and ``m_i = embed(1)`` (1 where client i's sub-model holds the
 entry), ``θ = Σ_i λ_i e_i / Σ_i λ_i m_i`` entry-wise, λ_i = n_i / Σ n_j; an entry no client holds keeps its
-previous global value. With equal full widths this is FedAvg.
+previous global value. With equal full widths this is FedAvg. (The official HeteroFL code averages by
+client count; ``weights=None`` gives that, the strategy passes the examples counts as FedAvg does.)
 
 *(our reading)*: HeteroFL's ``Scaler`` (activations × 1/r while training) and static BatchNorm are model
 changes, not part of the aggregation; they are left out here — BatchNorm running statistics are sliced and
