@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedfuse.align import derive_spec, fuse  # noqa: E402
 from fedfuse.align.slicing import slice_state  # noqa: E402
+from fedfuse.align.transport import member_features  # noqa: E402
 from fedfuse.experiment import dataset_for, model_for  # noqa: E402
 from fedfuse.results import atomic_write_bytes  # noqa: E402
 from fedfuse.train import evaluate  # noqa: E402
@@ -115,6 +116,25 @@ def width_accuracies(cfg: dict[str, Any], method: str, state: dict[str, torch.Te
     return out
 
 
+def distinct_units(cfg: dict[str, Any], state: dict[str, torch.Tensor], tol: float = 1e-3) -> list[int]:
+    """(distinct, total) hidden units over all groups of ``state``: a unit's row = its incoming weights (every
+    ``out`` member of its group, concatenated); rows closer than ``tol`` × the mean row norm count once
+    (duplicated units — what a barycenter onto a wider support produces — are not extra capacity)."""
+    ds = dataset_for(cfg)
+    spec = derive_spec(model_for(cfg, ds), ds.x_test[:2])
+    distinct = total = 0
+    for g in spec.groups:
+        rows = torch.cat([member_features(state, spec, g, m).double() for m in g.members if m.role == "out"], 1)
+        close = torch.cdist(rows, rows) <= tol * rows.norm(dim=1).mean()
+        seen = torch.zeros(len(rows), dtype=torch.bool)
+        for i in range(len(rows)):
+            if not seen[i]:
+                distinct += 1
+                seen |= close[i]
+        total += len(rows)
+    return [distinct, total]
+
+
 def one_run(args: argparse.Namespace, model: str, method: str, seed: int, tmp: Path) -> dict[str, Any]:
     from clients.client_app import app
     from fedfuse.runners.inline import InlineGrid
@@ -134,6 +154,7 @@ def one_run(args: argparse.Namespace, model: str, method: str, seed: int, tmp: P
         "config": cfg | {"out": None},
         "global_accuracy": float(last["central_accuracy"]),
         "width_accuracy": per_width,
+        "distinct_units": distinct_units(cfg, state),
         "seconds": seconds,
         "curve": [r["central_accuracy"] for r in json.loads((out / "metrics.json").read_text())["rounds"]],
     }
@@ -166,7 +187,9 @@ def to_md(res: dict[str, Any], args: argparse.Namespace) -> str:
         f"- Same seeds {list(range(args.seeds))} for every method (a seed fixes partition, init and shuffling). "
         "*global* = the final global model's central test accuracy; *width w* = test accuracy of the model a "
         "client of width w receives from the final global (HeteroFL's slice, FedWB's transported model). "
-        "Mean ± std over seeds.",
+        "Mean ± std over seeds. *distinct units* = hidden units of the final global model (all groups) whose "
+        "incoming weights differ by more than 10⁻³ × the mean row norm (mean over seeds / total): duplicated units "
+        "are not extra capacity.",
         "",
     ]
     for model in args.models:
@@ -174,8 +197,8 @@ def to_md(res: dict[str, Any], args: argparse.Namespace) -> str:
         lines += [
             f"## {model}",
             "",
-            "| method | global | " + " | ".join(f"width {w}" for w in widths) + " | s / run |",
-            "|---|---|" + "---|" * len(widths) + "---|",
+            "| method | global | " + " | ".join(f"width {w}" for w in widths) + " | distinct units | s / run |",
+            "|---|---|" + "---|" * len(widths) + "---|---|",
         ]
         for method in args.methods:
             runs = [r for r in res["runs"] if r["model"] == model and r["method"] == method]
@@ -185,6 +208,8 @@ def to_md(res: dict[str, Any], args: argparse.Namespace) -> str:
             for w in widths:
                 vals = [r["width_accuracy"][str(w)] for r in runs if str(w) in r["width_accuracy"]]
                 cells.append(ms(vals) if vals else "–")
+            units = [r["distinct_units"] for r in runs if "distinct_units" in r]
+            cells.append(f"{statistics.fmean(d for d, _ in units):.0f} / {units[0][1]}" if units else "–")
             secs = statistics.fmean(r["seconds"] for r in runs)
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {secs:.0f} |")
         lines.append("")
@@ -244,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
                 runs.append(run)
                 print(
                     f"[hetero] {model} {method:12s} seed={seed} global={run['global_accuracy']:.3f} "
-                    f"widths={ {w: round(a, 3) for w, a in run['width_accuracy'].items()} } ({run['seconds']:.0f}s)",
+                    f"widths={ {w: round(a, 3) for w, a in run['width_accuracy'].items()} } units={run['distinct_units']} "
+                    f"({run['seconds']:.0f}s)",
                     flush=True,
                 )
                 res.update({"command": cmd, "machine": machine(), "seconds": time.perf_counter() - t0,
