@@ -161,12 +161,14 @@ def one_run(args: argparse.Namespace, model: str, method: str, seed: int, tmp: P
 
 
 def to_md(res: dict[str, Any], args: argparse.Namespace) -> str:
+    used = [r for r in res["runs"] if r["seed"] < args.seeds]
     lines = [
         "# Heterogeneous widths: HeteroFL vs FedWB",
         "",
         f"Command: `{res['command']}`  ",
         f"Machine: {res['machine']}  ",
-        f"Wall time: {res['seconds'] / 60:.1f} min (runs of this invocation)",
+        f"Run time: {sum(r['seconds'] for r in used) / 60:.1f} min in the {len(used)} runs below (this invocation: "
+        f"{res['seconds'] / 60:.1f} min)",
         "",
         "## Setup",
         "",
@@ -197,14 +199,14 @@ def to_md(res: dict[str, Any], args: argparse.Namespace) -> str:
         lines += [
             f"## {model}",
             "",
-            "| method | global | " + " | ".join(f"width {w}" for w in widths) + " | distinct units | s / run |",
-            "|---|---|" + "---|" * len(widths) + "---|---|",
+            "| method | seeds | global | " + " | ".join(f"width {w}" for w in widths) + " | distinct units | s / run |",
+            "|---|---|---|" + "---|" * len(widths) + "---|---|",
         ]
         for method in args.methods:
-            runs = [r for r in res["runs"] if r["model"] == model and r["method"] == method]
+            runs = [r for r in used if r["model"] == model and r["method"] == method]
             if not runs:
                 continue
-            cells = [ms([r["global_accuracy"] for r in runs])]
+            cells = [str(len(runs)), ms([r["global_accuracy"] for r in runs])]
             for w in widths:
                 vals = [r["width_accuracy"][str(w)] for r in runs if str(w) in r["width_accuracy"]]
                 cells.append(ms(vals) if vals else "–")
@@ -215,6 +217,13 @@ def to_md(res: dict[str, Any], args: argparse.Namespace) -> str:
         lines.append("")
     lines += ["Per-seed accuracies and curves are in the JSON next to this file.", ""]
     return "\n".join(lines)
+
+
+def write(res: dict[str, Any], args: argparse.Namespace, cmd: str, seconds: float, stem: Path) -> None:
+    """JSON (every run so far) and Markdown (the runs of seeds < ``--seeds``), each written atomically."""
+    res.update({"command": cmd, "machine": machine(), "seconds": seconds, "args": vars(args)})
+    atomic_write_bytes(stem.with_suffix(".json"), json.dumps(res, indent=1, default=float).encode())
+    atomic_write_bytes(stem.with_suffix(".md"), to_md(res, args).encode())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -273,10 +282,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"({run['seconds']:.0f}s)",
                     flush=True,
                 )
-                res.update({"command": cmd, "machine": machine(), "seconds": time.perf_counter() - t0,
-                            "args": vars(args)})  # fmt: skip
-                atomic_write_bytes(json_path, json.dumps(res, indent=1, default=float).encode())
-                atomic_write_bytes(stem.with_suffix(".md"), to_md(res, args).encode())
+                write(res, args, cmd, time.perf_counter() - t0, stem)
+    write(res, args, cmd, time.perf_counter() - t0, stem)  # also when every run was already there (resume)
     print(f"wrote {stem}.md / .json ({time.perf_counter() - t0:.0f}s)")
 
 
