@@ -202,7 +202,7 @@ def to_md(res: dict[str, Any], args: argparse.Namespace) -> str:
             "| method | seeds | global | " + " | ".join(f"width {w}" for w in widths) + " | distinct units | s / run |",
             "|---|---|---|" + "---|" * len(widths) + "---|---|",
         ]
-        for method in args.methods:
+        for method in METHODS:  # every method with runs (a resume may have run only some)
             runs = [r for r in used if r["model"] == model and r["method"] == method]
             if not runs:
                 continue
