@@ -116,3 +116,12 @@ def test_heterofl_refuses_a_client_wider_than_the_global_model_and_robust() -> N
         HeteroFL(model=model, client_widths=[16, 64], model_factory=factory)
     with pytest.raises(ConfigError, match="robust='median' is not supported by heterofl"):
         HeteroFL(model=model, robust="median")
+
+
+def test_client_widths_are_an_option_of_heterofl() -> None:
+    from strategies.registry import validate_config
+
+    cfg = validate_config({"strategy": "heterofl", "client-widths": "16,32"})
+    assert cfg["client-widths"] == "16,32"
+    with pytest.raises(ConfigError, match="client-widths='16,32' needs strategy wb or gwb or heterofl"):
+        validate_config({"strategy": "fedavg", "client-widths": "16,32"})
