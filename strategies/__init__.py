@@ -2,7 +2,18 @@
 
 from strategies.base import FedFuseStrategy
 from strategies.fusion import FedFusion, FedGWB, FedMatch, FedWB
+from strategies.heterofl import HeteroFL
 from strategies.layerwise import LayerwiseAvg
 from strategies.pfn import FedPFN, FedPNU
 
-__all__ = ["FedFuseStrategy", "FedFusion", "FedGWB", "FedMatch", "FedPFN", "FedPNU", "FedWB", "LayerwiseAvg"]
+__all__ = [
+    "FedFuseStrategy",
+    "FedFusion",
+    "FedGWB",
+    "FedMatch",
+    "FedPFN",
+    "FedPNU",
+    "FedWB",
+    "HeteroFL",
+    "LayerwiseAvg",
+]

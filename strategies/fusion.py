@@ -44,7 +44,7 @@ WIDTHS_OPTION = Option(
     "client-widths",
     str,
     "",
-    "wb/gwb: comma-separated hidden widths cycled over clients (heterogeneity)",
+    "wb/gwb/heterofl: comma-separated hidden widths cycled over clients (heterogeneity)",
     check_value=_widths_reason,
 )
 

@@ -34,6 +34,7 @@ STRATEGIES: dict[str, str] = {
     "match": "strategies.fusion:FedMatch",
     "wb": "strategies.fusion:FedWB",
     "gwb": "strategies.fusion:FedGWB",
+    "heterofl": "strategies.heterofl:HeteroFL",
     "layerwise": "strategies.layerwise:LayerwiseAvg",
 }
 
