@@ -113,3 +113,22 @@ def test_bn_fold_is_a_no_op_without_batch_norm() -> None:
     a = fuse([model, other], method="match", bn_fold=True)
     b = fuse([model, other], method="match")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("cls_name", ["FedMatch", "FedWB"])
+def test_fusion_strategies_expose_bn_fold(cls_name: str) -> None:
+    import strategies.fusion as fusion
+
+    model, x = make_case("vgg_bn")
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eps = 0.0
+    spec = derive_spec(model, x[:2])
+    other, _ = permute_model(_rescaled(model, fold_pairs(model, x[:2]), seed=4), spec, seed=6)
+    states = [model.state_dict(), other.state_dict()]
+    cls = getattr(fusion, cls_name)
+    assert "bn-fold" in {o.name for o in cls.options}
+    folded = cls(model=model, example_input=x, bn_fold=True).aggregate_arrays(1, states, [2.0, 1.0])
+    torch.testing.assert_close(_features(model, folded, x), _features(model, None, x), atol=1e-4, rtol=1e-4)
+    raw = cls(model=model, example_input=x).aggregate_arrays(1, states, [2.0, 1.0])
+    assert float((_features(model, raw, x) - _features(model, None, x)).abs().max()) > 1e-3
