@@ -11,6 +11,9 @@ Jacobi rounds; for BN models also the federated BatchNorm reset. Then the midpoi
 
     python benchmarks/repair.py --data-root /work/shared/data --models mlp cnn cnn-bn --epochs 5
 
+``--bn-fold``: BN models also fused with ``fuse(bn_fold=True)`` (BatchNorm folded into its conv for the alignment
+cost and the average), an extra before/after table; results then go to ``repair-bn-<tag>``.
+
 Runs on one torch thread (the machine is shared). Writes ``benchmarks/results/repair-<tag>.md`` and ``.json``.
 """
 
@@ -151,8 +154,10 @@ def run_model(args: argparse.Namespace, data: Any, name: str) -> dict[str, Any]:
     methods = {k: v for k, v in methods.items() if k.split("_")[0] in args.methods}
     results = {}
     wb_transports = None
-    for key, kw in methods.items():
-        kw = {"method": key, **kw}
+    folds = (False, True) if args.bn_fold and bn else (False,)
+    runs = [(key + ("+fold" if fold else ""), {"method": key, **kw, "bn_fold": fold}) for key, kw in methods.items()
+            for fold in folds]  # fmt: skip
+    for key, kw in runs:
         t = time.perf_counter()
         fused, aligned = fuse(models, lam, spec=spec, template=template, return_aligned=True, bn_repair=None, **kw)
         res: dict[str, Any] = {"fuse_s": time.perf_counter() - t, "acc": evaluate(_load(template, fused), xt, yt)[1]}
@@ -267,7 +272,8 @@ def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace, elapsed: flo
                 f"= {m['gw']['acc'] - m['average']['acc']:+.3f}; relative change of the aligned weights vs WB: "
                 f"{gwb.get('rel_diff_vs_wb', float('nan')):.4f}"
             )
-        best = max(("wb", "match", f"gwb_a{DEFAULT_ALPHA:g}"), key=lambda k: m[k]["repair_acc"] if k in m else -1)
+        cands = [k for k in m if k.split("+")[0] in ("wb", "match", f"gwb_a{DEFAULT_ALPHA:g}")]
+        best = max(cands or ["wb"], key=lambda k: m[k]["repair_acc"] if k in m else -1)
         if best not in m or "wb" not in m:
             continue
         lines.append(
@@ -275,6 +281,30 @@ def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace, elapsed: flo
             f"ensemble − (best fused + REPAIR: {best}) = {r['ensemble_acc'] - m[best]['repair_acc']:+.3f} "
             "(goal ≤ 0.05)"
         )
+    if any(k.endswith("+fold") for r in rows for k in r["methods"]):
+        lines += [
+            "",
+            "## BN-aware alignment: raw parameters (before) vs BatchNorm folded into its conv (after, `bn_fold=True`)",
+            "",
+            "Same parents and statistics as above; *after* aligns and averages the folded (eval-mode) affine maps "
+            "and unfolds onto the aligned parents' averaged γ, β, σ². Gap = ensemble − accuracy.",
+            "",
+            "| model | ensemble | method | fused before | fused after | BN reset before | BN reset after | "
+            "REPAIR before | REPAIR after | REPAIR gap before | REPAIR gap after |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            m, ens = r["methods"], r["ensemble_acc"]
+            for key in m:
+                if key.endswith("+fold") or f"{key}+fold" not in m:
+                    continue
+                a, b = m[key], m[f"{key}+fold"]
+                lines.append(
+                    f"| {r['model']} | {ens:.3f} | {key} | {a['acc']:.3f} | {b['acc']:.3f} | "
+                    f"{a.get('bn_reset_acc', float('nan')):.3f} | {b.get('bn_reset_acc', float('nan')):.3f} | "
+                    f"{a['repair_acc']:.3f} | {b['repair_acc']:.3f} | {ens - a['repair_acc']:+.3f} | "
+                    f"{ens - b['repair_acc']:+.3f} |"
+                )
     lines += [
         "",
         "## Extra traffic per sampled client for one fusion (float32 payload bytes, no framing)",
@@ -340,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=["average", "match", "wb", "gw", "gwb"])
     p.add_argument("--shared-pair", action="store_true", help="also two parents trained on the same whole train set")
     p.add_argument("--train-only", action="store_true")
+    p.add_argument("--bn-fold", action="store_true", help="BN models: every method also with fuse(bn_fold=True)")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
     args.argv = ["python", "benchmarks/repair.py", *(argv if argv is not None else sys.argv[1:])]
@@ -356,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     t0 = time.perf_counter()
     rows = [run_model(args, data, name) for name in args.models]
-    tag = args.tag or f"{args.dataset}-{args.parents}"
+    tag = ("bn-" if args.bn_fold else "") + (args.tag or f"{args.dataset}-{args.parents}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"repair-{tag}.json").write_text(json.dumps({"command": " ".join(args.argv), "rows": rows}, indent=1))
     (RESULTS / f"repair-{tag}.md").write_text(_markdown(rows, args, time.perf_counter() - t0))

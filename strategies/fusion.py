@@ -38,6 +38,13 @@ FUSION_OPTIONS = (
     Option("fusion-solver", str, "emd", "wb: exact OT (emd) or entropic (sinkhorn)", choices=SOLVERS),
     Option("fusion-epsilon", float, 0.01, "sinkhorn regularisation, relative to the cost range", low=0, low_open=True),
     Option("fusion-iters", int, 0, "barycenter iterations (0 = the method's default)", low=0),
+    Option(
+        "bn-fold",
+        bool,
+        False,
+        "BN-aware fusion: fold each BatchNorm into its conv/linear for the alignment cost and the average, "
+        "unfold onto the clients' averaged BN parameters after (no effect without BatchNorm)",
+    ),
     *REPAIR_OPTIONS,
 )
 WIDTHS_OPTION = Option(
@@ -58,7 +65,8 @@ class FedFusion(FedFuseStrategy):
     (``emd`` exact or ``sinkhorn``), ``epsilon`` (Sinkhorn regularisation, relative to the cost
     range), ``max_iter`` (barycenter iterations), ``bn_repair`` (``none``: BatchNorm statistics are the
     transported average; ``reset``/``repair``: a post-fusion statistics round with the same clients,
-    :mod:`strategies.repair`, ``repair_rounds`` Jacobi rounds for ``repair``).
+    :mod:`strategies.repair`, ``repair_rounds`` Jacobi rounds for ``repair``), ``bn_fold`` (BN-aware alignment:
+    ``fuse(bn_fold=True)``).
 
     Width heterogeneity (wb/gwb): with ``client_widths`` (client with partition p gets
     ``client_widths[p % len]``) and ``model_factory(width) -> module``, each client receives the global
@@ -79,6 +87,7 @@ class FedFusion(FedFuseStrategy):
         max_iter: int | None = None,
         bn_repair: str = "none",
         repair_rounds: int = 0,
+        bn_fold: bool = False,
         client_widths: Sequence[int] | None = None,
         model_factory: Callable[[int], nn.Module] | None = None,
         seed: int = 0,
@@ -97,7 +106,7 @@ class FedFusion(FedFuseStrategy):
         self.solver = solver
         self.epsilon = float(epsilon)
         self.max_iter = max_iter
-        self.fuse_kwargs: dict[str, Any] = {}  # method-specific fuse() arguments (gwb: alpha)
+        self.fuse_kwargs: dict[str, Any] = {"bn_fold": bool(bn_fold)}  # + method-specific ones (gwb: alpha)
         self.post = PostFusionRepair(bn_repair, rounds=repair_rounds, template=model, example_input=example_input)
         self.bn_repair = None  # the server holds no data: BN statistics stay the transported average unless self.post
         self._grid: Grid | None = None
@@ -128,6 +137,7 @@ class FedFusion(FedFuseStrategy):
             "max_iter": int(cfg["fusion-iters"]) or None,
             "bn_repair": str(cfg["bn-repair"]),
             "repair_rounds": int(cfg["repair-rounds"]),
+            "bn_fold": bool(cfg["bn-fold"]),
             "client_widths": widths or None,
             "model_factory": (lambda w: model_for(cfg, dataset_for(cfg), width=w)) if widths else None,
         }

@@ -37,7 +37,7 @@ import torch
 from scipy.cluster.vq import kmeans2
 from torch import Tensor, nn
 
-from fedfuse.align.bn import has_batch_norm, reset_bn_stats
+from fedfuse.align.bn import fold_bn, fold_pairs, has_batch_norm, reset_bn_stats, unfold_bn
 from fedfuse.align.gw import DEFAULT_ALPHA, fused_gromov_wasserstein_barycenter
 from fedfuse.align.repair import repair
 from fedfuse.align.solvers import (
@@ -279,6 +279,7 @@ def fuse(
     init: int | None = None,
     bn_repair: Literal["auto", "reset", "repair"] | None = "auto",
     repair_data: Any = None,
+    bn_fold: bool = False,
     seed: int = 0,
     alpha: float | None = None,
     return_aligned: bool = False,
@@ -293,6 +294,13 @@ def fuse(
     transported average of the running statistics is kept), ``"reset"``, ``"repair"`` (REPAIR, with or without
     BatchNorm: :mod:`fedfuse.align.repair`), or None. ``return_aligned``: also return every model aligned to
     the fused one (what federated REPAIR sends back to each client).
+    ``bn_fold`` (BN-aware alignment, needs a module): every BatchNorm that reads a Linear/Conv's output is folded
+    into it first (:func:`fedfuse.align.bn.fold_bn`: per unit ``W ← γW/√(σ²+ε)``, shift ``β + γ(b−μ)/√(σ²+ε)``,
+    the unit's eval-mode affine map), so the alignment cost and the average compare the functions the units
+    compute rather than raw ``W`` whose scale BatchNorm makes arbitrary; afterwards the fused model and every
+    aligned parent are unfolded (:func:`fedfuse.align.bn.unfold_bn`, exact in eval mode) onto BN parameters
+    ``(γ, β, σ²)``: the λ-average of the aligned parents', resp. each parent's own. *(our reading: OTFusion /
+    Git Re-Basin / REPAIR align raw parameters; folding is the standard inference-time BN fold.)*
     ``reduce(aligned, λ, ref=...)`` replaces the weighted average of the aligned models (WB/GW: in every
     barycenter iteration), e.g. :func:`fedfuse.robust.reducer` for robust aggregation in the aligned space.
     """
@@ -302,13 +310,20 @@ def fuse(
         raise ConfigError("fuse needs at least one model")
     states = [state_of(m) for m in models]
     lam = normalise_weights(weights, len(states))
+    originals, pairs = states, []
     ref = int(np.argmax(lam)) if init is None else int(init)
     if not 0 <= ref < len(states):
         raise ConfigError(f"init={init} is not a model index (0..{len(states) - 1})")
     _check_states(states, same_shapes=method in ("average", "match"), method=method)
     module = template if template is not None else next((m for m in models if isinstance(m, nn.Module)), None)
+    if bn_fold:
+        if module is None:
+            raise ConfigError("bn_fold=True needs an nn.Module (pass template=) to find the BatchNorm layers")
+        pairs = fold_pairs(module, example_input)
+        states = [fold_bn(s, pairs) for s in states]
 
     aligned: list[dict[str, Tensor]] = states
+    transports: list[Transports] = [{} for _ in states]
     average = reduce or weighted_average
     if method == "average":
         if target_width is not None:
@@ -321,18 +336,15 @@ def fuse(
         if method == "match":
             if target_width is not None:
                 raise ConfigError("target_width needs method='wb', 'gwb' or 'gw'")
-            aligned = [
-                s
-                if i == ref
-                else apply_transport(
-                    s, spec, weight_matching(states[ref], s, spec, max_iter=max_iter or 100, seed=seed)
-                )
+            transports = [
+                {} if i == ref else weight_matching(states[ref], s, spec, max_iter=max_iter or 100, seed=seed)
                 for i, s in enumerate(states)
             ]
+            aligned = [apply_transport(s, spec, t) if t else s for s, t in zip(states, transports, strict=True)]
             fused = average(aligned, lam, ref=ref)
         elif method == "wb":
             sizes = _target_sizes(specs[ref], target_width)
-            fused, _, aligned = wasserstein_barycenter(
+            fused, transports, aligned = wasserstein_barycenter(
                 states, lam, spec, ref=ref, solver=solver, epsilon=epsilon, max_iter=max_iter or 10, tol=tol,
                 sizes=sizes, seed=seed, reduce=reduce,
             )  # fmt: skip
@@ -342,16 +354,20 @@ def fuse(
                 states, lam, spec, ref=ref, solver=solver, epsilon=epsilon, max_iter=max_iter or 10, tol=tol,
                 sizes=sizes, seed=seed, reduce=reduce,
             )  # fmt: skip
-            fused, _, aligned = fused_gromov_wasserstein_barycenter(
+            fused, transports, aligned = fused_gromov_wasserstein_barycenter(
                 states, lam, spec, wb[:2], alpha=DEFAULT_ALPHA if alpha is None else alpha, ref=ref,
                 max_iter=max_iter or 10, reduce=reduce,
             )  # fmt: skip
         else:
             sizes = _target_sizes(specs[ref], target_width)
-            fused, _, aligned = gromov_wasserstein_barycenter(
+            fused, transports, aligned = gromov_wasserstein_barycenter(
                 states, lam, spec, ref=ref, max_iter=max_iter or 20, sizes=sizes, seed=seed, reduce=reduce
             )
         check_alignment(states, aligned, spec, ref, method)
+    if pairs:  # back to ordinary BN parameters: the aligned parents' own, and their λ-average for the fused model
+        norms = [apply_transport(o, spec, t) if t else o for o, t in zip(originals, transports, strict=True)]
+        aligned = [unfold_bn(a, pairs, n) for a, n in zip(aligned, norms, strict=True)]
+        fused = unfold_bn(fused, pairs, weighted_average(norms, lam, ref=ref))
     fused = _post_norm(fused, aligned, lam, module, bn_repair, repair_data)
     return (fused, aligned) if return_aligned else fused
 
