@@ -145,7 +145,11 @@ def elementwise(d: Any, node: fx.Node, mod: Any = None) -> Any:
     """Channel-wise op (activation, dropout, cast, identity): the layout passes through unchanged."""
     first = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
     lay = d.lay(first)
-    return FIXED if isinstance(lay, ParamRef) else lay
+    if isinstance(lay, ParamRef):  # ``w.to(dtype)``, ``w.exp()``: same shape, still indexed by the same units
+        out, val = d.values.get(node.name), d.value(first)
+        same = isinstance(out, torch.Tensor) and isinstance(val, torch.Tensor) and out.shape == val.shape
+        return lay if same else FIXED
+    return lay
 
 
 def channels_last(d: Any, node: fx.Node, mod: Any = None) -> Any:
@@ -184,21 +188,36 @@ def pool(d: Any, node: fx.Node, mod: Any = None) -> Any:
     return lay
 
 
-def linear(d: Any, node: fx.Node, mod: nn.Linear) -> Any:
-    """``y = x Wᵀ + b``: input units index W's columns, a new group of ``out_features`` indexes rows and bias."""
-    name = str(node.target)
-    x = node.args[0]
+def _linear(d: Any, node: fx.Node, x: Any, weight: str, bias: str | None, out_features: int, name: str) -> Any:
     lay = d.lay(x)
     rank = d.value(x).dim()
     if isinstance(lay, Layout) and not d.is_fixed(lay) and lay.dim != rank - 1:
         return lay  # token mixing (a Linear over a non-hidden dim): channel layout kept, its own units fixed
     lay_in = d.check_channel(node, lay, rank - 1, flat_ok=True)
     if lay_in is not None:
-        d.add_inputs(f"{name}.weight", 1, lay_in, x)
-    g = d.new_group(name, mod.out_features)
-    d.add(g, f"{name}.weight", 0, "out")
-    d.add(g, f"{name}.bias", 0, "out")
-    return Layout(rank - 1, ((g, mod.out_features),))
+        d.add_inputs(weight, 1, lay_in, x)
+    g = d.new_group(name, out_features)
+    d.add(g, weight, 0, "out")
+    if bias is not None:
+        d.add(g, bias, 0, "out")
+    return Layout(rank - 1, ((g, out_features),))
+
+
+def linear(d: Any, node: fx.Node, mod: nn.Linear) -> Any:
+    """``y = x Wᵀ + b``: input units index W's columns, a new group of ``out_features`` indexes rows and bias."""
+    name = str(node.target)
+    return _linear(d, node, node.args[0], f"{name}.weight", f"{name}.bias", mod.out_features, name)
+
+
+def functional_linear(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``F.linear(x, W, b)`` with W, b the model's parameters (a Linear subclass with its own forward)."""
+    w, b = _arg(node, F.linear, "weight"), _arg(node, F.linear, "bias")
+    wref, bref = d.lay(w), d.lay(b)
+    if not isinstance(wref, ParamRef) or wref.dims != (0, 1) or (b is not None and not isinstance(bref, ParamRef)):
+        raise d.unsupported(node, "its weight is computed, not a model parameter")
+    name = wref.key.rsplit(".", 1)[0] if "." in wref.key else wref.key
+    bias = bref.key if isinstance(bref, ParamRef) else None
+    return _linear(d, node, node.args[0], wref.key, bias, d.value(w).shape[0], name)
 
 
 def conv(d: Any, node: fx.Node, mod: nn.Conv1d) -> Any:
@@ -264,8 +283,16 @@ def layer_norm_module(d: Any, node: fx.Node, mod: nn.LayerNorm) -> Any:
     return lay
 
 
+# positional parameters of builtins that ``inspect.signature`` cannot read
+_BUILTIN_PARAMS: dict[Any, tuple[str, ...]] = {F.linear: ("input", "weight", "bias")}
+
+
 def _arg(node: fx.Node, fn: Callable[..., Any], name: str) -> Any:
     """Argument ``name`` of a call to ``fn`` (positional or keyword)."""
+    if fn in _BUILTIN_PARAMS:
+        names = _BUILTIN_PARAMS[fn]
+        i = names.index(name)
+        return node.args[i] if i < len(node.args) else node.kwargs.get(name)
     try:
         bound = inspect.signature(fn).bind_partial(*node.args, **node.kwargs)
     except (TypeError, ValueError):
@@ -469,40 +496,7 @@ def binary(d: Any, node: fx.Node, mod: Any = None) -> Any:
     """Element-wise ``a ∘ b``: residual add (groups joined), layer scale / affine params (params join the group)."""
     a = node.args[0]
     b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
-    out = d.values[node.name]
-    la, lb = d.lay(a), d.lay(b)
-    va, vb = d.value(a), d.value(b)
-    if not isinstance(vb, torch.Tensor) or lb is None:
-        return FIXED if isinstance(la, ParamRef) else la
-    if not isinstance(va, torch.Tensor) or la is None:
-        return FIXED if isinstance(lb, ParamRef) else lb
-    result: Any = None
-    for lx, vx, ly, vy in ((la, va, lb, vb), (lb, vb, la, va)):
-        if d.is_fixed(lx) or not isinstance(lx, Layout):
-            continue
-        dim_out = lx.dim + out.dim() - vx.dim()
-        if isinstance(ly, Layout) and not d.is_fixed(ly) and ly.dim + out.dim() - vy.dim() == dim_out:
-            if ly.expand != lx.expand or [n for _, n in ly.segs] != [n for _, n in lx.segs]:
-                if ly.expand * ly.block != lx.expand * lx.block:
-                    raise d.unsupported(node, "operands split hidden units differently")
-                d.fix(lx)  # same units, split into different groups (e.g. SE scale × grouped-conv output):
-                d.fix(ly)  # keeping both fixed is the exact choice
-                result = replace(lx, dim=dim_out) if result is None else result
-                continue
-            for (g1, _), (g2, _) in zip(lx.segs, ly.segs, strict=True):
-                d.union(g1, g2)
-        else:
-            ydim = dim_out - (out.dim() - vy.dim())
-            if ydim >= 0 and vy.shape[ydim] != 1:
-                if isinstance(ly, Layout) and not d.is_fixed(ly):
-                    raise d.unsupported(node, "operands have hidden units on different dims")
-                axis = _bcast_axis(ly, vy, dim_out, out.dim()) if isinstance(ly, ParamRef) else None
-                if axis is not None and lx.expand == 1 and vy.shape[ydim] == lx.block:
-                    d.add_norm_key(ly.key, lx, axis)  # layer scale / affine / position embedding
-                else:
-                    d.fix(lx)  # combined element-wise with a fixed per-channel tensor: cannot move
-        result = replace(lx, dim=dim_out) if result is None else result
-    return result if result is not None else FIXED
+    return _join(d, node, d.lay(a), d.value(a), d.lay(b), d.value(b), d.values[node.name])
 
 
 def cat(d: Any, node: fx.Node, mod: Any = None) -> Any:
@@ -519,9 +513,12 @@ def cat(d: Any, node: fx.Node, mod: Any = None) -> Any:
     expand = {lay.expand for lay in real}
     if any(lay.dim != dim for lay in real):
         first = real[0]
+        if any(o.dim != first.dim or o.expand != first.expand or [n for _, n in o.segs] != [n for _, n in first.segs]
+               for o in real[1:]):  # fmt: skip
+            for lay in real:  # e.g. PiT: a class token from a Linear beside conv-pooled tokens: they stay put
+                d.fix(lay)
+            return FIXED
         for other in real[1:]:
-            if other.dim != first.dim or [n for _, n in other.segs] != [n for _, n in first.segs]:
-                raise d.unsupported(node, "concatenates tensors with different hidden layouts")
             for (g1, _), (g2, _) in zip(first.segs, other.segs, strict=True):
                 d.union(g1, g2)
         for lay, v in zip(lays, vals, strict=True):
@@ -548,9 +545,25 @@ def cat(d: Any, node: fx.Node, mod: Any = None) -> Any:
     return Layout(dim, tuple(segs), exp)
 
 
+def _param_view(ref: ParamRef, in_shape: Sequence[int], out_shape: Sequence[int]) -> ParamRef | None:
+    """A view of a parameter that only inserts/removes size-1 dims (``w.view(1, -1, 1, 1)``) keeps its axes."""
+    src = [(i, n) for i, n in enumerate(in_shape) if n != 1]
+    dst = [(j, n) for j, n in enumerate(out_shape) if n != 1]
+    if [n for _, n in src] != [n for _, n in dst]:
+        return None
+    dims: list[int | None] = [None] * len(out_shape)
+    for (i, _), (j, _) in zip(src, dst, strict=True):
+        dims[j] = ref.dims[i] if i < len(ref.dims) else None
+    return ParamRef(ref.key, tuple(dims))
+
+
 def reshape(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """view/reshape/flatten (and ``*_as``): see ``_Deriver.reshape``; a parameter's singleton view stays a ref."""
     x = node.args[0]
-    return d.reshape(node, d.lay(x), d.value(x).shape, d.values[node.name].shape)
+    lay, in_shape, out_shape = d.lay(x), d.value(x).shape, d.values[node.name].shape
+    if isinstance(lay, ParamRef):
+        return _param_view(lay, in_shape, out_shape) or FIXED
+    return d.reshape(node, lay, in_shape, out_shape)
 
 
 def move_dims(op: str) -> Rule:
@@ -697,6 +710,185 @@ def interpolate(d: Any, node: fx.Node, mod: Any = None) -> Any:
     return lay
 
 
+def _join(d: Any, node: fx.Node, la: Any, va: Any, lb: Any, vb: Any, out: torch.Tensor) -> Any:
+    """The layout of an element-wise combination of ``(la, va)`` and ``(lb, vb)`` broadcast to ``out``."""
+    if not isinstance(vb, torch.Tensor) or lb is None:
+        return FIXED if isinstance(la, ParamRef) else la
+    if not isinstance(va, torch.Tensor) or la is None:
+        return FIXED if isinstance(lb, ParamRef) else lb
+    result: Any = None
+    for lx, vx, ly, vy in ((la, va, lb, vb), (lb, vb, la, va)):
+        if d.is_fixed(lx) or not isinstance(lx, Layout):
+            continue
+        dim_out = lx.dim + out.dim() - vx.dim()
+        if isinstance(ly, Layout) and not d.is_fixed(ly) and ly.dim + out.dim() - vy.dim() == dim_out:
+            if ly.expand != lx.expand or [n for _, n in ly.segs] != [n for _, n in lx.segs]:
+                if ly.expand * ly.block != lx.expand * lx.block:
+                    raise d.unsupported(node, "operands split hidden units differently")
+                d.fix(lx)  # same units, split into different groups (e.g. SE scale × grouped-conv output):
+                d.fix(ly)  # keeping both fixed is the exact choice
+                result = replace(lx, dim=dim_out) if result is None else result
+                continue
+            for (g1, _), (g2, _) in zip(lx.segs, ly.segs, strict=True):
+                d.union(g1, g2)
+        else:
+            ydim = dim_out - (out.dim() - vy.dim())
+            if ydim >= 0 and vy.shape[ydim] != 1:
+                if isinstance(ly, Layout) and not d.is_fixed(ly):
+                    raise d.unsupported(node, "operands have hidden units on different dims")
+                axis = _bcast_axis(ly, vy, dim_out, out.dim()) if isinstance(ly, ParamRef) else None
+                if axis is not None and lx.expand == 1 and vy.shape[ydim] == lx.block:
+                    d.add_norm_key(ly.key, lx, axis)  # layer scale / affine / position embedding
+                else:
+                    d.fix(lx)  # combined element-wise with a fixed per-channel tensor: cannot move
+        result = replace(lx, dim=dim_out) if result is None else result
+    return result if result is not None else FIXED
+
+
+def addcmul(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``addcmul(x, t1, t2) = x + v·t1·t2`` (and ``addcdiv``): two element-wise joins (ResMLP's affine, GRN)."""
+    x, t1, t2 = node.args[:3]
+    out = d.values[node.name]
+    v1, v2 = d.value(t1), d.value(t2)
+    prod = torch.empty(torch.broadcast_shapes(v1.shape, v2.shape))
+    lay = _join(d, node, d.lay(t1), v1, d.lay(t2), v2, prod)
+    return _join(d, node, d.lay(x), d.value(x), lay, prod, out)
+
+
+def vector_norm(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``x.norm(p, dim)`` / ``torch.linalg.vector_norm(x, ord, dim)``: a reduction (see :func:`reduce`)."""
+    x = node.args[0]
+    lay = d.lay(x)
+    if d.is_fixed(lay):
+        return FIXED
+    if not isinstance(lay, Layout):
+        raise d.unsupported(node)
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    keep = bool(node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False))
+    rank = d.value(x).dim()
+    dims_l = (
+        list(range(rank))
+        if dims is None
+        else [int(v) % rank for v in (dims if isinstance(dims, (tuple, list)) else [dims])]
+    )
+    if lay.dim in dims_l:
+        return FIXED
+    if lay.expand != 1:
+        raise d.unsupported(node, "reduces a flattened conv tensor")
+    return lay if keep else replace(lay, dim=lay.dim - sum(1 for i in dims_l if i < lay.dim))
+
+
+def pad(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``F.pad(x, pad)``: pads the last ``len(pad)/2`` dims; padding the hidden dim itself fixes its units."""
+    x = node.args[0]
+    lay = d.lay(x)
+    if d.is_fixed(lay) or not isinstance(lay, Layout):
+        return FIXED
+    amounts = d.value(_arg(node, F.pad, "pad"))
+    rank = d.value(x).dim()
+    for i in range(len(amounts) // 2):
+        if rank - 1 - i == lay.dim and (amounts[2 * i] or amounts[2 * i + 1]):
+            d.fix(lay)
+            return FIXED
+    if lay.expand != 1:
+        raise d.unsupported(node, "pads a flattened conv tensor")
+    return lay
+
+
+def roll(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``torch.roll(x, shifts, dims)``: shifts positions (Swin's shifted windows); rolling the hidden dim fixes it."""
+    x = node.args[0]
+    lay = d.lay(x)
+    if d.is_fixed(lay) or not isinstance(lay, Layout):
+        return FIXED
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims")
+    rank = d.value(x).dim()
+    dims_l = [int(v) % rank for v in (dims if isinstance(dims, (tuple, list)) else [dims])] if dims is not None else []
+    if dims is None or lay.dim in dims_l or lay.expand != 1:
+        d.fix(lay)
+        return FIXED
+    return lay
+
+
+def _matched(d: Any, la: Any, lb: Any) -> bool:
+    """Join two layouts that must move together; fix both if their segment structures differ."""
+    if not (isinstance(la, Layout) and isinstance(lb, Layout)):
+        return False
+    if la.expand != 1 or lb.expand != 1 or [n for _, n in la.segs] != [n for _, n in lb.segs]:
+        return False
+    for (g1, _), (g2, _) in zip(la.segs, lb.segs, strict=True):
+        d.union(g1, g2)
+    return True
+
+
+def matmul(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``a @ b`` (batched): a's rows and b's columns index the output; the contracted dim (a's last, b's
+    second-last) is a sum over units, invariant when both sides move jointly (joined), else fixed; a batch dim
+    carries units only if the other operand moves with it (joined) or broadcasts (size 1)."""
+    a, b = node.args[:2]
+    la, lb = d.lay(a), d.lay(b)
+    va, vb, out = d.value(a), d.value(b), d.values[node.name]
+    ra, rb, ro = va.dim(), vb.dim(), out.dim()
+    live = [lay for lay in (la, lb) if isinstance(lay, Layout) and not d.is_fixed(lay)]
+    if any(not isinstance(lay, (Layout, ParamRef, type(None))) and lay is not FIXED for lay in (la, lb)):
+        raise d.unsupported(node)
+    if ra < 2 or rb < 2 or any(lay.expand != 1 for lay in live):
+        for lay in live:
+            d.fix(lay)
+        return FIXED
+    la = la if isinstance(la, Layout) and not d.is_fixed(la) else None
+    lb = lb if isinstance(lb, Layout) and not d.is_fixed(lb) else None
+    result: Any = FIXED
+    if la is not None and la.dim == ra - 1:  # contracted
+        if not (lb is not None and lb.dim == rb - 2 and _matched(d, la, lb)):
+            d.fix(la)
+            d.fix(lb if lb is not None and lb.dim == rb - 2 else None)
+        la = None
+        lb = None if lb is not None and lb.dim == rb - 2 else lb
+    if lb is not None and lb.dim == rb - 2:
+        d.fix(lb)
+        lb = None
+    for lx, rx, vy, ly, ry in ((la, ra, vb, lb, rb), (lb, rb, va, la, ra)):
+        if lx is None or lx.dim >= rx - 2:
+            continue
+        k = lx.dim + ro - rx  # batch dim of the output
+        ky = k - (ro - ry)
+        if ky >= 0 and vy.shape[ky] != 1 and not (ly is not None and ly.dim == ky and _matched(d, lx, ly)):
+            d.fix(lx)
+    la = la if la is not None and not d.is_fixed(la) else None
+    lb = lb if lb is not None and not d.is_fixed(lb) else None
+    if la is not None:
+        result = replace(la, dim=ro - 2 if la.dim == ra - 2 else la.dim + ro - ra)
+    if lb is not None:
+        mine = replace(lb, dim=ro - 1 if lb.dim == rb - 1 else lb.dim + ro - rb)
+        if result is FIXED:
+            result = mine
+        elif result.dim != mine.dim:
+            d.fix(lb)  # the output carries one hidden dim: b's columns stay put
+    return result
+
+
+def scaled_dot_product_attention(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``softmax(q kᵀ / s + mask) v``: q and k's last dim (a sum in the scores) move jointly or stay fixed;
+    v's last dim indexes the output; heads/batch/token dims never carry moving units here (fixed)."""
+    q, k, v = node.args[:3]
+    lq, lk, lv = d.lay(q), d.lay(k), d.lay(v)
+    rank = d.value(q).dim()
+    for other in node.all_input_nodes:
+        if other not in (q, k, v):
+            d.fix(d.lay(other))
+    live = lambda lay: isinstance(lay, Layout) and not d.is_fixed(lay)  # noqa: E731
+    if live(lq) or live(lk):
+        if not (live(lq) and live(lk) and lq.dim == rank - 1 and lk.dim == rank - 1 and _matched(d, lq, lk)):
+            d.fix(lq)
+            d.fix(lk)
+    if live(lv):
+        if lv.dim == rank - 1 and lv.expand == 1:
+            return lv
+        d.fix(lv)
+    return FIXED
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the tables
 # --------------------------------------------------------------------------------------------------------------
@@ -743,7 +935,7 @@ for _t in _POOL_FUNCS:
     register_rule(_t, pool)
 for _t in (torch.cat, torch.concat, torch.concatenate):
     register_rule(_t, cat)
-for _t in ("view", "reshape", "flatten", torch.reshape, torch.flatten):
+for _t in ("view", "reshape", "flatten", "view_as", "reshape_as", torch.reshape, torch.flatten):
     register_rule(_t, reshape)
 for _op in ("transpose", "permute", "squeeze", "unsqueeze"):
     register_rule(_op, move_dims(_op))
@@ -757,6 +949,18 @@ for _t in ("chunk", "split", torch.chunk, torch.split):
     register_rule(_t, split)
 register_rule("expand", expand_method)
 register_rule(F.interpolate, interpolate)
+register_rule(nn.Upsample, interpolate)
+register_rule(F.linear, functional_linear)
+register_rule(F.pad, pad)
+register_rule(torch.roll, roll)
+register_rule("roll", roll)
+for _t in (torch.addcmul, torch.addcdiv, "addcmul", "addcdiv"):
+    register_rule(_t, addcmul)
+for _t in ("norm", torch.norm, torch.linalg.vector_norm):
+    register_rule(_t, vector_norm)
+for _t in (operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"):
+    register_rule(_t, matmul)
+register_rule(F.scaled_dot_product_attention, scaled_dot_product_attention)
 register_rule(nn.Linear, linear)
 register_rule(nn.Conv1d, conv)
 register_rule(nn.Conv2d, conv)
@@ -781,6 +985,7 @@ def supported_summary() -> str:
         "Linear, Conv1d/2d (incl. depthwise/grouped), BatchNorm/InstanceNorm, LayerNorm, GroupNorm (1 or C groups), "
         "functional layer_norm/batch_norm/group_norm, RNN/LSTM/GRU, MultiheadAttention (self-attention), "
         "Swin window attention, element-wise activations, pooling (incl. adaptive), flatten/view/reshape anywhere, "
-        "transpose/permute/squeeze/unsqueeze/expand, indexing, residual add/sub/mul, layer scale, torch.cat, "
-        "mean/sum over non-channel dims; add one with fedfuse.align.rules.register_rule"
+        "transpose/permute/squeeze/unsqueeze/expand, indexing, residual add/sub/mul, addcmul, layer scale, torch.cat, "
+        "F.pad, matmul, scaled_dot_product_attention, mean/sum/norm over non-channel dims; "
+        "add one with fedfuse.align.rules.register_rule"
     )

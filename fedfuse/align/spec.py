@@ -22,6 +22,7 @@ tensor method). A hand-written spec can be given as rows ``(param, axis) -> grou
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from collections.abc import Iterator, Sequence
@@ -245,9 +246,12 @@ class _ConcreteTracer(fx.Tracer):
         args_v = fx.node.map_arg(args, value)
         kwargs_v = fx.node.map_arg(kwargs, value)
         if kind == "placeholder":
-            if not self._inputs:
+            if self._inputs:
+                self.values[node.name] = self._inputs.pop(0)
+            elif args:  # an optional forward argument left at its default (made concrete in trace_values)
+                self.values[node.name] = args[0]
+            else:
                 raise UnsupportedModelError(f"forward argument {target!r} has no example input; pass a tuple")
-            self.values[node.name] = self._inputs.pop(0)
         elif kind == "get_attr":
             self.values[node.name] = _lookup(self.root, str(target))
         elif kind == "call_module":
@@ -285,7 +289,7 @@ def trace_values(model: nn.Module, example_input: Any) -> tuple[fx.Graph, dict[s
             model(*inputs)
             for h in hooks:
                 h.remove()
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=_defaults(model, len(inputs)))
     except UnsupportedModelError:
         raise
     except Exception as exc:  # fx raises many types (TraceError, RuntimeError, TypeError)
@@ -295,6 +299,18 @@ def trace_values(model: nn.Module, example_input: Any) -> tuple[fx.Graph, dict[s
             h.remove()
         model.train(was_training)
     return graph, tracer.values
+
+
+def _defaults(model: nn.Module, given: int) -> dict[str, Any] | None:
+    """Forward arguments after the ``given`` example inputs, at their defaults (``attn_mask=None``): traced as
+    constants, so ``if attn_mask is not None`` takes the branch the model takes when called with the inputs."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    plain = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    out = {p.name: p.default for p in plain[given:] if p.default is not inspect.Parameter.empty}
+    return out or None
 
 
 def _lookup(root: nn.Module, path: str) -> Any:
@@ -339,7 +355,14 @@ class _Deriver:
         self.model = model
         self.graph = graph
         self.values = values
-        self.state_keys = set(model.state_dict().keys())
+        state = model.state_dict(keep_vars=True)
+        self.state_keys = set(state)
+        by_tensor: dict[int, list[str]] = {}
+        for key, t in state.items():
+            by_tensor.setdefault(id(t), []).append(key)
+        # a module registered under two names (CoaT's shared conv position encoding, tied embeddings) appears under
+        # each name in the state dict: every alias must move with the name fx traces, or loading re-binds it
+        self.aliases = {k: [a for a in keys if a != k] for keys in by_tensor.values() for k in keys if len(keys) > 1}
         self.parent: list[int] = [0]
         self.names: list[str] = ["<fixed>"]
         self.sizes: list[int] = [0]
@@ -416,6 +439,8 @@ class _Deriver:
             return
         self.claims[claim] = gid
         self.members.append((gid, Axis(key, axis, role, repeat, expand, None, index), segs))  # type: ignore[arg-type]
+        for alias in self.aliases.get(key, ()):
+            self.add(gid, alias, axis, role, repeat, expand, segs, index)
 
     def add_inputs(self, key: str, axis: int, lay: Any, node: fx.Node, repeat: int = 1) -> None:
         """Consumer input axis ``axis`` of ``key`` reads tensor ``node`` with layout ``lay``."""
