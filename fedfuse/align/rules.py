@@ -51,8 +51,10 @@ __all__ = [
     "Rule",
     "Stacked",
     "elementwise",
+    "is_leaf",
     "lookup_rule",
     "norm_rule",
+    "register_leaf_rule",
     "register_rule",
     "supported_summary",
 ]
@@ -103,6 +105,7 @@ Rule = Callable[[Any, fx.Node, "nn.Module | None"], Any]
 MODULE_RULES: dict[type, Rule] = {}
 FUNCTION_RULES: dict[Any, Rule] = {}
 METHOD_RULES: dict[str, Rule] = {}
+LEAF_RULES: dict[str, Rule] = {}  # "module.QualName" of a class -> rule; such modules are traced as one node
 
 
 def register_rule(target: type | Callable[..., Any] | str, rule: Rule) -> None:
@@ -115,6 +118,18 @@ def register_rule(target: type | Callable[..., Any] | str, rule: Rule) -> None:
         FUNCTION_RULES[target] = rule
 
 
+def register_leaf_rule(cls: type | str, rule: Rule) -> None:
+    """Treat modules of exactly class ``cls`` (a class or ``"package.module.Class"``, so the package need not be
+    importable) as one op described by ``rule``: their forward is not traced (e.g. a library's attention block).
+    Subclasses are not matched: they may change the forward."""
+    LEAF_RULES[cls if isinstance(cls, str) else _qualname(cls)] = rule
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """Whether ``module`` has a leaf rule (see :func:`register_leaf_rule`)."""
+    return _qualname(type(module)) in LEAF_RULES
+
+
 def _qualname(t: Any) -> str:
     return f"{getattr(t, '__module__', '')}.{getattr(t, '__qualname__', getattr(t, '__name__', ''))}"
 
@@ -122,6 +137,9 @@ def _qualname(t: Any) -> str:
 def lookup_rule(node: fx.Node, module: nn.Module | None) -> Rule | None:
     """The rule for ``node`` (None if no table has one)."""
     if node.op == "call_module" and module is not None:
+        leaf = LEAF_RULES.get(_qualname(type(module)))
+        if leaf is not None:
+            return leaf
         for cls in type(module).__mro__:
             if cls in MODULE_RULES:
                 return MODULE_RULES[cls]
@@ -404,9 +422,19 @@ def _attention_groups(d: Any, name: str, heads: int, width: int) -> tuple[tuple,
 
 
 def _attention_members(
-    d: Any, node: fx.Node, x: fx.Node, lay: Layout, keys: dict[str, str | None], heads: int, width: int, name: str
+    d: Any,
+    node: fx.Node,
+    x: fx.Node,
+    lay: Layout,
+    keys: dict[str, str | None],
+    heads: int,
+    width: int,
+    name: str,
+    out_width: int | None = None,
 ) -> Layout:
-    """Members of one attention op; ``keys``: qkv_weight, qkv_bias, proj_weight, proj_bias state keys."""
+    """Members of one attention op; ``keys``: qkv_weight, qkv_bias, proj_weight, proj_bias state keys;
+    ``width`` = heads × head dim, ``out_width`` the output projection's (default ``width``)."""
+    out_width = width if out_width is None else out_width
     rows, v = _attention_groups(d, name, heads, width)
     d.add_inputs(keys["qkv_weight"], 1, lay, x)
     for key in (keys["qkv_weight"], keys.get("qkv_bias")):
@@ -415,11 +443,45 @@ def _attention_members(
                 d.add(gid, key, 0, "out", 1, 1, rows, i)
     for i, (gid, _) in enumerate(v):
         d.add(gid, keys["proj_weight"], 1, "in", 1, 1, v if len(v) > 1 else None, i)
-    out = d.new_group(f"{name}.out", width)
+    out = d.new_group(f"{name}.out", out_width)
     d.add(out, keys["proj_weight"], 0, "out")
     if keys.get("proj_bias") is not None:
         d.add(out, keys["proj_bias"], 0, "out")
-    return Layout(lay.dim, ((out, width),))
+    return Layout(lay.dim, ((out, out_width),))
+
+
+def qkv_attention_module(d: Any, node: fx.Node, mod: Any) -> Any:
+    """A self-attention block ``proj(attn(split_heads(qkv(x))))`` with attributes ``qkv``, ``proj`` (Linear),
+    ``num_heads`` (timm's ``Attention``: ViT, DeiT, PiT, MobileViT...). Heads as in :func:`multihead_attention`.
+    With q/k normalisation, output normalisation or a gate (per-head-dim parameters shared by all heads) the
+    inner units stay fixed: the input feeds ``qkv`` (and ``gate``), the output is ``proj``'s new group."""
+    name = str(node.target)
+    x = node.args[0] if node.args else node.kwargs["x"]
+    rank = d.value(x).dim()
+    lay_in = d.check_channel(node, d.lay(x), rank - 1)
+    extras = [a for a in node.all_input_nodes if a is not x]  # attn_mask / rope: token-indexed, must be fixed
+    for a in extras:
+        d.fix(d.lay(a))
+    plain = all(isinstance(getattr(mod, k, None), (nn.Identity, type(None))) for k in ("q_norm", "k_norm", "norm"))
+    plain = plain and getattr(mod, "gate", None) is None and not extras
+    keys = {
+        "qkv_weight": f"{name}.qkv.weight",
+        "qkv_bias": f"{name}.qkv.bias" if mod.qkv.bias is not None else None,
+        "proj_weight": f"{name}.proj.weight",
+        "proj_bias": f"{name}.proj.bias" if mod.proj.bias is not None else None,
+    }
+    if plain:
+        lay = lay_in if lay_in is not None else Layout(rank - 1, ((FIXED_ID, mod.qkv.in_features),))
+        heads, width = int(mod.num_heads), mod.qkv.out_features // 3
+        return _attention_members(d, node, x, lay, keys, heads, width, name, mod.proj.out_features)
+    for lin in ("qkv", "gate"):
+        if isinstance(getattr(mod, lin, None), nn.Linear) and lay_in is not None:
+            d.add_inputs(f"{name}.{lin}.weight", 1, lay_in, x)
+    out = d.new_group(f"{name}.proj", mod.proj.out_features)
+    d.add(out, keys["proj_weight"], 0, "out")
+    if keys["proj_bias"] is not None:
+        d.add(out, keys["proj_bias"], 0, "out")
+    return Layout(rank - 1, ((out, mod.proj.out_features),))
 
 
 def multihead_attention(d: Any, node: fx.Node, mod: nn.MultiheadAttention) -> Any:
@@ -961,6 +1023,7 @@ for _t in ("norm", torch.norm, torch.linalg.vector_norm):
 for _t in (operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"):
     register_rule(_t, matmul)
 register_rule(F.scaled_dot_product_attention, scaled_dot_product_attention)
+register_leaf_rule("timm.layers.attention.Attention", qkv_attention_module)
 register_rule(nn.Linear, linear)
 register_rule(nn.Conv1d, conv)
 register_rule(nn.Conv2d, conv)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fedfuse.align.rules import FIXED, FIXED_ID, Layout, ParamRef, Stacked, lookup_rule, supported_summary
+from fedfuse.align.rules import FIXED, FIXED_ID, Layout, ParamRef, Stacked, is_leaf, lookup_rule, supported_summary
 from fedfuse.errors import ConfigError
 
 __all__ = [
@@ -265,6 +265,9 @@ class _ConcreteTracer(fx.Tracer):
             self.values[node.name] = getattr(args_v[0], str(target))(*args_v[1:], **kwargs_v)
         return node
 
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
+
     def to_bool(self, obj: fx.Proxy) -> bool:
         return bool(self.values[obj.node.name])
 
@@ -277,7 +280,7 @@ def trace_values(model: nn.Module, example_input: Any) -> tuple[fx.Graph, dict[s
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
     outputs: dict[str, list[Any]] = {}
     hooks = []
-    probe = fx.Tracer()
+    probe = _ConcreteTracer((), {})
     for name, mod in model.named_modules():
         if name and probe.is_leaf_module(mod, name):
             hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: outputs.setdefault(name, []).append(o)))
