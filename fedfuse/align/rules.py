@@ -231,41 +231,74 @@ def functional_linear(d: Any, node: fx.Node, mod: Any = None) -> Any:
     """``F.linear(x, W, b)`` with W, b the model's parameters (a Linear subclass with its own forward)."""
     w, b = _arg(node, F.linear, "weight"), _arg(node, F.linear, "bias")
     wref, bref = d.lay(w), d.lay(b)
-    if not isinstance(wref, ParamRef) or wref.dims != (0, 1) or (b is not None and not isinstance(bref, ParamRef)):
+    if not isinstance(wref, ParamRef) or wref.dims != (0, 1):
         raise d.unsupported(node, "its weight is computed, not a model parameter")
     name = wref.key.rsplit(".", 1)[0] if "." in wref.key else wref.key
-    bias = bref.key if isinstance(bref, ParamRef) else None
-    return _linear(d, node, node.args[0], wref.key, bias, d.value(w).shape[0], name)
+    bias = bref.key if isinstance(bref, ParamRef) and bref.dims == (0,) else None
+    out = _linear(d, node, node.args[0], wref.key, bias, d.value(w).shape[0], name)
+    if b is not None and bias is None:
+        d.fix(out)  # a computed bias (BEiT/EVA: cat(q_bias, zeros, v_bias)) cannot follow a row permutation
+        return FIXED
+    return out
 
 
-def conv(d: Any, node: fx.Node, mod: nn.Conv1d) -> Any:
-    """Convolution; ``groups`` handled exactly as described in the module docstring."""
-    name = str(node.target)
-    x = node.args[0]
-    lay_in = d.check_channel(node, d.lay(x), 1)
-    cin, cout, g = mod.in_channels, mod.out_channels, mod.groups
+def _conv(
+    d: Any, node: fx.Node, x: Any, outs: Sequence[str], weight: str, cin: int, cout: int, g: int, name: str
+) -> Any:
+    """Convolution with weight ``weight``; ``outs``: keys indexed by the output channel at axis 0 (weight, bias,
+    a std-conv's gain). ``groups`` handled exactly as described in the module docstring."""
+    lay_in = d.check_channel(node, d.lay(x), 1, flat_ok=True)  # dense: each (channel, copy) is one input column
+    if g != 1 and lay_in is not None and lay_in.expand != 1:
+        d.fix(lay_in)  # a grouped conv over channel copies (after a channel multiplier): those units stay put
+        lay_in = None
     if g == 1:
         if lay_in is not None:
-            d.add_inputs(f"{name}.weight", 1, lay_in, x)
+            d.add_inputs(weight, 1, lay_in, x)
         gid = d.new_group(name, cout)
-        d.add(gid, f"{name}.weight", 0, "out")
-        d.add(gid, f"{name}.bias", 0, "out")
+        for key in outs:
+            d.add(gid, key, 0, "out")
         return Layout(1, ((gid, cout),))
     if g == cin and lay_in is not None:  # depthwise: output channel c·m + k reads input channel c only
         mult = cout // cin
         segs = lay_in.segs if len(lay_in.segs) > 1 else None
         for i, (gid, _) in enumerate(lay_in.segs):
-            d.add(gid, f"{name}.weight", 0, "out", 1, mult, segs, i)
-            d.add(gid, f"{name}.bias", 0, "out", 1, mult, segs, i)
+            for key in outs:
+                d.add(gid, key, 0, "out", 1, mult, segs, i)
         return Layout(1, lay_in.segs, mult)
     # grouped (or depthwise on a fixed input): inputs fixed, outputs permute within each of the g blocks
     d.fix(lay_in)
     width = cout // g
     segs_t = tuple((d.new_group(f"{name}.g{b}" if g > 1 else name, width), width) for b in range(g))
     for i, (gid, _) in enumerate(segs_t):
-        for p in ("weight", "bias"):
-            d.add(gid, f"{name}.{p}", 0, "out", 1, 1, segs_t if g > 1 else None, i)
+        for key in outs:
+            d.add(gid, key, 0, "out", 1, 1, segs_t if g > 1 else None, i)
     return Layout(1, segs_t)
+
+
+def conv(d: Any, node: fx.Node, mod: nn.Conv1d) -> Any:
+    """Convolution module (also a library's Conv subclass traced as a leaf: TF-"same" padding, weight
+    standardisation, whose per-output-row ``gain`` moves with the row; standardisation over a row commutes with
+    permuting the row's inputs)."""
+    name = str(node.target)
+    outs = [f"{name}.{p}" for p in ("weight", "bias", "gain")]
+    return _conv(d, node, node.args[0], outs, f"{name}.weight", mod.in_channels, mod.out_channels, mod.groups, name)
+
+
+def functional_conv(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``F.conv1d/2d(x, W, b, stride, padding, dilation, groups)`` with W, b the model's parameters."""
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    g = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    wref, bref = d.lay(w), d.lay(b)
+    if not isinstance(wref, ParamRef) or wref.dims[:2] != (0, 1):
+        raise d.unsupported(node, "its weight is computed, not a model parameter (wrap the module with a leaf rule)")
+    if b is not None and not (isinstance(bref, ParamRef) and bref.dims == (0,)):
+        raise d.unsupported(node, "its bias is computed, not a model parameter")
+    wv = d.value(w)
+    g = int(d.value(g))
+    name = wref.key.rsplit(".", 1)[0] if "." in wref.key else wref.key
+    outs = [wref.key] + ([bref.key] if b is not None else [])
+    return _conv(d, node, node.args[0], outs, wref.key, wv.shape[1] * g, wv.shape[0], g, name)
 
 
 def norm_rule(params: tuple[str, ...], check_groups: bool = False) -> Rule:
@@ -273,7 +306,7 @@ def norm_rule(params: tuple[str, ...], check_groups: bool = False) -> Rule:
 
     def rule(d: Any, node: fx.Node, mod: Any) -> Any:
         lay = d.lay(node.args[0])
-        lay_in = d.check_channel(node, lay, 1)
+        lay_in = d.check_channel(node, lay, 1, flat_ok=not check_groups)  # BN/IN: per (channel, copy) stats
         if lay_in is not None:
             if check_groups and mod.num_groups not in (1, mod.num_channels):
                 raise d.unsupported(
@@ -349,7 +382,7 @@ def functional_layer_norm(d: Any, node: fx.Node, mod: Any = None) -> Any:
 def functional_batch_norm(d: Any, node: fx.Node, mod: Any = None) -> Any:
     """``F.batch_norm(x, running_mean, running_var, weight, bias, ...)``: per-channel at dim 1."""
     x = node.args[0]
-    lay = d.check_channel(node, d.lay(x), 1)
+    lay = d.check_channel(node, d.lay(x), 1, flat_ok=True)
     if lay is None:
         return FIXED
     names = ("running_mean", "running_var", "weight", "bias")
@@ -872,6 +905,55 @@ def roll(d: Any, node: fx.Node, mod: Any = None) -> Any:
     return lay
 
 
+def repeat(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``x.repeat(*sizes)``: copies along other dims keep the layout; ``r`` copies of the hidden dim concatenate
+    its segments ``r`` times (the same units, so the same transport)."""
+    x = node.args[0]
+    lay = d.lay(x)
+    if d.is_fixed(lay) or not isinstance(lay, Layout):
+        return FIXED
+    sizes = [d.value(a) for a in node.args[1:]] or d.value(node.kwargs.get("repeats"))
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+        sizes = list(sizes[0])
+    shift = len(sizes) - d.value(x).dim()
+    r = int(sizes[lay.dim + shift])
+    if r != 1 and lay.expand != 1:
+        d.fix(lay)
+        return FIXED
+    return Layout(lay.dim + shift, lay.segs * r, lay.expand)
+
+
+def repeat_interleave(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``x.repeat_interleave(r, dim)`` along another dim keeps the layout; along the hidden dim it fixes it."""
+    x = node.args[0]
+    lay = d.lay(x)
+    if d.is_fixed(lay) or not isinstance(lay, Layout):
+        return FIXED
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if dim is None or int(dim) % d.value(x).dim() == lay.dim:
+        d.fix(lay)
+        return FIXED
+    return lay
+
+
+def stack(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``torch.stack(tensors, dim)``: a new dim; the stacked tensors' hidden units move together (joined), or, if
+    their layouts differ or some are fixed, stay put."""
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    dim = int(dim) % d.values[node.name].dim()
+    lays = [d.lay(t) for t in tensors]  # type: ignore[union-attr]
+    real = [lay for lay in lays if isinstance(lay, Layout) and not d.is_fixed(lay)]
+    if not real:
+        return FIXED
+    first = real[0]
+    if len(real) != len(lays) or not all(o.dim == first.dim and _matched(d, first, o) for o in real[1:]):
+        for lay in real:
+            d.fix(lay)
+        return FIXED
+    return replace(first, dim=first.dim + (1 if dim <= first.dim else 0))
+
+
 def _matched(d: Any, la: Any, lb: Any) -> bool:
     """Join two layouts that must move together; fix both if their segment structures differ."""
     if not (isinstance(la, Layout) and isinstance(lb, Layout)):
@@ -1015,6 +1097,15 @@ register_rule(nn.Upsample, interpolate)
 register_rule(F.linear, functional_linear)
 register_rule(F.pad, pad)
 register_rule(torch.roll, roll)
+register_rule("repeat", repeat)
+for _t in ("repeat_interleave", torch.repeat_interleave):
+    register_rule(_t, repeat_interleave)
+register_rule(torch.stack, stack)
+for _t in (F.conv1d, F.conv2d):
+    register_rule(_t, functional_conv)
+for _t in ("Conv2dSame", "StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"):
+    _mod = "conv2d_same" if _t == "Conv2dSame" else "std_conv"
+    register_leaf_rule(f"timm.layers.{_mod}.{_t}", conv)  # a Conv2d whose forward pads or standardises its weight
 register_rule("roll", roll)
 for _t in (torch.addcmul, torch.addcdiv, "addcmul", "addcdiv"):
     register_rule(_t, addcmul)

@@ -485,8 +485,10 @@ class _Deriver:
             return None
         if isinstance(lay, Stacked) or not isinstance(lay, Layout):
             raise self.unsupported(node, "reads a stacked multi-layer RNN state")
-        if lay.dim != dim or (lay.expand != 1 and not flat_ok):
+        if lay.dim != dim:
             raise self.unsupported(node, f"expects channels at dim {dim}, hidden units are at dim {lay.dim}")
+        if lay.expand != 1 and not flat_ok:
+            raise self.unsupported(node, f"expects channels at dim {dim}, each hidden unit there spans {lay.expand}")
         return lay
 
     def reshape(self, node: fx.Node, lay: Any, in_shape: Sequence[int], out_shape: Sequence[int]) -> Any:

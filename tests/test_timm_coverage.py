@@ -1,0 +1,78 @@
+"""Models we never wrote rules for: a diverse sample of timm architectures (benchmarks/timm_coverage.py SAMPLE).
+
+Each either derives a spec that a random permutation leaves exact and that ``match``/``wb`` recover (outputs equal
+to 1e-4), or is refused at derivation with one line naming the op. Random init (``pretrained=False``), no
+network: every test here runs with sockets refused. Fast ones run by default; ``slow`` ones in CI (`make test`);
+``huge`` ones (over the CI budget) only with ``pytest -m huge``. Measured times:
+``benchmarks/results/timm-coverage.md``.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+pytest.importorskip("timm")
+
+from benchmarks.timm_coverage import SAMPLE, build  # noqa: E402
+from fedfuse.align.selfcheck import selfcheck  # noqa: E402
+
+# refused at derivation, with the op the one-line reason must name (none in the sample today)
+REFUSED: dict[str, str] = {}
+# total < 10 s each in benchmarks/results/timm-coverage.md (shared 2-core machine)
+FAST = {"mobilenetv3_small_100", "regnetx_002", "mobilevit_xxs", "levit_128s"}
+# in CI (`slow`): together about 5 min; every other model is ``huge`` (deselected by default)
+SLOW = {
+    "resnet18d", "efficientnet_b0", "ghostnet_100", "convnext_atto", "vit_tiny_patch16_224", "pit_ti_224",
+    "coat_lite_tiny", "poolformer_s12", "swin_tiny_patch4_window7_224",
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """timm must not reach the Hugging Face hub when ``pretrained=False``: any connection attempt fails the test."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"network access attempted: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def _params() -> list:
+    def marks(n: str) -> tuple:
+        if n in FAST:
+            return ()
+        return (pytest.mark.slow,) if n in SLOW else (pytest.mark.slow, pytest.mark.huge)
+
+    return [pytest.param(n, marks=marks(n)) for n in SAMPLE]
+
+
+@pytest.mark.parametrize("name", _params())
+def test_timm_model_is_exact_or_refused(name: str) -> None:
+    # Prepare: random init, small input, constant parameters randomised, BN statistics from the batch
+    model, x = build(name)
+    # Execute
+    res = selfcheck(model, x)
+    # Assert
+    if name in REFUSED:
+        assert not res.derived and "\n" not in res.reason
+        assert res.reason.startswith(f"unsupported op '{REFUSED[name]}'"), res.reason
+        return
+    assert res.derived, res.reason
+    assert res.permuted_err is not None and res.permuted_err <= 1e-4
+    assert res.failures == {}
+    assert set(res.errors) == {"match", "wb"} and max(res.errors.values()) <= 1e-4, res.errors
+
+
+def test_timm_attention_permutes_heads_inside() -> None:
+    # the q/k and v dims of every head are their own groups (not only the residual stream)
+    from fedfuse.align.spec import derive_spec
+
+    model, x = build("vit_tiny_patch16_224")
+    spec = derive_spec(model, x)
+    heads = model.blocks[0].attn.num_heads
+    names = set(spec.names)
+    assert {f"blocks.0.attn.qk{h}" for h in range(heads)} <= names
+    assert {f"blocks.0.attn.v{h}" for h in range(heads)} <= names
