@@ -61,12 +61,51 @@ SAMPLE: dict[str, tuple[int, dict[str, Any]]] = {
     "swin_tiny_patch4_window7_224": (56, {"img_size": 56}),
 }
 
+# beyond the sample: derive + permute only (no fusion), to see what a stranger's model meets
+EXTRA: dict[str, tuple[int, dict[str, Any]]] = {
+    "tf_efficientnet_b0": (32, {}),  # TF "same" padding convs
+    "nfnet_l0": (32, {}),  # weight-standardised convs with gains
+    "dm_nfnet_f0": (64, {}),
+    "fastvit_t8": (64, {}),  # channel multipliers
+    "xcit_nano_12_p16_224": (32, {"img_size": 32}),  # cross-covariance attention, repeat
+    "crossvit_tiny_240": (240, {}),  # two branches, stacked heads
+    "eva02_tiny_patch14_224": (28, {"img_size": 28}),  # rotary embeddings, SwiGLU
+    "beit_base_patch16_224": (32, {"img_size": 32}),  # computed qkv bias, relative position bias
+    "gcvit_xxtiny": (224, {}),
+    "maxvit_nano_rw_256": (64, {"img_size": 64}),
+    "focalnet_tiny_srf": (32, {}),
+    "sequencer2d_s": (32, {}),  # bidirectional LSTMs over rows/columns
+    "resnest14d": (32, {}),  # split attention
+    "res2net50_14w_8s": (32, {}),
+    "edgenext_xx_small": (64, {}),
+    "hgnetv2_b0": (64, {}),
+    "repvit_m1": (64, {}),
+    "lcnet_050": (32, {}),
+    "tinynet_e": (32, {}),
+    "mixnet_s": (32, {}),  # mixed kernel sizes (split channels)
+    "cspresnet50": (64, {}),
+    "vovnet39a": (64, {}),
+    "selecsls42b": (64, {}),
+    "visformer_tiny": (224, {}),
+    "gernet_s": (64, {}),
+    "convmixer_768_32": (32, {}),
+    "twins_svt_small": (64, {"img_size": 64}),
+    "davit_tiny": (64, {}),
+    "inception_next_tiny": (64, {}),
+    "fasternet_t0": (64, {}),
+    "starnet_s1": (64, {}),
+    "efficientvit_b0": (64, {}),
+    "nest_tiny": (64, {"img_size": 64}),
+    "volo_d1_224": (64, {"img_size": 64}),
+    "mvitv2_tiny": (224, {}),
+}
+
 
 def build(name: str, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
     """``name`` from timm with random init (``pretrained=False``) and its example batch."""
     import timm
 
-    side, kwargs = SAMPLE.get(name, (32, {}))
+    side, kwargs = SAMPLE.get(name) or EXTRA.get(name) or (32, {})
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
     x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(seed))
@@ -81,6 +120,7 @@ def check(name: str, seed: int = 0, methods: tuple[str, ...] = ("match", "wb")) 
     res = selfcheck(model, x, methods=methods)
     return {
         "model": name,
+        "kind": "sample" if methods else "extra",
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "input": x.shape[-1],
         "ok": res.ok,
@@ -121,13 +161,39 @@ def write(rows: list[dict[str, Any]], tag: str) -> Path:
         f"permutation-invariant and recovered exactly by both `match` and `wb`; {len(rows) - len(derived)} are "
         "refused at derivation with one line (below).**",
         "",
+    ]
+    sample = [r for r in rows if r.get("kind", "sample") == "sample"]
+    extra = [r for r in rows if r.get("kind") == "extra"]
+    lines += _table(sample)
+    if extra:
+        ok = [r for r in extra if r["derived"] and r["ok"]]
+        lines += [
+            "",
+            f"## Beyond the sample: derive and permute only ({len(extra)} models, `--extra`)",
+            "",
+            f"{len(ok)} derive a spec that a random permutation leaves exact; "
+            f"{sum(1 for r in extra if not r['derived'])} are refused with one line. `match`/`wb` not run here.",
+            "",
+        ]
+        lines += _table(extra)
+    total = sum(r["total_s"] for r in rows)
+    lines += ["", f"Total wall time of the {len(rows)} checked models: {total:.0f} s."]
+    out = RESULTS / f"{tag}.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
         "| model | params (M) | input | groups | permuted | match | wb | status | derive / match / wb / total s |",
         "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         if r["derived"]:
             status = "recovered" if r["ok"] else "FAILED: " + "; ".join(f"{k}: {v}" for k, v in r["failures"].items())
-            if r["ok"] and not r["errors"]:
+            if (r["permuted_err"] or 0) > 1e-4:
+                status = "FAILED: a random permutation changes the outputs (wrong spec)"
+            elif r["ok"] and not r["errors"]:
                 status = "permutation-invariant (fusion not run)"
         else:
             status = "refused: " + r["reason"].split("; it touches")[0]
@@ -138,11 +204,7 @@ def write(rows: list[dict[str, Any]], tag: str) -> Path:
             f"{_fmt(r['errors'].get('match'))} | {_fmt(r['errors'].get('wb'))} | {status} | {times} / "
             f"{r['total_s']:.1f} |"
         )
-    total = sum(r["total_s"] for r in rows)
-    lines += ["", f"Total wall time of the {len(rows)} checked models: {total:.0f} s."]
-    out = RESULTS / f"{tag}.md"
-    out.write_text("\n".join(lines) + "\n")
-    return out
+    return lines
 
 
 def main() -> None:
@@ -152,14 +214,16 @@ def main() -> None:
     ap.add_argument("--update", action="store_true", help="re-check the named models in the existing results")
     ap.add_argument("--derive-only", action="store_true", help="derive and permute only (no fusion)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the stored records")
+    ap.add_argument("--extra", action="store_true", help="also derive/permute the EXTRA models (no fusion)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     old = RESULTS / f"{args.tag}.json"
     rows = json.loads(old.read_text()) if (args.update or args.report_only) and old.exists() else []
-    methods = () if args.derive_only else ("match", "wb")
-    for name in [] if args.report_only else args.models or list(SAMPLE):
+    fusion = () if args.derive_only else ("match", "wb")
+    names = args.models or list(SAMPLE) + (list(EXTRA) if args.extra else [])
+    for name in [] if args.report_only else names:
         rows = [r for r in rows if r["model"] != name]
-        rows.append(check(name, methods=methods))
+        rows.append(check(name, methods=() if name in EXTRA else fusion))
         r = rows[-1]
         print(
             f"{name}: ok={r['ok']} derived={r['derived']} groups={r['groups']} perm={_fmt(r['permuted_err'])} "

@@ -484,19 +484,20 @@ def _attention_members(
 
 
 def qkv_attention_module(d: Any, node: fx.Node, mod: Any) -> Any:
-    """A self-attention block ``proj(attn(split_heads(qkv(x))))`` with attributes ``qkv``, ``proj`` (Linear),
-    ``num_heads`` (timm's ``Attention``: ViT, DeiT, PiT, MobileViT...). Heads as in :func:`multihead_attention`.
+    """A self-attention block ``proj(attn(split_heads(qkv(x)), mask))`` with attributes ``qkv``, ``proj``
+    (Linear), ``num_heads`` (timm's ``Attention``: ViT, DeiT, PiT, MobileViT...; Swin's window attention, whose
+    relative position bias and shift mask are added to the scores). Heads as in :func:`multihead_attention`.
     With q/k normalisation, output normalisation or a gate (per-head-dim parameters shared by all heads) the
     inner units stay fixed: the input feeds ``qkv`` (and ``gate``), the output is ``proj``'s new group."""
     name = str(node.target)
     x = node.args[0] if node.args else node.kwargs["x"]
     rank = d.value(x).dim()
     lay_in = d.check_channel(node, d.lay(x), rank - 1)
-    extras = [a for a in node.all_input_nodes if a is not x]  # attn_mask / rope: token-indexed, must be fixed
-    for a in extras:
-        d.fix(d.lay(a))
+    for a in node.all_input_nodes:  # an attention mask indexes tokens (added to the scores): it stays fixed
+        if a is not x:
+            d.fix(d.lay(a))
     plain = all(isinstance(getattr(mod, k, None), (nn.Identity, type(None))) for k in ("q_norm", "k_norm", "norm"))
-    plain = plain and getattr(mod, "gate", None) is None and not extras
+    plain = plain and getattr(mod, "gate", None) is None
     keys = {
         "qkv_weight": f"{name}.qkv.weight",
         "qkv_bias": f"{name}.qkv.bias" if mod.qkv.bias is not None else None,
@@ -1115,6 +1116,7 @@ for _t in (operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"):
     register_rule(_t, matmul)
 register_rule(F.scaled_dot_product_attention, scaled_dot_product_attention)
 register_leaf_rule("timm.layers.attention.Attention", qkv_attention_module)
+register_leaf_rule("timm.models.swin_transformer.WindowAttention", qkv_attention_module)
 register_rule(nn.Linear, linear)
 register_rule(nn.Conv1d, conv)
 register_rule(nn.Conv2d, conv)
