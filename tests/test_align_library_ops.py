@@ -165,3 +165,33 @@ def test_leaf_rule_describes_a_whole_module(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(rules, "LEAF_RULES", dict(rules.LEAF_RULES))
     register_leaf_rule(_Block, block_rule)
     assert derive_spec(_WithBlock(), torch.randn(2, 4)).names == []
+
+
+class _UnfoldMax(nn.Module):
+    """VOLO: unfold (each channel over its k·k kernel positions) then a max over tokens (per channel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.unfold, self.fc = nn.Conv2d(3, 4, 1), nn.Unfold(2, stride=2), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cols = self.unfold(torch.relu(self.conv(x)))  # (B, 4·4, L)
+        return self.fc(cols.max(dim=2).values + cols.min(2)[0])
+
+
+def test_unfold_and_max_over_tokens_keep_the_channel_units() -> None:
+    model, x = _UnfoldMax(), torch.randn(2, 3, 4, 4)
+    spec = derive_spec(model, x)
+    assert spec.names == ["conv"] and {m.key for m in spec["conv"].members} >= {"conv.weight", "fc.weight"}
+    _exact(model, x)
+
+
+class _MaxOverUnits(_UnfoldMax):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # argmax over the units depends on their order
+        h = torch.relu(self.conv(x)).flatten(2)
+        return self.fc(h.max(dim=1).indices.float().repeat(1, 4)[:, :16])
+
+
+def test_max_over_the_units_fixes_them() -> None:
+    spec = derive_spec(_MaxOverUnits(), torch.randn(2, 3, 4, 4))
+    assert "conv" not in spec.names

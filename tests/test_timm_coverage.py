@@ -15,8 +15,9 @@ import pytest
 
 pytest.importorskip("timm")
 
-from benchmarks.timm_coverage import SAMPLE, build  # noqa: E402
+from benchmarks.timm_coverage import EXTRA, SAMPLE, build  # noqa: E402
 from fedfuse.align.selfcheck import selfcheck  # noqa: E402
+from fedfuse.align.spec import derive_spec  # noqa: E402
 
 # refused at derivation, with the op the one-line reason must name (none in the sample today)
 REFUSED: dict[str, str] = {}
@@ -68,11 +69,51 @@ def test_timm_model_is_exact_or_refused(name: str) -> None:
 
 def test_timm_attention_permutes_heads_inside() -> None:
     # the q/k and v dims of every head are their own groups (not only the residual stream)
-    from fedfuse.align.spec import derive_spec
-
     model, x = build("vit_tiny_patch16_224")
     spec = derive_spec(model, x)
     heads = model.blocks[0].attn.num_heads
     names = set(spec.names)
     assert {f"blocks.0.attn.qk{h}" for h in range(heads)} <= names
     assert {f"blocks.0.attn.v{h}" for h in range(heads)} <= names
+
+
+# beyond the sample: derive + permute only. Refusals name the op / the tracing failure in one line.
+EXTRA_REFUSED = {
+    "efficientvit_b0": "cannot trace EfficientVit with torch.fx",  # torch.autocast(device_type=x.device.type)
+    "nest_tiny": "cannot trace Nest with torch.fx",  # int(tensor) in forward
+    "mvitv2_tiny": "cannot trace MultiScaleVit with torch.fx",  # item assignment on a traced value
+}
+EXTRA_FAST = {"tf_efficientnet_b0", "efficientvit_b0"}
+EXTRA_SLOW = {"nfnet_l0", "fastvit_t8", "crossvit_tiny_240", "volo_d1_224", "xcit_nano_12_p16_224", "nest_tiny"}
+
+
+def _extra_params() -> list:
+    def marks(n: str) -> tuple:
+        if n in EXTRA_FAST:
+            return ()
+        return (pytest.mark.slow,) if n in EXTRA_SLOW else (pytest.mark.slow, pytest.mark.huge)
+
+    return [pytest.param(n, marks=marks(n)) for n in EXTRA]
+
+
+@pytest.mark.parametrize("name", _extra_params())
+def test_timm_extra_model_derives_an_exact_spec_or_one_line_refusal(name: str) -> None:
+    model, x = build(name)
+    res = selfcheck(model, x, methods=())  # derive and permute: no fusion (budget)
+    if name in EXTRA_REFUSED:
+        assert not res.derived and "\n" not in res.reason
+        assert res.reason.startswith(EXTRA_REFUSED[name]), res.reason
+        return
+    assert res.derived, res.reason
+    assert res.permuted_err is not None and res.permuted_err <= 1e-4
+    assert res.failures == {}
+
+
+def test_timm_refusal_is_one_line_from_derive_spec() -> None:
+    # what a user calling derive_spec/fuse sees: one line naming what failed, no traceback chain in the message
+    from fedfuse.align.spec import UnsupportedModelError
+
+    model, x = build("efficientvit_b0")
+    with pytest.raises(UnsupportedModelError) as e:
+        derive_spec(model, x)
+    assert "\n" not in str(e.value) and "torch.fx" in str(e.value)

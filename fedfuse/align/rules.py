@@ -955,6 +955,49 @@ def stack(d: Any, node: fx.Node, mod: Any = None) -> Any:
     return replace(first, dim=first.dim + (1 if dim <= first.dim else 0))
 
 
+def unfold(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``nn.Unfold`` / ``F.unfold``: ``(B, C, H, W) -> (B, C·k, L)``, channel ``c`` at rows ``c·k … c·k+k-1``: the
+    same units, each spread over the ``k`` kernel positions (``expand``)."""
+    x = node.args[0]
+    lay = d.check_channel(node, d.lay(x), 1)
+    if lay is None:
+        return FIXED
+    k = d.values[node.name].shape[1] // d.value(x).shape[1]
+    return Layout(1, lay.segs, k)
+
+
+def max_min(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``x.max(dim)`` / ``x.min(dim)`` (values, indices): over another dim both are per unit (layout kept); over
+    the hidden dim the indices would follow the order, so those units stay fixed. ``max(a, b)`` is element-wise;
+    a global max is a scalar."""
+    x = node.args[0]
+    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("other"))
+    if isinstance(d.value(other), torch.Tensor):
+        return binary(d, node, mod)
+    lay = d.lay(x)
+    if d.is_fixed(lay) or not isinstance(lay, Layout):
+        return FIXED if not isinstance(d.values[node.name], tuple) else (FIXED, FIXED)
+    if other is None:
+        return FIXED
+    dim = int(d.value(other)) % d.value(x).dim()
+    keep = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+    if dim == lay.dim:
+        d.fix(lay)
+        return (FIXED, FIXED)
+    out = lay if keep else replace(lay, dim=lay.dim - (1 if dim < lay.dim else 0))
+    return (out, out)
+
+
+def getattr_rule(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``result.values`` / ``result.indices`` of max/min/sort-like results: the layout of that item."""
+    lay, attr = d.lay(node.args[0]), node.args[1]
+    if isinstance(lay, tuple) and attr in ("values", "indices"):
+        return lay[0 if attr == "values" else 1]
+    if d.is_fixed(lay):
+        return FIXED
+    raise d.unsupported(node, f"attribute {attr!r} of a hidden tensor")
+
+
 def _matched(d: Any, la: Any, lb: Any) -> bool:
     """Join two layouts that must move together; fix both if their segment structures differ."""
     if not (isinstance(la, Layout) and isinstance(lb, Layout)):
@@ -1102,6 +1145,11 @@ register_rule("repeat", repeat)
 for _t in ("repeat_interleave", torch.repeat_interleave):
     register_rule(_t, repeat_interleave)
 register_rule(torch.stack, stack)
+register_rule(nn.Unfold, unfold)
+register_rule(getattr, getattr_rule)
+for _t in ("max", "min", torch.max, torch.min):
+    register_rule(_t, max_min)
+register_rule(F.unfold, unfold)
 for _t in (F.conv1d, F.conv2d):
     register_rule(_t, functional_conv)
 for _t in ("Conv2dSame", "StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"):

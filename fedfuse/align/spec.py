@@ -296,7 +296,11 @@ def trace_values(model: nn.Module, example_input: Any) -> tuple[fx.Graph, dict[s
     except UnsupportedModelError:
         raise
     except Exception as exc:  # fx raises many types (TraceError, RuntimeError, TypeError)
-        raise UnsupportedModelError(f"cannot trace {type(model).__name__} with torch.fx: {exc}") from exc
+        first = (str(exc).splitlines() or [""])[0][:300]
+        raise UnsupportedModelError(
+            f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {first}); "
+            "Python control flow on tensor values or unsupported constructs in forward: pass a manual TransportSpec"
+        ) from exc
     finally:
         for h in hooks:
             h.remove()
@@ -544,12 +548,22 @@ class _Deriver:
         rule = lookup_rule(node, module)
         params = any(isinstance(self.lay(a), ParamRef) for a in node.all_input_nodes)
         if rule is not None and (module is not None or params):
-            return rule(self, node, module)  # a layer on a fixed input still creates its own hidden units
+            return self._apply(rule, node, module)  # a layer on a fixed input still creates its own hidden units
         if all(self.is_fixed(self.lay(a)) for a in node.all_input_nodes):
             return FIXED
         if rule is None:
             raise self.unsupported(node)
-        return rule(self, node, module)
+        return self._apply(rule, node, module)
+
+    def _apply(self, rule: Any, node: fx.Node, module: nn.Module | None) -> Any:
+        """Run ``rule``; a rule that breaks on an unforeseen call pattern becomes the one-line refusal of its op."""
+        try:
+            return rule(self, node, module)
+        except UnsupportedModelError:
+            raise
+        except Exception as exc:  # any rule bug must surface as a clear refusal, not a traceback
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise self.unsupported(node, f"its rule cannot read this call: {type(exc).__name__}: {first}") from exc
 
     # result ------------------------------------------------------------------------------------------------
     def finalise(self) -> TransportSpec:
