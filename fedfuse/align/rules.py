@@ -13,6 +13,13 @@ Adding an op is one entry::
 
     register_rule(torch.erf, elementwise)          # channel-wise ops keep the layout
     register_rule(MyNorm, norm_rule(("weight", "bias")))
+    register_leaf_rule("mylib.layers.MyAttention", qkv_attention_module)  # a library block as one op
+
+A module class outside ``torch.nn`` is traced through (its ops meet these tables) unless it has a leaf rule;
+model libraries' helpers met so far (timm: ``Linear`` → ``F.linear``, ``BatchNormAct2d`` → ``F.batch_norm``,
+``LayerNorm2d`` → permute + ``F.layer_norm``, ``DropPath``/``LayerScale`` → ``mul``/``addcmul``, ``pad_same`` →
+``F.pad``) need no entry of their own; timm's ``Attention``/Swin ``WindowAttention`` (heads permuted inside) and
+its same-padding / weight-standardised convs are leaf rules.
 
 Exactness notes (a rule never claims a symmetry the op does not have):
 
@@ -27,6 +34,10 @@ Exactness notes (a rule never claims a symmetry the op does not have):
   (head *reordering* is not used); the residual stream (input/output width) is one group;
 * a Linear applied to a dim other than the hidden one (MLP-Mixer token mixing) keeps the layout; its
   own units stay fixed.
+* a module registered under two names (a shared/tied parameter has several state-dict keys): every key moves;
+* ``a @ b``: the contracted dim is a sum over units, exact when both sides move jointly (joined), else fixed;
+  a batch dim moves only with the other operand's same dim; ``scaled_dot_product_attention`` likewise (q, k
+  joined on the head dim, v's head dim indexes the output);
 * a reshape, chunk/split or slice that cuts through a group (a channel shuffle, a q/k/v split of one
   projection, a slice of some channels) fixes the groups it cuts: exact, but those units are not aligned.
 """
