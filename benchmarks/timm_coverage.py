@@ -145,8 +145,10 @@ def write(rows: list[dict[str, Any]], tag: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = sorted(rows, key=lambda r: r["model"])
     (RESULTS / f"{tag}.json").write_text(json.dumps(rows, indent=1))
-    derived = [r for r in rows if r["derived"]]
-    recovered = [r for r in derived if r["ok"]]
+    sample = [r for r in rows if r.get("kind", "sample") == "sample"]
+    extra = [r for r in rows if r.get("kind") == "extra"]
+    s_derived = [r for r in sample if r["derived"]]
+    s_recovered = [r for r in s_derived if r["ok"] and r["errors"]]
     lines = [
         "# timm models: derive / permute / recover",
         "",
@@ -157,13 +159,11 @@ def write(rows: list[dict[str, Any]], tag: str) -> Path:
         "randomised and BatchNorm statistics set from the batch, so outputs are O(1). Errors are "
         "max|Δ logits| / max|logits|; pass = ≤ 1e-4 for the permuted copy and for `match` and `wb` recovering it.",
         "",
-        f"**{len(rows)} models checked: {len(derived)} derive a spec, {len(recovered)} of them are "
-        f"permutation-invariant and recovered exactly by both `match` and `wb`; {len(rows) - len(derived)} are "
-        "refused at derivation with one line (below).**",
+        f"**Sample: {len(sample)} models checked: {len(s_derived)} derive a spec, {len(s_recovered)} of them are "
+        f"permutation-invariant and recovered exactly by both `match` and `wb`; {len(sample) - len(s_derived)} "
+        "are refused at derivation with one line.**",
         "",
     ]
-    sample = [r for r in rows if r.get("kind", "sample") == "sample"]
-    extra = [r for r in rows if r.get("kind") == "extra"]
     lines += _table(sample)
     if extra:
         ok = [r for r in extra if r["derived"] and r["ok"]]

@@ -21,12 +21,13 @@ from fedfuse.align.spec import derive_spec  # noqa: E402
 
 # refused at derivation, with the op the one-line reason must name (none in the sample today)
 REFUSED: dict[str, str] = {}
-# total < 10 s each in benchmarks/results/timm-coverage.md (shared 2-core machine)
-FAST = {"mobilenetv3_small_100", "regnetx_002", "mobilevit_xxs", "levit_128s"}
-# in CI (`slow`): together about 5 min; every other model is ``huge`` (deselected by default)
+# < 5 s each (total per model in benchmarks/results/timm-coverage.md, shared 2-core machine under load)
+FAST = {"mobilenetv3_small_100", "mobilevit_xxs"}
+# in CI (`slow`): 6-48 s each, about 230 s together in that run; the rest (40-90 s each) are ``huge``
 SLOW = {
-    "resnet18d", "efficientnet_b0", "ghostnet_100", "convnext_atto", "vit_tiny_patch16_224", "pit_ti_224",
-    "coat_lite_tiny", "poolformer_s12", "swin_tiny_patch4_window7_224",
+    "convnext_atto", "convnextv2_atto", "regnetx_002", "coat_lite_tiny", "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224", "efficientnet_b0", "rexnet_100", "pit_ti_224", "ghostnet_100", "cait_xxs24_224",
+    "levit_128s", "efficientformer_l1", "hrnet_w18_small", "coatnet_nano_rw_224", "swin_tiny_patch4_window7_224",
 }  # fmt: skip
 
 
