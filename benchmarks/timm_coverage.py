@@ -163,6 +163,15 @@ def write(rows: list[dict[str, Any]], tag: str) -> Path:
         f"permutation-invariant and recovered exactly by both `match` and `wb`; {len(sample) - len(s_derived)} "
         "are refused at derivation with one line.**",
         "",
+        "Exact by construction, partial where a symmetry is not representable (those units stay fixed, never "
+        "wrongly moved; see `fedfuse/align/rules.py`). Heads are permuted inside (q/k dims jointly, v dims with the "
+        "output projection) for timm's `Attention` (ViT, DeiT, PiT, MobileViT) and Swin's `WindowAttention` (leaf "
+        "rules); attention written inline with a reshape of a fused projection (CaiT's class attention, LeViT, CoaT, "
+        "EfficientFormer, TNT, XCiT, BEiT, EVA-02) keeps its q/k/v units fixed, the residual stream and MLPs move. "
+        "A SwiGLU `chunk` of one projection (EVA-02) fixes that projection: EVA-02 aligns only its residual stream. "
+        "Grouped convolutions keep their inputs fixed and permute outputs within each block; a module shared "
+        "under two names (CoaT's position encoding) moves under every state-dict key.",
+        "",
     ]
     lines += _table(sample)
     if extra:
