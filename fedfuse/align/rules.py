@@ -13,6 +13,13 @@ Adding an op is one entry::
 
     register_rule(torch.erf, elementwise)          # channel-wise ops keep the layout
     register_rule(MyNorm, norm_rule(("weight", "bias")))
+    register_leaf_rule("mylib.layers.MyAttention", qkv_attention_module)  # a library block as one op
+
+A module class outside ``torch.nn`` is traced through (its ops meet these tables) unless it has a leaf rule;
+model libraries' helpers met so far (timm: ``Linear`` → ``F.linear``, ``BatchNormAct2d`` → ``F.batch_norm``,
+``LayerNorm2d`` → permute + ``F.layer_norm``, ``DropPath``/``LayerScale`` → ``mul``/``addcmul``, ``pad_same`` →
+``F.pad``) need no entry of their own; timm's ``Attention``/Swin ``WindowAttention`` (heads permuted inside) and
+its same-padding / weight-standardised convs are leaf rules.
 
 Exactness notes (a rule never claims a symmetry the op does not have):
 
@@ -27,6 +34,10 @@ Exactness notes (a rule never claims a symmetry the op does not have):
   (head *reordering* is not used); the residual stream (input/output width) is one group;
 * a Linear applied to a dim other than the hidden one (MLP-Mixer token mixing) keeps the layout; its
   own units stay fixed.
+* a module registered under two names (a shared/tied parameter has several state-dict keys): every key moves;
+* ``a @ b``: the contracted dim is a sum over units, exact when both sides move jointly (joined), else fixed;
+  a batch dim moves only with the other operand's same dim; ``scaled_dot_product_attention`` likewise (q, k
+  joined on the head dim, v's head dim indexes the output);
 * a reshape, chunk/split or slice that cuts through a group (a channel shuffle, a q/k/v split of one
   projection, a slice of some channels) fixes the groups it cuts: exact, but those units are not aligned.
 """
@@ -51,8 +62,10 @@ __all__ = [
     "Rule",
     "Stacked",
     "elementwise",
+    "is_leaf",
     "lookup_rule",
     "norm_rule",
+    "register_leaf_rule",
     "register_rule",
     "supported_summary",
 ]
@@ -103,6 +116,7 @@ Rule = Callable[[Any, fx.Node, "nn.Module | None"], Any]
 MODULE_RULES: dict[type, Rule] = {}
 FUNCTION_RULES: dict[Any, Rule] = {}
 METHOD_RULES: dict[str, Rule] = {}
+LEAF_RULES: dict[str, Rule] = {}  # "module.QualName" of a class -> rule; such modules are traced as one node
 
 
 def register_rule(target: type | Callable[..., Any] | str, rule: Rule) -> None:
@@ -115,6 +129,18 @@ def register_rule(target: type | Callable[..., Any] | str, rule: Rule) -> None:
         FUNCTION_RULES[target] = rule
 
 
+def register_leaf_rule(cls: type | str, rule: Rule) -> None:
+    """Treat modules of exactly class ``cls`` (a class or ``"package.module.Class"``, so the package need not be
+    importable) as one op described by ``rule``: their forward is not traced (e.g. a library's attention block).
+    Subclasses are not matched: they may change the forward."""
+    LEAF_RULES[cls if isinstance(cls, str) else _qualname(cls)] = rule
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """Whether ``module`` has a leaf rule (see :func:`register_leaf_rule`)."""
+    return _qualname(type(module)) in LEAF_RULES
+
+
 def _qualname(t: Any) -> str:
     return f"{getattr(t, '__module__', '')}.{getattr(t, '__qualname__', getattr(t, '__name__', ''))}"
 
@@ -122,6 +148,9 @@ def _qualname(t: Any) -> str:
 def lookup_rule(node: fx.Node, module: nn.Module | None) -> Rule | None:
     """The rule for ``node`` (None if no table has one)."""
     if node.op == "call_module" and module is not None:
+        leaf = LEAF_RULES.get(_qualname(type(module)))
+        if leaf is not None:
+            return leaf
         for cls in type(module).__mro__:
             if cls in MODULE_RULES:
                 return MODULE_RULES[cls]
@@ -145,7 +174,11 @@ def elementwise(d: Any, node: fx.Node, mod: Any = None) -> Any:
     """Channel-wise op (activation, dropout, cast, identity): the layout passes through unchanged."""
     first = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
     lay = d.lay(first)
-    return FIXED if isinstance(lay, ParamRef) else lay
+    if isinstance(lay, ParamRef):  # ``w.to(dtype)``, ``w.exp()``: same shape, still indexed by the same units
+        out, val = d.values.get(node.name), d.value(first)
+        same = isinstance(out, torch.Tensor) and isinstance(val, torch.Tensor) and out.shape == val.shape
+        return lay if same else FIXED
+    return lay
 
 
 def channels_last(d: Any, node: fx.Node, mod: Any = None) -> Any:
@@ -184,51 +217,99 @@ def pool(d: Any, node: fx.Node, mod: Any = None) -> Any:
     return lay
 
 
-def linear(d: Any, node: fx.Node, mod: nn.Linear) -> Any:
-    """``y = x Wᵀ + b``: input units index W's columns, a new group of ``out_features`` indexes rows and bias."""
-    name = str(node.target)
-    x = node.args[0]
+def _linear(d: Any, node: fx.Node, x: Any, weight: str, bias: str | None, out_features: int, name: str) -> Any:
     lay = d.lay(x)
     rank = d.value(x).dim()
     if isinstance(lay, Layout) and not d.is_fixed(lay) and lay.dim != rank - 1:
         return lay  # token mixing (a Linear over a non-hidden dim): channel layout kept, its own units fixed
     lay_in = d.check_channel(node, lay, rank - 1, flat_ok=True)
     if lay_in is not None:
-        d.add_inputs(f"{name}.weight", 1, lay_in, x)
-    g = d.new_group(name, mod.out_features)
-    d.add(g, f"{name}.weight", 0, "out")
-    d.add(g, f"{name}.bias", 0, "out")
-    return Layout(rank - 1, ((g, mod.out_features),))
+        d.add_inputs(weight, 1, lay_in, x)
+    g = d.new_group(name, out_features)
+    d.add(g, weight, 0, "out")
+    if bias is not None:
+        d.add(g, bias, 0, "out")
+    return Layout(rank - 1, ((g, out_features),))
 
 
-def conv(d: Any, node: fx.Node, mod: nn.Conv1d) -> Any:
-    """Convolution; ``groups`` handled exactly as described in the module docstring."""
+def linear(d: Any, node: fx.Node, mod: nn.Linear) -> Any:
+    """``y = x Wᵀ + b``: input units index W's columns, a new group of ``out_features`` indexes rows and bias."""
     name = str(node.target)
-    x = node.args[0]
-    lay_in = d.check_channel(node, d.lay(x), 1)
-    cin, cout, g = mod.in_channels, mod.out_channels, mod.groups
+    return _linear(d, node, node.args[0], f"{name}.weight", f"{name}.bias", mod.out_features, name)
+
+
+def functional_linear(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``F.linear(x, W, b)`` with W, b the model's parameters (a Linear subclass with its own forward)."""
+    w, b = _arg(node, F.linear, "weight"), _arg(node, F.linear, "bias")
+    wref, bref = d.lay(w), d.lay(b)
+    if not isinstance(wref, ParamRef) or wref.dims != (0, 1):
+        raise d.unsupported(node, "its weight is computed, not a model parameter")
+    name = wref.key.rsplit(".", 1)[0] if "." in wref.key else wref.key
+    bias = bref.key if isinstance(bref, ParamRef) and bref.dims == (0,) else None
+    out = _linear(d, node, node.args[0], wref.key, bias, d.value(w).shape[0], name)
+    if b is not None and bias is None:
+        d.fix(out)  # a computed bias (BEiT/EVA: cat(q_bias, zeros, v_bias)) cannot follow a row permutation
+        return FIXED
+    return out
+
+
+def _conv(
+    d: Any, node: fx.Node, x: Any, outs: Sequence[str], weight: str, cin: int, cout: int, g: int, name: str
+) -> Any:
+    """Convolution with weight ``weight``; ``outs``: keys indexed by the output channel at axis 0 (weight, bias,
+    a std-conv's gain). ``groups`` handled exactly as described in the module docstring."""
+    lay_in = d.check_channel(node, d.lay(x), 1, flat_ok=True)  # dense: each (channel, copy) is one input column
+    if g != 1 and lay_in is not None and lay_in.expand != 1:
+        d.fix(lay_in)  # a grouped conv over channel copies (after a channel multiplier): those units stay put
+        lay_in = None
     if g == 1:
         if lay_in is not None:
-            d.add_inputs(f"{name}.weight", 1, lay_in, x)
+            d.add_inputs(weight, 1, lay_in, x)
         gid = d.new_group(name, cout)
-        d.add(gid, f"{name}.weight", 0, "out")
-        d.add(gid, f"{name}.bias", 0, "out")
+        for key in outs:
+            d.add(gid, key, 0, "out")
         return Layout(1, ((gid, cout),))
     if g == cin and lay_in is not None:  # depthwise: output channel c·m + k reads input channel c only
         mult = cout // cin
         segs = lay_in.segs if len(lay_in.segs) > 1 else None
         for i, (gid, _) in enumerate(lay_in.segs):
-            d.add(gid, f"{name}.weight", 0, "out", 1, mult, segs, i)
-            d.add(gid, f"{name}.bias", 0, "out", 1, mult, segs, i)
+            for key in outs:
+                d.add(gid, key, 0, "out", 1, mult, segs, i)
         return Layout(1, lay_in.segs, mult)
     # grouped (or depthwise on a fixed input): inputs fixed, outputs permute within each of the g blocks
     d.fix(lay_in)
     width = cout // g
     segs_t = tuple((d.new_group(f"{name}.g{b}" if g > 1 else name, width), width) for b in range(g))
     for i, (gid, _) in enumerate(segs_t):
-        for p in ("weight", "bias"):
-            d.add(gid, f"{name}.{p}", 0, "out", 1, 1, segs_t if g > 1 else None, i)
+        for key in outs:
+            d.add(gid, key, 0, "out", 1, 1, segs_t if g > 1 else None, i)
     return Layout(1, segs_t)
+
+
+def conv(d: Any, node: fx.Node, mod: nn.Conv1d) -> Any:
+    """Convolution module (also a library's Conv subclass traced as a leaf: TF-"same" padding, weight
+    standardisation, whose per-output-row ``gain`` moves with the row; standardisation over a row commutes with
+    permuting the row's inputs)."""
+    name = str(node.target)
+    outs = [f"{name}.{p}" for p in ("weight", "bias", "gain")]
+    return _conv(d, node, node.args[0], outs, f"{name}.weight", mod.in_channels, mod.out_channels, mod.groups, name)
+
+
+def functional_conv(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``F.conv1d/2d(x, W, b, stride, padding, dilation, groups)`` with W, b the model's parameters."""
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    g = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    wref, bref = d.lay(w), d.lay(b)
+    if not isinstance(wref, ParamRef) or wref.dims[:2] != (0, 1):
+        raise d.unsupported(node, "its weight is computed, not a model parameter (wrap the module with a leaf rule)")
+    if b is not None and not (isinstance(bref, ParamRef) and bref.dims == (0,)):
+        raise d.unsupported(node, "its bias is computed, not a model parameter")
+    wv = d.value(w)
+    g = int(d.value(g))
+    name = wref.key.rsplit(".", 1)[0] if "." in wref.key else wref.key
+    outs = [wref.key] + ([bref.key] if b is not None else [])
+    return _conv(d, node, node.args[0], outs, wref.key, wv.shape[1] * g, wv.shape[0], g, name)
 
 
 def norm_rule(params: tuple[str, ...], check_groups: bool = False) -> Rule:
@@ -236,7 +317,7 @@ def norm_rule(params: tuple[str, ...], check_groups: bool = False) -> Rule:
 
     def rule(d: Any, node: fx.Node, mod: Any) -> Any:
         lay = d.lay(node.args[0])
-        lay_in = d.check_channel(node, lay, 1)
+        lay_in = d.check_channel(node, lay, 1, flat_ok=not check_groups)  # BN/IN: per (channel, copy) stats
         if lay_in is not None:
             if check_groups and mod.num_groups not in (1, mod.num_channels):
                 raise d.unsupported(
@@ -264,8 +345,16 @@ def layer_norm_module(d: Any, node: fx.Node, mod: nn.LayerNorm) -> Any:
     return lay
 
 
+# positional parameters of builtins that ``inspect.signature`` cannot read
+_BUILTIN_PARAMS: dict[Any, tuple[str, ...]] = {F.linear: ("input", "weight", "bias")}
+
+
 def _arg(node: fx.Node, fn: Callable[..., Any], name: str) -> Any:
     """Argument ``name`` of a call to ``fn`` (positional or keyword)."""
+    if fn in _BUILTIN_PARAMS:
+        names = _BUILTIN_PARAMS[fn]
+        i = names.index(name)
+        return node.args[i] if i < len(node.args) else node.kwargs.get(name)
     try:
         bound = inspect.signature(fn).bind_partial(*node.args, **node.kwargs)
     except (TypeError, ValueError):
@@ -304,7 +393,7 @@ def functional_layer_norm(d: Any, node: fx.Node, mod: Any = None) -> Any:
 def functional_batch_norm(d: Any, node: fx.Node, mod: Any = None) -> Any:
     """``F.batch_norm(x, running_mean, running_var, weight, bias, ...)``: per-channel at dim 1."""
     x = node.args[0]
-    lay = d.check_channel(node, d.lay(x), 1)
+    lay = d.check_channel(node, d.lay(x), 1, flat_ok=True)
     if lay is None:
         return FIXED
     names = ("running_mean", "running_var", "weight", "bias")
@@ -377,9 +466,19 @@ def _attention_groups(d: Any, name: str, heads: int, width: int) -> tuple[tuple,
 
 
 def _attention_members(
-    d: Any, node: fx.Node, x: fx.Node, lay: Layout, keys: dict[str, str | None], heads: int, width: int, name: str
+    d: Any,
+    node: fx.Node,
+    x: fx.Node,
+    lay: Layout,
+    keys: dict[str, str | None],
+    heads: int,
+    width: int,
+    name: str,
+    out_width: int | None = None,
 ) -> Layout:
-    """Members of one attention op; ``keys``: qkv_weight, qkv_bias, proj_weight, proj_bias state keys."""
+    """Members of one attention op; ``keys``: qkv_weight, qkv_bias, proj_weight, proj_bias state keys;
+    ``width`` = heads × head dim, ``out_width`` the output projection's (default ``width``)."""
+    out_width = width if out_width is None else out_width
     rows, v = _attention_groups(d, name, heads, width)
     d.add_inputs(keys["qkv_weight"], 1, lay, x)
     for key in (keys["qkv_weight"], keys.get("qkv_bias")):
@@ -388,11 +487,46 @@ def _attention_members(
                 d.add(gid, key, 0, "out", 1, 1, rows, i)
     for i, (gid, _) in enumerate(v):
         d.add(gid, keys["proj_weight"], 1, "in", 1, 1, v if len(v) > 1 else None, i)
-    out = d.new_group(f"{name}.out", width)
+    out = d.new_group(f"{name}.out", out_width)
     d.add(out, keys["proj_weight"], 0, "out")
     if keys.get("proj_bias") is not None:
         d.add(out, keys["proj_bias"], 0, "out")
-    return Layout(lay.dim, ((out, width),))
+    return Layout(lay.dim, ((out, out_width),))
+
+
+def qkv_attention_module(d: Any, node: fx.Node, mod: Any) -> Any:
+    """A self-attention block ``proj(attn(split_heads(qkv(x)), mask))`` with attributes ``qkv``, ``proj``
+    (Linear), ``num_heads`` (timm's ``Attention``: ViT, DeiT, PiT, MobileViT...; Swin's window attention, whose
+    relative position bias and shift mask are added to the scores). Heads as in :func:`multihead_attention`.
+    With q/k normalisation, output normalisation or a gate (per-head-dim parameters shared by all heads) the
+    inner units stay fixed: the input feeds ``qkv`` (and ``gate``), the output is ``proj``'s new group."""
+    name = str(node.target)
+    x = node.args[0] if node.args else node.kwargs["x"]
+    rank = d.value(x).dim()
+    lay_in = d.check_channel(node, d.lay(x), rank - 1)
+    for a in node.all_input_nodes:  # an attention mask indexes tokens (added to the scores): it stays fixed
+        if a is not x:
+            d.fix(d.lay(a))
+    plain = all(isinstance(getattr(mod, k, None), (nn.Identity, type(None))) for k in ("q_norm", "k_norm", "norm"))
+    plain = plain and getattr(mod, "gate", None) is None
+    keys = {
+        "qkv_weight": f"{name}.qkv.weight",
+        "qkv_bias": f"{name}.qkv.bias" if mod.qkv.bias is not None else None,
+        "proj_weight": f"{name}.proj.weight",
+        "proj_bias": f"{name}.proj.bias" if mod.proj.bias is not None else None,
+    }
+    if plain:
+        lay = lay_in if lay_in is not None else Layout(rank - 1, ((FIXED_ID, mod.qkv.in_features),))
+        heads, width = int(mod.num_heads), mod.qkv.out_features // 3
+        return _attention_members(d, node, x, lay, keys, heads, width, name, mod.proj.out_features)
+    for lin in ("qkv", "gate"):
+        if isinstance(getattr(mod, lin, None), nn.Linear) and lay_in is not None:
+            d.add_inputs(f"{name}.{lin}.weight", 1, lay_in, x)
+    out = d.new_group(f"{name}.proj", mod.proj.out_features)
+    d.add(out, keys["proj_weight"], 0, "out")
+    if keys["proj_bias"] is not None:
+        d.add(out, keys["proj_bias"], 0, "out")
+    return Layout(rank - 1, ((out, mod.proj.out_features),))
 
 
 def multihead_attention(d: Any, node: fx.Node, mod: nn.MultiheadAttention) -> Any:
@@ -469,40 +603,7 @@ def binary(d: Any, node: fx.Node, mod: Any = None) -> Any:
     """Element-wise ``a ∘ b``: residual add (groups joined), layer scale / affine params (params join the group)."""
     a = node.args[0]
     b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
-    out = d.values[node.name]
-    la, lb = d.lay(a), d.lay(b)
-    va, vb = d.value(a), d.value(b)
-    if not isinstance(vb, torch.Tensor) or lb is None:
-        return FIXED if isinstance(la, ParamRef) else la
-    if not isinstance(va, torch.Tensor) or la is None:
-        return FIXED if isinstance(lb, ParamRef) else lb
-    result: Any = None
-    for lx, vx, ly, vy in ((la, va, lb, vb), (lb, vb, la, va)):
-        if d.is_fixed(lx) or not isinstance(lx, Layout):
-            continue
-        dim_out = lx.dim + out.dim() - vx.dim()
-        if isinstance(ly, Layout) and not d.is_fixed(ly) and ly.dim + out.dim() - vy.dim() == dim_out:
-            if ly.expand != lx.expand or [n for _, n in ly.segs] != [n for _, n in lx.segs]:
-                if ly.expand * ly.block != lx.expand * lx.block:
-                    raise d.unsupported(node, "operands split hidden units differently")
-                d.fix(lx)  # same units, split into different groups (e.g. SE scale × grouped-conv output):
-                d.fix(ly)  # keeping both fixed is the exact choice
-                result = replace(lx, dim=dim_out) if result is None else result
-                continue
-            for (g1, _), (g2, _) in zip(lx.segs, ly.segs, strict=True):
-                d.union(g1, g2)
-        else:
-            ydim = dim_out - (out.dim() - vy.dim())
-            if ydim >= 0 and vy.shape[ydim] != 1:
-                if isinstance(ly, Layout) and not d.is_fixed(ly):
-                    raise d.unsupported(node, "operands have hidden units on different dims")
-                axis = _bcast_axis(ly, vy, dim_out, out.dim()) if isinstance(ly, ParamRef) else None
-                if axis is not None and lx.expand == 1 and vy.shape[ydim] == lx.block:
-                    d.add_norm_key(ly.key, lx, axis)  # layer scale / affine / position embedding
-                else:
-                    d.fix(lx)  # combined element-wise with a fixed per-channel tensor: cannot move
-        result = replace(lx, dim=dim_out) if result is None else result
-    return result if result is not None else FIXED
+    return _join(d, node, d.lay(a), d.value(a), d.lay(b), d.value(b), d.values[node.name])
 
 
 def cat(d: Any, node: fx.Node, mod: Any = None) -> Any:
@@ -519,9 +620,12 @@ def cat(d: Any, node: fx.Node, mod: Any = None) -> Any:
     expand = {lay.expand for lay in real}
     if any(lay.dim != dim for lay in real):
         first = real[0]
+        if any(o.dim != first.dim or o.expand != first.expand or [n for _, n in o.segs] != [n for _, n in first.segs]
+               for o in real[1:]):  # fmt: skip
+            for lay in real:  # e.g. PiT: a class token from a Linear beside conv-pooled tokens: they stay put
+                d.fix(lay)
+            return FIXED
         for other in real[1:]:
-            if other.dim != first.dim or [n for _, n in other.segs] != [n for _, n in first.segs]:
-                raise d.unsupported(node, "concatenates tensors with different hidden layouts")
             for (g1, _), (g2, _) in zip(first.segs, other.segs, strict=True):
                 d.union(g1, g2)
         for lay, v in zip(lays, vals, strict=True):
@@ -548,9 +652,25 @@ def cat(d: Any, node: fx.Node, mod: Any = None) -> Any:
     return Layout(dim, tuple(segs), exp)
 
 
+def _param_view(ref: ParamRef, in_shape: Sequence[int], out_shape: Sequence[int]) -> ParamRef | None:
+    """A view of a parameter that only inserts/removes size-1 dims (``w.view(1, -1, 1, 1)``) keeps its axes."""
+    src = [(i, n) for i, n in enumerate(in_shape) if n != 1]
+    dst = [(j, n) for j, n in enumerate(out_shape) if n != 1]
+    if [n for _, n in src] != [n for _, n in dst]:
+        return None
+    dims: list[int | None] = [None] * len(out_shape)
+    for (i, _), (j, _) in zip(src, dst, strict=True):
+        dims[j] = ref.dims[i] if i < len(ref.dims) else None
+    return ParamRef(ref.key, tuple(dims))
+
+
 def reshape(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """view/reshape/flatten (and ``*_as``): see ``_Deriver.reshape``; a parameter's singleton view stays a ref."""
     x = node.args[0]
-    return d.reshape(node, d.lay(x), d.value(x).shape, d.values[node.name].shape)
+    lay, in_shape, out_shape = d.lay(x), d.value(x).shape, d.values[node.name].shape
+    if isinstance(lay, ParamRef):
+        return _param_view(lay, in_shape, out_shape) or FIXED
+    return d.reshape(node, lay, in_shape, out_shape)
 
 
 def move_dims(op: str) -> Rule:
@@ -697,6 +817,277 @@ def interpolate(d: Any, node: fx.Node, mod: Any = None) -> Any:
     return lay
 
 
+def _join(d: Any, node: fx.Node, la: Any, va: Any, lb: Any, vb: Any, out: torch.Tensor) -> Any:
+    """The layout of an element-wise combination of ``(la, va)`` and ``(lb, vb)`` broadcast to ``out``."""
+    if not isinstance(vb, torch.Tensor) or lb is None:
+        return FIXED if isinstance(la, ParamRef) else la
+    if not isinstance(va, torch.Tensor) or la is None:
+        return FIXED if isinstance(lb, ParamRef) else lb
+    result: Any = None
+    for lx, vx, ly, vy in ((la, va, lb, vb), (lb, vb, la, va)):
+        if d.is_fixed(lx) or not isinstance(lx, Layout):
+            continue
+        dim_out = lx.dim + out.dim() - vx.dim()
+        if isinstance(ly, Layout) and not d.is_fixed(ly) and ly.dim + out.dim() - vy.dim() == dim_out:
+            if ly.expand != lx.expand or [n for _, n in ly.segs] != [n for _, n in lx.segs]:
+                if ly.expand * ly.block != lx.expand * lx.block:
+                    raise d.unsupported(node, "operands split hidden units differently")
+                d.fix(lx)  # same units, split into different groups (e.g. SE scale × grouped-conv output):
+                d.fix(ly)  # keeping both fixed is the exact choice
+                result = replace(lx, dim=dim_out) if result is None else result
+                continue
+            for (g1, _), (g2, _) in zip(lx.segs, ly.segs, strict=True):
+                d.union(g1, g2)
+        else:
+            ydim = dim_out - (out.dim() - vy.dim())
+            if ydim >= 0 and vy.shape[ydim] != 1:
+                if isinstance(ly, Layout) and not d.is_fixed(ly):
+                    raise d.unsupported(node, "operands have hidden units on different dims")
+                axis = _bcast_axis(ly, vy, dim_out, out.dim()) if isinstance(ly, ParamRef) else None
+                if axis is not None and lx.expand == 1 and vy.shape[ydim] == lx.block:
+                    d.add_norm_key(ly.key, lx, axis)  # layer scale / affine / position embedding
+                else:
+                    d.fix(lx)  # combined element-wise with a fixed per-channel tensor: cannot move
+        result = replace(lx, dim=dim_out) if result is None else result
+    return result if result is not None else FIXED
+
+
+def addcmul(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``addcmul(x, t1, t2) = x + v·t1·t2`` (and ``addcdiv``): two element-wise joins (ResMLP's affine, GRN)."""
+    x, t1, t2 = node.args[:3]
+    out = d.values[node.name]
+    v1, v2 = d.value(t1), d.value(t2)
+    prod = torch.empty(torch.broadcast_shapes(v1.shape, v2.shape))
+    lay = _join(d, node, d.lay(t1), v1, d.lay(t2), v2, prod)
+    return _join(d, node, d.lay(x), d.value(x), lay, prod, out)
+
+
+def vector_norm(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``x.norm(p, dim)`` / ``torch.linalg.vector_norm(x, ord, dim)``: a reduction (see :func:`reduce`)."""
+    x = node.args[0]
+    lay = d.lay(x)
+    if d.is_fixed(lay):
+        return FIXED
+    if not isinstance(lay, Layout):
+        raise d.unsupported(node)
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    keep = bool(node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False))
+    rank = d.value(x).dim()
+    dims_l = (
+        list(range(rank))
+        if dims is None
+        else [int(v) % rank for v in (dims if isinstance(dims, (tuple, list)) else [dims])]
+    )
+    if lay.dim in dims_l:
+        return FIXED
+    if lay.expand != 1:
+        raise d.unsupported(node, "reduces a flattened conv tensor")
+    return lay if keep else replace(lay, dim=lay.dim - sum(1 for i in dims_l if i < lay.dim))
+
+
+def pad(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``F.pad(x, pad)``: pads the last ``len(pad)/2`` dims; padding the hidden dim itself fixes its units."""
+    x = node.args[0]
+    lay = d.lay(x)
+    if d.is_fixed(lay) or not isinstance(lay, Layout):
+        return FIXED
+    amounts = d.value(_arg(node, F.pad, "pad"))
+    rank = d.value(x).dim()
+    for i in range(len(amounts) // 2):
+        if rank - 1 - i == lay.dim and (amounts[2 * i] or amounts[2 * i + 1]):
+            d.fix(lay)
+            return FIXED
+    if lay.expand != 1:
+        raise d.unsupported(node, "pads a flattened conv tensor")
+    return lay
+
+
+def roll(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``torch.roll(x, shifts, dims)``: shifts positions (Swin's shifted windows); rolling the hidden dim fixes it."""
+    x = node.args[0]
+    lay = d.lay(x)
+    if d.is_fixed(lay) or not isinstance(lay, Layout):
+        return FIXED
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims")
+    rank = d.value(x).dim()
+    dims_l = [int(v) % rank for v in (dims if isinstance(dims, (tuple, list)) else [dims])] if dims is not None else []
+    if dims is None or lay.dim in dims_l or lay.expand != 1:
+        d.fix(lay)
+        return FIXED
+    return lay
+
+
+def repeat(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``x.repeat(*sizes)``: copies along other dims keep the layout; ``r`` copies of the hidden dim concatenate
+    its segments ``r`` times (the same units, so the same transport)."""
+    x = node.args[0]
+    lay = d.lay(x)
+    if d.is_fixed(lay) or not isinstance(lay, Layout):
+        return FIXED
+    sizes = [d.value(a) for a in node.args[1:]] or d.value(node.kwargs.get("repeats"))
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+        sizes = list(sizes[0])
+    shift = len(sizes) - d.value(x).dim()
+    r = int(sizes[lay.dim + shift])
+    if r != 1 and lay.expand != 1:
+        d.fix(lay)
+        return FIXED
+    return Layout(lay.dim + shift, lay.segs * r, lay.expand)
+
+
+def repeat_interleave(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``x.repeat_interleave(r, dim)`` along another dim keeps the layout; along the hidden dim it fixes it."""
+    x = node.args[0]
+    lay = d.lay(x)
+    if d.is_fixed(lay) or not isinstance(lay, Layout):
+        return FIXED
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if dim is None or int(dim) % d.value(x).dim() == lay.dim:
+        d.fix(lay)
+        return FIXED
+    return lay
+
+
+def stack(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``torch.stack(tensors, dim)``: a new dim; the stacked tensors' hidden units move together (joined), or, if
+    their layouts differ or some are fixed, stay put."""
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    dim = int(dim) % d.values[node.name].dim()
+    lays = [d.lay(t) for t in tensors]  # type: ignore[union-attr]
+    real = [lay for lay in lays if isinstance(lay, Layout) and not d.is_fixed(lay)]
+    if not real:
+        return FIXED
+    first = real[0]
+    if len(real) != len(lays) or not all(o.dim == first.dim and _matched(d, first, o) for o in real[1:]):
+        for lay in real:
+            d.fix(lay)
+        return FIXED
+    return replace(first, dim=first.dim + (1 if dim <= first.dim else 0))
+
+
+def unfold(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``nn.Unfold`` / ``F.unfold``: ``(B, C, H, W) -> (B, C·k, L)``, channel ``c`` at rows ``c·k … c·k+k-1``: the
+    same units, each spread over the ``k`` kernel positions (``expand``)."""
+    x = node.args[0]
+    lay = d.check_channel(node, d.lay(x), 1)
+    if lay is None:
+        return FIXED
+    k = d.values[node.name].shape[1] // d.value(x).shape[1]
+    return Layout(1, lay.segs, k)
+
+
+def max_min(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``x.max(dim)`` / ``x.min(dim)`` (values, indices): over another dim both are per unit (layout kept); over
+    the hidden dim the indices would follow the order, so those units stay fixed. ``max(a, b)`` is element-wise;
+    a global max is a scalar."""
+    x = node.args[0]
+    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("other"))
+    if isinstance(d.value(other), torch.Tensor):
+        return binary(d, node, mod)
+    lay = d.lay(x)
+    if d.is_fixed(lay) or not isinstance(lay, Layout):
+        return FIXED if not isinstance(d.values[node.name], tuple) else (FIXED, FIXED)
+    if other is None:
+        return FIXED
+    dim = int(d.value(other)) % d.value(x).dim()
+    keep = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+    if dim == lay.dim:
+        d.fix(lay)
+        return (FIXED, FIXED)
+    out = lay if keep else replace(lay, dim=lay.dim - (1 if dim < lay.dim else 0))
+    return (out, out)
+
+
+def getattr_rule(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``result.values`` / ``result.indices`` of max/min/sort-like results: the layout of that item."""
+    lay, attr = d.lay(node.args[0]), node.args[1]
+    if isinstance(lay, tuple) and attr in ("values", "indices"):
+        return lay[0 if attr == "values" else 1]
+    if d.is_fixed(lay):
+        return FIXED
+    raise d.unsupported(node, f"attribute {attr!r} of a hidden tensor")
+
+
+def _matched(d: Any, la: Any, lb: Any) -> bool:
+    """Join two layouts that must move together; fix both if their segment structures differ."""
+    if not (isinstance(la, Layout) and isinstance(lb, Layout)):
+        return False
+    if la.expand != 1 or lb.expand != 1 or [n for _, n in la.segs] != [n for _, n in lb.segs]:
+        return False
+    for (g1, _), (g2, _) in zip(la.segs, lb.segs, strict=True):
+        d.union(g1, g2)
+    return True
+
+
+def matmul(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``a @ b`` (batched): a's rows and b's columns index the output; the contracted dim (a's last, b's
+    second-last) is a sum over units, invariant when both sides move jointly (joined), else fixed; a batch dim
+    carries units only if the other operand moves with it (joined) or broadcasts (size 1)."""
+    a, b = node.args[:2]
+    la, lb = d.lay(a), d.lay(b)
+    va, vb, out = d.value(a), d.value(b), d.values[node.name]
+    ra, rb, ro = va.dim(), vb.dim(), out.dim()
+    live = [lay for lay in (la, lb) if isinstance(lay, Layout) and not d.is_fixed(lay)]
+    if any(not isinstance(lay, (Layout, ParamRef, type(None))) and lay is not FIXED for lay in (la, lb)):
+        raise d.unsupported(node)
+    if ra < 2 or rb < 2 or any(lay.expand != 1 for lay in live):
+        for lay in live:
+            d.fix(lay)
+        return FIXED
+    la = la if isinstance(la, Layout) and not d.is_fixed(la) else None
+    lb = lb if isinstance(lb, Layout) and not d.is_fixed(lb) else None
+    result: Any = FIXED
+    if la is not None and la.dim == ra - 1:  # contracted
+        if not (lb is not None and lb.dim == rb - 2 and _matched(d, la, lb)):
+            d.fix(la)
+            d.fix(lb if lb is not None and lb.dim == rb - 2 else None)
+        la = None
+        lb = None if lb is not None and lb.dim == rb - 2 else lb
+    if lb is not None and lb.dim == rb - 2:
+        d.fix(lb)
+        lb = None
+    for lx, rx, vy, ly, ry in ((la, ra, vb, lb, rb), (lb, rb, va, la, ra)):
+        if lx is None or lx.dim >= rx - 2:
+            continue
+        k = lx.dim + ro - rx  # batch dim of the output
+        ky = k - (ro - ry)
+        if ky >= 0 and vy.shape[ky] != 1 and not (ly is not None and ly.dim == ky and _matched(d, lx, ly)):
+            d.fix(lx)
+    la = la if la is not None and not d.is_fixed(la) else None
+    lb = lb if lb is not None and not d.is_fixed(lb) else None
+    if la is not None:
+        result = replace(la, dim=ro - 2 if la.dim == ra - 2 else la.dim + ro - ra)
+    if lb is not None:
+        mine = replace(lb, dim=ro - 1 if lb.dim == rb - 1 else lb.dim + ro - rb)
+        if result is FIXED:
+            result = mine
+        elif result.dim != mine.dim:
+            d.fix(lb)  # the output carries one hidden dim: b's columns stay put
+    return result
+
+
+def scaled_dot_product_attention(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``softmax(q kᵀ / s + mask) v``: q and k's last dim (a sum in the scores) move jointly or stay fixed;
+    v's last dim indexes the output; heads/batch/token dims never carry moving units here (fixed)."""
+    q, k, v = node.args[:3]
+    lq, lk, lv = d.lay(q), d.lay(k), d.lay(v)
+    rank = d.value(q).dim()
+    for other in node.all_input_nodes:
+        if other not in (q, k, v):
+            d.fix(d.lay(other))
+    live = lambda lay: isinstance(lay, Layout) and not d.is_fixed(lay)  # noqa: E731
+    if live(lq) or live(lk):
+        if not (live(lq) and live(lk) and lq.dim == rank - 1 and lk.dim == rank - 1 and _matched(d, lq, lk)):
+            d.fix(lq)
+            d.fix(lk)
+    if live(lv):
+        if lv.dim == rank - 1 and lv.expand == 1:
+            return lv
+        d.fix(lv)
+    return FIXED
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the tables
 # --------------------------------------------------------------------------------------------------------------
@@ -743,7 +1134,7 @@ for _t in _POOL_FUNCS:
     register_rule(_t, pool)
 for _t in (torch.cat, torch.concat, torch.concatenate):
     register_rule(_t, cat)
-for _t in ("view", "reshape", "flatten", torch.reshape, torch.flatten):
+for _t in ("view", "reshape", "flatten", "view_as", "reshape_as", torch.reshape, torch.flatten):
     register_rule(_t, reshape)
 for _op in ("transpose", "permute", "squeeze", "unsqueeze"):
     register_rule(_op, move_dims(_op))
@@ -757,6 +1148,34 @@ for _t in ("chunk", "split", torch.chunk, torch.split):
     register_rule(_t, split)
 register_rule("expand", expand_method)
 register_rule(F.interpolate, interpolate)
+register_rule(nn.Upsample, interpolate)
+register_rule(F.linear, functional_linear)
+register_rule(F.pad, pad)
+register_rule(torch.roll, roll)
+register_rule("repeat", repeat)
+for _t in ("repeat_interleave", torch.repeat_interleave):
+    register_rule(_t, repeat_interleave)
+register_rule(torch.stack, stack)
+register_rule(nn.Unfold, unfold)
+register_rule(getattr, getattr_rule)
+for _t in ("max", "min", torch.max, torch.min):
+    register_rule(_t, max_min)
+register_rule(F.unfold, unfold)
+for _t in (F.conv1d, F.conv2d):
+    register_rule(_t, functional_conv)
+for _t in ("Conv2dSame", "StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"):
+    _mod = "conv2d_same" if _t == "Conv2dSame" else "std_conv"
+    register_leaf_rule(f"timm.layers.{_mod}.{_t}", conv)  # a Conv2d whose forward pads or standardises its weight
+register_rule("roll", roll)
+for _t in (torch.addcmul, torch.addcdiv, "addcmul", "addcdiv"):
+    register_rule(_t, addcmul)
+for _t in ("norm", torch.norm, torch.linalg.vector_norm):
+    register_rule(_t, vector_norm)
+for _t in (operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"):
+    register_rule(_t, matmul)
+register_rule(F.scaled_dot_product_attention, scaled_dot_product_attention)
+register_leaf_rule("timm.layers.attention.Attention", qkv_attention_module)
+register_leaf_rule("timm.models.swin_transformer.WindowAttention", qkv_attention_module)
 register_rule(nn.Linear, linear)
 register_rule(nn.Conv1d, conv)
 register_rule(nn.Conv2d, conv)
@@ -781,6 +1200,7 @@ def supported_summary() -> str:
         "Linear, Conv1d/2d (incl. depthwise/grouped), BatchNorm/InstanceNorm, LayerNorm, GroupNorm (1 or C groups), "
         "functional layer_norm/batch_norm/group_norm, RNN/LSTM/GRU, MultiheadAttention (self-attention), "
         "Swin window attention, element-wise activations, pooling (incl. adaptive), flatten/view/reshape anywhere, "
-        "transpose/permute/squeeze/unsqueeze/expand, indexing, residual add/sub/mul, layer scale, torch.cat, "
-        "mean/sum over non-channel dims; add one with fedfuse.align.rules.register_rule"
+        "transpose/permute/squeeze/unsqueeze/expand, indexing, residual add/sub/mul, addcmul, layer scale, torch.cat, "
+        "F.pad, matmul, scaled_dot_product_attention, mean/sum/norm over non-channel dims; "
+        "add one with fedfuse.align.rules.register_rule"
     )

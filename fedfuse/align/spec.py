@@ -22,6 +22,7 @@ tensor method). A hand-written spec can be given as rows ``(param, axis) -> grou
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from collections.abc import Iterator, Sequence
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fedfuse.align.rules import FIXED, FIXED_ID, Layout, ParamRef, Stacked, lookup_rule, supported_summary
+from fedfuse.align.rules import FIXED, FIXED_ID, Layout, ParamRef, Stacked, is_leaf, lookup_rule, supported_summary
 from fedfuse.errors import ConfigError
 
 __all__ = [
@@ -245,9 +246,12 @@ class _ConcreteTracer(fx.Tracer):
         args_v = fx.node.map_arg(args, value)
         kwargs_v = fx.node.map_arg(kwargs, value)
         if kind == "placeholder":
-            if not self._inputs:
+            if self._inputs:
+                self.values[node.name] = self._inputs.pop(0)
+            elif args:  # an optional forward argument left at its default (made concrete in trace_values)
+                self.values[node.name] = args[0]
+            else:
                 raise UnsupportedModelError(f"forward argument {target!r} has no example input; pass a tuple")
-            self.values[node.name] = self._inputs.pop(0)
         elif kind == "get_attr":
             self.values[node.name] = _lookup(self.root, str(target))
         elif kind == "call_module":
@@ -261,6 +265,9 @@ class _ConcreteTracer(fx.Tracer):
             self.values[node.name] = getattr(args_v[0], str(target))(*args_v[1:], **kwargs_v)
         return node
 
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
+
     def to_bool(self, obj: fx.Proxy) -> bool:
         return bool(self.values[obj.node.name])
 
@@ -273,7 +280,7 @@ def trace_values(model: nn.Module, example_input: Any) -> tuple[fx.Graph, dict[s
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
     outputs: dict[str, list[Any]] = {}
     hooks = []
-    probe = fx.Tracer()
+    probe = _ConcreteTracer((), {})
     for name, mod in model.named_modules():
         if name and probe.is_leaf_module(mod, name):
             hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: outputs.setdefault(name, []).append(o)))
@@ -285,16 +292,32 @@ def trace_values(model: nn.Module, example_input: Any) -> tuple[fx.Graph, dict[s
             model(*inputs)
             for h in hooks:
                 h.remove()
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=_defaults(model, len(inputs)))
     except UnsupportedModelError:
         raise
     except Exception as exc:  # fx raises many types (TraceError, RuntimeError, TypeError)
-        raise UnsupportedModelError(f"cannot trace {type(model).__name__} with torch.fx: {exc}") from exc
+        first = (str(exc).splitlines() or [""])[0][:300]
+        raise UnsupportedModelError(
+            f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {first}); "
+            "Python control flow on tensor values or unsupported constructs in forward: pass a manual TransportSpec"
+        ) from exc
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
     return graph, tracer.values
+
+
+def _defaults(model: nn.Module, given: int) -> dict[str, Any] | None:
+    """Forward arguments after the ``given`` example inputs, at their defaults (``attn_mask=None``): traced as
+    constants, so ``if attn_mask is not None`` takes the branch the model takes when called with the inputs."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    plain = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    out = {p.name: p.default for p in plain[given:] if p.default is not inspect.Parameter.empty}
+    return out or None
 
 
 def _lookup(root: nn.Module, path: str) -> Any:
@@ -339,7 +362,14 @@ class _Deriver:
         self.model = model
         self.graph = graph
         self.values = values
-        self.state_keys = set(model.state_dict().keys())
+        state = model.state_dict(keep_vars=True)
+        self.state_keys = set(state)
+        by_tensor: dict[int, list[str]] = {}
+        for key, t in state.items():
+            by_tensor.setdefault(id(t), []).append(key)
+        # a module registered under two names (CoaT's shared conv position encoding, tied embeddings) appears under
+        # each name in the state dict: every alias must move with the name fx traces, or loading re-binds it
+        self.aliases = {k: [a for a in keys if a != k] for keys in by_tensor.values() for k in keys if len(keys) > 1}
         self.parent: list[int] = [0]
         self.names: list[str] = ["<fixed>"]
         self.sizes: list[int] = [0]
@@ -416,6 +446,8 @@ class _Deriver:
             return
         self.claims[claim] = gid
         self.members.append((gid, Axis(key, axis, role, repeat, expand, None, index), segs))  # type: ignore[arg-type]
+        for alias in self.aliases.get(key, ()):
+            self.add(gid, alias, axis, role, repeat, expand, segs, index)
 
     def add_inputs(self, key: str, axis: int, lay: Any, node: fx.Node, repeat: int = 1) -> None:
         """Consumer input axis ``axis`` of ``key`` reads tensor ``node`` with layout ``lay``."""
@@ -457,8 +489,10 @@ class _Deriver:
             return None
         if isinstance(lay, Stacked) or not isinstance(lay, Layout):
             raise self.unsupported(node, "reads a stacked multi-layer RNN state")
-        if lay.dim != dim or (lay.expand != 1 and not flat_ok):
+        if lay.dim != dim:
             raise self.unsupported(node, f"expects channels at dim {dim}, hidden units are at dim {lay.dim}")
+        if lay.expand != 1 and not flat_ok:
+            raise self.unsupported(node, f"expects channels at dim {dim}, each hidden unit there spans {lay.expand}")
         return lay
 
     def reshape(self, node: fx.Node, lay: Any, in_shape: Sequence[int], out_shape: Sequence[int]) -> Any:
@@ -514,12 +548,22 @@ class _Deriver:
         rule = lookup_rule(node, module)
         params = any(isinstance(self.lay(a), ParamRef) for a in node.all_input_nodes)
         if rule is not None and (module is not None or params):
-            return rule(self, node, module)  # a layer on a fixed input still creates its own hidden units
+            return self._apply(rule, node, module)  # a layer on a fixed input still creates its own hidden units
         if all(self.is_fixed(self.lay(a)) for a in node.all_input_nodes):
             return FIXED
         if rule is None:
             raise self.unsupported(node)
-        return rule(self, node, module)
+        return self._apply(rule, node, module)
+
+    def _apply(self, rule: Any, node: fx.Node, module: nn.Module | None) -> Any:
+        """Run ``rule``; a rule that breaks on an unforeseen call pattern becomes the one-line refusal of its op."""
+        try:
+            return rule(self, node, module)
+        except UnsupportedModelError:
+            raise
+        except Exception as exc:  # any rule bug must surface as a clear refusal, not a traceback
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise self.unsupported(node, f"its rule cannot read this call: {type(exc).__name__}: {first}") from exc
 
     # result ------------------------------------------------------------------------------------------------
     def finalise(self) -> TransportSpec:
