@@ -106,7 +106,8 @@ class FedFusion(FedFuseStrategy):
         self.solver = solver
         self.epsilon = float(epsilon)
         self.max_iter = max_iter
-        self.fuse_kwargs: dict[str, Any] = {"bn_fold": bool(bn_fold)}  # + method-specific ones (gwb: alpha)
+        self.fuse_kwargs: dict[str, Any] = {}  # method-specific fuse() arguments (gwb: alpha)
+        self.bn_fold = bool(bn_fold)
         self.post = PostFusionRepair(bn_repair, rounds=repair_rounds, template=model, example_input=example_input)
         self.bn_repair = None  # the server holds no data: BN statistics stay the transported average unless self.post
         self._grid: Grid | None = None
@@ -183,6 +184,7 @@ class FedFusion(FedFuseStrategy):
             max_iter=self.max_iter,
             **self.fuse_kwargs,
             bn_repair=self.bn_repair,  # type: ignore[arg-type]
+            bn_fold=self.bn_fold,
             seed=self.seed + server_round,
             target_width=self.global_sizes if self.client_widths else None,
             reduce=self.reduce,  # robust aggregation in the aligned space
