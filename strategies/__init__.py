@@ -4,5 +4,6 @@ from strategies.base import FedFuseStrategy
 from strategies.fusion import FedFusion, FedGWB, FedMatch, FedWB
 from strategies.layerwise import LayerwiseAvg
 from strategies.pfn import FedPFN, FedPNU
+from strategies.prox import FedProx
 
-__all__ = ["FedFuseStrategy", "FedFusion", "FedGWB", "FedMatch", "FedPFN", "FedPNU", "FedWB", "LayerwiseAvg"]
+__all__ = ["FedFuseStrategy", "FedFusion", "FedGWB", "FedMatch", "FedPFN", "FedPNU", "FedProx", "FedWB", "LayerwiseAvg"]
