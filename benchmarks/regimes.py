@@ -221,10 +221,12 @@ def verdict(runs: dict[str, Any], args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def table(runs: dict[str, Any], args: argparse.Namespace) -> list[str]:
+def table(runs: dict[str, Any], args: argparse.Namespace, compact: bool = False) -> list[str]:
+    """Accuracy % (mean ± std) and paired Δ per method; ``compact``: FedAvg's accuracy, then Δ only."""
     methods = [m for m in args.methods if m in METHODS]
+    head = [m if (not compact or m == BASELINE[m]) else f"{m} Δ" for m in methods]
     lines = [
-        "| model | α | E | rounds | " + " | ".join(methods) + " |",
+        "| model | α | E | rounds | " + " | ".join(head) + " |",
         "|---|---|---|---|" + "---|" * len(methods),
     ]
     for model in args.models:
@@ -238,7 +240,10 @@ def table(runs: dict[str, Any], args: argparse.Namespace) -> list[str]:
                     else:
                         n = f" [n={len(accs)}]" if len(accs) < args.seeds else ""  # fewer seeds than asked
                         delta = "" if m == BASELINE[m] else f" ({_ms(diffs, signed=True)})"
-                        cells.append(f"{_ms(accs)}{delta}{n}")
+                        if compact and m != BASELINE[m]:
+                            cells.append((_ms(diffs, signed=True) if diffs else "–") + n)
+                        else:
+                            cells.append(f"{_ms(accs)}{delta}{n}")
                 lines.append(f"| {model} | {alpha:g} | {epochs} | {rounds_for(args.budget, epochs)} | "
                              + " | ".join(cells) + " |")  # fmt: skip
     return lines
@@ -251,7 +256,7 @@ def plot(runs: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [(m, a) for m in args.models for a in args.alphas]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharey=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.2 * len(panels), 8), 4.4), squeeze=False, sharey=False)
     methods = [m for m in args.methods if m != BASELINE[m]]
     for ax, (model, alpha) in zip(axes[0], panels, strict=True):
         for k, m in enumerate(methods):
@@ -272,8 +277,9 @@ def plot(runs: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
         ax.set_xlabel(f"local epochs E (rounds = {args.budget}/E)")
         ax.set_title(f"{model}, Dirichlet α={alpha:g}")
     axes[0][0].set_ylabel("accuracy − FedAvg (pts, paired by seed)")
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(len(labels), 4), frameon=False)
+    fig.tight_layout(rect=(0, 0.1 + 0.03 * (len(labels) // 4), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -308,6 +314,10 @@ def report(args: argparse.Namespace, path: Path, cmd: str) -> None:
         *table(runs, args),
         "",
         *verdict(runs, args),
+        "",
+        "Compact (FedAvg accuracy %, then Δ pts vs FedAvg; LayerwiseAvg(body) vs FedAvg(holdout)):",
+        "",
+        *table(runs, args, compact=True),
         "",
     ]
     md = path.with_suffix(".md")
