@@ -168,6 +168,12 @@ def _ms(values: list[float], scale: float = 100.0, signed: bool = False) -> str:
     return f"{mean:{sign}.1f} ± {statistics.stdev(values) * scale:.1f}"
 
 
+def in_grid(args: argparse.Namespace, model: str, alpha: float, epochs: int | None = None) -> bool:
+    """Whether (model, α, E) is in the planned grid after ``--cut`` (rows and panels outside it are left out)."""
+    cut = args.cuts.get(model, {})
+    return alpha in cut.get("alphas", [alpha]) and (epochs is None or epochs in cut.get("epochs", [epochs]))
+
+
 def cell(runs: dict[str, Any], model: str, alpha: float, epochs: int, method: str, seeds: int, budget: int):
     """(accuracies, paired differences to the method's baseline) over the seeds that finished."""
     e = budget if method in ONE_SHOT else epochs
@@ -232,6 +238,8 @@ def table(runs: dict[str, Any], args: argparse.Namespace, compact: bool = False)
     for model in args.models:
         for alpha in args.alphas:
             for epochs in args.epochs:
+                if not in_grid(args, model, alpha, epochs):
+                    continue
                 cells = []
                 for m in methods:
                     accs, diffs = cell(runs, model, alpha, epochs, m, args.seeds, args.budget)
@@ -255,7 +263,7 @@ def plot(runs: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(m, a) for m in args.models for a in args.alphas]
+    panels = [(m, a) for m in args.models for a in args.alphas if in_grid(args, m, a)]
     fig, axes = plt.subplots(1, len(panels), figsize=(max(4.2 * len(panels), 8), 4.4), squeeze=False, sharey=False)
     methods = [m for m in args.methods if m != BASELINE[m]]
     for ax, (model, alpha) in zip(axes[0], panels, strict=True):
