@@ -152,11 +152,12 @@ def _train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
     plan = local_plan(cfg, pid, server_round, len(x))
     masks = round_mask(cfg, model, server_round)
     extra: dict[str, float] = {}
+    mu = float(cfg.get(protocol.PROXIMAL_MU, 0.0))  # FedProx: (μ/2)‖w − w_received‖² (Flower's FedProx key)
     if masks is None:
-        result = local_train(cfg, model, x, y, plan)
+        result = local_train(cfg, model, x, y, plan, proximal_mu=mu)
     else:  # FedPFN/FedPNU: fixed entries keep the global values, bit for bit
         with MaskedTraining(model, masks) as masked:
-            result = local_train(cfg, model, x, y, plan, after_step=masked.after_step)
+            result = local_train(cfg, model, x, y, plan, after_step=masked.after_step, proximal_mu=mu)
         extra["pfn-mask-ratio"] = mask_ratio(masks)
     metrics = MetricRecord(
         {

@@ -40,6 +40,7 @@ __all__ = [
     "REPAIR_SITES",
     "REPAIR_OWN",
     "REPAIR_FUSED",
+    "PROXIMAL_MU",
 ]
 
 # record names inside a Message's RecordDict
@@ -70,6 +71,7 @@ PFN_MODE = "pfn-mode"  # "pfn" (one mask all run) or "pnu" (a mask per round)
 PFN_RATIO = "pfn-ratio"
 PFN_SEED = "pfn-seed"
 PFN_GRANULARITY = "pfn-granularity"
+PROXIMAL_MU = "proximal-mu"  # FedProx: μ of the clients' proximal term (Flower 1.41 FedProx's train-config key)
 
 # Context.state record of a client
 PERSONAL_STATE = "layerwise-personal"  # LayerwiseAvg: this client's personal layers (ArrayRecord)

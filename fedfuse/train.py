@@ -55,15 +55,22 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     after_step: Callable[[], None] | None = None,
     max_steps: int | None = None,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Minimise cross-entropy with SGD(lr, momentum, weight_decay) for ``epochs`` passes over (x, y).
 
     ``after_step`` runs after every optimizer step (e.g. to restore frozen entries); a custom
     ``optimizer`` replaces the default SGD; ``max_steps`` stops early (a straggler's partial work).
+    ``proximal_mu`` = μ > 0 (FedProx) minimises ``CE(w) + (μ/2)·‖w − w₀‖²`` with w₀ the parameters at the
+    start (the received global model): its gradient μ·(w − w₀) is added to each parameter's gradient before
+    the step. The reported loss is the cross-entropy alone.
     """
     if len(x) == 0:
         raise ValueError("cannot train on an empty data set")
+    if not proximal_mu >= 0.0:
+        raise ValueError(f"proximal_mu={proximal_mu!r} is out of range; allowed: a number >= 0")
     model.train()
+    anchor = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad] if proximal_mu > 0 else []
     opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(int(seed))
     loss_fn = nn.CrossEntropyLoss()
@@ -78,6 +85,9 @@ def train(
             logits = model(xb)
             loss = loss_fn(logits, yb)
             loss.backward()
+            for p, p0 in anchor:  # ∇ (μ/2)‖w − w₀‖² = μ (w − w₀)
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - p0, alpha=proximal_mu)
             opt.step()
             if after_step is not None:
                 after_step()

@@ -5,6 +5,7 @@ from strategies.fusion import FedFusion, FedGWB, FedMatch, FedWB
 from strategies.heterofl import HeteroFL
 from strategies.layerwise import LayerwiseAvg
 from strategies.pfn import FedPFN, FedPNU
+from strategies.prox import FedProx
 
 __all__ = [
     "FedFuseStrategy",
@@ -13,6 +14,7 @@ __all__ = [
     "FedMatch",
     "FedPFN",
     "FedPNU",
+    "FedProx",
     "FedWB",
     "HeteroFL",
     "LayerwiseAvg",

@@ -29,6 +29,7 @@ __all__ = ["STRATEGIES", "OPTIONS", "OWNERS", "resolve_strategy", "build_strateg
 
 STRATEGIES: dict[str, str] = {
     "fedavg": "strategies.base:FedFuseStrategy",
+    "fedprox": "strategies.prox:FedProx",
     "fedpfn": "strategies.pfn:FedPFN",
     "fedpnu": "strategies.pfn:FedPNU",
     "match": "strategies.fusion:FedMatch",
