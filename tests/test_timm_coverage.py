@@ -26,8 +26,8 @@ REFUSED: dict[str, str] = {}
 # < 5 s each (total per model in benchmarks/results/timm-coverage.md, shared 2-core machine under load)
 FAST = {"mobilenetv3_small_100", "mobilevit_xxs"}
 # every other model runs in CI (`slow`); these five (10-16 s each in one pytest run at load ~1.5, 60 s together)
-# are ``huge``: `pytest -m huge` or benchmarks/timm_coverage.py runs them. Measured in that session: the slow set
-# of the sample + the extras ≈ 170 s, the whole file (slow and huge) 227 s.
+# are ``huge``: `pytest -m huge` or benchmarks/timm_coverage.py runs them. Measured: this file as CI runs it
+# (61 tests, huge deselected) 272 s at load ~5 on the shared 2-core machine; `-m "not slow"` (6 tests) ~20 s.
 HUGE = {"xception41", "tnt_s_patch16_224", "mixer_s16_224", "inception_v3", "seresnext26d_32x4d"}
 
 
