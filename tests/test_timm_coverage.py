@@ -10,8 +10,10 @@ network: every test here runs with sockets refused. Fast ones run by default; ``
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 
 import pytest
+import torch
 
 pytest.importorskip("timm")
 
@@ -23,12 +25,19 @@ from fedfuse.align.spec import derive_spec  # noqa: E402
 REFUSED: dict[str, str] = {}
 # < 5 s each (total per model in benchmarks/results/timm-coverage.md, shared 2-core machine under load)
 FAST = {"mobilenetv3_small_100", "mobilevit_xxs"}
-# in CI (`slow`): 6-48 s each, about 230 s together in that run; the rest (40-90 s each) are ``huge``
-SLOW = {
-    "convnext_atto", "convnextv2_atto", "regnetx_002", "coat_lite_tiny", "vit_tiny_patch16_224",
-    "deit_tiny_patch16_224", "efficientnet_b0", "rexnet_100", "pit_ti_224", "ghostnet_100", "cait_xxs24_224",
-    "levit_128s", "efficientformer_l1", "hrnet_w18_small", "coatnet_nano_rw_224", "swin_tiny_patch4_window7_224",
-}  # fmt: skip
+# every other model runs in CI (`slow`); these five (10-16 s each in one pytest run at load ~1.5, 60 s together)
+# are ``huge``: `pytest -m huge` or benchmarks/timm_coverage.py runs them. Measured: this file as CI runs it
+# (61 tests, huge deselected) 272 s at load ~5 on the shared 2-core machine; `-m "not slow"` (6 tests) ~20 s.
+HUGE = {"xception41", "tnt_s_patch16_224", "mixer_s16_224", "inception_v3", "seresnext26d_32x4d"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One torch thread, as the benchmark: two threads on the 2 shared cores ran these 2-6x slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +55,7 @@ def _params() -> list:
     def marks(n: str) -> tuple:
         if n in FAST:
             return ()
-        return (pytest.mark.slow,) if n in SLOW else (pytest.mark.slow, pytest.mark.huge)
+        return (pytest.mark.slow, pytest.mark.huge) if n in HUGE else (pytest.mark.slow,)
 
     return [pytest.param(n, marks=marks(n)) for n in SAMPLE]
 
@@ -85,14 +94,11 @@ EXTRA_REFUSED = {
     "mvitv2_tiny": "cannot trace MultiScaleVit with torch.fx",  # item assignment on a traced value
 }
 EXTRA_FAST = {"tf_efficientnet_b0", "efficientvit_b0"}
-EXTRA_SLOW = {"nfnet_l0", "fastvit_t8", "crossvit_tiny_240", "volo_d1_224", "xcit_nano_12_p16_224", "nest_tiny"}
 
 
 def _extra_params() -> list:
     def marks(n: str) -> tuple:
-        if n in EXTRA_FAST:
-            return ()
-        return (pytest.mark.slow,) if n in EXTRA_SLOW else (pytest.mark.slow, pytest.mark.huge)
+        return () if n in EXTRA_FAST else (pytest.mark.slow,)  # derive + permute: 0.05-3 s each
 
     return [pytest.param(n, marks=marks(n)) for n in EXTRA]
 
