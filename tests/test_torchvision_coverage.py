@@ -28,12 +28,13 @@ FAST = {
 # over the CI time budget (> ~60 s or > ~8 GB peak RSS): marked ``huge`` and deselected by default (pyproject
 # addopts); ``pytest -m huge`` runs them, benchmarks/torchvision_coverage.py reports them. Measured one model per
 # process, CPU seconds (user + sys, 1 torch thread, load-independent) and peak RSS from /usr/bin/time -v; all
-# exact (match and wb errors 0): benchmarks/results/torchvision-coverage-huge.md.
+# exact (match and wb errors 0): benchmarks/results/torchvision-coverage-huge.md. regnet_x_32gf (63 CPU s, 4.7 GB)
+# left this set for CI.
 HUGE = {
     "efficientnet_v2_l",  # 326 CPU s (match 597 s wall at load ~5), 8.9 GB
     "wide_resnet101_2",  # 94 CPU s, 6.3 GB
-    "vgg11", "vgg11_bn", "vgg13_bn", "vgg16", "vgg19_bn",  # 146-151 CPU s, 6.4-6.8 GB (4096-wide classifier)
-    "vgg13", "vgg16_bn", "vgg19",  # not measured in time: the measured VGGs' groups, so >= 146 CPU s
+    # all eight VGGs: 144-151 CPU s, 6.4-6.9 GB (4096-wide classifier groups)
+    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
     "regnet_y_32gf",  # 96 CPU s, 5.1 GB
     # not measured in time; the weight-matching row copies alone (A and B, float64 up to 4M entries) are
     # ConvNeXt-L 5.3 GB, ViT-L 6.5 GB, and grow with the 630M-parameter vit_h_14 / regnet_y_128gf
