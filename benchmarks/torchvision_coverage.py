@@ -100,6 +100,10 @@ def write(rows: list[dict[str, Any]], tag: str) -> Path:
         lines.append(f"| {name} | | | | | | | not run in this session (time) | |")
     total = sum(r["total_s"] for r in rows)
     lines += ["", f"Total wall time of the {len(rows)} checked models: {total:.0f} s; {len(missing)} not run."]
+    lines += [
+        "",
+        "CPU seconds and peak RSS of the models marked `huge` (not run in CI): `torchvision-coverage-huge.md`.",
+    ]
     out = RESULTS / f"{tag}.md"
     out.write_text("\n".join(lines) + "\n")
     return out

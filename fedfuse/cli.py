@@ -163,11 +163,14 @@ def preflight(cfg: dict[str, Any], overwrite: bool | None) -> None:
 
     resolve_strategy(str(cfg["strategy"]))
     ds = dataset_for(cfg)
-    if cfg["strategy"] == "layerwise":  # a preset that fits no parameter of this model fails here, not under Ray
+    if cfg["strategy"] == "layerwise" or str(cfg["model"]).startswith("torchvision:"):
+        # a preset that fits no parameter, or a torchvision model too deep for the inputs: fails before any write
         from fedfuse.experiment import model_for
         from fedfuse.selection import shared_keys
 
-        shared_keys(model_for(cfg, ds), str(cfg["layerwise-preset"]))
+        model = model_for(cfg, ds)
+        if cfg["strategy"] == "layerwise":
+            shared_keys(model, str(cfg["layerwise-preset"]))
     n = len(ds.y_train)
     if cfg["num-clients"] > n:
         raise ConfigError(f"num-clients={cfg['num-clients']} exceeds the {n} training samples of {cfg['dataset']!r}")

@@ -136,7 +136,7 @@ def test_weight_matching_rejects_unequal_widths() -> None:
         weight_matching(a, b, example_input=torch.randn(2, 4))
 
 
-@pytest.mark.parametrize("path", ["identity", "greedy", "low_rank_always", "float32_rows"])
+@pytest.mark.parametrize("path", ["identity", "greedy", "low_rank_always", "float32_rows", "nothing_cached"])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_cached_weight_matching_equals_plain_coordinate_descent(
     name: str, path: str, monkeypatch: pytest.MonkeyPatch
@@ -147,6 +147,8 @@ def test_cached_weight_matching_equals_plain_coordinate_descent(
         monkeypatch.setattr(solvers, "_LOW_RANK_FRACTION", 1.0)
     elif path == "float32_rows":  # rows kept in float32 and converted when used (the large-model path)
         monkeypatch.setattr(solvers, "_CACHE_DOUBLE_MAX", 0)
+    elif path == "nothing_cached":  # over the cache budget: every term rebuilt when used (the huge-model path)
+        monkeypatch.setattr(solvers, "_CACHE_BYTES_MAX", 0)
     a, x = make_case(name, seed=0)
     b, _ = make_case(name, seed=1)
     spec = derive_spec(a, x[:2])

@@ -47,6 +47,46 @@ def test_lstm_spec_repeats_gates_and_covers_recurrent_columns() -> None:
     assert ("fc.weight", 1) in {(m.key, m.axis) for m in spec["rnn.l1"].members}
 
 
+class _ProjLSTM(nn.Module):
+    """2-layer bidirectional LSTM with ``proj_size``; the head reads the output, ``h_n`` or ``c_n``."""
+
+    def __init__(self, read: str) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(5, 7, num_layers=2, bidirectional=True, proj_size=3, batch_first=True)
+        self.read = read
+        self.fc = nn.Linear({"out": 6, "h": 3, "c": 7}[read], 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, (h, c) = self.rnn(x)
+        return self.fc({"out": y[:, -1], "h": h[-1], "c": c[-1]}[self.read])
+
+
+@pytest.mark.parametrize("read", ["out", "h", "c"])
+def test_lstm_proj_size_has_cell_and_projection_groups_recovered_exactly(read: str) -> None:
+    from fedfuse.align.selfcheck import selfcheck
+
+    # Prepare
+    torch.manual_seed(0)
+    model, x = _ProjLSTM(read).eval(), torch.randn(3, 6, 5)
+    # Execute
+    spec = derive_spec(model, x)
+    permuted, _ = permute_model(model, spec, seed=3)
+    res = selfcheck(model, x)
+    # Assert: per (layer, direction) 7 cell units and 3 projected units; W_hr rows/columns and W_hh columns follow
+    assert spec.sizes == {
+        f"rnn.l{k}{d}{p}": (3 if p else 7) for k in (0, 1) for d in ("", "_reverse") for p in ("", ".proj")
+    }
+    cell = {(m.key, m.axis, m.role) for m in spec["rnn.l1_reverse"].members}
+    proj = {(m.key, m.axis, m.role) for m in spec["rnn.l1_reverse.proj"].members}
+    assert {("rnn.weight_hh_l1_reverse", 0, "out"), ("rnn.weight_hr_l1_reverse", 1, "in")} <= cell
+    assert {("rnn.weight_hr_l1_reverse", 0, "out"), ("rnn.weight_hh_l1_reverse", 1, "in")} <= proj
+    assert ("rnn.weight_ih_l1", 1, "in") in {(m.key, m.axis, m.role) for m in spec["rnn.l0_reverse.proj"].members}
+    head = {"out": "rnn.l1.proj", "h": "rnn.l1_reverse.proj", "c": "rnn.l1_reverse"}[read]  # what fc reads
+    assert ("fc.weight", 1, "in") in {(m.key, m.axis, m.role) for m in spec[head].members}
+    assert max_state_diff(model.state_dict(), permuted.state_dict()) > 1e-2
+    assert res.ok and res.permuted_err <= 1e-6 and max(res.errors.values()) <= 1e-6, res
+
+
 def test_vgg_flatten_expands_channels_over_positions() -> None:
     model, x = make_case("vgg_bn")
     spec = derive_spec(model, x)

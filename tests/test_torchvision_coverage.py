@@ -25,14 +25,21 @@ FAST = {
 }  # fmt: skip
 
 
-# over the CI time budget with today's solvers (or not measured yet): marked ``huge`` and deselected by default
-# (pyproject addopts); ``pytest -m huge`` runs them, benchmarks/torchvision_coverage.py reports them.
+# over the CI time budget (> ~60 s or > ~8 GB peak RSS): marked ``huge`` and deselected by default (pyproject
+# addopts); ``pytest -m huge`` runs them, benchmarks/torchvision_coverage.py reports them. Measured one model per
+# process, CPU seconds (user + sys, 1 torch thread, load-independent) and peak RSS from /usr/bin/time -v; all
+# exact (match and wb errors 0): benchmarks/results/torchvision-coverage-huge.md. regnet_x_32gf (63 CPU s, 4.7 GB)
+# left this set for CI.
 HUGE = {
-    # not measured in the session that wrote this (vgg*: 4096-wide LAP/OT; vit_l/vit_h, regnet_y_32gf/128gf: size)
-    "convnext_large", "efficientnet_v2_l", "regnet_x_32gf", "regnet_y_128gf", "regnet_y_32gf", "vgg11", "vgg11_bn",
-    "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "vit_h_14", "vit_l_16", "vit_l_32",
-    "wide_resnet101_2",
-    # (the nine measured > 120 s before the cached weight matching took 21-93 s after it: they run in CI, slow)
+    "efficientnet_v2_l",  # 326 CPU s (match 597 s wall at load ~5), 8.9 GB
+    "wide_resnet101_2",  # 94 CPU s, 6.3 GB
+    # all eight VGGs: 144-151 CPU s, 6.4-6.9 GB (4096-wide classifier groups)
+    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+    "regnet_y_32gf",  # 96 CPU s, 5.1 GB
+    "convnext_large",  # 214 CPU s, 12.5 GB (with the 2 GiB cache budget of the weight matching)
+    # not measured in time; the weight-matching row copies alone (A and B, float64 up to 4M entries) are
+    # ViT-L 6.5 GB, and grow with the 630M-parameter vit_h_14 / regnet_y_128gf
+    "vit_l_16", "vit_l_32", "vit_h_14", "regnet_y_128gf",
 }  # fmt: skip
 
 

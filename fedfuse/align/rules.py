@@ -414,10 +414,12 @@ def functional_group_norm(d: Any, node: fx.Node, mod: Any = None) -> Any:
 
 
 def rnn(d: Any, node: fx.Node, mod: nn.RNNBase) -> Any:
-    """RNN/LSTM/GRU: one group per (layer, direction); gate blocks repeat; recurrent columns follow."""
+    """RNN/LSTM/GRU: one group per (layer, direction); gate blocks repeat; recurrent columns follow.
+
+    LSTM with ``proj_size = p > 0``: ``h_t = W_hr (o ⊙ tanh c_t)``, so the ``hidden_size`` cell units (gate rows,
+    ``W_hr`` columns, ``c_n``) and the ``p`` projected units (``W_hr`` rows, ``W_hh`` columns, the output, ``h_n``,
+    the next layer's ``W_ih`` columns) are two groups per (layer, direction)."""
     name = str(node.target)
-    if getattr(mod, "proj_size", 0):
-        raise d.unsupported(node, "LSTM with proj_size > 0")
     if any(not d.is_fixed(d.lay(a)) for a in node.all_input_nodes[1:]):
         raise d.unsupported(node, "initial hidden state computed from hidden units")
     x = node.args[0]
@@ -425,14 +427,17 @@ def rnn(d: Any, node: fx.Node, mod: nn.RNNBase) -> Any:
     gates = {"LSTM": 4, "GRU": 3}.get(mod.mode, 1)
     dirs = 2 if mod.bidirectional else 1
     h = mod.hidden_size
+    p = int(getattr(mod, "proj_size", 0) or 0)
     prev: Layout | None = lay
     prev_node: fx.Node | None = x
     stacked: list[Layout] = []
+    cells: list[Layout] = []
     for k in range(mod.num_layers):
         layer: list[tuple[int, int]] = []
         for direction in range(dirs):
             sfx = f"l{k}" + ("_reverse" if direction else "")
             g = d.new_group(f"{name}.{sfx}", h)
+            r = d.new_group(f"{name}.{sfx}.proj", p) if p else g  # the units h_t (output, recurrent input)
             if prev is not None:
                 if prev_node is not None:
                     d.add_inputs(f"{name}.weight_ih_{sfx}", 1, prev, prev_node)
@@ -442,19 +447,27 @@ def rnn(d: Any, node: fx.Node, mod: nn.RNNBase) -> Any:
                         d.add(gp, f"{name}.weight_ih_{sfx}", 1, "in", 1, 1, segs, i)
             for key in (f"weight_ih_{sfx}", f"weight_hh_{sfx}", f"bias_ih_{sfx}", f"bias_hh_{sfx}"):
                 d.add(g, f"{name}.{key}", 0, "out", gates)
-            d.add(g, f"{name}.weight_hh_{sfx}", 1, "in", 1)
-            layer.append((g, h))
-            stacked.append(Layout(1, ((g, h),)))
+            d.add(r, f"{name}.weight_hh_{sfx}", 1, "in", 1)
+            if p:
+                d.add(r, f"{name}.weight_hr_{sfx}", 0, "out")
+                d.add(g, f"{name}.weight_hr_{sfx}", 1, "in")
+            layer.append((r, p or h))
+            stacked.append(Layout(1, ((r, p or h),)))
+            cells.append(Layout(1, ((g, h),)))
         prev, prev_node = Layout(2, tuple(layer)), None
     out_val = d.values[node.name][0]
     assert prev is not None
     out_lay = Layout(out_val.dim() - 1, prev.segs)
-    h_lay: Any = Stacked(tuple(stacked))
-    if len(stacked) == 1:
-        hval = d.values[node.name][1]
-        hval = hval[0] if isinstance(hval, tuple) else hval
-        h_lay = Layout(hval.dim() - 1, stacked[0].segs)
-    return (out_lay, (h_lay, h_lay)) if mod.mode == "LSTM" else (out_lay, h_lay)
+
+    def state_layout(items: list[Layout], i: int) -> Any:  # h_n (i = 0) or c_n (i = 1)
+        if len(items) > 1:
+            return Stacked(tuple(items))
+        val = d.values[node.name][1]
+        val = val[i] if isinstance(val, tuple) else val
+        return Layout(val.dim() - 1, items[0].segs)
+
+    h_lay = state_layout(stacked, 0)
+    return (out_lay, (h_lay, state_layout(cells, 1))) if mod.mode == "LSTM" else (out_lay, h_lay)
 
 
 def _attention_groups(d: Any, name: str, heads: int, width: int) -> tuple[tuple, tuple]:

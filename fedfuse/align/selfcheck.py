@@ -112,11 +112,22 @@ def selfcheck(
     except ConfigError as exc:  # an inconsistent spec (a derivation bug): report, do not crash a survey
         res.failures["permute"] = str(exc)
         return res
-    fused: dict[str, dict[str, torch.Tensor]] = {}
+    # outputs in float64 where memory allows: float32 rounding, amplified by deep random nets, can reach 1e-4.
+    # One network is built per evaluation and each fused state is dropped once scored: peak ≈ 5 copies of the
+    # weights (model, permuted copy, fused state, float64 network), not 8 (a 630M-parameter model is 2.5 GB a copy)
+    in_f64 = sum(p.numel() for p in model.parameters()) <= F64_MAX_PARAMS
+    xs = tuple(i.double() if in_f64 and torch.is_floating_point(i) else i for i in inputs)
+
+    def run(state: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        net = copy.deepcopy(model) if state is None else load_state(copy.deepcopy(model), state)
+        return (net.double() if in_f64 else net).eval()(*xs)
+
+    ref = run(None)
+    res.permuted_err = _rel_err(run(permuted.state_dict()), ref)
     for method in methods:
         t0 = time.perf_counter()
         try:
-            fused[method] = fuse(
+            state = fuse(
                 [model, permuted],  # type: ignore[arg-type]
                 method=method,
                 spec=spec,
@@ -126,18 +137,9 @@ def selfcheck(
             )
         except AlignmentError as exc:
             res.failures[method] = str(exc)
+            res.seconds[method] = time.perf_counter() - t0
+            continue
         res.seconds[method] = time.perf_counter() - t0
-    # outputs in float64 where memory allows: float32 rounding, amplified by deep random nets, can reach 1e-4
-    in_f64 = sum(p.numel() for p in model.parameters()) <= F64_MAX_PARAMS
-    base = copy.deepcopy(model).double() if in_f64 else model
-    xs = tuple(i.double() if in_f64 and torch.is_floating_point(i) else i for i in inputs)
-
-    def run(state: dict[str, torch.Tensor] | None) -> torch.Tensor:
-        net = base if state is None else load_state(copy.deepcopy(base), state)
-        return net.eval()(*xs)
-
-    ref = run(None)
-    res.permuted_err = _rel_err(run(permuted.state_dict()), ref)
-    for method, state in fused.items():
         res.errors[method] = _rel_err(run(state), ref)
+        del state
     return res

@@ -267,6 +267,7 @@ def weight_matching(
         ga.name: [_Term(sa, sb, spec_a, spec_b, ga, gb, i) for i in range(len(ga.members))]
         for ga, gb in zip(spec_a.groups, spec_b.groups, strict=True)
     }
+    _budget_cache(terms)
     scores = {name: _Score(ts) for name, ts in terms.items()}
     last: dict[str, tuple[int, ...]] = {}  # the term versions each group was last solved with
     names = [g.name for g in spec_a.groups if g.name not in frozen]
@@ -312,6 +313,19 @@ _CACHE_DOUBLE_MAX = 4_000_000  # terms with at most this many entries keep their
 # more than reading a stored n × n matrix; it is rebuilt when used instead of cached (an EfficientNet-B7 pair held
 # ~20 GB of such n × n terms).
 _LIGHT_RATIO = 4
+# At most this many bytes of n × n float64 terms are cached (ViT-L's 24 MLP groups of 4096 units alone are 6.4 GB,
+# ConvNeXt-L's 5.9 GB); beyond it, the terms with the shortest rows (cheapest to rebuild, n²d) are rebuilt when used.
+_CACHE_BYTES_MAX = 2 * 2**30
+
+
+def _budget_cache(terms: Mapping[str, list[_Term]]) -> None:
+    """Keep ``_CACHE_BYTES_MAX`` of cached terms, longest rows first; mark the rest light (rebuilt in ``value``)."""
+    left = _CACHE_BYTES_MAX
+    for t in sorted((t for ts in terms.values() for t in ts if t.deps and not t.light), key=lambda t: -t.bt.shape[0]):
+        left -= 8 * t.bt.shape[1] ** 2
+        t.light = left < 0
+
+
 # ``_REFERENCE = True`` routes weight_matching to the plain implementation (benchmarks/speed.py measures both).
 _REFERENCE = False
 
