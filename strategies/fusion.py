@@ -146,7 +146,9 @@ class FedFusion(FedFuseStrategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """As FedAvg; with client widths, each node gets the global model transported to its width."""
+        """As FedAvg; with client widths, each node gets the global model transported to its width. After a
+        federated REPAIR round, clients train from the unrepaired fused model (:mod:`strategies.repair`)."""
+        arrays = self.post.train_arrays(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._grid, self._train_config = grid, config  # for the post-fusion statistics round (bn-repair)
         if not self.client_widths:
@@ -191,6 +193,15 @@ class FedFusion(FedFuseStrategy):
             return_aligned=True,
         )
         return self.post.for_strategy(self, server_round, fused, aligned, weights)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpoint state: the base's plus the unrepaired fused model clients train on after REPAIR."""
+        return {**super().state_dict(), **self.post.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        super().load_state_dict(state)
+        self.post.load_state_dict(state)
 
 
 class FedMatch(FedFusion):

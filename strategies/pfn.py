@@ -109,6 +109,7 @@ class FedPFN(FedFuseStrategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
+        arrays = self.post.train_arrays(arrays)  # after federated REPAIR: the unrepaired fused model
         if self.reference_state is None or self.mode == "pnu":
             self.reference_state = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
         for key, value in self.pfn_config().items():
@@ -141,11 +142,12 @@ class FedPFN(FedFuseStrategy):
         return new_state
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "pfn_reference": self.reference_state}
+        return {**super().state_dict(), "pfn_reference": self.reference_state, **self.post.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.reference_state = state.get("pfn_reference")
+        self.post.load_state_dict(state)
 
 
 class FedPNU(FedPFN):

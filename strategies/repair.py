@@ -12,6 +12,15 @@ data — never the data itself:
   model is re-measured ``repair-rounds`` times (only the fused model travels again); the default, one round per
   repaired layer, is exact sequential REPAIR (:mod:`fedfuse.align.repair`).
 
+  REPAIR corrects the model the round *serves* (central evaluation, ``model.pt``, the checkpoint's global
+  model), while the next round's clients train on from the unrepaired fused model (:meth:`PostFusionRepair.
+  train_arrays`; it is part of the strategy's checkpoint state, so a resumed run continues identically).
+  *(Our choice, measured: feeding the repaired model back compounds — under Dirichlet(0.1) label skew and one
+  local epoch per round the second MLP layer's units were rescaled by ≈ ×1.2 net per round, and 2 of 3 seeds
+  diverged to chance within 20 rounds; benchmarks/results/regimes-mnist10k-b20.md. Clients specialised on one or
+  two classes have a larger activation spread than their average, which REPAIR restores every round.)* With one
+  round (one-shot fusion) the two are the same.
+
 Nothing is sent unless the option is set, so any ClientApp works with the default. A client that errs or
 does not answer (e.g. a ClientApp without the handler) is left out with a logged note; with no answer at all
 the fused model is kept as it is. Extra traffic is reported in the round metrics (``repair_down_bytes``,
@@ -82,6 +91,7 @@ class PostFusionRepair:
         if isinstance(rounds, bool) or int(rounds) < 0:
             raise ConfigError(f"repair_rounds={rounds!r} is out of range; allowed: an integer >= 0 (0 = exact)")
         self.mode, self.rounds, self.timeout = mode, int(rounds), float(timeout)
+        self.train_from: State | None = None  # the last unrepaired fused model (repair): what clients train on
         self.sites = []
         if mode == "repair":
             if template is None or example_input is None:
@@ -98,6 +108,19 @@ class PostFusionRepair:
     @property
     def needs_aligned(self) -> bool:
         return self.mode == "repair"
+
+    def train_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The model the next round's clients train on: the last unrepaired fused model once REPAIR has run
+        (see the module docstring), else ``arrays`` (the served global model)."""
+        return arrays if self.train_from is None else ArrayRecord(self.train_from)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpoint state: the unrepaired fused model clients train on next (``None`` before any REPAIR)."""
+        return {"repair_train_from": self.train_from}
+
+    def load_state_dict(self, state: Any) -> None:
+        """Restore :meth:`state_dict`."""
+        self.train_from = state.get("repair_train_from")
 
     def __call__(
         self,
@@ -155,6 +178,8 @@ class PostFusionRepair:
             strategy.nodes.label,
         )  # fmt: skip
         strategy.round_metrics.update(metrics)
+        if self.mode == "repair":
+            self.train_from = {k: v.clone() for k, v in fused.items()}
         return state
 
     def _nobody(self, server_round: int, fused: State) -> tuple[State, dict[str, float]]:

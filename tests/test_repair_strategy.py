@@ -105,3 +105,74 @@ def test_repair_options_are_validated() -> None:
     with pytest.raises(ConfigError, match="alpha=2.0 is out of range"):
         FedGWB(model=_net(), example_input=x, alpha=2.0)
     assert FedGWB(model=_net(), example_input=x, alpha=0.25).fuse_kwargs == {"alpha": 0.25}
+
+
+class _TrainLog(InlineGrid):
+    """An InlineGrid that keeps the model of every train message it delivers, per delivery call."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[dict[str, torch.Tensor]] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        train = [m for m in messages if m.metadata.message_type == "train"]
+        if train:
+            self.sent.append(next(iter(train[0].content.array_records.values())).to_torch_state_dict())
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def _run_digits(tmp_path, name: str, rounds: int, bn_repair: str, grid: InlineGrid | None = None, **extra):
+    from clients.client_app import app
+    from strategies.server_app import run_server
+
+    cfg = {
+        "strategy": "wb", "dataset": "digits", "model": "mlp", "num-clients": 3, "num-rounds": rounds,
+        "partition": "dirichlet", "alpha": 0.3, "local-epochs": 1, "seed": 0, "bn-repair": bn_repair,
+        "out": str(tmp_path / name), **extra,
+    }  # fmt: skip
+    resume = bool(cfg.pop("_resume", False))
+    run_server(grid or InlineGrid(app, 3), cfg, resume=resume)
+    return torch.load(tmp_path / name / "model.pt")
+
+
+def test_clients_train_on_from_the_unrepaired_fused_model(tmp_path) -> None:
+    """REPAIR corrects the served model only: feeding it back compounded and diverged (module docstring)."""
+    from clients.client_app import app
+
+    plain1 = _run_digits(tmp_path, "plain1", 1, "none")
+    served1 = _run_digits(tmp_path, "repair1", 1, "repair")
+    log = _TrainLog(app, 3)
+    _run_digits(tmp_path, "repair2", 2, "repair", grid=log)
+    assert len(log.sent) == 2
+    round2 = log.sent[1]
+    assert any(not torch.equal(served1[k], plain1[k]) for k in plain1)  # REPAIR acted on the served model
+    for k in plain1:  # ... and round 2 trains from the fused model without it
+        torch.testing.assert_close(round2[k], plain1[k], rtol=0, atol=0)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_after_repair_rounds_is_bit_identical(tmp_path) -> None:
+    """The unrepaired fused model clients train on is checkpoint state: an interrupted run resumes identically."""
+    from clients.client_app import app
+    from strategies.server_app import run_server
+
+    straight = _run_digits(tmp_path, "straight", 3, "repair")
+
+    def stop_after_round_2(row: dict) -> None:
+        if row.get("round") == 2:
+            raise _Stop
+
+    cfg = {
+        "strategy": "wb", "dataset": "digits", "model": "mlp", "num-clients": 3, "num-rounds": 3,
+        "partition": "dirichlet", "alpha": 0.3, "local-epochs": 1, "seed": 0, "bn-repair": "repair",
+        "out": str(tmp_path / "split"),
+    }  # fmt: skip
+    with pytest.raises(_Stop):
+        run_server(InlineGrid(app, 3), cfg, on_round=stop_after_round_2)
+    resumed = _run_digits(tmp_path, "split", 3, "repair", _resume=True)
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
