@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -31,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import machine, ms  # noqa: E402
 from fedfuse.align import derive_spec, fuse  # noqa: E402
 from fedfuse.align.slicing import slice_state  # noqa: E402
 from fedfuse.align.transport import member_features  # noqa: E402
@@ -44,30 +43,6 @@ METHODS = {
     "FedWB": {"strategy": "wb", "hetero": True},
     "FedAvg-full": {"strategy": "fedavg", "hetero": False},
 }
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{platform.node() or 'host'}: {cpu}, {os.cpu_count()} logical cores (shared), torch {torch.__version__} "
-        f"CPU, {torch.get_num_threads()} torch thread(s), Python {platform.python_version()}"
-    )
-
-
-def ms(values: list[float], digits: int = 3) -> str:
-    if not values:
-        return "–"
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def widths_of(width: int) -> list[int]:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -37,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import machine, ms  # noqa: E402
 from fedfuse.align import apply_transport, derive_spec, weight_matching  # noqa: E402
 from fedfuse.data import load_dataset  # noqa: E402
 from fedfuse.lmc import barrier  # noqa: E402
@@ -52,30 +51,6 @@ STRATEGIES = {
     "FedWB": {"strategy": "wb"},
     "FedPFN+FedWB": {"strategy": "fedpfn", "pfn-fusion": "wb"},
 }
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{platform.node() or 'host'}: {cpu}, {os.cpu_count()} logical cores (shared), torch {torch.__version__} "
-        f"CPU, {torch.get_num_threads()} torch thread(s), Python {platform.python_version()}"
-    )
-
-
-def ms(values: list[float], digits: int = 3) -> str:
-    if not values:
-        return "–"
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 # ----------------------------------------------------------------------------- part 1: barriers
