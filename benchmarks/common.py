@@ -1,15 +1,17 @@
-"""Helpers shared by the benchmark scripts: the machine line of a results file and mean ± std cells."""
+"""Helpers shared by the benchmark scripts: the machine line of a results file, mean ± std cells, coverage records."""
 
 from __future__ import annotations
 
 import os
 import platform
 import statistics
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["machine", "ms"]
+__all__ = ["fmt_err", "machine", "ms", "selfcheck_record"]
 
 
 def machine() -> str:
@@ -36,3 +38,27 @@ def ms(values: list[float], digits: int = 3) -> str:
     if len(values) < 2:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def fmt_err(e: float | None) -> str:
+    """An output error for a coverage table (``–`` where it was not measured)."""
+    return "–" if e is None else f"{e:.1e}"
+
+
+def selfcheck_record(name: str, model: torch.nn.Module, side: int, res: Any, t0: float, **extra: Any) -> dict[str, Any]:
+    """A JSON-able coverage record of one :func:`fedfuse.align.selfcheck.selfcheck` result (``extra`` keys first)."""
+    return {
+        "model": name,
+        **extra,
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "input": side,
+        "ok": res.ok,
+        "derived": res.derived,
+        "reason": res.reason,
+        "groups": res.groups,
+        "permuted_err": res.permuted_err,
+        "errors": res.errors,
+        "failures": res.failures,
+        "seconds": {k: round(v, 2) for k, v in res.seconds.items()},
+        "total_s": round(time.perf_counter() - t0, 2),
+    }

@@ -17,12 +17,16 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common when run as a script
+
+from benchmarks.common import fmt_err, selfcheck_record  # noqa: E402
 from fedfuse.align.selfcheck import break_symmetric_init, selfcheck
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -118,25 +122,7 @@ def check(name: str, seed: int = 0, methods: tuple[str, ...] = ("match", "wb")) 
     t0 = time.perf_counter()
     model, x = build(name, seed)
     res = selfcheck(model, x, methods=methods)
-    return {
-        "model": name,
-        "kind": "sample" if methods else "extra",
-        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        "input": x.shape[-1],
-        "ok": res.ok,
-        "derived": res.derived,
-        "reason": res.reason,
-        "groups": res.groups,
-        "permuted_err": res.permuted_err,
-        "errors": res.errors,
-        "failures": res.failures,
-        "seconds": {k: round(v, 2) for k, v in res.seconds.items()},
-        "total_s": round(time.perf_counter() - t0, 2),
-    }
-
-
-def _fmt(e: float | None) -> str:
-    return "–" if e is None else f"{e:.1e}"
+    return selfcheck_record(name, model, x.shape[-1], res, t0, kind="sample" if methods else "extra")
 
 
 def write(rows: list[dict[str, Any]], tag: str) -> Path:
@@ -209,8 +195,8 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
         sec = r["seconds"]
         times = " / ".join(f"{sec[k]:.1f}" if k in sec else "–" for k in ("derive", "match", "wb"))
         lines.append(
-            f"| {r['model']} | {r['params_m']} | {r['input']} | {r['groups']} | {_fmt(r['permuted_err'])} | "
-            f"{_fmt(r['errors'].get('match'))} | {_fmt(r['errors'].get('wb'))} | {status} | {times} / "
+            f"| {r['model']} | {r['params_m']} | {r['input']} | {r['groups']} | {fmt_err(r['permuted_err'])} | "
+            f"{fmt_err(r['errors'].get('match'))} | {fmt_err(r['errors'].get('wb'))} | {status} | {times} / "
             f"{r['total_s']:.1f} |"
         )
     return lines
@@ -235,7 +221,7 @@ def main() -> None:
         rows.append(check(name, methods=() if name in EXTRA else fusion))
         r = rows[-1]
         print(
-            f"{name}: ok={r['ok']} derived={r['derived']} groups={r['groups']} perm={_fmt(r['permuted_err'])} "
+            f"{name}: ok={r['ok']} derived={r['derived']} groups={r['groups']} perm={fmt_err(r['permuted_err'])} "
             f"{r['errors']} {r['failures']} {r['seconds']} {r['reason'][:200]}",
             flush=True,
         )

@@ -15,12 +15,16 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common when run as a script
+
+from benchmarks.common import fmt_err, selfcheck_record  # noqa: E402
 from fedfuse.align.selfcheck import break_symmetric_init, selfcheck
 from fedfuse.models.torchvision_models import build_torchvision, check_input_size, torchvision_names
 
@@ -35,24 +39,7 @@ def check(name: str, seed: int = 0) -> dict[str, Any]:
     x = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(seed))
     break_symmetric_init(model, x, seed=seed)
     res = selfcheck(model, x)
-    return {
-        "model": name,
-        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        "input": s,
-        "ok": res.ok,
-        "derived": res.derived,
-        "reason": res.reason,
-        "groups": res.groups,
-        "permuted_err": res.permuted_err,
-        "errors": res.errors,
-        "failures": res.failures,
-        "seconds": {k: round(v, 2) for k, v in res.seconds.items()},
-        "total_s": round(time.perf_counter() - t0, 2),
-    }
-
-
-def _fmt(e: float | None) -> str:
-    return "–" if e is None else f"{e:.1e}"
+    return selfcheck_record(name, model, s, res, t0)
 
 
 def write(rows: list[dict[str, Any]], tag: str) -> Path:
@@ -92,8 +79,8 @@ def write(rows: list[dict[str, Any]], tag: str) -> Path:
         sec = r["seconds"]
         times = " / ".join(f"{sec[k]:.1f}" if k in sec else "–" for k in ("derive", "match", "wb"))
         lines.append(
-            f"| {r['model']} | {r['params_m']} | {r['input']} | {r['groups']} | {_fmt(r['permuted_err'])} | "
-            f"{_fmt(r['errors'].get('match'))} | {_fmt(r['errors'].get('wb'))} | {status} | {times} / {r['total_s']:.1f} |"
+            f"| {r['model']} | {r['params_m']} | {r['input']} | {r['groups']} | {fmt_err(r['permuted_err'])} | "
+            f"{fmt_err(r['errors'].get('match'))} | {fmt_err(r['errors'].get('wb'))} | {status} | {times} / {r['total_s']:.1f} |"
         )
     missing = sorted(set(torchvision_names()) - {r["model"] for r in rows})
     for name in missing:
