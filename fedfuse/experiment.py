@@ -134,6 +134,16 @@ def client_widths(cfg: Mapping[str, Any]) -> list[int]:
     return [int(w) for w in text.split(",")] if text else []
 
 
+def width_arguments(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A width-heterogeneous strategy's ``client_widths`` and ``model_factory(width) -> module`` arguments (both
+    ``None`` when every client has the global width)."""
+    widths = client_widths(cfg)
+    return {
+        "client_widths": widths or None,
+        "model_factory": (lambda w: model_for(cfg, dataset_for(cfg), width=w)) if widths else None,
+    }
+
+
 def client_model(cfg: Mapping[str, Any], ds: Dataset, partition_id: int, seed: int | None = None) -> nn.Module:
     """The model a client trains: the global architecture, at its own width under width heterogeneity."""
     widths = client_widths(cfg)

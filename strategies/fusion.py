@@ -127,9 +127,8 @@ class FedFusion(FedFuseStrategy):
 
     @classmethod
     def config_kwargs(cls, cfg: Mapping[str, Any], *, model: Any, example_input: Any) -> dict[str, Any]:
-        from fedfuse.experiment import client_widths, dataset_for, model_for
+        from fedfuse.experiment import width_arguments
 
-        widths = client_widths(cfg) if "client-widths" in cfg else []
         return {
             "model": model,
             "example_input": example_input,
@@ -139,8 +138,7 @@ class FedFusion(FedFuseStrategy):
             "bn_repair": str(cfg["bn-repair"]),
             "repair_rounds": int(cfg["repair-rounds"]),
             "bn_fold": bool(cfg["bn-fold"]),
-            "client_widths": widths or None,
-            "model_factory": (lambda w: model_for(cfg, dataset_for(cfg), width=w)) if widths else None,
+            **width_arguments(cfg),
         }
 
     def configure_train(

@@ -70,14 +70,12 @@ class HeteroFL(FedFuseStrategy):
 
     @classmethod
     def config_kwargs(cls, cfg: Mapping[str, Any], *, model: Any, example_input: Any) -> dict[str, Any]:
-        from fedfuse.experiment import client_widths, dataset_for, model_for
+        from fedfuse.experiment import width_arguments
 
-        widths = client_widths(cfg) if "client-widths" in cfg else []
         return {
             "model": model,
             "example_input": example_input,
-            "client_widths": widths or None,
-            "model_factory": (lambda w: model_for(cfg, dataset_for(cfg), width=w)) if widths else None,
+            **width_arguments(cfg),
         }
 
     def width_of(self, node: int) -> int | None:
