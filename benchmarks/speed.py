@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedfuse import state as state_mod
 from fedfuse.align import apply_transport, derive_spec, fuse, ot_transport, solvers, weight_matching
 from fedfuse.align import fusion as fusion_mod
 from fedfuse.align.transport import state_of
@@ -129,10 +131,23 @@ def _wb_before(models: list[nn.Module], spec: Any, max_iter: int = 10, tol: floa
 
 
 def _run(
-    kind: str, models: list[nn.Module], spec: Any, reference: bool, start: str = "greedy", max_iter: int = 100
+    kind: str,
+    models: list[nn.Module],
+    spec: Any,
+    reference: bool,
+    start: str = "greedy",
+    max_iter: int = 100,
+    one_thread: bool = False,
 ) -> tuple[float, Any, int | None]:
-    """(seconds, result, sweeps) with the plain (``reference``) or the current implementation."""
+    """(seconds, result, sweeps) with the plain (``reference``) or the current implementation.
+
+    The plain implementation ran every product on one thread (its entry points pinned one thread, and
+    ``threaded_matmul`` did not exist): ``reference`` restores that, so *before* is the code as it was.
+    """
     solvers._REFERENCE = reference
+    gemm_min = state_mod.GEMM_THREADS_MIN_MACS
+    if reference or one_thread:
+        state_mod.GEMM_THREADS_MIN_MACS = sys.maxsize
     try:
         t0 = time.perf_counter()
         if kind == "wm":
@@ -152,6 +167,7 @@ def _run(
         return time.perf_counter() - t0, fused, None
     finally:
         solvers._REFERENCE = False
+        state_mod.GEMM_THREADS_MIN_MACS = gemm_min
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -182,6 +198,9 @@ def run_case(name: str, before: bool, max_iter: int) -> dict[str, Any]:
         row["max_iter"] = max_iter
     row["after_s"], after, row["sweeps"] = _run(kind, models, spec, False, max_iter=max_iter)
     print(f"{name}: after {row['after_s']:.2f} s, {row['sweeps']} sweeps", flush=True)
+    row["after_1t_s"], after_1t, _ = _run(kind, models, spec, False, max_iter=max_iter, one_thread=True)
+    row["one_thread_diff"] = _same(after, after_1t)
+    print(f"{name}: after, every product on one thread {row['after_1t_s']:.2f} s", flush=True)
     if kind == "wm":
         row["objective_after"] = _objective(models, spec, after)
         row["same_start_s"], same, row["same_start_sweeps"] = _run(kind, models, spec, False, "identity", max_iter)
@@ -242,11 +261,13 @@ def _md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "permutations must equal *before*'s: *diff* column, max |Δ| of the permutation matrices); *after*: "
         "cached loop from the greedy start (the default). Sweeps: before / same start / after. *obj*: "
         "Σ⟨A, P·B⟩ of before / after (higher is better). For six-model fusions *diff* is max |Δ| between the "
-        "fused states of before and after. *max_iter*: sweep cap when not the default 100.",
+        "fused states of before and after. *max_iter*: sweep cap when not the default 100. *before* runs every "
+        "product on one thread, as the code did; *after 1 thr* is *after* with every product on one thread too "
+        "(`threaded_matmul` off: what the caller's threads add), *1-thr diff* its max |Δ| from *after*.",
         "",
         "| case | run | models | params/model | groups | derive s | before s | same start s | after s | "
-        "×same start | ×after | after s / model | sweeps | diff | obj before → after |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+        "after 1 thr s | ×same start | ×after | after s / model | sweeps | diff | 1-thr diff | obj before → after |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|",
     ]
 
     def f(r: dict[str, Any], key: str, fmt: str = "{:.2f}") -> str:
@@ -261,9 +282,9 @@ def _md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         obj = f"{f(r, 'objective_before', '{:.6g}')} → {f(r, 'objective_after', '{:.6g}')}" if wm else "–"
         lines.append(
             f"| {r['case']} | {r['kind']} | {r['models']} | {r['params']:,} | {r['groups']} | {r['derive_s']:.1f} | "
-            f"{f(r, 'before_s')} | {f(r, 'same_start_s')} | {r['after_s']:.2f} | "
+            f"{f(r, 'before_s')} | {f(r, 'same_start_s')} | {r['after_s']:.2f} | {f(r, 'after_1t_s')} | "
             f"{f(r, 'speedup_same_start', '×{:.1f}')} | {f(r, 'speedup', '×{:.1f}')} | "
-            f"{r['after_s'] / r['models']:.2f} | {sweeps} | {diff} | {obj} |"
+            f"{r['after_s'] / r['models']:.2f} | {sweeps} | {diff} | {f(r, 'one_thread_diff', '{:.3g}')} | {obj} |"
         )
     return "\n".join(lines) + "\n"
 

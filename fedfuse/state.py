@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -24,6 +25,8 @@ __all__ = [
     "interpolate",
     "torch_threads",
     "single_threaded",
+    "caller_threads",
+    "threaded_matmul",
 ]
 
 State = Mapping[str, Tensor]
@@ -139,11 +142,41 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def single_threaded() -> AbstractContextManager[None]:
-    """``torch_threads(1)``: ``with single_threaded(): ...`` or, as a decorator, ``@single_threaded()``.
+# The thread count of the code that entered the outermost single_threaded() block (None outside one).
+_CALLER_THREADS: ContextVar[int | None] = ContextVar("fedfuse_caller_threads", default=None)
+# Products of at least this many multiply-adds run on the caller's threads inside single_threaded().
+GEMM_THREADS_MIN_MACS = 1 << 24
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """One intra-op thread for the block: ``with single_threaded(): ...`` or, as a decorator, ``@single_threaded()``.
 
     Alignment does thousands of small gathers/matmuls; OpenMP start-up and contention cost more than
-    they save there (≈20× slower measured on a loaded 2-core CPU). As a decorator the guard is recreated
-    on every call (``contextlib.ContextDecorator``), so decorated functions may nest and recurse.
+    they save there (≈20× slower measured on a loaded 2-core CPU). The caller's thread count is kept
+    (:func:`caller_threads`) for the few large products, which :func:`threaded_matmul` runs on it. As a
+    decorator the guard is recreated on every call (``contextlib.ContextDecorator``), so decorated
+    functions may nest and recurse; nested guards keep the outermost caller's count.
     """
-    return torch_threads(1)
+    outer = _CALLER_THREADS.get()
+    token = _CALLER_THREADS.set(outer if outer is not None else torch.get_num_threads())
+    try:
+        with torch_threads(1):
+            yield
+    finally:
+        _CALLER_THREADS.reset(token)
+
+
+def caller_threads() -> int:
+    """The intra-op thread count outside the enclosing :func:`single_threaded` block (the current one outside)."""
+    n = _CALLER_THREADS.get()
+    return torch.get_num_threads() if n is None else n
+
+
+def threaded_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b``; inside :func:`single_threaded`, on the caller's threads when it has ≥ ``GEMM_THREADS_MIN_MACS``
+    multiply-adds (m·k·n): a large GEMM scales with threads where the small operations around it do not."""
+    n = _CALLER_THREADS.get()
+    big = n is not None and n > 1 and a.shape[0] * a.shape[-1] * b.shape[-1] >= GEMM_THREADS_MIN_MACS
+    with torch_threads(n) if big else nullcontext():  # type: ignore[arg-type]
+        return a @ b

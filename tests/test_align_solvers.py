@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedfuse import state as state_mod
 from fedfuse.align import (
     activation_matching,
     align,
@@ -20,7 +21,7 @@ from fedfuse.align import (
 from fedfuse.align.fusion import init_barycenter
 from fedfuse.errors import ConfigError
 from fedfuse.models import MLP, VGG
-from fedfuse.state import weighted_average
+from fedfuse.state import torch_threads, weighted_average
 from tests.test_align_cases import CASES, make_case, max_state_diff, outputs
 
 
@@ -225,3 +226,19 @@ def test_wb_fusion_equals_the_plain_loop_of_pairwise_ot_transports(name: str) ->
     assert fused.keys() == bary.keys()
     assert all(torch.equal(fused[k], bary[k]) for k in bary)
     assert max_state_diff(fused, states[0]) > 1e-3  # an actual fusion, not the reference copy
+
+
+@pytest.mark.parametrize("method", ["match", "wb"])
+def test_fusion_on_the_callers_threads_equals_one_thread(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: three independent models; every cost product large enough for the caller's threads
+    models = [make_case("resnet20_bn", seed=s)[0] for s in range(3)]
+    spec = derive_spec(models[0], make_case("resnet20_bn")[1][:2])
+    monkeypatch.setattr(state_mod, "GEMM_THREADS_MIN_MACS", 1)
+    # Execute
+    with torch_threads(1):
+        one = fuse(models, method=method, spec=spec)
+    with torch_threads(2):
+        two = fuse(models, method=method, spec=spec)
+    # Assert: the thread count of the products changes no assignment (and, for these shapes, no bit)
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert max_state_diff(one, models[0].state_dict()) > 1e-3

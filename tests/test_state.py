@@ -7,8 +7,17 @@ import math
 import pytest
 import torch
 
+from fedfuse import state as state_mod
 from fedfuse.errors import ConfigError
-from fedfuse.state import interpolate, normalise_weights, single_threaded, torch_threads, weighted_average
+from fedfuse.state import (
+    caller_threads,
+    interpolate,
+    normalise_weights,
+    single_threaded,
+    threaded_matmul,
+    torch_threads,
+    weighted_average,
+)
 
 
 def _states(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -117,3 +126,36 @@ def test_thread_guards_restore_the_thread_count() -> None:
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
     assert torch.get_num_threads() == before
+
+
+def test_single_threaded_keeps_the_outermost_callers_thread_count() -> None:
+    with torch_threads(2):
+        assert caller_threads() == 2  # outside a guard: the current count
+        with single_threaded():
+            assert torch.get_num_threads() == 1 and caller_threads() == 2
+            with single_threaded():  # nested: still the outermost caller's count, not the guard's 1
+                assert caller_threads() == 2
+            assert caller_threads() == 2
+        assert caller_threads() == 2
+    with torch_threads(1), single_threaded():
+        assert caller_threads() == 1
+
+
+def test_threaded_matmul_uses_the_callers_threads_only_for_large_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+
+    def spy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return torch.mm(a, b)
+
+    gen = torch.Generator().manual_seed(0)
+    small, big = torch.randn(8, 8, generator=gen), torch.randn(64, 64, generator=gen)
+    monkeypatch.setattr(state_mod, "GEMM_THREADS_MIN_MACS", 64**3)
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "__matmul__", spy)
+        with torch_threads(2), single_threaded():
+            out_small, out_big = threaded_matmul(small, small), threaded_matmul(big, big)
+            assert torch.get_num_threads() == 1  # restored after the threaded product
+        threaded_matmul(big, big)  # outside a guard: as the caller set it
+    assert seen == [1, 2, torch.get_num_threads()]
+    assert torch.equal(out_small, small @ small) and torch.equal(out_big, big @ big)

@@ -33,7 +33,7 @@ from fedfuse.align.transport import (
     transport_axis,
 )
 from fedfuse.errors import ConfigError
-from fedfuse.state import single_threaded
+from fedfuse.state import single_threaded, threaded_matmul
 
 __all__ = [
     "weight_matching",
@@ -126,7 +126,7 @@ def group_features(
 def pairwise_sq_dist(x: Tensor, y: Tensor) -> Tensor:
     """``C[a, b] = ‖x_a − y_b‖²`` as one matrix product ``‖x‖² + ‖y‖² − 2 x yᵀ`` (returned float64, clamped ≥ 0)."""
     x, y = x.float(), y.float()
-    c = (x * x).sum(1, keepdim=True) + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)
+    c = (x * x).sum(1, keepdim=True) + (y * y).sum(1)[None, :] - 2.0 * threaded_matmul(x, y.T)
     return c.double().clamp_min_(0.0)
 
 
@@ -402,7 +402,7 @@ def _product(terms: list[_Term]) -> Tensor | None:
     a = torch.cat([t.a.double() for t in terms], 1) if len(terms) > 1 else terms[0].a.double()
     bts = [t.bt if t.src is None else t.bt.index_select(0, t.src) for t in terms]
     bt = torch.cat([b.double() for b in bts]) if len(bts) > 1 else bts[0].double()
-    return a @ bt
+    return threaded_matmul(a, bt)
 
 
 class _Term:
@@ -470,10 +470,10 @@ class _Term:
             if moved.numel() <= _LOW_RANK_FRACTION * d:
                 if moved.numel():
                     diff = self.bt.index_select(0, src[moved]).double() - self.bt.index_select(0, old[moved]).double()
-                    self.c += self.a.index_select(1, moved).double() @ diff
+                    self.c += threaded_matmul(self.a.index_select(1, moved).double(), diff)
                 return
         bt = self.bt if src is None else self.bt.index_select(0, src)
-        self.c = self.a.double() @ bt.double()
+        self.c = threaded_matmul(self.a.double(), bt.double())
 
 
 def _rows_transposed(w: Tensor, member: Axis, sizes: Mapping[str, int]) -> Tensor:
@@ -546,7 +546,7 @@ def activation_matching(
     perms: dict[str, Tensor] = {}
     for name in acts_a:
         xa, xb = _standardise(acts_a[name]), _standardise(acts_b[name])
-        perms[name] = _lap_permutation((xa @ xb.T).numpy() / xa.shape[1])
+        perms[name] = _lap_permutation(threaded_matmul(xa, xb.T).numpy() / xa.shape[1])
     if len(perms) < len(spec.groups):
         perms = weight_matching(sa, sb, spec, max_iter=max_iter, seed=seed, init=perms, frozen=perms)
     return perms
