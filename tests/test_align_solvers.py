@@ -147,7 +147,7 @@ def test_cached_weight_matching_equals_plain_coordinate_descent(
         monkeypatch.setattr(solvers, "_LOW_RANK_MIN_MACS", 0)
         monkeypatch.setattr(solvers, "_LOW_RANK_FRACTION", 1.0)
     elif path == "float32_rows":  # rows kept in float32 and converted when used (the large-model path)
-        monkeypatch.setattr(solvers, "_CACHE_DOUBLE_MAX", 0)
+        monkeypatch.setattr(solvers, "_ROWS_DOUBLE_BYTES_MAX", 0)
     elif path == "nothing_cached":  # over the cache budget: every term rebuilt when used (the huge-model path)
         monkeypatch.setattr(solvers, "_CACHE_BYTES_MAX", 0)
     a, x = make_case(name, seed=0)

@@ -267,6 +267,7 @@ def weight_matching(
         ga.name: [_Term(sa, sb, spec_a, spec_b, ga, gb, i) for i in range(len(ga.members))]
         for ga, gb in zip(spec_a.groups, spec_b.groups, strict=True)
     }
+    _budget_rows(terms)
     _budget_cache(terms)
     scores = {name: _Score(ts) for name, ts in terms.items()}
     last: dict[str, tuple[int, ...]] = {}  # the term versions each group was last solved with
@@ -308,7 +309,11 @@ def weight_matching(
 # columns is applied as the correction ``A_m[:, J] (B̃_new − B̃_old)[:, J]ᵀ`` over the moved columns J.
 _LOW_RANK_MIN_MACS = 50_000_000
 _LOW_RANK_FRACTION = 0.5
-_CACHE_DOUBLE_MAX = 4_000_000  # terms with at most this many entries keep their rows in float64
+# At most this many bytes of term rows (A's and B's, over all terms) are kept as float64 copies, smallest terms
+# first; the rest stay in the model's dtype (A's rows a view where possible) and are converted when used. Every
+# parameter is a member of one or two groups, so float64 rows of everything are 4-8 float32 copies of the model
+# (ViT-B/32: 2.8 GB of rows for 0.35 GB of weights; a 300M-parameter ViT-L would need ~10 GB).
+_ROWS_DOUBLE_BYTES_MAX = 2**30
 # A term whose rows are short (d < n / _LIGHT_RATIO: BatchNorm vectors, depthwise kernels) costs n²d to rebuild, no
 # more than reading a stored n × n matrix; it is rebuilt when used instead of cached (an EfficientNet-B7 pair held
 # ~20 GB of such n × n terms).
@@ -318,12 +323,28 @@ _LIGHT_RATIO = 4
 _CACHE_BYTES_MAX = 2 * 2**30
 
 
+def _budget_rows(terms: Mapping[str, list[_Term]]) -> None:
+    """Keep ``_ROWS_DOUBLE_BYTES_MAX`` of the terms' rows as float64 copies, smallest terms first."""
+    left = _ROWS_DOUBLE_BYTES_MAX
+    for t in sorted((t for ts in terms.values() for t in ts), key=lambda t: t.bt.numel()):
+        left -= 16 * t.bt.numel()
+        if left < 0:
+            break
+        t.a, t.bt = t.a.double(), t.bt.double()
+
+
 def _budget_cache(terms: Mapping[str, list[_Term]]) -> None:
-    """Keep ``_CACHE_BYTES_MAX`` of cached terms, longest rows first; mark the rest light (rebuilt in ``value``)."""
-    left = _CACHE_BYTES_MAX
+    """Keep ``_CACHE_BYTES_MAX`` of cached n × n terms, longest rows first; mark the rest light (rebuilt in
+    ``value``). A group that caches a term also keeps the sum of its fixed terms (:class:`_Score`): counted too."""
+    left, kept = _CACHE_BYTES_MAX, set()
+    owner = {id(t): name for name, ts in terms.items() for t in ts}
     for t in sorted((t for ts in terms.values() for t in ts if t.deps and not t.light), key=lambda t: -t.bt.shape[0]):
-        left -= 8 * t.bt.shape[1] ** 2
-        t.light = left < 0
+        name, n2 = owner[id(t)], 8 * t.bt.shape[1] ** 2
+        const = n2 if name not in kept and any(not u.deps for u in terms[name]) else 0
+        t.light = left < n2 + const
+        if not t.light:
+            left -= n2 + const
+            kept.add(name)
 
 
 # ``_REFERENCE = True`` routes weight_matching to the plain implementation (benchmarks/speed.py measures both).
@@ -427,9 +448,8 @@ class _Term:
     ) -> None:
         member, self.sizes = gb.members[i], spec_b.sizes
         a = member_rows(sa[member.key], ga.members[i], spec_a.sizes)
-        dtype = torch.float64 if a.numel() <= _CACHE_DOUBLE_MAX else a.dtype  # large ones: converted when used
-        self.a = a.to(dtype)
-        self.bt = _rows_transposed(sb[member.key], member, self.sizes).to(dtype)
+        self.a = a  # float64 copies only within the budget (_budget_rows); else converted when used
+        self.bt = _rows_transposed(sb[member.key], member, self.sizes)
         shape = list(sb[member.key].shape)
         self.col_shape = [*shape[: member.axis], member.repeat, member.expand, *shape[member.axis + 1 :]]
         axes: dict[int, list[tuple[Axis, str]]] = {}
