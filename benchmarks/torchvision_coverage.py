@@ -12,7 +12,6 @@ One torch thread. Writes ``benchmarks/results/torchvision-coverage.md`` and ``.j
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -29,19 +28,19 @@ from benchmarks.common import fmt_err, selfcheck_record  # noqa: E402
 from fedfuse.align.selfcheck import break_symmetric_init, selfcheck
 from fedfuse.models.torchvision_models import build_torchvision, check_input_size, torchvision_names
 
-selfcheck_mod = importlib.import_module("fedfuse.align.selfcheck")  # ``fedfuse.align.selfcheck`` is the function
-
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def check(name: str, seed: int = 0, methods: tuple[str, ...] = ("match", "wb")) -> dict[str, Any]:
+def check(
+    name: str, seed: int = 0, methods: tuple[str, ...] = ("match", "wb"), float64: bool | None = None
+) -> dict[str, Any]:
     """Build ``name`` and run the self-check with ``methods``; a JSON-able record."""
     t0 = time.perf_counter()
     s = check_input_size(name)
     model = build_torchvision(name, (3, s, s), 10, seed=seed)
     x = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(seed))
     break_symmetric_init(model, x, seed=seed)
-    res = selfcheck(model, x, methods=methods)
+    res = selfcheck(model, x, methods=methods, float64=float64)
     return selfcheck_record(name, model, s, res, t0)
 
 
@@ -162,8 +161,6 @@ def main() -> None:
         "rounding in a deep, wide model can exceed the 1e-4 tolerance by itself; costs one float64 network)",
     )
     args = ap.parse_args()
-    if args.float64:
-        selfcheck_mod.F64_MAX_PARAMS = sys.maxsize
     args.update = args.update or args.report_only
     torch.set_num_threads(1)
     old = RESULTS / f"{args.tag}.json"
@@ -174,7 +171,11 @@ def main() -> None:
     for name in [] if args.report_only else args.models or torchvision_names():
         stored = [r for r in rows if r["model"] == name]
         rows = [r for r in rows if r["model"] != name]
-        rows.append(_merge(stored[0] if stored else None, check(name, methods=tuple(args.methods))))
+        rows.append(
+            _merge(
+                stored[0] if stored else None, check(name, methods=tuple(args.methods), float64=args.float64 or None)
+            )
+        )
         r = rows[-1]
         print(f"{name}: ok={r['ok']} derived={r['derived']} {r['seconds']} {r['reason'][:120]}", flush=True)
         write(rows, args.tag)

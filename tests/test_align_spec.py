@@ -328,3 +328,18 @@ def test_token_mixing_linear_keeps_the_channel_groups() -> None:
     permuted, _ = permute_model(model, spec, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(permuted(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_selfcheck_compares_in_float64_when_asked() -> None:
+    from fedfuse.align.selfcheck import selfcheck
+
+    # Prepare: a wide MLP; a permutation reorders every hidden sum, which float32 rounds differently
+    torch.manual_seed(0)
+    model, x = MLP((32,), 10, (256, 256, 256)).eval(), torch.randn(8, 32)
+    # Execute
+    in_f32 = selfcheck(model, x, methods=("match",), float64=False)
+    in_f64 = selfcheck(model, x, methods=("match",), float64=True)
+    # Assert: float32 shows rounding (still within rtol here), float64 shows none; both recover exactly
+    assert in_f32.permuted_err is not None and in_f64.permuted_err is not None
+    assert in_f32.permuted_err > 1e-9 and in_f64.permuted_err <= 1e-13
+    assert in_f32.ok and in_f64.ok
