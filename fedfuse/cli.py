@@ -163,8 +163,10 @@ def preflight(cfg: dict[str, Any], overwrite: bool | None) -> None:
 
     resolve_strategy(str(cfg["strategy"]))
     ds = dataset_for(cfg)
-    if cfg["strategy"] == "layerwise" or str(cfg["model"]).startswith("torchvision:"):
-        # a preset that fits no parameter, or a torchvision model too deep for the inputs: fails before any write
+    from fedfuse.models import library_of
+
+    if cfg["strategy"] == "layerwise" or library_of(str(cfg["model"])):
+        # a preset that fits no parameter, or a library's model too deep for the inputs: fails before any write
         from fedfuse.experiment import model_for
         from fedfuse.selection import shared_keys
 

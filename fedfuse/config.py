@@ -72,7 +72,9 @@ OPTIONS: dict[str, Option] = {
         Option("strategy", str, "fedavg", "strategy: a registered name or package.module:Class"),
         Option("dataset", str, "digits", "data set", choices=tuple(DATASETS)),
         Option("data-root", str, "", "directory with data files (torchvision layout); empty = cache dir"),
-        Option("model", str, "mlp", f"{'/'.join(MODELS)} or torchvision:NAME", check_value=model_name_problem),
+        Option(
+            "model", str, "mlp", f"{'/'.join(MODELS)}, torchvision:NAME or timm:NAME", check_value=model_name_problem
+        ),
         Option("width", int, 0, "hidden width (0 = the model's default)", low=0),
         Option("depth", int, 0, "hidden layers / RNN layers (0 = default)", low=0),
         Option("batch-norm", bool, False, "BatchNorm in CNN/ResNet"),

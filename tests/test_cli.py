@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 BAD_INPUT = [
     (["--dataset", "imagenet"], "dataset='imagenet' is not allowed; allowed: digits, mnist1d"),
-    (["--model", "vit"], "model='vit' is not allowed; allowed: mlp, cnn, resnet20, rnn, lstm, gru, or torchvision"),
+    (["--model", "vit"], "model='vit' is not allowed; allowed: mlp, cnn, resnet20, rnn, lstm, gru, torchvision:NAME"),
     (["--strategy", "fedsgd"], "strategy='fedsgd' is not allowed; allowed: fedavg"),
     (["--strategy", "nosuchmodule:Foo"], "strategy='nosuchmodule:Foo' cannot be imported"),
     (["--alpha", "0"], "alpha=0.0 is out of range; allowed: > 0"),

@@ -13,9 +13,19 @@ import torch
 from torch import nn
 
 from fedfuse.errors import ConfigError
-from fedfuse.models.torchvision_models import PREFIX, build_torchvision, check_torchvision_name
+from fedfuse.models import timm_models, torchvision_models
 
-__all__ = ["MLP", "VGG", "ResNet20", "SequenceClassifier", "MODELS", "build_model", "model_name_problem"]
+__all__ = [
+    "MLP",
+    "VGG",
+    "ResNet20",
+    "SequenceClassifier",
+    "MODELS",
+    "LIBRARIES",
+    "build_model",
+    "library_of",
+    "model_name_problem",
+]
 
 
 def _conv_layers(ndim: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
@@ -201,13 +211,27 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], int, int]] = {
 }
 
 
+# ``PREFIX`` + NAME -> another library's model: (why NAME is not one of its models or None, builder)
+LIBRARIES: dict[str, tuple[Callable[[str], str | None], Callable[..., nn.Module]]] = {
+    torchvision_models.PREFIX: (torchvision_models.check_torchvision_name, torchvision_models.build_torchvision),
+    timm_models.PREFIX: (timm_models.check_timm_name, timm_models.build_timm),
+}
+_LIBRARY_NAMES = "torchvision:NAME (a torchvision classifier) or timm:NAME (a timm model)"
+
+
+def library_of(name: str) -> str | None:
+    """The library prefix of ``name`` (``"torchvision:"``, ``"timm:"``), or None for fedfuse's own models."""
+    return next((p for p in LIBRARIES if name.startswith(p)), None)
+
+
 def model_name_problem(name: str) -> str | None:
-    """Why ``name`` is not a model fedfuse can build (a ``MODELS`` key or ``torchvision:NAME``), or None."""
+    """Why ``name`` is not a model fedfuse can build (a ``MODELS`` key, ``torchvision:NAME`` or ``timm:NAME``)."""
     if name in MODELS:
         return None
-    if name.startswith(PREFIX):
-        return check_torchvision_name(name[len(PREFIX) :])
-    return f"is not allowed; allowed: {', '.join(MODELS)}, or {PREFIX}NAME (a torchvision classifier)"
+    prefix = library_of(name)
+    if prefix is not None:
+        return LIBRARIES[prefix][0](name[len(prefix) :])
+    return f"is not allowed; allowed: {', '.join(MODELS)}, {_LIBRARY_NAMES}"
 
 
 def build_model(
@@ -222,10 +246,11 @@ def build_model(
 ) -> nn.Module:
     """Build model ``name`` for ``input_shape``; with ``seed``, the init is fixed by ``torch.manual_seed``-free
     forking (global RNG state is restored afterwards)."""
-    if name.startswith(PREFIX):  # width/depth/batch_norm do not apply: the builder fixes the architecture
-        return build_torchvision(name[len(PREFIX) :], input_shape, num_classes, seed=seed)
+    prefix = library_of(name)
+    if prefix is not None:  # width/depth/batch_norm do not apply: the library fixes the architecture
+        return LIBRARIES[prefix][1](name[len(prefix) :], input_shape, num_classes, seed=seed)
     if name not in MODELS:
-        raise ConfigError(f"model={name!r} is unknown; allowed: {', '.join(sorted(MODELS))}, or {PREFIX}NAME")
+        raise ConfigError(f"model={name!r} is unknown; allowed: {', '.join(sorted(MODELS))}, {_LIBRARY_NAMES}")
     builder, default_width, default_depth = MODELS[name]
     w = default_width if width is None else int(width)
     d = default_depth if depth is None else int(depth)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fedfuse.errors import ConfigError
+from fedfuse.models.external import check_runs
 
 __all__ = [
     "PREFIX",
@@ -101,13 +102,5 @@ def build_torchvision(name: str, input_shape: Sequence[int], num_classes: int, *
         model = torchvision.models.get_model(name, **kw)
         if int(input_shape[0]) != 3:
             _rebuild_first_conv(model, int(input_shape[0]))
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(2, *(int(s) for s in input_shape)))
-    except Exception as exc:
-        raise ConfigError(
-            f"{PREFIX}{name} does not run on {tuple(input_shape)} inputs (it needs at least "
-            f"{min_input_size(name)}×{min_input_size(name)} images): {str(exc).splitlines()[0]}"
-        ) from None
-    return model.train()
+    side = min_input_size(name)
+    return check_runs(model, PREFIX + name, input_shape, f"it needs at least {side}×{side} images")
