@@ -167,10 +167,16 @@ def preflight(cfg: dict[str, Any], overwrite: bool | None) -> None:
 
     if cfg["strategy"] == "layerwise" or library_of(str(cfg["model"])):
         # a preset that fits no parameter, or a library's model too deep for the inputs: fails before any write
-        from fedfuse.experiment import model_for
+        from fedfuse.experiment import client_widths, model_for
+        from fedfuse.models import MODELS
         from fedfuse.selection import shared_keys
 
         model = model_for(cfg, ds)
+        if library_of(str(cfg["model"])) and client_widths(cfg):
+            raise ConfigError(
+                f"client-widths={cfg['client-widths']!r} needs a model with a hidden width ({', '.join(MODELS)}); "
+                f"model={cfg['model']!r} fixes its own architecture"
+            )
         if cfg["strategy"] == "layerwise":
             shared_keys(model, str(cfg["layerwise-preset"]))
     n = len(ds.y_train)

@@ -89,3 +89,25 @@ def test_timm_model_without_timm_says_how_to_install_it(tmp_path, capsys, monkey
     assert code == 2 and len(err.splitlines()) == 1
     assert "model='timm:resnet10t' needs timm, which is not installed: pip install timm" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--width", "32"], "width=32 does not apply to model='timm:resnet10t', which fixes its own architecture"),
+        (["--batch-norm"], "batch-norm=True does not apply to model='timm:resnet10t'"),
+        (
+            ["--strategy", "heterofl", "--client-widths", "32,64"],
+            "client-widths='32,64' needs a model with a hidden width (mlp, cnn, resnet20, rnn, lstm, gru); "
+            "model='timm:resnet10t' fixes its own architecture",
+        ),
+    ],
+)
+def test_architecture_options_a_library_model_ignores_are_refused(extra, message, tmp_path, capsys) -> None:
+    # Execute: options that would silently do nothing on a model whose library fixes the architecture
+    code = run_cli(["simulate", "--backend", "inline", "--dataset", "digits", "--model", "timm:resnet10t", *extra,
+                    "--out", str(tmp_path / "out")])  # fmt: skip
+    # Assert
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out").exists()

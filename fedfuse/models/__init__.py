@@ -247,7 +247,14 @@ def build_model(
     """Build model ``name`` for ``input_shape``; with ``seed``, the init is fixed by ``torch.manual_seed``-free
     forking (global RNG state is restored afterwards)."""
     prefix = library_of(name)
-    if prefix is not None:  # width/depth/batch_norm do not apply: the library fixes the architecture
+    if prefix is not None:  # the library fixes the architecture: width/depth/batch_norm must not be asked for
+        asked = [f"{k}={v}" for k, v in (("width", width), ("depth", depth)) if v is not None]
+        asked += ["batch-norm=True"] if batch_norm else []
+        if asked:
+            raise ConfigError(
+                f"{', '.join(asked)} does not apply to model={name!r}, which fixes its own architecture; "
+                f"allowed with {', '.join(MODELS)}"
+            )
         return LIBRARIES[prefix][1](name[len(prefix) :], input_shape, num_classes, seed=seed)
     if name not in MODELS:
         raise ConfigError(f"model={name!r} is unknown; allowed: {', '.join(sorted(MODELS))}, {_LIBRARY_NAMES}")
