@@ -19,6 +19,18 @@ def run_cli(argv: list[str]) -> int:
         return int(exc.code)
 
 
+def refused(model: str, extra: list[str], tmp_path, capsys) -> str:
+    """``fedfuse simulate`` on digits with ``--model model`` + ``extra``: asserts exit 2, one line, no traceback and
+    nothing written; returns that line."""
+    code = run_cli(["simulate", "--backend", "inline", "--dataset", "digits", "--model", model, *extra,
+                    "--out", str(tmp_path / "out")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    return err
+
+
 @pytest.mark.slow  # ~20 s on 2 shared cores: two clients train one round, then a fusion
 def test_simulate_federates_a_torchvision_model_with_alignment(tmp_path) -> None:
     # Prepare: digits (1×8×8, 10 classes), ShuffleNetV2-x0.5 rebuilt for 1 channel, weight-matching fusion
@@ -53,11 +65,6 @@ def test_simulate_federates_a_torchvision_model_with_alignment(tmp_path) -> None
 )
 def test_bad_torchvision_model_is_one_line_and_exit_2(model, message, tmp_path, capsys) -> None:
     # Execute: an unknown builder name, and a model too deep for the digits' 8×8 images
-    code = run_cli(["simulate", "--backend", "inline", "--dataset", "digits", "--model", model,
-                    "--out", str(tmp_path / "out")])  # fmt: skip
-    # Assert: exit 2, one line naming the value and what is allowed, nothing written
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert message in err and "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    assert not (tmp_path / "out").exists()
+    err = refused(model, [], tmp_path, capsys)
+    # Assert: exit 2, one line naming the value and what is allowed, nothing written (in refused)
+    assert message in err
