@@ -59,6 +59,8 @@ __all__ = ["fuse", "align", "wasserstein_barycenter", "gromov_wasserstein_baryce
 
 Model = nn.Module | Mapping[str, Tensor]
 METHODS = ("average", "match", "wb", "gwb", "gw")
+#: methods that compare units by their activations and so need ``fuse(..., data=batch)``
+DATA_METHODS: frozenset[str] = frozenset()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,6 +281,7 @@ def fuse(
     init: int | None = None,
     bn_repair: Literal["auto", "reset", "repair"] | None = "auto",
     repair_data: Any = None,
+    data: Any = None,
     bn_fold: bool = False,
     seed: int = 0,
     alpha: float | None = None,
@@ -294,6 +297,8 @@ def fuse(
     transported average of the running statistics is kept), ``"reset"``, ``"repair"`` (REPAIR, with or without
     BatchNorm: :mod:`fedfuse.align.repair`), or None. ``return_aligned``: also return every model aligned to
     the fused one (what federated REPAIR sends back to each client).
+    ``data``: a batch of inputs for the methods in :data:`DATA_METHODS` (activation-based alignment); it is
+    also ``repair_data`` when that is not given.
     ``bn_fold`` (BN-aware alignment, needs a module): every BatchNorm that reads a Linear/Conv's output is folded
     into it first (:func:`fedfuse.align.bn.fold_bn`: per unit ``W ← γW/√(σ²+ε)``, shift ``β + γ(b−μ)/√(σ²+ε)``,
     the unit's eval-mode affine map), so the alignment cost and the average compare the functions the units
@@ -308,6 +313,9 @@ def fuse(
         raise ConfigError(f"method={method!r} is not supported; allowed: {', '.join(METHODS)}")
     if not models:
         raise ConfigError("fuse needs at least one model")
+    if method in DATA_METHODS and data is None:
+        raise ConfigError(f"method={method!r} aligns by activations and needs data= (a batch of inputs)")
+    repair_data = data if repair_data is None else repair_data
     states = [state_of(m) for m in models]
     lam = normalise_weights(weights, len(states))
     originals, pairs = states, []
