@@ -1,6 +1,6 @@
-# fedfuse on Flower's official base image (Python 3.11, Ubuntu 24.04), pinned to the Flower version
-# CI installs (pyproject.toml admits flwr 1.41 and 1.42; tests/test_compose.py checks the tag is the installed flwr;
-# pip resolves 1.41.0 where 1.42.0's certifi>=2026.10.19 is not on the package index).
+# fedfuse on Flower's official base image (Python 3.11, Ubuntu 24.04). The base tag's flwr version is the one
+# pinned in requirements.lock (`make lock` writes it here; tests/test_compose.py checks lock, tag and the
+# installed flwr agree), and every package the image installs is constrained to the lock's versions.
 #
 # One image runs every process of the deployment (docker-compose.yml picks the command):
 #   flower-superlink, flower-supernode and flower-superexec (which starts flwr-serverapp / flwr-clientapp
@@ -10,22 +10,26 @@
 #
 #   docker build -t fedfuse/flower:0.1.0 .
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 ...   # CUDA wheels
-FROM flwr/base:1.41.0-py3.11-ubuntu24.04
+# UNLOCK="torch torchvision" drops those pins from the constraints (the offline test fixture has only an older
+# CPU torch wheel; users leave it empty and get the locked torch as a +cpu build from TORCH_INDEX_URL).
+FROM flwr/base:1.42.0-py3.11-ubuntu24.04
 
 # CPU wheels by default (a few hundred MB instead of several GB of CUDA libraries).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG UNLOCK=""
 
 USER root
 WORKDIR /app
 
-# Dependencies first (cached while only the code changes). The base image already has flwr 1.41.0;
-# drop the `[simulation]` extra (Ray), which a deployment does not use.
-COPY pyproject.toml README.md ./
+# Dependencies first (cached while only the code changes), at the lock's versions. The base image already has
+# the locked flwr; drop the `[simulation]` extra (Ray), which a deployment does not use.
+COPY pyproject.toml README.md requirements.lock ./
 RUN sed -i 's/"flwr\[simulation\]/"flwr/' pyproject.toml \
+    && for p in ${UNLOCK}; do sed -i "/^${p}==/d" requirements.lock; done \
     && mkdir -p fedfuse strategies clients && touch fedfuse/__init__.py strategies/__init__.py clients/__init__.py \
-    && python -m pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" . \
+    && python -m pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -c requirements.lock . \
     && python -m pip uninstall -y fedfuse \
-    && rm -rf fedfuse strategies clients build *.egg-info
+    && rm -rf fedfuse strategies clients build *.egg-info requirements.lock
 
 COPY fedfuse ./fedfuse
 COPY strategies ./strategies

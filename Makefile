@@ -1,17 +1,21 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
-# Both create .venv, install fedfuse with its dependencies, then run.
+# Both create .venv, install every dependency at the exact version in requirements.lock, then fedfuse itself
+# (--no-deps), then run. `make lock` regenerates the lock (and the Dockerfile's flwr/base tag) from pyproject.toml.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedfuse-installed
+LOCK := requirements.lock
+PIP := $(PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 # appended to the demo's flags (later flags win): tests/test_readme.py runs a small demo
 DEMO_ARGS ?=
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PIP) install --quiet -r $(LOCK)
+	$(PIP) install --quiet --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,5 +33,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
+# Re-resolve the lock from pyproject.toml's ranges (LOCK_ARGS="--upgrade-package flwr" moves one package).
+lock:
+	bash deploy/lock.sh
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-lock runs .pytest_cache

@@ -373,6 +373,9 @@ def test_dockerfile_base_image_matches_installed_flwr() -> None:
     image, _, tag = froms[0].partition(":")
     assert image == "flwr/base"
     assert tag.split("-")[0] == version, f"base image {froms[0]} vs installed flwr {version}"
+    locked = re.search(r"^flwr==(\S+)", (ROOT / "requirements.lock").read_text(), re.M)
+    assert locked, "requirements.lock pins no flwr"
+    assert locked.group(1) == version, f"requirements.lock pins flwr {locked.group(1)}, installed {version}"
     assert re.search(r"pip install[^\n]*\s\.(\s|$)", text), "Dockerfile must pip install fedfuse (.)"
     import tomllib
     from packaging.requirements import Requirement

@@ -10,7 +10,10 @@
 # tests/docker/standin-base.Dockerfile (python3.11 + venv + pip + flwr==<the tag's version>, user app
 # uid 49999) and tag it with exactly the Dockerfile's FROM name. pip inside the image gets the host's CA
 # bundle (pip's global `cert`), the CPU torch wheel from the host's pip find-links, and a constraint
-# pinning torch to that wheel. Needs root, a running Docker engine, debootstrap and the Debian mirror.
+# pinning torch to that wheel. Needs root, a running Docker engine, debootstrap (installed here with apt-get when
+# missing, as deploy/install-docker.sh installs the engine) and the Debian mirror.
+# Exit 3: a prerequisite is missing and cannot be installed on this machine (the test SKIPS with the reason);
+# any other failure is a real failure.
 # Environment: DEBIAN_MIRROR (default: first URI of the host's apt sources, else deb.debian.org),
 # PYTHON (whose pip config is read; default python3), FORCE=1 rebuilds an existing stand-in.
 set -euo pipefail
@@ -38,12 +41,19 @@ if ! docker image inspect local/debian:bookworm >/dev/null 2>&1; then
   fi
   rootfs="$cache/rootfs-bookworm"
   if [[ ! -f "$rootfs/.complete" ]]; then
-    command -v debootstrap >/dev/null || { log "debootstrap not installed (apt-get install debootstrap)"; exit 1; }
+    if ! command -v debootstrap >/dev/null; then
+      [[ "$(id -u)" == 0 ]] || { log "debootstrap is not installed and this is not root: cannot install it"; exit 3; }
+      command -v apt-get >/dev/null || { log "debootstrap is not installed and there is no apt-get"; exit 3; }
+      log "installing debootstrap"
+      export DEBIAN_FRONTEND=noninteractive
+      { apt-get update -qq && apt-get install -y -qq --no-install-recommends debootstrap; } >/dev/null \
+        || { log "apt-get install debootstrap failed (no package mirror?)"; exit 3; }
+    fi
     rm -rf "$rootfs"
     mkdir -p "$rootfs"
     log "debootstrap bookworm from $mirror into $rootfs"
     debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$cache/debootstrap.log" 2>&1 \
-      || { log "debootstrap failed, see $cache/debootstrap.log"; tail -n 5 "$cache/debootstrap.log" >&2; exit 1; }
+      || { log "debootstrap failed (Debian mirror $mirror unreachable?), see $cache/debootstrap.log"; tail -n 5 "$cache/debootstrap.log" >&2; exit 3; }
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     touch "$rootfs/.complete"
   fi
