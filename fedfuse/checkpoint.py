@@ -27,6 +27,8 @@ __all__ = [
     "rng_states",
     "restore_rng_states",
     "config_mismatch",
+    "check_resumable",
+    "check_model_fits",
     "plain",
 ]
 
@@ -107,7 +109,62 @@ def load_checkpoint(out: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(ckpt, dict) or not {"round", "config", "model"} <= set(ckpt):
         raise ConfigError(f"resume={str(out)!r}: {CHECKPOINT} is not a fedfuse checkpoint")
+    rnd, config = ckpt["round"], ckpt["config"]
+    if type(rnd) is not int or rnd < 0:
+        _damaged(path, "round", f"is {rnd!r}, not a round number >= 0")
+    if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
+        _damaged(path, "config", "is not a mapping of option names to values")
     return ckpt
+
+
+def _damaged(path: Path, field: str, why: str) -> None:
+    raise ConfigError(f"resume: {path}: {field} {why}; the checkpoint is damaged or was not written by fedfuse")
+
+
+def check_resumable(ckpt: Mapping[str, Any], path: Path) -> None:
+    """Every field a resume reads (model, metrics, RNG states, strategy state) has the type and range a round
+    checkpoint gives it, and the model is finite: else one ConfigError naming the first bad field. The RNG
+    states are tried on fresh generators, so nothing global changes here."""
+    model = ckpt["model"]
+    if not isinstance(model, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in model.items()):
+        _damaged(path, "model", "is not a state dict (parameter names to tensors)")
+    for key, value in model.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            _damaged(path, f"model[{key!r}]", "holds NaN or infinite values")
+    rows = ckpt.get("metrics")
+    numbers = (int, float)
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and all(isinstance(k, str) and isinstance(v, numbers) for k, v in r.items()) for r in rows
+    ):
+        _damaged(path, "metrics", "is not a list of rows of numbers")
+    rounds = [r.get("round") for r in rows]
+    if rounds != list(range(ckpt["round"] + 1)) or not all("wall_time" in r for r in rows):
+        _damaged(path, "metrics", f"holds rounds {rounds[:5]}{'…' if len(rounds) > 5 else ''}, not 0..{ckpt['round']}")
+    if not isinstance(ckpt.get("strategy", {}), dict):
+        _damaged(path, "strategy", "is not a mapping")
+    rng = ckpt.get("rng")
+    try:
+        if not isinstance(rng, dict):
+            raise TypeError(type(rng).__name__)
+        torch.Generator().set_state(rng["torch"])
+        npy = rng["numpy"]
+        keys = npy["keys"].numpy().astype(np.uint32)
+        np.random.RandomState().set_state((npy["name"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+        rnd = rng["random"]
+        random.Random().setstate((rnd["version"], tuple(rnd["state"]), rnd["gauss_next"]))
+    except Exception:  # noqa: BLE001 — any malformed state: missing keys, wrong types, sizes or values
+        _damaged(path, "rng", "is not a set of torch/numpy/random generator states")
+
+
+def check_model_fits(ckpt_model: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], path: Path) -> None:
+    """The checkpoint's model has exactly the parameter names and shapes the run's config builds."""
+    if set(ckpt_model) != set(expected):
+        extra, missing = sorted(set(ckpt_model) - set(expected)), sorted(set(expected) - set(ckpt_model))
+        _damaged(path, "model", f"does not fit the config's model (unexpected {extra[:3]}, missing {missing[:3]})")
+    for key, value in expected.items():
+        if tuple(ckpt_model[key].shape) != tuple(value.shape):
+            shape = tuple(ckpt_model[key].shape)
+            _damaged(path, f"model[{key!r}]", f"has shape {shape}, the config's model {tuple(value.shape)}")
 
 
 def config_mismatch(saved: Mapping[str, Any], given: Mapping[str, Any]) -> str | None:

@@ -142,20 +142,31 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return validate_config(given, check_owners=not getattr(args, "compare", None))
 
 
-def resume_config(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
-    """The config of the checkpoint in ``--resume DIR`` and its round; flags given explicitly must agree."""
-    from fedfuse.checkpoint import config_mismatch, load_checkpoint
+def resume_config(args: argparse.Namespace) -> tuple[dict[str, Any], int, dict[str, Any]]:
+    """The config of the checkpoint in ``--resume DIR``, its round and its model; flags given explicitly must
+    agree. Resume imports no code on its own: a ``module:Class`` strategy must be named again with --strategy."""
+    from fedfuse.checkpoint import CHECKPOINT, check_resumable, config_mismatch, load_checkpoint
+    from strategies.registry import STRATEGIES
 
     ckpt = load_checkpoint(Path(args.resume))
+    saved = ckpt["config"].get("strategy")
+    if isinstance(saved, str) and saved not in STRATEGIES and args.strategy != saved:
+        raise ConfigError(
+            f"resume={args.resume!r}: the checkpoint's strategy {saved!r} is not a registered one and resume imports "
+            f"no code on its own; to run it, name it again: --strategy {saved}"
+        )
     given = {name: getattr(args, name) for name in _schema() if getattr(args, name, None) is not None}
     mismatch = config_mismatch(ckpt["config"], validate_config(given, fill_defaults=False))
     if mismatch:
         raise ConfigError(f"resume={args.resume!r}: {mismatch}; a resumed run keeps its checkpoint's config")
-    return validate_config({**ckpt["config"], "out": args.resume}), int(ckpt["round"])
+    cfg = validate_config({**ckpt["config"], "out": args.resume})
+    check_resumable(ckpt, Path(args.resume) / CHECKPOINT)
+    return cfg, int(ckpt["round"]), ckpt["model"]
 
 
-def preflight(cfg: dict[str, Any], overwrite: bool | None) -> None:
-    """Every check that can fail, before Ray starts: strategy, data, partition sizes, output dir."""
+def preflight(cfg: dict[str, Any], overwrite: bool | None, resumed_model: dict[str, Any] | None = None) -> None:
+    """Every check that can fail, before Ray starts: strategy, data, partition sizes, output dir; on resume, that
+    the checkpoint's model (``resumed_model``) has the names and shapes the config builds."""
     from fedfuse.data.partition import partition_indices
     from fedfuse.experiment import dataset_for
     from fedfuse.results import check_out_dir, check_writable
@@ -165,6 +176,11 @@ def preflight(cfg: dict[str, Any], overwrite: bool | None) -> None:
     ds = dataset_for(cfg)
     from fedfuse.models import library_of
 
+    if resumed_model is not None:
+        from fedfuse.checkpoint import CHECKPOINT, check_model_fits
+        from fedfuse.experiment import model_for
+
+        check_model_fits(resumed_model, model_for(cfg, ds).state_dict(), Path(cfg["out"]) / CHECKPOINT)
     if cfg["strategy"] == "layerwise" or library_of(str(cfg["model"])):
         # a preset that fits no parameter, or a library's model too deep for the inputs: fails before any write
         from fedfuse.experiment import client_widths, model_for
@@ -488,14 +504,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if getattr(args, "ray_address", None):
             _check_ray_address(args.ray_address)
+        resumed_model = None
         if args.resume:
-            cfg, done = resume_config(args)
+            cfg, done, resumed_model = resume_config(args)
             if done >= cfg["num-rounds"]:
                 print(f"run in {args.resume} is already complete ({done} rounds); nothing to do")
                 return 0
             args.backend = args.backend or _saved_backend(Path(args.resume))
         args.backend = args.backend or "ray"
-        preflight(cfg, None if args.resume else args.overwrite)
+        preflight(cfg, None if args.resume else args.overwrite, resumed_model)
         _simulate_replacing(cfg, args)
     except ConfigError as exc:
         print(f"fedfuse: error: {exc}", file=sys.stderr)

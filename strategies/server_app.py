@@ -22,7 +22,15 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedfuse.checkpoint import config_mismatch, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from fedfuse.checkpoint import (
+    CHECKPOINT,
+    check_resumable,
+    config_mismatch,
+    load_checkpoint,
+    restore_rng_states,
+    rng_states,
+    save_checkpoint,
+)
 from fedfuse.errors import ConfigError, RunFailedError
 from fedfuse.experiment import dataset_for, model_for
 from fedfuse.results import RunWriter, remove_stale_temp_files
@@ -65,6 +73,7 @@ def run_server(
         mismatch = config_mismatch(ckpt["config"], cfg)
         if mismatch:
             raise ConfigError(f"resume={str(out)!r}: {mismatch}")
+        check_resumable(ckpt, out / CHECKPOINT)
         initial = ArrayRecord(ckpt["model"])
         writer.rows = list(ckpt["metrics"])
         if hasattr(strategy, "load_state_dict"):  # fedfuse strategies' checkpoint protocol (state_dict/load)
@@ -82,6 +91,8 @@ def run_server(
         state = arrays.to_torch_state_dict()
         model.load_state_dict(state)
         loss, acc = evaluate(model, ds.x_test, ds.y_test)
+        if writer.rows and server_round <= writer.rows[-1]["round"]:  # resumed from round 0: already recorded
+            return MetricRecord({"accuracy": acc, "loss": loss})
         nan = float("nan")
         row = {"round": server_round, "central_accuracy": acc, "central_loss": loss, "client_train_loss": nan,
                "client_train_accuracy": nan, "replies": 0.0, "failures": 0.0}  # fmt: skip

@@ -121,12 +121,12 @@ def test_resume_reuses_the_backend_of_the_run(tmp_path, monkeypatch) -> None:
     import fedfuse.cli as cli
 
     seen: list[str] = []
-    monkeypatch.setattr(cli, "preflight", lambda cfg, overwrite: None)
+    monkeypatch.setattr(cli, "preflight", lambda cfg, overwrite, resumed_model=None: None)
     monkeypatch.setattr(cli, "_simulate", lambda cfg, args: seen.append(args.backend))
     out = tmp_path / "run"
     assert run_cli(["simulate", "--backend", "inline", "--out", str(out)]) == 0
     assert json.loads((out / "runtime.json").read_text()) == {"backend": "inline"}
-    monkeypatch.setattr(cli, "resume_config", lambda args: (validate_config({"out": args.resume}), 0))
+    monkeypatch.setattr(cli, "resume_config", lambda args: (validate_config({"out": args.resume}), 0, None))
     assert run_cli(["simulate", "--resume", str(out)]) == 0
     assert run_cli(["simulate", "--resume", str(out), "--backend", "ray"]) == 0  # an explicit flag wins
     assert seen == ["inline", "inline", "ray"]

@@ -17,6 +17,7 @@ from fedfuse.runners.inline import InlineGrid
 from fedfuse.validation import check_update
 from strategies.base import FedFuseStrategy, reply_size_reason
 from strategies.observed import ObservedStrategy
+from tests.test_cli import run_cli
 
 REFERENCE = {"w": torch.zeros(3, 2), "b": torch.zeros(3), "n": torch.tensor(0)}
 
@@ -302,3 +303,86 @@ def test_a_read_only_out_directory_is_one_line(finished, tmp_path) -> None:
     lines = _errors(proc)
     assert len(lines) == 1 and f"cannot write {out}" in lines[0], proc.stderr[-2000:]
     assert _snapshot(out) == before
+
+
+def _resume_in(cwd: Path, run: Path, *flags: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", "--no-progress", "--backend", "inline"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run(
+        [*cmd, "--resume", str(run), *flags], capture_output=True, text=True, timeout=300, cwd=cwd, env=env
+    )
+
+
+def _unfinished(finished: Path, tmp_path: Path, **fields) -> Path:
+    """A copy of ``finished`` whose checkpoint is its round-1 state with ``fields`` replaced."""
+    import shutil
+
+    from fedfuse.checkpoint import load_checkpoint, save_checkpoint
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    ckpt = load_checkpoint(out)
+    save_checkpoint(out, {**ckpt, "round": 1, "metrics": ckpt["metrics"][:2], **fields})
+    return out
+
+
+def test_resume_imports_no_strategy_module_named_only_by_the_checkpoint(finished, tmp_path) -> None:
+    """A checkpoint naming ``somemodule:Cls`` with somemodule.py planted beside it (cwd = run dir): not imported."""
+    from fedfuse.checkpoint import load_checkpoint
+
+    marker = tmp_path / "marker"
+    cfg = {**load_checkpoint(finished)["config"], "strategy": "somemodule:Evil"}
+    out = _unfinished(finished, tmp_path, config=cfg)
+    (out / "somemodule.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\nclass Evil: pass\n")
+    before = _snapshot(out)
+    proc = _resume_in(out, out)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = _errors(proc)
+    assert len(lines) == 1 and "--strategy somemodule:Evil" in lines[0] and "Traceback" not in proc.stderr
+    assert not marker.exists() and _snapshot(out) == before
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("round", -3, "round is -3, not a round number"),
+        ("round", "x", "round is 'x'"),
+        ("config", ["strategy", "wb"], "config is not a mapping"),
+        ("metrics", [{"round": "zero"}], "metrics is not a list of rows of numbers"),
+        ("metrics", [{"round": 0, "wall_time": 0.0}], "metrics holds rounds [0]"),
+        ("rng", {"torch": torch.zeros(3)}, "rng is not"),
+        ("strategy", [1, 2], "strategy is not a mapping"),
+        ("model", {"w": "not a tensor"}, "model is not a state dict"),
+        ("model", "nan", "holds NaN or infinite values"),
+        ("model", "shape", "the config's model"),
+    ],
+)
+def test_a_crafted_checkpoint_field_is_one_line(finished, tmp_path, capsys, field, value, says) -> None:
+    from fedfuse.checkpoint import load_checkpoint
+
+    model = load_checkpoint(finished)["model"]
+    first = next(iter(model))
+    if value == "nan":
+        value = {**model, first: torch.full_like(model[first], float("nan"))}
+    elif value == "shape":
+        value = {**model, first: torch.zeros(*model[first].shape[:-1], model[first].shape[-1] + 1)}
+    out = _unfinished(finished, tmp_path, **{field: value})
+    before = _snapshot(out)
+    code = run_cli(["simulate", "--no-progress", "--backend", "inline", "--resume", str(out)])  # in-process: fast
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("fedfuse: error:") and says in err[0], err
+    assert _snapshot(out) == before  # nothing written
+
+
+def test_resuming_from_round_0_records_round_0_once(finished, tmp_path) -> None:
+    from fedfuse.checkpoint import load_checkpoint, save_checkpoint
+    from fedfuse.experiment import dataset_for, model_for
+
+    out = _unfinished(finished, tmp_path)
+    ckpt = load_checkpoint(out)
+    initial = model_for(ckpt["config"], dataset_for(ckpt["config"])).state_dict()
+    save_checkpoint(out, {**ckpt, "round": 0, "metrics": ckpt["metrics"][:1], "model": initial})
+    proc = _resume_in(tmp_path, out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == [0, 1, 2]
