@@ -312,9 +312,18 @@ def _saved_backend(out: Path) -> str:
 def _simulate_replacing(cfg: dict[str, Any], args: argparse.Namespace) -> None:
     """``--overwrite``: the previous results are renamed aside first (never mixed with the new run's files, even
     if it is killed), dropped once the new run has a model, and put back if it fails."""
-    from fedfuse.results import drop_aside, restore_aside, set_aside
+    from fedfuse.results import drop_aside, restore_aside, set_aside, stale_asides
 
     out = Path(cfg["out"])
+    for stale in stale_asides(out):  # set aside by an --overwrite run that was killed before it could finish
+        if args.overwrite and not args.resume:  # older results the user asks to replace anyway
+            drop_aside(stale)
+        else:
+            print(
+                f"fedfuse: note: {stale} holds the results a killed --overwrite run set aside; put them back with "
+                f"`mv {stale} {out}` (after moving {out} away) or delete the folder",
+                file=sys.stderr,
+            )
     aside = set_aside(out) if args.overwrite and not args.resume else None
     try:
         _save_backend(out, args.backend)

@@ -108,6 +108,28 @@ def set_aside(out: Path) -> Path | None:
     return aside
 
 
+def stale_asides(out: Path) -> list[Path]:
+    """Folders :func:`set_aside` made for ``out`` whose run is gone (killed before it could drop or restore
+    them): ``.<name>.replaced-<time>-<pid>`` siblings whose pid is no longer alive."""
+    out = Path(out)
+    stale = []
+    for path in sorted(out.parent.glob(f".{out.name}.replaced-*-*")):
+        pid = path.name.rsplit("-", 1)[-1]
+        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            stale.append(path)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def drop_aside(aside: Path | None) -> None:
     """Delete the previous results :func:`set_aside` kept (the new run has replaced them)."""
     if aside is not None:

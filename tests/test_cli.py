@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,29 @@ def test_a_round_in_which_every_client_errors_ends_the_run(tmp_path) -> None:
     assert "RuntimeError: injected fault: partition" in lines[0]
     rows = json.loads((out / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rows] == [0, 1] and rows[1]["failures"] == 2
+
+
+def test_results_a_killed_overwrite_set_aside_are_reported_then_replaced(tmp_path, monkeypatch, capsys) -> None:
+    """`.run.replaced-*-PID` of a dead run: the next run names it; the next --overwrite run deletes it (older
+    results it replaces anyway). One of a live process (a run still going) is never touched."""
+    import subprocess
+
+    import fedfuse.cli as cli
+
+    monkeypatch.setattr(cli, "preflight", lambda cfg, overwrite, resumed_model=None: None)
+    monkeypatch.setattr(cli, "_simulate", lambda cfg, args: None)
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".run.replaced-20261203T000000-{dead.pid}"
+    live = tmp_path / f".run.replaced-20261203T000001-{os.getpid()}"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "model.pt").write_bytes(b"old")
+    assert run_cli(["simulate", "--backend", "inline", "--no-progress", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"fedfuse: note: {stale} holds the results a killed --overwrite run set aside" in err
+    assert str(live) not in err and stale.is_dir() and live.is_dir()
+    assert run_cli(["simulate", "--backend", "inline", "--no-progress", "--out", str(out), "--overwrite"]) == 0
+    assert not stale.exists() and live.is_dir()
