@@ -125,6 +125,11 @@ class FedFuseStrategy(FedAvg):
     """FedAvg whose sampling, aggregation order and fault handling depend on ``seed`` only.
 
     θ = Σ_i (n_i / Σ_j n_j) θ_i over the valid replies, summed in partition order in float64.
+
+    FedAvg's arguments (``fraction_train``, ``fraction_evaluate``, ``min_*_nodes``, ...) pass through with
+    FedAvg's defaults, so swapping ``FedAvg(...)`` for a fedfuse strategy changes the aggregation only
+    (``fraction_evaluate=1.0``: federated evaluation on every node, as FedAvg; fedfuse's own ServerApp
+    evaluates centrally and passes ``fraction_evaluate=0.0`` itself, :func:`strategies.registry.build_strategy`).
     """
 
     options: ClassVar[tuple[Option, ...]] = ROBUST_OPTIONS  # run options it reads (beyond the core ones)
@@ -145,9 +150,6 @@ class FedFuseStrategy(FedAvg):
         min_update_cosine: float = MIN_UPDATE_COSINE,
         **fedavg_kwargs: Any,
     ) -> None:
-        fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
-        if fedavg_kwargs["fraction_evaluate"] == 0.0:
-            fedavg_kwargs.setdefault("min_evaluate_nodes", 0)
         for name in ("fraction_train", "fraction_evaluate"):
             value = fedavg_kwargs.get(name, 1.0)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
@@ -219,7 +221,7 @@ class FedFuseStrategy(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Federated evaluation on a seeded sample (off unless ``fraction_evaluate`` > 0)."""
+        """Federated evaluation on a seeded sample (FedAvg's default ``fraction_evaluate=1.0``; 0 turns it off)."""
         return self._messages(server_round, arrays, config, grid, MessageType.EVALUATE)
 
     # ---- validation and aggregation -------------------------------------------------------------

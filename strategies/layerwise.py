@@ -68,7 +68,6 @@ class LayerwiseAvg(FedFuseStrategy):
     )
 
     def __init__(self, *, model: nn.Module | None = None, preset: str = "body", seed: int = 0, **kwargs: Any):
-        kwargs.setdefault("fraction_evaluate", 1.0)
         super().__init__(seed=seed, **kwargs)
         if model is None:
             raise ConfigError("LayerwiseAvg needs model (a module of the global architecture)")
