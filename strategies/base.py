@@ -28,13 +28,15 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedfuse import protocol
 from fedfuse.config import Option
-from fedfuse.errors import ConfigError
+from fedfuse.errors import ConfigError, MissingArgumentError
 from fedfuse.robust import NORM_ACTIONS, ROBUST_METHODS, Reducer, reducer, screen_updates
 from fedfuse.state import weighted_average
 from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_reply_size, check_update
 from strategies.sampling import NodeOrder, seeded_sample
 
-__all__ = ["FedFuseStrategy", "reply_size_reason", "unpack_reply", "error_summary", "ROBUST_OPTIONS"]
+__all__ = [
+    "FedFuseStrategy", "reply_size_reason", "unpack_reply", "error_summary", "require_model", "ROBUST_OPTIONS",
+]  # fmt: skip
 
 log = logging.getLogger("fedfuse")
 State = dict[str, torch.Tensor]
@@ -96,6 +98,18 @@ def unpack_reply(
     weight = metrics[weighted_by_key]
     reason = check_update(state, sent, weight, shape_ok=shape_ok, max_num_examples=max_num_examples)
     return reason if reason is not None else (state, float(weight))  # type: ignore[arg-type]
+
+
+def require_model(strategy: object, model: Any) -> Any:
+    """``model``, or one line naming what is missing, with an example (a :class:`MissingArgumentError`, which is
+    a TypeError as Python's own "missing argument" error is)."""
+    if model is None:
+        name = type(strategy).__name__
+        raise MissingArgumentError(
+            f"{name} needs model=, a torch module of the global architecture (the clients' model), "
+            f"e.g. {name}(model=Net())"
+        )
+    return model
 
 
 UPDATE_NORM_BOUND = 4.0  # default: × the round's median update norm (honest ratios: docs/robustness.md)

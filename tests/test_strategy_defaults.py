@@ -1,5 +1,5 @@
 """Every registered strategy is a drop-in for Flower's: the arguments it shares with its Flower base (``FedAvg``,
-and ``FedProx`` for ours) default to Flower's values."""
+and ``FedProx`` for ours) default to Flower's values, and one built without its model says so in one line."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy import FedProx as FlowerFedProx
 
+from fedfuse.errors import ConfigError
 from fedfuse.models import build_model
 from strategies.registry import STRATEGIES, build_strategy, resolve_strategy, validate_config
 
@@ -34,7 +35,7 @@ def _flower_defaults(cls: type) -> dict[str, object]:
 def _needs_model(cls: type) -> bool:
     try:
         cls()
-    except (TypeError, ValueError):
+    except TypeError:
         return True
     return False
 
@@ -78,3 +79,17 @@ def test_fedfuses_own_server_app_still_evaluates_centrally() -> None:
         assert strategy.fraction_evaluate == wanted, name
         assert strategy.min_evaluate_nodes == 0 and strategy.min_available_nodes == 4, name
         assert strategy.min_train_nodes == min(2, math.ceil(4 * float(cfg["fraction-train"]))), name
+
+
+@pytest.mark.parametrize("name", [n for n in STRATEGIES if n not in ("fedavg", "fedprox")])
+def test_a_strategy_without_its_model_says_so_in_one_line(name: str) -> None:
+    cls = resolve_strategy(name)
+    with pytest.raises(TypeError) as info:
+        cls()
+    message = str(info.value)
+    assert isinstance(info.value, ConfigError)  # the CLI's one line, exit 2
+    assert "\n" not in message
+    assert message == (
+        f"{cls.__name__} needs model=, a torch module of the global architecture (the clients' model), "
+        f"e.g. {cls.__name__}(model=Net())"
+    )
