@@ -26,9 +26,14 @@ BAD_INPUT = [
     (["--dataset", "mnist10k"], "needs --data-root"),
     (["--dataset", "mnist10k", "--data-root", "/no/such/dir"], "data-root='/no/such/dir' is not a directory"),
     (["--partition", "zipf"], "partition='zipf' is not allowed; allowed: iid, dirichlet, pathological, quantity"),
-    (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
+    (["--no-such-flag", "1"], "unrecognized argument --no-such-flag; see fedfuse simulate --help"),
     (["--ray-address", "nohost"], "ray-address='nohost' is not HOST:PORT"),
     (["--ray-address", "127.0.0.1:1"], "ray-address='127.0.0.1:1' is not reachable"),
+    # no abbreviations; an unknown flag is named with the nearest valid one, or the help to read
+    (["--strateg", "wb"], "fedfuse: error: unrecognized argument --strateg; did you mean --strategy?"),
+    (["--num-round", "3"], "fedfuse: error: unrecognized argument --num-round; did you mean --rounds?"),
+    (["--seed=1", "--lrr=0.1"], "fedfuse: error: unrecognized argument --lrr; did you mean --lr?"),
+    (["--frobnicate"], "fedfuse: error: unrecognized argument --frobnicate; see fedfuse simulate --help"),
 ]
 
 
@@ -154,3 +159,9 @@ def test_a_round_in_which_every_client_errors_ends_the_run(tmp_path) -> None:
     assert "RuntimeError: injected fault: partition" in lines[0]
     rows = json.loads((out / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rows] == [0, 1] and rows[1]["failures"] == 2
+
+
+def test_lmc_refuses_abbreviations_too(tmp_path, capsys) -> None:
+    code = run_cli(["lmc", "a.pt", "b.pt", "--out", str(tmp_path / "o"), "--alig"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "fedfuse: error: unrecognized argument --alig; did you mean --align?"

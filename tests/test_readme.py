@@ -32,8 +32,6 @@ import pytest
 
 from fedfuse.runners.ray import _free_port, wait_finished
 
-pytestmark = pytest.mark.ray  # the flwr run snippet starts Flower's simulation engine
-
 ROOT = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 SHELL = ("bash", "sh", "shell")
@@ -87,6 +85,7 @@ def stop_local_superlink(port: int) -> None:
                 pass
 
 
+@pytest.mark.ray  # the flwr run snippet starts Flower's simulation engine
 def test_every_readme_snippet_runs(tmp_path: Path) -> None:
     found = snippets((ROOT / "README.md").read_text())
     assert len(found) >= 8, [lang for lang, _ in found]
@@ -140,3 +139,21 @@ def test_every_readme_snippet_runs(tmp_path: Path) -> None:
     assert (repo / "runs/cmp/compare.png").is_file()
     assert (repo / "runs/mine/my_pkg.my_mod.MyStrategy/metrics.json").is_file()
     assert (repo / "runs/flwr-run/metrics.json").is_file()
+
+
+CLI_CLAIM = re.compile(r"`fedfuse (simulate [^`]*)`[^`]*?`(fedfuse: error: [^`]*)`", re.S)
+
+
+def test_every_cli_error_the_readme_quotes_is_what_the_cli_prints(capsys) -> None:
+    """Each "`fedfuse simulate ARGS` ... `fedfuse: error: LINE`" of the README: that line, alone, exit code 2."""
+    from fedfuse.cli import main
+
+    claims = CLI_CLAIM.findall((ROOT / "README.md").read_text())
+    assert len(claims) >= 2, claims  # --num-round (nearest flag) and --strateg (no abbreviations)
+    for args, line in claims:
+        try:
+            code = main(args.split())
+        except SystemExit as exc:
+            code = int(exc.code)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err == " ".join(line.split()), (args, err)
