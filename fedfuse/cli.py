@@ -211,6 +211,12 @@ def preflight(cfg: dict[str, Any], overwrite: bool | None) -> None:
         from fedfuse.selection import shared_keys
 
         model = model_for(cfg, ds)
+        if library_of(str(cfg["model"])):
+            from fedfuse.models.external import degenerate_input
+
+            warning = degenerate_input(model, str(cfg["model"]), ds.input_shape)
+            if warning:  # a warning, not a refusal: such a model may still learn easy data (see degenerate_input)
+                print(f"fedfuse: warning: {warning}", file=sys.stderr)
         if library_of(str(cfg["model"])) and client_widths(cfg):
             raise ConfigError(
                 f"client-widths={cfg['client-widths']!r} needs a model with a hidden width ({', '.join(MODELS)}); "
