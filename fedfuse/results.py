@@ -32,9 +32,26 @@ __all__ = [
     "restore_aside",
     "remove_stale_temp_files",
     "check_writable",
+    "fedfuse_home",
+    "resolve_out",
 ]
 
 RESULT_FILES = ("metrics.json", "metrics.csv", "model.pt", "accuracy.png")
+
+
+def fedfuse_home(environ: Mapping[str, str] = os.environ) -> Path:
+    """``$FEDFUSE_HOME`` if set, else ``~/.fedfuse``: where a ServerApp run by ``flwr run`` puts a relative
+    ``out`` (Flower's own convention: ``$FLWR_HOME`` or ``~/.flwr``)."""
+    home = environ.get("FEDFUSE_HOME", "").strip()
+    return Path(home).expanduser() if home else Path.home() / ".fedfuse"
+
+
+def resolve_out(out: str | Path, environ: Mapping[str, str] = os.environ) -> Path:
+    """The absolute results directory of run-config ``out`` for a ServerApp: an absolute ``out`` as given, a
+    relative one under :func:`fedfuse_home` — never under the working directory, which for ``flwr run`` is
+    wherever the (possibly shared) SuperLink happened to start."""
+    path = Path(out).expanduser()
+    return path if path.is_absolute() else (fedfuse_home(environ) / path).resolve()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

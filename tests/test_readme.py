@@ -10,7 +10,8 @@ Small settings, and nothing else changed (each override is listed here):
 - every ``fedfuse simulate`` line gets ``--rounds 1 --num-clients 2 --local-epochs 1 --backend inline``
   appended (``--compare`` passes them on to each strategy);
 - ``flwr run`` lines get ``--run-config "num-rounds=1"`` appended, with a private ``FLWR_HOME`` and free
-  ports for the local SuperLink Flower starts (stopped afterwards: it is found by its port);
+  ports for the local SuperLink Flower starts (stopped afterwards: it is found by its port), and
+  ``FEDFUSE_HOME`` = the copy (a relative ``out`` lands in it, not in ``~/.fedfuse``);
 - a python snippet whose first line is ``# some/path.py`` is also written to that path (the module a later
   snippet imports);
 - shell snippets run as one reader's session would: once a snippet has run ``source .venv/bin/activate``
@@ -98,6 +99,7 @@ def test_every_readme_snippet_runs(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FEDFUSE_HOME": str(repo),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
         "FLWR_LOCAL_CONTROL_API_PORT": str(control),
         "PYTHONPATH": str(repo),  # the copy's code (an editable install points at the original)
