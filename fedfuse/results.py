@@ -171,16 +171,18 @@ class RunWriter:
         plot_accuracy({label: self.rows}, self.out / "accuracy.png")
 
 
-def plot_accuracy(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title: str = "") -> None:
-    """Central test accuracy vs round, one line per run."""
+def plot_accuracy(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title: str = "") -> Any:
+    """Central test accuracy vs round, one line per run, rounds as integer ticks; returns the saved Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, rows in runs.items():
         ax.plot([r["round"] for r in rows], [r["central_accuracy"] for r in rows], marker="o", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no half rounds
     ax.set_xlabel("round")
     ax.set_ylabel("central test accuracy")
     ax.set_title(title or "accuracy vs round")
@@ -191,3 +193,4 @@ def plot_accuracy(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, t
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     atomic_write_bytes(Path(path), buf.getvalue())
+    return fig

@@ -165,3 +165,16 @@ def test_lmc_refuses_abbreviations_too(tmp_path, capsys) -> None:
     code = run_cli(["lmc", "a.pt", "b.pt", "--out", str(tmp_path / "o"), "--alig"])
     assert code == 2
     assert capsys.readouterr().err.strip() == "fedfuse: error: unrecognized argument --alig; did you mean --align?"
+
+
+def test_the_compare_plot_has_integer_round_ticks(tmp_path) -> None:
+    """compare.png / accuracy.png: rounds are whole numbers, so the x-axis of the saved figure has no half rounds."""
+    from fedfuse.results import plot_accuracy
+
+    rows = [{"round": r, "central_accuracy": 0.1 + 0.2 * r} for r in range(4)]  # 0..3: matplotlib's default ticks 0.5
+    fig = plot_accuracy({"fedavg": rows, "wb": rows}, tmp_path / "compare.png")
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert (tmp_path / "compare.png").stat().st_size > 0
+    assert ticks == [0, 1, 2, 3], ticks

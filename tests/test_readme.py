@@ -159,3 +159,16 @@ def test_every_cli_error_the_readme_quotes_is_what_the_cli_prints(capsys) -> Non
             code = int(exc.code)
         err = capsys.readouterr().err.strip()
         assert code == 2 and err == " ".join(line.split()), (args, err)
+
+
+def test_the_readme_strategy_table_lists_every_registered_strategy() -> None:
+    """The table under "### Strategies": one row per name of strategies.registry.STRATEGIES, with its class."""
+    import strategies
+    from strategies.registry import STRATEGIES, resolve_strategy
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Strategies") :].split("\n\n")[1]
+    rows = dict(re.findall(r"^\| `([\w-]+)` \| `strategies\.(\w+)` \|", section, re.M))
+    assert list(rows) == list(dict.fromkeys(rows)) and set(rows) == set(STRATEGIES), (sorted(rows), sorted(STRATEGIES))
+    for name, cls in rows.items():
+        assert getattr(strategies, cls) is resolve_strategy(name), (name, cls)
