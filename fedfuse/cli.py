@@ -13,6 +13,7 @@ a model, exits with code 1 and one line; results already written stay as they we
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import subprocess
 import sys
@@ -56,11 +57,49 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit code 2."""
+    """argparse, but a usage error is one line on stderr and exit code 2; no abbreviated flags (``--strateg`` is
+    not ``--strategy``), and an unknown flag is named with the nearest valid one (:func:`difflib.get_close_matches`
+    over the flags and the run-config keys they set: ``--num-round`` → ``--rounds``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False  # also for every subparser (parser_class=_Parser)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(self._chosen(ns).unknown(extras))
+        return ns
+
+    def _chosen(self, ns: argparse.Namespace) -> _Parser:
+        """The subcommand's parser the unknown arguments were given to (else this one)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(ns, action.dest, None) or "")
+                if isinstance(chosen, _Parser):
+                    return chosen
+        return self
+
+    def unknown(self, extras: Sequence[str]) -> str:
+        """``unrecognized argument --num-round; did you mean --rounds?`` for the first unknown flag."""
+        flag = next((a for a in extras if a.startswith("-")), None)
+        if flag is None:
+            return f"unrecognized argument {extras[0]!r}"
+        flag = flag.split("=", 1)[0]
+        names: dict[str, str] = {}  # spelling → the flag to suggest
+        for action in self._actions:
+            for opt in action.option_strings:
+                if opt.startswith("--"):
+                    names[opt] = opt
+                    if isinstance(action.dest, str) and action.dest != opt[2:].replace("-", "_"):
+                        names.setdefault("--" + action.dest.replace("_", "-"), opt)  # --num-rounds → --rounds
+        close = difflib.get_close_matches(flag, list(names), n=1, cutoff=0.75)
+        hint = f"; did you mean {names[close[0]]}?" if close else f"; see {self.prog} --help"
+        return f"unrecognized argument {flag}{hint}"
 
 
 SIMULATE_EXAMPLES = """examples:
@@ -188,6 +227,12 @@ def preflight(cfg: dict[str, Any], overwrite: bool | None, resumed_model: dict[s
         from fedfuse.selection import shared_keys
 
         model = model_for(cfg, ds)
+        if library_of(str(cfg["model"])):
+            from fedfuse.models.external import degenerate_input
+
+            warning = degenerate_input(model, str(cfg["model"]), ds.input_shape)
+            if warning:  # a warning, not a refusal: such a model may still learn easy data (see degenerate_input)
+                print(f"fedfuse: warning: {warning}", file=sys.stderr)
         if library_of(str(cfg["model"])) and client_widths(cfg):
             raise ConfigError(
                 f"client-widths={cfg['client-widths']!r} needs a model with a hidden width ({', '.join(MODELS)}); "

@@ -13,3 +13,8 @@ class RunFailedError(RuntimeError):
 
 class DataUnavailableError(ConfigError):
     """A data set cannot be loaded (offline and not present under the data root)."""
+
+
+class MissingArgumentError(ConfigError, TypeError):
+    """A required argument is missing: a TypeError (as Python raises for one) whose message is one line naming
+    the argument with a short example, and a ConfigError (the CLI's one line, exit code 2)."""

@@ -32,9 +32,26 @@ __all__ = [
     "restore_aside",
     "remove_stale_temp_files",
     "check_writable",
+    "fedfuse_home",
+    "resolve_out",
 ]
 
 RESULT_FILES = ("metrics.json", "metrics.csv", "model.pt", "accuracy.png")
+
+
+def fedfuse_home(environ: Mapping[str, str] = os.environ) -> Path:
+    """``$FEDFUSE_HOME`` if set, else ``~/.fedfuse``: where a ServerApp run by ``flwr run`` puts a relative
+    ``out`` (Flower's own convention: ``$FLWR_HOME`` or ``~/.flwr``)."""
+    home = environ.get("FEDFUSE_HOME", "").strip()
+    return Path(home).expanduser() if home else Path.home() / ".fedfuse"
+
+
+def resolve_out(out: str | Path, environ: Mapping[str, str] = os.environ) -> Path:
+    """The absolute results directory of run-config ``out`` for a ServerApp: an absolute ``out`` as given, a
+    relative one under :func:`fedfuse_home` — never under the working directory, which for ``flwr run`` is
+    wherever the (possibly shared) SuperLink happened to start."""
+    path = Path(out).expanduser()
+    return path if path.is_absolute() else (fedfuse_home(environ) / path).resolve()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -176,16 +193,18 @@ class RunWriter:
         plot_accuracy({label: self.rows}, self.out / "accuracy.png")
 
 
-def plot_accuracy(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title: str = "") -> None:
-    """Central test accuracy vs round, one line per run."""
+def plot_accuracy(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title: str = "") -> Any:
+    """Central test accuracy vs round, one line per run, rounds as integer ticks; returns the saved Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, rows in runs.items():
         ax.plot([r["round"] for r in rows], [r["central_accuracy"] for r in rows], marker="o", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no half rounds
     ax.set_xlabel("round")
     ax.set_ylabel("central test accuracy")
     ax.set_title(title or "accuracy vs round")
@@ -196,3 +215,4 @@ def plot_accuracy(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, t
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     atomic_write_bytes(Path(path), buf.getvalue())
+    return fig

@@ -28,13 +28,15 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedfuse import protocol
 from fedfuse.config import Option
-from fedfuse.errors import ConfigError
+from fedfuse.errors import ConfigError, MissingArgumentError
 from fedfuse.robust import NORM_ACTIONS, ROBUST_METHODS, Reducer, reducer, screen_updates
 from fedfuse.state import weighted_average
 from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_reply_size, check_update
 from strategies.sampling import NodeOrder, seeded_sample
 
-__all__ = ["FedFuseStrategy", "reply_size_reason", "unpack_reply", "error_summary", "ROBUST_OPTIONS"]
+__all__ = [
+    "FedFuseStrategy", "reply_size_reason", "unpack_reply", "error_summary", "require_model", "ROBUST_OPTIONS",
+]  # fmt: skip
 
 log = logging.getLogger("fedfuse")
 State = dict[str, torch.Tensor]
@@ -98,6 +100,18 @@ def unpack_reply(
     return reason if reason is not None else (state, float(weight))  # type: ignore[arg-type]
 
 
+def require_model(strategy: object, model: Any) -> Any:
+    """``model``, or one line naming what is missing, with an example (a :class:`MissingArgumentError`, which is
+    a TypeError as Python's own "missing argument" error is)."""
+    if model is None:
+        name = type(strategy).__name__
+        raise MissingArgumentError(
+            f"{name} needs model=, a torch module of the global architecture (the clients' model), "
+            f"e.g. {name}(model=Net())"
+        )
+    return model
+
+
 UPDATE_NORM_BOUND = 4.0  # default: × the round's median update norm (honest ratios: docs/robustness.md)
 EXAMPLES_BOUND = 10.0  # default: × the round's median num-examples
 MIN_UPDATE_COSINE = -1.0  # default off: honest non-IID updates reach cosine -0.26 with the median update
@@ -125,6 +139,11 @@ class FedFuseStrategy(FedAvg):
     """FedAvg whose sampling, aggregation order and fault handling depend on ``seed`` only.
 
     θ = Σ_i (n_i / Σ_j n_j) θ_i over the valid replies, summed in partition order in float64.
+
+    FedAvg's arguments (``fraction_train``, ``fraction_evaluate``, ``min_*_nodes``, ...) pass through with
+    FedAvg's defaults, so swapping ``FedAvg(...)`` for a fedfuse strategy changes the aggregation only
+    (``fraction_evaluate=1.0``: federated evaluation on every node, as FedAvg; fedfuse's own ServerApp
+    evaluates centrally and passes ``fraction_evaluate=0.0`` itself, :func:`strategies.registry.build_strategy`).
     """
 
     options: ClassVar[tuple[Option, ...]] = ROBUST_OPTIONS  # run options it reads (beyond the core ones)
@@ -145,9 +164,6 @@ class FedFuseStrategy(FedAvg):
         min_update_cosine: float = MIN_UPDATE_COSINE,
         **fedavg_kwargs: Any,
     ) -> None:
-        fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
-        if fedavg_kwargs["fraction_evaluate"] == 0.0:
-            fedavg_kwargs.setdefault("min_evaluate_nodes", 0)
         for name in ("fraction_train", "fraction_evaluate"):
             value = fedavg_kwargs.get(name, 1.0)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
@@ -219,7 +235,7 @@ class FedFuseStrategy(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Federated evaluation on a seeded sample (off unless ``fraction_evaluate`` > 0)."""
+        """Federated evaluation on a seeded sample (FedAvg's default ``fraction_evaluate=1.0``; 0 turns it off)."""
         return self._messages(server_round, arrays, config, grid, MessageType.EVALUATE)
 
     # ---- validation and aggregation -------------------------------------------------------------

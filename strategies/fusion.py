@@ -21,7 +21,7 @@ from fedfuse.align.gw import DEFAULT_ALPHA
 from fedfuse.align.solvers import resolve_spec
 from fedfuse.config import Option
 from fedfuse.errors import ConfigError
-from strategies.base import ROBUST_OPTIONS, FedFuseStrategy
+from strategies.base import ROBUST_OPTIONS, FedFuseStrategy, require_model
 from strategies.repair import REPAIR_OPTIONS, PostFusionRepair
 
 __all__ = ["FedFusion", "FedMatch", "FedWB", "FedGWB"]
@@ -80,7 +80,7 @@ class FedFusion(FedFuseStrategy):
     def __init__(
         self,
         *,
-        model: nn.Module,
+        model: nn.Module | None = None,
         example_input: torch.Tensor | None = None,
         solver: str = "emd",
         epsilon: float = 0.01,
@@ -93,6 +93,7 @@ class FedFusion(FedFuseStrategy):
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
+        model = require_model(self, model)
         if solver not in SOLVERS:
             raise ConfigError(f"solver={solver!r} is not allowed; allowed: {', '.join(SOLVERS)}")
         if not float(epsilon) > 0:

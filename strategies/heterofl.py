@@ -21,7 +21,7 @@ from fedfuse.align.slicing import masked_average, slice_state
 from fedfuse.align.solvers import resolve_spec
 from fedfuse.config import Option
 from fedfuse.errors import ConfigError
-from strategies.base import ROBUST_OPTIONS, FedFuseStrategy
+from strategies.base import ROBUST_OPTIONS, FedFuseStrategy, require_model
 from strategies.fusion import WIDTHS_OPTION
 
 __all__ = ["HeteroFL"]
@@ -41,13 +41,14 @@ class HeteroFL(FedFuseStrategy):
     def __init__(
         self,
         *,
-        model: nn.Module,
+        model: nn.Module | None = None,
         example_input: torch.Tensor | None = None,
         client_widths: Sequence[int] | None = None,
         model_factory: Callable[[int], nn.Module] | None = None,
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
+        model = require_model(self, model)
         if kwargs.get("robust", "none") != "none":
             raise ConfigError(f"robust={kwargs['robust']!r} is not supported by heterofl; allowed: none")
         super().__init__(seed=seed, **kwargs)

@@ -36,9 +36,8 @@ from torch import nn
 
 from fedfuse import protocol
 from fedfuse.config import Option
-from fedfuse.errors import ConfigError
 from fedfuse.selection import LAYERWISE_PRESETS, shared_keys
-from strategies.base import FedFuseStrategy
+from strategies.base import FedFuseStrategy, require_model
 
 __all__ = ["LayerwiseAvg"]
 
@@ -68,10 +67,8 @@ class LayerwiseAvg(FedFuseStrategy):
     )
 
     def __init__(self, *, model: nn.Module | None = None, preset: str = "body", seed: int = 0, **kwargs: Any):
-        kwargs.setdefault("fraction_evaluate", 1.0)
+        model = require_model(self, model)
         super().__init__(seed=seed, **kwargs)
-        if model is None:
-            raise ConfigError("LayerwiseAvg needs model (a module of the global architecture)")
         self.preset = preset
         self.shared = shared_keys(model, preset)
         state = model.state_dict()

@@ -24,7 +24,7 @@ from fedfuse.config import Option
 from fedfuse.errors import ConfigError
 from fedfuse.experiment import derive_seed, round_mask
 from fedfuse.subspace import fixed_distance, mask_ratio
-from strategies.base import FedFuseStrategy
+from strategies.base import FedFuseStrategy, require_model
 from strategies.repair import REPAIR_OPTIONS, PostFusionRepair
 
 __all__ = ["FedPFN", "FedPNU"]
@@ -57,7 +57,7 @@ class FedPFN(FedFuseStrategy):
     def __init__(
         self,
         *,
-        model: nn.Module,
+        model: nn.Module | None = None,
         pfn_ratio: float = 0.4,
         pfn_granularity: str = "weight",
         fusion: str = "average",
@@ -67,6 +67,7 @@ class FedPFN(FedFuseStrategy):
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
+        model = require_model(self, model)
         super().__init__(seed=seed, **kwargs)
         self.template = model
         if fusion not in ("average", "wb", "match", "gwb"):

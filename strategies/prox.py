@@ -23,7 +23,11 @@ __all__ = ["FedProx"]
 
 
 class FedProx(FedFuseStrategy, FlowerFedProx):
-    """FedFuseStrategy + Flower's FedProx: θ = Σ_i (n_i/n) θ_i, clients pulled toward θ_received by μ."""
+    """FedFuseStrategy + Flower's FedProx: θ = Σ_i (n_i/n) θ_i, clients pulled toward θ_received by μ.
+
+    ``proximal_mu`` defaults to Flower's 0.0 (= FedAvg, with Flower's warning); the run option ``proximal-mu``
+    (``fedfuse simulate --proximal-mu``) defaults to 0.01 and is passed explicitly.
+    """
 
     options: ClassVar[tuple[Option, ...]] = (
         *FedFuseStrategy.options,
@@ -31,7 +35,7 @@ class FedProx(FedFuseStrategy, FlowerFedProx):
                low=0.0),
     )  # fmt: skip
 
-    def __init__(self, *, proximal_mu: float = 0.01, **kwargs: Any) -> None:
+    def __init__(self, *, proximal_mu: float = 0.0, **kwargs: Any) -> None:
         # FedFuseStrategy.__init__ → FlowerFedProx.__init__(proximal_mu=...) → FedAvg.__init__ (the MRO)
         super().__init__(proximal_mu=float(proximal_mu), **kwargs)
 

@@ -1,7 +1,9 @@
 """fedfuse ServerApp: build the configured strategy, run it, evaluate centrally, checkpoint, write results.
 
-``app`` is what ``flwr run .`` loads (config from ``[tool.flwr.app.config]`` + ``--run-config``): it never
-overwrites results (a taken ``out`` gets a fresh ``OUT-2``, ``OUT-3``, ...), logs where results go, and turns
+``app`` is what ``flwr run .`` loads (config from ``[tool.flwr.app.config]`` + ``--run-config``): a relative
+``out`` is taken under ``$FEDFUSE_HOME`` (default ``~/.fedfuse``; :func:`fedfuse.results.resolve_out`), never under
+the working directory of a SuperLink that may serve other checkouts; it logs the absolute path first, never
+overwrites results (a taken ``out`` gets a fresh ``OUT-2``, ``OUT-3``, ...), and turns
 a bad config or a failed run into one error line and a failed run. ``simulate_app`` / ``resume_app`` are
 what ``fedfuse simulate`` submits through ``flwr run`` (the CLI has checked ``out`` already);
 ``run_server(grid, cfg)`` runs on any Grid (the inline runner calls it directly).
@@ -33,7 +35,7 @@ from fedfuse.checkpoint import (
 )
 from fedfuse.errors import ConfigError, RunFailedError
 from fedfuse.experiment import dataset_for, model_for
-from fedfuse.results import RunWriter, remove_stale_temp_files
+from fedfuse.results import RunWriter, fedfuse_home, remove_stale_temp_files, resolve_out
 from fedfuse.train import evaluate
 from strategies.monitor import ClientModelDump, LMCMonitor
 from strategies.observed import ObservedStrategy, RoundObserver
@@ -205,14 +207,18 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: the run config comes from pyproject + ``--run-config``."""
     try:
         cfg = validate_config(dict(context.run_config))
-        out = fresh_out_dir(Path(cfg["out"]))
-        if out != Path(cfg["out"]):
-            log.info("fedfuse: %s already holds results; this run writes to %s", cfg["out"], out)
+        wanted = resolve_out(cfg["out"])  # a relative out: under $FEDFUSE_HOME or ~/.fedfuse, never the cwd
+        out = fresh_out_dir(wanted)
+        relative = (
+            "" if Path(cfg["out"]).expanduser().is_absolute() else f" (out={cfg['out']!r} under {fedfuse_home()})"
+        )
+        log.info("fedfuse: results go to %s/%s", out, relative)
+        if out != wanted:
+            log.info("fedfuse: %s already holds results; this run writes to %s", wanted, out)
         cfg["out"] = str(out)
         wait_for_nodes(grid, int(cfg["num-clients"]))
-        log.info("fedfuse: results go to %s/", out.resolve())
         run_server(grid, cfg)
-        log.info("fedfuse: results in %s/ (metrics.json, metrics.csv, model.pt, accuracy.png)", out.resolve())
+        log.info("fedfuse: results in %s/ (metrics.json, metrics.csv, model.pt, accuracy.png)", out)
     except (ConfigError, RunFailedError, OSError) as exc:
         _fail(exc)
 

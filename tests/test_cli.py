@@ -27,9 +27,14 @@ BAD_INPUT = [
     (["--dataset", "mnist10k"], "needs --data-root"),
     (["--dataset", "mnist10k", "--data-root", "/no/such/dir"], "data-root='/no/such/dir' is not a directory"),
     (["--partition", "zipf"], "partition='zipf' is not allowed; allowed: iid, dirichlet, pathological, quantity"),
-    (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
+    (["--no-such-flag", "1"], "unrecognized argument --no-such-flag; see fedfuse simulate --help"),
     (["--ray-address", "nohost"], "ray-address='nohost' is not HOST:PORT"),
     (["--ray-address", "127.0.0.1:1"], "ray-address='127.0.0.1:1' is not reachable"),
+    # no abbreviations; an unknown flag is named with the nearest valid one, or the help to read
+    (["--strateg", "wb"], "fedfuse: error: unrecognized argument --strateg; did you mean --strategy?"),
+    (["--num-round", "3"], "fedfuse: error: unrecognized argument --num-round; did you mean --rounds?"),
+    (["--seed=1", "--lrr=0.1"], "fedfuse: error: unrecognized argument --lrr; did you mean --lr?"),
+    (["--frobnicate"], "fedfuse: error: unrecognized argument --frobnicate; see fedfuse simulate --help"),
 ]
 
 
@@ -181,3 +186,22 @@ def test_results_a_killed_overwrite_set_aside_are_reported_then_replaced(tmp_pat
     assert str(live) not in err and stale.is_dir() and live.is_dir()
     assert run_cli(["simulate", "--backend", "inline", "--no-progress", "--out", str(out), "--overwrite"]) == 0
     assert not stale.exists() and live.is_dir()
+
+
+def test_lmc_refuses_abbreviations_too(tmp_path, capsys) -> None:
+    code = run_cli(["lmc", "a.pt", "b.pt", "--out", str(tmp_path / "o"), "--alig"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "fedfuse: error: unrecognized argument --alig; did you mean --align?"
+
+
+def test_the_compare_plot_has_integer_round_ticks(tmp_path) -> None:
+    """compare.png / accuracy.png: rounds are whole numbers, so the x-axis of the saved figure has no half rounds."""
+    from fedfuse.results import plot_accuracy
+
+    rows = [{"round": r, "central_accuracy": 0.1 + 0.2 * r} for r in range(4)]  # 0..3: matplotlib's default ticks 0.5
+    fig = plot_accuracy({"fedavg": rows, "wb": rows}, tmp_path / "compare.png")
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert (tmp_path / "compare.png").stat().st_size > 0
+    assert ticks == [0, 1, 2, 3], ticks

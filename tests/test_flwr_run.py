@@ -31,8 +31,14 @@ FED = ["--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]
 
 
 @pytest.fixture(scope="module")
-def superlink(tmp_path_factory) -> Iterator[dict[str, str]]:
-    with local_superlink(tmp_path_factory.mktemp("superlink")) as env:
+def fedfuse_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fedfuse-home")
+
+
+@pytest.fixture(scope="module")
+def superlink(tmp_path_factory, fedfuse_home) -> Iterator[dict[str, str]]:
+    """A SuperLink started in its own directory, with $FEDFUSE_HOME set (the ServerApp inherits its environment)."""
+    with local_superlink(tmp_path_factory.mktemp("superlink"), {"FEDFUSE_HOME": str(fedfuse_home)}) as env:
         yield env
 
 
@@ -53,17 +59,24 @@ def error_lines(log: str) -> list[str]:
     return [ln for ln in log.splitlines() if "ERROR" in ln or "Traceback" in ln or "Exception" in ln]
 
 
-def test_fedfuse_app_never_overwrites_and_says_where_results_went(superlink, tmp_path) -> None:
-    out = tmp_path / "flwr-run"
-    config = f"num-rounds=1 num-clients=2 dataset='mnist1d' out='{out}'"
+def test_fedfuse_app_never_overwrites_and_says_where_results_went(superlink, fedfuse_home, tmp_path) -> None:
+    """A relative out lands under $FEDFUSE_HOME, not in the SuperLink's working directory, and the first line the
+    app logs is the absolute path."""
+    out = fedfuse_home / "runs" / "flwr-run"
+    config = "num-rounds=1 num-clients=2 dataset='mnist1d' out='runs/flwr-run'"
     first = flwr_run(superlink, ROOT, config)
     second = flwr_run(superlink, ROOT, config)
     for code, log, status, _ in (first, second):
         assert code == 0 and status == "finished:completed", log[-3000:]
         assert not error_lines(log), error_lines(log)
-    assert f"results go to {out}/" in first[1]
+    ours = [
+        [ln.split("fedfuse: ", 1)[1] for ln in log.splitlines() if "fedfuse: " in ln]
+        for _, log, _, _ in (first, second)
+    ]
+    relative = f" (out='runs/flwr-run' under {fedfuse_home})"
+    assert ours[0][0] == f"results go to {out}/{relative}", ours[0]
+    assert ours[1][0] == f"results go to {out}-2/{relative}", ours[1]
     assert f"{out} already holds results; this run writes to {out}-2" in second[1]
-    assert f"results go to {out}-2/" in second[1]
     for d in (out, Path(f"{out}-2")):
         rows = json.loads((d / "metrics.json").read_text())["rounds"]
         assert [r["round"] for r in rows] == [0, 1] and rows[1]["replies"] == 2

@@ -10,7 +10,8 @@ Small settings, and nothing else changed (each override is listed here):
 - every ``fedfuse simulate`` line gets ``--rounds 1 --num-clients 2 --local-epochs 1 --backend inline``
   appended (``--compare`` passes them on to each strategy);
 - ``flwr run`` lines get ``--run-config "num-rounds=1"`` appended, with a private ``FLWR_HOME`` and free
-  ports for the local SuperLink Flower starts (stopped afterwards: it is found by its port);
+  ports for the local SuperLink Flower starts (stopped afterwards: it is found by its port), and
+  ``FEDFUSE_HOME`` = the copy (a relative ``out`` lands in it, not in ``~/.fedfuse``);
 - a python snippet whose first line is ``# some/path.py`` is also written to that path (the module a later
   snippet imports);
 - shell snippets run as one reader's session would: once a snippet has run ``source .venv/bin/activate``
@@ -31,8 +32,6 @@ from pathlib import Path
 import pytest
 
 from fedfuse.runners.ray import _free_port, wait_finished
-
-pytestmark = pytest.mark.ray  # the flwr run snippet starts Flower's simulation engine
 
 ROOT = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
@@ -87,6 +86,7 @@ def stop_local_superlink(port: int) -> None:
                 pass
 
 
+@pytest.mark.ray  # the flwr run snippet starts Flower's simulation engine
 def test_every_readme_snippet_runs(tmp_path: Path) -> None:
     found = snippets((ROOT / "README.md").read_text())
     assert len(found) >= 8, [lang for lang, _ in found]
@@ -99,6 +99,7 @@ def test_every_readme_snippet_runs(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FEDFUSE_HOME": str(repo),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
         "FLWR_LOCAL_CONTROL_API_PORT": str(control),
         "PYTHONPATH": str(repo),  # the copy's code (an editable install points at the original)
@@ -140,3 +141,34 @@ def test_every_readme_snippet_runs(tmp_path: Path) -> None:
     assert (repo / "runs/cmp/compare.png").is_file()
     assert (repo / "runs/mine/my_pkg.my_mod.MyStrategy/metrics.json").is_file()
     assert (repo / "runs/flwr-run/metrics.json").is_file()
+
+
+CLI_CLAIM = re.compile(r"`fedfuse (simulate [^`]*)`[^`]*?`(fedfuse: error: [^`]*)`", re.S)
+
+
+def test_every_cli_error_the_readme_quotes_is_what_the_cli_prints(capsys) -> None:
+    """Each "`fedfuse simulate ARGS` ... `fedfuse: error: LINE`" of the README: that line, alone, exit code 2."""
+    from fedfuse.cli import main
+
+    claims = CLI_CLAIM.findall((ROOT / "README.md").read_text())
+    assert len(claims) >= 2, claims  # --num-round (nearest flag) and --strateg (no abbreviations)
+    for args, line in claims:
+        try:
+            code = main(args.split())
+        except SystemExit as exc:
+            code = int(exc.code)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err == " ".join(line.split()), (args, err)
+
+
+def test_the_readme_strategy_table_lists_every_registered_strategy() -> None:
+    """The table under "### Strategies": one row per name of strategies.registry.STRATEGIES, with its class."""
+    import strategies
+    from strategies.registry import STRATEGIES, resolve_strategy
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Strategies") :].split("\n\n")[1]
+    rows = dict(re.findall(r"^\| `([\w-]+)` \| `strategies\.(\w+)` \|", section, re.M))
+    assert list(rows) == list(dict.fromkeys(rows)) and set(rows) == set(STRATEGIES), (sorted(rows), sorted(STRATEGIES))
+    for name, cls in rows.items():
+        assert getattr(strategies, cls) is resolve_strategy(name), (name, cls)

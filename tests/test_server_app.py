@@ -74,3 +74,17 @@ def test_an_error_reply_is_summarised_in_one_line() -> None:
     assert error_summary(ray_reason) == "RuntimeError: injected fault: partition 1 failed in round 1"
     assert error_summary("Traceback (most recent call last):\n  File x\nKeyError: 'seed'") == "KeyError: 'seed'"
     assert error_summary(None) == "no reason given"
+
+
+def test_a_relative_out_resolves_under_fedfuse_home_never_the_working_directory(tmp_path, monkeypatch) -> None:
+    """`flwr run .`: the ServerApp's working directory is wherever the (shared) SuperLink started, so a relative
+    run-config `out` is taken under $FEDFUSE_HOME, else ~/.fedfuse; an absolute one as given."""
+    from fedfuse.results import fedfuse_home, resolve_out
+
+    monkeypatch.chdir(tmp_path)  # the SuperLink's directory: must not matter
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert resolve_out("runs/x", {}) == tmp_path / "home" / ".fedfuse" / "runs" / "x"
+    assert resolve_out("runs/x", {"FEDFUSE_HOME": str(tmp_path / "fh")}) == tmp_path / "fh" / "runs" / "x"
+    assert resolve_out("../y", {"FEDFUSE_HOME": str(tmp_path / "fh")}) == tmp_path / "y"  # resolved, absolute
+    assert resolve_out(tmp_path / "abs", {"FEDFUSE_HOME": "/elsewhere"}) == tmp_path / "abs"
+    assert fedfuse_home({"FEDFUSE_HOME": "  "}) == tmp_path / "home" / ".fedfuse"  # blank: the default

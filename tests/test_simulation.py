@@ -15,9 +15,12 @@ def _results(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("wall_time", "aggregate_s")} for r in rows]
 
 
-def _simulate(out, *extra: str) -> dict:
+def _simulate(out, *extra: str, printed: list[str] | None = None) -> dict:
+    """metrics.json of one ``fedfuse simulate`` run; ``printed`` gets its stdout lines."""
     cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", "--no-progress", "--out", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if printed is not None:
+        printed += proc.stdout.splitlines()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # Flower's supported path: no deprecation warning, neither shown nor in Flower's log of the run
     shown = proc.stdout + proc.stderr + ((out / "flower.log").read_text() if (out / "flower.log").exists() else "")
@@ -82,10 +85,12 @@ def test_simulation_on_an_existing_ray_cluster(tmp_path) -> None:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.5)
-        rows = _simulate(tmp_path / "out", "--ray-address", f"127.0.0.1:{port}", "--num-clients", "3", "--rounds", "2")[
-            "rounds"
-        ]
+        printed: list[str] = []
+        address = f"127.0.0.1:{port}"
+        args = ("--ray-address", address, "--num-clients", "3", "--rounds", "2")
+        rows = _simulate(tmp_path / "out", *args, printed=printed)["rounds"]
         assert [r["round"] for r in rows] == [0, 1, 2] and all(r["replies"] == 3 for r in rows[1:])
+        assert f"joined Ray cluster at {address}: 1 node, 2 CPUs" in printed, printed[:5]  # the head's --num-cpus
         assert head.poll() is None  # the cluster outlived the run: fedfuse joined it, did not own it
     finally:
         os.killpg(head.pid, signal.SIGTERM)
@@ -110,3 +115,17 @@ def test_injected_stragglers_on_ray_are_counted_exactly(tmp_path) -> None:
     ]
     assert sum(injected) > 0
     assert [r["timeouts"] for r in ray[1:]] == injected == [r["timeouts"] for r in inline[1:]]
+
+
+def test_the_cluster_line_reads_rays_own_view_of_a_cluster() -> None:
+    """cluster_summary fed from Ray's API on a local cluster of 3 CPUs (what --ray-address prints for one)."""
+    import ray
+
+    from fedfuse.runners.ray import cluster_summary
+
+    ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        line = cluster_summary("local", ray.nodes(), ray.cluster_resources())
+    finally:
+        ray.shutdown()
+    assert line == "joined Ray cluster at local: 1 node, 3 CPUs"

@@ -68,3 +68,44 @@ def test_bad_torchvision_model_is_one_line_and_exit_2(model, message, tmp_path, 
     err = refused(model, [], tmp_path, capsys)
     # Assert: exit 2, one line naming the value and what is allowed, nothing written (in refused)
     assert message in err
+
+
+def test_a_model_the_inputs_make_degenerate_is_warned_about_with_the_size_it_needs(tmp_path, capsys, monkeypatch):
+    """mobilenet_v3_small on 8×8 digits: stride 2 three times by its third convolution, so 9 of its 12 k×k
+    convolutions run on 1×1 maps (measured: 0.12 test accuracy after 5 central epochs, vs timm's resnet10t 0.97,
+    which is not warned about). One warning line before the run, naming the smallest side that is not degenerate."""
+    import fedfuse.cli
+
+    ran = []
+    monkeypatch.setattr(fedfuse.cli, "_simulate_replacing", lambda cfg, args: ran.append(cfg["model"]))
+    model = "torchvision:mobilenet_v3_small"
+    code = run_cli(["simulate", "--backend", "inline", "--dataset", "digits", "--model", model,
+                    "--out", str(tmp_path / "out")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 0 and ran == [model]
+    assert err == (
+        "fedfuse: warning: torchvision:mobilenet_v3_small on (1, 8, 8) inputs is degenerate: 9 of its 12 k×k "
+        "convolutions see a 1×1 feature map (from features.3.block.1.0 on), where a k×k kernel is a 1×1 one; "
+        "it needs inputs of at least 17×17"
+    )
+    from fedfuse.models.external import degenerate_input
+
+    net = build_model(model, (1, 17, 17), 10, seed=0)
+    assert degenerate_input(net, "m", (1, 17, 17)) is None  # the size it names is enough
+    assert degenerate_input(net, "m", (1, 16, 16)) is not None  # and the smallest that is
+
+
+def test_degenerate_input_holds_for_any_conv_net() -> None:
+    """A plain net of five 3×3 stride-2 convolutions: a side s gives maps s, ⌈s/2⌉, ⌈s/4⌉, ⌈s/8⌉, ⌈s/16⌉, so on
+    4×4 inputs 3 of 5 see 1×1 (degenerate) and on 5×5 only 2 of 5 (the smallest side that is not)."""
+    from torch import nn
+
+    from fedfuse.models.external import degenerate_input
+
+    layers = [nn.Conv2d(1 if i == 0 else 4, 4, 3, stride=2, padding=1) for i in range(5)]
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    line = degenerate_input(net, "net", (1, 4, 4))
+    assert line is not None and "3 of its 5 k×k convolutions" in line and "from 2 on" in line
+    assert line.endswith("it needs inputs of at least 5×5")
+    assert degenerate_input(net, "net", (1, 5, 5)) is None
+    assert net.training  # the mode it had

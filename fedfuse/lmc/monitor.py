@@ -80,6 +80,7 @@ def plot_lmc_monitor(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | No
     if not keys:
         return None
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(6.0, 3.8), layout="constrained")
     ax = fig.subplots()
@@ -89,6 +90,7 @@ def plot_lmc_monitor(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | No
         style = {"color": "k", "ls": "--", "lw": 2} if label == "full" else {"marker": "o", "ms": 3}
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
     ax.axhline(0.0, color="grey", lw=0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no half rounds
     ax.set(xlabel="round", ylabel="midpoint loss barrier among clients", title="LMC monitor")
     ax.legend(fontsize=7, ncols=2)
     fig.savefig(path, dpi=120)

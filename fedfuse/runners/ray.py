@@ -25,14 +25,17 @@ import threading
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from fedfuse.errors import RunFailedError
 
-__all__ = ["run_ray", "local_superlink", "run_status", "wait_finished", "EXPECTED_WARNINGS", "write_app"]
+__all__ = [
+    "run_ray", "local_superlink", "run_status", "wait_finished", "EXPECTED_WARNINGS", "write_app", "cluster_summary",
+    "describe_cluster",
+]  # fmt: skip
 
 # Known and deliberate: server-side-only evaluation; Flower's note on its default federation size (we set it).
 EXPECTED_WARNINGS = ("fraction_evaluate is set to 0.0", "default simulated SuperNodes changed")
@@ -203,6 +206,32 @@ def local_superlink(workdir: Path, extra_env: Mapping[str, str] | None = None) -
         _stop(superlink)
 
 
+def cluster_summary(address: str, nodes: Sequence[Mapping[str, Any]], resources: Mapping[str, float]) -> str:
+    """One line from Ray's own view of a cluster (``ray.nodes()``, ``ray.cluster_resources()``):
+    ``joined Ray cluster at ADDRESS: N nodes, C CPUs[, G GPUs]``."""
+    alive = sum(1 for n in nodes if n.get("Alive", n.get("alive", False)))
+    cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
+    line = f"joined Ray cluster at {address}: {alive} node{'' if alive == 1 else 's'}, {cpus:g} CPUs"
+    return line + (f", {gpus:g} GPUs" if gpus else "")
+
+
+def describe_cluster(address: str) -> str:
+    """:func:`cluster_summary` of the running cluster at ``address``, read by connecting to it briefly as a driver
+    (the simulation engine then joins the same cluster through ``RAY_ADDRESS``)."""
+    import logging
+    import warnings
+
+    import ray
+
+    with warnings.catch_warnings():  # Ray's tip about a future default of its own, not about this run
+        warnings.simplefilter("ignore", FutureWarning)
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+    try:
+        return cluster_summary(address, ray.nodes(), ray.cluster_resources())
+    finally:
+        ray.shutdown()
+
+
 def run_ray(
     cfg: dict[str, Any],
     on_round: Callable[[dict[str, Any]], None] | None = None,
@@ -241,6 +270,8 @@ def run_ray(
                 if on_round is not None:
                     on_round(row)
 
+    if ray_address:
+        print(describe_cluster(ray_address), flush=True)  # which cluster this run joins, before it starts
     with tempfile.TemporaryDirectory(prefix="fedfuse-flwr-") as tmp:
         app_dir = Path(tmp) / "app"
         write_app(app_dir, cfg, resume=resume)
