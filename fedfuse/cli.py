@@ -68,6 +68,8 @@ SIMULATE_EXAMPLES = """examples:
       --rounds 10 --partition dirichlet --alpha 0.3 --seed 0 --out runs/wb
   fedfuse simulate --backend inline --strategy fedpfn --out runs/pfn
   fedfuse simulate --compare fedavg,wb,match --rounds 5 --out runs/cmp
+  fedfuse simulate --compare fedavg,wb --client-init own --out runs/apart
+  fedfuse simulate --client-init-from runs/pre/clients/round1 --out runs/sites
   fedfuse simulate --strategy my_pkg.my_mod:MyStrategy --out runs/mine  # from .
   fedfuse simulate --resume runs/wb     # continue after the last complete round
 """
@@ -179,6 +181,10 @@ def preflight(cfg: dict[str, Any], overwrite: bool | None) -> None:
             )
         if cfg["strategy"] == "layerwise":
             shared_keys(model, str(cfg["layerwise-preset"]))
+    if cfg["client-init-from"]:  # every client's round-1 file exists, loads as tensors and fits its model
+        from fedfuse.experiment import check_init_files
+
+        check_init_files(cfg, ds)
     n = len(ds.y_train)
     if cfg["num-clients"] > n:
         raise ConfigError(f"num-clients={cfg['num-clients']} exceeds the {n} training samples of {cfg['dataset']!r}")
