@@ -195,3 +195,21 @@ def test_bad_client_init_inputs_exit_2_with_one_line(tmp_path, capsys) -> None:
         torch.save(torch.nn.Linear(2, 2), code_dir / f"partition{p}.pt")
     line = refused(["--client-init-from", str(code_dir), "--width", "16"], tmp_path, capsys)
     assert "partition0.pt' is not a torch state dict" in line and "only tensors are loaded" in line
+
+
+def test_compare_entries_give_one_run_its_own_options(tmp_path, capsys) -> None:
+    from fedfuse.cli import _option_flags, compare_entries
+
+    entries = compare_entries("fedavg, wb,fedavg@client-init=shared@one-shot=false")
+    assert entries == [("fedavg", "fedavg", {}), ("wb", "wb", {}),
+                       ("fedavg@client-init=shared@one-shot=false", "fedavg",
+                        {"client-init": "shared", "one-shot": "false"})]  # fmt: skip
+    assert _option_flags({"client-init": "shared", "one-shot": False, "num-rounds": 3}) == [
+        "--client-init", "shared", "--no-one-shot", "--rounds", "3"]  # fmt: skip
+    line = refused(["--compare", "fedavg,fedavg@client-init"], tmp_path, capsys)
+    assert "compare entry 'fedavg@client-init': 'client-init' is not allowed; allowed: STRATEGY@key=value" in line
+    line = refused(["--compare", "fedavg,fedavg@client-init=mine"], tmp_path, capsys)
+    assert "client-init='mine' is not allowed; allowed: shared, own" in line
+    assert "needs at least two different" in refused(["--compare", "wb,wb"], tmp_path, capsys)
+    line = refused(["--compare", "fedavg,fedavg@bn-repair=repair"], tmp_path, capsys)
+    assert "bn-repair='repair' needs strategy" in line
