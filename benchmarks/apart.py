@@ -199,9 +199,36 @@ def report(args: argparse.Namespace, data: dict[str, Any], path: Path) -> None:
                 row += [_acc(cell, r) for r in shown] + [str(len(cell))]
                 lines.append("| " + " | ".join(row) + " |")
         lines.append("")
-    lines += identity_lines(args, runs)
+    lines += summary_lines(args, runs) + identity_lines(args, runs)
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}")
+
+
+def summary_lines(args: argparse.Namespace, runs: dict[str, Any]) -> list[str]:
+    """Seed-paired differences to FedAvg with the same start: round-1 accuracy, and rounds to the first target."""
+    target = args.targets[0]
+    out = [f"Paired with FedAvg of the same start and seed (mean over seeds; rounds to {100 * target:g} % where both "
+           "reached it; negative = fewer rounds):", ""]  # fmt: skip
+    for alpha in args.alphas:
+        for init in [i for i in args.inits if i != "shared"]:
+            parts = []
+            for method in [m for m in args.methods if m != "FedAvg"]:
+                pairs = [
+                    (runs[a]["accuracy"], runs[b]["accuracy"])
+                    for s in range(args.seeds)
+                    if (a := run_key(init, alpha, method, s)) in runs
+                    and (b := run_key(init, alpha, "FedAvg", s)) in runs
+                ]
+                if not pairs:
+                    continue
+                d1 = statistics.mean(100 * (m[1] - f[1]) for m, f in pairs)
+                rr = [(rounds_to(m, target), rounds_to(f, target)) for m, f in pairs]
+                dr = [x - y for x, y in rr if x is not None and y is not None]
+                dr_text = f"{statistics.mean(dr):+.1f}" if dr else "–"
+                parts.append(f"{method} round 1 {d1:+.1f} pts, rounds {dr_text} [n={len(pairs)}]")
+            if parts:
+                out.append(f"- α = {alpha:g}, {init}: " + "; ".join(parts) + ".")
+    return out + [""]
 
 
 def identity_lines(args: argparse.Namespace, runs: dict[str, Any]) -> list[str]:
