@@ -417,7 +417,11 @@ def _compare(cfg: dict[str, Any], args: argparse.Namespace, argv: Sequence[str])
     runs = {label: load_metrics(out / run_dir_name(label))["rounds"] for label, _, _ in entries}
     console = Console(width=max(Console().width, 76 + max(map(len, runs))))  # every label whole
     _print_table(console, runs)
-    plot_accuracy(runs, out / "compare.png", title=f"{cfg['dataset']} / {cfg['model']}, {cfg['partition']}")
+    from fedfuse.experiment import init_mode
+
+    start = {"shared": "", "own": ", client-init own", "files": f", client-init-from {cfg['client-init-from']}"}
+    title = f"{cfg['dataset']} / {cfg['model']}, {cfg['partition']}{start[init_mode(cfg)]}"  # entries may override
+    plot_accuracy(runs, out / "compare.png", title=title)
     summary = {name: rows[-1] for name, rows in runs.items()}
     atomic_write_bytes(out / "compare.json", json.dumps(summary, indent=2).encode())
     console.print(f"comparison in {out}/compare.png and compare.json")
