@@ -22,8 +22,9 @@ install: $(STAMP)
 
 # The main job: a 10-client non-IID (Dirichlet 0.3) federated simulation on Ray, bundled digits data.
 demo: $(STAMP)
-	$(VENV)/bin/fedfuse simulate --strategy fedavg --dataset digits --model mlp --num-clients 10 \
-		--rounds 10 --partition dirichlet --alpha 0.3 --local-epochs 2 --seed 0 --out runs/demo --overwrite $(DEMO_ARGS)
+	$(VENV)/bin/fedfuse simulate --compare fedavg,wb,fedavg@client-init=shared --client-init own --dataset digits \
+		--model mlp --num-clients 10 --rounds 10 --partition dirichlet --alpha 0.3 --local-epochs 2 --seed 0 \
+		--out runs/demo --overwrite $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -c "import flwr, torch; print('flwr', flwr.__version__, '/ torch', torch.__version__)"

@@ -8,6 +8,7 @@ partitions are cached per process, so an actor loads its data once, not once per
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -20,10 +21,11 @@ from fedfuse.align.repair import bn_statistics, unit_statistics
 from fedfuse.attacks import claimed_examples, is_attacker, parse_attack, poison_state
 from fedfuse.config import OPTIONS
 from fedfuse.experiment import (
+    apart_model,
     client_data,
     client_model,
     dataset_for,
-    derive_seed,
+    init_mode,
     inject_faults,
     local_plan,
     local_train,
@@ -34,6 +36,7 @@ from fedfuse.subspace import MaskedTraining, mask_ratio
 from fedfuse.train import evaluate as evaluate_model
 
 app = ClientApp()
+log = logging.getLogger("flwr")
 
 
 def _identity(context: Context) -> tuple[int, int]:
@@ -53,6 +56,17 @@ def _local_xy(cfg: dict[str, Any], context: Context) -> tuple[Any, Any]:
         return load_local_data(str(data_dir), ds.input_shape, ds.num_classes)
     pid, num_parts = _identity(context)
     return client_data(cfg, pid, num_parts)
+
+
+def _apart_model(cfg: dict[str, Any], context: Context, ds: Any, pid: int) -> torch.nn.Module | None:
+    """This client's round-1 model when the run starts clients apart (:func:`fedfuse.experiment.apart_model`):
+    the node config's ``init-from`` file if set, else its ``client-init-from`` file, else its own seed. A node's
+    ``init-from`` in a shared-init run is left unused (the run config decides; logged once per node)."""
+    node_file = str(context.node_config.get(protocol.INIT_FROM, "") or "") or None
+    if node_file and init_mode(cfg) == "shared" and "init-from-ignored" not in context.state:
+        log.warning("node config init-from=%r is unused: the run has client-init='shared' (set 'own')", node_file)
+        context.state["init-from-ignored"] = ConfigRecord({"file": node_file})
+    return apart_model(cfg, ds, pid, node_file)
 
 
 def _run_config(msg: Message) -> dict[str, Any]:
@@ -141,8 +155,9 @@ def _train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
     shared = shared_keys_of(cfg)
     if shared is not None:
         x, y = holdout_split(int(cfg["seed"]), pid, x, y, "train")
-    if cfg.get("one-shot", False):  # one-shot fusion: an independent init per client, the global model unused
-        model = client_model(cfg, ds, pid, seed=derive_seed(int(cfg["seed"]), pid, 13))
+    apart = _apart_model(cfg, context, ds, pid) if server_round == 1 else None
+    if apart is not None:  # clients start apart (client-init=own / one-shot / client-init-from): received unused
+        model = apart
     else:
         model = client_model(cfg, ds, pid)  # the global architecture at this client's width
         if shared is None:

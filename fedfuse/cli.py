@@ -107,6 +107,8 @@ SIMULATE_EXAMPLES = """examples:
       --rounds 10 --partition dirichlet --alpha 0.3 --seed 0 --out runs/wb
   fedfuse simulate --backend inline --strategy fedpfn --out runs/pfn
   fedfuse simulate --compare fedavg,wb,match --rounds 5 --out runs/cmp
+  fedfuse simulate --compare fedavg,wb --client-init own --out runs/apart
+  fedfuse simulate --client-init-from runs/pre/clients/round1 --out runs/sites
   fedfuse simulate --strategy my_pkg.my_mod:MyStrategy --out runs/mine  # from .
   fedfuse simulate --resume runs/wb     # continue after the last complete round
 """
@@ -130,7 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_options(sim)
-    sim.add_argument("--compare", default=None, help="comma-separated strategies run on identical partitions/seeds")
+    sim.add_argument(
+        "--compare",
+        default=None,
+        metavar="A,B,...",
+        help="comma-separated strategies run on identical partitions/seeds; STRATEGY@key=value gives one run its "
+        "own option, e.g. fedavg,wb,fedavg@client-init=shared",
+    )
     sim.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     sim.add_argument(
         "--resume", default=None, metavar="OUT_DIR", help="continue the run in OUT_DIR after its last complete round"
@@ -240,6 +248,10 @@ def preflight(cfg: dict[str, Any], overwrite: bool | None, resumed_model: dict[s
             )
         if cfg["strategy"] == "layerwise":
             shared_keys(model, str(cfg["layerwise-preset"]))
+    if cfg["client-init-from"]:  # every client's round-1 file exists, loads as tensors and fits its model
+        from fedfuse.experiment import check_init_files
+
+        check_init_files(cfg, ds)
     n = len(ds.y_train)
     if cfg["num-clients"] > n:
         raise ConfigError(f"num-clients={cfg['num-clients']} exceeds the {n} training samples of {cfg['dataset']!r}")
@@ -389,7 +401,9 @@ def _print_table(console: Any, runs: dict[str, list[dict[str, Any]]]) -> None:
 
     table = Table(title="per-round results")
     multi = len(runs) > 1
-    for col in (["strategy"] if multi else []) + _COLUMNS:
+    if multi:  # a label (``fedavg@client-init=shared``) is shown whole
+        table.add_column("strategy", justify="right", no_wrap=True, min_width=max(map(len, runs)))
+    for col in _COLUMNS:
         table.add_column(col, justify="right")
     for name, rows in runs.items():
         for row in rows:
@@ -397,35 +411,87 @@ def _print_table(console: Any, runs: dict[str, list[dict[str, Any]]]) -> None:
     console.print(table)
 
 
+def compare_entries(text: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """``--compare`` entries as (label, strategy, options): ``STRATEGY`` or ``STRATEGY@key=value[@key=value...]``,
+    a run with options of its own (schema names, e.g. ``fedavg@client-init=shared``, ``wb@bn-repair=repair``)."""
+    entries: list[tuple[str, str, dict[str, Any]]] = []
+    for label in (s.strip() for s in text.split(",")):
+        if not label:
+            continue
+        name, *pairs = label.split("@")
+        own: dict[str, Any] = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key or key in ("strategy", "out"):
+                raise ConfigError(
+                    f"compare entry {label!r}: {pair!r} is not allowed; allowed: STRATEGY@key=value with a run "
+                    "option other than strategy/out, e.g. fedavg@client-init=shared"
+                )
+            own[key] = value
+        entries.append((label, name, own))
+    labels = [e[0] for e in entries]
+    if len(entries) < 2 or len(set(labels)) < len(labels):
+        raise ConfigError(f"compare={text!r} needs at least two different comma-separated strategies")
+    return entries
+
+
+def _drop_option(argv: list[str], key: str) -> list[str]:
+    """``argv`` without the flag of option ``key`` (``--key VALUE``, ``--key=VALUE``; ``--key``/``--no-key`` for a
+    boolean option)."""
+    flag = "--rounds" if key == "num-rounds" else f"--{key}"
+    if _schema()[key].type is bool:
+        return [a for a in argv if a not in (flag, f"--no-{key}")]
+    return _drop_flag(argv, flag)
+
+
+def _option_flags(options: dict[str, Any]) -> list[str]:
+    """``--key value`` flags (``--key``/``--no-key`` for booleans) that set ``options``."""
+    flags: list[str] = []
+    for key, value in options.items():
+        flag = "rounds" if key == "num-rounds" else key
+        if _schema()[key].type is bool:
+            flags.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            flags += [f"--{flag}", str(value)]
+    return flags
+
+
 def _compare(cfg: dict[str, Any], args: argparse.Namespace, argv: Sequence[str]) -> None:
-    """Run each strategy in its own process (a fresh Ray), same partitions and seeds; one table, one plot."""
+    """Run each strategy in its own process (a fresh Ray), same partitions and seeds; one table, one plot.
+    An entry ``STRATEGY@key=value`` runs with its own value of ``key`` (:func:`compare_entries`)."""
     from rich.console import Console
 
     from fedfuse.results import atomic_write_bytes, load_metrics, plot_accuracy
     from strategies.registry import options_for
 
-    names = [s.strip() for s in args.compare.split(",") if s.strip()]
-    if len(names) < 2:
-        raise ConfigError(f"compare={args.compare!r} needs at least two comma-separated strategies")
+    entries = compare_entries(args.compare)
     out = Path(cfg["out"])
-    for name in names:
-        validate_config(options_for(cfg, name))
-        preflight({**options_for(cfg, name), "out": str(out / run_dir_name(name))}, args.overwrite)
+    checked: dict[str, dict[str, Any]] = {}
+    for label, name, own in entries:
+        given = validate_config({**options_for(cfg, name), **own})
+        checked[label] = {k: given[k] for k in own}  # the entry's options, typed
+        preflight({**given, "out": str(out / run_dir_name(label))}, args.overwrite)
     base = list(argv)
     for flag in ("--compare", "--strategy", "--out"):
         base = _drop_flag(base, flag)
-    for name in names:
-        own = base
+    for label, name, own in entries:
+        args_of = base
         for key in set(cfg) - set(k for k, v in options_for(cfg, name).items() if v == cfg[k]):
-            own = _drop_flag(own, f"--{key}")  # options only other compared strategies read
-        cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", *own, "--strategy", name]
-        cmd += ["--out", str(out / run_dir_name(name))]
+            args_of = _drop_option(args_of, key)  # options only other compared strategies read
+        for key in own:
+            args_of = _drop_option(args_of, key)
+        cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", *args_of, *_option_flags(checked[label])]
+        cmd += ["--strategy", name, "--out", str(out / run_dir_name(label))]
         if subprocess.run(cmd, check=False).returncode != 0:
-            raise RunFailedError(f"strategy {name!r} failed; see its output above")
-    runs = {name: load_metrics(out / run_dir_name(name))["rounds"] for name in names}
-    console = Console()
+            raise RunFailedError(f"strategy {label!r} failed; see its output above")
+    runs = {label: load_metrics(out / run_dir_name(label))["rounds"] for label, _, _ in entries}
+    console = Console(width=max(Console().width, 76 + max(map(len, runs))))  # every label whole
     _print_table(console, runs)
-    plot_accuracy(runs, out / "compare.png", title=f"{cfg['dataset']} / {cfg['model']}, {cfg['partition']}")
+    from fedfuse.experiment import init_mode
+
+    start = {"shared": "", "own": ", client-init own", "files": f", client-init-from {cfg['client-init-from']}"}
+    title = f"{cfg['dataset']} / {cfg['model']}, {cfg['partition']}{start[init_mode(cfg)]}"  # entries may override
+    plot_accuracy(runs, out / "compare.png", title=title)
     summary = {name: rows[-1] for name, rows in runs.items()}
     atomic_write_bytes(out / "compare.json", json.dumps(summary, indent=2).encode())
     console.print(f"comparison in {out}/compare.png and compare.json")

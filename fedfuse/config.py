@@ -21,7 +21,9 @@ from fedfuse.data.partition import PARTITIONS
 from fedfuse.errors import ConfigError
 from fedfuse.models import MODELS, model_name_problem
 
-__all__ = ["Option", "OPTIONS", "validate_config", "defaults"]
+__all__ = ["Option", "OPTIONS", "CLIENT_INITS", "validate_config", "defaults"]
+
+CLIENT_INITS = ("shared", "own")
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,29 @@ OPTIONS: dict[str, Option] = {
         Option("weight-decay", float, 0.0, "local SGD weight decay", low=0.0),
         Option("lmc-monitor", bool, False, "log full and layer-wise barriers among each round's client models"),
         Option("save-client-models", int, 0, "save the client models received in this round (0 = off)", low=0),
-        Option("one-shot", bool, False, "clients train from their own seed-derived inits; fuse once (use 1 round)"),
+        Option(
+            "client-init",
+            str,
+            "shared",
+            "how clients start round 1: shared = from the global model (then wb = match = FedAvg: every client's "
+            "units stay in the same order, so alignment is the identity); own = each from its own seed-derived "
+            "init (models trained apart), fused after round 1; later rounds are ordinary FL from the fused model",
+            choices=CLIENT_INITS,
+        ),
+        Option(
+            "client-init-from",
+            str,
+            "",
+            "directory with one state dict per client, partition<P>.pt (e.g. a run's clients/round1/ from "
+            "--save-client-models 1): client P starts round 1 from it (implies client-init own); empty = off",
+        ),
+        Option(
+            "one-shot",
+            bool,
+            False,
+            "alias of client-init own: clients start round 1 from their own inits and are fused once; with "
+            "rounds > 1 the later rounds are ordinary FL from the fused model",
+        ),
         Option("fail-prob", float, 0.0, "fault injection: probability a client raises in a round", low=0.0, high=1.0),
         Option(
             "straggle-prob",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch import nn
 from fedfuse import protocol
 from fedfuse.data import Dataset, load_dataset
 from fedfuse.data.partition import partition_indices
+from fedfuse.errors import ConfigError
 from fedfuse.models import build_model
 from fedfuse.train import TrainResult, train
 
@@ -34,6 +36,13 @@ __all__ = [
     "sample_clients",
     "client_widths",
     "client_model",
+    "INIT_FILE",
+    "init_mode",
+    "own_init_seed",
+    "init_path",
+    "load_init_state",
+    "check_init_files",
+    "apart_model",
 ]
 
 
@@ -148,6 +157,100 @@ def client_model(cfg: Mapping[str, Any], ds: Dataset, partition_id: int, seed: i
     """The model a client trains: the global architecture, at its own width under width heterogeneity."""
     widths = client_widths(cfg)
     return model_for(cfg, ds, seed=seed, width=widths[partition_id % len(widths)] if widths else None)
+
+
+INIT_FILE = "partition{}.pt"  # client P's round-1 model in --client-init-from DIR (--save-client-models' names)
+
+
+def init_mode(cfg: Mapping[str, Any]) -> str:
+    """How clients start round 1: ``shared`` (the global model), ``own`` (own seeds) or ``files``.
+
+    ``one-shot`` is an alias of ``client-init=own``; ``client-init-from`` implies starting apart, from files.
+    """
+    if str(cfg.get("client-init-from", "")):
+        return "files"
+    if cfg.get("one-shot", False) or str(cfg.get("client-init", "shared")) == "own":
+        return "own"
+    return "shared"
+
+
+def own_init_seed(cfg: Mapping[str, Any], partition_id: int) -> int:
+    """Client ``partition_id``'s own init seed (``client-init=own``), derived from (run seed, client)."""
+    return derive_seed(int(cfg["seed"]), partition_id, 13)
+
+
+def init_path(cfg: Mapping[str, Any], partition_id: int) -> Path:
+    """Client ``partition_id``'s file in ``client-init-from``: ``DIR/partition<P>.pt``."""
+    return Path(str(cfg["client-init-from"])) / INIT_FILE.format(partition_id)
+
+
+def load_init_state(path: str | Path, template: nn.Module, what: str = "client-init-from") -> dict[str, torch.Tensor]:
+    """The state dict in ``path`` (``torch.load(weights_only=True)``: never unpickles code), checked against
+    ``template``'s keys and shapes; ConfigError with one line naming ``what`` and the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what}: {str(path)!r} is not a file; allowed: a state dict saved with torch.save")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 — unreadable, or it holds code: bad input either way
+        raise ConfigError(
+            f"{what}: {str(path)!r} is not a torch state dict ({type(exc).__name__}); only tensors are loaded"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # a fedfuse checkpoint.pt
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConfigError(f"{what}: {str(path)!r} does not hold a state dict of tensors")
+    ref = template.state_dict()
+    missing, extra = sorted(set(ref) - set(obj)), sorted(set(obj) - set(ref))
+    shape = next((k for k, v in ref.items() if k in obj and tuple(obj[k].shape) != tuple(v.shape)), None)
+    if missing or extra or shape:
+        why = (
+            f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r} the model lacks" if extra
+            else f"{shape!r} has shape {tuple(obj[shape].shape)}, the model {tuple(ref[shape].shape)}"  # type: ignore[index]
+        )  # fmt: skip
+        raise ConfigError(
+            f"{what}: {str(path)!r} does not fit the model ({why}); pass the --model/--width/--depth/--batch-norm "
+            "it was built with"
+        )
+    return obj
+
+
+def check_init_files(cfg: Mapping[str, Any], ds: Dataset) -> None:
+    """``client-init-from``: a directory holding ``partition<P>.pt`` for every client P < ``num-clients``, each a
+    state dict of tensors that fits that client's model; ConfigError with one line otherwise."""
+    directory, n = Path(str(cfg["client-init-from"])), int(cfg["num-clients"])
+    wanted = f"a directory with {INIT_FILE.format(0)} .. {INIT_FILE.format(n - 1)} (one state dict per client)"
+    if not directory.is_dir():
+        raise ConfigError(f"client-init-from={str(directory)!r} is not a directory; allowed: {wanted}")
+    missing = [p for p in range(n) if not init_path(cfg, p).is_file()]
+    if missing:
+        raise ConfigError(
+            f"client-init-from={str(directory)!r} lacks {INIT_FILE.format(missing[0])}"
+            f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; num-clients={n} needs {wanted}"
+        )
+    for p in range(n):
+        load_init_state(init_path(cfg, p), client_model(cfg, ds, p))
+
+
+def apart_model(
+    cfg: Mapping[str, Any], ds: Dataset, partition_id: int, node_file: str | None = None
+) -> nn.Module | None:
+    """Client ``partition_id``'s round-1 model when clients start apart (:func:`init_mode` not ``shared``), else
+    None (the client starts from the global model it received).
+
+    In order: the node's own file ``node_file`` (a deployed SuperNode's ``init-from`` node config), the client's
+    file in ``client-init-from``, its own seed (:func:`own_init_seed`). The model is the client's architecture
+    (:func:`client_model`, its own width under width heterogeneity).
+    """
+    mode = init_mode(cfg)
+    if mode == "shared":
+        return None
+    if node_file or mode == "files":
+        model = client_model(cfg, ds, partition_id)
+        what = "node config init-from" if node_file else "client-init-from"
+        model.load_state_dict(load_init_state(node_file or init_path(cfg, partition_id), model, what))
+        return model
+    return client_model(cfg, ds, partition_id, seed=own_init_seed(cfg, partition_id))
 
 
 def sample_clients(seed: int, server_round: int, num_clients: int, fraction: float, min_clients: int = 1) -> list[int]:

@@ -21,6 +21,7 @@ __all__ = [
     "PARTITION_ID",
     "NUM_PARTITIONS",
     "DATA_DIR",
+    "INIT_FROM",
     "NUM_EXAMPLES",
     "TRAIN_LOSS",
     "TRAIN_ACCURACY",
@@ -53,6 +54,7 @@ CLIENT_INFO = "client"  # a reply's ConfigRecord with the client's PARTITION_ID 
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 DATA_DIR = "data-dir"  # a deployed SuperNode's own data directory (train.pt / train.npz)
+INIT_FROM = "init-from"  # a SuperNode's own round-1 model (a state dict file) when the run has client-init=own
 
 # MetricRecord keys of replies
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighted_by_key

@@ -137,8 +137,11 @@ def test_every_readme_snippet_runs(tmp_path: Path) -> None:
     assert len(executed) == len(found)
     print(f"README: {len(executed)} of {len(found)} snippets executed")
     # what the README promises they write
-    assert (repo / "runs/demo/metrics.json").is_file() and (repo / "runs/first/model.pt").is_file()
-    assert (repo / "runs/cmp/compare.png").is_file()
+    assert (repo / "runs/demo/compare.png").is_file() and (repo / "runs/first/model.pt").is_file()
+    for run in ("fedavg", "wb", "fedavg@client-init=shared"):  # the demo: apart (own inits) and a shared init
+        assert (repo / "runs/demo" / run / "metrics.json").is_file()
+    assert (repo / "runs/cmp/compare.png").is_file() and (repo / "runs/apart/compare.png").is_file()
+    assert (repo / "runs/sites/model.pt").is_file()  # started from runs/pre's saved client models
     assert (repo / "runs/mine/my_pkg.my_mod.MyStrategy/metrics.json").is_file()
     assert (repo / "runs/flwr-run/metrics.json").is_file()
 

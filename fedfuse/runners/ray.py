@@ -249,6 +249,8 @@ def run_ray(
     """
     out = Path(cfg["out"]).resolve()
     cfg = {**cfg, "out": str(out)}  # the ServerApp's working directory is the SuperLink's: no relative paths
+    if cfg.get("client-init-from"):  # nor the ClientApps'
+        cfg["client-init-from"] = str(Path(cfg["client-init-from"]).resolve())
     seen = {int(r["round"]) for r in _rows(out)} if resume else set()
     tail: deque[str] = deque(maxlen=40)
     errors: list[str] = []
