@@ -227,3 +227,25 @@ def test_activation_methods_refuse_bad_input_in_one_line(digits_parents):
     )
     with pytest.raises(ConfigError, match="LayerNorm"):
         fuse([ln, copy.deepcopy(ln)], method="zip", template=ln, data=unlabeled)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gwb = wb after its warm start (README: "gwb and wb"); pinned so that a change of either shows here
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_gwb_at_its_default_alpha_returns_wb_bit_for_bit_also_for_unequal_widths(digits_parents):
+    data, parents, _ = digits_parents
+    x, y = data.x_train, data.y_train
+    narrow = build_model("mlp", data.input_shape, data.num_classes, width=32, depth=2, seed=30)
+    with torch.random.fork_rng(devices=[]):
+        torch.set_num_threads(1)
+        train(narrow, x[y.numpy() % 2 == 0], y[y.numpy() % 2 == 0], epochs=10, lr=0.05, momentum=0.9, seed=0)
+    for models in (parents, [narrow, parents[1]]):
+        wb = fuse(models, method="wb", template=parents[0], target_width=64, bn_repair=None)
+        gwb = fuse(models, method="gwb", template=parents[0], target_width=64, bn_repair=None)
+        assert all(torch.equal(wb[k], gwb[k]) for k in wb)
+    # unequal depths: neither fuses them (layers are paired one to one), one line
+    deep = build_model("mlp", data.input_shape, data.num_classes, width=64, depth=3, seed=0)
+    with pytest.raises(ConfigError, match="does not match model 0's architecture"):
+        fuse([parents[0], deep], method="gwb", template=parents[0])
