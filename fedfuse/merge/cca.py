@@ -17,7 +17,8 @@ paper. A permuted copy (``b = P a``) is mapped back exactly up to float error: t
 ``D Pᵀ`` with ``D`` symmetric positive definite, whose polar factor ``UVᵀ`` is ``Pᵀ``, so ``M = Pᵀ``. Units dead
 on the data make ``D`` singular and leave their block arbitrary; they are paired one-to-one instead.
 Multi-model form: every model is mapped into the reference's space (the largest-λ model by default; ``fuse(init=…)``
-picks another) and the results averaged. ``M`` also matches second moments: ``M Σ_BB Mᵀ = Σ_AA`` (regularised covariances).
+picks another) and the results averaged. ``M`` also matches second moments: ``M Σ_BB Mᵀ = Σ_AA`` (regularised
+covariances).
 """
 
 from __future__ import annotations
