@@ -16,6 +16,7 @@ from fedfuse.align.solvers import resolve_spec
 from fedfuse.align.transport import permute_model
 from fedfuse.merge.distill import distill, ensemble_logits, synthetic_inputs
 from fedfuse.merge.linear import unfold_measured
+from fedfuse.merge.partial import multihead_bytes, partial_zip
 from fedfuse.merge.zip import zip_clusters
 
 
@@ -249,3 +250,26 @@ def test_gwb_at_its_default_alpha_returns_wb_bit_for_bit_also_for_unequal_widths
     deep = build_model("mlp", data.input_shape, data.num_classes, width=64, depth=3, seed=0)
     with pytest.raises(ConfigError, match="does not match model 0's architecture"):
         fuse([parents[0], deep], method="gwb", template=parents[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# partial zipping: the last k groups kept apart as a multi-head ensemble
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_partial_zip_spans_full_zipping_to_the_ensemble(digits_parents, bn_cnn_parents):
+    data, mlps, unlabeled = digits_parents
+    for parents in (mlps, bn_cnn_parents):
+        net = parents[0]
+        groups = len(resolve_spec(None, net, unlabeled[:2]).groups)
+        with torch.no_grad():
+            ens = ensemble_logits(parents, data.x_test)
+            full = _outputs(net, fuse(parents, method="zip", template=net, data=unlabeled, bn_repair=None), data.x_test)
+            none = partial_zip(parents, template=net, data=unlabeled, keep_last=groups)(data.x_test)
+            zero = partial_zip(parents, template=net, data=unlabeled, keep_last=0)(data.x_test)
+        assert torch.allclose(none, ens, atol=1e-4, rtol=1e-4)  # nothing zipped: the logit ensemble
+        assert torch.allclose(zero, full, atol=1e-4, rtol=1e-4)  # everything zipped: fuse(method="zip")
+    head = partial_zip(mlps, template=mlps[0], data=unlabeled, keep_last=1)
+    assert len(head.trunk) > 0 and multihead_bytes(head) < 2 * sum(v.numel() * 4 for v in mlps[0].state_dict().values())
+    with pytest.raises(ConfigError, match="keep_last=7 is out of range"):
+        partial_zip(mlps, template=mlps[0], data=unlabeled, keep_last=7)
