@@ -20,6 +20,7 @@ The number of snippets executed must equal the number found: nothing is skipped 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -140,3 +141,6 @@ def test_every_readme_snippet_runs(tmp_path: Path) -> None:
     assert (repo / "runs/cmp/compare.png").is_file()
     assert (repo / "runs/mine/my_pkg.my_mod.MyStrategy/metrics.json").is_file()
     assert (repo / "runs/flwr-run/metrics.json").is_file()
+    merged = json.loads((repo / "runs/merge/merge.json").read_text())
+    assert {"parents", "average", "ensemble", "methods"} <= set(merged) and len(merged["parents"]) == 2
+    assert (repo / "runs/merge-recipe/model.pt").is_file()
