@@ -149,16 +149,22 @@ def _add_merge_parser(sub: Any) -> None:
     p.add_argument("parents", nargs="*", metavar="A.pt", help="state dicts (or one recipe.yml)")
     p.add_argument("--recipe", default=None, metavar="YAML", help="mergekit-style recipe (models, merge_method, ...)")
     p.add_argument("--model", default=None, help="mlp, cnn, ..., torchvision:NAME, timm:NAME or package.module:factory")
-    for flag in ("width", "depth", "num-classes", "seed", "data-samples", "distill-epochs", "distill-batch-size"):
-        p.add_argument(f"--{flag}", type=int, default=None, metavar="INT")
-    p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None)
+    ints = {
+        "width": "hidden width (0 = the model's default)", "depth": "hidden layers (0 = default)",
+        "num-classes": "model outputs (default: the data set's, or max label + 1 of an .npz)",
+        "seed": "seed of distillation and matching (default 0)", "data-samples": "inputs used of --data and "
+        "--distill-data (0 = all; default 1000)", "distill-epochs": "default 20", "distill-batch-size": "default 64",
+    }  # fmt: skip
+    for flag, text in ints.items():
+        p.add_argument(f"--{flag}", type=int, default=None, metavar="INT", help=text)
+    p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help="BatchNorm in CNN/ResNet")
     p.add_argument("--method", default=None, help="comma-separated fuse methods or all (default: all)")
     p.add_argument("--repair", action="store_const", const=True, default=None, help="each method also with REPAIR")
     p.add_argument("--test-data", default=None, metavar="FILE|DATASET", help="labelled .npz (x, y) or data set name")
     p.add_argument("--data", default=None, metavar="FILE|DATASET", help="inputs for activation methods and REPAIR")
     p.add_argument("--distill-data", default=None, metavar="FILE|DATASET", help="each method also distilled (FedDF)")
-    p.add_argument("--distill-lr", type=float, default=None, metavar="FLOAT")
-    p.add_argument("--data-root", default=None, metavar="DIR")
+    p.add_argument("--distill-lr", type=float, default=None, metavar="FLOAT", help="Adam learning rate (default 1e-3)")
+    p.add_argument("--data-root", default=None, metavar="DIR", help="directory with data files (mnist10k)")
     p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W", help="one per parent (default 1)")
     p.add_argument("--save", default=None, metavar="VARIANT", help="variant written as model.pt (default: best)")
     p.add_argument("--dtype", default=None, help="saved model dtype: float32, float16, bfloat16")
@@ -524,6 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"fedfuse: error: {exc}", file=sys.stderr)
             return 2
+        except RunFailedError as exc:
+            print(f"fedfuse: error: {exc}", file=sys.stderr)
+            return 1
         except OSError as exc:
             print(f"fedfuse: error: cannot write {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
             return 1

@@ -18,7 +18,7 @@ from fedfuse.align import fusion
 from fedfuse.cli import main
 from fedfuse.data import load_dataset
 from fedfuse.models import build_model
-from fedfuse.state import weighted_average
+from fedfuse.state import torch_threads, weighted_average
 from fedfuse.train import evaluate, train
 
 WIDTH = ["--model", "mlp", "--width", "16"]
@@ -58,10 +58,11 @@ def parents(tmp_path_factory):
     """Three MLPs (width 16) from their own inits, each trained on its own third of digits."""
     root = tmp_path_factory.mktemp("parents")
     paths = []
-    for i in range(3):
-        net = build_model("mlp", (1, 8, 8), 10, width=16, seed=100 + i)
-        torch.save(_train(net, i), root / f"p{i}.pt")
-        paths.append(str(root / f"p{i}.pt"))
+    with torch_threads(1):  # tiny nets: threads only contend
+        for i in range(3):
+            net = build_model("mlp", (1, 8, 8), 10, width=16, seed=100 + i)
+            torch.save(_train(net, i), root / f"p{i}.pt")
+            paths.append(str(root / f"p{i}.pt"))
     return paths
 
 
@@ -302,3 +303,43 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(parents, tmp_path, cap
     # Execute + Assert
     err = refused([*argv, "--test-data", test, *extra], capsys, tmp_path / "out")
     assert message in err, err
+
+
+def test_all_skips_a_method_the_model_defeats_and_a_named_one_stops(tmp_path, monkeypatch, capsys) -> None:
+    # Prepare: a factory whose cumsum mixes hidden units (no permutation commutes with it); two such parents
+    (tmp_path / "my_odd_models.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            class Odd(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.a, self.b = nn.Linear(64, 12), nn.Linear(12, 10)
+
+                def forward(self, x):
+                    return self.b(torch.cumsum(self.a(x.flatten(1)), 1))
+            """
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_odd_models
+
+    for i in range(2):  # untrained: the refusal is about the architecture
+        torch.manual_seed(i)
+        torch.save(my_odd_models.Odd().state_dict(), tmp_path / f"o{i}.pt")
+    argv = ["merge", "o0.pt", "o1.pt", "--model", "my_odd_models:Odd", "--test-data", "digits"]
+    # Execute: all methods, then wb alone
+    code_all = run_cli([*argv, "--method", "all", "--out", "all"])
+    capsys.readouterr()
+    err = refused([*argv, "--method", "wb"], capsys, tmp_path / "wb")
+    sys.modules.pop("my_odd_models", None)
+    # Assert: `all` keeps what works and names what it skipped; a named method is one line, exit 2
+    assert code_all == 0
+    report = json.loads((tmp_path / "all" / "merge.json").read_text())
+    assert set(report["methods"]) == {"average"}
+    assert set(report["skipped"]) == set(fusion.METHODS) - {"average"}
+    assert all("torch.cumsum" in why for why in report["skipped"].values())
+    assert "method='wb' on model='my_odd_models:Odd'" in err and "torch.cumsum" in err

@@ -18,6 +18,10 @@ With ``λ`` the normalised weights and ``f_i`` the parents (accuracy on the labe
   of a built-in test data set; with ``X`` a plain ``m`` on a BatchNorm model resets the BN statistics on ``X``
   (``bn_repair="auto"``).
 
+``seconds``: wall time of each variant (a ``+distill`` one includes the fusion it starts from). With ``all``, a
+method that cannot take the model (it raises ConfigError) is listed in ``skipped`` with the reason; a method named
+explicitly stops the merge with that line instead.
+
 ``model.pt`` is the variant named by ``save``, or else the variant with the best test accuracy *(chosen on the
 test data, so that number is optimistic for the chosen one; hold out other data to report it)*, cast to
 ``dtype`` when given (its accuracy after the cast is ``saved.accuracy`` in ``merge.json``).
@@ -39,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fedfuse.errors import ConfigError
+from fedfuse.errors import ConfigError, RunFailedError
 from fedfuse.merge.inputs import Inputs, build_template, check_fits, load_inputs, load_parent
 
 __all__ = ["MergeRequest", "Prepared", "prepare", "run", "write", "merge", "resolve_methods", "DTYPES"]
@@ -218,22 +222,39 @@ def run(p: Prepared, log: Any = print) -> tuple[dict[str, Any], dict[str, Tensor
     x = p.align.x if p.align is not None else None
     results: dict[str, float] = {}
     seconds: dict[str, float] = {}
+    skipped: dict[str, str] = {}
     fused: dict[str, dict[str, Tensor]] = {}
     for name, method, rep, dist in p.variants:
         start = time.perf_counter()
         base = name.removesuffix("+distill")
+        if dist and base in skipped:
+            skipped[name] = skipped[base]
+            continue
         if dist:
             student = _net(t, fused[base])
             state = distill(student, teachers, p.distill.x, epochs=req.distill_epochs, lr=req.distill_lr,  # type: ignore[union-attr]
                             batch_size=req.distill_batch_size, seed=req.seed, weights=p.weights)  # fmt: skip
             seconds[name] = seconds[base] + time.perf_counter() - start
         else:
-            state = fuse(p.states, p.weights, method=method, template=t, data=x, init=req.reference,  # type: ignore[assignment]
-                         bn_repair="repair" if rep else "auto", seed=req.seed)  # fmt: skip
+            try:
+                state = fuse(p.states, p.weights, method=method, template=t, data=x, init=req.reference,  # type: ignore[assignment]
+                             bn_repair="repair" if rep else "auto", seed=req.seed)  # fmt: skip
+            except ConfigError as exc:  # this method cannot take this model: `all` goes on, a named method stops
+                if "all" not in req.methods:
+                    raise ConfigError(f"method={method!r} on model={req.model!r}: {exc}") from None
+                skipped[name] = str(exc)
+                log(f"{name}: skipped ({exc})")
+                continue
+            except Exception as exc:  # noqa: BLE001 — a failed fusion: one line (exit 1), nothing written
+                raise RunFailedError(f"{name} failed ({type(exc).__name__}: {exc}); nothing written") from None
             seconds[name] = time.perf_counter() - start
         fused[name] = state
         results[name] = accuracy(t, state, p.test)
         log(f"{name}: {results[name]:.4f} ({seconds[name]:.2f} s)")
+    if not results:
+        raise ConfigError(f"no method could merge model={req.model!r}: {next(iter(skipped.values()))}")
+    if req.save in skipped:
+        raise ConfigError(f"save={req.save!r} was skipped: {skipped[req.save]}")
     chosen = req.save or max(results, key=lambda k: results[k])
     state = fused[chosen]
     if req.dtype is not None:
@@ -245,6 +266,7 @@ def run(p: Prepared, log: Any = print) -> tuple[dict[str, Any], dict[str, Tensor
         "ensemble": ensemble,
         "methods": results,
         "seconds": seconds,
+        "skipped": skipped,
         "ensemble_kind": "argmax of the λ-weighted mean of the parents' logits",
         "saved": {
             "variant": chosen,
