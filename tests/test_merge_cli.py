@@ -229,14 +229,17 @@ def test_recipe_and_flags_that_disagree_are_refused(parents, tmp_path, capsys) -
     assert "--width=32 disagrees with the recipe's 16" in err
 
 
-def test_overwrite_replaces_a_previous_merge(parents, tmp_path, capsys) -> None:
+def test_overwrite_replaces_a_previous_merge_and_nothing_else(parents, tmp_path, capsys) -> None:
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "old.txt").write_text("previous results")
-    argv = ["merge", *parents[:2], *WIDTH, "--method", "average", "--test-data", "digits"]
-    assert "is not empty; pass --overwrite" in refused(argv, capsys, out)
-    assert run_cli([*argv, "--out", str(out), "--overwrite"]) == 0
+    argv = ["merge", *parents[:2], *WIDTH, "--test-data", "digits"]
+    assert run_cli([*argv, "--method", "average", "--out", str(out)]) == 0
+    assert "is not empty; pass --overwrite" in refused([*argv, "--method", "wb"], capsys, out)
+    assert run_cli([*argv, "--method", "wb", "--out", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["merge.json", "merge.png", "model.pt"]
+    assert set(json.loads((out / "merge.json").read_text())["methods"]) == {"wb"}
+    (out / "notes.txt").write_text("someone else's file")
+    err = refused([*argv, "--method", "average", "--overwrite"], capsys, out)
+    assert "holds 'notes.txt', not only a previous merge's" in err
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 :func:`prepare` reads and checks everything (model, parents, data, methods, output directory) and writes nothing;
 :func:`run` fuses and evaluates; :func:`write` puts ``model.pt``, ``merge.png`` and ``merge.json`` into ``out``
-at once (a hidden sibling directory renamed into place, so a failed or killed merge leaves ``out`` as it was).
+(a new ``out`` at once: a hidden sibling renamed into place; nothing is written before every input is checked).
 
 With ``λ`` the normalised weights and ``f_i`` the parents (accuracy on the labelled test data):
 
@@ -125,13 +125,21 @@ def _variants(methods: list[str], repair: bool, distill: bool) -> list[tuple[str
 
 
 def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse a file, or a non-empty directory without ``overwrite``; the nearest existing folder must be writable."""
+    """Refuse a file, a non-empty directory without ``overwrite``, and with it one holding anything but a previous
+    merge's files; the nearest existing folder must be writable."""
     from fedfuse.results import check_writable
 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"out={str(out)!r} is not empty; pass --overwrite or another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"out={str(out)!r} is not empty; pass --overwrite or another --out")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUT_FILES)
+        if foreign:  # --overwrite replaces a previous merge, never a folder of other things
+            raise ConfigError(
+                f"out={str(out)!r} holds {foreign[0]!r}, not only a previous merge's {', '.join(OUT_FILES)}; "
+                "--overwrite replaces only those: pass another --out"
+            )
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent
@@ -315,32 +323,29 @@ def plot(report: dict[str, Any], title: str = "") -> bytes:
 
 
 def write(out: Path, report: dict[str, Any], state: dict[str, Tensor]) -> None:
-    """``model.pt``, ``merge.json`` and ``merge.png`` into ``out``, all at once: written into a hidden sibling,
-    then renamed into place (a previous ``out`` is renamed aside first and deleted after)."""
+    """``model.pt``, ``merge.png`` and ``merge.json``, all made in memory first. A new ``out`` appears at once (a
+    hidden sibling renamed into place); into an existing one (empty, or a previous merge with ``--overwrite``) each
+    file is replaced atomically, ``merge.json`` last — the directory itself is never moved (it may be the cwd)."""
     from fedfuse.results import atomic_write_bytes
 
-    out = Path(out)
-    stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-    tmp = out.with_name(f".{out.name}.merging-{stamp}")
-    try:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write_bytes(tmp / "model.pt", buf.getvalue())
-        atomic_write_bytes(tmp / "merge.png", plot(report))
-        atomic_write_bytes(tmp / "merge.json", json.dumps(report, indent=2).encode())
-        aside = out.with_name(f".{out.name}.replaced-{stamp}") if out.exists() else None
-        if aside is not None:
-            os.rename(out, aside)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    files = {"model.pt": buf.getvalue(), "merge.png": plot(report), "merge.json": json.dumps(report, indent=2).encode()}
+    out = Path(os.path.abspath(out))
+    if not out.exists():
+        tmp = out.with_name(f".{out.name}.merging-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
         try:
+            for name, data in files.items():
+                atomic_write_bytes(tmp / name, data)
             os.rename(tmp, out)
-        except BaseException:
-            if aside is not None:
-                os.rename(aside, out)
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+            return
+        except OSError:
+            if not out.exists():  # unless another process made ``out`` meanwhile: then write into it below
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    for name, data in files.items():
+        atomic_write_bytes(out / name, data)
 
 
 def merge(req: MergeRequest, log: Any = print) -> dict[str, Any]:
