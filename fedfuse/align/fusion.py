@@ -58,9 +58,9 @@ from fedfuse.state import normalise_weights, single_threaded, weighted_average
 __all__ = ["fuse", "align", "wasserstein_barycenter", "gromov_wasserstein_barycenter", "init_barycenter"]
 
 Model = nn.Module | Mapping[str, Tensor]
-METHODS = ("average", "match", "wb", "gwb", "gw")
-#: methods that compare units by their activations and so need ``fuse(..., data=batch)``
-DATA_METHODS: frozenset[str] = frozenset()
+METHODS = ("average", "match", "wb", "gwb", "gw", "cca", "zip")
+#: methods that compare units by their activations and so need ``fuse(..., data=batch)`` (:mod:`fedfuse.merge`)
+DATA_METHODS: frozenset[str] = frozenset({"cca", "zip"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def gromov_wasserstein_barycenter(
 def fuse(
     models: Sequence[Model],
     weights: Sequence[float] | None = None,
-    method: Literal["average", "match", "wb", "gwb", "gw"] = "average",
+    method: Literal["average", "match", "wb", "gwb", "gw", "cca", "zip"] = "average",
     spec: TransportSpec | None = None,
     example_input: Any = None,
     *,
@@ -298,7 +298,9 @@ def fuse(
     BatchNorm: :mod:`fedfuse.align.repair`), or None. ``return_aligned``: also return every model aligned to
     the fused one (what federated REPAIR sends back to each client).
     ``data``: a batch of inputs for the methods in :data:`DATA_METHODS` (activation-based alignment); it is
-    also ``repair_data`` when that is not given.
+    also ``repair_data`` when that is not given. ``cca`` (CCA Merge, :mod:`fedfuse.merge.cca`) and ``zip``
+    (ZipIt!-style zipping, :mod:`fedfuse.merge.zip`) merge by linear maps of the units fitted on ``data``; they
+    fold BatchNorm themselves (``bn_fold`` is implied) and keep the reference's widths.
     ``bn_fold`` (BN-aware alignment, needs a module): every BatchNorm that reads a Linear/Conv's output is folded
     into it first (:func:`fedfuse.align.bn.fold_bn`: per unit ``W ← γW/√(σ²+ε)``, shift ``β + γ(b−μ)/√(σ²+ε)``,
     the unit's eval-mode affine map), so the alignment cost and the average compare the functions the units
@@ -322,9 +324,9 @@ def fuse(
     ref = int(np.argmax(lam)) if init is None else int(init)
     if not 0 <= ref < len(states):
         raise ConfigError(f"init={init} is not a model index (0..{len(states) - 1})")
-    _check_states(states, same_shapes=method in ("average", "match"), method=method)
+    _check_states(states, same_shapes=method in ("average", "match") or method in DATA_METHODS, method=method)
     module = template if template is not None else next((m for m in models if isinstance(m, nn.Module)), None)
-    if bn_fold:
+    if bn_fold and method not in DATA_METHODS:  # cca/zip fold BatchNorm themselves
         if module is None:
             raise ConfigError("bn_fold=True needs an nn.Module (pass template=) to find the BatchNorm layers")
         pairs = fold_pairs(module, example_input)
@@ -341,7 +343,13 @@ def fuse(
         spec = resolve_spec(spec, module, example_input)
         specs = [spec.for_state(s) for s in states]
         _check_free_axes(states, specs)
-        if method == "match":
+        if method in DATA_METHODS:
+            if target_width is not None:
+                raise ConfigError(f"target_width does not apply to method={method!r} (it keeps the reference's widths)")
+            from fedfuse.merge.activation import merge_by_activations
+
+            fused, aligned = merge_by_activations(method, states, lam, spec, module, data, ref)  # type: ignore[arg-type]
+        elif method == "match":
             if target_width is not None:
                 raise ConfigError("target_width needs method='wb', 'gwb' or 'gw'")
             transports = [
@@ -371,7 +379,8 @@ def fuse(
             fused, transports, aligned = gromov_wasserstein_barycenter(
                 states, lam, spec, ref=ref, max_iter=max_iter or 20, sizes=sizes, seed=seed, reduce=reduce
             )
-        check_alignment(states, aligned, spec, ref, method)
+        if method not in DATA_METHODS:  # their parents come back folded; tests pin permuted-copy recovery
+            check_alignment(states, aligned, spec, ref, method)
     if pairs:  # back to ordinary BN parameters: the aligned parents' own, and their λ-average for the fused model
         norms = [apply_transport(o, spec, t) if t else o for o, t in zip(originals, transports, strict=True)]
         aligned = [unfold_bn(a, pairs, n) for a, n in zip(aligned, norms, strict=True)]
