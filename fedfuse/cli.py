@@ -162,7 +162,12 @@ def _add_merge_parser(sub: Any) -> None:
     p.add_argument("--repair", action="store_const", const=True, default=None, help="each method also with REPAIR")
     p.add_argument("--test-data", default=None, metavar="FILE|DATASET", help="labelled .npz (x, y) or data set name")
     p.add_argument("--data", default=None, metavar="FILE|DATASET", help="inputs for activation methods and REPAIR")
-    p.add_argument("--distill-data", default=None, metavar="FILE|DATASET", help="each method also distilled (FedDF)")
+    p.add_argument(
+        "--distill-data",
+        default=None,
+        metavar="FILE|DATASET|synthetic",
+        help="inputs to distil each method on (FedDF); synthetic = N(0, 1) noise, data-free",
+    )
     p.add_argument("--distill-lr", type=float, default=None, metavar="FLOAT", help="Adam learning rate (default 1e-3)")
     p.add_argument("--data-root", default=None, metavar="DIR", help="directory with data files (mnist10k)")
     p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W", help="one per parent (default 1)")

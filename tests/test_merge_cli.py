@@ -113,6 +113,15 @@ def test_method_all_runs_every_method_with_and_without_repair_and_distillation(p
     assert len(report["parents"]) == 3 and report["distill_data"]["source"] == "digits (train split)"
 
 
+def test_distill_data_synthetic_is_data_free(parents, tmp_path) -> None:
+    out = tmp_path / "syn"
+    argv = ["merge", *parents[:2], *WIDTH, "--method", "wb", "--distill-data", "synthetic", "--data-samples", "64"]
+    assert run_cli([*argv, "--distill-epochs", "1", "--test-data", "digits", "--out", str(out)]) == 0
+    report = json.loads((out / "merge.json").read_text())
+    assert set(report["methods"]) == {"wb", "wb+distill"}
+    assert report["distill_data"] == {"source": "synthetic N(0, 1)", "samples": 64}
+
+
 def test_save_names_the_variant_and_dtype_casts_it(parents, tmp_path) -> None:
     out = tmp_path / "s"
     argv = ["merge", *parents[:2], *WIDTH, "--method", "match,wb", "--save", "match", "--dtype", "float16"]

@@ -13,7 +13,8 @@ With ``λ`` the normalised weights and ``f_i`` the parents (accuracy on the labe
 * ``methods``: every variant asked for: ``fuse(parents, λ, method=m, template, data=X, bn_repair=…)`` for each
   ``m`` (``all`` = :data:`fedfuse.align.fusion.METHODS` read at run time), ``m+repair`` (REPAIR, Jordan et al.
   2023) with ``repair``, ``m+distill`` / ``m+repair+distill`` (FedDF distillation of the fused model toward the
-  parents' logit ensemble, :func:`fedfuse.merge.distill.distill`) with distillation data. ``X`` (the inputs
+  parents' logit ensemble, :func:`fedfuse.merge.distill.distill`) with distillation data (``synthetic``: the
+  data-free case, ``data_samples`` Gaussian N(0, 1) inputs shaped like the test samples). ``X`` (the inputs
   activation-based methods and REPAIR look at) is ``data``, else the distillation data, else the training split
   of a built-in test data set; with ``X`` a plain ``m`` on a BatchNorm model resets the BN statistics on ``X``
   (``bn_repair="auto"``).
@@ -48,6 +49,7 @@ from fedfuse.merge.inputs import Inputs, build_template, check_fits, load_inputs
 
 __all__ = ["MergeRequest", "Prepared", "prepare", "run", "write", "merge", "resolve_methods", "DTYPES"]
 
+SYNTHETIC = "synthetic"  # --distill-data synthetic: the data-free case
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OUT_FILES = ("model.pt", "merge.json", "merge.png")
 
@@ -169,7 +171,14 @@ def prepare(req: MergeRequest) -> Prepared:
         raise ConfigError(f"reference={req.reference} is not a parent index (0..{len(req.parents) - 1})")
     test = load_inputs(req.test_data, flag="test-data", labelled=True, data_root=req.data_root, seed=req.seed)
     kw = {"labelled": False, "split": "train", "data_root": req.data_root, "seed": req.seed}
-    distill = load_inputs(req.distill_data, flag="distill-data", **kw) if req.distill_data else None
+    synthetic = req.distill_data == SYNTHETIC
+    real = req.distill_data and not synthetic
+    distill = load_inputs(req.distill_data, flag="distill-data", **kw) if real else None  # type: ignore[arg-type]
+    if synthetic:  # data-free: N(0, 1) inputs shaped like the test samples (fedfuse's data sets are standardised)
+        from fedfuse.merge.distill import synthetic_inputs
+
+        x = synthetic_inputs(req.data_samples or 1000, shape=tuple(test.x.shape[1:]), seed=req.seed)
+        distill = Inputs(x, None, "synthetic N(0, 1)")
     align = load_inputs(req.data, flag="data", **kw) if req.data else distill
     if align is None and test.num_classes is not None:  # a built-in test set: its training split
         align = load_inputs(req.test_data, flag="test-data", **kw)
