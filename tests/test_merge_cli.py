@@ -269,6 +269,7 @@ def test_overwrite_replaces_a_previous_merge_and_nothing_else(parents, tmp_path,
         ("weights", "weights: 3 given for 2 parents"),
         ("one-parent", "merge needs at least 2 parent state dicts, got 1"),
         ("save", "save='gw' is not among the variants run; allowed: wb"),
+        ("no-test-data", "--test-data FILE.npz|DATASET is required"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(parents, tmp_path, capsys, case, message) -> None:
@@ -312,8 +313,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(parents, tmp_path, cap
     elif case == "save":
         extra = ["--save", "gw"]
     argv = ["merge", a, *([b] if b else []), "--model", "mlp", "--width", width, "--method", method]
+    argv += [] if case == "no-test-data" else ["--test-data", test]
     # Execute + Assert
-    err = refused([*argv, "--test-data", test, *extra], capsys, tmp_path / "out")
+    err = refused([*argv, *extra], capsys, tmp_path / "out")
     assert message in err, err
 
 

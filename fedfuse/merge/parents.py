@@ -62,7 +62,7 @@ class MergeRequest:
     parents: list[str]
     out: str
     model: str = "mlp"
-    test_data: str = "digits"
+    test_data: str = "digits"  # the CLI and recipes require it (build_request)
     methods: list[str] = field(default_factory=lambda: ["all"])
     weights: list[float] | None = None
     repair: bool = False

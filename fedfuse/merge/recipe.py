@@ -173,5 +173,7 @@ def build_request(given: dict[str, Any], recipe: str | None = None) -> Any:
             fields[key] = value
     if "out" not in fields:
         raise ConfigError("--out DIR is required")
+    if "test_data" not in fields:
+        raise ConfigError("--test-data FILE.npz|DATASET is required: the labelled data every model is measured on")
     fields.setdefault("parents", [])
     return MergeRequest(**fields)
