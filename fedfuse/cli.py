@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedfuse",
         description="Alignment-aware federated learning on Flower.",
         epilog="examples:\n  fedfuse simulate --strategy wb --out runs/wb\n"
-        "  fedfuse lmc runs/a/model.pt runs/b/model.pt --align --out runs/lmc\n\n"
+        "  fedfuse lmc runs/a/model.pt runs/b/model.pt --align --out runs/lmc\n"
+        "  fedfuse merge a.pt b.pt --model mlp --method all --repair --test-data digits --out runs/merge\n\n"
         "fedfuse simulate --help lists every option.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.add_argument("--no-progress", action="store_true", help="no live progress display")
     _add_lmc_parser(sub)
+    _add_merge_parser(sub)
     return parser
 
 
@@ -180,6 +182,62 @@ def _add_lmc_parser(sub: Any) -> None:
     p.add_argument("--num-points", type=int, default=11, help="α grid size (default 11)")
     p.add_argument("--samples", type=int, default=2000, help="test samples used (0 = all; default 2000)")
     p.add_argument("--out", required=True, help="directory for lmc.json and the plots")
+
+
+def _add_merge_parser(sub: Any) -> None:
+    """``fedfuse merge A.pt B.pt …`` or ``fedfuse merge recipe.yml``: see :mod:`fedfuse.merge.parents`."""
+    p = sub.add_parser(
+        "merge",
+        help="merge N trained state dicts into one model; compare with the parents, their average and ensemble",
+        epilog="examples:\n  fedfuse merge a.pt b.pt c.pt --model mlp --method all --repair --test-data digits "
+        "--out runs/merge\n  fedfuse merge recipe.yml --out runs/merge   # mergekit-style recipe",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("parents", nargs="*", metavar="A.pt", help="state dicts (or one recipe.yml)")
+    p.add_argument("--recipe", default=None, metavar="YAML", help="mergekit-style recipe (models, merge_method, ...)")
+    p.add_argument("--model", default=None, help="mlp, cnn, ..., torchvision:NAME, timm:NAME or package.module:factory")
+    ints = {
+        "width": "hidden width (0 = the model's default)", "depth": "hidden layers (0 = default)",
+        "num-classes": "model outputs (default: the data set's, or max label + 1 of an .npz)",
+        "seed": "seed of distillation and matching (default 0)", "data-samples": "inputs used of --data and "
+        "--distill-data (0 = all; default 1000)", "distill-epochs": "default 20", "distill-batch-size": "default 64",
+    }  # fmt: skip
+    for flag, text in ints.items():
+        p.add_argument(f"--{flag}", type=int, default=None, metavar="INT", help=text)
+    p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help="BatchNorm in CNN/ResNet")
+    p.add_argument("--method", default=None, help="comma-separated fuse methods or all (default: all)")
+    p.add_argument("--repair", action="store_const", const=True, default=None, help="each method also with REPAIR")
+    p.add_argument("--test-data", default=None, metavar="FILE|DATASET", help="labelled .npz (x, y) or data set name")
+    p.add_argument("--data", default=None, metavar="FILE|DATASET", help="inputs for activation methods and REPAIR")
+    p.add_argument(
+        "--distill-data",
+        default=None,
+        metavar="FILE|DATASET|synthetic",
+        help="inputs to distil each method on (FedDF); synthetic = N(0, 1) noise, data-free",
+    )
+    p.add_argument("--distill-lr", type=float, default=None, metavar="FLOAT", help="Adam learning rate (default 1e-3)")
+    p.add_argument("--data-root", default=None, metavar="DIR", help="directory with data files (mnist10k)")
+    p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W", help="one per parent (default 1)")
+    p.add_argument("--save", default=None, metavar="VARIANT", help="variant written as model.pt (default: best)")
+    p.add_argument("--dtype", default=None, help="saved model dtype: float32, float16, bfloat16")
+    p.add_argument("--out", default=None, help="directory for model.pt, merge.json, merge.png")
+    p.add_argument("--overwrite", action="store_const", const=True, default=None, help="replace a non-empty --out")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from fedfuse.merge.parents import merge
+    from fedfuse.merge.recipe import build_request
+
+    parents, recipe = list(args.parents), args.recipe
+    if recipe is None and len(parents) == 1 and parents[0].endswith((".yml", ".yaml")):
+        parents, recipe = [], parents[0]
+    names = ("model", "width", "depth", "num_classes", "seed", "data_samples", "distill_epochs", "distill_batch_size",
+             "batch_norm", "repair", "test_data", "data", "distill_data", "distill_lr", "data_root", "weights", "save",
+             "dtype", "out", "overwrite")  # fmt: skip
+    given = {k: getattr(args, k) for k in names}
+    given.update(parents=parents or None, methods=args.method.split(",") if args.method is not None else None)
+    report = merge(build_request(given, recipe))
+    print(f"results in {args.out}/ (model.pt = {report['saved']['variant']}, merge.json, merge.png)")
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -607,12 +665,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "lmc":
+    if args.command in ("lmc", "merge"):
         try:
-            _lmc(args)
+            _lmc(args) if args.command == "lmc" else _merge(args)
         except ConfigError as exc:
             print(f"fedfuse: error: {exc}", file=sys.stderr)
             return 2
+        except RunFailedError as exc:
+            print(f"fedfuse: error: {exc}", file=sys.stderr)
+            return 1
         except OSError as exc:
             print(f"fedfuse: error: cannot write {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
             return 1

@@ -21,6 +21,7 @@ The number of snippets executed must equal the number found: nothing is skipped 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -144,6 +145,9 @@ def test_every_readme_snippet_runs(tmp_path: Path) -> None:
     assert (repo / "runs/sites/model.pt").is_file()  # started from runs/pre's saved client models
     assert (repo / "runs/mine/my_pkg.my_mod.MyStrategy/metrics.json").is_file()
     assert (repo / "runs/flwr-run/metrics.json").is_file()
+    merged = json.loads((repo / "runs/merge/merge.json").read_text())
+    assert {"parents", "average", "ensemble", "methods"} <= set(merged) and len(merged["parents"]) == 2
+    assert (repo / "runs/merge-recipe/model.pt").is_file()
 
 
 CLI_CLAIM = re.compile(r"`fedfuse (simulate [^`]*)`[^`]*?`(fedfuse: error: [^`]*)`", re.S)

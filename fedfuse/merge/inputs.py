@@ -1,0 +1,213 @@
+"""What ``fedfuse merge`` reads, checked before anything runs: the model, the parents, the data.
+
+Every problem is a :class:`~fedfuse.errors.ConfigError` with one line naming the bad value (the CLI's exit 2):
+a missing file, a file holding pickled code (parents are read with ``torch.load(weights_only=True)``, which
+never runs code), a parent whose keys or shapes do not fit the model (the first mismatch named), a data file
+without ``x``/``y``, data whose samples do not fit the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import os
+import pickle
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fedfuse.errors import ConfigError
+
+__all__ = ["Inputs", "load_inputs", "build_template", "load_parent", "check_fits"]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Samples ``x`` (float32) and, for test data, labels ``y`` (int64); ``label`` names where they came from."""
+
+    x: Tensor
+    y: Tensor | None
+    label: str
+    num_classes: int | None = None  # a built-in data set's class count
+
+
+def load_inputs(
+    spec: str, *, flag: str, labelled: bool, split: str = "test", data_root: str = "", seed: int = 0
+) -> Inputs:
+    """``spec`` = a user's ``.npz`` (arrays ``x`` and, when ``labelled``, ``y``; read without pickle) or a
+    built-in data set's name (its ``split``: ``"test"`` or ``"train"``, standardised as fedfuse trains on it)."""
+    from fedfuse.data import DATASETS, load_dataset
+
+    if spec in DATASETS:
+        ds = load_dataset(spec, data_root or None, seed)
+        x, y = (ds.x_test, ds.y_test) if split == "test" else (ds.x_train, ds.y_train)
+        return Inputs(x, y if labelled else None, f"{spec} ({split} split)", ds.num_classes)
+    path = Path(spec).expanduser()
+    if not path.suffix == ".npz":
+        raise ConfigError(
+            f"{flag}={spec!r} is neither an .npz file (arrays x{', y' if labelled else ''}) nor a data set; "
+            f"allowed data sets: {', '.join(DATASETS)}"
+        )
+    if not path.is_file():
+        raise ConfigError(f"{flag}={spec!r}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files if k in ("x", "y")}
+    except Exception as exc:  # noqa: BLE001 — any unreadable file is bad input, named
+        raise ConfigError(f"{flag}={spec!r} is not a readable .npz ({type(exc).__name__}: {exc})") from None
+    need = ("x", "y") if labelled else ("x",)
+    missing = [k for k in need if k not in arrays]
+    if missing:
+        raise ConfigError(f"{flag}={spec!r} lacks array(s) {', '.join(missing)}; expected {', '.join(need)}")
+    x = arrays["x"]
+    if x.ndim < 2 or len(x) == 0 or not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+        raise ConfigError(f"{flag}={spec!r}: x must be a non-empty real array of samples (N×…), got {x.shape}")
+    xt = torch.as_tensor(x.astype(np.float32))
+    if not torch.isfinite(xt).all():
+        raise ConfigError(f"{flag}={spec!r}: x contains NaN or infinite values")
+    yt = None
+    if labelled:
+        y = arrays["y"]
+        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.number) or np.any(y != np.round(y)) or y.min() < 0:
+            raise ConfigError(f"{flag}={spec!r}: y must hold one integer label >= 0 per sample (x has {len(x)})")
+        yt = torch.as_tensor(y.astype(np.int64))
+    return Inputs(xt, yt, str(path))
+
+
+def _import_factory(spec: str) -> object:
+    """``package.module:factory`` imported as ``--strategy package.module:Class`` is: from the working directory."""
+    module_name, _, attr = spec.partition(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"model={spec!r} cannot be imported ({exc})") from None
+    if not callable(factory):
+        raise ConfigError(f"model={spec!r} is not callable; expected a function or class returning an nn.Module")
+    return factory
+
+
+def build_template(
+    spec: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    width: int = 0,
+    depth: int = 0,
+    batch_norm: bool = False,
+    seed: int = 0,
+) -> nn.Module:
+    """The architecture the parents share: a name ``simulate`` takes (``mlp``, ``cnn``, …, ``torchvision:NAME``,
+    ``timm:NAME``) built for the data's ``input_shape`` and ``num_classes``, or a user's ``package.module:factory``
+    called as ``factory()`` or, when it takes arguments, ``factory(input_shape, num_classes)``."""
+    from fedfuse.models import build_model, library_of, model_name_problem
+
+    if ":" in spec and library_of(spec) is None:
+        factory = _import_factory(spec)
+        asked = [f"{k}={v}" for k, v in (("width", width), ("depth", depth)) if v]
+        if asked or batch_norm:
+            asked += ["batch-norm=True"] if batch_norm else []
+            raise ConfigError(
+                f"{', '.join(asked)} does not apply to model={spec!r}; the factory fixes the architecture"
+            )
+        try:
+            takes_args = bool(inspect.signature(factory).parameters)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            takes_args = False
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                net = factory(tuple(input_shape), num_classes) if takes_args else factory()  # type: ignore[operator]
+            except Exception as exc:  # noqa: BLE001 — the user's code: one line naming it
+                raise ConfigError(f"model={spec!r} failed to build ({type(exc).__name__}: {exc})") from None
+        if not isinstance(net, nn.Module):
+            raise ConfigError(f"model={spec!r} returned {type(net).__name__}, not a torch.nn.Module")
+        return net
+    problem = model_name_problem(spec)
+    if problem:
+        raise ConfigError(f"model={spec!r} {problem} or package.module:factory")
+    return build_model(
+        spec,
+        input_shape,
+        num_classes,
+        width=width or None,
+        depth=depth or None,
+        batch_norm=batch_norm,
+        seed=seed,
+    )
+
+
+def load_parent(path: str, template: nn.Module, model: str, input_shape: Sequence[int] = ()) -> dict[str, Tensor]:
+    """A parent's state dict (or a fedfuse checkpoint's ``model``), read without running pickled code, with
+    floating tensors in float32, checked key by key and shape by shape against ``template``."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{path!r}: no such file")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" in str(exc):  # the weights-only unpickler met a class or function: code, not tensors
+            raise ConfigError(
+                f"{path!r} holds pickled code or objects, not just tensors; refused (fedfuse reads parents with "
+                "torch.load(weights_only=True); save model.state_dict() instead)"
+            ) from None
+        raise ConfigError(f"{path!r} is not a torch file ({type(exc).__name__})") from None
+    except Exception as exc:  # noqa: BLE001 — any unreadable file is bad input
+        raise ConfigError(f"{path!r} is not a torch file ({type(exc).__name__})") from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ConfigError(f"{path!r} does not hold a state dict of tensors")
+    ref = template.state_dict()
+    hint = "pass the --model (and --width/--depth/--batch-norm) the parents were built with"
+    if input_shape:
+        hint += f" (built here for test-data samples of shape {tuple(input_shape)})"
+    for key, want in ref.items():
+        if key not in obj:
+            raise ConfigError(f"{path!r} does not fit model={model!r}: key {key!r} is missing; {hint}")
+        if tuple(obj[key].shape) != tuple(want.shape):
+            raise ConfigError(
+                f"{path!r} does not fit model={model!r}: {key!r} has shape {tuple(obj[key].shape)}, "
+                f"the model's is {tuple(want.shape)}; {hint}"
+            )
+    extra = next((k for k in obj if k not in ref), None)
+    if extra is not None:
+        raise ConfigError(f"{path!r} does not fit model={model!r}: unexpected key {extra!r}; {hint}")
+    return {k: (obj[k].float() if obj[k].is_floating_point() else obj[k]).clone() for k in ref}
+
+
+def check_fits(template: nn.Module, data: Inputs, flag: str, model: str, input_shape: Sequence[int]) -> Inputs:
+    """``data`` with samples shaped ``input_shape`` (a flat N×D reshaped), checked by a forward pass of two
+    samples and, for labels, against the model's number of outputs."""
+    shape = tuple(int(s) for s in input_shape)
+    x = data.x
+    if tuple(x.shape[1:]) != shape:
+        if x[0].numel() == int(np.prod(shape)):  # the same numbers per sample: flat ↔ shaped (C order)
+            x = x.reshape(len(x), *shape)
+        else:
+            raise ConfigError(
+                f"{flag}={data.label!r}: samples have shape {tuple(x.shape[1:])}, the test data's are {shape}"
+            )
+    net = copy.deepcopy(template).eval()
+    try:
+        with torch.no_grad():
+            out = net(x[:2])
+    except Exception as exc:  # noqa: BLE001 — a model/data mismatch: one line naming both
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"{flag}={data.label!r}: samples of shape {shape} do not fit model={model!r} ({why})"
+        ) from None
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        raise ConfigError(f"model={model!r} does not return logits (batch × classes) on {flag}={data.label!r}")
+    if data.y is not None and int(data.y.max()) >= out.shape[1]:
+        raise ConfigError(
+            f"{flag}={data.label!r}: labels reach {int(data.y.max())}, model={model!r} has {out.shape[1]} outputs"
+        )
+    return Inputs(x, data.y, data.label, data.num_classes)
