@@ -41,15 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine  # noqa: E402
-from benchmarks.regimes import locked  # noqa: E402
+from benchmarks.regimes import METHODS as REGIME_METHODS  # noqa: E402
+from benchmarks.regimes import RESULTS, locked  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
-METHODS: dict[str, dict[str, Any]] = {
-    "FedAvg": {"strategy": "fedavg"},
-    "FedMatch": {"strategy": "match"},
-    "FedWB": {"strategy": "wb"},
-    "FedWB+REPAIR": {"strategy": "wb", "bn-repair": "repair"},
-}
+METHODS: dict[str, dict[str, Any]] = {m: REGIME_METHODS[m] for m in ("FedAvg", "FedMatch", "FedWB", "FedWB+REPAIR")}
 INITS = ("shared", "own", "ckpt")
 SHARED_METHODS = ("FedAvg", "FedWB")  # the reference, and the identity check
 
