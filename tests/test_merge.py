@@ -20,23 +20,31 @@ from fedfuse.merge.partial import multihead_bytes, partial_zip
 from fedfuse.merge.zip import zip_clusters
 
 
+def _skewed_pair(data, make, epochs: int) -> list:
+    """``make(i)`` for i = 0, 1, trained on label-skewed halves of ``data``: 80 % of classes 0-4 to parent 0 and of
+    5-9 to parent 1 (and 20 % of the others)."""
+    x, y = data.x_train, data.y_train
+    rng = np.random.default_rng(0)
+    nets = []
+    with torch.random.fork_rng(devices=[]):
+        torch.set_num_threads(1)
+        for i in range(2):
+            mine = (y.numpy() < 5) == (i == 0)
+            idx = torch.as_tensor(np.flatnonzero(np.where(mine, rng.random(len(y)) < 0.8, rng.random(len(y)) < 0.2)))
+            net = make(i)
+            train(net, x[idx], y[idx], epochs=epochs, lr=0.05, momentum=0.9, batch_size=32, seed=i)
+            nets.append(net)
+    return nets
+
+
 @pytest.fixture(scope="module")
 def digits_parents():
     """Two MLPs (64 wide) from their own inits on label-skewed halves of digits; an unlabeled batch; the test set."""
     data = load_dataset("digits", seed=0)
-    x, y = data.x_train, data.y_train
-    rng = np.random.default_rng(0)
-    parents = []
-    with torch.random.fork_rng(devices=[]):
-        torch.set_num_threads(1)
-        for i in range(2):
-            # 80 % of classes 0-4 to parent 0 and of 5-9 to parent 1 (and 20 % of the others)
-            mine = (y.numpy() < 5) == (i == 0)
-            keep = np.where(mine, rng.random(len(y)) < 0.8, rng.random(len(y)) < 0.2)
-            idx = torch.as_tensor(np.flatnonzero(keep))
-            net = build_model("mlp", data.input_shape, data.num_classes, width=64, depth=2, seed=10 + i)
-            train(net, x[idx], y[idx], epochs=15, lr=0.05, momentum=0.9, batch_size=32, seed=i)
-            parents.append(net)
+    x = data.x_train
+    parents = _skewed_pair(
+        data, lambda i: build_model("mlp", data.input_shape, data.num_classes, width=64, depth=2, seed=10 + i), 15
+    )
     unlabeled = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:400]]
     return data, parents, unlabeled
 
@@ -105,18 +113,11 @@ def test_synthetic_inputs_match_the_statistics_of_a_batch(digits_parents):
 
 def _digits_bn_cnn_parents(data):
     """Two small BN CNNs (conv 8-16-16) from their own inits on label-skewed halves of digits."""
-    x, y = data.x_train, data.y_train
-    rng = np.random.default_rng(0)
-    nets = []
-    with torch.random.fork_rng(devices=[]):
-        torch.set_num_threads(1)
-        for i in range(2):
-            mine = (y.numpy() < 5) == (i == 0)
-            idx = torch.as_tensor(np.flatnonzero(np.where(mine, rng.random(len(y)) < 0.8, rng.random(len(y)) < 0.2)))
-            net = build_model("cnn", data.input_shape, data.num_classes, width=32, batch_norm=True, seed=20 + i)
-            train(net, x[idx], y[idx], epochs=10, lr=0.05, momentum=0.9, batch_size=32, seed=i)
-            nets.append(net.eval())
-    return nets
+
+    def make(i: int):
+        return build_model("cnn", data.input_shape, data.num_classes, width=32, batch_norm=True, seed=20 + i)
+
+    return [net.eval() for net in _skewed_pair(data, make, 10)]
 
 
 @pytest.fixture(scope="module")
