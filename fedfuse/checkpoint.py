@@ -9,6 +9,7 @@ loading a checkpoint never runs code, whoever wrote the file.
 from __future__ import annotations
 
 import io
+import pickle
 import random
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +30,7 @@ __all__ = [
     "config_mismatch",
     "check_resumable",
     "check_model_fits",
+    "read_state_dict",
     "plain",
 ]
 
@@ -156,15 +158,58 @@ def check_resumable(ckpt: Mapping[str, Any], path: Path) -> None:
         _damaged(path, "rng", "is not a set of torch/numpy/random generator states")
 
 
+def fit_error(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``state`` does not have exactly ``expected``'s parameter names and shapes (the first difference), or None."""
+    for key, want in expected.items():
+        if key not in state:
+            return f"key {key!r} is missing"
+        if tuple(state[key].shape) != tuple(want.shape):
+            return f"{key!r} has shape {tuple(state[key].shape)}, the model's is {tuple(want.shape)}"
+    extra = next((k for k in state if k not in expected), None)
+    return None if extra is None else f"unexpected key {extra!r}"
+
+
 def check_model_fits(ckpt_model: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], path: Path) -> None:
     """The checkpoint's model has exactly the parameter names and shapes the run's config builds."""
-    if set(ckpt_model) != set(expected):
-        extra, missing = sorted(set(ckpt_model) - set(expected)), sorted(set(expected) - set(ckpt_model))
-        _damaged(path, "model", f"does not fit the config's model (unexpected {extra[:3]}, missing {missing[:3]})")
-    for key, value in expected.items():
-        if tuple(ckpt_model[key].shape) != tuple(value.shape):
-            shape = tuple(ckpt_model[key].shape)
-            _damaged(path, f"model[{key!r}]", f"has shape {shape}, the config's model {tuple(value.shape)}")
+    why = fit_error(ckpt_model, expected)
+    if why:
+        _damaged(path, "model", f"does not fit the config's model ({why})")
+
+
+def read_state_dict(
+    path: str | Path,
+    template: Mapping[str, torch.Tensor],
+    *,
+    what: str = "",
+    model: str = "the model",
+    hint: str = "pass the --model/--width/--depth/--batch-norm it was built with",
+) -> dict[str, torch.Tensor]:
+    """The state dict saved in ``path`` (or a fedfuse checkpoint's ``model``), read with
+    ``torch.load(weights_only=True)`` — pickled code is refused, never run — and checked name by name and shape by
+    shape against ``template`` (a state dict). Bad input is one ConfigError line, prefixed with ``what``."""
+    where = f"{what}: {str(path)!r}" if what else repr(str(path))
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{where} is not a file; allowed: a state dict saved with torch.save")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" in str(exc):  # the weights-only unpickler met a class or function: code, not tensors
+            raise ConfigError(
+                f"{where} holds pickled code or objects, not just tensors; refused (files are read with "
+                "torch.load(weights_only=True); save model.state_dict() instead)"
+            ) from None
+        raise ConfigError(f"{where} is not a torch file ({type(exc).__name__})") from None
+    except Exception as exc:  # noqa: BLE001 — any unreadable file is bad input
+        raise ConfigError(f"{where} is not a torch file ({type(exc).__name__})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # a fedfuse checkpoint.pt
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ConfigError(f"{where} does not hold a state dict of tensors")
+    why = fit_error(obj, template)
+    if why:
+        raise ConfigError(f"{where} does not fit {model}: {why}; {hint}")
+    return obj
 
 
 def config_mismatch(saved: Mapping[str, Any], given: Mapping[str, Any]) -> str | None:

@@ -589,34 +589,13 @@ def _drop_flag(argv: list[str], flag: str) -> list[str]:
     return out
 
 
-def _load_state(path: str, template: Any) -> dict[str, Any]:
-    """A state dict from ``path`` (a fedfuse checkpoint's ``model`` too), checked against ``template``."""
-    import torch
-
-    if not Path(path).is_file():
-        raise ConfigError(f"{path!r} is not a file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 — any unreadable file is bad input
-        raise ConfigError(f"{path!r} is not a torch state dict ({type(exc).__name__})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConfigError(f"{path!r} does not hold a state dict of tensors")
-    ref = template.state_dict()
-    if set(obj) != set(ref) or any(tuple(obj[k].shape) != tuple(v.shape) for k, v in ref.items()):
-        raise ConfigError(
-            f"{path!r} does not fit the model; pass the --model/--width/--depth/--batch-norm it was built with"
-        )
-    return obj
-
-
 def _lmc(args: argparse.Namespace) -> None:
     """Full barrier (and after alignment), per-layer and cumulative barriers of A ↔ B on the test split;
     writes ``lmc.json`` + ``curve.png`` (+ ``layerwise.png``, ``cumulative.png``) into ``--out``."""
     from dataclasses import asdict
 
     from fedfuse import lmc
+    from fedfuse.checkpoint import read_state_dict
     from fedfuse.experiment import dataset_for, model_for
     from fedfuse.results import atomic_write_bytes
 
@@ -627,7 +606,7 @@ def _lmc(args: argparse.Namespace) -> None:
         raise ConfigError(f"num-points={args.num_points} must be >= 2 and samples={args.samples} >= 0")
     ds = dataset_for(cfg)
     template = model_for(cfg, ds)
-    state_a, state_b = (_load_state(p, template) for p in (args.model_a, args.model_b))
+    state_a, state_b = (read_state_dict(p, template.state_dict()) for p in (args.model_a, args.model_b))
     n = args.samples or len(ds.y_test)
     x, y = ds.x_test[:n], ds.y_test[:n]
     bn = ds.x_train[:1024] if args.bn_reset else None

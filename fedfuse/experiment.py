@@ -185,34 +185,11 @@ def init_path(cfg: Mapping[str, Any], partition_id: int) -> Path:
 
 
 def load_init_state(path: str | Path, template: nn.Module, what: str = "client-init-from") -> dict[str, torch.Tensor]:
-    """The state dict in ``path`` (``torch.load(weights_only=True)``: never unpickles code), checked against
-    ``template``'s keys and shapes; ConfigError with one line naming ``what`` and the file otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what}: {str(path)!r} is not a file; allowed: a state dict saved with torch.save")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 — unreadable, or it holds code: bad input either way
-        raise ConfigError(
-            f"{what}: {str(path)!r} is not a torch state dict ({type(exc).__name__}); only tensors are loaded"
-        ) from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # a fedfuse checkpoint.pt
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConfigError(f"{what}: {str(path)!r} does not hold a state dict of tensors")
-    ref = template.state_dict()
-    missing, extra = sorted(set(ref) - set(obj)), sorted(set(obj) - set(ref))
-    shape = next((k for k, v in ref.items() if k in obj and tuple(obj[k].shape) != tuple(v.shape)), None)
-    if missing or extra or shape:
-        why = (
-            f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r} the model lacks" if extra
-            else f"{shape!r} has shape {tuple(obj[shape].shape)}, the model {tuple(ref[shape].shape)}"  # type: ignore[index]
-        )  # fmt: skip
-        raise ConfigError(
-            f"{what}: {str(path)!r} does not fit the model ({why}); pass the --model/--width/--depth/--batch-norm "
-            "it was built with"
-        )
-    return obj
+    """The state dict in ``path`` checked against ``template`` (:func:`fedfuse.checkpoint.read_state_dict`: never
+    unpickles code); ConfigError with one line naming ``what`` and the file otherwise."""
+    from fedfuse.checkpoint import read_state_dict
+
+    return read_state_dict(path, template.state_dict(), what=what)
 
 
 def check_init_files(cfg: Mapping[str, Any], ds: Dataset) -> None:

@@ -188,13 +188,13 @@ def test_bad_client_init_inputs_exit_2_with_one_line(tmp_path, capsys) -> None:
     line = refused(["--client-init-from", str(good), "--num-clients", "5"], tmp_path, capsys)
     assert "lacks partition3.pt and 1 more; num-clients=5 needs" in line
     line = refused(["--client-init-from", str(good), "--width", "8"], tmp_path, capsys)  # files are width 16
-    assert "partition0.pt' does not fit the model ('net.1.weight' has shape (16, 64), the model (8, 64))" in line
+    assert "partition0.pt' does not fit the model: 'net.1.weight' has shape (16, 64), the model's is (8, 64)" in line
     code_dir = tmp_path / "code"
     code_dir.mkdir()
     for p in range(3):  # a pickled module, not a state dict: weights_only loading refuses it, nothing runs
         torch.save(torch.nn.Linear(2, 2), code_dir / f"partition{p}.pt")
     line = refused(["--client-init-from", str(code_dir), "--width", "16"], tmp_path, capsys)
-    assert "partition0.pt' is not a torch state dict" in line and "only tensors are loaded" in line
+    assert "partition0.pt' holds pickled code or objects, not just tensors; refused" in line
 
 
 def test_compare_entries_give_one_run_its_own_options(tmp_path, capsys) -> None:

@@ -254,7 +254,7 @@ def test_overwrite_replaces_a_previous_merge_and_nothing_else(parents, tmp_path,
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("missing", "'/no/such/p.pt': no such file"),
+        ("missing", "'/no/such/p.pt' is not a file"),
         ("pickled", "holds pickled code or objects, not just tensors; refused"),
         ("garbage", "is not a torch file"),
         ("width", "does not fit model='mlp': 'net.1.weight' has shape (16, 64), the model's is (32, 64)"),

@@ -12,9 +12,8 @@ import copy
 import importlib
 import inspect
 import os
-import pickle
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fedfuse.checkpoint import read_state_dict
 from fedfuse.errors import ConfigError
 
 __all__ = ["Inputs", "load_inputs", "build_template", "load_parent", "check_fits"]
@@ -145,41 +145,14 @@ def build_template(
 
 
 def load_parent(path: str, template: nn.Module, model: str, input_shape: Sequence[int] = ()) -> dict[str, Tensor]:
-    """A parent's state dict (or a fedfuse checkpoint's ``model``), read without running pickled code, with
-    floating tensors in float32, checked key by key and shape by shape against ``template``."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"{path!r}: no such file")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "GLOBAL" in str(exc):  # the weights-only unpickler met a class or function: code, not tensors
-            raise ConfigError(
-                f"{path!r} holds pickled code or objects, not just tensors; refused (fedfuse reads parents with "
-                "torch.load(weights_only=True); save model.state_dict() instead)"
-            ) from None
-        raise ConfigError(f"{path!r} is not a torch file ({type(exc).__name__})") from None
-    except Exception as exc:  # noqa: BLE001 — any unreadable file is bad input
-        raise ConfigError(f"{path!r} is not a torch file ({type(exc).__name__})") from None
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        obj = obj["model"]
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ConfigError(f"{path!r} does not hold a state dict of tensors")
-    ref = template.state_dict()
+    """A parent's state dict (or a fedfuse checkpoint's ``model``), read without running pickled code
+    (:func:`fedfuse.checkpoint.read_state_dict`), checked key by key and shape by shape against ``template``,
+    with floating tensors in float32."""
     hint = "pass the --model (and --width/--depth/--batch-norm) the parents were built with"
     if input_shape:
         hint += f" (built here for test-data samples of shape {tuple(input_shape)})"
-    for key, want in ref.items():
-        if key not in obj:
-            raise ConfigError(f"{path!r} does not fit model={model!r}: key {key!r} is missing; {hint}")
-        if tuple(obj[key].shape) != tuple(want.shape):
-            raise ConfigError(
-                f"{path!r} does not fit model={model!r}: {key!r} has shape {tuple(obj[key].shape)}, "
-                f"the model's is {tuple(want.shape)}; {hint}"
-            )
-    extra = next((k for k in obj if k not in ref), None)
-    if extra is not None:
-        raise ConfigError(f"{path!r} does not fit model={model!r}: unexpected key {extra!r}; {hint}")
+    ref = template.state_dict()
+    obj = read_state_dict(path, ref, model=f"model={model!r}", hint=hint)
     return {k: (obj[k].float() if obj[k].is_floating_point() else obj[k]).clone() for k in ref}
 
 
