@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedfuse.config import OPTIONS
 from fedfuse.errors import ConfigError, RunFailedError
+from fedfuse.model_commands import add_lmc_parser, add_merge_parser, run_lmc, run_merge
 
 __all__ = ["main", "build_parser", "config_from_args", "preflight"]
 
@@ -161,83 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.add_argument("--no-progress", action="store_true", help="no live progress display")
-    _add_lmc_parser(sub)
-    _add_merge_parser(sub)
+    add_lmc_parser(sub)
+    add_merge_parser(sub)
     return parser
-
-
-def _add_lmc_parser(sub: Any) -> None:
-    """``fedfuse lmc A.pt B.pt``: barriers between two saved models (see :func:`_lmc`)."""
-    p = sub.add_parser("lmc", help="linear mode connectivity of two saved models: full, layer-wise, cumulative")
-    p.add_argument("model_a", metavar="A.pt", help="state dict (model.pt, clients/round<R>/partition<P>.pt, ...)")
-    p.add_argument("model_b", metavar="B.pt")
-    for name in ("model", "dataset", "width", "depth", "data-root", "seed"):
-        opt = OPTIONS[name]
-        p.add_argument(f"--{name}", dest=name, default=None, metavar=opt.type.__name__.upper(), help=opt.help)
-    p.add_argument("--batch-norm", dest="batch-norm", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--align", action="store_true", help="also the barrier after aligning B to A (weight matching)")
-    p.add_argument("--layerwise", action="store_true", help="per-layer barriers (one group interpolated)")
-    p.add_argument("--cumulative", action="store_true", help="cumulative barriers: shallow, deep, random order")
-    p.add_argument("--bn-reset", action="store_true", help="recompute BatchNorm statistics at every α")
-    p.add_argument("--num-points", type=int, default=11, help="α grid size (default 11)")
-    p.add_argument("--samples", type=int, default=2000, help="test samples used (0 = all; default 2000)")
-    p.add_argument("--out", required=True, help="directory for lmc.json and the plots")
-
-
-def _add_merge_parser(sub: Any) -> None:
-    """``fedfuse merge A.pt B.pt …`` or ``fedfuse merge recipe.yml``: see :mod:`fedfuse.merge.parents`."""
-    p = sub.add_parser(
-        "merge",
-        help="merge N trained state dicts into one model; compare with the parents, their average and ensemble",
-        epilog="examples:\n  fedfuse merge a.pt b.pt c.pt --model mlp --method all --repair --test-data digits "
-        "--out runs/merge\n  fedfuse merge recipe.yml --out runs/merge   # mergekit-style recipe",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("parents", nargs="*", metavar="A.pt", help="state dicts (or one recipe.yml)")
-    p.add_argument("--recipe", default=None, metavar="YAML", help="mergekit-style recipe (models, merge_method, ...)")
-    p.add_argument("--model", default=None, help="mlp, cnn, ..., torchvision:NAME, timm:NAME or package.module:factory")
-    ints = {
-        "width": "hidden width (0 = the model's default)", "depth": "hidden layers (0 = default)",
-        "num-classes": "model outputs (default: the data set's, or max label + 1 of an .npz)",
-        "seed": "seed of distillation and matching (default 0)", "data-samples": "inputs used of --data and "
-        "--distill-data (0 = all; default 1000)", "distill-epochs": "default 20", "distill-batch-size": "default 64",
-    }  # fmt: skip
-    for flag, text in ints.items():
-        p.add_argument(f"--{flag}", type=int, default=None, metavar="INT", help=text)
-    p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help="BatchNorm in CNN/ResNet")
-    p.add_argument("--method", default=None, help="comma-separated fuse methods or all (default: all)")
-    p.add_argument("--repair", action="store_const", const=True, default=None, help="each method also with REPAIR")
-    p.add_argument("--test-data", default=None, metavar="FILE|DATASET", help="labelled .npz (x, y) or data set name")
-    p.add_argument("--data", default=None, metavar="FILE|DATASET", help="inputs for activation methods and REPAIR")
-    p.add_argument(
-        "--distill-data",
-        default=None,
-        metavar="FILE|DATASET|synthetic",
-        help="inputs to distil each method on (FedDF); synthetic = N(0, 1) noise, data-free",
-    )
-    p.add_argument("--distill-lr", type=float, default=None, metavar="FLOAT", help="Adam learning rate (default 1e-3)")
-    p.add_argument("--data-root", default=None, metavar="DIR", help="directory with data files (mnist10k)")
-    p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W", help="one per parent (default 1)")
-    p.add_argument("--save", default=None, metavar="VARIANT", help="variant written as model.pt (default: best)")
-    p.add_argument("--dtype", default=None, help="saved model dtype: float32, float16, bfloat16")
-    p.add_argument("--out", default=None, help="directory for model.pt, merge.json, merge.png")
-    p.add_argument("--overwrite", action="store_const", const=True, default=None, help="replace a non-empty --out")
-
-
-def _merge(args: argparse.Namespace) -> None:
-    from fedfuse.merge.parents import merge
-    from fedfuse.merge.recipe import build_request
-
-    parents, recipe = list(args.parents), args.recipe
-    if recipe is None and len(parents) == 1 and parents[0].endswith((".yml", ".yaml")):
-        parents, recipe = [], parents[0]
-    names = ("model", "width", "depth", "num_classes", "seed", "data_samples", "distill_epochs", "distill_batch_size",
-             "batch_norm", "repair", "test_data", "data", "distill_data", "distill_lr", "data_root", "weights", "save",
-             "dtype", "out", "overwrite")  # fmt: skip
-    given = {k: getattr(args, k) for k in names}
-    given.update(parents=parents or None, methods=args.method.split(",") if args.method is not None else None)
-    report = merge(build_request(given, recipe))
-    print(f"results in {args.out}/ (model.pt = {report['saved']['variant']}, merge.json, merge.png)")
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -589,64 +515,13 @@ def _drop_flag(argv: list[str], flag: str) -> list[str]:
     return out
 
 
-def _lmc(args: argparse.Namespace) -> None:
-    """Full barrier (and after alignment), per-layer and cumulative barriers of A ↔ B on the test split;
-    writes ``lmc.json`` + ``curve.png`` (+ ``layerwise.png``, ``cumulative.png``) into ``--out``."""
-    from dataclasses import asdict
-
-    from fedfuse import lmc
-    from fedfuse.checkpoint import read_state_dict
-    from fedfuse.experiment import dataset_for, model_for
-    from fedfuse.results import atomic_write_bytes
-
-    names = ("model", "dataset", "width", "depth", "data-root", "seed", "batch-norm")
-    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-    cfg = validate_config(given)
-    if args.num_points < 2 or args.samples < 0:
-        raise ConfigError(f"num-points={args.num_points} must be >= 2 and samples={args.samples} >= 0")
-    ds = dataset_for(cfg)
-    template = model_for(cfg, ds)
-    state_a, state_b = (read_state_dict(p, template.state_dict()) for p in (args.model_a, args.model_b))
-    n = args.samples or len(ds.y_test)
-    x, y = ds.x_test[:n], ds.y_test[:n]
-    bn = ds.x_train[:1024] if args.bn_reset else None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    kw: dict[str, Any] = {"num_points": args.num_points, "bn_reset_data": bn}
-    full = lmc.barrier(template, state_a, state_b, x, y, align=args.align, **kw)
-    report: dict[str, Any] = {"a": args.model_a, "b": args.model_b, "config": given, "samples": n, "full": full}
-    curves = {"A → B": full["before"]["curve"]}
-    if full["after"] is not None:
-        curves["A → aligned B"] = full["after"]["curve"]
-    lmc.plot_curve(curves, out / "curve.png")
-    print(f"full barrier (loss, max over α): {full['before']['max_loss']:.4f}")
-    if args.layerwise:
-        res = lmc.layerwise_barriers(template, state_a, state_b, x, y, **kw)
-        report["layerwise"] = asdict(res)
-        lmc.plot_layerwise(res, out / "layerwise.png")
-        for g in res.groups:
-            print(f"  {g.group}: {g.base_a.max_loss:.4f} (others from A), {g.base_b.max_loss:.4f} (from B)")
-    if args.cumulative:
-        cum = {
-            o: lmc.cumulative_barriers(template, state_a, state_b, x, y, order=o, seed=cfg["seed"], **kw)
-            for o in lmc.ORDERS
-        }
-        report["cumulative"] = {o: asdict(r) for o, r in cum.items()}
-        lmc.plot_cumulative(cum, out / "cumulative.png")
-    atomic_write_bytes(out / "lmc.json", json.dumps(report, indent=2).encode())
-    print(
-        f"results in {out}/ (lmc.json, curve.png{', layerwise.png' if args.layerwise else ''}"
-        f"{', cumulative.png' if args.cumulative else ''})"
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("lmc", "merge"):
         try:
-            _lmc(args) if args.command == "lmc" else _merge(args)
+            run_lmc(args) if args.command == "lmc" else run_merge(args)
         except ConfigError as exc:
             print(f"fedfuse: error: {exc}", file=sys.stderr)
             return 2
