@@ -236,6 +236,9 @@ def preflight(cfg: dict[str, Any], overwrite: bool | None, resumed_model: dict[s
         from fedfuse.experiment import check_init_files
 
         check_init_files(cfg, ds)
+    from fedfuse.experiment import server_batch
+
+    server_batch(cfg, ds)  # server-data fits the training split
     n = len(ds.y_train)
     if cfg["num-clients"] > n:
         raise ConfigError(f"num-clients={cfg['num-clients']} exceeds the {n} training samples of {cfg['dataset']!r}")

@@ -43,6 +43,7 @@ __all__ = [
     "load_init_state",
     "check_init_files",
     "apart_model",
+    "server_batch",
 ]
 
 
@@ -270,3 +271,20 @@ def round_mask(config: Mapping[str, Any], model: nn.Module, server_round: int) -
     if mode == "pnu":
         return pnu_mask(model, ratio, seed, server_round, granularity=granularity)  # type: ignore[arg-type]
     raise ValueError(f"pfn-mode={mode!r} is unknown; allowed: pfn, pnu")
+
+
+def server_batch(cfg: Mapping[str, Any], ds: Dataset) -> torch.Tensor | None:
+    """The ``server-data`` = N unlabeled inputs the server holds (FedDF's unlabeled set), or None when N = 0.
+
+    N training inputs drawn without replacement by a generator seeded with ``derive_seed(seed, 29)``; labels are
+    dropped. In simulation they come from the same training split, hence the same distribution, as the clients'
+    data (and may be among their samples): an optimistic stand-in for a server's own unlabeled public data.
+    """
+    n = int(cfg.get("server-data", 0))
+    if n <= 0:
+        return None
+    total = len(ds.x_train)
+    if n > total:
+        raise ConfigError(f"server-data={n} exceeds the {total} training samples of {ds.name!r}; allowed: 0..{total}")
+    gen = torch.Generator().manual_seed(derive_seed(int(cfg["seed"]), 29))
+    return ds.x_train[torch.randperm(total, generator=gen)[:n]].clone()

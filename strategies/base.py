@@ -36,6 +36,7 @@ from strategies.sampling import NodeOrder, seeded_sample
 
 __all__ = [
     "FedFuseStrategy", "reply_size_reason", "unpack_reply", "error_summary", "require_model", "ROBUST_OPTIONS",
+    "SERVER_OPTIONS",
 ]  # fmt: skip
 
 log = logging.getLogger("fedfuse")
@@ -133,6 +134,14 @@ ROBUST_OPTIONS = (
            "an update whose cosine with the round's median update is below this is rejected (-1 = off)",
            low=-1.0, high=1.0),
 )  # fmt: skip
+SERVER_OPTIONS = (
+    Option("server-data", int, 0,
+           "N unlabeled inputs the server holds (FedDF), for cca/zip and distill-epochs (0 = none); in simulation "
+           "a seeded draw from the training split, i.e. the clients' own distribution", low=0),
+    Option("distill-epochs", int, 0,
+           "FedDF: after aggregation, distil the clients' averaged logits on the server-data batch into the "
+           "global model for this many epochs (0 = off)", low=0),
+)  # fmt: skip
 
 
 class FedFuseStrategy(FedAvg):
@@ -144,9 +153,13 @@ class FedFuseStrategy(FedAvg):
     FedAvg's defaults, so swapping ``FedAvg(...)`` for a fedfuse strategy changes the aggregation only
     (``fraction_evaluate=1.0``: federated evaluation on every node, as FedAvg; fedfuse's own ServerApp
     evaluates centrally and passes ``fraction_evaluate=0.0`` itself, :func:`strategies.registry.build_strategy`).
+
+    With ``distill_epochs`` > 0 (FedDF, Lin et al. 2020) the aggregate is the student of
+    :func:`fedfuse.merge.distill.distill`: the clients' models (``distill_model``'s architecture) are the
+    teachers, their n-weighted averaged logits on ``server_data`` (unlabeled inputs) the target.
     """
 
-    options: ClassVar[tuple[Option, ...]] = ROBUST_OPTIONS  # run options it reads (beyond the core ones)
+    options: ClassVar[tuple[Option, ...]] = (*ROBUST_OPTIONS, *SERVER_OPTIONS)  # run options beyond the core ones
 
     def __init__(
         self,
@@ -162,8 +175,18 @@ class FedFuseStrategy(FedAvg):
         update_norm_action: str = "reject",
         examples_bound: float = EXAMPLES_BOUND,
         min_update_cosine: float = MIN_UPDATE_COSINE,
+        server_data: torch.Tensor | None = None,
+        distill_epochs: int = 0,
+        distill_model: torch.nn.Module | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
+        if isinstance(distill_epochs, bool) or int(distill_epochs) < 0:
+            raise ConfigError(f"distill_epochs={distill_epochs!r} is out of range; allowed: an integer >= 0 (0 = off)")
+        if int(distill_epochs) and (server_data is None or len(server_data) < 2 or distill_model is None):
+            raise ConfigError(
+                f"distill-epochs={distill_epochs} needs server-data >= 2 (unlabeled inputs the server holds) "
+                "and the model"
+            )
         for name in ("fraction_train", "fraction_evaluate"):
             value = fedavg_kwargs.get(name, 1.0)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
@@ -196,6 +219,9 @@ class FedFuseStrategy(FedAvg):
         self._sent_to: dict[int, State] = {}  # per node, where nodes get different models (width heterogeneity)
         self._sampled = 0
         self._valid_nodes: list[int] = []
+        self.server_data = server_data
+        self.distill_epochs = int(distill_epochs)
+        self.distill_model = distill_model
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, model: Any = None, example_input: Any = None, **kwargs: Any):
@@ -203,6 +229,8 @@ class FedFuseStrategy(FedAvg):
         partition query); ``kwargs`` are FedAvg's sampling arguments, :meth:`config_kwargs` the strategy's own."""
         own = cls.config_kwargs(cfg, model=model, example_input=example_input)
         defences = {o.name.replace("-", "_"): cfg[o.name] for o in ROBUST_OPTIONS if o.name in cfg}
+        if int(cfg.get("distill-epochs", 0)):
+            defences |= {"distill_epochs": int(cfg["distill-epochs"]), "distill_model": model}
         return cls(**{**kwargs, "seed": int(cfg["seed"]), "discover_partitions": True, **defences, **own})
 
     @classmethod
@@ -297,6 +325,8 @@ class FedFuseStrategy(FedAvg):
         t_agg = time.perf_counter()
         self._valid_nodes = [m.metadata.src_node_id for m in valid]  # whose states these are (post-fusion rounds)
         new_state = self.aggregate_arrays(server_round, states, weights)
+        if self.distill_epochs:
+            new_state = self.distill_aggregate(server_round, new_state, states, weights)
         stats["aggregate_s"] = time.perf_counter() - t_agg
         if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
             log.warning("round %d: the aggregate is not finite; keeping the previous global model", server_round)
@@ -349,6 +379,27 @@ class FedFuseStrategy(FedAvg):
         """FedAvg: θ = Σ_i (n_i / Σ_j n_j) θ_i (:func:`fedfuse.state.weighted_average`), or the ``robust``
         reduction (:func:`fedfuse.robust.robust_reduce`)."""
         return (self.reduce or weighted_average)(states, weights)
+
+    def distill_aggregate(self, server_round: int, state: State, states: list[State], weights: list[float]) -> State:
+        """FedDF: ``state`` (the student) distilled from the clients' models (λ_i = n_i/Σn) on ``server_data``,
+        seeded by (seed, round) so a resumed run distils bit-identically (:func:`fedfuse.merge.distill.distill`)."""
+        import copy
+
+        from fedfuse.experiment import derive_seed
+        from fedfuse.merge.distill import distill
+
+        assert self.distill_model is not None and self.server_data is not None
+
+        def net(s: State) -> torch.nn.Module:
+            m = copy.deepcopy(self.distill_model)
+            m.load_state_dict(s)  # type: ignore[union-attr]
+            return m  # type: ignore[return-value]
+
+        out = distill(
+            net(state), [net(s) for s in states], self.server_data,
+            epochs=self.distill_epochs, seed=derive_seed(self.seed, server_round, 31), weights=weights,
+        )  # fmt: skip
+        return {k: out[k].to(v.dtype) for k, v in state.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs besides the global model (the ServerApp checkpoints it; subclasses extend)."""

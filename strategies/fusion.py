@@ -1,8 +1,9 @@
-"""Alignment-aware aggregation: FedMatch, FedWB and FedGWB.
+"""Alignment-aware aggregation: FedMatch, FedWB, FedGWB, and the activation-based FedCCA and FedZip.
 
 Each is FedAvg's round loop with one change: the valid replies' state dicts go through
 ``fedfuse.align.fuse`` (align every client model to a common target, then average in the aligned
-space) instead of a plain weighted average. The maths lives in ``fedfuse.align``.
+space) instead of a plain weighted average. The maths lives in ``fedfuse.align`` and ``fedfuse.merge``.
+FedCCA/FedZip align by the activations of the server's unlabeled batch (``server-data``, FedDF's setting).
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from fedfuse.align import fuse
+from fedfuse.align.fusion import DATA_METHODS
 from fedfuse.align.gw import DEFAULT_ALPHA
 from fedfuse.align.solvers import resolve_spec
 from fedfuse.config import Option
 from fedfuse.errors import ConfigError
-from strategies.base import ROBUST_OPTIONS, FedFuseStrategy, require_model
+from strategies.base import ROBUST_OPTIONS, SERVER_OPTIONS, FedFuseStrategy, require_model
 from strategies.repair import REPAIR_OPTIONS, PostFusionRepair
 
-__all__ = ["FedFusion", "FedMatch", "FedWB", "FedGWB"]
+__all__ = ["FedFusion", "FedMatch", "FedWB", "FedGWB", "FedCCA", "FedZip"]
 
 SOLVERS = ("emd", "sinkhorn")
 
@@ -46,6 +48,7 @@ FUSION_OPTIONS = (
         "unfold onto the clients' averaged BN parameters after (no effect without BatchNorm)",
     ),
     *REPAIR_OPTIONS,
+    *SERVER_OPTIONS,
 )
 WIDTHS_OPTION = Option(
     "client-widths",
@@ -94,6 +97,16 @@ class FedFusion(FedFuseStrategy):
         **kwargs: Any,
     ) -> None:
         model = require_model(self, model)
+        if kwargs.get("distill_epochs"):
+            kwargs.setdefault("distill_model", model)
+            if client_widths or bn_repair != "none":
+                what = f"client_widths={client_widths!r}" if client_widths else f"bn_repair={bn_repair!r}"
+                raise ConfigError(f"distill_epochs={kwargs['distill_epochs']} cannot be combined with {what}")
+        if self.method in DATA_METHODS and kwargs.get("server_data") is None:
+            raise ConfigError(
+                f"strategy {self.method!r} aligns by activations and needs server-data > 0 (unlabeled inputs the "
+                "server holds, e.g. --server-data 200)"
+            )
         if solver not in SOLVERS:
             raise ConfigError(f"solver={solver!r} is not allowed; allowed: {', '.join(SOLVERS)}")
         if not float(epsilon) > 0:
@@ -189,6 +202,7 @@ class FedFusion(FedFuseStrategy):
             seed=self.seed + server_round,
             target_width=self.global_sizes if self.client_widths else None,
             reduce=self.reduce,  # robust aggregation in the aligned space
+            data=self.server_data if self.method in DATA_METHODS else None,
             return_aligned=True,
         )
         return self.post.for_strategy(self, server_round, fused, aligned, weights)
@@ -240,3 +254,17 @@ class FedGWB(FedFusion):
             **super().config_kwargs(cfg, model=model, example_input=example_input),
             "alpha": float(cfg["gwb-alpha"]),
         }
+
+
+class FedCCA(FedFusion):
+    """CCA Merge (Horoi et al., ICML 2024; :mod:`fedfuse.merge.cca`): every client's units mapped onto the
+    largest client's by linear maps from canonical correlations of their activations on the server batch."""
+
+    method = "cca"
+
+
+class FedZip(FedFusion):
+    """ZipIt!-style zipping (Stoica et al., ICLR 2024; :mod:`fedfuse.merge.zip`): units matched within and across
+    the clients' models by the correlation of their activations on the server batch, then merged."""
+
+    method = "zip"

@@ -37,7 +37,7 @@ from torch import nn
 from fedfuse import protocol
 from fedfuse.config import Option
 from fedfuse.selection import LAYERWISE_PRESETS, shared_keys
-from strategies.base import FedFuseStrategy, require_model
+from strategies.base import ROBUST_OPTIONS, FedFuseStrategy, require_model
 
 __all__ = ["LayerwiseAvg"]
 
@@ -56,7 +56,7 @@ class LayerwiseAvg(FedFuseStrategy):
     """
 
     options: ClassVar[tuple[Option, ...]] = (
-        *FedFuseStrategy.options,
+        *ROBUST_OPTIONS,  # not SERVER_OPTIONS: distillation would move the entries this strategy keeps apart
         Option(
             "layerwise-preset",
             str,

@@ -24,7 +24,7 @@ from fedfuse.config import Option
 from fedfuse.errors import ConfigError
 from fedfuse.experiment import derive_seed, round_mask
 from fedfuse.subspace import fixed_distance, mask_ratio
-from strategies.base import FedFuseStrategy, require_model
+from strategies.base import ROBUST_OPTIONS, FedFuseStrategy, require_model
 from strategies.repair import REPAIR_OPTIONS, PostFusionRepair
 
 __all__ = ["FedPFN", "FedPNU"]
@@ -41,7 +41,7 @@ class FedPFN(FedFuseStrategy):
 
     mode = "pfn"
     options: ClassVar[tuple[Option, ...]] = (
-        *FedFuseStrategy.options,
+        *ROBUST_OPTIONS,  # not SERVER_OPTIONS: distillation would move the entries this strategy keeps apart
         Option("pfn-ratio", float, 0.4, "fedpfn/fedpnu: fraction of each tensor fixed at init", low=0.0, high=0.99),
         Option(
             "pfn-granularity", str, "weight", "fedpfn/fedpnu: fix single weights or whole neurons",

@@ -35,6 +35,8 @@ STRATEGIES: dict[str, str] = {
     "match": "strategies.fusion:FedMatch",
     "wb": "strategies.fusion:FedWB",
     "gwb": "strategies.fusion:FedGWB",
+    "cca": "strategies.fusion:FedCCA",
+    "zip": "strategies.fusion:FedZip",
     "heterofl": "strategies.heterofl:HeteroFL",
     "layerwise": "strategies.layerwise:LayerwiseAvg",
 }
@@ -89,6 +91,16 @@ def validate_config(
         for key, owners in OWNERS.items():
             if key in cfg and strategy not in owners and cfg[key] != OPTIONS[key].default:
                 raise ConfigError(f"{key}={cfg[key]!r} needs strategy {' or '.join(owners)}; got {strategy!r}")
+        needs = [f"strategy={strategy!r}"] if strategy in ("cca", "zip") else []
+        needs += [f"distill-epochs={cfg['distill-epochs']}"] if cfg.get("distill-epochs") else []
+        if cfg.get("distill-epochs") and (cfg.get("bn-repair", "none") != "none" or cfg.get("client-widths")):
+            other = "bn-repair" if cfg.get("bn-repair", "none") != "none" else "client-widths"
+            raise ConfigError(f"distill-epochs={cfg['distill-epochs']} cannot be combined with {other}={cfg[other]!r}")
+        if needs and int(cfg.get("server-data", 0)) < 2:
+            raise ConfigError(
+                f"{' and '.join(needs)} needs server-data >= 2 (unlabeled inputs the server holds, e.g. "
+                f"--server-data 200); got server-data={cfg.get('server-data', 0)}"
+            )
     return cfg
 
 
@@ -100,8 +112,12 @@ def options_for(cfg: Mapping[str, Any], strategy: str) -> dict[str, Any]:
     return {**cfg, **reset, "strategy": strategy}
 
 
-def build_strategy(cfg: Mapping[str, Any], model: Any = None, example_input: Any = None) -> Strategy:
-    """Instantiate the configured strategy with FedAvg-style sampling arguments for ``num-clients`` nodes."""
+def build_strategy(
+    cfg: Mapping[str, Any], model: Any = None, example_input: Any = None, server_data: Any = None
+) -> Strategy:
+    """Instantiate the configured strategy with FedAvg-style sampling arguments for ``num-clients`` nodes;
+    ``server_data`` (the server's unlabeled batch, :func:`fedfuse.experiment.server_batch`) goes to ``from_config``
+    when given."""
     cls = resolve_strategy(str(cfg["strategy"]))
     n = int(cfg["num-clients"])
     kwargs: dict[str, Any] = {
@@ -111,6 +127,8 @@ def build_strategy(cfg: Mapping[str, Any], model: Any = None, example_input: Any
         "min_evaluate_nodes": 0,
         "min_available_nodes": n,
     }
+    if server_data is not None:
+        kwargs["server_data"] = server_data
     if hasattr(cls, "from_config"):
         return cls.from_config(cfg, model=model, example_input=example_input, **kwargs)
     return cls(**kwargs)

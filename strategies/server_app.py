@@ -34,7 +34,7 @@ from fedfuse.checkpoint import (
     save_checkpoint,
 )
 from fedfuse.errors import ConfigError, RunFailedError
-from fedfuse.experiment import dataset_for, model_for
+from fedfuse.experiment import dataset_for, model_for, server_batch
 from fedfuse.results import RunWriter, fedfuse_home, remove_stale_temp_files, resolve_out
 from fedfuse.train import evaluate
 from strategies.monitor import ClientModelDump, LMCMonitor
@@ -60,7 +60,9 @@ def run_server(
     out = Path(cfg["out"])
     ds = dataset_for(cfg)
     model = model_for(cfg, ds)
-    strategy = build_strategy(cfg, model=model_for(cfg, ds), example_input=ds.x_test[:2])
+    strategy = build_strategy(
+        cfg, model=model_for(cfg, ds), example_input=ds.x_test[:2], server_data=server_batch(cfg, ds)
+    )
     observers: list[RoundObserver] = []
     if cfg["lmc-monitor"]:  # barriers on the first 256 test samples
         observers.append(LMCMonitor(model_for(cfg, ds), ds.x_test[:256], ds.y_test[:256]))
