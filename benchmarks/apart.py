@@ -9,7 +9,11 @@ Three ways the clients start round 1 (``client-init``), then ordinary FL from th
   from its own init (``--client-init-from DIR``; DIR = ``clients/round1/`` of a 1-round ``--save-client-models 1``
   run with ``--client-init own``, i.e. the files a site would bring).
 
-Methods: FedAvg, FedMatch (``match``), FedWB (``wb``), FedWB + federated REPAIR (``wb``, ``bn-repair=repair``).
+Methods: FedAvg, FedMatch (``match``), FedWB (``wb``), FedWB + federated REPAIR (``wb``, ``bn-repair=repair``);
+with ``--methods`` also those that need the server's unlabeled batch (``server-data`` = 500 training inputs drawn
+with the run seed, i.e. the clients' own distribution — an optimistic stand-in for a server's public data):
+FedZip / FedCCA (``zip``/``cca``: activation-based fusion on that batch) and ``+distill`` (FedDF after the
+fusion: ``distill-epochs`` = 5 on that batch).
 mnist10k MLP, 10 clients, all clients every round, Dirichlet(α) label skew, local SGD (lr 0.05, momentum 0.9,
 batch 32), E local epochs per round. Each run is the real ServerApp/ClientApp in process (``InlineGrid`` +
 ``run_server``: what ``fedfuse simulate --backend inline`` runs). Resumable: each finished run is written at once
@@ -44,7 +48,16 @@ from benchmarks.common import machine  # noqa: E402
 from benchmarks.regimes import METHODS as REGIME_METHODS  # noqa: E402
 from benchmarks.regimes import RESULTS, locked  # noqa: E402
 
+SERVER_DATA, DISTILL_EPOCHS = 500, 5  # the server's unlabeled batch (server-data) and FedDF epochs of the new methods
 METHODS: dict[str, dict[str, Any]] = {m: REGIME_METHODS[m] for m in ("FedAvg", "FedMatch", "FedWB", "FedWB+REPAIR")}
+NEW_METHODS: dict[str, dict[str, Any]] = {  # need the server's unlabeled batch; not in the default --methods
+    "FedZip": {"strategy": "zip", "server-data": SERVER_DATA},
+    "FedCCA": {"strategy": "cca", "server-data": SERVER_DATA},
+    "FedZip+distill": {"strategy": "zip", "server-data": SERVER_DATA, "distill-epochs": DISTILL_EPOCHS},
+    "FedWB+distill": {"strategy": "wb", "server-data": SERVER_DATA, "distill-epochs": DISTILL_EPOCHS},
+    "FedAvg+distill": {"strategy": "fedavg", "server-data": SERVER_DATA, "distill-epochs": DISTILL_EPOCHS},
+}
+ALL_METHODS = {**METHODS, **NEW_METHODS}
 INITS = ("shared", "own", "ckpt")
 SHARED_METHODS = ("FedAvg", "FedWB")  # the reference, and the identity check
 
@@ -108,7 +121,7 @@ def one_run(args: argparse.Namespace, init: str, alpha: float, method: str, seed
     from fedfuse.runners.inline import InlineGrid
     from strategies.server_app import run_server
 
-    cfg = {**base_config(args, alpha, seed), "num-rounds": args.rounds, **METHODS[method]}
+    cfg = {**base_config(args, alpha, seed), "num-rounds": args.rounds, **ALL_METHODS[method]}
     with tempfile.TemporaryDirectory(prefix="apart-") as tmp:
         pre_s = 0.0
         if init == "own":
@@ -259,7 +272,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", default="mnist10k")
     p.add_argument("--alphas", nargs="+", type=float, default=[0.1, 0.5])
     p.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(ALL_METHODS))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--rounds", type=int, default=20)

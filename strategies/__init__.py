@@ -1,13 +1,14 @@
 """fedfuse's Flower server side: strategies usable in any ServerApp, and fedfuse's own ServerApp."""
 
 from strategies.base import FedFuseStrategy
-from strategies.fusion import FedFusion, FedGWB, FedMatch, FedWB
+from strategies.fusion import FedCCA, FedFusion, FedGWB, FedMatch, FedWB, FedZip
 from strategies.heterofl import HeteroFL
 from strategies.layerwise import LayerwiseAvg
 from strategies.pfn import FedPFN, FedPNU
 from strategies.prox import FedProx
 
 __all__ = [
+    "FedCCA",
     "FedFuseStrategy",
     "FedFusion",
     "FedGWB",
@@ -17,5 +18,6 @@ __all__ = [
     "FedProx",
     "FedWB",
     "HeteroFL",
+    "FedZip",
     "LayerwiseAvg",
 ]
