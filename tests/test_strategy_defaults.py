@@ -11,6 +11,7 @@ import torch
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy import FedProx as FlowerFedProx
 
+from fedfuse.align.fusion import DATA_METHODS
 from fedfuse.errors import ConfigError
 from fedfuse.models import build_model
 from strategies.registry import STRATEGIES, build_strategy, resolve_strategy, validate_config
@@ -41,8 +42,11 @@ def _needs_model(cls: type) -> bool:
 
 
 def _build(cls: type) -> object:
-    """``cls`` with its required arguments only (a small model where it needs one)."""
-    return cls(model=build_model("mlp", (1, 8, 8), 10)) if _needs_model(cls) else cls()
+    """``cls`` with its required arguments only (a small model where it needs one; cca/zip: a server batch)."""
+    if not _needs_model(cls):
+        return cls()
+    data = {"server_data": torch.zeros(4, 1, 8, 8)} if getattr(cls, "method", "") in DATA_METHODS else {}
+    return cls(model=build_model("mlp", (1, 8, 8), 10), **data)
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
@@ -73,8 +77,10 @@ def test_fedfuses_own_server_app_still_evaluates_centrally() -> None:
     layerwise's personalised evaluation on every client (behaviour unchanged by Flower's defaults above)."""
     model = build_model("mlp", (1, 8, 8), 10)
     for name in STRATEGIES:
-        cfg = validate_config({"strategy": name, "num-clients": 4})
-        strategy = build_strategy(cfg, model=model, example_input=torch.zeros(2, 1, 8, 8))
+        data = name in DATA_METHODS  # cca/zip need the server's unlabeled batch
+        cfg = validate_config({"strategy": name, "num-clients": 4, **({"server-data": 4} if data else {})})
+        batch = torch.zeros(4, 1, 8, 8) if data else None
+        strategy = build_strategy(cfg, model=model, example_input=torch.zeros(2, 1, 8, 8), server_data=batch)
         wanted = 1.0 if name == "layerwise" else 0.0
         assert strategy.fraction_evaluate == wanted, name
         assert strategy.min_evaluate_nodes == 0 and strategy.min_available_nodes == 4, name
