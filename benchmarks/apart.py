@@ -191,6 +191,11 @@ def report(args: argparse.Namespace, data: dict[str, Any], path: Path) -> None:
         "mean ± std over the seeds that reached it, and how many never did within the run.",
         "",
     ]
+    copied = sorted(
+        {(k.split("|")[2], r["source"]) for k, r in runs.items() if "source" in r and k.split("|")[2] in args.methods}
+    )
+    for method, source in copied:  # runs not run by these commands: say where they come from
+        lines.insert(-1, f"- {method}: not re-run here; copied from {source} (same code path and seeds).")
     for alpha in args.alphas:
         lines += [f"## Dirichlet α = {alpha:g}", ""]
         head = "| start | method | " + " | ".join(f"rounds to {100 * t:g} %" for t in args.targets)
