@@ -44,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import machine, parse_shard  # noqa: E402
 from benchmarks.regimes import METHODS as REGIME_METHODS  # noqa: E402
 from benchmarks.regimes import RESULTS, locked  # noqa: E402
 
@@ -294,10 +294,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.dataset, args.alphas, args.seeds, args.clients, args.rounds = "digits", [0.5], 1, 3, 3
         args.pretrain, args.width, args.targets, args.tag = 2, args.width or 16, [0.5, 0.7], args.tag or "smoke"
     args.tag = args.tag or f"{args.dataset}-mlp"
-    i, _, n = args.shard.partition("/")
-    if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
-        p.error(f"--shard {args.shard!r} is not allowed; allowed: i/n with 0 <= i < n")
-    args.shard_i, args.shard_n = int(i), int(n)
+    args.shard_i, args.shard_n = parse_shard(p, args.shard)
     return args
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["fmt_err", "machine", "ms", "selfcheck_record"]
+__all__ = ["fmt_err", "machine", "ms", "parse_shard", "selfcheck_record"]
 
 
 def machine() -> str:
@@ -62,3 +63,11 @@ def selfcheck_record(name: str, model: torch.nn.Module, side: int, res: Any, t0:
         "seconds": {k: round(v, 2) for k, v in res.seconds.items()},
         "total_s": round(time.perf_counter() - t0, 2),
     }
+
+
+def parse_shard(p: argparse.ArgumentParser, text: str) -> tuple[int, int]:
+    """``--shard i/n`` (this process runs every n-th cell from the i-th) as ``(i, n)``; a parser error otherwise."""
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+        p.error(f"--shard {text!r} is not allowed; allowed: i/n with 0 <= i < n")
+    return int(i), int(n)

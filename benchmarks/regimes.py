@@ -49,6 +49,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import parse_shard  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS: dict[str, dict[str, Any]] = {
     "FedAvg": {"strategy": "fedavg"},
@@ -389,10 +391,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     "MODEL:epochs=1,20 or MODEL:alphas=0.1")  # fmt: skip
         args.cuts.setdefault(model, {})[key] = parsed
     args.width = {m: int(w) for m, _, w in (x.partition("=") for x in args.width)}
-    i, _, n = args.shard.partition("/")
-    if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
-        p.error(f"--shard {args.shard!r} is not allowed; allowed: i/n with 0 <= i < n")
-    args.shard_i, args.shard_n = int(i), int(n)
+    args.shard_i, args.shard_n = parse_shard(p, args.shard)
     return args
 
 

@@ -16,7 +16,7 @@ from fedfuse.experiment import dataset_for, server_batch
 from fedfuse.runners.inline import InlineGrid
 from strategies.registry import validate_config
 from strategies.server_app import run_server
-from tests.test_cli import run_cli
+from tests.test_client_init import refused
 
 SMALL = {"dataset": "digits", "model": "mlp", "width": 16, "num-clients": 3, "local-epochs": 1, "seed": 0}
 State = dict[str, torch.Tensor]
@@ -80,14 +80,6 @@ def test_distill_epochs_changes_the_model_deterministically(tmp_path) -> None:
     run(tmp_path, "avg", strategy="fedavg", **{"num-rounds": 1, "server-data": 100, "distill-epochs": 1})
     run(tmp_path, "avg0", strategy="fedavg", **{"num-rounds": 1})
     assert not equal(model(tmp_path, "avg"), model(tmp_path, "avg0"))
-
-
-def refused(extra: list[str], tmp_path: Path, capsys) -> str:
-    code = run_cli(["simulate", "--backend", "inline", "--num-clients", "3", *extra, "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
-    assert not (tmp_path / "out").exists()
-    return err
 
 
 def test_missing_or_bad_server_data_exits_2_with_one_line(tmp_path, capsys) -> None:
