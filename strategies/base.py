@@ -385,18 +385,14 @@ class FedFuseStrategy(FedAvg):
         seeded by (seed, round) so a resumed run distils bit-identically (:func:`fedfuse.merge.distill.distill`)."""
         import copy
 
+        from fedfuse.align.transport import load_state
         from fedfuse.experiment import derive_seed
         from fedfuse.merge.distill import distill
 
         assert self.distill_model is not None and self.server_data is not None
-
-        def net(s: State) -> torch.nn.Module:
-            m = copy.deepcopy(self.distill_model)
-            m.load_state_dict(s)  # type: ignore[union-attr]
-            return m  # type: ignore[return-value]
-
+        nets = [load_state(copy.deepcopy(self.distill_model), s) for s in (state, *states)]
         out = distill(
-            net(state), [net(s) for s in states], self.server_data,
+            nets[0], nets[1:], self.server_data,
             epochs=self.distill_epochs, seed=derive_seed(self.seed, server_round, 31), weights=weights,
         )  # fmt: skip
         return {k: out[k].to(v.dtype) for k, v in state.items()}
