@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fedfuse.align.inputs import call_model, keyword_root, positional, traced_keywords
 from fedfuse.align.rules import FIXED, FIXED_ID, Layout, ParamRef, Stacked, is_leaf, lookup_rule, supported_summary
 from fedfuse.errors import ConfigError
 
@@ -234,6 +235,7 @@ class _ConcreteTracer(fx.Tracer):
         self._inputs = list(inputs)
         self._module_outputs = module_outputs  # leaf-module outputs of an eager run, in call order
         self._calls: dict[str, int] = {}
+        self.concrete_shapes = False  # set for keyword-input models (Hugging Face): see _ShapeProxy
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # type: ignore[no-untyped-def]
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
@@ -265,6 +267,25 @@ class _ConcreteTracer(fx.Tracer):
             self.values[node.name] = getattr(args_v[0], str(target))(*args_v[1:], **kwargs_v)
         return node
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShapeProxy(node, self) if self.concrete_shapes else super().proxy(node)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # type: ignore[no-untyped-def]
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self.concrete_shapes and isinstance(proxy, fx.Proxy):
+            val = self.values.get(proxy.node.name)
+            if _is_constant(val):  # sizes, dims, dtypes: Python values, so slicing/ranges/shape arithmetic work
+                return val
+        return proxy
+
+    def call_module(self, m, forward, args, kwargs):  # type: ignore[no-untyped-def]
+        if not any(True for _ in m.parameters()) and not any(True for _ in m.buffers()):
+            try:
+                self.path_of_module(m)
+            except NameError:  # a module built inside forward (``nn.ReLU()(x)``): no state, so trace its forward
+                return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
 
@@ -275,9 +296,32 @@ class _ConcreteTracer(fx.Tracer):
         return (obj[i] for i in range(len(self.values[obj.node.name])))
 
 
+_SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_nested", "is_sparse", "layout", "is_cuda"})
+
+
+class _ShapeProxy(fx.Proxy):
+    """A proxy whose shape/dtype/device attributes (and, through ``create_proxy``, ``size()``/``dim()`` and
+    arithmetic on them) are the example's concrete values: library code (Hugging Face) slices buffers and builds
+    masks from sizes, which symbolic sizes cannot do. The graph is only read on the example's shapes."""
+
+    def __getattr__(self, k: str) -> Any:
+        if k in _SHAPE_ATTRS:
+            return getattr(self.tracer.values[self.node.name], k)  # type: ignore[attr-defined]
+        return super().__getattr__(k)
+
+
+def _is_constant(val: Any) -> bool:
+    if isinstance(val, (bool, int, float, torch.dtype, torch.device, torch.Size)):
+        return True
+    return isinstance(val, tuple) and bool(val) and all(isinstance(v, (int, bool)) for v in val)
+
+
 def trace_values(model: nn.Module, example_input: Any) -> tuple[fx.Graph, dict[str, Any]]:
     """Trace ``model`` on ``example_input`` (eval mode, no grad): the fx graph and every node's value."""
-    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    if isinstance(example_input, dict):
+        example_input = traced_keywords(model, example_input)
+    inputs = positional(example_input)
+    root = keyword_root(model, list(example_input)) if isinstance(example_input, dict) else model
     outputs: dict[str, list[Any]] = {}
     hooks = []
     probe = _ConcreteTracer((), {})
@@ -285,14 +329,15 @@ def trace_values(model: nn.Module, example_input: Any) -> tuple[fx.Graph, dict[s
         if name and probe.is_leaf_module(mod, name):
             hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: outputs.setdefault(name, []).append(o)))
     tracer = _ConcreteTracer(inputs, outputs)
+    tracer.concrete_shapes = root is not model
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(*inputs)
+            call_model(model, example_input)
             for h in hooks:
                 h.remove()
-            graph = tracer.trace(model, concrete_args=_defaults(model, len(inputs)))
+            graph = tracer.trace(root, concrete_args=_defaults(root, len(inputs)))
     except UnsupportedModelError:
         raise
     except Exception as exc:  # fx raises many types (TraceError, RuntimeError, TypeError)
