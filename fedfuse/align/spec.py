@@ -329,7 +329,9 @@ def trace_values(model: nn.Module, example_input: Any) -> tuple[fx.Graph, dict[s
         if name and probe.is_leaf_module(mod, name):
             hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: outputs.setdefault(name, []).append(o)))
     tracer = _ConcreteTracer(inputs, outputs)
-    tracer.concrete_shapes = root is not model
+    tracer.concrete_shapes = root is not model or any(  # Hugging Face code slices and branches on sizes
+        type(m).__module__.startswith("transformers.") for m in model.modules()
+    )
     was_training = model.training
     model.eval()
     try:
@@ -652,6 +654,10 @@ def derive_spec(model: nn.Module, example_input: Any) -> TransportSpec:
     Raises :class:`UnsupportedModelError` naming the first op/module that touches hidden units in a
     way a permutation of those units would not commute with.
     """
+    from fedfuse.align.peft_lora import has_lora, lora_spec  # PEFT LoRA: only the adapters' rank units move
+
+    if has_lora(model):
+        return lora_spec(model)
     if example_input is None:
         raise ConfigError("derive_spec needs example_input (a small input batch) or pass spec= explicitly")
     graph, values = trace_values(model, example_input)
