@@ -124,3 +124,40 @@ def test_peft_adapters_of_other_ranks_or_targets_are_refused(r: int, targets: li
     with pytest.raises(ConfigError) as err:
         fuse([_lora(base, 4, ["query", "value"]), _lora(base, r, targets)], method="wb", example_input=x)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("hf:t5", "model='hf:t5' is not allowed; allowed: hf:bert, hf:distilbert, hf:gpt2, hf:llama, hf:vit"),
+        ("hf:", "model='hf:' is not allowed; allowed: hf:bert"),
+    ],
+)
+def test_bad_hf_model_is_one_line_and_exit_2(model: str, message: str, tmp_path, capsys) -> None:
+    from tests.test_torchvision_cli import refused
+
+    err = refused(model, [], tmp_path, capsys)
+    assert message in err
+
+
+def test_hf_model_without_transformers_says_how_to_install_it(tmp_path, capsys, monkeypatch) -> None:
+    from fedfuse.models import hf_models
+    from tests.test_torchvision_cli import refused
+
+    monkeypatch.setattr(hf_models, "_transformers", lambda: None)
+    err = refused("hf:bert", [], tmp_path, capsys)
+    assert "model='hf:bert' needs transformers, which is not installed: pip install 'fedfuse[hf]'" in err
+
+
+def test_hf_classifier_runs_on_fedfuse_data_and_recovers() -> None:
+    pytest.importorskip("transformers")
+    from fedfuse.models import build_model
+
+    # Prepare: hf:gpt2 on digits-shaped inputs (64 features read as 64 tokens); its classifier picks the last token
+    model = build_model("hf:gpt2", (1, 8, 8), 10, seed=0).eval()
+    x = torch.randn(3, 1, 8, 8)
+    # Execute
+    res = selfcheck(model, x)
+    # Assert
+    assert model(x).shape == (3, 10)
+    assert res.ok and res.groups > 10 and set(res.errors) == {"match", "wb"}, res
