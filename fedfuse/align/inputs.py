@@ -14,11 +14,20 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from fedfuse.errors import ConfigError
 
-__all__ = ["call_model", "first_tensor", "keyword_root", "map_floats", "positional", "traced_keywords"]
+__all__ = [
+    "ShapeProxy",
+    "is_constant",
+    "call_model",
+    "first_tensor",
+    "keyword_root",
+    "map_floats",
+    "positional",
+    "traced_keywords",
+]
 
 
 def positional(example_input: Any) -> tuple[Any, ...]:
@@ -92,3 +101,23 @@ def traced_keywords(model: nn.Module, example_input: Any) -> dict[str, Any]:
     if "use_cache" in params and "use_cache" not in kw:
         kw["use_cache"] = False
     return kw
+
+
+_SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_nested", "is_sparse", "layout", "is_cuda"})
+
+
+class ShapeProxy(fx.Proxy):
+    """A proxy whose shape/dtype/device attributes (and, through ``create_proxy``, ``size()``/``dim()`` and
+    arithmetic on them) are the example's concrete values: library code (Hugging Face) slices buffers and builds
+    masks from sizes, which symbolic sizes cannot do. The graph is only read on the example's shapes."""
+
+    def __getattr__(self, k: str) -> Any:
+        if k in _SHAPE_ATTRS:
+            return getattr(self.tracer.values[self.node.name], k)  # type: ignore[attr-defined]
+        return super().__getattr__(k)
+
+
+def is_constant(val: Any) -> bool:
+    if isinstance(val, (bool, int, float, torch.dtype, torch.device, torch.Size)):
+        return True
+    return isinstance(val, tuple) and bool(val) and all(isinstance(v, (int, bool)) for v in val)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fedfuse.align.inputs import call_model, keyword_root, positional, traced_keywords
+from fedfuse.align.inputs import ShapeProxy, call_model, is_constant, keyword_root, positional, traced_keywords
 from fedfuse.align.rules import FIXED, FIXED_ID, Layout, ParamRef, Stacked, is_leaf, lookup_rule, supported_summary
 from fedfuse.errors import ConfigError
 
@@ -268,13 +268,13 @@ class _ConcreteTracer(fx.Tracer):
         return node
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _ShapeProxy(node, self) if self.concrete_shapes else super().proxy(node)
+        return ShapeProxy(node, self) if self.concrete_shapes else super().proxy(node)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # type: ignore[no-untyped-def]
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if self.concrete_shapes and isinstance(proxy, fx.Proxy):
             val = self.values.get(proxy.node.name)
-            if _is_constant(val):  # sizes, dims, dtypes: Python values, so slicing/ranges/shape arithmetic work
+            if is_constant(val):  # sizes, dims, dtypes: Python values, so slicing/ranges/shape arithmetic work
                 return val
         return proxy
 
@@ -294,26 +294,6 @@ class _ConcreteTracer(fx.Tracer):
 
     def iter(self, obj: fx.Proxy) -> Iterator:  # type: ignore[override]
         return (obj[i] for i in range(len(self.values[obj.node.name])))
-
-
-_SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_nested", "is_sparse", "layout", "is_cuda"})
-
-
-class _ShapeProxy(fx.Proxy):
-    """A proxy whose shape/dtype/device attributes (and, through ``create_proxy``, ``size()``/``dim()`` and
-    arithmetic on them) are the example's concrete values: library code (Hugging Face) slices buffers and builds
-    masks from sizes, which symbolic sizes cannot do. The graph is only read on the example's shapes."""
-
-    def __getattr__(self, k: str) -> Any:
-        if k in _SHAPE_ATTRS:
-            return getattr(self.tracer.values[self.node.name], k)  # type: ignore[attr-defined]
-        return super().__getattr__(k)
-
-
-def _is_constant(val: Any) -> bool:
-    if isinstance(val, (bool, int, float, torch.dtype, torch.device, torch.Size)):
-        return True
-    return isinstance(val, tuple) and bool(val) and all(isinstance(v, (int, bool)) for v in val)
 
 
 def trace_values(model: nn.Module, example_input: Any) -> tuple[fx.Graph, dict[str, Any]]:
