@@ -155,6 +155,13 @@ LEAVES: dict[str, Any] = {
     f"{HF}.mistral.modeling_mistral.MistralAttention": attention_rule(
         "q_proj", "k_proj", "v_proj", "o_proj", rotary=True
     ),
+    f"{HF}.electra.modeling_electra.ElectraSelfAttention": attention_rule("query", "key", "value", None),
+    **{  # Llama-style decoders: rotary q/k (fixed), grouped-query attention; Qwen3's per-head q/k norms stay fixed
+        f"{HF}.{m}.modeling_{m}.{c}Attention": attention_rule("q_proj", "k_proj", "v_proj", "o_proj", rotary=True)
+        for m, c in (("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("gemma", "Gemma"))
+    },
+    **{f"{HF}.{m}.modeling_{m}.{c}RMSNorm": rms_norm for m, c in (("qwen2", "Qwen2"), ("qwen3", "Qwen3"))},
+    f"{HF}.gemma.modeling_gemma.GemmaRMSNorm": rms_norm,  # x / rms(x) · (1 + w): still one weight per unit
     "transformers.pytorch_utils.Conv1D": conv1d,
     f"{HF}.llama.modeling_llama.LlamaRMSNorm": rms_norm,
     f"{HF}.mistral.modeling_mistral.MistralRMSNorm": rms_norm,
