@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fedfuse.align.fusion import AlignmentError, fuse
+from fedfuse.align.inputs import call_model, first_tensor, map_floats
 from fedfuse.align.spec import UnsupportedModelError, derive_spec
 from fedfuse.align.transport import load_state, permute_model
 from fedfuse.errors import ConfigError
@@ -105,7 +106,6 @@ def selfcheck(
     (RegNetY-128GF: 4.2e-4 between its own float32 and float64 outputs), so pass ``float64=True`` there.
     """
     model = model.eval()
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     t0 = time.perf_counter()
     try:
         spec = derive_spec(model, example_input)
@@ -122,11 +122,11 @@ def selfcheck(
     # One network is built per evaluation and each fused state is dropped once scored: peak ≈ 5 copies of the
     # weights (model, permuted copy, fused state, float64 network), not 8 (a 630M-parameter model is 2.5 GB a copy)
     in_f64 = sum(p.numel() for p in model.parameters()) <= F64_MAX_PARAMS if float64 is None else bool(float64)
-    xs = tuple(i.double() if in_f64 and torch.is_floating_point(i) else i for i in inputs)
+    xs = map_floats(example_input, lambda t: t.double() if in_f64 else t)  # a tensor, tuple or keyword dict
 
     def run(state: dict[str, torch.Tensor] | None) -> torch.Tensor:
         net = copy.deepcopy(model) if state is None else load_state(copy.deepcopy(model), state)
-        return (net.double() if in_f64 else net).eval()(*xs)
+        return first_tensor(call_model((net.double() if in_f64 else net).eval(), xs))
 
     ref = run(None)
     res.permuted_err = _rel_err(run(permuted.state_dict()), ref)

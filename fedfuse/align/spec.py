@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fedfuse.align.inputs import ShapeProxy, call_model, is_constant, keyword_root, positional, traced_keywords
 from fedfuse.align.rules import FIXED, FIXED_ID, Layout, ParamRef, Stacked, is_leaf, lookup_rule, supported_summary
 from fedfuse.errors import ConfigError
 
@@ -234,6 +235,7 @@ class _ConcreteTracer(fx.Tracer):
         self._inputs = list(inputs)
         self._module_outputs = module_outputs  # leaf-module outputs of an eager run, in call order
         self._calls: dict[str, int] = {}
+        self.concrete_shapes = False  # set for keyword-input models (Hugging Face): see _ShapeProxy
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # type: ignore[no-untyped-def]
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
@@ -265,6 +267,25 @@ class _ConcreteTracer(fx.Tracer):
             self.values[node.name] = getattr(args_v[0], str(target))(*args_v[1:], **kwargs_v)
         return node
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return ShapeProxy(node, self) if self.concrete_shapes else super().proxy(node)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # type: ignore[no-untyped-def]
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self.concrete_shapes and isinstance(proxy, fx.Proxy):
+            val = self.values.get(proxy.node.name)
+            if is_constant(val):  # sizes, dims, dtypes: Python values, so slicing/ranges/shape arithmetic work
+                return val
+        return proxy
+
+    def call_module(self, m, forward, args, kwargs):  # type: ignore[no-untyped-def]
+        if not any(True for _ in m.parameters()) and not any(True for _ in m.buffers()):
+            try:
+                self.path_of_module(m)
+            except NameError:  # a module built inside forward (``nn.ReLU()(x)``): no state, so trace its forward
+                return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
 
@@ -277,7 +298,10 @@ class _ConcreteTracer(fx.Tracer):
 
 def trace_values(model: nn.Module, example_input: Any) -> tuple[fx.Graph, dict[str, Any]]:
     """Trace ``model`` on ``example_input`` (eval mode, no grad): the fx graph and every node's value."""
-    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    if isinstance(example_input, dict):
+        example_input = traced_keywords(model, example_input)
+    inputs = positional(example_input)
+    root = keyword_root(model, list(example_input)) if isinstance(example_input, dict) else model
     outputs: dict[str, list[Any]] = {}
     hooks = []
     probe = _ConcreteTracer((), {})
@@ -285,14 +309,17 @@ def trace_values(model: nn.Module, example_input: Any) -> tuple[fx.Graph, dict[s
         if name and probe.is_leaf_module(mod, name):
             hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: outputs.setdefault(name, []).append(o)))
     tracer = _ConcreteTracer(inputs, outputs)
+    tracer.concrete_shapes = root is not model or any(  # Hugging Face code slices and branches on sizes
+        type(m).__module__.startswith("transformers.") for m in model.modules()
+    )
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(*inputs)
+            call_model(model, example_input)
             for h in hooks:
                 h.remove()
-            graph = tracer.trace(model, concrete_args=_defaults(model, len(inputs)))
+            graph = tracer.trace(root, concrete_args=_defaults(root, len(inputs)))
     except UnsupportedModelError:
         raise
     except Exception as exc:  # fx raises many types (TraceError, RuntimeError, TypeError)
@@ -607,6 +634,10 @@ def derive_spec(model: nn.Module, example_input: Any) -> TransportSpec:
     Raises :class:`UnsupportedModelError` naming the first op/module that touches hidden units in a
     way a permutation of those units would not commute with.
     """
+    from fedfuse.align.peft_lora import has_lora, lora_spec  # PEFT LoRA: only the adapters' rank units move
+
+    if has_lora(model):
+        return lora_spec(model)
     if example_input is None:
         raise ConfigError("derive_spec needs example_input (a small input batch) or pass spec= explicitly")
     graph, values = trace_values(model, example_input)

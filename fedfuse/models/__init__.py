@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fedfuse.errors import ConfigError
-from fedfuse.models import timm_models, torchvision_models
+from fedfuse.models import hf_models, timm_models, torchvision_models
 
 __all__ = [
     "MLP",
@@ -215,8 +215,11 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], int, int]] = {
 LIBRARIES: dict[str, tuple[Callable[[str], str | None], Callable[..., nn.Module]]] = {
     torchvision_models.PREFIX: (torchvision_models.check_torchvision_name, torchvision_models.build_torchvision),
     timm_models.PREFIX: (timm_models.check_timm_name, timm_models.build_timm),
+    hf_models.PREFIX: (hf_models.check_hf_name, hf_models.build_hf),
 }
-_LIBRARY_NAMES = "torchvision:NAME (a torchvision classifier) or timm:NAME (a timm model)"
+_LIBRARY_NAMES = (
+    "torchvision:NAME (a torchvision classifier), timm:NAME (a timm model) or hf:ARCH (a Hugging Face architecture)"
+)
 
 
 def library_of(name: str) -> str | None:

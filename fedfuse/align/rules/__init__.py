@@ -33,6 +33,9 @@ from fedfuse.align.rules.core import (
     register_leaf_rule,
     register_rule,
 )
+from fedfuse.align.rules.embedding import embedding, functional_embedding
+from fedfuse.align.rules.hf import LEAVES as HF_LEAVES
+from fedfuse.align.rules.hf import power, rms_norm
 from fedfuse.align.rules.layers import (
     conv,
     elementwise,
@@ -71,6 +74,7 @@ from fedfuse.align.rules.tensor_ops import (
     unfold,
     vector_norm,
 )
+from fedfuse.align.rules.transformer import transformer_module
 
 # --------------------------------------------------------------------------------------------------------------
 # the tables
@@ -192,6 +196,17 @@ register_rule(nn.Flatten, flatten_module)
 register_rule(nn.RNNBase, rnn)
 register_rule(nn.MultiheadAttention, multihead_attention)
 register_rule(F.layer_norm, functional_layer_norm)
+for _name, _rule in HF_LEAVES.items():
+    register_leaf_rule(_name, _rule)
+for _t in (torch.pow, operator.pow, "pow"):
+    register_rule(_t, power)
+if hasattr(nn, "RMSNorm"):
+    register_rule(nn.RMSNorm, rms_norm)
+register_rule(nn.Embedding, embedding)
+for _t in (nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer):
+    register_rule(_t, transformer_module)
+register_rule(nn.EmbeddingBag, embedding)
+register_rule(F.embedding, functional_embedding)
 register_rule(F.batch_norm, functional_batch_norm)
 register_rule(F.group_norm, functional_group_norm)
 register_rule("torchvision.models.swin_transformer.shifted_window_attention", shifted_window_attention)
@@ -202,9 +217,12 @@ register_rule("torchvision.models.swin_transformer._patch_merging_pad", patch_me
 def supported_summary() -> str:
     """One line naming what the tables cover (for error messages)."""
     return (
-        "Linear, Conv1d/2d (incl. depthwise/grouped), BatchNorm/InstanceNorm, LayerNorm, GroupNorm (1 or C groups), "
-        "functional layer_norm/batch_norm/group_norm, RNN/LSTM/GRU, MultiheadAttention (self-attention), "
-        "Swin window attention, element-wise activations, pooling (incl. adaptive), flatten/view/reshape anywhere, "
+        "Linear, Conv1d/2d (incl. depthwise/grouped), BatchNorm/InstanceNorm, LayerNorm, RMSNorm, "
+        "GroupNorm (1 or C groups), "
+        "functional layer_norm/batch_norm/group_norm, Embedding, RNN/LSTM/GRU, MultiheadAttention (self-attention), "
+        "TransformerEncoder/Decoder(+Layer), "
+        "Swin window attention, Hugging Face attention (BERT, GPT-2, DistilBERT, ViT, Llama/Mistral), Conv1D, "
+        "element-wise activations, pooling (incl. adaptive), flatten/view/reshape anywhere, "
         "transpose/permute/squeeze/unsqueeze/expand, indexing, residual add/sub/mul, addcmul, layer scale, torch.cat, "
         "F.pad, matmul, scaled_dot_product_attention, mean/sum/norm over non-channel dims; "
         "add one with fedfuse.align.rules.register_rule"

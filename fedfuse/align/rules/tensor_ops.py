@@ -193,10 +193,21 @@ def getitem(d: Any, node: fx.Node, mod: Any = None) -> Any:
                 new = o
             i, o = i + 1, o + 1
         else:
-            raise d.unsupported(node, "advanced indexing of a hidden tensor")
+            return _advanced_before_channels(d, node, lay, val, items)
     if new is None:
         new = o + lay.dim - i
     return replace(lay, dim=new)
+
+
+def _advanced_before_channels(d: Any, node: fx.Node, lay: Layout, val: torch.Tensor, items: list[Any]) -> Any:
+    """Advanced indexing (index tensors) of dims before a last-dim hidden axis, e.g. ``logits[arange(B), last]``
+    (a sequence classifier picking each sample's last token): trailing un-indexed dims stay last, in order."""
+    real = [it for it in items if it is not None]
+    if lay.dim != val.dim() - 1 or Ellipsis in real or len(real) > lay.dim:
+        raise d.unsupported(node, "advanced indexing of a hidden tensor")
+    for a in node.all_input_nodes[1:]:
+        d.fix(d.lay(a))  # the indices select tokens/samples: fixed
+    return replace(lay, dim=d.values[node.name].dim() - 1)
 
 
 def split(d: Any, node: fx.Node, mod: Any = None) -> Any:
