@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fedfuse.align.rules import FIXED, FIXED_ID, Layout, ParamRef, Stacked, is_leaf, lookup_rule, supported_summary
+from fedfuse.align.rules.params import parametrized_weights, tie_constraints
 from fedfuse.errors import ConfigError
 
 __all__ = [
@@ -370,6 +371,10 @@ class _Deriver:
         # a module registered under two names (CoaT's shared conv position encoding, tied embeddings) appears under
         # each name in the state dict: every alias must move with the name fx traces, or loading re-binds it
         self.aliases = {k: [a for a in keys if a != k] for keys in by_tensor.values() for k in keys if len(keys) > 1}
+        self.state = state
+        self.reparam = parametrized_weights(model)  # "fc.weight" of a parametrized layer -> its originals
+        self.direct: set[tuple[str, int]] = set()  # (key, axis) a rule claimed under this very name
+        self.used: set[str] = set()  # keys whose module ran (or that were read) in the graph
         self.parent: list[int] = [0]
         self.names: list[str] = ["<fixed>"]
         self.sizes: list[int] = [0]
@@ -436,10 +441,24 @@ class _Deriver:
         expand: int = 1,
         segs: tuple[tuple[int, int], ...] | None = None,
         index: int = 0,
+        direct: bool = True,
     ) -> None:
-        """Group ``gid`` indexes axis ``axis`` of state entry ``key`` (ignored if ``key`` is not in the state)."""
+        """Group ``gid`` indexes axis ``axis`` of state entry ``key`` (ignored if ``key`` is not in the state; a
+        parametrized weight's axis becomes its originals', see :mod:`fedfuse.align.rules.params`)."""
         if key not in self.state_keys:
+            redirect = self.reparam.get(key)
+            if isinstance(redirect, str):
+                raise UnsupportedModelError(redirect)
+            if redirect is not None:
+                try:
+                    targets = redirect(axis)
+                except ValueError as exc:
+                    raise UnsupportedModelError(str(exc)) from exc
+                for k, a, e in targets:
+                    self.add(gid, k, a, role, repeat, expand * e, segs, index)
             return
+        if direct:
+            self.direct.add((key, axis))
         claim = (key, axis, index)
         if claim in self.claims:  # a module called twice: both calls must share one transport
             self.union(self.claims[claim], gid)
@@ -447,7 +466,7 @@ class _Deriver:
         self.claims[claim] = gid
         self.members.append((gid, Axis(key, axis, role, repeat, expand, None, index), segs))  # type: ignore[arg-type]
         for alias in self.aliases.get(key, ()):
-            self.add(gid, alias, axis, role, repeat, expand, segs, index)
+            self.add(gid, alias, axis, role, repeat, expand, segs, index, direct=False)
 
     def add_inputs(self, key: str, axis: int, lay: Any, node: fx.Node, repeat: int = 1) -> None:
         """Consumer input axis ``axis`` of ``key`` reads tensor ``node`` with layout ``lay``."""
@@ -526,6 +545,11 @@ class _Deriver:
             if node.op == "output":
                 self.fix(self._collect(node.args))  # the model output (classes) is never transported
                 continue
+            if node.op == "call_module":
+                prefix = f"{node.target}."
+                self.used.update(k for k in self.state_keys if k.startswith(prefix))
+            elif node.op == "get_attr":
+                self.used.add(str(node.target))
             self.env[node.name] = self.visit(node)
         return self.finalise()
 
@@ -567,6 +591,7 @@ class _Deriver:
 
     # result ------------------------------------------------------------------------------------------------
     def finalise(self) -> TransportSpec:
+        tie_constraints(self, self.state)
         roots: dict[int, list[Axis]] = {}
         seen: set[tuple[str, int, int]] = set()
 
