@@ -35,6 +35,7 @@ from torch import fx, nn
 
 from fedfuse.align.rules import FIXED, FIXED_ID, Layout, ParamRef, Stacked, is_leaf, lookup_rule, supported_summary
 from fedfuse.align.rules.params import parametrized_weights, tie_constraints
+from fedfuse.align.rules.segments import expand_layout, expand_member, union_parts
 from fedfuse.errors import ConfigError
 
 __all__ = [
@@ -375,6 +376,7 @@ class _Deriver:
         self.reparam = parametrized_weights(model)  # "fc.weight" of a parametrized layer -> its originals
         self.direct: set[tuple[str, int]] = set()  # (key, axis) a rule claimed under this very name
         self.used: set[str] = set()  # keys whose module ran (or that were read) in the graph
+        self.parts: dict[int, tuple[tuple[int, int], ...]] = {}  # root -> consecutive parts (rules.segments)
         self.parent: list[int] = [0]
         self.names: list[str] = ["<fixed>"]
         self.sizes: list[int] = [0]
@@ -401,6 +403,8 @@ class _Deriver:
             )
         lo, hi = min(ra, rb), max(ra, rb)  # the earlier group (or FIXED = 0) becomes the root
         self.parent[hi] = lo
+        if self.parts:
+            union_parts(self, ra, rb, lo)
 
     def new_group(self, name: str, size: int) -> int:
         self.parent.append(len(self.parent))
@@ -497,7 +501,7 @@ class _Deriver:
         )
 
     def lay(self, a: Any) -> Any:
-        return self.env.get(a.name) if isinstance(a, fx.Node) else None
+        return expand_layout(self, self.env.get(a.name)) if isinstance(a, fx.Node) else None
 
     def value(self, a: Any) -> Any:
         return self.values.get(a.name) if isinstance(a, fx.Node) else a
@@ -600,14 +604,28 @@ class _Deriver:
                 return None
             return tuple(self.names[self.find(g)] if self.find(g) else n for g, n in segs)
 
-        for gid, ax, segs in self.members:
+        members = self.members
+        if self.parts:  # a split group's members: one per part (rules.segments)
+            members = [
+                (p, replace(ax, index=k), ps)
+                for gid, ax, segs in self.members
+                for p, ps, k in expand_member(self, gid, segs, ax.index)
+            ]
+        for gid, ax, segs in members:
             r = self.find(gid)
             if r == FIXED_ID or (ax.key, ax.axis, ax.index) in seen:
                 continue
             seen.add((ax.key, ax.axis, ax.index))
             roots.setdefault(r, []).append(replace(ax, segments=seg_names(segs)))
         sites: dict[int, list[Site]] = {}
-        for gid, node_name, lay, i in self.sites:
+        sites_all = self.sites
+        if self.parts:
+            sites_all = [
+                (p, node_name, Layout(lay.dim, ps or lay.segs, lay.expand), k)
+                for gid, node_name, lay, i in self.sites
+                for p, ps, k in expand_member(self, gid, lay.segs if len(lay.segs) > 1 else None, i)
+            ]
+        for gid, node_name, lay, i in sites_all:
             r = self.find(gid)
             if r:
                 segs = seg_names(lay.segs) if len(lay.segs) > 1 else None

@@ -35,6 +35,7 @@ from fedfuse.align.rules.core import (
 )
 from fedfuse.align.rules.layers import (
     conv,
+    conv_transpose,
     elementwise,
     fixed_output,
     flatten_module,
@@ -184,6 +185,8 @@ register_leaf_rule("timm.models.swin_transformer.WindowAttention", qkv_attention
 register_rule(nn.Linear, linear)
 register_rule(nn.Conv1d, conv)
 register_rule(nn.Conv2d, conv)
+for _t in (nn.ConvTranspose1d, nn.ConvTranspose2d):
+    register_rule(_t, conv_transpose)
 register_rule(nn.modules.batchnorm._BatchNorm, norm_rule(("weight", "bias", "running_mean", "running_var")))
 register_rule(nn.modules.instancenorm._InstanceNorm, norm_rule(("weight", "bias", "running_mean", "running_var")))
 register_rule(nn.GroupNorm, norm_rule(("weight", "bias"), check_groups=True))
@@ -202,7 +205,8 @@ register_rule("torchvision.models.swin_transformer._patch_merging_pad", patch_me
 def supported_summary() -> str:
     """One line naming what the tables cover (for error messages)."""
     return (
-        "Linear, Conv1d/2d (incl. depthwise/grouped), BatchNorm/InstanceNorm, LayerNorm, GroupNorm (1 or C groups), "
+        "Linear, Conv1d/2d (incl. depthwise/grouped), ConvTranspose1d/2d, weight_norm/spectral_norm, tied weights, "
+        "BatchNorm/InstanceNorm, LayerNorm, GroupNorm (1 or C groups), "
         "functional layer_norm/batch_norm/group_norm, RNN/LSTM/GRU, MultiheadAttention (self-attention), "
         "Swin window attention, element-wise activations, pooling (incl. adaptive), flatten/view/reshape anywhere, "
         "transpose/permute/squeeze/unsqueeze/expand, indexing, residual add/sub/mul, addcmul, layer scale, torch.cat, "
