@@ -101,7 +101,7 @@ def _weight_id(key: str) -> str:
 def _hidden_layers(model: nn.Module) -> list[str]:
     """Modules that own a ≥2-d parameter directly (a layer with units); two or more, or a recurrent/attention
     module, mean the model has hidden units."""
-    names = [n for n, m in model.named_modules() if any(p.dim() >= 2 for p in m.parameters(recurse=False))]
+    names = [n for n, m in model.named_modules() if n and any(p.dim() >= 2 for p in m.parameters(recurse=False))]
     recurrent = any(isinstance(m, (nn.RNNBase, nn.MultiheadAttention)) for m in model.modules())
     return names if len(names) >= 2 or recurrent else []
 
