@@ -78,6 +78,24 @@ def test_weight_norm_mlp_moves_its_originals_and_fuses_exactly() -> None:
     _fused_is_exact(model, x)
 
 
+def test_without_the_parametrization_rule_the_gate_refuses_what_was_silently_wrong(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import fedfuse.align.spec as spec_mod
+
+    monkeypatch.setattr(spec_mod, "parametrized_weights", lambda model: {})  # the derivation before the rule
+    monkeypatch.setattr(gate_mod, "_CACHE", type(gate_mod._CACHE)())
+    torch.manual_seed(0)
+    x = torch.randn(4, 5)
+    with pytest.raises(UnsupportedModelError, match="not exact") as exc:
+        fuse([NormedMLP(), NormedMLP()], method="match", example_input=x)
+    line = str(exc.value)
+    assert "\n" not in line and "group(s) 'fc1', 'fc2'" in line
+    assert "untouched beside them: fc1.parametrizations.weight.original0" in line
+    res = selfcheck(NormedMLP(), x)
+    assert not res.ok and "fc2.parametrizations.weight.original1" in res.untouched
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_spectral_norm_moves_u_and_v_exactly(train: bool) -> None:
     torch.manual_seed(0)
@@ -91,6 +109,7 @@ def test_spectral_norm_moves_u_and_v_exactly(train: bool) -> None:
         ref = model(x)
         assert (permuted(x) - ref).abs().max() < 1e-5 * ref.abs().max()
     verify_spec(model.eval(), spec, x)
+    assert coverage(model, spec).untouched == []  # the first layer's v (input side) is mentioned, kept fixed
 
 
 class _Double(nn.Module):
@@ -127,6 +146,16 @@ def test_tied_word_lm_is_exact_and_the_tie_joins_constraints(monkeypatch: pytest
     assert {("encoder.weight", 1), ("decoder.weight", 1), ("rnn.weight_ih_l0", 1), ("rnn.weight_hh_l1", 0)} <= tied
     res = selfcheck(model, x)
     assert res.ok and res.permuted_err < 1e-10
+
+
+def test_without_the_tie_rule_the_gate_refuses_the_word_lm(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedfuse.align.spec as spec_mod
+
+    monkeypatch.setattr(spec_mod, "tie_constraints", lambda d, state: None)  # the derivation before the rule
+    monkeypatch.setattr(gate_mod, "_CACHE", type(gate_mod._CACHE)())
+    x = torch.randint(0, 11, (5, 2))
+    with pytest.raises(UnsupportedModelError, match=r"not exact .*group\(s\) 'rnn.l1'.*decoder\.weight"):
+        fuse([WordLM(), WordLM()], method="wb", example_input=x)
 
 
 class _Mix(nn.Module):

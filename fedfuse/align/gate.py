@@ -12,7 +12,7 @@ units but no group at all (fusion would be a plain average) is refused too.
 spec), so a federated run pays it once, not every round. :func:`coverage` measures what a spec moves: the share
 of parameters (elements) and of weight axes (axes 0 and 1 of every ≥2-d parameter: a layer's units and its
 inputs; a model's own input and output axes never move) and the keys no rule touched although their module has
-moving units (a sign of a missed rule).
+moving units (a sign of a missed rule; for a derived spec, keys no rule mentioned even to keep them fixed).
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def coverage(model: nn.Module, spec: TransportSpec) -> Coverage:
                 if key in counted:
                     cov.axes_total += 2
                     cov.axes_moved += len(axes & {0, 1})
-        if not axes and t.numel() > 1 and _layer(key) in units:
+        mentioned = key in spec.touched if spec.touched else bool(axes)
+        if not mentioned and t.numel() > 1 and _layer(key) in units:
             cov.untouched.append(key)
     return cov
 

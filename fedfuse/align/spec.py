@@ -97,6 +97,8 @@ class TransportSpec:
 
     groups: tuple[Group, ...]
     _by_key: dict[str, list[tuple[Group, Axis]]] = field(default=None, repr=False, compare=False)  # type: ignore
+    #: state keys the derivation rules mentioned (moving or kept fixed); empty for a hand-written spec
+    touched: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "groups", tuple(self.groups))
@@ -167,7 +169,9 @@ class TransportSpec:
         unknown = set(sizes) - set(self.names)
         if unknown:
             raise ConfigError(f"unknown transport groups {sorted(unknown)}; groups are {self.names}")
-        return TransportSpec(tuple(replace(g, size=int(sizes.get(g.name, g.size))) for g in self.groups))
+        return TransportSpec(
+            tuple(replace(g, size=int(sizes.get(g.name, g.size))) for g in self.groups), touched=self.touched
+        )
 
     def sizes_from(self, state: dict[str, torch.Tensor]) -> dict[str, int]:
         """Group widths read off a state dict (from members that own their whole axis); checks consistency."""
@@ -377,6 +381,7 @@ class _Deriver:
         self.direct: set[tuple[str, int]] = set()  # (key, axis) a rule claimed under this very name
         self.used: set[str] = set()  # keys whose module ran (or that were read) in the graph
         self.parts: dict[int, tuple[tuple[int, int], ...]] = {}  # root -> consecutive parts (rules.segments)
+        self.touched: set[str] = set()  # keys a rule mentioned
         self.parent: list[int] = [0]
         self.names: list[str] = ["<fixed>"]
         self.sizes: list[int] = [0]
@@ -460,7 +465,10 @@ class _Deriver:
                     raise UnsupportedModelError(str(exc)) from exc
                 for k, a, e in targets:
                     self.add(gid, k, a, role, repeat, expand * e, segs, index)
+                    base = k.rsplit(".", 2 if k.endswith(("._u", "._v")) else 1)[0] + "."
+                    self.touched.update(t for t in self.state_keys if t.startswith(base))
             return
+        self.touched.add(key)
         if direct:
             self.direct.add((key, axis))
         claim = (key, axis, index)
@@ -633,7 +641,7 @@ class _Deriver:
                 if site not in sites.setdefault(r, []):
                     sites[r].append(site)
         groups = [Group(self.names[r], self.sizes[r], tuple(roots[r]), tuple(sites.get(r, ()))) for r in sorted(roots)]
-        return TransportSpec(tuple(groups))
+        return TransportSpec(tuple(groups), touched=frozenset(self.touched))
 
 
 def _has_tensor(val: Any) -> bool:
