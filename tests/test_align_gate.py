@@ -78,6 +78,14 @@ def test_weight_norm_mlp_moves_its_originals_and_fuses_exactly() -> None:
     _fused_is_exact(model, x)
 
 
+def test_hook_based_weight_norm_moves_g_and_v() -> None:
+    with pytest.warns(FutureWarning):
+        fc1, fc2 = nn.utils.weight_norm(nn.Linear(5, 7)), nn.utils.weight_norm(nn.Linear(7, 6), dim=None)
+    model = nn.Sequential(fc1, nn.ReLU(), fc2, nn.ReLU(), nn.Linear(6, 2))
+    res = selfcheck(model, torch.randn(3, 5))
+    assert res.ok and res.permuted_err < 1e-10 and res.axis_share == pytest.approx(4 / 6) and not res.untouched
+
+
 def test_without_the_parametrization_rule_the_gate_refuses_what_was_silently_wrong(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -95,8 +95,11 @@ def _layer(key: str) -> str:
 
 
 def _weight_id(key: str) -> str:
-    """One name per weight: a parametrization's originals share ``fc.parametrizations.weight``."""
-    return key.rsplit(".original", 1)[0] if ".parametrizations." in key else key
+    """One name per weight: a parametrization's originals share ``fc.parametrizations.weight``; the hook-based
+    weight norm's ``fc.weight_g``, ``fc.weight_v`` share ``fc.weight``."""
+    if ".parametrizations." in key:
+        return key.rsplit(".original", 1)[0]
+    return key[:-2] if key.endswith(("_g", "_v")) else key
 
 
 def _hidden_layers(model: nn.Module) -> list[str]:

@@ -43,17 +43,20 @@ def register_parametrization(cls: type | str, fn: Callable[[nn.Module, str, tupl
     _KNOWN[cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"] = fn
 
 
-def _weight_norm(p: nn.Module, prefix: str, shape: tuple[int, ...]) -> Redirect:
-    dim, ndim = int(p.dim), len(shape)  # type: ignore[arg-type]
-    whole = dim == -1
+def _norm_members(g: str, v: str, dim: int, ndim: int) -> Redirect:
+    """``W = g · v / ‖v‖`` (norm over every axis but ``dim``; ``dim = -1``: over the whole tensor)."""
 
     def members(axis: int) -> list[tuple[str, int, int]]:
-        out = [(f"{prefix}.original1", axis, 1)]
-        if not whole and axis == dim % ndim:
-            out.append((f"{prefix}.original0", axis, 1))
+        out = [(v, axis, 1)]
+        if dim != -1 and axis == dim % ndim:
+            out.append((g, axis, 1))
         return out
 
     return members
+
+
+def _weight_norm(p: nn.Module, prefix: str, shape: tuple[int, ...]) -> Redirect:
+    return _norm_members(f"{prefix}.original0", f"{prefix}.original1", int(p.dim), len(shape))  # type: ignore[arg-type]
 
 
 def _spectral_norm(p: nn.Module, prefix: str, shape: tuple[int, ...]) -> Redirect:
@@ -80,9 +83,16 @@ register_parametrization("torch.nn.utils.parametrizations._SpectralNorm", _spect
 
 
 def parametrized_weights(model: nn.Module) -> dict[str, Redirect]:
-    """``{"fc.weight": redirect}`` for every parametrized tensor of ``model`` (see the module docstring)."""
+    """``{"fc.weight": redirect}`` for every parametrized tensor of ``model`` (see the module docstring); also the
+    older hook-based ``torch.nn.utils.weight_norm`` (keys ``fc.weight_g``, ``fc.weight_v``)."""
     out: dict[str, Redirect] = {}
     for name, mod in model.named_modules():
+        for hook in mod._forward_pre_hooks.values():
+            if type(hook).__name__ == "WeightNorm" and hasattr(hook, "name") and hasattr(hook, "dim"):
+                key = f"{name}.{hook.name}" if name else hook.name
+                v = mod._parameters.get(f"{hook.name}_v")
+                if v is not None:
+                    out[key] = _norm_members(f"{key}_g", f"{key}_v", int(hook.dim), v.dim())
         plists = getattr(mod, "parametrizations", None)
         if not isinstance(plists, nn.ModuleDict):
             continue
