@@ -21,14 +21,13 @@ import torch
 from torch import nn
 
 from fedfuse.align.fusion import AlignmentError, fuse
+from fedfuse.align.gate import F64_MAX_PARAMS, _rel_err, _verdict, coverage
 from fedfuse.align.inputs import call_model, first_tensor, map_floats
 from fedfuse.align.spec import UnsupportedModelError, derive_spec
 from fedfuse.align.transport import load_state, permute_model
 from fedfuse.errors import ConfigError
 
-__all__ = ["CheckResult", "break_symmetric_init", "selfcheck"]
-
-F64_MAX_PARAMS = 150_000_000  # models up to this size are compared in float64
+__all__ = ["CheckResult", "F64_MAX_PARAMS", "break_symmetric_init", "selfcheck"]
 
 
 @dataclass
@@ -43,14 +42,20 @@ class CheckResult:
     failures: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     rtol: float = 1e-4
+    param_share: float = 0.0
+    axis_share: float = 0.0
+    untouched: list[str] = field(default_factory=list)
+    nothing_aligned: str = ""
 
     @property
     def ok(self) -> bool:
-        """Derived, permutation-invariant and recovered by every method — or refused with a reason."""
+        """Derived, permutation-invariant and recovered by every method — or refused with a reason. A model with
+        hidden units but no group (``nothing_aligned``: fusion would be a plain average) is never ok."""
         if not self.derived:
             return bool(self.reason)
         return (
-            self.permuted_err is not None
+            not self.nothing_aligned
+            and self.permuted_err is not None
             and self.permuted_err <= self.rtol
             and not self.failures
             and all(e <= self.rtol for e in self.errors.values())
@@ -85,10 +90,6 @@ def break_symmetric_init(model: nn.Module, x: Any, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
-
-
 @torch.no_grad()
 def selfcheck(
     model: nn.Module,
@@ -104,6 +105,7 @@ def selfcheck(
     Outputs are compared in float64 (``float64=None``: for models up to ``F64_MAX_PARAMS`` parameters, one
     float64 network at a time); in float32 the rounding of a deep, wide model can exceed ``rtol`` by itself
     (RegNetY-128GF: 4.2e-4 between its own float32 and float64 outputs), so pass ``float64=True`` there.
+    ``param_share``/``axis_share``/``untouched``: what the spec moves (:func:`fedfuse.align.gate.coverage`).
     """
     model = model.eval()
     t0 = time.perf_counter()
@@ -113,6 +115,10 @@ def selfcheck(
         return CheckResult(False, str(exc).splitlines()[0], seconds={"derive": time.perf_counter() - t0})
     res = CheckResult(True, groups=len(spec.groups), rtol=rtol)
     res.seconds["derive"] = time.perf_counter() - t0
+    cov = coverage(model, spec)
+    res.param_share, res.axis_share, res.untouched = cov.param_share, cov.axis_share, cov.untouched
+    if not spec.groups:
+        res.nothing_aligned = _verdict(model, spec, example_input, seed)
     try:
         permuted, _ = permute_model(model, spec, seed=seed)
     except ConfigError as exc:  # an inconsistent spec (a derivation bug): report, do not crash a survey

@@ -35,6 +35,8 @@ from torch import fx, nn
 
 from fedfuse.align.inputs import ShapeProxy, call_model, is_constant, keyword_root, positional, traced_keywords
 from fedfuse.align.rules import FIXED, FIXED_ID, Layout, ParamRef, Stacked, is_leaf, lookup_rule, supported_summary
+from fedfuse.align.rules.params import parametrized_weights, tie_constraints
+from fedfuse.align.rules.segments import expand_layout, expand_member, union_parts
 from fedfuse.errors import ConfigError
 
 __all__ = [
@@ -96,6 +98,8 @@ class TransportSpec:
 
     groups: tuple[Group, ...]
     _by_key: dict[str, list[tuple[Group, Axis]]] = field(default=None, repr=False, compare=False)  # type: ignore
+    #: state keys the derivation rules mentioned (moving or kept fixed); empty for a hand-written spec
+    touched: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "groups", tuple(self.groups))
@@ -166,7 +170,9 @@ class TransportSpec:
         unknown = set(sizes) - set(self.names)
         if unknown:
             raise ConfigError(f"unknown transport groups {sorted(unknown)}; groups are {self.names}")
-        return TransportSpec(tuple(replace(g, size=int(sizes.get(g.name, g.size))) for g in self.groups))
+        return TransportSpec(
+            tuple(replace(g, size=int(sizes.get(g.name, g.size))) for g in self.groups), touched=self.touched
+        )
 
     def sizes_from(self, state: dict[str, torch.Tensor]) -> dict[str, int]:
         """Group widths read off a state dict (from members that own their whole axis); checks consistency."""
@@ -397,6 +403,12 @@ class _Deriver:
         # a module registered under two names (CoaT's shared conv position encoding, tied embeddings) appears under
         # each name in the state dict: every alias must move with the name fx traces, or loading re-binds it
         self.aliases = {k: [a for a in keys if a != k] for keys in by_tensor.values() for k in keys if len(keys) > 1}
+        self.state = state
+        self.reparam = parametrized_weights(model)  # "fc.weight" of a parametrized layer -> its originals
+        self.direct: set[tuple[str, int]] = set()  # (key, axis) a rule claimed under this very name
+        self.used: set[str] = set()  # keys whose module ran (or that were read) in the graph
+        self.parts: dict[int, tuple[tuple[int, int], ...]] = {}  # root -> consecutive parts (rules.segments)
+        self.touched: set[str] = set()  # keys a rule mentioned
         self.parent: list[int] = [0]
         self.names: list[str] = ["<fixed>"]
         self.sizes: list[int] = [0]
@@ -423,6 +435,8 @@ class _Deriver:
             )
         lo, hi = min(ra, rb), max(ra, rb)  # the earlier group (or FIXED = 0) becomes the root
         self.parent[hi] = lo
+        if self.parts:
+            union_parts(self, ra, rb, lo)
 
     def new_group(self, name: str, size: int) -> int:
         self.parent.append(len(self.parent))
@@ -463,10 +477,27 @@ class _Deriver:
         expand: int = 1,
         segs: tuple[tuple[int, int], ...] | None = None,
         index: int = 0,
+        direct: bool = True,
     ) -> None:
-        """Group ``gid`` indexes axis ``axis`` of state entry ``key`` (ignored if ``key`` is not in the state)."""
+        """Group ``gid`` indexes axis ``axis`` of state entry ``key`` (ignored if ``key`` is not in the state; a
+        parametrized weight's axis becomes its originals', see :mod:`fedfuse.align.rules.params`)."""
         if key not in self.state_keys:
+            redirect = self.reparam.get(key)
+            if isinstance(redirect, str):
+                raise UnsupportedModelError(redirect)
+            if redirect is not None:
+                try:
+                    targets = redirect(axis)
+                except ValueError as exc:
+                    raise UnsupportedModelError(str(exc)) from exc
+                for k, a, e in targets:
+                    self.add(gid, k, a, role, repeat, expand * e, segs, index)
+                    base = k.rsplit(".", 2 if k.endswith(("._u", "._v")) else 1)[0] + "."
+                    self.touched.update(t for t in self.state_keys if t.startswith(base))
             return
+        self.touched.add(key)
+        if direct:
+            self.direct.add((key, axis))
         claim = (key, axis, index)
         if claim in self.claims:  # a module called twice: both calls must share one transport
             self.union(self.claims[claim], gid)
@@ -474,7 +505,7 @@ class _Deriver:
         self.claims[claim] = gid
         self.members.append((gid, Axis(key, axis, role, repeat, expand, None, index), segs))  # type: ignore[arg-type]
         for alias in self.aliases.get(key, ()):
-            self.add(gid, alias, axis, role, repeat, expand, segs, index)
+            self.add(gid, alias, axis, role, repeat, expand, segs, index, direct=False)
 
     def add_inputs(self, key: str, axis: int, lay: Any, node: fx.Node, repeat: int = 1) -> None:
         """Consumer input axis ``axis`` of ``key`` reads tensor ``node`` with layout ``lay``."""
@@ -505,7 +536,7 @@ class _Deriver:
         )
 
     def lay(self, a: Any) -> Any:
-        return self.env.get(a.name) if isinstance(a, fx.Node) else None
+        return expand_layout(self, self.env.get(a.name)) if isinstance(a, fx.Node) else None
 
     def value(self, a: Any) -> Any:
         return self.values.get(a.name) if isinstance(a, fx.Node) else a
@@ -553,6 +584,11 @@ class _Deriver:
             if node.op == "output":
                 self.fix(self._collect(node.args))  # the model output (classes) is never transported
                 continue
+            if node.op == "call_module":
+                prefix = f"{node.target}."
+                self.used.update(k for k in self.state_keys if k.startswith(prefix))
+            elif node.op == "get_attr":
+                self.used.add(str(node.target))
             self.env[node.name] = self.visit(node)
         return self.finalise()
 
@@ -594,6 +630,7 @@ class _Deriver:
 
     # result ------------------------------------------------------------------------------------------------
     def finalise(self) -> TransportSpec:
+        tie_constraints(self, self.state)
         roots: dict[int, list[Axis]] = {}
         seen: set[tuple[str, int, int]] = set()
 
@@ -602,14 +639,28 @@ class _Deriver:
                 return None
             return tuple(self.names[self.find(g)] if self.find(g) else n for g, n in segs)
 
-        for gid, ax, segs in self.members:
+        members = self.members
+        if self.parts:  # a split group's members: one per part (rules.segments)
+            members = [
+                (p, replace(ax, index=k), ps)
+                for gid, ax, segs in self.members
+                for p, ps, k in expand_member(self, gid, segs, ax.index)
+            ]
+        for gid, ax, segs in members:
             r = self.find(gid)
             if r == FIXED_ID or (ax.key, ax.axis, ax.index) in seen:
                 continue
             seen.add((ax.key, ax.axis, ax.index))
             roots.setdefault(r, []).append(replace(ax, segments=seg_names(segs)))
         sites: dict[int, list[Site]] = {}
-        for gid, node_name, lay, i in self.sites:
+        sites_all = self.sites
+        if self.parts:
+            sites_all = [
+                (p, node_name, Layout(lay.dim, ps or lay.segs, lay.expand), k)
+                for gid, node_name, lay, i in self.sites
+                for p, ps, k in expand_member(self, gid, lay.segs if len(lay.segs) > 1 else None, i)
+            ]
+        for gid, node_name, lay, i in sites_all:
             r = self.find(gid)
             if r:
                 segs = seg_names(lay.segs) if len(lay.segs) > 1 else None
@@ -617,7 +668,7 @@ class _Deriver:
                 if site not in sites.setdefault(r, []):
                     sites[r].append(site)
         groups = [Group(self.names[r], self.sizes[r], tuple(roots[r]), tuple(sites.get(r, ()))) for r in sorted(roots)]
-        return TransportSpec(tuple(groups))
+        return TransportSpec(tuple(groups), touched=frozenset(self.touched))
 
 
 def _has_tensor(val: Any) -> bool:

@@ -38,6 +38,7 @@ from fedfuse.align.rules.hf import LEAVES as HF_LEAVES
 from fedfuse.align.rules.hf import power, rms_norm
 from fedfuse.align.rules.layers import (
     conv,
+    conv_transpose,
     elementwise,
     fixed_output,
     flatten_module,
@@ -188,6 +189,8 @@ register_leaf_rule("timm.models.swin_transformer.WindowAttention", qkv_attention
 register_rule(nn.Linear, linear)
 register_rule(nn.Conv1d, conv)
 register_rule(nn.Conv2d, conv)
+for _t in (nn.ConvTranspose1d, nn.ConvTranspose2d):
+    register_rule(_t, conv_transpose)
 register_rule(nn.modules.batchnorm._BatchNorm, norm_rule(("weight", "bias", "running_mean", "running_var")))
 register_rule(nn.modules.instancenorm._InstanceNorm, norm_rule(("weight", "bias", "running_mean", "running_var")))
 register_rule(nn.GroupNorm, norm_rule(("weight", "bias"), check_groups=True))
@@ -217,8 +220,8 @@ register_rule("torchvision.models.swin_transformer._patch_merging_pad", patch_me
 def supported_summary() -> str:
     """One line naming what the tables cover (for error messages)."""
     return (
-        "Linear, Conv1d/2d (incl. depthwise/grouped), BatchNorm/InstanceNorm, LayerNorm, RMSNorm, "
-        "GroupNorm (1 or C groups), "
+        "Linear, Conv1d/2d (incl. depthwise/grouped), ConvTranspose1d/2d, weight_norm/spectral_norm, tied weights, "
+        "BatchNorm/InstanceNorm, LayerNorm, RMSNorm, GroupNorm (1 or C groups), "
         "functional layer_norm/batch_norm/group_norm, Embedding, RNN/LSTM/GRU, MultiheadAttention (self-attention), "
         "TransformerEncoder/Decoder(+Layer), "
         "Swin window attention, Hugging Face attention (BERT, GPT-2, DistilBERT, ViT, Llama/Mistral), Conv1D, "

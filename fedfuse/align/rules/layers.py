@@ -141,6 +141,23 @@ def conv(d: Any, node: fx.Node, mod: nn.Conv1d) -> Any:
     return _conv(d, node, node.args[0], outs, f"{name}.weight", mod.in_channels, mod.out_channels, mod.groups, name)
 
 
+def conv_transpose(d: Any, node: fx.Node, mod: nn.ConvTranspose2d) -> Any:
+    """Transposed convolution, weight ``(in, out/groups, k...)``: the input channels index axis 0 (role ``in``), a
+    new group of ``out_channels`` indexes axis 1 and the bias. Grouped (``groups > 1``): every block shares the
+    weight's axis 1, so inputs and outputs stay fixed (exact, not aligned)."""
+    name, x = str(node.target), node.args[0]
+    lay_in = d.check_channel(node, d.lay(x), 1, flat_ok=True)  # output_size= only picks the output padding
+    if mod.groups != 1:
+        d.fix(lay_in)
+        return FIXED
+    if lay_in is not None:
+        d.add_inputs(f"{name}.weight", 0, lay_in, x)
+    gid = d.new_group(name, mod.out_channels)
+    d.add(gid, f"{name}.weight", 1, "out")
+    d.add(gid, f"{name}.bias", 0, "out")
+    return Layout(1, ((gid, mod.out_channels),))
+
+
 def functional_conv(d: Any, node: fx.Node, mod: Any = None) -> Any:
     """``F.conv1d/2d(x, W, b, stride, padding, dilation, groups)`` with W, b the model's parameters."""
     w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")

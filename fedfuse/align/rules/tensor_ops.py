@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from fedfuse.align.rules.core import FIXED, FIXED_ID, Layout, ParamRef, Rule, Stacked, _arg, _matched
+from fedfuse.align.rules.segments import refine
 
 # --------------------------------------------------------------------------------------------------------------
 # functions and methods
@@ -269,6 +270,12 @@ def _join(d: Any, node: fx.Node, la: Any, va: Any, lb: Any, vb: Any, out: torch.
             if ly.expand != lx.expand or [n for _, n in ly.segs] != [n for _, n in lx.segs]:
                 if ly.expand * ly.block != lx.expand * lx.block:
                     raise d.unsupported(node, "operands split hidden units differently")
+                cut = refine(d, lx, ly) if ly.expand == lx.expand else None
+                if cut is not None:  # one group meets several (a padded shortcut): split it into parts
+                    for (g1, _), (g2, _) in zip(cut[0].segs, cut[1].segs, strict=True):
+                        d.union(g1, g2)
+                    result = replace(cut[0], dim=dim_out) if result is None else result
+                    continue
                 d.fix(lx)  # same units, split into different groups (e.g. SE scale × grouped-conv output):
                 d.fix(ly)  # keeping both fixed is the exact choice
                 result = replace(lx, dim=dim_out) if result is None else result
@@ -323,17 +330,25 @@ def vector_norm(d: Any, node: fx.Node, mod: Any = None) -> Any:
 
 
 def pad(d: Any, node: fx.Node, mod: Any = None) -> Any:
-    """``F.pad(x, pad)``: pads the last ``len(pad)/2`` dims; padding the hidden dim itself fixes its units."""
+    """``F.pad(x, pad, mode, value)``: pads the last ``len(pad)/2`` dims. Constant padding of the hidden dim adds
+    structurally constant units (CIFAR ResNet option-A shortcuts): each padded block is a new group (its units
+    are all equal, so any permutation among them is exact) beside the input's; cropping or reflecting the hidden
+    dim fixes its units."""
     x = node.args[0]
     lay = d.lay(x)
     if d.is_fixed(lay) or not isinstance(lay, Layout):
         return FIXED
     amounts = d.value(_arg(node, F.pad, "pad"))
+    mode = d.value(_arg(node, F.pad, "mode")) or "constant"
     rank = d.value(x).dim()
     for i in range(len(amounts) // 2):
-        if rank - 1 - i == lay.dim and (amounts[2 * i] or amounts[2 * i + 1]):
-            d.fix(lay)
-            return FIXED
+        lo, hi = int(amounts[2 * i]), int(amounts[2 * i + 1])
+        if rank - 1 - i == lay.dim and (lo or hi):
+            if mode != "constant" or lo < 0 or hi < 0 or lay.expand != 1:
+                d.fix(lay)
+                return FIXED
+            segs = tuple((d.new_group(f"{node.name}.pad{j}", n), n) for j, n in ((0, lo), (1, hi)) if n)
+            lay = Layout(lay.dim, segs[:1] + lay.segs + segs[1:] if lo else lay.segs + segs, 1)
     if lay.expand != 1:
         raise d.unsupported(node, "pads a flattened conv tensor")
     return lay
