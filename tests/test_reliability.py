@@ -195,3 +195,59 @@ def test_ray_simulation_survives_failing_clients(tmp_path) -> None:
     failures = [r["failures"] for r in rows[1:]]
     assert sum(failures) > 0 and all(r["replies"] + r["failures"] == 10 for r in rows[1:])
     assert rows[-1]["central_accuracy"] > rows[0]["central_accuracy"]
+
+
+SMALL = ["simulate", "--no-progress", "--backend", "inline", "--dataset", "mnist1d", "--model", "mlp",
+         "--num-clients", "2", "--rounds", "2", "--local-epochs", "1", "--seed", "4"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_ref(tmp_path_factory) -> Path:
+    from tests.test_cli import run_cli
+
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert run_cli([*SMALL, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("fails", ["checkpoint.pt", "metrics.json"])
+def test_a_full_disk_never_leaves_metrics_and_checkpoint_a_round_apart(
+    small_ref, tmp_path, monkeypatch, capsys, fails
+) -> None:
+    """Round 2's commit fails with ENOSPC while one of its files is written: metrics.json/csv and checkpoint.pt
+    all still end at round 1 (one line, exit 1, no temp file), and --resume then ends bit-identical to an
+    uninterrupted run (``small_ref``)."""
+    import errno
+
+    import fedfuse.results as results
+    from tests.test_cli import run_cli
+
+    real, seen = results._write_synced, []
+
+    def full_disk(fd: int, data: bytes) -> None:
+        name = Path(os.readlink(f"/proc/self/fd/{fd}")).name if sys.platform.startswith("linux") else ""
+        seen.append(name)
+        if name.startswith(f".{fails}.") and sum(n.startswith(f".{fails}.") for n in seen) == 3:  # round 2
+            real(fd, data[: len(data) // 2])  # half written, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, data)
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("names the file being written through /proc/self/fd")
+    monkeypatch.setattr(results, "_write_synced", full_disk)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert run_cli([*SMALL, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"fedfuse: error: cannot write {out / fails}: No space left on device", err
+    rows = json.loads((out / "metrics.json").read_text())["rounds"]
+    csv_rounds = [line.split(",")[0] for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert [r["round"] for r in rows] == [0, 1] and csv_rounds == ["0", "1"]
+    assert load_checkpoint(out)["round"] == 1
+    assert not list(out.glob(".*.tmp"))
+
+    monkeypatch.setattr(results, "_write_synced", real)
+    assert run_cli(["simulate", "--no-progress", "--resume", str(out)]) == 0
+    a, b = torch.load(small_ref / "model.pt"), torch.load(out / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["round"] for r in json.loads((out / "metrics.json").read_text())["rounds"]] == [0, 1, 2]
