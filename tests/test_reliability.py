@@ -251,3 +251,56 @@ def test_a_full_disk_never_leaves_metrics_and_checkpoint_a_round_apart(
     a, b = torch.load(small_ref / "model.pt"), torch.load(out / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["round"] for r in json.loads((out / "metrics.json").read_text())["rounds"]] == [0, 1, 2]
+
+
+def _processes_with(tag: bytes) -> dict[int, str]:
+    """Live processes whose environment holds ``tag`` (pid -> command line)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and tag in (entry / "environ").read_bytes():
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+        except OSError:  # gone meanwhile, or not ours
+            continue
+    return found
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guarantee (and /proc) is Linux's")
+def test_kill_9_of_a_ray_run_leaves_no_process_and_no_flwr_home(tmp_path) -> None:
+    """kill -9 of ``fedfuse simulate --backend ray`` mid-run: within 10 s no process of the run is left (SuperLink,
+    SuperExec, ServerApp/simulation, every Ray process: all carry the run's private FLWR_HOME in their
+    environment), the temporary FLWR_HOME is gone, and checkpoint and metrics end at the same round.
+    (That --resume then continues bit-identically is test_sigkill_then_resume_gives_bit_identical_weights: the
+    same ServerApp and checkpoint code.)"""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", "--no-progress", "--backend", "ray", "--dataset", "digits",
+           "--model", "mlp", "--num-clients", "2", "--rounds", "500", "--seed", "1", "--out", str(out)]  # fmt: skip
+    cli = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    home, ours = None, {}
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and cli.poll() is None:
+            if home is None:
+                for child in Path(f"/proc/{cli.pid}/task/{cli.pid}/children").read_text().split():
+                    args = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                    home = next((a.split(b"=", 1)[1] for a in args if a.startswith(b"--remove=")), home)
+            else:  # the ServerApp has written round 0 and Ray runs ClientApp actors
+                ours = _processes_with(b"FLWR_HOME=" + home + b"/flwr-home")
+                if (out / "checkpoint.pt").exists() and any("ClientAppActor" in c for c in ours.values()):
+                    break
+            time.sleep(0.1)
+        assert home is not None and cli.poll() is None, "the run did not get to its first round"
+        assert any("flower-superlink" in c for c in ours.values()) and any("raylet" in c for c in ours.values())
+        os.kill(cli.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while (left := _processes_with(b"FLWR_HOME=" + home + b"/flwr-home")) and time.monotonic() - killed < 10:
+            time.sleep(0.2)
+        assert not left, f"{len(left)} of the run's {len(ours)} processes outlived it by 10 s: {left}"
+        assert not Path(home.decode()).exists()
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        cli.wait(timeout=30)
+    rows = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert rows[-1]["round"] == load_checkpoint(out)["round"]
