@@ -27,7 +27,14 @@ Rules, checked on the request target **as received** (never on a decoded or norm
   (``FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE``, 5 MiB — Flower 1.42 sends every model in objects of at most one
   chunk, so no honest request is larger, however big the model) plus 1 MiB for a message's envelope and
   object tree; ``--model-bytes`` lowers it for models smaller than a chunk.
-* Bounded memory: request and response bodies are streamed through (64 KiB flow-control windows), never held.
+* ``413`` for a message whose objects together pass ``--max-message-bytes`` (default, with ``--model-bytes``:
+  2 × the model, fedfuse's default reply bound ``max_reply_factor``, plus the envelope). Flower 1.42 sends a
+  reply as a ``push-messages`` request declaring its object tree, then one ``push-object`` request per object
+  (the SuperLink stores only declared objects); the gateway charges every object to the message that declared
+  it, so a reply cannot make the SuperLink, and then the ServerApp, hold more than that. Flower itself offers
+  no such cap: its SuperLink has no message-size flag (the gRPC limit is a hard-coded 2 GiB, HTTP has none).
+* Bounded memory: request and response bodies are streamed through (64 KiB flow-control windows), never held;
+  only ``push-messages``/``push-object`` bodies (at most ``--max-body-bytes``) are read whole to be checked.
 * Never ``500``: an upstream failure is ``502``, anything unexpected is logged and answered ``502``.
 
 Requests are forwarded with their headers (SuperNode authentication headers included: the SuperLink still
@@ -38,6 +45,7 @@ Why not nginx/Envoy: see docs/deployment.md ("The Fleet gateway").
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import os
 import re
@@ -57,6 +65,8 @@ ALLOWED_PATHS = ("/health",)
 METHODS = ("GET", "HEAD", "POST")
 CHUNK = int(os.environ.get("FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE", str(5 * 1024 * 1024)))  # Flower's own setting
 ENVELOPE = 1024 * 1024
+MAX_REPLY_FACTOR = 2.0  # fedfuse.validation.MAX_REPLY_FACTOR (this script runs without fedfuse)
+DECLARE, CHARGE = "/v1/fleet/push-messages", "/v1/fleet/push-object"
 _PATH = re.compile(rb"(?:/[A-Za-z0-9._~-]+)+")
 _QUERY = re.compile(rb"[A-Za-z0-9._~=&-]*")
 # Hop-by-hop headers (RFC 9110 §7.6.1) and those the gateway sets itself.
@@ -86,6 +96,59 @@ def refusal(method: str, raw_path: bytes, query: bytes, headers: Sequence[tuple[
     return 0, ""
 
 
+def default_max_message(model_bytes: int | None) -> int | None:
+    """The largest reply (all its objects) for a model of ``model_bytes``; None (no cap) when unknown."""
+    return int(MAX_REPLY_FACTOR * model_bytes) + ENVELOPE if model_bytes else None
+
+
+class MessageBudget:
+    """Bytes a message may still bring in, shared by the object ids its ``push-messages`` declared.
+
+    Object ids are content hashes, declared before their ``push-object``; at most ``max_ids`` of them are
+    remembered (the oldest are forgotten, so memory stays bounded; a forgotten id is forwarded unchecked, and
+    the SuperLink still refuses an undeclared one)."""
+
+    def __init__(self, max_message: int, max_ids: int = 200_000) -> None:
+        self.max_message, self.max_ids = max_message, max_ids
+        self.left: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
+
+    def declare(self, body: bytes) -> tuple[int, str]:
+        """Register the object trees of a ``PushMessagesRequest``; ``(status, why)`` if refused, else ``(0, "")``."""
+        from flwr.proto.fleet_pb2 import PushMessagesRequest
+
+        request = PushMessagesRequest()
+        try:
+            request.ParseFromString(body)
+        except Exception:  # noqa: BLE001 — protobuf's DecodeError and friends
+            return 400, "push-messages body is not a PushMessagesRequest"
+        for tree in request.message_object_trees:
+            budget, todo = [self.max_message], [tree]
+            while todo:
+                node = todo.pop()
+                self.left[node.object_id] = budget
+                self.left.move_to_end(node.object_id)
+                todo.extend(node.children)
+        while len(self.left) > self.max_ids:
+            self.left.popitem(last=False)
+        return 0, ""
+
+    def charge(self, body: bytes) -> tuple[int, str]:
+        """Charge a ``PushObjectRequest`` to its message; ``(status, why)`` if refused, else ``(0, "")``."""
+        from flwr.proto.message_pb2 import PushObjectRequest
+
+        request = PushObjectRequest()
+        try:
+            request.ParseFromString(body)
+        except Exception:  # noqa: BLE001
+            return 400, "push-object body is not a PushObjectRequest"
+        budget = self.left.pop(request.object_id, None)
+        if budget is not None:
+            budget[0] -= len(request.object_content)
+            if budget[0] < 0:
+                return 413, f"the message is over the gateway's limit of {self.max_message} bytes"
+        return 0, ""
+
+
 class TooLarge(Exception):
     """The request body passed the limit."""
 
@@ -101,9 +164,12 @@ async def _answer(send: Send, status: int, text: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(upstream: str, verify: ssl.SSLContext | bool, max_body: int | None = None) -> Callable[..., Any]:
+def create_app(
+    upstream: str, verify: ssl.SSLContext | bool, max_body: int | None = None, max_message: int | None = None
+) -> Callable[..., Any]:
     """An ASGI app forwarding canonical Fleet API requests to ``upstream`` (``https://host:port``)."""
     limit = max_body if max_body is not None else default_max_body()
+    budget = MessageBudget(max_message) if max_message else None
     client = httpx.AsyncClient(
         base_url=upstream.rstrip("/"),
         verify=verify,
@@ -141,14 +207,21 @@ def create_app(upstream: str, verify: ssl.SSLContext | bool, max_body: int | Non
         }  # fmt: skip
         headers = [(k, v) for k, v in scope["headers"] if k.decode("latin-1").lower() not in dropped]
         streamed = length is not None or b"transfer-encoding" in names
-        request = client.build_request(
-            method,
-            raw_path.decode("ascii") + (f"?{query.decode('ascii')}" if query else ""),
-            headers=headers,
-            content=body(receive) if streamed else b"",
-        )
         started = False
         try:
+            content: bytes | AsyncIterator[bytes] = body(receive) if streamed else b""
+            if budget is not None and raw_path in (DECLARE.encode(), CHARGE.encode()):
+                content = b"".join([chunk async for chunk in body(receive)])  # at most `limit` bytes
+                status, why = (budget.declare if raw_path == DECLARE.encode() else budget.charge)(content)
+                if status:
+                    log.warning("refused (%d) %s from %s: %s", status, raw_path.decode(), scope.get("client"), why)
+                    return await _answer(send, status, why)
+            request = client.build_request(
+                method,
+                raw_path.decode("ascii") + (f"?{query.decode('ascii')}" if query else ""),
+                headers=headers,
+                content=content,
+            )
             response = await client.send(request, stream=True)
             try:
                 out = [(k, v) for k, v in response.headers.raw if k.decode("latin-1").lower() not in _DROP]
@@ -200,9 +273,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=9092)
     p.add_argument("--max-body-bytes", type=int, help=f"largest request body (default {default_max_body()})")
-    p.add_argument("--model-bytes", type=int, help="the model's size: a smaller model lowers the default limit")
+    model_env = os.environ.get("FLEET_MODEL_BYTES", "").strip()  # compose: FLEET_MODEL_BYTES=... docker compose up
+    p.add_argument(
+        "--model-bytes",
+        type=int,
+        default=int(model_env) if model_env.isdigit() else None,
+        help="the model's size in bytes (e.g. of a saved model.pt; env FLEET_MODEL_BYTES): sets the message limit",
+    )
+    p.add_argument("--max-message-bytes", type=int, help="largest message (default 2 × --model-bytes + 1 MiB)")
     a = p.parse_args(argv)
-    for name in ("max_body_bytes", "model_bytes"):
+    for name in ("max_body_bytes", "model_bytes", "max_message_bytes"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(a, name)}: allowed: a positive number of bytes")
     if a.insecure:
@@ -213,11 +293,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         verify = ssl.create_default_context(cafile=a.root_certificates)
     scheme = "http" if a.insecure else "https"
     limit = a.max_body_bytes or default_max_body(a.model_bytes)
+    max_message = a.max_message_bytes or default_max_message(a.model_bytes)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fleet-gateway %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per forwarded request otherwise
-    log.info("forwarding the Fleet API to %s; request bodies up to %d bytes", a.upstream, limit)
+    log.info(
+        "forwarding the Fleet API to %s; request bodies up to %d bytes, messages up to %s",
+        a.upstream, limit, f"{max_message} bytes" if max_message else "any size (no --model-bytes)",
+    )  # fmt: skip
     uvicorn.run(
-        create_app(f"{scheme}://{a.upstream}", verify, limit),
+        create_app(f"{scheme}://{a.upstream}", verify, limit, max_message),
         host=a.host,
         port=a.port,
         ssl_certfile=None if a.insecure else a.ssl_certfile,

@@ -17,6 +17,7 @@ import uvicorn
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 1_000_000
+MESSAGE = 3_000
 
 
 class Upstream:
@@ -67,7 +68,8 @@ def gateway() -> Iterator[tuple[int, Upstream, subprocess.Popen]]:
     thread.start()
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "deploy" / "fleet_gateway.py"), "--insecure", "--upstream", f"127.0.0.1:{up_port}",
-         "--host", "127.0.0.1", "--port", str(gw_port), "--max-body-bytes", str(LIMIT)],
+         "--host", "127.0.0.1", "--port", str(gw_port), "--max-body-bytes", str(LIMIT),
+         "--max-message-bytes", str(MESSAGE)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -141,9 +143,35 @@ def test_only_canonical_fleet_requests_reach_the_superlink(gateway, request_head
     stub.seen.clear()
     assert _raw(port, request_head, b"{}") == status, request_head
     assert stub.seen == [], (request_head, stub.seen)
-    assert _raw(port, _post(b"/v1/fleet/push-object?run=1&x=y"), b"{}") == 200
-    assert stub.seen == [("POST", b"/v1/fleet/push-object?run=1&x=y", 2)]
+    assert _raw(port, _post(b"/v1/fleet/pull-messages?run=1&x=y"), b"{}") == 200
+    assert stub.seen == [("POST", b"/v1/fleet/pull-messages?run=1&x=y", 2)]
     assert proc.poll() is None
+
+
+def test_a_message_is_capped_across_its_objects(gateway) -> None:
+    """Flower 1.42 declares a reply's object tree (push-messages), then pushes each object (push-object): the
+    gateway charges every object to its message and refuses the one that takes it past --max-message-bytes."""
+    from flwr.proto.fleet_pb2 import PushMessagesRequest
+    from flwr.proto.message_pb2 import ObjectTree, PushObjectRequest
+
+    port, stub, _ = gateway
+    stub.seen.clear()
+
+    def post(path: bytes, body: bytes) -> int:
+        return _raw(port, b"POST %s HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n" % (path, len(body)), body)
+
+    tree = ObjectTree(object_id="m", children=[ObjectTree(object_id="a"), ObjectTree(object_id="b")])
+    declared = PushMessagesRequest(message_object_trees=[tree]).SerializeToString()
+    push = [PushObjectRequest(object_id=o, object_content=b"x" * 1_400).SerializeToString() for o in "abm"]
+    assert post(b"/v1/fleet/push-messages", declared) == 200
+    assert post(b"/v1/fleet/push-object", push[0]) == 200  # 1,400 of 3,000
+    assert post(b"/v1/fleet/push-object", push[1]) == 200  # 2,800
+    assert post(b"/v1/fleet/push-object", push[2]) == 413  # 4,200 > 3,000: never reaches the SuperLink
+    assert [size for _, _, size in stub.seen] == [len(declared), len(push[0]), len(push[1])]
+    undeclared = PushObjectRequest(object_id="z", object_content=b"x" * 5_000).SerializeToString()
+    assert post(b"/v1/fleet/push-object", undeclared) == 200  # the SuperLink stores declared objects only
+    assert post(b"/v1/fleet/push-object", b"\xff" * 10) == 400
+    assert post(b"/v1/fleet/push-messages", b"\xff" * 10) == 400
 
 
 def _vm_hwm(pid: int) -> int:
