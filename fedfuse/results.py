@@ -6,6 +6,7 @@ Every file is written to a temp file and renamed, so a crash never leaves a half
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -82,6 +83,9 @@ def atomic_write_many(files: Mapping[Path, bytes]) -> None:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             staged.append((tmp, path))
             _write_synced(fd, data)
+        for _, path in staged:  # what a rename would fail on, before any rename
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
         while staged:
             tmp, path = staged[0]
             os.replace(tmp, path)
