@@ -265,6 +265,47 @@ def _processes_with(tag: bytes) -> dict[int, str]:
     return found
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guarantee (and /proc) is Linux's")
+def test_the_supervisor_ends_an_escaped_grandchild_when_its_parent_is_killed(tmp_path) -> None:
+    """fedfuse/runners/supervise.py under a parent that is then kill -9'd: the supervised command's grandchild,
+    which left the session (setsid, as Flower's SuperExec does) and ignores SIGTERM, is gone within 10 s,
+    and the --remove path is deleted."""
+    from fedfuse.runners.ray import SUPERVISE
+
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    ready = tmp_path / "ready"
+    sleeper = (
+        "import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"pathlib.Path({str(ready)!r}).touch(); time.sleep(300)"
+    )
+    child = (
+        "import subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, '-c', {sleeper!r}], start_new_session=True); time.sleep(300)"
+    )
+    parent = (
+        "import subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, {str(SUPERVISE)!r}, '--remove={home}', '--', sys.executable, '-c', "
+        f"{child!r}], stdin=subprocess.PIPE, start_new_session=True); time.sleep(300)"
+    )
+    tag = f"FEDFUSE_SUPERVISE_TEST={tmp_path}"
+    proc = subprocess.Popen([sys.executable, "-c", parent], env={**os.environ, tag.split("=")[0]: str(tmp_path)})
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(_processes_with(tag.encode())) == 4
+        proc.kill()
+        killed = time.monotonic()
+        while (left := _processes_with(tag.encode())) and time.monotonic() - killed < 10:
+            time.sleep(0.1)
+        assert not left, left
+        assert not home.exists()
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 @pytest.mark.ray
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guarantee (and /proc) is Linux's")
 def test_kill_9_of_a_ray_run_leaves_no_process_and_no_flwr_home(tmp_path) -> None:

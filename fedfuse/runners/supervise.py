@@ -1,8 +1,9 @@
 """A tiny supervisor that leaves no orphans: ``python supervise.py [--remove PATH]... -- CMD [ARG]...``.
 
 It runs ``CMD`` and ends ``CMD`` and **every process ``CMD`` started** when the process that started the
-supervisor ends — however it ends, ``kill -9`` included — or when ``CMD`` exits, or on SIGTERM/SIGINT/SIGHUP;
-then it deletes the ``--remove`` paths and exits with ``CMD``'s code (128 + N for a signal N).
+supervisor ends — however it ends, ``kill -9`` included — or on SIGTERM/SIGINT/SIGHUP, and then deletes the
+``--remove`` paths; when ``CMD`` exits by itself it ends what ``CMD`` left running and keeps the paths (the parent
+is alive and reads them). It exits with ``CMD``'s code (128 + N for a signal N).
 
 Why this design (Linux, where the guarantee holds):
 
@@ -142,15 +143,18 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: stop.append(signum))
     sup = Supervisor(cmd)
+    asked = False
     try:
         while not stop and sup.poll() is None:
             ready, _, _ = select.select([0], [], [], 0.2)
             if ready and not os.read(0, 4096):  # EOF: the parent is gone or asks us to stop
                 break
+        asked = sup.poll() is None  # else CMD ended by itself: the parent lives on and reads what it left
     finally:
         sup.end_all()
-        for path in remove:
-            shutil.rmtree(path, ignore_errors=True)
+        if asked or stop:
+            for path in remove:
+                shutil.rmtree(path, ignore_errors=True)
     code = sup.poll()
     code = -1 if code is None else code
     return code if code >= 0 else 128 - code
