@@ -27,11 +27,11 @@ from flwr.serverapp import Grid, ServerApp
 from fedfuse.checkpoint import (
     CHECKPOINT,
     check_resumable,
+    checkpoint_bytes,
     config_mismatch,
     load_checkpoint,
     restore_rng_states,
     rng_states,
-    save_checkpoint,
 )
 from fedfuse.errors import ConfigError, RunFailedError
 from fedfuse.experiment import dataset_for, model_for, server_batch
@@ -103,18 +103,15 @@ def run_server(
         if server_round > 0:
             row |= observed.round_metrics()
         row["wall_time"] = time.perf_counter() - t0
-        writer.append(row)
-        save_checkpoint(
-            out,
-            {
-                "round": server_round,
-                "config": cfg,
-                "model": state,
-                "strategy": strategy.state_dict() if hasattr(strategy, "state_dict") else {},
-                "rng": rng_states(),
-                "metrics": writer.rows,
-            },
-        )
+        ckpt = {
+            "round": server_round,
+            "config": cfg,
+            "model": state,
+            "strategy": strategy.state_dict() if hasattr(strategy, "state_dict") else {},
+            "rng": rng_states(),
+            "metrics": [*writer.rows, row],
+        }
+        writer.append(row, commit={out / CHECKPOINT: checkpoint_bytes(ckpt)})  # one commit: never a round apart
         if on_round is not None:
             on_round(row)
         failed = observed.all_failed() if server_round > 0 else None

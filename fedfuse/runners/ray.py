@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -103,30 +102,32 @@ def _wait_healthy(port: int, proc: subprocess.Popen[bytes], log_path: Path, time
     raise RunFailedError(f"flower-superlink did not answer on 127.0.0.1:{port} within {timeout:.0f} s")
 
 
-def _die_with_parent() -> None:
-    """In the SuperLink's process, before exec: SIGTERM when the process that started it dies (Linux), so a
-    killed ``fedfuse simulate`` does not leave its SuperLink (and the run) going."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+SUPERVISE = Path(__file__).with_name("supervise.py")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the process group we started (SuperLink, SuperExec, ServerApp and simulation processes)."""
-    if proc.poll() is None:
+def supervised(cmd: Sequence[str], *, remove: Sequence[Path] = (), **popen: Any) -> subprocess.Popen[Any]:
+    """``cmd`` under :mod:`fedfuse.runners.supervise`: it and every process it starts (Ray's included) end when
+    this process ends — also by ``kill -9`` — or when :func:`_stop` is called; ``remove`` is deleted then."""
+    return subprocess.Popen(
+        [sys.executable, str(SUPERVISE), *(f"--remove={p}" for p in remove), "--", *cmd],
+        stdin=subprocess.PIPE,  # its write end, held only here, is the supervisor's death notice
+        start_new_session=True,  # a terminal's Ctrl-C reaches this process, which then stops the supervisor
+        **popen,
+    )
+
+
+def _stop(proc: subprocess.Popen[Any], timeout: float = 8.0) -> None:
+    """Ask a :func:`supervised` process to end its command and all it started (EOF on its stdin), and wait."""
+    if proc.stdin is not None and not proc.stdin.closed:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-        except ProcessLookupError:
+            proc.stdin.close()
+        except OSError:
             pass
-    try:  # children that outlived their parent
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
 
 
 def _rows(out: Path) -> list[dict[str, Any]]:
@@ -164,10 +165,16 @@ def wait_finished(
 
 
 @contextmanager
-def local_superlink(workdir: Path, extra_env: Mapping[str, str] | None = None) -> Iterator[dict[str, str]]:
+def local_superlink(
+    workdir: Path,
+    extra_env: Mapping[str, str] | None = None,
+    *,
+    remove_workdir: bool = False,
+) -> Iterator[dict[str, str]]:
     """A SuperLink in simulation mode on a free loopback port, with a private ``FLWR_HOME`` in ``workdir``
     whose default connection points at it; yields the environment for ``flwr run`` / ``flwr list``.
-    The SuperLink and every process it started are stopped on exit."""
+    The SuperLink and every process it started (ServerApp, simulation, Ray) are stopped on exit, and also
+    when this process is killed (:func:`supervised`); ``remove_workdir`` deletes ``workdir`` then."""
     import fedfuse
 
     home = workdir / "flwr-home"
@@ -193,11 +200,11 @@ def local_superlink(workdir: Path, extra_env: Mapping[str, str] | None = None) -
     }
     log_path = workdir / "superlink.log"
     with open(log_path, "wb") as link_log:
-        superlink = subprocess.Popen(
+        superlink = supervised(
             [_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
              "--control-api-address", f"127.0.0.1:{_free_port()}", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, cwd=workdir, stdout=link_log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_die_with_parent,
+            remove=[workdir] if remove_workdir else [], env=env, cwd=workdir, stdout=link_log,
+            stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
         _wait_healthy(port, superlink, log_path)
@@ -274,17 +281,19 @@ def run_ray(
 
     if ray_address:
         print(describe_cluster(ray_address), flush=True)  # which cluster this run joins, before it starts
-    with tempfile.TemporaryDirectory(prefix="fedfuse-flwr-") as tmp:
+    # the SuperLink's supervisor deletes tmp (FLWR_HOME, the app) also when this process is killed
+    with tempfile.TemporaryDirectory(prefix="fedfuse-flwr-", ignore_cleanup_errors=True) as tmp:
         app_dir = Path(tmp) / "app"
         write_app(app_dir, cfg, resume=resume)
-        with local_superlink(Path(tmp), {"RAY_ADDRESS": ray_address} if ray_address else None) as env:
+        extra = {"RAY_ADDRESS": ray_address} if ray_address else None
+        with local_superlink(Path(tmp), extra, remove_workdir=True) as env:
             level, to_driver = ("INFO", "true") if verbose else ("ERROR", "false")
             fed = (
                 f"num-supernodes={int(cfg['num-clients'])} client-resources-num-cpus={client_cpus:g} "
                 f"client-resources-num-gpus={client_gpus:g} init-args-logging-level='{level}' "
                 f"init-args-log-to-driver={to_driver}"
             )
-            run = subprocess.Popen(
+            run = supervised(
                 [_tool("flwr"), "run", str(app_dir), "--stream", "--federation-config", fed],
                 env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             )  # fmt: skip
@@ -307,10 +316,8 @@ def run_ray(
                     time.sleep(0.5)
                 reader.join(timeout=10)
                 status, details = wait_finished(env, run_ids[0], tick=follow) if run_ids else ("", "")
-            finally:
-                if run.poll() is None:  # Ctrl-C: the SuperLink goes down with its runs below
-                    run.terminate()
-                    run.wait(timeout=20)
+            finally:  # also on Ctrl-C; a kill -9 of this process is handled by the supervisors themselves
+                _stop(run)
             follow()
     if errors:
         raise RunFailedError(f"{errors[0]} (Flower's log: {out}/flower.log)")
