@@ -11,6 +11,7 @@ from fedfuse.lora.aggregate import (
     flora_stack,
     hetlora_pad,
     mean_products,
+    pad_rank,
     svd_lora,
     truncate_rank,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "aligned_lora",
     "flora_stack",
     "hetlora_pad",
+    "pad_rank",
     "truncate_rank",
     "aggregation_error",
 ]

@@ -30,6 +30,7 @@ __all__ = [
     "aligned_lora",
     "flora_stack",
     "hetlora_pad",
+    "pad_rank",
     "truncate_rank",
     "aggregation_error",
 ]
@@ -223,30 +224,39 @@ def flora_stack(
     return out
 
 
+def pad_rank(state: Mapping[str, torch.Tensor], rank: int, alpha: float | None = None) -> State:
+    """Every adapter zero-padded to ``rank`` components, B rescaled so the update is unchanged:
+    s_R·B'·A' = s_r·B·A (B' = [B·s_r / s_R, 0], A' = [A; 0])."""
+    out = dict(state)
+    for prefix, (ak, bk) in adapter_pairs(state).items():
+        a, b = _factors(state, ak, bk)
+        r = a.shape[0]
+        if r > rank:
+            raise ConfigError(f"rank {r} of {prefix!r} is above the rank {rank} to pad to")
+        a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])], 0)
+        b = torch.cat([b * (_scale(alpha, r) / _scale(alpha, rank)), b.new_zeros(b.shape[0], rank - r)], 1)
+        out[ak], out[bk] = _shaped(state[ak], a, 0), _shaped(state[bk], b, 1)
+    return out
+
+
 def hetlora_pad(
     states: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float],
     alpha: float | None = None,
 ) -> State:
-    """HetLoRA's aggregation (Cho et al. 2024) without its rank self-pruning: every client's scaled factors
-    (s_i B_i, A_i) zero-padded to the largest rank R, averaged apart, B divided by s_R = alpha / R; clients then
-    take the first r_i components back (:func:`truncate_rank`). Equal ranks: :func:`fedavg_lora`."""
+    """HetLoRA's aggregation (Cho et al. 2024) without its rank self-pruning: every client's factors zero-padded
+    to the largest rank R (:func:`pad_rank`: s_R·B'·A' = s_i·B_i·A_i), then averaged apart as :func:`fedavg_lora`;
+    clients take the first r_i components back (:func:`truncate_rank`)."""
     pairs = _check(states, weights)
-    lam = normalise_weights(weights, len(states))
-    out = _others(states, weights)
-    for _prefix, (ak, bk) in pairs.items():
-        rank = max(s[ak].shape[0] for s in states)
-        a_sum = b_sum = None
-        for s, w in zip(states, lam, strict=True):
-            a, b = _factors(s, ak, bk)
-            r = a.shape[0]
-            a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])], 0)
-            b = torch.cat([_scale(alpha, r) * b, b.new_zeros(b.shape[0], rank - r)], 1)
-            a_sum = float(w) * a if a_sum is None else a_sum + float(w) * a
-            b_sum = float(w) * b if b_sum is None else b_sum + float(w) * b
-        like = max(states, key=lambda s: s[ak].shape[0])
-        out[ak] = _shaped(like[ak], a_sum, 0)
-        out[bk] = _shaped(like[bk], b_sum / _scale(alpha, rank), 1)
+    ranks = {p: max(s[ak].shape[0] for s in states) for p, (ak, _) in pairs.items()}
+    padded = [_pad_layers(s, ranks, alpha) for s in states]
+    return fedavg_lora(padded, weights, alpha)
+
+
+def _pad_layers(state: Mapping[str, torch.Tensor], ranks: Mapping[str, int], alpha: float | None) -> State:
+    out = dict(state)
+    for prefix, (ak, bk) in adapter_pairs(state).items():
+        out.update(pad_rank({ak: state[ak], bk: state[bk]}, ranks[prefix], alpha))
     return out
 
 

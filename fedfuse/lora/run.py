@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,6 +33,8 @@ __all__ = [
     "base_state",
     "adapt_model",
     "check_lora",
+    "load_received",
+    "adapter_state",
 ]
 
 PRETRAIN_TASKS = ("none", "low-classes")
@@ -69,8 +72,12 @@ def global_rank(cfg: Mapping[str, Any]) -> int:
     return max(lora_ranks(cfg))
 
 
+def derive_seed(*parts: int) -> int:
+    """:func:`fedfuse.experiment.derive_seed` (which imports this module: no cycle)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
 def _pretrain(cfg: Mapping[str, Any], ds: Any, model: nn.Module) -> dict[str, torch.Tensor]:
-    from fedfuse.experiment import derive_seed
     from fedfuse.state import torch_threads
     from fedfuse.train import train
 
@@ -115,13 +122,11 @@ def adapt_model(cfg: Mapping[str, Any], ds: Any, model: nn.Module, rank: int | N
         model.load_state_dict(base)
     if not lora_on(cfg):
         return model
-    from fedfuse.experiment import derive_seed
-
     rank = global_rank(cfg) if rank is None else rank
     targets = str(cfg.get("lora-targets", "") or "")
     with torch.random.fork_rng(devices=[]):  # the adapters' init (A) depends on the seed alone
         torch.manual_seed(derive_seed(int(cfg["seed"]), 61))
-        return inject_lora(model, targets, rank, float(cfg.get("lora-alpha", 8.0)))
+        return inject_lora(model, targets, rank, float(cfg.get("lora-alpha", 4.0)))
 
 
 def check_lora(cfg: Mapping[str, Any], ds: Any, model: nn.Module) -> None:
@@ -133,5 +138,23 @@ def check_lora(cfg: Mapping[str, Any], ds: Any, model: nn.Module) -> None:
         targets = str(cfg.get("lora-targets", "") or "")
         for rank in sorted(set(lora_ranks(cfg))):
             target_modules(model, targets, rank)
-        if not float(cfg.get("lora-alpha", 8.0)) > 0:
+        if not float(cfg.get("lora-alpha", 4.0)) > 0:
             raise ConfigError(f"lora-alpha={cfg.get('lora-alpha')!r} is out of range; allowed: > 0")
+
+
+def load_received(model: nn.Module, received: Mapping[str, torch.Tensor]) -> None:
+    """Load what a LoRA client receives (its adapters, and the adapted layers' base weights where the server
+    folded updates into them) into ``model``; every key must be one of the model's, of the same shape."""
+    own = model.state_dict()
+    for key, value in received.items():
+        if key not in own or tuple(own[key].shape) != tuple(value.shape):
+            where = "is not in the model" if key not in own else f"has shape {tuple(value.shape)}"
+            raise ValueError(
+                f"received {key!r} {where}; the client's LoRA model has {tuple(own.get(key, value).shape)}"
+            )
+    model.load_state_dict(dict(received), strict=False)
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a LoRA client sends: its adapters only (``lora_A``/``lora_B``)."""
+    return {k: v for k, v in model.state_dict().items() if "lora_A" in k or "lora_B" in k}
