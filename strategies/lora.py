@@ -145,7 +145,7 @@ class LoRAStrategy(FedFuseStrategy):
             adapters = (lora.aligned_lora if self.rule == "aligned" else lora.fedavg_lora)(padded, weights, alpha)
         products = lora.mean_products(states, weights, alpha)
         if self.rule == "flora":
-            agg_error = lora.aggregation_error(states, weights, stacked)  # the stacked factors carry scale 1
+            agg_error = lora.aggregation_error(states, weights, stacked, alpha, out_scale=1.0)  # scale 1: stacked
         else:
             agg_error = lora.aggregation_error(states, weights, adapters, alpha)
         new = {**self._global, **{k: v.to(self._global[k].dtype) for k, v in adapters.items()}}

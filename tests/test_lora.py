@@ -55,6 +55,8 @@ def test_exact_and_flora_reproduce_the_mean_product(conv):
     stacked = flora_stack(_states([1, 2, 3], conv=conv), w, alpha=4.0)
     assert torch.allclose(_product(stacked), mean_products(_states([1, 2, 3], conv=conv), w, 4.0)["l"], atol=1e-6)
     assert stacked["l.lora_A"].shape[0] == 6
+    gap = aggregation_error(_states([1, 2, 3], conv=conv), w, stacked, 4.0, out_scale=1.0)["l"]
+    assert gap < 1e-6 * float(mean_products(_states([1, 2, 3], conv=conv), w, 4.0)["l"].norm())  # float32 factors
     mean_bias = sum(x * s["l.bias"].double() for x, s in zip([1 / 6, 2 / 6, 3 / 6], states, strict=True))
     assert torch.allclose(agg["l.bias"].double(), mean_bias)
 

@@ -282,15 +282,16 @@ def aggregation_error(
     aggregate: Mapping[str, torch.Tensor],
     alpha: float | None = None,
     residuals: Mapping[str, torch.Tensor] | None = None,
+    out_scale: float | None = None,
 ) -> dict[str, float]:
     """Layer prefix → ‖M − (s·B̄·Ā + R)‖_F: how far the aggregate's update (plus a residual R folded into the
     base, if any) is from the mean of the clients' updates M = Σ λ_i s_i B_i A_i. ``aggregate`` carries scale
-    s = alpha / its rank (``alpha=None``: 1, e.g. :func:`flora_stack`'s output)."""
+    s = ``out_scale``, default alpha / its rank (1 for :func:`flora_stack`'s output)."""
     products = mean_products(states, weights, alpha)
     errors: dict[str, float] = {}
     for prefix, (ak, bk) in adapter_pairs(aggregate).items():
         a, b = _factors(aggregate, ak, bk)
-        got = _scale(alpha, a.shape[0]) * (b @ a)
+        got = (_scale(alpha, a.shape[0]) if out_scale is None else out_scale) * (b @ a)
         if residuals is not None and prefix in residuals:
             got = got + residuals[prefix].double().reshape(got.shape)
         errors[prefix] = float((products[prefix] - got).norm())

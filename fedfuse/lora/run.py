@@ -5,10 +5,10 @@ Options: ``lora-rank`` (0 = off), ``lora-ranks`` (``"4,8,16"``: client with part
 the global adapters have the largest), ``lora-targets`` (module-name globs, ``PAT:R`` for a rank of its own;
 empty = every Linear/Conv2d), ``lora-alpha`` (scale alpha / r). Base: ``base`` (a state dict of the model, read
 with ``torch.load(weights_only=True)``) or ``pretrain`` = ``low-classes``: the model is trained centrally on the
-training samples of the lower half of the classes (labels < C/2) for ``pretrain-epochs`` epochs, seeded by the
-run seed, so every process (server, each client) computes the same base — a stand-in for a public pretrained
-checkpoint. The federated task (all classes, partitioned non-IID) is then a shifted one: half its classes are
-new to the base.
+training samples of the lower half of the classes (labels < C/2) for ``pretrain-epochs`` epochs (SGD lr 0.05,
+momentum 0.9, batch 32, whatever the fine-tuning's), seeded by the run seed, so every process (server, each
+client) computes the same base — a stand-in for a public pretrained checkpoint. The federated task (all
+classes, partitioned non-IID) is then a shifted one: half its classes are new to the base.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _pretrain(cfg: Mapping[str, Any], ds: Any, model: nn.Module) -> dict[str, to
     with torch_threads(1):  # the same bits in every process, whatever its thread count
         train(
             model, ds.x_train[keep], ds.y_train[keep], epochs=int(cfg.get("pretrain-epochs", 5)),
-            lr=float(cfg["lr"]), momentum=float(cfg["momentum"]), batch_size=int(cfg["batch-size"]),
+            lr=0.05, momentum=0.9, batch_size=32,  # fixed: the base must not depend on the fine-tuning's SGD
             seed=derive_seed(int(cfg["seed"]), 97),
         )  # fmt: skip
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -106,8 +106,7 @@ def base_state(cfg: Mapping[str, Any], ds: Any, model: nn.Module) -> dict[str, t
         return None
     if task not in PRETRAIN_TASKS:
         raise ConfigError(f"pretrain={task!r} is not allowed; allowed: {', '.join(PRETRAIN_TASKS)}")
-    keys = ("dataset", "data-root", "model", "width", "depth", "batch-norm", "seed", "pretrain", "pretrain-epochs",
-            "lr", "momentum", "batch-size")  # fmt: skip
+    keys = ("dataset", "data-root", "model", "width", "depth", "batch-norm", "seed", "pretrain", "pretrain-epochs")
     key = tuple(str(cfg.get(k, "")) for k in keys) + (tuple(model.state_dict()),)
     if key not in _BASES:
         _BASES[key] = _pretrain(cfg, ds, model)
