@@ -61,9 +61,9 @@ def run(cfg: dict[str, Any], rounds: int) -> list[dict[str, float]]:
         strategy = cls(**cls.config_kwargs(cfg, model=None, example_input=None), seed=int(cfg["seed"]))
         ranks = [int(r) for r in str(cfg["lora-ranks"]).split(",")]
     _, acc = evaluate(global_model, ds.x_test, ds.y_test)
-    rows = [{"round": 0, "accuracy": acc, "bytes": 0.0, "agg_error": 0.0, "rel_error": 0.0}]
+    rows = [{"round": 0, "accuracy": acc, "bytes": 0.0, "agg_error": 0.0, "rel_error": 0.0, "dropped": 0.0}]
     for rnd in range(1, rounds + 1):
-        states, weights, down, up = [], [], 0, 0
+        states, weights, down, up, dropped = [], [], 0, 0, 0
         adapters = {k: state[k] for k in adapter_keys(state)} if lora_run else {}
         pairs = adapter_pairs(state) if lora_run else {}
         base = {base_weight_key(p, state): state[base_weight_key(p, state)] for p in pairs}
@@ -85,8 +85,14 @@ def run(cfg: dict[str, Any], rounds: int) -> list[dict[str, float]]:
             local_train(cfg, model, x, y, local_plan(cfg, pid, rnd, len(x)))
             reply = adapter_state(model) if lora_run else model.state_dict()
             up += _nbytes(reply)
+            if not all(bool(torch.isfinite(v).all()) for v in reply.values() if v.is_floating_point()):
+                dropped += 1  # as the Flower path's reply validation rejects a non-finite update
+                continue
             states.append(reply)
             weights.append(float(len(x)))
+        if not states:  # every update diverged: the round keeps the previous model
+            rows.append({**rows[-1], "round": rnd, "bytes": float(down + up), "dropped": float(dropped)})
+            continue
         if lora_run:
             strategy._global, strategy._global_rank = state, max(ranks)
             strategy.round_metrics = {}
@@ -97,7 +103,7 @@ def run(cfg: dict[str, Any], rounds: int) -> list[dict[str, float]]:
         global_model.load_state_dict(state)
         _, acc = evaluate(global_model, ds.x_test, ds.y_test)
         rows.append({"round": rnd, "accuracy": acc, "bytes": float(down + up), "agg_error": err,
-                     "rel_error": err / mean if mean else 0.0})  # fmt: skip
+                     "rel_error": err / mean if mean else 0.0, "dropped": float(dropped)})  # fmt: skip
     return rows
 
 
@@ -163,10 +169,12 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float) ->
         f"over seeds {', '.join(seeds)} (percent). Bytes: arrays sent + received per round, all clients. "
         "Error: ‖M − s·B̄·Ā‖_F / ‖M‖_F of the adapters the server keeps (M = mean of the clients' s·B·A), mean "
         "over rounds; FedEx-LoRA folds that gap into the base (its applied update is exact), FLoRA's stacking is "
-        "exact by construction (0).",
+        "exact by construction (0). Diverged updates (non-finite) are left out of the round, as the Flower path's "
+        "validation rejects them.",
         "",
-        "| setting | method | base acc | final acc | best acc | bytes/round (MB) | bytes vs full | rel. agg. error |",
-        "|---|---|---|---|---|---|---|---|",
+        "| setting | method | base acc | final acc | best acc | bytes/round (MB) | bytes vs full | rel. agg. error "
+        "| diverged updates |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     full_bytes: dict[str, float] = {}
     for key, runs in results.items():
@@ -179,7 +187,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float) ->
         err = [statistics.mean(r["rel_error"] for r in run[1:]) for run in runs]
         lines.append(
             f"| {setting} | {label} | {_ms([r[0]['accuracy'] for r in runs])} | {_ms([r[-1]['accuracy'] for r in runs])} "
-            f"| {_ms([max(x['accuracy'] for x in r) for r in runs])} | {byt / 1e6:.3f} | {ratio} | {_ms(err, 1.0, 3)} |"
+            f"| {_ms([max(x['accuracy'] for x in r) for r in runs])} | {byt / 1e6:.3f} | {ratio} | {_ms(err, 1.0, 3)} "
+            f"| {sum(x.get('dropped', 0) for r in runs for x in r):.0f} |"
         )
     lines += ["", "## Accuracy per round (mean over seeds, percent)", ""]
     rounds = len(next(iter(results.values()))[0])
