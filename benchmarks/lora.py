@@ -120,6 +120,7 @@ def main() -> None:
     p.add_argument("--settings", default="equal,mixed")
     p.add_argument("--lr", type=float, default=0.05, help="local SGD lr of full fine-tuning")
     p.add_argument("--lora-lr", type=float, default=0.05, help="local SGD lr of the LoRA runs")
+    p.add_argument("--only", default="", help="comma-separated method labels to run (default: all)")
     p.add_argument("--tag", default="")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -129,6 +130,8 @@ def main() -> None:
         for alpha in [float(a) for a in args.alphas.split(",")]:
             for setting in args.settings.split(","):
                 for label, strategy, ranks in SETTINGS[setting]:
+                    if args.only and label not in args.only.split(","):
+                        continue
                     key = f"α={alpha:g} {setting}: {label}"
                     runs = []
                     for seed in seeds:

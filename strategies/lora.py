@@ -142,7 +142,11 @@ class LoRAStrategy(FedFuseStrategy):
             adapters = self._fresh_adapters(server_round)
         else:
             padded = [lora.pad_rank(s, rank, alpha) for s in states]
-            adapters = (lora.aligned_lora if self.rule == "aligned" else lora.fedavg_lora)(padded, weights, alpha)
+            if self.rule == "aligned":  # matched to the global adapters every client started from
+                start = {k: self._global[k] for k in lora.adapter_keys(self._global)}
+                adapters = lora.aligned_lora(padded, weights, alpha, reference=start)
+            else:
+                adapters = lora.fedavg_lora(padded, weights, alpha)
         products = lora.mean_products(states, weights, alpha)
         if self.rule == "flora":
             agg_error = lora.aggregation_error(states, weights, stacked, alpha, out_scale=1.0)  # scale 1: stacked

@@ -95,6 +95,8 @@ def test_aligned_recovers_permuted_and_sign_flipped_copies():
     aligned = aggregation_error(states, w, aligned_lora(states, w))["l"]
     assert aligned <= plain
     assert aligned < 0.05 * plain  # the symmetry undone: only the noise is left
+    # matched to a given reference (the global adapters the clients started from): the same recovery
+    assert aggregation_error(states, w, aligned_lora(states, w, reference=base))["l"] < 0.05 * plain
 
 
 def test_hetlora_pads_and_truncate_keeps_the_update():

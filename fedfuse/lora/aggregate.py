@@ -183,11 +183,13 @@ def aligned_lora(
     weights: Sequence[float],
     alpha: float | None = None,
     iterations: int = 2,
+    reference: Mapping[str, torch.Tensor] | None = None,
 ) -> State:
     """Rank-aligned FedAvg of the factors. The rank axis is a symmetry: (B·P, Pᵀ·A) gives the same update for
     any permutation P (and sign flips of a component's b and a together), so two clients can hold the same
     components in another order, which plain factor averaging mixes. Per layer, each client's components are
-    matched to a reference (first the heaviest client, then the aligned average, ``iterations`` times) by
+    matched to a reference (first ``reference``'s adapters of the same rank — in FL the global adapters every
+    client started from — else the heaviest client; then the aligned average, ``iterations`` times) by
     :func:`scipy.optimize.linear_sum_assignment` on |cos| of the rank-1 components, signs fixed, then A and B are
     averaged apart as :func:`fedavg_lora` does. Needs one rank per layer (pad first for mixed ranks)."""
     pairs = _check(states, weights)
@@ -197,7 +199,9 @@ def aligned_lora(
         factors = [_factors(s, ak, bk) for s in states]
         if len({a.shape[0] for a, _ in factors}) > 1:
             raise ConfigError(f"aligned_lora needs one rank per layer; {prefix!r} has mixed ranks")
-        ref_a, ref_b = factors[int(np.argmax(lam))]
+        ref_a, ref_b = factors[int(np.argmax(lam))] if reference is None else _factors(reference, ak, bk)
+        if ref_a.shape[0] != factors[0][0].shape[0]:
+            raise ConfigError(f"aligned_lora: the reference's rank of {prefix!r} differs from the clients'")
         for _ in range(max(1, int(iterations))):
             aligned = [_align_to(a, b, ref_a, ref_b) for a, b in factors]
             ref_a = sum(float(w) * a for w, (a, _) in zip(lam, aligned, strict=True))
