@@ -109,21 +109,46 @@ class LoRAStrategy(FedFuseStrategy):
                 "a LoRA-wrapped model (fedfuse.lora.inject_lora, or --lora-rank)"
             )
         self._global_rank = max(full[a].shape[0] for a, _ in pairs.values())
-        adapters = {k: full[k] for k in lora.adapter_keys(full)}
-        base = {lora.base_weight_key(p, full): None for p in pairs} if self.base_folded else {}
-        base = {k: full[k] for k in base}
-        self._sent = adapters
+        self._sent = {k: full[k] for k in lora.adapter_keys(full)}
         out, down = [], 0
         for msg in messages:
             node = msg.metadata.dst_node_id
-            rank = self._rank_of(node, self._global_rank)
-            payload = adapters if rank == self._global_rank else lora.truncate_rank(adapters, rank, self.alpha)
+            payload, base = self._payload(full, node)
             self._sent_to[node] = payload
-            record = ArrayRecord({**payload, **base})
             down += _nbytes(payload) + _nbytes(base)
-            content = RecordDict({self.arrayrecord_key: record, self.configrecord_key: config})
+            content = RecordDict(
+                {self.arrayrecord_key: ArrayRecord({**payload, **base}), self.configrecord_key: config}
+            )
             out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         self.round_metrics["bytes_down"] = float(down)
+        return out
+
+    def _payload(self, full: State, node: int) -> tuple[State, State]:
+        """(the adapters at ``node``'s rank, the adapted layers' base weights once folded, else nothing)."""
+        pairs = lora.adapter_pairs(full)
+        global_rank = max(full[a].shape[0] for a, _ in pairs.values())
+        adapters = {k: full[k] for k in lora.adapter_keys(full)}
+        rank = self._rank_of(node, global_rank)
+        payload = adapters if rank == global_rank else lora.truncate_rank(adapters, rank, self.alpha)
+        keys = [lora.base_weight_key(p, full) for p in pairs] if self.base_folded else []
+        return payload, {k: full[k] for k in keys}
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Federated evaluation (off in fedfuse's own ServerApp): each node gets what it would train from."""
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        if not messages:
+            return messages
+        full, out = arrays.to_torch_state_dict(), []
+        for msg in messages:
+            payload, base = self._payload(full, msg.metadata.dst_node_id)
+            content = RecordDict(
+                {self.arrayrecord_key: ArrayRecord({**payload, **base}), self.configrecord_key: config}
+            )
+            out.append(
+                Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=msg.metadata.dst_node_id)
+            )
         return out
 
     # ---- aggregation ---------------------------------------------------------------------------
