@@ -31,6 +31,7 @@ from fedfuse.experiment import (
     local_train,
     round_mask,
 )
+from fedfuse.lora.run import adapter_state, load_received, lora_on
 from fedfuse.state import torch_threads
 from fedfuse.subspace import MaskedTraining, mask_ratio
 from fedfuse.train import evaluate as evaluate_model
@@ -159,8 +160,10 @@ def _train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
     if apart is not None:  # clients start apart (client-init=own / one-shot / client-init-from): received unused
         model = apart
     else:
-        model = client_model(cfg, ds, pid)  # the global architecture at this client's width
-        if shared is None:
+        model = client_model(cfg, ds, pid)  # the global architecture at this client's width (LoRA: rank)
+        if lora_on(cfg):  # adapters (and folded base weights) only; the frozen base is the client's own
+            load_received(model, _received_state(msg))
+        elif shared is None:
             model.load_state_dict(_received_state(msg))
         else:
             load_personal(model, _received_state(msg), context, shared)
@@ -186,6 +189,9 @@ def _train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
         }
     )
     state = model.state_dict() if shared is None else keep_personal(model, context, shared)
+    if lora_on(cfg):  # only the adapters travel
+        state = adapter_state(model)
+        metrics["bytes-sent"] = sum(v.numel() * v.element_size() for v in state.values())
     attack = parse_attack(str(cfg.get("attack", "")))
     if attack is not None and is_attacker(cfg, pid):  # a simulated Byzantine client (fedfuse.attacks)
         state = poison_state(*attack, state, _received_state(msg))
@@ -204,7 +210,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     x, y = _local_xy(cfg, context)
     model = client_model(cfg, ds, pid)
     shared = shared_keys_of(cfg)
-    if shared is None:
+    if lora_on(cfg):
+        load_received(model, _received_state(msg))
+    elif shared is None:
         model.load_state_dict(_received_state(msg))
     else:
         x, y = holdout_split(int(cfg["seed"]), pid, x, y, "test")

@@ -232,6 +232,15 @@ def preflight(cfg: dict[str, Any], overwrite: bool | None, resumed_model: dict[s
             )
         if cfg["strategy"] == "layerwise":
             shared_keys(model, str(cfg["layerwise-preset"]))
+    from strategies.lora import LoRAStrategy
+
+    lora_strategy = issubclass(resolve_strategy(str(cfg["strategy"])), LoRAStrategy)
+    if cfg.get("base") or cfg.get("lora-rank") or cfg.get("lora-ranks") or lora_strategy:
+        from fedfuse.lora.run import check_lora  # a base that does not fit, bad ranks/targets: before any write
+
+        if lora_strategy:  # lora-rank or lora-ranks given, ranks usable by the strategy
+            resolve_strategy(str(cfg["strategy"])).config_kwargs(cfg, model=None, example_input=None)
+        check_lora(cfg, ds, _built_model(cfg, ds))
     if cfg["client-init-from"]:  # every client's round-1 file exists, loads as tensors and fits its model
         from fedfuse.experiment import check_init_files
 
@@ -253,6 +262,13 @@ def preflight(cfg: dict[str, Any], overwrite: bool | None, resumed_model: dict[s
     if overwrite is not None:
         check_out_dir(Path(cfg["out"]), overwrite)
     check_writable(Path(cfg["out"]))
+
+
+def _built_model(cfg: dict[str, Any], ds: Any) -> Any:
+    """The run's architecture, freshly initialised (no base, no adapters): what LoRA options are checked on."""
+    from fedfuse.experiment import model_for
+
+    return model_for({k: v for k, v in cfg.items() if k not in ("base", "pretrain", "lora-rank", "lora-ranks")}, ds)
 
 
 def _format_row(row: dict[str, Any]) -> list[str]:

@@ -19,6 +19,7 @@ from fedfuse.attacks import attack_reason
 from fedfuse.data import DATASETS
 from fedfuse.data.partition import PARTITIONS
 from fedfuse.errors import ConfigError
+from fedfuse.lora.run import PRETRAIN_TASKS
 from fedfuse.models import MODELS, model_name_problem
 
 __all__ = ["Option", "OPTIONS", "CLIENT_INITS", "validate_config", "defaults"]
@@ -146,6 +147,22 @@ OPTIONS: dict[str, Option] = {
         Option("client-threads", int, 1, "torch threads per client (part of bit-reproducibility)", low=1),
         Option("seed", int, 0, "seed for partitions, init, sampling and shuffling", low=0),
         Option("out", str, "runs/latest", "output directory"),
+        Option(
+            "base",
+            str,
+            "",
+            "a pretrained base: a state dict of the model (torch.save(model.state_dict())) every client and the "
+            "server start from (fine-tuning; LoRA strategies keep it frozen); empty = the model's own init",
+        ),
+        Option(
+            "pretrain",
+            str,
+            "none",
+            "pretrain the base centrally inside the run: low-classes = on the training samples of the lower half "
+            "of the classes (the federated task, all classes, is then a shifted one); none = off",
+            choices=PRETRAIN_TASKS,
+        ),
+        Option("pretrain-epochs", int, 5, "epochs of the pretrain task", low=1),
     ]
 }
 

@@ -57,8 +57,21 @@ def dataset_for(cfg: Mapping[str, Any]) -> Dataset:
     return load_dataset(str(cfg["dataset"]), cfg.get("data-root") or None, int(cfg["seed"]))
 
 
-def model_for(cfg: Mapping[str, Any], ds: Dataset, seed: int | None = None, width: int | None = None) -> nn.Module:
-    """The run's model; ``seed`` fixes the init (default: the run seed), ``width`` overrides the hidden width."""
+def model_for(
+    cfg: Mapping[str, Any], ds: Dataset, seed: int | None = None, width: int | None = None, lora_rank: int | None = None
+) -> nn.Module:
+    """The run's model; ``seed`` fixes the init (default: the run seed), ``width`` overrides the hidden width. With
+    ``base``/``pretrain`` the pretrained base is loaded, with LoRA on (``lora-rank``/``lora-ranks``) adapters of
+    ``lora_rank`` (default: the global rank) wrap it (:func:`fedfuse.lora.run.adapt_model`)."""
+    model = _built_model(cfg, ds, seed, width)
+    if cfg.get("base") or str(cfg.get("pretrain", "none")) != "none" or cfg.get("lora-rank") or cfg.get("lora-ranks"):
+        from fedfuse.lora.run import adapt_model
+
+        model = adapt_model(cfg, ds, model, lora_rank)
+    return model
+
+
+def _built_model(cfg: Mapping[str, Any], ds: Dataset, seed: int | None, width: int | None) -> nn.Module:
     w = width if width is not None else int(cfg.get("width", 0))
     d = int(cfg.get("depth", 0))
     return build_model(
@@ -157,7 +170,10 @@ def width_arguments(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def client_model(cfg: Mapping[str, Any], ds: Dataset, partition_id: int, seed: int | None = None) -> nn.Module:
     """The model a client trains: the global architecture, at its own width under width heterogeneity."""
     widths = client_widths(cfg)
-    return model_for(cfg, ds, seed=seed, width=widths[partition_id % len(widths)] if widths else None)
+    from fedfuse.lora.run import client_rank, lora_on
+
+    rank = client_rank(cfg, partition_id) if lora_on(cfg) else None
+    return model_for(cfg, ds, seed=seed, width=widths[partition_id % len(widths)] if widths else None, lora_rank=rank)
 
 
 INIT_FILE = "partition{}.pt"  # client P's round-1 model in --client-init-from DIR (--save-client-models' names)

@@ -4,6 +4,7 @@ from strategies.base import FedFuseStrategy
 from strategies.fusion import FedCCA, FedFusion, FedGWB, FedMatch, FedWB, FedZip
 from strategies.heterofl import HeteroFL
 from strategies.layerwise import LayerwiseAvg
+from strategies.lora import AlignedLoRA, FedAvgLoRA, FedExLoRA, FLoRA, HetLoRA, SVDLoRA
 from strategies.pfn import FedPFN, FedPNU
 from strategies.prox import FedProx
 
@@ -20,4 +21,10 @@ __all__ = [
     "HeteroFL",
     "FedZip",
     "LayerwiseAvg",
+    "FedAvgLoRA",
+    "FedExLoRA",
+    "AlignedLoRA",
+    "SVDLoRA",
+    "HetLoRA",
+    "FLoRA",
 ]

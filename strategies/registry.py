@@ -39,6 +39,12 @@ STRATEGIES: dict[str, str] = {
     "zip": "strategies.fusion:FedZip",
     "heterofl": "strategies.heterofl:HeteroFL",
     "layerwise": "strategies.layerwise:LayerwiseAvg",
+    "fedavg-lora": "strategies.lora:FedAvgLoRA",
+    "fedex-lora": "strategies.lora:FedExLoRA",
+    "aligned-lora": "strategies.lora:AlignedLoRA",
+    "svd-lora": "strategies.lora:SVDLoRA",
+    "hetlora": "strategies.lora:HetLoRA",
+    "flora": "strategies.lora:FLoRA",
 }
 
 

@@ -1,0 +1,266 @@
+"""Federated LoRA fine-tuning: the server keeps the frozen base, only adapters travel.
+
+Each strategy is FedFuseStrategy's round loop with three changes: a node receives the global adapters at its
+own rank (:func:`fedfuse.lora.truncate_rank`; plus the adapted layers' base weights once the server has folded
+updates into them: fedex-lora, flora); a reply holds adapters only (validated against what that node was sent);
+the aggregate is one :mod:`fedfuse.lora.aggregate` rule, merged back into the global model the server holds.
+Round metrics: ``bytes_down``/``bytes_up`` (array bytes sent to / received from the clients), ``lora_agg_error``
+= ‖M − s·B̄·Ā‖_F over the adapted layers (M = Σ λ_i s_i B_i A_i, the clients' mean update), ``lora_update_error``
+(the same for what the global model applies, base folding included) and ``lora_mean_update`` = ‖M‖_F.
+
+Usable in a user's own Flower app like FedWB: ``FedExLoRA(alpha=4.0)`` with a ServerApp whose initial arrays are
+the LoRA-wrapped model's state dict (:func:`fedfuse.lora.inject_lora`) and a ClientApp that sends back its
+``lora_A``/``lora_B`` entries (fedfuse's own does when the run config has ``lora-rank``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.serverapp import Grid
+
+from fedfuse import lora
+from fedfuse.config import Option
+from fedfuse.errors import ConfigError
+from fedfuse.experiment import derive_seed
+from fedfuse.lora.run import lora_ranks, ranks_reason
+from strategies.base import ROBUST_OPTIONS, FedFuseStrategy
+
+__all__ = ["LORA_OPTIONS", "LoRAStrategy", "FedAvgLoRA", "FedExLoRA", "AlignedLoRA", "FLoRA", "HetLoRA", "SVDLoRA"]
+
+State = dict[str, torch.Tensor]
+
+LORA_OPTIONS = (
+    Option("lora-rank", int, 0, "LoRA: adapter rank of every client (0 = off; LoRA strategies need it or lora-ranks)",
+           low=0),
+    Option("lora-ranks", str, "", "LoRA: comma-separated ranks cycled over clients (e.g. 4,8,16); the server's "
+           "adapters have the largest", check_value=ranks_reason),
+    Option("lora-targets", str, "", "LoRA: comma-separated module-name globs of the Linear/Conv2d layers to adapt, "
+           "PAT:R for a rank of its own (empty = every Linear/Conv2d)"),
+    Option("lora-alpha", float, 4.0, "LoRA: the update is (alpha / rank)·B·A", low=0.0, low_open=True),
+)  # fmt: skip
+SCREEN_OPTIONS = tuple(o for o in ROBUST_OPTIONS if o.name not in ("robust", "robust-fraction"))
+
+
+def _nbytes(state: Mapping[str, torch.Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in state.values())
+
+
+class LoRAStrategy(FedFuseStrategy):
+    """Adapters aggregated by ``rule``: ``fedavg`` (A, B averaged apart), ``exact`` (SVD of the mean product +
+    FedEx-LoRA residual folded into the base), ``aligned`` (rank components matched first), ``svd`` (SVD of the
+    mean product at the global rank, residual dropped), ``hetlora`` (zero-padding), ``flora`` (stacking: the exact
+    mean product folded into the base, fresh adapters). ``alpha``: the scale alpha / r of every adapter;
+    ``client_ranks``: ranks cycled over partitions (None: every client has the global rank)."""
+
+    rule: ClassVar[str] = "fedavg"
+    folds_base: ClassVar[bool] = False
+    mixed_ranks: ClassVar[bool] = True
+    options: ClassVar[tuple[Option, ...]] = (*SCREEN_OPTIONS, *LORA_OPTIONS)
+
+    def __init__(self, *, alpha: float = 4.0, client_ranks: Sequence[int] | None = None, **kwargs: Any) -> None:
+        if isinstance(alpha, bool) or not float(alpha) > 0:
+            raise ConfigError(f"alpha={alpha!r} is out of range; allowed: > 0")
+        ranks = [int(r) for r in client_ranks] if client_ranks else []
+        if any(r < 1 for r in ranks):
+            raise ConfigError(f"client_ranks={client_ranks!r}: every rank must be >= 1")
+        if len(set(ranks)) > 1 and not self.mixed_ranks:
+            raise ConfigError(
+                f"lora-ranks={','.join(map(str, ranks))}: {type(self).__name__} needs one rank for every client; "
+                "for mixed ranks use hetlora (zero-padding), flora, svd-lora, fedex-lora or aligned-lora"
+            )
+        if kwargs.get("robust", "none") != "none":
+            raise ConfigError(f"robust={kwargs['robust']!r} is not supported by the LoRA strategies; allowed: none")
+        super().__init__(**kwargs)
+        self.alpha = float(alpha)
+        self.client_ranks = ranks
+        self.base_folded = False  # once the server folds updates into the base, nodes receive the adapted layers'
+
+    @classmethod
+    def config_kwargs(cls, cfg: Mapping[str, Any], *, model: Any, example_input: Any) -> dict[str, Any]:
+        ranks = lora_ranks(cfg)
+        if not ranks:
+            raise ConfigError(f"strategy {cfg['strategy']!r} needs lora-rank >= 1 or lora-ranks (e.g. --lora-rank 4)")
+        if cfg.get("lora-ranks") and ":" in str(cfg.get("lora-targets", "")):
+            raise ConfigError("lora-ranks cannot be combined with per-target ranks in lora-targets (PAT:R)")
+        return {"alpha": float(cfg["lora-alpha"]), "client_ranks": ranks if len(set(ranks)) > 1 else None}
+
+    # ---- what travels --------------------------------------------------------------------------
+    def _rank_of(self, node: int, global_rank: int) -> int:
+        if not self.client_ranks:
+            return global_rank
+        return self.client_ranks[max(self.nodes.partition_of.get(node, 0), 0) % len(self.client_ranks)]
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Each node gets the global adapters at its rank (and the adapted base weights once folded)."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._global = full = self._sent
+        pairs = lora.adapter_pairs(full)
+        if not pairs:
+            raise ConfigError(
+                f"{type(self).__name__}: the global model has no LoRA adapters ('lora_A'/'lora_B' keys); start from "
+                "a LoRA-wrapped model (fedfuse.lora.inject_lora, or --lora-rank)"
+            )
+        self._global_rank = max(full[a].shape[0] for a, _ in pairs.values())
+        self._sent = {k: full[k] for k in lora.adapter_keys(full)}
+        out, down = [], 0
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            payload, base = self._payload(full, node)
+            self._sent_to[node] = payload
+            down += _nbytes(payload) + _nbytes(base)
+            content = RecordDict(
+                {self.arrayrecord_key: ArrayRecord({**payload, **base}), self.configrecord_key: config}
+            )
+            out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        self.round_metrics["bytes_down"] = float(down)
+        return out
+
+    def _payload(self, full: State, node: int) -> tuple[State, State]:
+        """(the adapters at ``node``'s rank, the adapted layers' base weights once folded, else nothing)."""
+        pairs = lora.adapter_pairs(full)
+        global_rank = max(full[a].shape[0] for a, _ in pairs.values())
+        adapters = {k: full[k] for k in lora.adapter_keys(full)}
+        rank = self._rank_of(node, global_rank)
+        payload = adapters if rank == global_rank else lora.truncate_rank(adapters, rank, self.alpha)
+        keys = [lora.base_weight_key(p, full) for p in pairs] if self.base_folded else []
+        return payload, {k: full[k] for k in keys}
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Federated evaluation (off in fedfuse's own ServerApp): each node gets what it would train from."""
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        if not messages:
+            return messages
+        full, out = arrays.to_torch_state_dict(), []
+        for msg in messages:
+            payload, base = self._payload(full, msg.metadata.dst_node_id)
+            content = RecordDict(
+                {self.arrayrecord_key: ArrayRecord({**payload, **base}), self.configrecord_key: config}
+            )
+            out.append(
+                Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=msg.metadata.dst_node_id)
+            )
+        return out
+
+    # ---- aggregation ---------------------------------------------------------------------------
+    def aggregate_arrays(self, server_round: int, states: list[State], weights: list[float]) -> State:
+        """The rule's aggregate, merged into the global model (base folding for exact/flora); round metrics."""
+        alpha, rank = self.alpha, self._global_rank
+        pairs = lora.adapter_pairs(states[0])
+        residuals: dict[str, torch.Tensor] = {}
+        if self.rule == "exact":
+            adapters, residuals = lora.exact_lora(states, weights, rank, alpha)
+        elif self.rule == "svd":
+            adapters = lora.svd_lora(states, weights, rank, alpha)
+        elif self.rule == "flora":
+            stacked = lora.flora_stack(states, weights, alpha)
+            residuals = {p: sp for p, sp in lora.mean_products(states, weights, alpha).items()}
+            adapters = self._fresh_adapters(server_round)
+        else:
+            padded = [lora.pad_rank(s, rank, alpha) for s in states]
+            if self.rule == "aligned":  # matched to the global adapters every client started from
+                start = {k: self._global[k] for k in lora.adapter_keys(self._global)}
+                adapters = lora.aligned_lora(padded, weights, alpha, reference=start)
+            else:
+                adapters = lora.fedavg_lora(padded, weights, alpha)
+        products = lora.mean_products(states, weights, alpha)
+        if self.rule == "flora":
+            agg_error = lora.aggregation_error(states, weights, stacked, alpha, out_scale=1.0)  # scale 1: stacked
+        else:
+            agg_error = lora.aggregation_error(states, weights, adapters, alpha)
+        new = {**self._global, **{k: v.to(self._global[k].dtype) for k, v in adapters.items()}}
+        for prefix, residual in residuals.items():
+            key = lora.base_weight_key(prefix, new)
+            new[key] = (new[key].double() + residual.reshape(new[key].shape)).to(new[key].dtype)
+            self.base_folded = True
+        applied = {p: products[p] - self._applied(new, p, pairs[p], residuals) for p in products}
+        self.round_metrics.update(
+            bytes_up=float(sum(_nbytes(s) for s in states)),
+            lora_agg_error=math.sqrt(sum(e * e for e in agg_error.values())),
+            lora_update_error=math.sqrt(sum(float(d.norm()) ** 2 for d in applied.values())),
+            lora_mean_update=math.sqrt(sum(float(m.norm()) ** 2 for m in products.values())),
+        )
+        return new
+
+    def _applied(self, new: State, prefix: str, keys: tuple[str, str], residuals: Mapping[str, torch.Tensor]) -> Any:
+        """The update the new global model applies on ``prefix`` beyond the old base: s·B·A (+ the folded part)."""
+        if self.rule == "flora":  # the folded mean product; the fresh adapters start at B = 0
+            return residuals[prefix]
+        ak, bk = keys
+        a, b = new[ak].double(), new[bk].double()
+        a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], b.shape[1])
+        got = (self.alpha / a.shape[0]) * (b @ a)
+        return got + residuals[prefix] if prefix in residuals else got
+
+    def _fresh_adapters(self, server_round: int) -> State:
+        """FLoRA's restart: A Kaiming-uniform (bound 1/√in, as LoRA's init) seeded by (seed, round), B = 0."""
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, server_round, 71))
+        out: State = {}
+        for ak, bk in lora.adapter_pairs(self._global).values():
+            a = self._global[ak]
+            fan_in = a[0].numel()
+            out[ak] = (torch.rand(a.shape, generator=gen, dtype=torch.float64) * 2 - 1) / math.sqrt(fan_in)
+            out[bk] = torch.zeros_like(self._global[bk], dtype=torch.float64)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpoint state: whether the base was folded (nodes then receive the adapted layers' base weights)."""
+        return {**super().state_dict(), "lora_base_folded": self.base_folded}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        super().load_state_dict(state)
+        self.base_folded = bool(state.get("lora_base_folded", False))
+
+
+class FedAvgLoRA(LoRAStrategy):
+    """FedAvg on the factors (the baseline): Ā = Σ λ_i A_i, B̄ = Σ λ_i B_i; one rank for every client."""
+
+    rule = "fedavg"
+    mixed_ranks = False
+
+
+class FedExLoRA(LoRAStrategy):
+    """Exact aggregation (FedEx-LoRA, Singhal et al. 2024): adapters = truncated SVD of the mean product at the
+    global rank, the residual M − s·B'·A' folded into the base weights the server keeps and sends."""
+
+    rule = "exact"
+    folds_base = True
+
+
+class AlignedLoRA(LoRAStrategy):
+    """Rank components of every client matched (LAP + signs) to a reference before averaging the factors
+    (:func:`fedfuse.lora.aligned_lora`); mixed ranks are zero-padded first."""
+
+    rule = "aligned"
+
+
+class SVDLoRA(LoRAStrategy):
+    """The mean product re-factorised at the global rank by truncated SVD, the rest dropped (mixed ranks)."""
+
+    rule = "svd"
+
+
+class HetLoRA(LoRAStrategy):
+    """HetLoRA-style zero-padding (Cho et al. 2024): factors padded to the global rank, averaged; each client takes
+    its first r_i components."""
+
+    rule = "hetlora"
+
+
+class FLoRA(LoRAStrategy):
+    """FLoRA (Wang et al. 2024): the clients' factors stacked (exact mean product, any mix of ranks), folded into
+    the base weights, adapters restarted each round. The server sends the folded base weights of the adapted
+    layers (dense; FLoRA's paper sends the stacked factors instead)."""
+
+    rule = "flora"
+    folds_base = True

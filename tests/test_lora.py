@@ -1,0 +1,183 @@
+"""LoRA adapters and their aggregation (fedfuse.lora): exactness, the factor-averaging gap, rank alignment,
+rank heterogeneity and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fedfuse.errors import ConfigError
+from fedfuse.lora import (
+    adapter_pairs,
+    aggregation_error,
+    aligned_lora,
+    exact_lora,
+    fedavg_lora,
+    flora_stack,
+    hetlora_pad,
+    inject_lora,
+    inject_peft,
+    mean_products,
+    svd_lora,
+    truncate_rank,
+)
+from fedfuse.lora.layers import layer_scales
+
+
+def _states(ranks, out=12, inp=10, seed=0, conv=False):
+    g = torch.Generator().manual_seed(seed)
+    states = []
+    for r in ranks:
+        a_shape = (r, inp, 3, 3) if conv else (r, inp)
+        b_shape = (out, r, 1, 1) if conv else (out, r)
+        states.append({
+            "l.lora_A": torch.randn(a_shape, generator=g), "l.lora_B": torch.randn(b_shape, generator=g),
+            "l.bias": torch.randn(out, generator=g),
+        })  # fmt: skip
+    return states
+
+
+def _product(state, alpha=None):
+    a, b = state["l.lora_A"].double(), state["l.lora_B"].double()
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], b.shape[1])
+    return (1.0 if alpha is None else alpha / a.shape[0]) * b @ a
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_exact_and_flora_reproduce_the_mean_product(conv):
+    states, w = _states([2, 2, 2], conv=conv), [1.0, 2.0, 3.0]
+    target = mean_products(states, w, alpha=4.0)["l"]
+    agg, res = exact_lora(states, w, rank=6, alpha=4.0)  # rank(M) <= 6: no residual needed
+    assert torch.allclose(_product(agg, 4.0), target, atol=1e-6)
+    assert float(res["l"].norm()) < 1e-6
+    assert agg["l.lora_A"].shape[0] == 6 and agg["l.lora_B"].shape == ((12, 6, 1, 1) if conv else (12, 6))
+    stacked = flora_stack(_states([1, 2, 3], conv=conv), w, alpha=4.0)
+    assert torch.allclose(_product(stacked), mean_products(_states([1, 2, 3], conv=conv), w, 4.0)["l"], atol=1e-6)
+    assert stacked["l.lora_A"].shape[0] == 6
+    gap = aggregation_error(_states([1, 2, 3], conv=conv), w, stacked, 4.0, out_scale=1.0)["l"]
+    assert gap < 1e-6 * float(mean_products(_states([1, 2, 3], conv=conv), w, 4.0)["l"].norm())  # float32 factors
+    mean_bias = sum(x * s["l.bias"].double() for x, s in zip([1 / 6, 2 / 6, 3 / 6], states, strict=True))
+    assert torch.allclose(agg["l.bias"].double(), mean_bias)
+
+
+def test_exact_at_a_lower_rank_keeps_the_update_through_the_residual():
+    states, w = _states([3, 3, 3]), [1.0, 1.0, 1.0]
+    agg, res = exact_lora(states, w, rank=3)
+    errors = aggregation_error(states, w, agg)
+    assert errors["l"] > 1e-3  # rank 3 cannot hold the rank-9 mean: the adapters alone are inexact
+    assert aggregation_error(states, w, agg, residuals=res)["l"] < 1e-6  # with the residual folded: exact
+    # the truncated SVD is the best rank-3 approximation: no worse than averaging the factors apart
+    assert errors["l"] <= aggregation_error(states, w, fedavg_lora(states, w))["l"] + 1e-9
+    assert torch.equal(svd_lora(states, w, rank=3)["l.lora_A"], agg["l.lora_A"])
+
+
+def test_fedavg_lora_is_inexact_on_random_factors():
+    states, w = _states([4, 4]), [1.0, 1.0]
+    agg = fedavg_lora(states, w)
+    assert torch.allclose(agg["l.lora_A"], (states[0]["l.lora_A"] + states[1]["l.lora_A"]) / 2)
+    assert aggregation_error(states, w, agg)["l"] > 1.0
+
+
+def test_aligned_recovers_permuted_and_sign_flipped_copies():
+    g = torch.Generator().manual_seed(1)
+    base = _states([5])[0]
+    states = []
+    for _ in range(4):
+        perm, sign = torch.randperm(5, generator=g), torch.where(torch.rand(5, generator=g) < 0.5, -1.0, 1.0)
+        noisy = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        states.append({
+            "l.lora_A": noisy["l.lora_A"][perm] * sign[:, None], "l.lora_B": noisy["l.lora_B"][:, perm] * sign,
+            "l.bias": noisy["l.bias"],
+        })  # fmt: skip
+    w = [1.0, 1.0, 1.0, 1.0]
+    plain = aggregation_error(states, w, fedavg_lora(states, w))["l"]
+    aligned = aggregation_error(states, w, aligned_lora(states, w))["l"]
+    assert aligned <= plain
+    assert aligned < 0.05 * plain  # the symmetry undone: only the noise is left
+    # matched to a given reference (the global adapters the clients started from): the same recovery
+    assert aggregation_error(states, w, aligned_lora(states, w, reference=base))["l"] < 0.05 * plain
+
+
+def test_hetlora_pads_and_truncate_keeps_the_update():
+    states, w = _states([2, 4]), [1.0, 1.0]
+    agg = hetlora_pad(states, w, alpha=8.0)
+    assert agg["l.lora_A"].shape[0] == 4
+    low = truncate_rank(agg, 2, alpha=8.0)
+    assert low["l.lora_A"].shape[0] == 2
+    full = 8.0 / 4 * agg["l.lora_B"][:, :2].double() @ agg["l.lora_A"][:2].double()
+    assert torch.allclose(_product(low, 8.0), full, atol=1e-5)
+    # one client: padding then averaging is that client's update
+    one = hetlora_pad(states[1:], [1.0], alpha=8.0)
+    assert torch.allclose(_product(one, 8.0), _product(states[1], 8.0), atol=1e-5)
+
+
+def test_mixed_ranks_are_refused_where_a_rule_needs_one_rank():
+    states, w = _states([2, 3]), [1.0, 1.0]
+    with pytest.raises(ConfigError, match="ranks \\[2, 3\\]"):
+        fedavg_lora(states, w)
+    with pytest.raises(ConfigError, match="rank=0"):
+        exact_lora(states, w, rank=0)
+    with pytest.raises(ConfigError, match="no LoRA adapters"):
+        fedavg_lora([{"w": torch.zeros(2)}], [1.0])
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def test_inject_lora_starts_at_the_base_and_trains_only_adapters():
+    model, x = _mlp(), torch.randn(5, 16)
+    before = model(x)
+    inject_lora(model, "1,3:2", rank=4, alpha=8.0)
+    assert torch.equal(model(x), before)  # B = 0
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["1.lora_A", "1.lora_B", "3.lora_A", "3.lora_B"]
+    assert model[3].lora_A.shape == (2, 8) and layer_scales(model) == {"1": 2.0, "3": 4.0}
+    conv = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1))
+    inject_lora(conv, "", rank=3)
+    with torch.no_grad():
+        conv[0].lora_B.normal_()
+    ref = nn.functional.conv2d(torch.ones(1, 2, 4, 4), conv[0].base.weight + conv[0].delta().reshape(6, 2, 3, 3),
+                               conv[0].base.bias, padding=1)  # fmt: skip
+    assert torch.allclose(conv(torch.ones(1, 2, 4, 4)), ref, atol=1e-6)
+
+
+def test_peft_adapters_are_found_by_name_and_aggregated():
+    a, b = inject_peft(_mlp(), "1", rank=2, alpha=4.0), inject_peft(_mlp(), "1", rank=2, alpha=4.0)
+    with torch.no_grad():
+        for m in (a, b):
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_()
+    states = [{k: v for k, v in m.state_dict().items() if "lora_" in k} for m in (a, b)]
+    assert list(adapter_pairs(states[0])) == ["base_model.model.1"]
+    agg, res = exact_lora(states, [1.0, 1.0], rank=2, alpha=4.0)
+    assert aggregation_error(states, [1.0, 1.0], agg, alpha=4.0, residuals=res)["base_model.model.1"] < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("targets", "rank", "match"),
+    [("", 0, "lora-rank=0"), ("", -2, "lora-rank=-2"), ("3", 5, "lora-rank=5 is too large for layer '3'"),
+     ("nope*", 2, "'nope\\*' matches no Linear/Conv2d layer"), ("1:0", 2, "rank '0'")],
+)  # fmt: skip
+def test_bad_lora_input_is_one_config_error(targets, rank, match):
+    with pytest.raises(ConfigError, match=match):
+        inject_lora(_mlp(), targets, rank)
+
+
+def test_a_base_checkpoint_that_does_not_fit_is_refused(tmp_path):
+    from fedfuse.lora.run import adapt_model
+
+    path = tmp_path / "base.pt"
+    torch.save({"1.weight": torch.zeros(3, 3)}, path)
+    cfg = {"base": str(path), "lora-rank": 2, "seed": 0}
+    with pytest.raises(ConfigError, match="base: .*base.pt.* does not fit"):
+        adapt_model(cfg, None, _mlp())
+    good = _mlp()
+    with torch.no_grad():
+        good[1].weight.fill_(0.5)
+    torch.save(good.state_dict(), path)
+    model = adapt_model(cfg, None, _mlp())
+    assert torch.all(model[1].base.weight == 0.5) and model[1].lora_A.shape == (2, 16)
