@@ -12,7 +12,7 @@ from fedfuse.align import derive_spec, fuse
 from fedfuse.align import gate as gate_mod
 from fedfuse.align.gate import coverage, verify_spec
 from fedfuse.align.rules import register_leaf_rule
-from fedfuse.align.rules.core import LEAF_RULES, MODULE_RULES, Layout
+from fedfuse.align.rules.core import LEAF_RULES, MODULE_RULES
 from fedfuse.align.rules.layers import elementwise
 from fedfuse.align.selfcheck import selfcheck
 from fedfuse.align.spec import UnsupportedModelError
@@ -136,30 +136,27 @@ def test_unknown_parametrization_is_refused_in_one_line() -> None:
 def test_tied_word_lm_is_exact_and_the_tie_joins_constraints(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     model, x = WordLM(), torch.randint(0, 11, (5, 2))
+    # the Embedding rule: the width is a group that the tie joins with the decoder's columns and the last LSTM layer
     spec = derive_spec(model, x)
-    # without an Embedding rule the encoder keeps its width fixed: the decoder's columns (and the last LSTM layer)
-    # must stay put too, not move through the alias alone (silently wrong before)
-    assert all(m.key not in ("encoder.weight", "decoder.weight") for g in spec for m in g.members)
-    res = selfcheck(model, x)
-    assert res.ok and res.permuted_err < 1e-10 and 0 < res.axis_share < 1
-
-    def embedding(d, node, mod):  # what an Embedding rule does: the width is a group, vocabulary rows stay
-        g = d.new_group(str(node.target), mod.embedding_dim)
-        d.add(g, f"{node.target}.weight", 1, "out")
-        return Layout(d.values[node.name].dim() - 1, ((g, mod.embedding_dim),))
-
-    monkeypatch.setitem(MODULE_RULES, nn.Embedding, embedding)
-    spec = derive_spec(model, x)
-    tied = {(m.key, m.axis) for m in spec["encoder"].members}
+    tied = next({(m.key, m.axis) for m in g.members} for g in spec if any(m.key == "encoder.weight" for m in g.members))
     assert {("encoder.weight", 1), ("decoder.weight", 1), ("rnn.weight_ih_l0", 1), ("rnn.weight_hh_l1", 0)} <= tied
     res = selfcheck(model, x)
     assert res.ok and res.permuted_err < 1e-10
+
+    # without an Embedding rule the encoder keeps its width fixed: the decoder's columns (and the last LSTM layer)
+    # must stay put too, not move through the alias alone (silently wrong before the tie rule)
+    monkeypatch.delitem(MODULE_RULES, nn.Embedding)
+    spec = derive_spec(model, x)
+    assert all(m.key not in ("encoder.weight", "decoder.weight") for g in spec for m in g.members)
+    res = selfcheck(model, x)
+    assert res.ok and res.permuted_err < 1e-10 and 0 < res.axis_share < 1
 
 
 def test_without_the_tie_rule_the_gate_refuses_the_word_lm(monkeypatch: pytest.MonkeyPatch) -> None:
     import fedfuse.align.spec as spec_mod
 
     monkeypatch.setattr(spec_mod, "tie_constraints", lambda d, state: None)  # the derivation before the rule
+    monkeypatch.delitem(MODULE_RULES, nn.Embedding)  # and before the Embedding rule: only the decoder's side moves
     monkeypatch.setattr(gate_mod, "_CACHE", type(gate_mod._CACHE)())
     x = torch.randint(0, 11, (5, 2))
     with pytest.raises(UnsupportedModelError, match=r"not exact .*group\(s\) 'rnn.l1'.*decoder\.weight"):

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedfuse.align.inputs import call_model
 from fedfuse.align.spec import TransportSpec, UnsupportedModelError, derive_spec
 from fedfuse.align.transport import apply_transport, load_state, state_of
 from fedfuse.errors import ConfigError
@@ -196,7 +197,6 @@ def verify_spec(model: nn.Module, spec: TransportSpec, example_input: Any, *, se
 
 
 def _verdict(model: nn.Module, spec: TransportSpec, example_input: Any, seed: int) -> str:
-    from fedfuse.align.selfcheck import break_symmetric_init
 
     name = type(model).__name__
     if not spec.groups:
@@ -250,3 +250,31 @@ def gated_spec(model: nn.Module, example_input: Any) -> TransportSpec:
     spec = derive_spec(model, example_input)
     verify_spec(model, spec, example_input)
     return spec
+
+
+@torch.no_grad()
+def break_symmetric_init(model: nn.Module, x: Any, seed: int = 0) -> nn.Module:
+    """Randomise constant parameters (zero-init heads, unit norm scales, layer scales) and set every BatchNorm's
+    running statistics to the batch statistics of ``x``, variance ≥ 0.01 (activations stay O(1) at any depth).
+    In place."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.numel() > 1 and float(p.std()) == 0.0:
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+        elif p.numel() == 1:
+            p.fill_(float(p) + 0.1 * float(torch.randn((), generator=gen)))
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if bns:
+        old = [(m.momentum, m.training) for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: one batch gives its own statistics
+        model.eval()
+        for m in bns:
+            m.train()
+        call_model(model, x)  # a tensor, tuple or keyword dict
+        for m, (mom, _) in zip(bns, old, strict=True):
+            m.momentum = mom
+            if m.running_var is not None:  # 2 samples can give ~0 variance: 1/√var would amplify rounding
+                m.running_var.clamp_(min=1e-2)
+    return model.eval()

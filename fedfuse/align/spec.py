@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 import math
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -679,16 +679,21 @@ def _has_tensor(val: Any) -> bool:
     return False
 
 
+# Models whose spec is known without tracing: a provider returns the spec or None (not its kind of model). Providers
+# register themselves on import (fedfuse.align imports them), so this module imports none of them (no cycle).
+SPEC_PROVIDERS: list[Callable[[nn.Module], TransportSpec | None]] = []
+
+
 def derive_spec(model: nn.Module, example_input: Any) -> TransportSpec:
     """Derive the transport spec of ``model`` by tracing it on ``example_input`` (a batch, ≥ 1 sample).
 
     Raises :class:`UnsupportedModelError` naming the first op/module that touches hidden units in a
     way a permutation of those units would not commute with.
     """
-    from fedfuse.align.peft_lora import has_lora, lora_spec  # PEFT LoRA: only the adapters' rank units move
-
-    if has_lora(model):
-        return lora_spec(model)
+    for provider in SPEC_PROVIDERS:  # e.g. PEFT LoRA (fedfuse.align.peft_lora): only the adapters' rank units move
+        spec = provider(model)
+        if spec is not None:
+            return spec
     if example_input is None:
         raise ConfigError("derive_spec needs example_input (a small input batch) or pass spec= explicitly")
     graph, values = trace_values(model, example_input)
