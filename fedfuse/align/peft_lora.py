@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from fedfuse.align.spec import Axis, Group, TransportSpec
+from fedfuse.align.spec import MODEL_SPECS, Axis, Group, TransportSpec
 from fedfuse.errors import ConfigError
 
 __all__ = ["check_lora_states", "has_lora", "lora_spec"]
@@ -92,3 +92,10 @@ def lora_delta(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], b.shape[1], -1)[..., 0]
         out[f"{layer}.{adapter}"] = (b2 @ a2) if not emb else (b2 @ a2).T
     return {k: torch.as_tensor(v) for k, v in out.items()}
+
+
+def _peft_spec(model: nn.Module) -> TransportSpec | None:
+    return lora_spec(model) if has_lora(model) else None
+
+
+MODEL_SPECS.append(_peft_spec)  # derive_spec: a model with LoRA factors aligns its adapters only

@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 import math
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -54,6 +54,10 @@ class UnsupportedModelError(ConfigError):
 
 
 SUPPORTED = supported_summary()
+
+# Whole-model derivations tried before tracing (a model kind whose spec is not a walk of its ops): each returns a
+# spec or None. fedfuse.align.peft_lora registers the PEFT LoRA one (imported with fedfuse.align).
+MODEL_SPECS: list[Callable[[nn.Module], TransportSpec | None]] = []
 
 
 @dataclass(frozen=True)
@@ -634,10 +638,10 @@ def derive_spec(model: nn.Module, example_input: Any) -> TransportSpec:
     Raises :class:`UnsupportedModelError` naming the first op/module that touches hidden units in a
     way a permutation of those units would not commute with.
     """
-    from fedfuse.align.peft_lora import has_lora, lora_spec  # PEFT LoRA: only the adapters' rank units move
-
-    if has_lora(model):
-        return lora_spec(model)
+    for whole_model in MODEL_SPECS:  # e.g. PEFT LoRA (fedfuse.align.peft_lora): only the adapters' rank units move
+        spec = whole_model(model)
+        if spec is not None:
+            return spec
     if example_input is None:
         raise ConfigError("derive_spec needs example_input (a small input batch) or pass spec= explicitly")
     graph, values = trace_values(model, example_input)
