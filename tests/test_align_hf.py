@@ -161,3 +161,31 @@ def test_hf_classifier_runs_on_fedfuse_data_and_recovers() -> None:
     # Assert
     assert model(x).shape == (3, 10)
     assert res.ok and res.groups > 10 and set(res.errors) == {"match", "wb"}, res
+
+
+class CrossAttention(nn.Module):
+    """Queries from one input, keys/values from another, through one nn.MultiheadAttention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(5, 16)
+        self.att = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        kv = torch.relu(self.b(y))
+        return self.fc(self.att(torch.relu(self.a(x)), kv, kv, need_weights=False)[0].mean(1))
+
+
+def test_cross_attention_joins_query_and_key_streams() -> None:
+    # Prepare
+    torch.manual_seed(0)
+    model, x = CrossAttention().eval(), (torch.randn(2, 4, 6), torch.randn(2, 3, 5))
+    # Execute
+    spec = derive_spec(model, x)
+    res = selfcheck(model, x)
+    # Assert: in_proj's columns serve queries and keys/values, so both projections are one group; heads move
+    stream = spec.members_of("a.weight")[0][0]
+    assert {m.key for m in stream.members} >= {"a.weight", "b.weight", "att.in_proj_weight"}
+    assert {"att.qk1", "att.v0"} <= set(spec.names)
+    assert res.ok and set(res.errors) == {"match", "wb"}, res

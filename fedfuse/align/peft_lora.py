@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from fedfuse.align.spec import SPEC_PROVIDERS, Axis, Group, TransportSpec
+from fedfuse.align.spec import MODEL_SPECS, Axis, Group, TransportSpec
 from fedfuse.errors import ConfigError
 
 __all__ = ["check_lora_states", "has_lora", "lora_spec"]
@@ -94,4 +94,8 @@ def lora_delta(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: torch.as_tensor(v) for k, v in out.items()}
 
 
-SPEC_PROVIDERS.append(lambda model: lora_spec(model) if has_lora(model) else None)
+def _peft_spec(model: nn.Module) -> TransportSpec | None:
+    return lora_spec(model) if has_lora(model) else None
+
+
+MODEL_SPECS.append(_peft_spec)  # derive_spec: a model with LoRA factors aligns its adapters only

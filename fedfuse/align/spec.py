@@ -57,6 +57,10 @@ class UnsupportedModelError(ConfigError):
 
 SUPPORTED = supported_summary()
 
+# Whole-model derivations tried before tracing (a model kind whose spec is not a walk of its ops): each returns a
+# spec or None. fedfuse.align.peft_lora registers the PEFT LoRA one (imported with fedfuse.align).
+MODEL_SPECS: list[Callable[[nn.Module], TransportSpec | None]] = []
+
 
 @dataclass(frozen=True)
 class Axis:
@@ -679,19 +683,14 @@ def _has_tensor(val: Any) -> bool:
     return False
 
 
-# Models whose spec is known without tracing: a provider returns the spec or None (not its kind of model). Providers
-# register themselves on import (fedfuse.align imports them), so this module imports none of them (no cycle).
-SPEC_PROVIDERS: list[Callable[[nn.Module], TransportSpec | None]] = []
-
-
 def derive_spec(model: nn.Module, example_input: Any) -> TransportSpec:
     """Derive the transport spec of ``model`` by tracing it on ``example_input`` (a batch, ≥ 1 sample).
 
     Raises :class:`UnsupportedModelError` naming the first op/module that touches hidden units in a
     way a permutation of those units would not commute with.
     """
-    for provider in SPEC_PROVIDERS:  # e.g. PEFT LoRA (fedfuse.align.peft_lora): only the adapters' rank units move
-        spec = provider(model)
+    for whole_model in MODEL_SPECS:  # e.g. PEFT LoRA (fedfuse.align.peft_lora): only the adapters' rank units move
+        spec = whole_model(model)
         if spec is not None:
             return spec
     if example_input is None:

@@ -222,7 +222,8 @@ def supported_summary() -> str:
     return (
         "Linear, Conv1d/2d (incl. depthwise/grouped), ConvTranspose1d/2d, weight_norm/spectral_norm, tied weights, "
         "BatchNorm/InstanceNorm, LayerNorm, RMSNorm, GroupNorm (1 or C groups), "
-        "functional layer_norm/batch_norm/group_norm, Embedding, RNN/LSTM/GRU, MultiheadAttention (self-attention), "
+        "functional layer_norm/batch_norm/group_norm, Embedding, RNN/LSTM/GRU, "
+        "MultiheadAttention (self/cross-attention), "
         "TransformerEncoder/Decoder(+Layer), "
         "Swin window attention, Hugging Face attention (BERT, GPT-2, DistilBERT, ViT, Llama/Mistral), Conv1D, "
         "element-wise activations, pooling (incl. adaptive), flatten/view/reshape anywhere, "

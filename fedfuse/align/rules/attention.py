@@ -84,16 +84,24 @@ def qkv_attention_module(d: Any, node: fx.Node, mod: Any) -> Any:
 
 
 def multihead_attention(d: Any, node: fx.Node, mod: nn.MultiheadAttention) -> Any:
-    """``nn.MultiheadAttention`` used as self-attention (query = key = value)."""
+    """``nn.MultiheadAttention``: self-attention, or cross-attention whose query, key and value read the same
+    ``in_proj`` columns: their streams join (one transport for all three: exact), or stay fixed when their segment
+    structures differ. Masks index tokens (fixed)."""
     name = str(node.target)
     args = list(node.args) + [node.kwargs.get(k) for k in ("query", "key", "value")][len(node.args) :]
     q, k, v = args[:3]
-    lay = d.lay(q)
-    if not (q is k is v):
-        raise d.unsupported(node, "attention with different query/key/value tensors (only self-attention)")
     if not mod._qkv_same_embed_dim or mod.bias_k is not None or mod.add_zero_attn:
         raise d.unsupported(node, "MultiheadAttention with kdim/vdim, bias_k/bias_v or add_zero_attn")
     rank = d.value(q).dim()
+    for a in node.all_input_nodes:
+        if a not in (q, k, v):
+            d.fix(d.lay(a))
+    lays = [d.check_channel(node, d.lay(t), d.value(t).dim() - 1) for t in (q, k, v)]
+    live = [lay for lay in lays if lay is not None]
+    if len(live) < 3 or any(not _matched(d, live[0], other) for other in live[1:]):
+        for lay in live:  # one of them fixed, or structures differ: all stay put (in_proj columns are shared)
+            d.fix(lay)
+    lay = d.lay(q)
     lay_in = d.check_channel(node, lay, rank - 1)
     if lay_in is None:
         lay_in = Layout(rank - 1, ((FIXED_ID, mod.embed_dim),))
