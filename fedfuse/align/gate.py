@@ -29,7 +29,7 @@ from fedfuse.align.spec import TransportSpec, UnsupportedModelError, derive_spec
 from fedfuse.align.transport import apply_transport, load_state, state_of
 from fedfuse.errors import ConfigError
 
-__all__ = ["Coverage", "coverage", "gated_spec", "permutation_error", "verify_spec"]
+__all__ = ["Coverage", "break_symmetric_init", "coverage", "gated_spec", "permutation_error", "verify_spec"]
 
 F64_MAX_PARAMS = 150_000_000  # models up to this size are compared in float64
 GATE_RTOL = 1e-6  # float64: an exact permutation differs by rounding (~1e-13); a wrong one by O(1)
@@ -171,6 +171,34 @@ def permutation_error(
     return err(perms), err
 
 
+@torch.no_grad()
+def break_symmetric_init(model: nn.Module, x: Any, seed: int = 0) -> nn.Module:
+    """Randomise constant parameters (zero-init heads, unit norm scales, layer scales) and set every BatchNorm's
+    running statistics to the batch statistics of ``x``, variance ≥ 0.01 (activations stay O(1) at any depth).
+    In place."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.numel() > 1 and float(p.std()) == 0.0:
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+        elif p.numel() == 1:
+            p.fill_(float(p) + 0.1 * float(torch.randn((), generator=gen)))
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if bns:
+        old = [(m.momentum, m.training) for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: one batch gives its own statistics
+        model.eval()
+        for m in bns:
+            m.train()
+        model(*(x if isinstance(x, tuple) else (x,)))
+        for m, (mom, _) in zip(bns, old, strict=True):
+            m.momentum = mom
+            if m.running_var is not None:  # 2 samples can give ~0 variance: 1/√var would amplify rounding
+                m.running_var.clamp_(min=1e-2)
+    return model.eval()
+
+
 def _as_tuple(x: Any) -> tuple[Any, ...]:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
@@ -196,8 +224,6 @@ def verify_spec(model: nn.Module, spec: TransportSpec, example_input: Any, *, se
 
 
 def _verdict(model: nn.Module, spec: TransportSpec, example_input: Any, seed: int) -> str:
-    from fedfuse.align.selfcheck import break_symmetric_init
-
     name = type(model).__name__
     if not spec.groups:
         layers = _hidden_layers(model)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fedfuse.align.fusion import AlignmentError, fuse
-from fedfuse.align.gate import F64_MAX_PARAMS, _rel_err, _verdict, coverage
+from fedfuse.align.gate import F64_MAX_PARAMS, _rel_err, _verdict, break_symmetric_init, coverage
 from fedfuse.align.spec import UnsupportedModelError, derive_spec
 from fedfuse.align.transport import load_state, permute_model
 from fedfuse.errors import ConfigError
@@ -59,34 +59,6 @@ class CheckResult:
             and not self.failures
             and all(e <= self.rtol for e in self.errors.values())
         )
-
-
-@torch.no_grad()
-def break_symmetric_init(model: nn.Module, x: Any, seed: int = 0) -> nn.Module:
-    """Randomise constant parameters (zero-init heads, unit norm scales, layer scales) and set every BatchNorm's
-    running statistics to the batch statistics of ``x``, variance ≥ 0.01 (activations stay O(1) at any depth).
-    In place."""
-    gen = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.numel() > 1 and float(p.std()) == 0.0:
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
-        elif p.numel() == 1:
-            p.fill_(float(p) + 0.1 * float(torch.randn((), generator=gen)))
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if bns:
-        old = [(m.momentum, m.training) for m in bns]
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average: one batch gives its own statistics
-        model.eval()
-        for m in bns:
-            m.train()
-        model(*(x if isinstance(x, tuple) else (x,)))
-        for m, (mom, _) in zip(bns, old, strict=True):
-            m.momentum = mom
-            if m.running_var is not None:  # 2 samples can give ~0 variance: 1/√var would amplify rounding
-                m.running_var.clamp_(min=1e-2)
-    return model.eval()
 
 
 @torch.no_grad()
