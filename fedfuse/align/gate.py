@@ -30,7 +30,7 @@ from fedfuse.align.spec import TransportSpec, UnsupportedModelError, derive_spec
 from fedfuse.align.transport import apply_transport, load_state, state_of
 from fedfuse.errors import ConfigError
 
-__all__ = ["Coverage", "coverage", "gated_spec", "permutation_error", "verify_spec"]
+__all__ = ["Coverage", "break_symmetric_init", "coverage", "gated_spec", "permutation_error", "verify_spec"]
 
 F64_MAX_PARAMS = 150_000_000  # models up to this size are compared in float64
 GATE_RTOL = 1e-6  # float64: an exact permutation differs by rounding (~1e-13); a wrong one by O(1)
@@ -197,7 +197,6 @@ def verify_spec(model: nn.Module, spec: TransportSpec, example_input: Any, *, se
 
 
 def _verdict(model: nn.Module, spec: TransportSpec, example_input: Any, seed: int) -> str:
-
     name = type(model).__name__
     if not spec.groups:
         layers = _hidden_layers(model)
