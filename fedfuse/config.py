@@ -21,7 +21,7 @@ from fedfuse.data.partition import PARTITIONS
 from fedfuse.errors import ConfigError
 from fedfuse.models import MODELS, model_name_problem
 
-__all__ = ["Option", "OPTIONS", "CLIENT_INITS", "validate_config", "defaults"]
+__all__ = ["Option", "OPTIONS", "SERVER_OPTIONS", "CLIENT_INITS", "validate_config", "defaults"]
 
 CLIENT_INITS = ("shared", "own")
 
@@ -174,3 +174,23 @@ def validate_config(
             "allowed: 0 (off) or >= local-epochs"
         )
     return out
+
+
+SERVER_OPTIONS = (
+    Option(
+        "server-data",
+        int,
+        0,
+        "N unlabeled inputs the server holds (FedDF), for cca/zip and distill-epochs (0 = none); in simulation "
+        "a seeded draw from the training split, i.e. the clients' own distribution",
+        low=0,
+    ),
+    Option(
+        "distill-epochs",
+        int,
+        0,
+        "FedDF: after aggregation, distil the clients' averaged logits on the server-data batch into the "
+        "global model for this many epochs (0 = off)",
+        low=0,
+    ),
+)  # the server's own data: run options of every strategy that can distil
