@@ -272,7 +272,7 @@ def screen_updates(
     live = [i for i in range(n) if reasons[i] is None]
     if direction == "median" and len(live) >= 3:
         stacked = torch.sort(torch.stack([deltas[i] for i in live]), dim=0).values
-        trim = len(live) // 5  # the 20 % trimmed mean per coordinate (Yin et al. 2018): robust, nearer the mean
+        trim = max(1, len(live) // 5)  # 20 %-trimmed mean per coordinate (Yin et al. 2018): robust, near the mean
         ref = stacked[trim : len(live) - trim].mean(dim=0)
         ref_sq = float(ref.dot(ref))
         for i in live:
