@@ -128,7 +128,7 @@ def write_table(results: dict[str, dict], path: Path) -> None:
         "α = 0.3). Cell: final central accuracy, (gap to the same strategy's no-attack run with the defaults, in",
         "points), then the updates over the run that were **r**ejected, **c**lipped (norm bound), had their claim",
         "**c**apped, and **p**rojected (direction guard) — e.g. `3c 3c 2p` = 3 clipped, 3 capped, 2 projected.",
-        "Defaults: update-norm-bound 3 × the median norm per local step (clip), examples-cap 3, direction-guard",
+        "Defaults: update-norm-bound 3 × the median norm per local step (clip), examples-cap 10, direction-guard",
         "median, robust none (`fedfuse/screening.py`). `–`: not measured.",
         "",
     ]

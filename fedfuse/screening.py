@@ -16,14 +16,14 @@ depend on the learning rate, the local epochs and the architecture. In order:
    ``‖Δ_i‖ > k · med(ν) · s_i`` is clipped to that norm (``clip``, the default: θ_i ← θ_sent + Δ_i ·
    bound/‖Δ_i‖, so an honest outlier still counts) or rejected (``reject``). Without reported steps the
    claimed num-examples stand in (steps ∝ examples at a fixed batch size and epochs).
-5. ``direction-guard median`` (the default): with ``r`` the coordinate-wise 20 %-trimmed mean of the Δ_i
-   (unweighted; a robust centre that, unlike the median, stays near the honest mean under non-IID data), the
+5. ``direction-guard median`` (the default): with ``r`` the coordinate-wise median of the Δ_i, each first
+   scaled down to the round's median norm (unweighted, so neither a large claim nor a large norm moves it), the
    part of each update that points against it is removed: ``Δ_i ← Δ_i − min(0, ⟨Δ_i, r⟩/‖r‖²) · r``.
    An honest update keeps everything orthogonal to the consensus (its own data's direction) and any
    positive component; a sign-flipped, inner-product-manipulation (Xie et al. 2020) or "−mean" update
-   loses its harmful component, and its weight is scaled by ``‖kept‖ / ‖Δ_i‖`` (an update
-   wholly against the round keeps no weight, so it cannot dilute the others either). This is the trust-by-alignment idea of FLTrust (Cao et al. 2021) with the
-   reference taken from the round's trimmed mean instead of a labelled server batch, and projecting
+   loses its harmful component, and its weight is scaled by ``max(0, 1 + cos(Δ_i, r) / 0.5)`` (an update at
+   cosine −0.5 or below keeps no weight, so neither its remainder nor its claim can act on the round). This is the trust-by-alignment idea of FLTrust (Cao et al. 2021) with the
+   reference taken from the round's coordinate median instead of a labelled server batch, and projecting
    rather than zeroing, so honest non-IID updates (cosines down to −0.27 with the median) are kept.
 
 Checks 2 and 5 need three clients (with fewer there is nothing to compare with).
@@ -68,8 +68,9 @@ log = logging.getLogger("fedfuse")
 NORM_ACTIONS = ("clip", "reject")
 DIRECTION_GUARDS = ("median", "off")
 UPDATE_NORM_BOUND = 3.0  # × the round's median per-step update norm × the client's (capped) steps
-EXAMPLES_CAP = 3.0  # claims (weight, steps) clipped to × the round's median
+EXAMPLES_CAP = 10.0  # claims (weight, steps) clipped to × the round's median
 EXAMPLES_BOUND = 0.0  # reject claims above × the median (off: the cap makes a large claim harmless)
+TRUST_SLOPE = 0.5  # direction guard: weight × max(0, 1 + cos/0.5) for an update against the round
 MIN_UPDATE_COSINE = -1.0  # off: honest non-IID updates reach cosine -0.27 with the median update
 
 SCREENING_OPTIONS = (
@@ -86,7 +87,7 @@ SCREENING_OPTIONS = (
            "an update whose cosine with the round's median update is below this is rejected (-1 = off)",
            low=-1.0, high=1.0),
     Option("direction-guard", str, "median",
-           "median: remove the part of each update pointing against the round's robust (trimmed-mean) update",
+           "median: remove the part of each update pointing against the round's median update, and down-weight it",
            choices=DIRECTION_GUARDS),
 )  # fmt: skip
 ROBUST_OPTIONS = (
@@ -271,17 +272,16 @@ def screen_updates(
                 result.clipped += 1
     live = [i for i in range(n) if reasons[i] is None]
     if direction == "median" and len(live) >= 3:
-        stacked = torch.sort(torch.stack([deltas[i] for i in live]), dim=0).values
-        trim = max(1, len(live) // 5)  # 20 %-trimmed mean per coordinate (Yin et al. 2018): robust, near the mean
-        ref = stacked[trim : len(live) - trim].mean(dim=0)
+        m = lower_median([float(deltas[i].norm()) for i in live])  # each update held to the median norm first,
+        held = [deltas[i] * min(1.0, m / max(float(deltas[i].norm()), 1e-30)) for i in live]  # so size buys nothing
+        ref = torch.stack(held).median(dim=0).values
         ref_sq = float(ref.dot(ref))
         for i in live:
             p = float(deltas[i].dot(ref)) / ref_sq if ref_sq > 0 else 0.0
             if p < 0:
-                kept = deltas[i] - p * ref
-                norm = float(deltas[i].norm())
-                result.weights[i] *= max(float(kept.norm()) / norm, 1e-6) if norm > 0 else 1.0  # never all 0
-                result.states[i] = _moved(states[i], sent[i], kept)
+                cos = p * math.sqrt(ref_sq) / max(float(deltas[i].norm()), 1e-30)
+                result.weights[i] *= max(1.0 + cos / TRUST_SLOPE, 1e-6)  # never all 0
+                result.states[i] = _moved(states[i], sent[i], deltas[i] - p * ref)
                 result.projected += 1
     return result
 
