@@ -22,9 +22,10 @@ depend on the learning rate, the local epochs and the architecture. In order:
    An honest update keeps everything orthogonal to the consensus (its own data's direction) and any
    positive component; a sign-flipped, inner-product-manipulation (Xie et al. 2020) or "−mean" update
    loses its harmful component, and its weight is scaled by ``max(0, 1 + cos(Δ_i, r) / 0.5)`` (an update at
-   cosine −0.5 or below keeps no weight, so neither its remainder nor its claim can act on the round). This is the trust-by-alignment idea of FLTrust (Cao et al. 2021) with the
-   reference taken from the round's coordinate median instead of a labelled server batch, and projecting
-   rather than zeroing, so honest non-IID updates (cosines down to −0.27 with the median) are kept.
+   cosine −0.5 or below keeps no weight, so neither its remainder nor its claim acts on the round). This is
+   the trust-by-alignment idea of FLTrust (Cao et al. 2021) with the reference taken from the round's
+   coordinate median instead of a labelled server batch, and projecting and down-weighting rather than
+   zeroing, so honest non-IID updates (cosines down to −0.27 with the median) keep most of their say.
 
 Checks 2 and 5 need three clients (with fewer there is nothing to compare with).
 """
