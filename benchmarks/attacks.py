@@ -1,23 +1,17 @@
-"""Attack × strategy × defence table: simulated Byzantine clients against fedavg, wb and match (inline backend).
+"""Attack × strategy matrix with fedfuse's default defences, and what the defaults cost on clean runs (inline).
 
-    python benchmarks/attacks.py            # writes benchmarks/results/attacks.md (+ .json)
+    python benchmarks/attacks.py [--shard i/n]     # resumable; writes benchmarks/results/attacks.md (+ .json)
 
-Digits MLP, seed 0, 3 rounds, Dirichlet α = 0.3; two federations: 1 attacker of 5 clients and 2 of 10
-(attackers drawn from the seed, :func:`fedfuse.attacks.attacker_ids`). Per cell the final central accuracy
-and, in brackets, the updates rejected over the run. Defences:
-
-* ``off``: ``update-norm-bound 0``, ``examples-bound 0``, ``robust none`` (what fedfuse did before);
-* ``defaults``: the shipped defaults (update-norm bound 4 × the round's median, reject; examples bound
-  10 × the round's median; ``robust none``);
-* ``median`` / ``trimmed-mean`` / ``krum``: that robust reduction (after alignment for wb/match) with the
-  screening bounds off, to show what the reduction alone does (a smaller grid: see ``ROBUST_ATTACKS``).
-
-``extra-bytes`` sends 1e7 bytes (the MLP is ~40 KB, so 2 × the model is the limit): the same code path as
-2e9 bytes, without allocating gigabytes on a shared machine. ``server crashed`` marks a run that raised.
+Digits MLP, 3 rounds. Attacks (``fedfuse.attacks``): 1 attacker of 5 clients, 2 of 10 and 3 of 10 (drawn from the
+seed), Dirichlet α = 0.3, seed 0, against fedavg, wb and match, every attack with the shipped defaults. Clean
+runs (no attacker): Dirichlet α = 0.1 and 1 and quantity skew (α = 0.3), 10 clients, seeds 0-2, with the
+defaults and with every defence off (``OFF``), to measure what the defaults cost and how many honest clients
+they reject. Jobs run in priority order (fedavg first), so a partial run still fills whole rows.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -28,27 +22,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import parse_shard  # noqa: E402
+
 STRATEGIES = ["fedavg", "wb", "match"]
 ATTACKS = [
-    "none",
-    "scale:1e6",
-    "signflip:10",
-    "signflip:4",
-    "num-examples:1e12",
-    "num-examples:1e8",
-    "num-examples:nan",
-    "extra-bytes:1e7",
-]
-SETTINGS = [(5, 1), (10, 2)]  # (clients, attackers)
-OFF = {"update-norm-bound": 0.0, "examples-bound": 0.0, "min-update-cosine": -1.0, "robust": "none"}
+    "none", "scale:1e6", "signflip:2", "signflip:4", "signflip:8", "alie:1", "ipm:4", "adaptive:0.99",
+    "labelflip", "labelflip:4",
+]  # fmt: skip
+SETTINGS = [(5, 1), (10, 2), (10, 3)]  # (clients, attackers)
+OFF = {"update-norm-bound": 0.0, "examples-cap": 0.0, "examples-bound": 0.0, "min-update-cosine": -1.0,
+       "direction-guard": "off", "robust": "none"}  # fmt: skip
 DEFENCES = {"off": OFF, "defaults": {}}
-ROBUST = {name: {**OFF, "robust": name} for name in ("median", "trimmed-mean", "krum")}
-ROBUST_STRATEGIES = ["fedavg", "wb"]
-ROBUST_ATTACKS = ["none", "scale:1e6", "signflip:10", "signflip:4", "num-examples:1e8"]
-BASE = {"dataset": "digits", "model": "mlp", "num-rounds": 3, "seed": 0}
+CLEAN = [("dirichlet", 0.1), ("dirichlet", 1.0), ("quantity", 0.3)]
+SEEDS = [0, 1, 2]
+BASE = {"dataset": "digits", "model": "mlp", "num-rounds": 3}
+COUNTS = ("rejected", "clipped", "capped", "projected", "skipped", "diverged")
 
 
-def run_cell(strategy: str, clients: int, attackers: int, attack: str, defence: dict) -> dict:
+def run_cell(cfg: dict) -> dict:
     from clients.client_app import app
     from fedfuse.results import load_metrics
     from fedfuse.runners.inline import InlineGrid
@@ -56,85 +47,121 @@ def run_cell(strategy: str, clients: int, attackers: int, attack: str, defence: 
     from strategies.server_app import run_server
 
     out = Path(tempfile.mkdtemp(prefix="attacks-"))
-    cfg = {**BASE, "strategy": strategy, "num-clients": clients, "out": str(out), **defence}
-    if attack != "none":
-        cfg.update({"attack": attack, "attackers": attackers})
     t0 = time.perf_counter()
     try:
-        run_server(InlineGrid(app, clients), validate_config(cfg))
+        run_server(InlineGrid(app, int(cfg["num-clients"])), validate_config({**BASE, **cfg, "out": str(out)}))
     except Exception as exc:  # noqa: BLE001 — a crash is a result here
         shutil.rmtree(out, ignore_errors=True)
         return {"crashed": f"{type(exc).__name__}: {exc}"[:200], "seconds": time.perf_counter() - t0}
     rows = load_metrics(out)["rounds"]
     shutil.rmtree(out, ignore_errors=True)
-    return {
-        "accuracy": rows[-1]["central_accuracy"],
-        "rejected": int(sum(r.get("rejected", 0) for r in rows[1:])),
-        "skipped": int(sum(r.get("skipped", 0) for r in rows[1:])),
-        "diverged": int(sum(r.get("diverged", 0) for r in rows[1:])),
-        "seconds": time.perf_counter() - t0,
-    }
+    res = {"accuracy": rows[-1]["central_accuracy"], "seconds": time.perf_counter() - t0}
+    return res | {k: int(sum(r.get(k, 0) for r in rows[1:])) for k in COUNTS}
 
 
-def _cell(r: dict | None) -> str:
-    if r is None:
-        return "–"
-    if "crashed" in r:
-        return "server crashed"
-    diverged = f", {r['diverged']} diverged" if r.get("diverged") else ""
-    return f"{r['accuracy']:.3f} ({r['rejected']}{diverged})"
+def jobs() -> list[tuple[str, dict]]:
+    """(key, config) in priority order: fedavg's attack matrix and clean runs first, then wb, then match."""
+    out = []
+    for s in STRATEGIES:
+        for n, k in SETTINGS:
+            for a in ATTACKS:
+                cfg = {"strategy": s, "num-clients": n, "seed": 0, "partition": "dirichlet", "alpha": 0.3}
+                if a != "none":
+                    cfg |= {"attack": a, "attackers": k}
+                out.append((f"attack|{s}|{n}|{k}|{a}", cfg))
+        for part, alpha in CLEAN:
+            for seed in SEEDS:
+                for d, defence in DEFENCES.items():
+                    cfg = {"strategy": s, "num-clients": 10, "seed": seed, "partition": part, "alpha": alpha}
+                    out.append((f"clean|{s}|{part}:{alpha}|{seed}|{d}", cfg | defence))
+    return out
 
 
 def main() -> None:
     import logging
 
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shard", default="0/1", help="i/n: run every n-th job from the i-th (parallel processes)")
+    p.add_argument("--table-only", action="store_true", help="only rewrite attacks.md from the JSON files")
+    args = p.parse_args()
+    shard, shards = parse_shard(p, args.shard)
     logging.disable(logging.WARNING)
     results_dir = ROOT / "benchmarks" / "results"
-    json_path = results_dir / "attacks.json"
-    results: dict[str, dict] = json.loads(json_path.read_text()) if json_path.exists() else {}
-    jobs = [(s, n, k, a, d) for n, k in SETTINGS for s in STRATEGIES for a in ATTACKS for d in DEFENCES] + [
-        (s, n, k, a, d) for n, k in SETTINGS for s in ROBUST_STRATEGIES for a in ROBUST_ATTACKS for d in ROBUST
-    ]
-    for s, n, k, a, d in jobs:
-        key = f"{s}|{n}|{k}|{a}|{d}"
-        if key in results:  # resumable: cells already measured are kept
+    json_path = results_dir / f"attacks.shard{shard}.json"
+    results = load_results(results_dir)
+    for i, (key, cfg) in enumerate(jobs()):
+        if args.table_only or i % shards != shard or key in results:
             continue
-        results[key] = run_cell(s, n, k, a, {**DEFENCES, **ROBUST}[d])
+        mine = json.loads(json_path.read_text()) if json_path.exists() else {}
+        mine[key] = results[key] = run_cell(cfg)
         print(key, _cell(results[key]), f"{results[key]['seconds']:.1f}s", flush=True)
-        json_path.write_text(json.dumps(results, indent=1))
+        json_path.write_text(json.dumps(mine, indent=1))
     write_table(results, results_dir / "attacks.md")
 
 
+def load_results(results_dir: Path) -> dict[str, dict]:
+    """Every measured cell (``attacks.json`` and the per-shard files)."""
+    results: dict[str, dict] = {}
+    for path in sorted(results_dir.glob("attacks*.json")):
+        data = json.loads(path.read_text())
+        results |= {k: v for k, v in data.items() if k.startswith(("attack|", "clean|"))}
+    return results
+
+
+def _cell(r: dict | None, clean: dict | None = None) -> str:
+    if r is None:
+        return "–"
+    if "crashed" in r:
+        return "server crashed"
+    gap = f" ({100 * (r['accuracy'] - clean['accuracy']):+.1f})" if clean and "accuracy" in clean else ""
+    marks = "".join(f" {r[k]}{k[0]}" for k in ("rejected", "clipped", "capped", "projected") if r.get(k))
+    return f"{r['accuracy']:.3f}{gap}{marks}"
+
+
 def write_table(results: dict[str, dict], path: Path) -> None:
-    get = lambda s, n, k, a, d: results.get(f"{s}|{n}|{k}|{a}|{d}")  # noqa: E731
+    import statistics
+
     lines = [
-        "# Attacks × strategies × defences",
+        "# Attacks × strategies with the default defences, and their cost on clean runs",
         "",
-        "Command: `python benchmarks/attacks.py` (inline backend; digits MLP, Dirichlet α=0.3, 3 rounds, seed 0).",
-        "Cell: final central accuracy (updates rejected over the 3 rounds; updates that diverged after training from",
-        "a poisoned global model, not blamed on their clients). `off` → `defaults`: before → after.",
-        "`extra-bytes` sends 1e7 bytes (bounded on purpose; 2e9 takes the same path). Gap = defaults − no-attack",
-        "defaults, in points.",
+        "Command: `python benchmarks/attacks.py` (inline; digits MLP, 3 rounds, seed 0; attacks with Dirichlet",
+        "α = 0.3). Cell: final central accuracy, (gap to the same strategy's no-attack run with the defaults, in",
+        "points), then the updates over the run that were **r**ejected, **c**lipped (norm bound), had their claim",
+        "**c**apped, and **p**rojected (direction guard) — e.g. `3c 3c 2p` = 3 clipped, 3 capped, 2 projected.",
+        "Defaults: update-norm-bound 3 × the median norm per local step (clip), examples-cap 10, direction-guard",
+        "median, robust none (`fedfuse/screening.py`). `–`: not measured.",
         "",
     ]
     for n, k in SETTINGS:
-        lines += [f"## {k} attacker(s) of {n} clients", "", "| attack | " + " | ".join(
-            f"{s} off → defaults (gap)" for s in STRATEGIES) + " |", "|---|" + "---|" * len(STRATEGIES)]  # fmt: skip
+        lines += [f"## {k} attacker(s) of {n} clients", "", "| attack | " + " | ".join(STRATEGIES) + " |",
+                  "|---|" + "---|" * len(STRATEGIES)]  # fmt: skip
         for a in ATTACKS:
-            cells = []
-            for s in STRATEGIES:
-                off, on, clean = get(s, n, k, a, "off"), get(s, n, k, a, "defaults"), get(s, n, k, "none", "defaults")
-                gap = ""
-                if on and clean and "accuracy" in on and "accuracy" in clean:
-                    gap = f" ({100 * (on['accuracy'] - clean['accuracy']):+.1f})"
-                cells.append(f"{_cell(off)} → {_cell(on)}{gap}")
+            cells = [_cell(results.get(f"attack|{s}|{n}|{k}|{a}"), results.get(f"attack|{s}|{n}|{k}|none"))
+                     if a != "none" else _cell(results.get(f"attack|{s}|{n}|{k}|none")) for s in STRATEGIES]  # fmt: skip
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
-        lines += ["", f"Robust reductions alone (screening off), {k} of {n}:", ""]
-        lines += ["| strategy | attack | " + " | ".join(ROBUST) + " |", "|---|---|" + "---|" * len(ROBUST)]
-        for s in ROBUST_STRATEGIES:
-            for a in ROBUST_ATTACKS:
-                lines.append(f"| {s} | {a} | " + " | ".join(_cell(get(s, n, k, a, d)) for d in ROBUST) + " |")
         lines.append("")
+    lines += [
+        "## Clean runs: what the defaults cost (10 clients, no attacker)",
+        "",
+        "Mean final accuracy over the seeds measured, defences off → defaults (difference in points); honest",
+        "updates rejected / clipped / capped / projected by the defaults, summed over seeds and rounds.",
+        "",
+        "| partition | strategy | seeds | off | defaults | cost | rejected | clipped | capped | projected |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for part, alpha in CLEAN:
+        for s in STRATEGIES:
+            pairs = [(results.get(f"clean|{s}|{part}:{alpha}|{seed}|off"),
+                      results.get(f"clean|{s}|{part}:{alpha}|{seed}|defaults")) for seed in SEEDS]  # fmt: skip
+            pairs = [(o, d) for o, d in pairs if o and d and "accuracy" in o and "accuracy" in d]
+            if not pairs:
+                lines.append(f"| {part} {alpha} | {s} | 0 | – | – | – | – | – | – | – |")
+                continue
+            off = statistics.mean(o["accuracy"] for o, _ in pairs)
+            on = statistics.mean(d["accuracy"] for _, d in pairs)
+            counts = [str(sum(d.get(c, 0) for _, d in pairs)) for c in ("rejected", "clipped", "capped", "projected")]
+            lines.append(f"| {part} {alpha} | {s} | {len(pairs)} | {off:.3f} | {on:.3f} | {100 * (on - off):+.1f} | "
+                         + " | ".join(counts) + " |")  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -18,7 +18,15 @@ from flwr.clientapp import ClientApp
 from clients.personal import holdout_split, keep_personal, load_personal, shared_keys_of
 from fedfuse import protocol
 from fedfuse.align.repair import bn_statistics, unit_statistics
-from fedfuse.attacks import claimed_examples, is_attacker, parse_attack, poison_state
+from fedfuse.attacks import (
+    OMNISCIENT,
+    claimed_examples,
+    flip_labels,
+    is_attacker,
+    omniscient_reply,
+    parse_attack,
+    poison_state,
+)
 from fedfuse.config import OPTIONS
 from fedfuse.experiment import (
     apart_model,
@@ -168,6 +176,9 @@ def _train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
         else:
             load_personal(model, _received_state(msg), context, shared)
     plan = local_plan(cfg, pid, server_round, len(x))
+    attack = parse_attack(str(cfg.get("attack", ""))) if is_attacker(cfg, pid) else None
+    if attack is not None:  # a simulated Byzantine client (fedfuse.attacks): labelflip trains on flipped labels
+        y = flip_labels(attack[0], y, ds.num_classes)
     masks = round_mask(cfg, model, server_round)
     extra: dict[str, float] = {}
     mu = float(cfg.get(protocol.PROXIMAL_MU, 0.0))  # FedProx: (μ/2)‖w − w_received‖² (Flower's FedProx key)
@@ -192,8 +203,11 @@ def _train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
     if lora_on(cfg):  # only the adapters travel
         state = adapter_state(model)
         metrics["bytes-sent"] = sum(v.numel() * v.element_size() for v in state.values())
-    attack = parse_attack(str(cfg.get("attack", "")))
-    if attack is not None and is_attacker(cfg, pid):  # a simulated Byzantine client (fedfuse.attacks)
+    if attack is not None and attack[0] in OMNISCIENT:  # it knows the honest updates (alie, ipm, adaptive)
+        state, claim, steps = omniscient_reply(*attack, cfg, _received_state(msg), server_round, result.num_examples,
+                                               result.steps)  # fmt: skip
+        metrics[protocol.NUM_EXAMPLES], metrics["local-steps"] = claim, steps
+    elif attack is not None:
         state = poison_state(*attack, state, _received_state(msg))
         metrics[protocol.NUM_EXAMPLES] = claimed_examples(*attack, result.num_examples)
     content = {protocol.ARRAYS: ArrayRecord(state), protocol.METRICS: metrics, protocol.CLIENT_INFO: _info(pid)}

@@ -8,6 +8,17 @@
 * ``extra-bytes:b``  the first array is replaced by ``b`` bytes of float32 zeros under the same key, so
                      only the server's reply-size limit (checked before decoding) can catch it. The
                      *client* allocates ``b`` bytes (twice, with serialisation): keep ``b`` small in tests.
+* ``labelflip[:b]``  trains on flipped labels ``y → C − 1 − y``, then sends θ_sent + b·Δ (``b`` = 1: plain).
+
+Omniscient, colluding attacks: the attacker knows every honest client's update of the round (in simulation it
+recomputes them, :func:`honest_updates`: μ and σ below are their coordinate-wise mean and standard deviation):
+
+* ``alie:z``         Δ = μ − z·σ ("A little is enough", Baruch et al. 2019): inside the honest spread, so
+                     medians and trimmed means follow it;
+* ``ipm:ε``          Δ = −ε·μ (inner-product manipulation, Xie et al. 2020);
+* ``adaptive:r``     Δ = −μ/‖μ‖ scaled to ``r`` × the server's update-norm bound for its claim (the bound is
+                     in the run config it receives), claiming ``r`` × the examples cap (or bound) × the
+                     honest median num-examples and local steps: just under every bound with ``r`` < 1.
 """
 
 from __future__ import annotations
@@ -28,9 +39,14 @@ __all__ = [
     "is_attacker",
     "poison_state",
     "claimed_examples",
+    "OMNISCIENT",
+    "honest_updates",
+    "omniscient_reply",
+    "flip_labels",
 ]
 
-ATTACKS = ("scale", "signflip", "num-examples", "extra-bytes")
+ATTACKS = ("scale", "signflip", "num-examples", "extra-bytes", "alie", "ipm", "adaptive", "labelflip")
+OMNISCIENT = ("alie", "ipm", "adaptive")  # attacks that need the honest clients' updates
 
 
 def parse_attack(text: str) -> tuple[str, float] | None:
@@ -39,6 +55,8 @@ def parse_attack(text: str) -> tuple[str, float] | None:
     if not text:
         return None
     kind, sep, raw = text.partition(":")
+    if kind == "labelflip" and not sep:
+        return kind, 1.0
     if not sep or kind not in ATTACKS:
         raise ValueError(f"is not KIND:VALUE with KIND one of {', '.join(ATTACKS)} (e.g. scale:1e6)")
     try:
@@ -49,6 +67,8 @@ def parse_attack(text: str) -> tuple[str, float] | None:
         raise ValueError("needs a finite value (only num-examples may be nan/inf)")
     if kind == "extra-bytes" and not value >= 1:
         raise ValueError("needs a byte count >= 1")
+    if kind == "adaptive" and not 0 < value <= 1:
+        raise ValueError("needs a ratio in (0, 1] (the fraction of each bound it goes up to, e.g. 0.99)")
     return kind, value
 
 
@@ -80,8 +100,8 @@ def is_attacker(cfg: Mapping[str, Any], partition_id: int) -> bool:
 def poison_state(kind: str, value: float, state: Mapping[str, Tensor], sent: Mapping[str, Tensor]) -> dict:
     """The state an attacking client sends instead of ``state`` (trained from ``sent``)."""
     out = dict(state)
-    if kind in ("scale", "signflip"):
-        s = value if kind == "scale" else -value
+    if kind in ("scale", "signflip", "labelflip"):
+        s = -value if kind == "signflip" else value
         for k, v in state.items():
             if torch.is_floating_point(v) and k in sent:
                 base = sent[k].to(v.dtype)
@@ -93,5 +113,74 @@ def poison_state(kind: str, value: float, state: Mapping[str, Tensor], sent: Map
 
 
 def claimed_examples(kind: str, value: float, num_examples: int) -> float | int:
-    """The num-examples an attacking client claims."""
+    """The num-examples an attacking client claims (the omniscient ones: :func:`omniscient_reply`)."""
     return value if kind == "num-examples" else num_examples
+
+
+def flip_labels(kind: str, y: Tensor, num_classes: int) -> Tensor:
+    """The labels an attacking client trains on: ``C − 1 − y`` under ``labelflip``, else ``y``."""
+    return (num_classes - 1 - y) if kind == "labelflip" else y
+
+
+_HONEST: dict[tuple, list[tuple[dict[str, Tensor], int, int]]] = {}  # one round's honest updates, per process
+
+
+def honest_updates(
+    cfg: Mapping[str, Any], sent: Mapping[str, Tensor], server_round: int
+) -> list[tuple[dict[str, Tensor], int, int]]:
+    """(Δ_j, num-examples, local steps) of every honest client of the round, recomputed as they train (same
+    data, plan and seeds) from the model ``sent``; cached per process, so colluders share one computation."""
+    from fedfuse.experiment import client_data, client_model, dataset_for, local_plan, local_train
+
+    n = int(cfg["num-clients"])
+    bad = set(attacker_ids(int(cfg["seed"]), n, int(cfg.get("attackers", 0))))
+    fingerprint = tuple(float(v.double().sum()) for v in sent.values() if torch.is_floating_point(v))
+    key = (str(cfg.get("attack")), int(cfg["seed"]), n, server_round, fingerprint)
+    if key not in _HONEST:
+        _HONEST.clear()
+        ds, out = dataset_for(cfg), []
+        for pid in (p for p in range(n) if p not in bad):
+            x, y = client_data(cfg, pid, n)
+            model = client_model(cfg, ds, pid)
+            model.load_state_dict(dict(sent))
+            result = local_train(cfg, model, x, y, local_plan(cfg, pid, server_round, len(x)))
+            delta = {k: v.detach() - sent[k] for k, v in model.state_dict().items() if torch.is_floating_point(v)}
+            out.append((delta, result.num_examples, result.steps))
+        _HONEST[key] = out
+    return _HONEST[key]
+
+
+def _lower_median(values: list[float]) -> float:
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+def omniscient_reply(
+    kind: str, value: float, cfg: Mapping[str, Any], sent: Mapping[str, Tensor], server_round: int,
+    num_examples: int, steps: int,
+) -> tuple[dict[str, Tensor], float, float]:  # fmt: skip
+    """(state, claimed num-examples, claimed local steps) an ``alie`` / ``ipm`` / ``adaptive`` attacker sends."""
+    honest = honest_updates(cfg, sent, server_round)
+    keys = list(honest[0][0])
+    stack = {k: torch.stack([d[k].double() for d, _, _ in honest]) for k in keys}
+    mean = {k: v.mean(0) for k, v in stack.items()}
+    if kind == "alie":
+        std = {k: v.std(0, unbiased=False) for k, v in stack.items()}
+        delta = {k: mean[k] - value * std[k] for k in keys}
+    elif kind == "ipm":
+        delta = {k: -value * mean[k] for k in keys}
+    else:  # adaptive: just under every bound the server's run config sets
+        cap = float(cfg.get("examples-cap", 0) or 0) or float(cfg.get("examples-bound", 0) or 0) or 10.0
+        med_n = _lower_median([float(n) for _, n, _ in honest])
+        med_s = _lower_median([float(s) for _, _, s in honest])
+        num_examples, steps = max(1, int(value * cap * med_n)), max(1, int(value * cap * med_s))
+        norms = [math.sqrt(sum(float(d[k].pow(2).sum()) for k in keys)) for d, _, _ in honest]
+        k_bound = float(cfg.get("update-norm-bound", 0) or 0)
+        if k_bound > 0:
+            per_step = _lower_median([nm / s for nm, (_, _, s) in zip(norms, honest, strict=True)])
+            target = value * k_bound * per_step * min(steps, cap * med_s)
+        else:
+            target = value * 4.0 * _lower_median(norms)
+        mean_norm = math.sqrt(sum(float(v.pow(2).sum()) for v in mean.values())) or 1.0
+        delta = {k: -mean[k] * (target / mean_norm) for k in keys}
+    state = {k: (sent[k].double() + delta[k]).to(sent[k].dtype) if k in delta else sent[k] for k in sent}
+    return state, num_examples, steps

@@ -22,7 +22,7 @@ from fedfuse.errors import ConfigError
 from fedfuse.lora.run import PRETRAIN_TASKS
 from fedfuse.models import MODELS, model_name_problem
 
-__all__ = ["Option", "OPTIONS", "CLIENT_INITS", "validate_config", "defaults"]
+__all__ = ["Option", "OPTIONS", "SERVER_OPTIONS", "CLIENT_INITS", "validate_config", "defaults"]
 
 CLIENT_INITS = ("shared", "own")
 
@@ -139,7 +139,8 @@ OPTIONS: dict[str, Option] = {
             "attack",
             str,
             "",
-            "simulated attack: scale:S, signflip:S, num-examples:V, extra-bytes:B",
+            "simulated attack: scale:S, signflip:S, num-examples:V, extra-bytes:B, alie:Z, ipm:EPS, adaptive:RATIO, "
+            "labelflip[:BOOST] (fedfuse.attacks)",
             check_value=attack_reason,
         ),
         Option("attackers", int, 1, "number of attacking clients (chosen from the seed) when attack is set", low=0),
@@ -191,3 +192,23 @@ def validate_config(
             "allowed: 0 (off) or >= local-epochs"
         )
     return out
+
+
+SERVER_OPTIONS = (
+    Option(
+        "server-data",
+        int,
+        0,
+        "N unlabeled inputs the server holds (FedDF), for cca/zip and distill-epochs (0 = none); in simulation "
+        "a seeded draw from the training split, i.e. the clients' own distribution",
+        low=0,
+    ),
+    Option(
+        "distill-epochs",
+        int,
+        0,
+        "FedDF: after aggregation, distil the clients' averaged logits on the server-data batch into the "
+        "global model for this many epochs (0 = off)",
+        low=0,
+    ),
+)  # the server's own data: run options of every strategy that can distil

@@ -1,34 +1,27 @@
-"""Byzantine-robust aggregation and update screening, on state dicts (no Flower here).
+"""Byzantine-robust aggregation on state dicts (no Flower here); the round-level screening that runs before
+it is :mod:`fedfuse.screening`.
 
-Two layers of defence, both pure functions of a round's client models:
+**Robust reduction** (:func:`robust_reduce`), used wherever a weighted average would be — in particular
+*after* alignment, on the aligned models (``fedfuse.align.fuse(..., reduce=...)``). Through
+:func:`robust_reduce` / :func:`reducer` the robust methods are **unweighted**: a claimed num-examples is the
+one thing an attacker sets freely, so it buys no share of a median, a trim or a Krum selection (the
+functions themselves still take optional weights λ for library use):
 
-* **Screening** (:func:`screen_updates`), before any aggregation: a client's update ``Δ_i = θ_i − θ_sent``
-  whose norm exceeds ``norm_factor × m`` — ``m`` the *lower median* of the round's update norms — is
-  rejected (or clipped to that norm), and a claimed ``num-examples`` above ``examples_factor × ``the lower
-  median of the round's claims is rejected. Why relative to the round's median rather than to ``‖θ‖``:
-  update norms shrink as training converges and differ per architecture, learning rate and local epochs
-  (one-shot runs start every client from its own init), so no fixed multiple of the global norm fits every
-  run; the median of the round adapts and cannot be moved by fewer than half of the clients. The *lower*
-  median (the ⌈n/2⌉-th smallest) keeps the bound honest-controlled even with 2 clients, one of them bad.
-* **Robust reduction** (:func:`robust_reduce`), used wherever a weighted average would be — in particular
-  *after* alignment, on the aligned models (``fedfuse.align.fuse(..., reduce=...)``):
+- ``median``: coordinate-wise (λ-weighted) median (the smallest value whose cumulative weight reaches ½);
+- ``trimmed-mean``: per coordinate, drop the ``k = ⌊β·n⌋`` smallest and ``k`` largest values and take
+  the (λ-weighted) mean of the rest (Yin et al. 2018);
+- ``krum``: multi-Krum (Blanchard et al. 2017) on the flattened models: with ``f = ⌊β·n⌋``, score
+  ``s_i = Σ_{j ∈ N_i} ‖θ_i − θ_j‖²`` over the ``n − f − 2`` nearest others, keep the ``n − f`` lowest
+  scores and take their (λ-weighted) mean (``f = 0`` keeps everyone: plain averaging).
 
-  - ``median``: coordinate-wise λ-weighted median (the smallest value whose cumulative weight reaches ½);
-  - ``trimmed-mean``: per coordinate, drop the ``k = ⌊β·n⌋`` smallest and ``k`` largest values and take
-    the λ-weighted mean of the rest (Yin et al. 2018);
-  - ``krum``: multi-Krum (Blanchard et al. 2017) on the flattened models: with ``f = ⌊β·n⌋``, score
-    ``s_i = Σ_{j ∈ N_i} ‖θ_i − θ_j‖²`` over the ``n − f − 2`` nearest others, keep the ``n − f`` lowest
-    scores and take their λ-weighted mean (``f = 0`` keeps everyone: plain averaging).
-
-  ``β`` (``fraction``) is the assumed fraction of Byzantine clients, in [0, ½). Integer buffers
-  (``num_batches_tracked``) are copied from the reference model, as in :func:`fedfuse.state.weighted_average`.
+``β`` (``fraction``) is the assumed fraction of Byzantine clients, in [0, ½). Integer buffers
+(``num_batches_tracked``) are copied from the reference model, as in :func:`fedfuse.state.weighted_average`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -38,7 +31,6 @@ from fedfuse.state import check_compatible, normalise_weights, weighted_average
 
 __all__ = [
     "ROBUST_METHODS",
-    "NORM_ACTIONS",
     "Reducer",
     "coordinate_median",
     "trimmed_mean",
@@ -46,16 +38,11 @@ __all__ = [
     "multi_krum",
     "robust_reduce",
     "reducer",
-    "lower_median",
-    "update_norm",
-    "Screening",
-    "screen_updates",
 ]
 
 State = Mapping[str, Tensor]
 Reducer = Callable[..., dict[str, Tensor]]  # (states, weights, *, ref) -> state, like weighted_average
 ROBUST_METHODS = ("none", "median", "trimmed-mean", "krum")
-NORM_ACTIONS = ("reject", "clip")
 
 
 def _stack(states: Sequence[State], key: str) -> Tensor:
@@ -146,15 +133,16 @@ def robust_reduce(
     fraction: float = 0.2,
     ref: int = 0,
 ) -> dict[str, Tensor]:
-    """The ``method`` reduction of ``states`` (``none`` = :func:`fedfuse.state.weighted_average`)."""
+    """The ``method`` reduction of ``states``: ``none`` = :func:`fedfuse.state.weighted_average` with
+    ``weights``; the robust methods ignore ``weights`` (unweighted: claims buy no share, see the module doc)."""
     if method == "none":
         return weighted_average(states, weights, ref=ref)
     if method == "median":
-        return coordinate_median(states, weights, ref=ref)
+        return coordinate_median(states, ref=ref)
     if method == "trimmed-mean":
-        return trimmed_mean(states, weights, fraction=fraction, ref=ref)
+        return trimmed_mean(states, fraction=fraction, ref=ref)
     if method == "krum":
-        return multi_krum(states, weights, fraction=fraction, ref=ref)
+        return multi_krum(states, fraction=fraction, ref=ref)
     raise ConfigError(f"robust={method!r} is not allowed; allowed: {', '.join(ROBUST_METHODS)}")
 
 
@@ -170,108 +158,3 @@ def reducer(method: str, fraction: float = 0.2) -> Reducer | None:
         return robust_reduce(states, weights, method=method, fraction=fraction, ref=ref)
 
     return reduce
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# screening
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def lower_median(values: Sequence[float]) -> float:
-    """The ⌈n/2⌉-th smallest value (for 2 values, the smaller one)."""
-    if not values:
-        raise ConfigError("lower_median needs at least one value")
-    return sorted(values)[(len(values) - 1) // 2]
-
-
-def update_norm(state: State, sent: State) -> float:
-    """``‖θ − θ_sent‖₂`` over the floating entries (float64)."""
-    total = 0.0
-    for k, v in state.items():
-        if torch.is_floating_point(v):
-            total += float((v.detach().double() - sent[k].detach().double()).pow(2).sum())
-    return math.sqrt(total)
-
-
-def _flat_delta(state: State, sent: State) -> Tensor:
-    keys = [k for k, v in state.items() if torch.is_floating_point(v)]
-    if not keys:
-        return torch.zeros(1, dtype=torch.float64)
-    return torch.cat([(state[k].detach().double() - sent[k].detach().double()).reshape(-1) for k in keys])
-
-
-@dataclass
-class Screening:
-    """What :func:`screen_updates` decided: per client a rejection reason (or None), the states to aggregate
-    (clipped ones replaced), how many were clipped, and the bounds used."""
-
-    reasons: list[str | None]
-    states: list[dict[str, Tensor]]
-    clipped: int = 0
-    bounds: dict[str, float] = field(default_factory=dict)
-    ratios: dict[str, float] = field(default_factory=dict)  # largest value / lower median, per check
-
-
-def screen_updates(
-    states: Sequence[State],
-    sent: Sequence[State],
-    weights: Sequence[float],
-    *,
-    norm_factor: float = 0.0,
-    norm_action: str = "reject",
-    examples_factor: float = 0.0,
-    min_cosine: float = -1.0,
-) -> Screening:
-    """Round-level checks relative to the round's own clients (see the module docstring).
-
-    ``norm_factor`` > 0: ``‖θ_i − sent_i‖ > norm_factor · lower_median(norms)`` is rejected (``reject``) or
-    ``θ_i ← sent_i + Δ_i · bound/‖Δ_i‖`` (``clip``). ``examples_factor`` > 0: ``n_i > examples_factor ·
-    lower_median(n)`` is rejected. A factor of 0 turns that check off. ``min_cosine`` > −1: an update whose
-    cosine with the coordinate-wise median update ``median_i Δ_i`` is below it is rejected (a sign-flipped
-    update points away from what most clients did; −1 = off). With one or two clients there is nothing to
-    compare with; they pass (the norm bound still applies to two).
-    """
-    if norm_action not in NORM_ACTIONS:
-        raise ConfigError(f"update-norm-action={norm_action!r} is not allowed; allowed: {', '.join(NORM_ACTIONS)}")
-    n = len(states)
-    reasons: list[str | None] = [None] * n
-    out = [dict(s) for s in states]
-    result = Screening(reasons, out)
-    if n < 2:
-        return result
-    if examples_factor > 0:
-        median = lower_median(list(weights))  # weights are validated positive
-        bound = examples_factor * median
-        result.bounds["examples_bound"] = bound
-        result.ratios["examples_ratio"] = max(weights) / median
-        for i, w in enumerate(weights):
-            if w > bound:
-                reasons[i] = f"num-examples={w:g} exceeds {examples_factor:g} × the round's median (= {bound:g})"
-    if min_cosine > -1.0 and n >= 3:
-        deltas = [_flat_delta(s, r) for s, r in zip(states, sent, strict=True)]
-        median = torch.stack(deltas).median(dim=0).values
-        cosines = [float(torch.nn.functional.cosine_similarity(d, median, dim=0)) for d in deltas]
-        result.ratios["update_cosine_min"] = min(cosines)
-        for i, cos in enumerate(cosines):
-            if reasons[i] is None and cos < min_cosine:
-                reasons[i] = f"update direction: cosine {cos:.3f} with the round's median update < {min_cosine:g}"
-    if norm_factor > 0:
-        norms = [update_norm(s, r) for s, r in zip(states, sent, strict=True)]
-        median = lower_median(norms)
-        bound = norm_factor * median
-        result.bounds["norm_bound"] = bound
-        if median > 0:  # most clients did not move: nothing to scale a bound by
-            result.ratios["update_norm_ratio"] = max(norms) / median
-        for i, norm in enumerate(norms):
-            if reasons[i] is not None or not norm > bound or median == 0:
-                continue
-            if norm_action == "reject":
-                reasons[i] = f"update norm {norm:.4g} exceeds {norm_factor:g} × the round's median norm (= {bound:.4g})"
-            else:
-                scale = bound / norm
-                out[i] = {
-                    k: (sent[i][k] + (v - sent[i][k]) * scale).to(v.dtype) if torch.is_floating_point(v) else v
-                    for k, v in states[i].items()
-                }
-                result.clipped += 1
-    return result

@@ -8,7 +8,10 @@ from numbers import Number
 
 import torch
 
-__all__ = ["check_update", "check_num_examples", "check_reply_size", "MAX_NUM_EXAMPLES", "MAX_REPLY_FACTOR"]
+__all__ = [
+    "check_update", "check_num_examples", "check_reply_size", "check_strategy_args", "MAX_NUM_EXAMPLES",
+    "MAX_REPLY_FACTOR",
+]  # fmt: skip
 
 MAX_NUM_EXAMPLES = 1e9  # default bound on a reply's num-examples (its aggregation weight)
 MAX_REPLY_FACTOR = 2.0  # default bound on a reply's serialised bytes, relative to the model sent
@@ -85,3 +88,30 @@ def check_num_examples(num_examples: object, max_num_examples: float = MAX_NUM_E
     if value > max_num_examples:
         return f"num-examples={num_examples!r} exceeds the limit {max_num_examples:g}"
     return None
+
+
+def check_strategy_args(
+    seed: object, fedavg_kwargs: Mapping[str, object], max_num_examples: object, max_reply_factor: object,
+    distill_epochs: object, server_data: object, distill_model: object,
+) -> None:  # fmt: skip
+    """A :class:`~fedfuse.errors.ConfigError` naming the first out-of-range argument of a fedfuse strategy
+    (FedAvg's fractions and node minimums, the seed, the reply limits, FedDF's distillation), else None."""
+    from fedfuse.errors import ConfigError
+
+    if isinstance(distill_epochs, bool) or int(distill_epochs) < 0:  # type: ignore[call-overload]
+        raise ConfigError(f"distill_epochs={distill_epochs!r} is out of range; allowed: an integer >= 0 (0 = off)")
+    if int(distill_epochs) and (server_data is None or len(server_data) < 2 or distill_model is None):  # type: ignore[arg-type]
+        raise ConfigError(
+            f"distill-epochs={distill_epochs} needs server-data >= 2 (unlabeled inputs the server holds) and the model"
+        )
+    for name in ("fraction_train", "fraction_evaluate"):
+        value = fedavg_kwargs.get(name, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+            raise ConfigError(f"{name}={value!r} is out of range; allowed: a number in [0, 1]")
+    counts = [*((n, fedavg_kwargs.get(n, 2)) for n in ("min_train_nodes", "min_available_nodes")), ("seed", seed)]
+    for name, value in counts:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name}={value!r} is out of range; allowed: an integer >= 0")
+    for name, value in (("max_num_examples", max_num_examples), ("max_reply_factor", max_reply_factor)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) > 0:
+            raise ConfigError(f"{name}={value!r} is out of range; allowed: a number > 0")

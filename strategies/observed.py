@@ -12,9 +12,10 @@ The ServerApp never reads a strategy's internals. It wraps the strategy (fedfuse
 
 For a strategy without fedfuse's own checks (any strategy that is not a
 :class:`strategies.base.FedFuseStrategy`, e.g. Flower's ``FedMedian``), a :class:`ReplyGuard` applies them
-before the strategy sees the replies: the size limit before decoding, :func:`fedfuse.validation.check_update`,
-and the round-level screening of :func:`fedfuse.robust.screen_updates` (update-norm and num-examples bounds,
-the same defaults). Rejected replies are dropped, logged naming the node, and counted as ``rejected``.
+before the strategy sees the replies: the same :func:`fedfuse.replies.unpack_reply` and
+:func:`fedfuse.screening.screen_round` (the same defaults). Rejected replies are dropped, logged naming the node,
+and counted as ``rejected``; clipped or projected updates replace the reply's arrays. (Capped num-examples
+cannot be passed on: the inner strategy reads the reply's own claim; use a fedfuse strategy for the cap.)
 
 It also resumes: with ``first_round=k`` Flower's own ``Strategy.start`` loop runs rounds 1..N−k+1
 and every call is shifted to rounds k..N. Flower offers no start-round hook; this offset is the smallest
@@ -34,17 +35,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedfuse import protocol
-from fedfuse.robust import screen_updates
-from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_update
-from strategies.base import (
-    EXAMPLES_BOUND,
-    MIN_UPDATE_COSINE,
-    UPDATE_NORM_BOUND,
-    FedFuseStrategy,
-    error_summary,
-    reply_size_reason,
-    unpack_reply,
-)
+from fedfuse.replies import Reply, error_summary, unpack_reply
+from fedfuse.screening import ScreeningConfig, screen_round
+from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR
+from strategies.base import FedFuseStrategy
 
 __all__ = ["ClientModel", "RoundObserver", "ObservedStrategy", "ReplyGuard"]
 
@@ -92,10 +86,7 @@ class ReplyGuard:
     """fedfuse's reply checks for a strategy that has none (see the module docstring); the arguments are
     :class:`strategies.base.FedFuseStrategy`'s of the same names."""
 
-    update_norm_bound: float = UPDATE_NORM_BOUND
-    update_norm_action: str = "reject"
-    examples_bound: float = EXAMPLES_BOUND
-    min_update_cosine: float = MIN_UPDATE_COSINE
+    screening: ScreeningConfig = field(default_factory=ScreeningConfig)
     max_num_examples: float = MAX_NUM_EXAMPLES
     max_reply_factor: float = MAX_REPLY_FACTOR
 
@@ -103,40 +94,22 @@ class ReplyGuard:
         self, server_round: int, replies: list[Message], sent: Mapping[str, torch.Tensor], weighted_by_key: str
     ) -> tuple[list[Message], int]:
         """The replies ``aggregate_train`` may see (error replies pass through untouched) and how many were
-        rejected. A clipped update replaces the reply's arrays (θ_i ← sent + Δ_i · bound / ‖Δ_i‖)."""
-        keep: list[Message] = []
-        valid: list[tuple[Message, dict[str, torch.Tensor], float]] = []
-        rejected = 0
-        for msg in replies:
-            if msg.has_error():
-                keep.append(msg)
-                continue
-            unpacked = unpack_reply(
-                msg, sent, weighted_by_key, max_reply_factor=self.max_reply_factor,
-                max_num_examples=self.max_num_examples,
-            )  # fmt: skip
-            if isinstance(unpacked, str):
-                log.warning("round %d: rejected update from node %d: %s", server_round, msg.metadata.src_node_id,
-                            unpacked)  # fmt: skip
-                rejected += 1
-            else:
-                valid.append((msg, *unpacked))
-        screen = screen_updates(
-            [v[1] for v in valid], [dict(sent)] * len(valid), [v[2] for v in valid],
-            norm_factor=self.update_norm_bound, norm_action=self.update_norm_action,
-            examples_factor=self.examples_bound, min_cosine=self.min_update_cosine,
-        )  # fmt: skip
-        for (msg, state, _), reason, new in zip(valid, screen.reasons, screen.states, strict=True):
-            if reason is not None:
-                log.warning("round %d: rejected update from node %d: %s", server_round, msg.metadata.src_node_id,
-                            reason)  # fmt: skip
-                rejected += 1
-                continue
-            if any(new[k] is not state[k] for k in state):  # clipped
-                name = next(iter(msg.content.array_records))
-                msg.content.array_records[name] = ArrayRecord(new)
-            keep.append(msg)
-        return keep, rejected
+        rejected. A clipped or projected update replaces the reply's arrays."""
+        answers = [m for m in replies if not m.has_error()]
+        unpacked = [
+            unpack_reply(m, sent, weighted_by_key, max_reply_factor=self.max_reply_factor,
+                         max_num_examples=self.max_num_examples)
+            for m in answers
+        ]  # fmt: skip
+        labels = [f"node {m.metadata.src_node_id}" for m in answers]
+        rs = screen_round(server_round, labels, unpacked, [dict(sent)] * len(answers), self.screening)
+        for i, new in zip(rs.keep, rs.states, strict=True):
+            old = unpacked[i]
+            if isinstance(old, Reply) and any(new[k] is not old.state[k] for k in old.state):  # clipped/projected
+                msg = answers[i]
+                msg.content.array_records[next(iter(msg.content.array_records))] = ArrayRecord(new)
+        kept = {id(answers[i]) for i in rs.keep}
+        return [m for m in replies if m.has_error() or id(m) in kept], int(rs.stats["rejected"])
 
 
 class ObservedStrategy(Strategy):
@@ -255,22 +228,14 @@ class ObservedStrategy(Strategy):
         """Valid replies as full models (a partial reply is completed with the sent model), sorted by label."""
         out: list[tuple[tuple[int, int], ClientModel]] = []
         for msg in replies:
-            content = msg.content if not msg.has_error() else None
-            if content is None or len(content.array_records) != 1 or len(content.metric_records) != 1:
+            if msg.has_error():
                 continue
-            weight = next(iter(content.metric_records.values())).get(protocol.NUM_EXAMPLES)
-            record = next(iter(content.array_records.values()))
-            if reply_size_reason(record, self._sent) is not None:  # never decode what the strategy refuses
+            reply = unpack_reply(msg, self._sent, protocol.NUM_EXAMPLES, complete=True)  # what the strategy sees
+            if isinstance(reply, str):  # the strategy rejects (and logs) it itself
                 continue
-            try:
-                state = {**self._sent, **record.to_torch_state_dict()}
-            except Exception:  # noqa: BLE001 — the strategy rejects (and logs) undecodable replies itself
-                continue
-            if check_update(state, self._sent, weight) is not None:
-                continue
-            info = content.config_records.get(protocol.CLIENT_INFO)
+            info = msg.content.config_records.get(protocol.CLIENT_INFO)
             pid = int(info.get(protocol.PARTITION_ID, -1)) if info is not None else -1
             node = msg.metadata.src_node_id
             key, label = ((0, pid), f"partition{pid}") if pid >= 0 else ((1, node), f"node{node}")
-            out.append((key, ClientModel(label, state, float(weight))))  # type: ignore[arg-type]
+            out.append((key, ClientModel(label, reply.state, reply.weight)))
         return [client for _, client in sorted(out, key=lambda item: item[0])]

@@ -13,9 +13,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedfuse.replies import reply_size_reason
 from fedfuse.runners.inline import InlineGrid
 from fedfuse.validation import check_update
-from strategies.base import FedFuseStrategy, reply_size_reason
+from strategies.base import FedFuseStrategy
 from strategies.observed import ObservedStrategy
 from tests.test_cli import run_cli
 

@@ -61,7 +61,7 @@ def test_fedfuse_clientapp_names_a_missing_config_key_in_its_error_reply() -> No
 def test_an_error_reply_is_summarised_in_one_line() -> None:
     """Under Ray an error reply's reason is a traceback wrapped twice; logs and the run's error show the
     client's own exception line."""
-    from strategies.base import error_summary
+    from fedfuse.replies import error_summary
 
     ray_reason = (
         "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=1)\n"

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from fedfuse.errors import ConfigError
 from fedfuse.state import normalise_weights, torch_threads
 
-__all__ = ["distill", "ensemble_logits", "synthetic_inputs"]
+__all__ = ["distill", "distill_states", "ensemble_logits", "synthetic_inputs"]
 
 
 @torch.no_grad()
@@ -150,3 +150,16 @@ def synthetic_inputs(
     gen = torch.Generator().manual_seed(int(seed))
     z = torch.randn((int(n), *shape), generator=gen)
     return z * torch.as_tensor(std, dtype=torch.float32) + torch.as_tensor(mean, dtype=torch.float32)
+
+
+def distill_states(
+    model: nn.Module, student: dict[str, Tensor], teachers: Sequence[dict[str, Tensor]], data: Tensor, *,
+    epochs: int, seed: int, weights: Sequence[float] | None = None,
+) -> dict[str, Tensor]:  # fmt: skip
+    """FedDF on state dicts: ``student`` distilled from the ``teachers`` (λ = normalised ``weights``) on the
+    unlabeled ``data``, each loaded into a deep copy of ``model`` (the architecture); in ``student``'s dtypes."""
+    from fedfuse.align.transport import load_state
+
+    nets = [load_state(copy.deepcopy(model), s) for s in (student, *teachers)]
+    out = distill(nets[0], nets[1:], data, epochs=epochs, seed=seed, weights=weights)
+    return {k: out[k].to(v.dtype) for k, v in student.items()}

@@ -1,0 +1,100 @@
+"""Reading a client's train reply: the one unpacking every strategy and every round observer uses.
+
+Duck-typed on Flower's ``Message`` (``msg.content.array_records`` / ``metric_records``, ``ArrayRecord[key].data``
+and ``.to_torch_state_dict()``), so the core never imports Flower. Checks, in order, none of which raises on a
+malformed reply: one ArrayRecord + one MetricRecord, the weight key, the size limit BEFORE decoding
+(:func:`fedfuse.validation.check_reply_size`), decoding, then :func:`fedfuse.validation.check_update` against
+the model sent to that client.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+
+from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_reply_size, check_update
+
+__all__ = ["Reply", "unpack_reply", "reply_size_reason", "error_summary", "LOCAL_STEPS"]
+
+LOCAL_STEPS = "local-steps"  # the optimiser steps a client reports (fedfuse clients do; others may not)
+State = dict[str, torch.Tensor]
+
+_EXC_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)): (.+?)\s*$")
+_WRAPPERS = ("ClientAppException", "RayTaskError", "RayActorError")
+
+
+class Reply(NamedTuple):
+    """A valid train reply: the full state, the claimed num-examples, the claimed local steps (None if absent)."""
+
+    state: State
+    weight: float
+    steps: float | None
+
+
+def error_summary(reason: str | None) -> str:
+    """One line of an error reply's reason (often a whole traceback, under Ray wrapped twice): the client's
+    own ``Type: message`` line where there is one, else the last line."""
+    lines = [ln for ln in (reason or "").splitlines() if ln.strip()]
+    found = [m for ln in lines if (m := _EXC_LINE.match(ln))]
+    own = [m for m in found if not any(w in m.group(1) for w in _WRAPPERS)]
+    if own:
+        return f"{own[-1].group(1).rsplit('.', 1)[-1]}: {own[-1].group(2)}"
+    return lines[-1].strip() if lines else "no reason given"
+
+
+def reply_size_reason(
+    record: Any, sent: Mapping[str, torch.Tensor], max_factor: float = MAX_REPLY_FACTOR
+) -> str | None:
+    """:func:`fedfuse.validation.check_reply_size` on a reply's serialised arrays (an ``ArrayRecord``), before
+    anything is decoded (so a reply cannot make the server allocate much)."""
+    sizes = {}
+    for key in record.keys():
+        data = getattr(record[key], "data", None)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            return f"{key}: not a serialised array"
+        sizes[key] = len(data)
+    return check_reply_size(sizes, sent, max_factor)
+
+
+def _steps(metrics: Mapping[str, Any]) -> float | None:
+    value = metrics.get(LOCAL_STEPS)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        return None
+    return float(value)
+
+
+def unpack_reply(
+    msg: Any,
+    sent: Mapping[str, torch.Tensor],
+    weighted_by_key: str,
+    *,
+    max_reply_factor: float = MAX_REPLY_FACTOR,
+    max_num_examples: float = MAX_NUM_EXAMPLES,
+    shape_ok: Any = None,
+    complete: bool = False,
+) -> Reply | str:
+    """The :class:`Reply` of a train reply ``msg``, or why it is rejected; never raises. ``complete``: a reply
+    with only some of the keys is completed with the ``sent`` model (what a round observer looks at)."""
+    content = msg.content
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        return "expected exactly one ArrayRecord and one MetricRecord"
+    metrics = next(iter(content.metric_records.values()))
+    if weighted_by_key not in metrics:
+        return f"MetricRecord lacks {weighted_by_key!r}"
+    record = next(iter(content.array_records.values()))
+    reason = reply_size_reason(record, sent, max_reply_factor)
+    if reason is not None:
+        return reason
+    try:
+        state = record.to_torch_state_dict()
+    except Exception as exc:  # noqa: BLE001 — undecodable arrays are a bad update, not a crash
+        return f"arrays cannot be decoded ({type(exc).__name__})"
+    if complete:
+        state = {**sent, **state}
+    weight = metrics[weighted_by_key]
+    reason = check_update(state, sent, weight, shape_ok=shape_ok, max_num_examples=max_num_examples)
+    return reason if reason is not None else Reply(state, float(weight), _steps(metrics))  # type: ignore[arg-type]

@@ -1,0 +1,348 @@
+"""Round-level screening of client updates, before any aggregation (no Flower here).
+
+``Δ_i = θ_i − θ_sent_i``; all bounds are relative to the round's own clients (the *lower median*, the
+⌈n/2⌉-th smallest value, which fewer than half of the clients cannot move, and which stays honest with two
+clients, one of them bad). Why relative and not absolute: update norms shrink as training converges and
+depend on the learning rate, the local epochs and the architecture. In order:
+
+1. ``examples-bound`` b > 0 (off by default): a claimed num-examples ``n_i > b · med(n)`` is rejected.
+2. ``min-update-cosine`` (off by default): ``cos(Δ_i, median_i Δ_i)`` below it is rejected.
+3. ``examples-cap`` c > 0: a claim is never trusted beyond ``c`` × the round's median:
+   ``n_i ← min(n_i, c · med(n))`` (the aggregation weight) and likewise for the reported local steps
+   ``s_i`` (the work the norm bound allows for). One client's weight share is then at most
+   ``c / (c + n − 1)`` of a round of ``n`` otherwise median clients, whatever it claims.
+4. ``update-norm-bound`` k > 0, relative to how much each client trained: with ``ν_i = ‖Δ_i‖ / s_i``
+   (the norm per local step; a client that trains 40 × longer moves ~40 × further),
+   ``‖Δ_i‖ > k · med(ν) · s_i`` is clipped to that norm (``clip``, the default: θ_i ← θ_sent + Δ_i ·
+   bound/‖Δ_i‖, so an honest outlier still counts) or rejected (``reject``). Without reported steps the
+   claimed num-examples stand in (steps ∝ examples at a fixed batch size and epochs).
+5. ``direction-guard median`` (the default): with ``r`` the coordinate-wise median of the Δ_i, each first
+   scaled down to the round's median norm (unweighted, so neither a large claim nor a large norm moves it), the
+   part of each update that points against it is removed: ``Δ_i ← Δ_i − min(0, ⟨Δ_i, r⟩/‖r‖²) · r``.
+   An honest update keeps everything orthogonal to the consensus (its own data's direction) and any
+   positive component; a sign-flipped, inner-product-manipulation (Xie et al. 2020) or "−mean" update
+   loses its harmful component, and its weight is scaled by ``max(0, 1 + cos(Δ_i, r) / 0.5)`` (an update at
+   cosine −0.5 or below keeps no weight, so neither its remainder nor its claim acts on the round). This is
+   the trust-by-alignment idea of FLTrust (Cao et al. 2021) with the reference taken from the round's
+   coordinate median instead of a labelled server batch, and projecting and down-weighting rather than
+   zeroing, so honest non-IID updates (cosines down to −0.27 with the median) keep most of their say.
+
+Checks 2 and 5 need three clients (with fewer there is nothing to compare with).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fedfuse.config import Option
+from fedfuse.errors import ConfigError
+from fedfuse.robust import ROBUST_METHODS
+
+__all__ = [
+    "NORM_ACTIONS",
+    "DIRECTION_GUARDS",
+    "UPDATE_NORM_BOUND",
+    "EXAMPLES_CAP",
+    "EXAMPLES_BOUND",
+    "MIN_UPDATE_COSINE",
+    "SCREENING_OPTIONS",
+    "ROBUST_OPTIONS",
+    "ScreeningConfig",
+    "Screening",
+    "screen_updates",
+    "lower_median",
+    "update_norm",
+    "diverged_updates",
+    "state_norm",
+    "RoundScreen",
+    "screen_round",
+]
+
+State = Mapping[str, Tensor]
+log = logging.getLogger("fedfuse")
+NORM_ACTIONS = ("clip", "reject")
+DIRECTION_GUARDS = ("median", "off")
+UPDATE_NORM_BOUND = 3.0  # × the round's median per-step update norm × the client's (capped) steps
+EXAMPLES_CAP = 10.0  # claims (weight, steps) clipped to × the round's median
+EXAMPLES_BOUND = 0.0  # reject claims above × the median (off: the cap makes a large claim harmless)
+TRUST_SLOPE = 0.5  # direction guard: weight × max(0, 1 + cos/0.5) for an update against the round
+MIN_UPDATE_COSINE = -1.0  # off: honest non-IID updates reach cosine -0.27 with the median update
+
+SCREENING_OPTIONS = (
+    Option("update-norm-bound", float, UPDATE_NORM_BOUND,
+           "an update norm above this × the round's median norm per local step × the client's local steps "
+           "is clipped (or rejected) (0 = off)", low=0.0),
+    Option("update-norm-action", str, "clip", "what update-norm-bound does", choices=NORM_ACTIONS),
+    Option("examples-cap", float, EXAMPLES_CAP,
+           "a claimed num-examples (aggregation weight) or local-steps above this × the round's median counts "
+           "as this × the median (0 = off)", low=0.0),
+    Option("examples-bound", float, EXAMPLES_BOUND,
+           "a num-examples above this × the round's median is rejected (0 = off)", low=0.0),
+    Option("min-update-cosine", float, MIN_UPDATE_COSINE,
+           "an update whose cosine with the round's median update is below this is rejected (-1 = off)",
+           low=-1.0, high=1.0),
+    Option("direction-guard", str, "median",
+           "median: remove the part of each update pointing against the round's median update, and down-weight it",
+           choices=DIRECTION_GUARDS),
+)  # fmt: skip
+ROBUST_OPTIONS = (
+    Option(
+        "robust", str, "none",
+        "reduction of the (aligned) client models: weighted average, or unweighted coordinate median, trimmed "
+        "mean, multi-Krum", choices=ROBUST_METHODS,
+    ),
+    Option("robust-fraction", float, 0.2, "robust: assumed Byzantine fraction (trimmed per side; Krum's f)",
+           low=0.0, high=0.49),
+    *SCREENING_OPTIONS,
+)  # fmt: skip
+
+
+def lower_median(values: Sequence[float]) -> float:
+    """The ⌈n/2⌉-th smallest value (for 2 values, the smaller one)."""
+    if not values:
+        raise ConfigError("lower_median needs at least one value")
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+def update_norm(state: State, sent: State) -> float:
+    """``‖θ − θ_sent‖₂`` over the floating entries (float64)."""
+    return float(_flat_delta(state, sent).norm())
+
+
+def _flat_delta(state: State, sent: State) -> Tensor:
+    keys = [k for k, v in state.items() if torch.is_floating_point(v)]
+    if not keys:
+        return torch.zeros(1, dtype=torch.float64)
+    return torch.cat([(state[k].detach().double() - sent[k].detach().double()).reshape(-1) for k in keys])
+
+
+def _moved(state: State, sent: State, delta: Tensor) -> dict[str, Tensor]:
+    """``sent + delta`` (a flat float64 update over the floating entries, in ``state``'s key order)."""
+    out, pos = {}, 0
+    for k, v in state.items():
+        if torch.is_floating_point(v):
+            n = v.numel()
+            out[k] = (sent[k].detach().double() + delta[pos : pos + n].reshape(v.shape)).to(v.dtype)
+            pos += n
+        else:
+            out[k] = v
+    return out
+
+
+@dataclass
+class Screening:
+    """What :func:`screen_updates` decided: per client a rejection reason (or None), the states to aggregate
+    (clipped / projected ones replaced), the weights to aggregate with (capped), counts and the bounds used."""
+
+    reasons: list[str | None]
+    states: list[dict[str, Tensor]]
+    weights: list[float]
+    clipped: int = 0
+    capped: int = 0
+    projected: int = 0
+    bounds: dict[str, float] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=dict)  # largest value / lower median, per check
+
+
+def _check_factor(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) >= 0:
+        raise ConfigError(f"{name}={value!r} is out of range; allowed: a number >= 0 (0 = off)")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ScreeningConfig:
+    """The screening a strategy applies (the run options of :data:`SCREENING_OPTIONS`, validated)."""
+
+    update_norm_bound: float = UPDATE_NORM_BOUND
+    update_norm_action: str = "clip"
+    examples_cap: float = EXAMPLES_CAP
+    examples_bound: float = EXAMPLES_BOUND
+    min_update_cosine: float = MIN_UPDATE_COSINE
+    direction_guard: str = "median"
+
+    def __post_init__(self) -> None:
+        for name in ("update_norm_bound", "examples_cap", "examples_bound"):
+            object.__setattr__(self, name, _check_factor(name, getattr(self, name)))
+        cos = self.min_update_cosine
+        if isinstance(cos, bool) or not isinstance(cos, (int, float)) or not -1.0 <= float(cos) <= 1.0:
+            raise ConfigError(f"min_update_cosine={cos!r} is out of range; allowed: [-1, 1] (-1 = off)")
+        if self.update_norm_action not in NORM_ACTIONS:
+            raise ConfigError(
+                f"update-norm-action={self.update_norm_action!r} is not allowed; allowed: {', '.join(NORM_ACTIONS)}"
+            )
+        if self.direction_guard not in DIRECTION_GUARDS:
+            raise ConfigError(
+                f"direction-guard={self.direction_guard!r} is not allowed; allowed: {', '.join(DIRECTION_GUARDS)}"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, object]) -> ScreeningConfig:
+        """From a run config's option names (``update-norm-bound``, ...); absent ones keep the defaults."""
+        names = {o.name: o.name.replace("-", "_") for o in SCREENING_OPTIONS}
+        return cls(**{attr: cfg[name] for name, attr in names.items() if name in cfg})  # type: ignore[arg-type]
+
+    def screen(
+        self, states: Sequence[State], sent: Sequence[State], weights: Sequence[float],
+        work: Sequence[float] | None = None, *, direction: bool = True,
+    ) -> Screening:  # fmt: skip
+        """:func:`screen_updates` with this configuration (``direction=False``: no direction guard, e.g. for
+        clients that did not start from the model sent)."""
+        return screen_updates(
+            states, sent, weights, work, norm_factor=self.update_norm_bound, norm_action=self.update_norm_action,
+            examples_cap=self.examples_cap, examples_factor=self.examples_bound, min_cosine=self.min_update_cosine,
+            direction=self.direction_guard if direction else "off",
+        )  # fmt: skip
+
+
+def screen_updates(
+    states: Sequence[State],
+    sent: Sequence[State],
+    weights: Sequence[float],
+    work: Sequence[float] | None = None,
+    *,
+    norm_factor: float = 0.0,
+    norm_action: str = "clip",
+    examples_cap: float = 0.0,
+    examples_factor: float = 0.0,
+    min_cosine: float = -1.0,
+    direction: str = "off",
+) -> Screening:
+    """Round-level checks relative to the round's own clients (see the module docstring for the maths).
+
+    ``work``: each client's local steps (``None``: the same for all, so the norm bound is ``k × med‖Δ‖``).
+    A factor of 0 turns that check off; the defaults here are all off (:class:`ScreeningConfig` has the
+    shipped ones)."""
+    if norm_action not in NORM_ACTIONS:
+        raise ConfigError(f"update-norm-action={norm_action!r} is not allowed; allowed: {', '.join(NORM_ACTIONS)}")
+    n = len(states)
+    reasons: list[str | None] = [None] * n
+    result = Screening(reasons, [dict(s) for s in states], [float(w) for w in weights])
+    if n < 2:
+        return result
+    if examples_factor > 0:
+        median = lower_median(list(weights))  # weights are validated positive
+        bound = examples_factor * median
+        result.bounds["examples_bound"] = bound
+        result.ratios["examples_ratio"] = max(weights) / median
+        for i, w in enumerate(weights):
+            if w > bound:
+                reasons[i] = f"num-examples={w:g} exceeds {examples_factor:g} × the round's median (= {bound:g})"
+    deltas = [_flat_delta(s, r) for s, r in zip(states, sent, strict=True)]
+    if min_cosine > -1.0 and n >= 3:
+        median_delta = torch.stack(deltas).median(dim=0).values
+        cosines = [float(torch.nn.functional.cosine_similarity(d, median_delta, dim=0)) for d in deltas]
+        result.ratios["update_cosine_min"] = min(cosines)
+        for i, cos in enumerate(cosines):
+            if reasons[i] is None and cos < min_cosine:
+                reasons[i] = f"update direction: cosine {cos:.3f} with the round's median update < {min_cosine:g}"
+    live = [i for i in range(n) if reasons[i] is None]
+    steps = [float(w) for w in work] if work is not None else [1.0] * n
+    if examples_cap > 0 and live:
+        for values, key in ((result.weights, "examples"), (steps, "steps")):
+            median = lower_median([values[i] for i in live])
+            result.ratios[f"{key}_ratio"] = max(values[i] for i in live) / median
+            for i in live:
+                if values[i] > examples_cap * median:
+                    values[i] = examples_cap * median
+                    result.capped += key == "examples"
+    if norm_factor > 0 and live:
+        norms = [float(d.norm()) for d in deltas]
+        per_step = lower_median([norms[i] / steps[i] for i in live])
+        result.bounds["norm_per_step_bound"] = norm_factor * per_step
+        if per_step > 0:  # most clients did not move: nothing to scale a bound by
+            result.ratios["update_norm_ratio"] = max(norms[i] / steps[i] for i in live) / per_step
+        for i in live:
+            bound = norm_factor * per_step * steps[i]
+            if not norms[i] > bound or per_step == 0:
+                continue
+            if norm_action == "reject":
+                reasons[i] = (
+                    f"update norm {norms[i]:.4g} exceeds {norm_factor:g} × the round's median norm per local step "
+                    f"× its {steps[i]:g} steps (= {bound:.4g})"
+                )
+            else:
+                deltas[i] = deltas[i] * (bound / norms[i])
+                result.states[i] = _moved(states[i], sent[i], deltas[i])
+                result.clipped += 1
+    live = [i for i in range(n) if reasons[i] is None]
+    same_shape = len({deltas[i].numel() for i in live}) == 1  # mixed widths/ranks share no coordinates to compare
+    if direction == "median" and len(live) >= 3 and same_shape:
+        m = lower_median([float(deltas[i].norm()) for i in live])  # each update held to the median norm first,
+        held = [deltas[i] * min(1.0, m / max(float(deltas[i].norm()), 1e-30)) for i in live]  # so size buys nothing
+        ref = torch.stack(held).median(dim=0).values
+        ref_sq = float(ref.dot(ref))
+        for i in live:
+            p = float(deltas[i].dot(ref)) / ref_sq if ref_sq > 0 else 0.0
+            if p < 0:
+                cos = p * math.sqrt(ref_sq) / max(float(deltas[i].norm()), 1e-30)
+                result.weights[i] *= max(1.0 + cos / TRUST_SLOPE, 1e-6)  # never all 0
+                result.states[i] = _moved(states[i], sent[i], deltas[i] - p * ref)
+                result.projected += 1
+    return result
+
+
+def diverged_updates(reasons: Sequence[str], answered: int) -> list[int]:
+    """Which of a round's rejection ``reasons`` to blame on the global model rather than on the clients: the
+    non-finite updates, when at least half of the round's ``answered`` replies (and at least 2) are
+    non-finite — training from the model sent is then what fails (a poisoned global, or a too large learning
+    rate). Empty otherwise."""
+    idx = [i for i, r in enumerate(reasons) if "non-finite value" in r]
+    return idx if len(idx) >= 2 and 2 * len(idx) >= answered else []
+
+
+def state_norm(state: State) -> float:
+    """``‖θ‖₂`` over the floating entries."""
+    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in state.values() if torch.is_floating_point(v)))
+
+
+@dataclass
+class RoundScreen:
+    """A round's answers after :func:`screen_round`: the indices kept, their (screened) states and (capped)
+    weights, and the round statistics (``rejected``, ``diverged``, ``clipped``, ``capped``, ``projected``,
+    ratios)."""
+
+    keep: list[int]
+    states: list[dict[str, Tensor]]
+    weights: list[float]
+    stats: dict[str, float]
+
+
+def screen_round(
+    server_round: int, labels: Sequence[str], replies: Sequence[object], sent: Sequence[State],
+    config: ScreeningConfig, *, direction: bool = True,
+) -> RoundScreen:  # fmt: skip
+    """Every answer of a round (a :class:`fedfuse.replies.Reply` or the reason it was refused, one per
+    ``labels``), screened with ``config``; each rejection logged once, naming the client. Non-finite
+    updates from most of the round are counted as ``diverged`` (:func:`diverged_updates`), not ``rejected``.
+    The work each client did is its reported local steps where every reply has them, else its num-examples."""
+    refused = [i for i, r in enumerate(replies) if isinstance(r, str)]
+    diverged = {refused[j] for j in diverged_updates([replies[i] for i in refused], len(replies))}  # type: ignore[misc]
+    if diverged:
+        log.warning(
+            "round %d: %d of %d updates are non-finite after training from the global model sent (norm %.4g); "
+            "the global model is the likely cause, not the clients (%s)", server_round, len(diverged),
+            len(replies), state_norm(sent[min(diverged)]), ", ".join(labels[i] for i in sorted(diverged)),
+        )  # fmt: skip
+    valid = [i for i, r in enumerate(replies) if not isinstance(r, str)]
+    ok = [replies[i] for i in valid]
+    work = [r.steps for r in ok] if all(r.steps for r in ok) else [r.weight for r in ok]  # type: ignore[attr-defined]
+    screen = config.screen([r.state for r in ok], [sent[i] for i in valid], [r.weight for r in ok], work,  # type: ignore[attr-defined]
+                           direction=direction)  # fmt: skip
+    reasons = {**{i: r for i, r in enumerate(replies) if isinstance(r, str) and i not in diverged},
+               **{valid[j]: r for j, r in enumerate(screen.reasons) if r is not None}}  # fmt: skip
+    for i in sorted(reasons):
+        log.warning("round %d: rejected update from %s: %s", server_round, labels[i], reasons[i])
+    kept = [j for j, r in enumerate(screen.reasons) if r is None]
+    stats = {"rejected": float(len(reasons)), **screen.ratios, "clipped": float(screen.clipped),
+             "capped": float(screen.capped), "projected": float(screen.projected)}  # fmt: skip
+    if diverged:
+        stats["diverged"] = float(len(diverged))
+    return RoundScreen([valid[j] for j in kept], [screen.states[j] for j in kept],
+                       [screen.weights[j] for j in kept], stats)  # fmt: skip

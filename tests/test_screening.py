@@ -1,0 +1,91 @@
+"""Screening that is fair to honest heterogeneity (fedfuse.screening) and the omniscient attacks (fedfuse.attacks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedfuse.attacks import flip_labels, parse_attack
+from fedfuse.errors import ConfigError
+from fedfuse.robust import robust_reduce
+from fedfuse.screening import ScreeningConfig, screen_updates
+from fedfuse.state import weighted_average
+
+SENT = {"w": torch.zeros(4), "n": torch.tensor(0)}
+
+
+def _state(*values: float) -> dict[str, torch.Tensor]:
+    return {"w": torch.tensor(values, dtype=torch.float32), "n": torch.tensor(0)}
+
+
+def test_a_capped_claim_cannot_dominate_the_mean() -> None:
+    states = [_state(1, 0, 0, 0), _state(1, 0, 0, 0), _state(1, 0, 0, 0), _state(-1, 0, 0, 0)]
+    s = screen_updates(states, [SENT] * 4, [100, 120, 90, 1e8], examples_cap=3.0)
+    assert s.weights == [100, 120, 90, 300] and s.capped == 1  # 3 × the lower median (100)
+    mean = weighted_average(s.states, s.weights)["w"][0]
+    assert mean > 0  # without the cap the liar's 1e8 would set the sign: -1 + 2·310/(1e8 + 310) < 0
+    assert weighted_average(states, [100, 120, 90, 1e8])["w"][0] < 0
+
+
+def test_robust_reductions_ignore_the_claimed_num_examples() -> None:
+    states = [_state(v, v, v, v) for v in (1.0, 2.0, 3.0, 100.0, 200.0)]
+    weights = [1, 1, 1, 1e6, 1e6]  # the two outliers claim almost all the data
+    for method in ("median", "trimmed-mean", "krum"):
+        out = robust_reduce(states, weights, method=method, fraction=0.4)["w"]
+        assert float(out[0]) <= 3.0, method  # weighted by the claims, the median would be 100
+
+
+def test_the_norm_bound_allows_for_the_work_done() -> None:
+    """A client that trained 40 × longer moves ~40 × further: per local step it is not an outlier."""
+    states = [_state(1, 0, 0, 0), _state(0, 1.1, 0, 0), _state(0, 0, 0.9, 0), _state(0, 0, 0, 40)]
+    per_step = screen_updates(states, [SENT] * 4, [10] * 4, [10, 10, 10, 400], norm_factor=3.0)
+    assert per_step.clipped == 0 and per_step.reasons == [None] * 4
+    raw = screen_updates(states, [SENT] * 4, [10] * 4, norm_factor=3.0)  # no work reported: the raw norm
+    assert raw.clipped == 1 and raw.reasons == [None] * 4  # clipped by default, never rejected
+    assert torch.allclose(raw.states[3]["w"].norm(), torch.tensor(3.0))  # 3 × the lower median norm (1)
+
+
+def test_direction_guard_removes_only_the_part_against_the_round() -> None:
+    honest = [_state(1, 0.5, 0, 0), _state(1, -0.5, 0.2, 0), _state(1, 0, -0.3, 0.1)]
+    bad = _state(-3, 0, 0, 0)
+    s = screen_updates([*honest, bad], [SENT] * 4, [10] * 4, direction="median")
+    assert s.projected == 1 and s.reasons == [None] * 4
+    assert all(torch.equal(s.states[i]["w"], honest[i]["w"]) for i in range(3))  # honest untouched
+    assert torch.allclose(s.states[3]["w"], torch.zeros(4), atol=1e-6)  # -3·e1 against a median of e1: removed
+    assert s.weights[:3] == [10] * 3 and s.weights[3] < 1e-4  # and it keeps no weight to dilute the others
+
+
+def test_screening_config_validates_in_one_line() -> None:
+    assert ScreeningConfig().update_norm_action == "clip"
+    with pytest.raises(ConfigError, match="direction-guard='mean'"):
+        ScreeningConfig(direction_guard="mean")
+    with pytest.raises(ConfigError, match="examples_cap=-1"):
+        ScreeningConfig(examples_cap=-1)
+
+
+def test_new_attacks_parse_and_labelflip_flips() -> None:
+    assert parse_attack("labelflip") == ("labelflip", 1.0)
+    assert parse_attack("labelflip:4") == ("labelflip", 4.0)
+    assert parse_attack("alie:1.5") == ("alie", 1.5) and parse_attack("ipm:4") == ("ipm", 4.0)
+    assert parse_attack("adaptive:0.99") == ("adaptive", 0.99)
+    with pytest.raises(ValueError, match="ratio"):
+        parse_attack("adaptive:2")
+    assert flip_labels("labelflip", torch.tensor([0, 3, 9]), 10).tolist() == [9, 6, 0]
+    assert flip_labels("scale", torch.tensor([0, 3]), 10).tolist() == [0, 3]
+
+
+def test_quantity_skew_rejects_no_honest_client(tmp_path) -> None:
+    """The issue's run (quantity skew α 0.3, 5 clients, seed 2): it was 0.075 with two honest clients rejected
+    every round; now no one is rejected and the model learns."""
+    from clients.client_app import app
+    from fedfuse.results import load_metrics
+    from fedfuse.runners.inline import InlineGrid
+    from strategies.registry import validate_config
+    from strategies.server_app import run_server
+
+    cfg = {"dataset": "digits", "model": "mlp", "num-clients": 5, "num-rounds": 3, "partition": "quantity",
+           "alpha": 0.3, "seed": 2, "out": str(tmp_path)}  # fmt: skip
+    run_server(InlineGrid(app, 5), validate_config(cfg))
+    rows = load_metrics(tmp_path)["rounds"]
+    assert [r["rejected"] for r in rows[1:]] == [0.0] * 3 and [r["replies"] for r in rows[1:]] == [5.0] * 3
+    assert rows[-1]["central_accuracy"] > 0.5
