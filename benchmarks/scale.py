@@ -77,6 +77,21 @@ def run_one(n: int, per_round: int, backend: str, rounds: int, dataset: str, tim
         return row
 
 
+def sampling_cost(n: int, per_round: int, rounds: int = 20) -> dict[str, Any]:
+    """Server-side cost of choosing a round's clients on an :class:`InlineGrid` of ``n`` nodes (no training): the
+    part of a round that could grow with N (node list, partition order, seeded draw). Median ms over ``rounds``."""
+    from fedfuse.runners.inline import InlineGrid
+    from strategies.sampling import NodeOrder, seeded_sample
+
+    grid, order, times = InlineGrid(None, n), NodeOrder(), []  # type: ignore[arg-type]
+    for r in range(1, rounds + 1):
+        t0 = time.perf_counter()
+        picked = seeded_sample(grid, order, 0, r, per_round / n, per_round, n)
+        times.append(1e3 * (time.perf_counter() - t0))
+        assert len(picked) == per_round
+    return {"clients": n, "per_round": per_round, "first_ms": times[0], "median_ms": statistics.median(times[1:])}
+
+
 def _md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
         "# Scale: FedProx Synthetic, clients generated on demand",
@@ -99,6 +114,19 @@ def _md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"| {r['clients']:,} | {r['per_round']} | {r['backend']} | {f('peak_rss_mb', '{:.0f}')} | "
             f"{f('s_per_round')} | {f('round1_s')} | {f('wall_s', '{:.0f}')} | {r['load']:.1f} | {r.get('error', '')} |"
         )
+    if meta.get("sampling"):
+        lines += [
+            "",
+            "Server-side sampling per round on the inline grid (`seeded_sample`: node list, partition order, seeded "
+            "draw; no training), in process:",
+            "",
+            "| clients | per round | first round ms | later rounds ms (median) |",
+            "|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['clients']:,} | {r['per_round']} | {r['first_ms']:.1f} | {r['median_ms']:.2f} |"
+            for r in meta["sampling"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -112,9 +140,11 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--tag", default="", help="suffix of the result files (scale-<tag>.*)")
+    p.add_argument("--sampling-only", action="store_true", help="only the in-process sampling table")
     a = p.parse_args()
+    sampling = [sampling_cost(n, k) for n in a.clients for k in a.per_round if k <= n]
     rows = []
-    for backend in a.backends:
+    for backend in [] if a.sampling_only else a.backends:
         for n in a.clients:
             for k in a.per_round:
                 if k > n:
@@ -127,6 +157,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "dataset": a.dataset,
         "rounds": a.rounds,
+        "sampling": sampling,
     }
     stem = "scale" + (f"-{a.tag}" if a.tag else "")
     a.out.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,7 @@ def test_a_run_with_many_clients_touches_only_the_sampled_ones(tmp_path) -> None
             "fraction-train": 4 / 20_000,
             "num-rounds": 2,
             "local-epochs": 1,
+            "batch-size": 256,
             "seed": 0,
             "out": str(tmp_path),
         }

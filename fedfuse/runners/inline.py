@@ -62,6 +62,10 @@ class InlineGrid(Grid):
         self.run_id = run_id
         self.contexts = _Contexts(self)
 
+    def nodes_in_partition_order(self) -> range:
+        """Every node id, ordered by partition id (node ``k + 1`` is partition ``k``), as a range: no O(N) list."""
+        return range(1, self.num_nodes + 1)
+
     def partition_id(self, node_id: int) -> int:
         """Node ``node_id``'s ``partition-id`` (known here without asking the node, see ``NodeOrder``)."""
         return node_id - 1 if 1 <= node_id <= self.num_nodes else -1
