@@ -425,10 +425,10 @@ def _exact_rows(ready: list[_Term], perms: Mapping[str, Tensor]) -> Tensor | Non
     ka_sorted = ka[ia]
     if bool((ka_sorted[1:] == ka_sorted[:-1]).any()):  # tied keys: rows possibly equal, the optimum maybe not unique
         return None
-    sigma = torch.empty(n, dtype=torch.int64)
-    sigma[ia] = ib
-    for a, bt in rows:
-        if not torch.equal(a.to(bt.dtype), bt.index_select(1, sigma).T):
+    sigma, inv = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+    sigma[ia], inv[ib] = ib, ia
+    for a, bt in rows:  # column j of B̃'s rows is row inv[j] of A's: a row gather and one transposing copy
+        if not torch.equal(a.index_select(0, inv).to(bt.dtype).T.contiguous(), bt):
             return None
     return sigma
 
