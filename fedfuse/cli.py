@@ -249,16 +249,17 @@ def preflight(cfg: dict[str, Any], overwrite: bool | None, resumed_model: dict[s
 
     server_batch(cfg, ds)  # server-data fits the training split
     n = len(ds.y_train)
-    if cfg["num-clients"] > n:
+    if ds.federation is None and cfg["num-clients"] > n:  # a federated data set has data for any client id
         raise ConfigError(f"num-clients={cfg['num-clients']} exceeds the {n} training samples of {cfg['dataset']!r}")
-    partition_indices(
-        ds.y_train.numpy(),
-        cfg["partition"],
-        cfg["num-clients"],
-        alpha=cfg["alpha"],
-        classes_per_client=cfg["classes-per-client"],
-        seed=cfg["seed"],
-    )
+    if ds.federation is None:
+        partition_indices(
+            ds.y_train.numpy(),
+            cfg["partition"],
+            cfg["num-clients"],
+            alpha=cfg["alpha"],
+            classes_per_client=cfg["classes-per-client"],
+            seed=cfg["seed"],
+        )
     if overwrite is not None:
         check_out_dir(Path(cfg["out"]), overwrite)
     check_writable(Path(cfg["out"]))

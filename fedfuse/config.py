@@ -54,7 +54,8 @@ class Option:
                 v = self.type(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{self.name}={value!r} is not a valid {self.type.__name__}") from None
-        if self.choices is not None and v not in self.choices and not (self.name == "strategy" and ":" in v):
+        free = (self.name == "strategy" and ":" in v) or (self.name == "dataset" and v.startswith("synthetic:"))
+        if self.choices is not None and v not in self.choices and not free:
             extra = " or package.module:Class" if self.name == "strategy" else ""
             raise ConfigError(f"{self.name}={v!r} is not allowed; allowed: {', '.join(self.choices)}{extra}")
         if self.low is not None and (v <= self.low if self.low_open else v < self.low):
@@ -69,11 +70,27 @@ class Option:
         return v
 
 
+def dataset_problem(name: str) -> str | None:
+    """Why a ``synthetic:ALPHA,BETA`` data set name is malformed, or None (other names are checked as choices)."""
+    if not name.startswith("synthetic:"):
+        return None
+    from fedfuse.data.synthetic import synthetic_problem
+
+    return synthetic_problem(name)
+
+
 OPTIONS: dict[str, Option] = {
     o.name: o
     for o in [
         Option("strategy", str, "fedavg", "strategy: a registered name or package.module:Class"),
-        Option("dataset", str, "digits", "data set", choices=tuple(DATASETS)),
+        Option(
+            "dataset",
+            str,
+            "digits",
+            "data set (synthetic:ALPHA,BETA too)",
+            choices=tuple(DATASETS),
+            check_value=dataset_problem,
+        ),
         Option("data-root", str, "", "directory with data files (torchvision layout); empty = cache dir"),
         Option(
             "model", str, "mlp", f"{'/'.join(MODELS)}, torchvision:NAME or timm:NAME", check_value=model_name_problem

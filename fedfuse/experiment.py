@@ -86,8 +86,11 @@ def _built_model(cfg: Mapping[str, Any], ds: Dataset, seed: int | None, width: i
 
 
 def client_data(cfg: Mapping[str, Any], partition_id: int, num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Client ``partition_id``'s training tensors under the configured partitioning scheme."""
+    """Client ``partition_id``'s training tensors under the configured partitioning scheme; for a federated data
+    set (``synthetic``) client ``partition_id``'s own data, whatever ``num_partitions`` (no partitioner)."""
     ds = dataset_for(cfg)
+    if ds.federation is not None:
+        return ds.federation.client(partition_id)
     parts = partition_indices(
         ds.y_train.numpy(),
         str(cfg["partition"]),

@@ -170,7 +170,7 @@ class FedFusion(FedFuseStrategy):
         out = []
         for msg in messages:
             node = msg.metadata.dst_node_id
-            width = self.client_widths[max(self.nodes.partition_of.get(node, 0), 0) % len(self.client_widths)]
+            width = self.client_widths[max(self.nodes.partition(node), 0) % len(self.client_widths)]
             if self.group_sizes[width] == self.global_sizes:
                 out.append(msg)
                 continue

@@ -83,7 +83,7 @@ class HeteroFL(FedFuseStrategy):
         """The width of ``node`` (by its partition id), None without width heterogeneity."""
         if not self.client_widths:
             return None
-        return self.client_widths[max(self.nodes.partition_of.get(node, 0), 0) % len(self.client_widths)]
+        return self.client_widths[max(self.nodes.partition(node), 0) % len(self.client_widths)]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -272,15 +272,19 @@ def weight_matching(
         ga.name: [_Term(sa, sb, spec_a, spec_b, ga, gb, i) for i in range(len(ga.members))]
         for ga, gb in zip(spec_a.groups, spec_b.groups, strict=True)
     }
-    _budget_rows(terms)
     _budget_cache(terms)
+    budget = _Once(lambda: _budget_rows(terms))  # float64 row copies: only once a product is built
     scores = {name: _Score(ts) for name, ts in terms.items()}
     last: dict[str, tuple[int, ...]] = {}  # the term versions each group was last solved with
     names = [g.name for g in spec_a.groups if g.name not in frozen]
     if start == "greedy":
-        perms.update(_greedy_start(terms, scores, names, frozen | set(given), perms))
+        perms.update(_greedy_start(terms, scores, names, frozen | set(given), perms, budget))
     rng = np.random.default_rng(seed)
     sweeps = 0
+    if _EXACT and max_iter > 0 and _is_permuted_copy(sa, sb, spec_b, perms):
+        sweeps, max_iter = 1, 0  # a global maximum: the first sweep would move nothing (see _is_permuted_copy)
+    if max_iter > 0:
+        budget()
     for _ in range(max_iter):
         sweeps += 1
         progress = False
@@ -328,6 +332,18 @@ _LIGHT_RATIO = 4
 _CACHE_BYTES_MAX = 2 * 2**30
 
 
+class _Once:
+    """Call ``fn`` the first time this is called, never again."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn: Callable[[], None] | None = fn
+
+    def __call__(self) -> None:
+        if self.fn is not None:
+            fn, self.fn = self.fn, None
+            fn()
+
+
 def _budget_rows(terms: Mapping[str, list[_Term]]) -> None:
     """Keep ``_ROWS_DOUBLE_BYTES_MAX`` of the terms' rows as float64 copies, smallest terms first."""
     left = _ROWS_DOUBLE_BYTES_MAX
@@ -362,20 +378,88 @@ def _greedy_start(
     names: list[str],
     solved: set[str],
     perms: dict[str, Tensor],
+    budget: Callable[[], None] = lambda: None,
 ) -> dict[str, Tensor]:
-    """Layer-wise start: each group (shallow → deep) maximises the terms whose other axes are solved."""
+    """Layer-wise start: each group (shallow → deep) maximises the terms whose other axes are solved.
+    ``budget`` runs before the first score product (see :func:`_budget_rows`)."""
     perms, solved, out = dict(perms), set(solved), {}
     for name in names:
         if name in solved:
             continue
         ready = [t for t in terms[name] if all(d in solved for d in t.deps)]
         solved.add(name)
-        if ready:
+        exact = _exact_rows(ready, perms) if ready and _EXACT else None
+        if exact is not None:  # B's rows are A's, reordered: the unique optimum, found without the n × n product
+            perms[name] = out[name] = exact
+        elif ready:
+            budget()
             for t in ready:
                 t.refresh(perms)
             score = scores[name].value(ready).numpy()
             perms[name] = out[name] = torch.from_numpy(linear_sum_assignment(score, maximize=True)[1].astype(np.int64))
     return out
+
+
+# Permuted-copy shortcuts (see _exact_rows, _is_permuted_copy); False runs the plain products (the "before" of
+# benchmarks/speed.py's permuted-copy cases).
+_EXACT = True
+_KEY_CHUNK = 4096
+
+
+def _exact_rows(ready: list[_Term], perms: Mapping[str, Tensor]) -> Tensor | None:
+    """``σ`` with ``b_σ(i) = a_i`` bit for bit for every row, when B̃'s rows (the ``ready`` terms' concatenated rows,
+    other axes permuted by ``perms``) are A's distinct rows reordered; else None.
+
+    Then ``σ`` is the unique maximiser of ``Σ_i ⟨a_i, b_σ(i)⟩`` (Cauchy–Schwarz and the rearrangement inequality:
+    ``Σ ⟨a_i, a_π(i)⟩ ≤ Σ ‖a_i‖ ‖a_π(i)‖ ≤ Σ ‖a_i‖²``, with equality only where ``a_π(i) = a_i``), which is what
+    ``linear_sum_assignment`` returns on the score ``Σ_m A_m B̃_mᵀ``: O(n·d) instead of the O(n²·d) product.
+    Rows are paired by sorting one random projection of each and then compared exactly.
+    """
+    gen = torch.Generator().manual_seed(0)
+    n = ready[0].bt.shape[1]
+    ka, kb, rows = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), []
+    for t in ready:
+        src = t._src(perms)
+        bt = t.bt if src is None else t.bt.index_select(0, src)
+        r = torch.randn(bt.shape[0], generator=gen, dtype=torch.float64)
+        for j in range(0, bt.shape[0], _KEY_CHUNK):  # float64 a chunk of columns at a time, not the whole term
+            ka += t.a[:, j : j + _KEY_CHUNK].to(torch.float64) @ r[j : j + _KEY_CHUNK]
+            kb += r[j : j + _KEY_CHUNK] @ bt[j : j + _KEY_CHUNK].to(torch.float64)
+        rows.append((t.a, bt))
+    ia, ib = torch.argsort(ka), torch.argsort(kb)
+    ka_sorted = ka[ia]
+    if bool((ka_sorted[1:] == ka_sorted[:-1]).any()):  # tied keys: rows possibly equal, the optimum maybe not unique
+        return None
+    sigma, inv = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+    sigma[ia], inv[ib] = ib, ia
+    for a, bt in rows:  # column j of B̃'s rows is row inv[j] of A's: a row gather and one transposing copy
+        if not torch.equal(a.index_select(0, inv).to(bt.dtype).T.contiguous(), bt):
+            return None
+    return sigma
+
+
+def _is_permuted_copy(
+    sa: Mapping[str, Tensor], sb: Mapping[str, Tensor], spec_b: TransportSpec, perms: Mapping[str, Tensor]
+) -> bool:
+    """B re-indexed by ``perms`` equals A bit for bit on every parameter the groups touch (one at a time).
+
+    Then ``Σ_k ⟨A_k, (P·B)_k⟩ = ‖A‖²`` is the global maximum of weight matching's objective (Cauchy–Schwarz:
+    ``‖P'·B‖ = ‖B‖ = ‖A‖`` for every permutation ``P'``), so no coordinate step can gain: the descent would stop
+    after one sweep that moves nothing.
+    """
+    sizes = spec_b.sizes
+    for key, wb in sb.items():
+        per_axis: dict[int, list[tuple[Axis, Tensor | None]]] = {}
+        for g, ax in spec_b.members_of(key):
+            per_axis.setdefault(ax.axis, []).append((ax, perms[g.name]))
+        if not per_axis:
+            continue
+        w = wb
+        for axis, members in per_axis.items():
+            w = transport_axis(w, axis, members, sizes)
+        if not torch.equal(w, sa[key]):
+            return False
+    return True
 
 
 class _Score:

@@ -8,6 +8,11 @@
 | ``fashion-mnist`` | torchvision (downloads when online)     | 1×28×28    | if present   |
 | ``cifar10``     | torchvision (downloads when online)       | 3×32×32    | if present   |
 | ``mnist10k``    | official MNIST test split (data_root), 8,000/2,000 | 1×28×28 | with --data-root |
+| ``synthetic[:α,β]`` | FedProx's Synthetic(α, β), one client at a time (:mod:`fedfuse.data.synthetic`) | 60 | yes |
+
+A federated data set (``synthetic``) has ``federation`` set: client ``k``'s data is ``federation.client(k)``,
+generated on demand (no partitioner; the partition is the client), and ``x_train`` holds only a bounded
+reference sample of it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +43,7 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    federation: Any = None  # a federated data set's clients (``.client(k)``), e.g. synthetic.Synthetic; else None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -161,6 +168,18 @@ def _torchvision(cls_name: str, name: str) -> Callable[[Path | None, int], Datas
     return load
 
 
+def _synthetic(name: str) -> Callable[[Path | None, int], Dataset]:
+    def load(data_root: Path | None, seed: int) -> Dataset:
+        from fedfuse.data.synthetic import NUM_CLASSES, TEST_CLIENTS, Synthetic, parse_synthetic
+
+        fed = Synthetic(*parse_synthetic(name), seed=seed)
+        x_train, y_train = fed.pooled(range(TEST_CLIENTS), "train")
+        x_test, y_test = fed.pooled(range(TEST_CLIENTS), "test")
+        return Dataset(name, x_train, y_train, x_test, y_test, NUM_CLASSES, federation=fed)
+
+    return load
+
+
 DATASETS: dict[str, Callable[[Path | None, int], Dataset]] = {
     "digits": _digits,
     "mnist1d": _mnist1d,
@@ -168,6 +187,7 @@ DATASETS: dict[str, Callable[[Path | None, int], Dataset]] = {
     "fashion-mnist": _torchvision("FashionMNIST", "fashion-mnist"),
     "cifar10": _torchvision("CIFAR10", "cifar10"),
     "mnist10k": _mnist10k,
+    "synthetic": _synthetic("synthetic"),
 }
 
 _CACHE: dict[tuple[str, str, int], Dataset] = {}
@@ -175,12 +195,16 @@ _CACHE: dict[tuple[str, str, int], Dataset] = {}
 
 def load_dataset(name: str, data_root: str | Path | None = None, seed: int = 0) -> Dataset:
     """Load data set ``name`` (cached per process, so a client loads it once, not once per round)."""
-    if name not in DATASETS:
+    if name.startswith("synthetic:"):
+        from fedfuse.data.synthetic import parse_synthetic
+
+        parse_synthetic(name)  # a clear error for bad parameters
+    elif name not in DATASETS:
         raise ConfigError(f"dataset={name!r} is unknown; allowed: {', '.join(DATASETS)}")
     root = Path(data_root).expanduser() if data_root else None
     if root is not None and not root.is_dir():
         raise DataUnavailableError(f"data-root={str(data_root)!r} is not a directory")
     key = (name, str(root), seed)
     if key not in _CACHE:
-        _CACHE[key] = DATASETS[name](root, seed)
+        _CACHE[key] = DATASETS[name](root, seed) if name in DATASETS else _synthetic(name)(root, seed)
     return _CACHE[key]

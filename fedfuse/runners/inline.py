@@ -26,28 +26,49 @@ from flwr.supercore.task_identity import TaskIdentity
 __all__ = ["InlineGrid", "run_inline"]
 
 
+class _Contexts(dict):  # type: ignore[type-arg]
+    """Node id -> Context, made on first access (``grid.contexts[k]``), so only nodes that took part cost memory."""
+
+    def __init__(self, grid: InlineGrid) -> None:
+        super().__init__()
+        self.grid = grid
+
+    def __missing__(self, node_id: int) -> Context:
+        ctx = Context(
+            run_id=self.grid.run_id,
+            node_id=node_id,
+            node_config={"partition-id": node_id - 1, "num-partitions": self.grid.num_nodes},
+            state=RecordDict(),
+            run_config={},
+        )
+        self[node_id] = ctx
+        return ctx
+
+
 class InlineGrid(Grid):
     """``num_nodes`` virtual SuperNodes (ids 1..N, ``partition-id`` 0..N-1) served by one ClientApp.
 
-    Node contexts (and so ``Context.state``) persist across rounds like a SuperNode's. A ClientApp
-    exception becomes an error reply (``CLIENT_APP_RAISED_EXCEPTION``), as under Ray.
+    Node contexts (and so ``Context.state``) persist across rounds like a SuperNode's; a node's context is
+    made when it first receives a message, so memory grows with the nodes that took part, not with N. A
+    ClientApp exception becomes an error reply (``CLIENT_APP_RAISED_EXCEPTION``), as under Ray.
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
         self.client_app = client_app
+        self.num_nodes = int(num_nodes)
         self._run = Run.create_empty(run_id=run_id)
         # Messages stamp the process's task identity; set it as Flower's simulation entry point does.
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
-        self.contexts = {
-            i + 1: Context(
-                run_id=run_id,
-                node_id=i + 1,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
-                state=RecordDict(),
-                run_config={},
-            )
-            for i in range(num_nodes)
-        }
+        self.run_id = run_id
+        self.contexts = _Contexts(self)
+
+    def nodes_in_partition_order(self) -> range:
+        """Every node id, ordered by partition id (node ``k + 1`` is partition ``k``), as a range: no O(N) list."""
+        return range(1, self.num_nodes + 1)
+
+    def partition_id(self, node_id: int) -> int:
+        """Node ``node_id``'s ``partition-id`` (known here without asking the node, see ``NodeOrder``)."""
+        return node_id - 1 if 1 <= node_id <= self.num_nodes else -1
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -62,7 +83,7 @@ class InlineGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
+        return range(1, self.num_nodes + 1)
 
     def get_nodes(self) -> Iterable[object]:  # NodeInfo protos are not needed in-process
         return []
@@ -72,7 +93,7 @@ class InlineGrid(Grid):
         # setter; its own InMemoryGrid.push_messages sets the id exactly like this.
         message.metadata.__dict__["_message_id"] = str(uuid4())
         node = message.metadata.dst_node_id
-        if node not in self.contexts:
+        if not 1 <= node <= self.num_nodes:
             return Message(Error(ErrorCode.NODE_UNAVAILABLE, f"node {node} does not exist"), reply_to=message)
         try:
             return self.client_app(message, self.contexts[node])
