@@ -12,13 +12,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from fedfuse.catalog import ATTACKS, attack_reason, parse_attack
 
 __all__ = [
     "ATTACKS",
@@ -29,36 +30,6 @@ __all__ = [
     "poison_state",
     "claimed_examples",
 ]
-
-ATTACKS = ("scale", "signflip", "num-examples", "extra-bytes")
-
-
-def parse_attack(text: str) -> tuple[str, float] | None:
-    """``"KIND:VALUE"`` → (kind, value); ``""`` → None. ValueError naming what is allowed otherwise."""
-    text = str(text).strip()
-    if not text:
-        return None
-    kind, sep, raw = text.partition(":")
-    if not sep or kind not in ATTACKS:
-        raise ValueError(f"is not KIND:VALUE with KIND one of {', '.join(ATTACKS)} (e.g. scale:1e6)")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"has a value {raw!r} that is not a number") from None
-    if kind != "num-examples" and not math.isfinite(value):
-        raise ValueError("needs a finite value (only num-examples may be nan/inf)")
-    if kind == "extra-bytes" and not value >= 1:
-        raise ValueError("needs a byte count >= 1")
-    return kind, value
-
-
-def attack_reason(text: str) -> str | None:
-    """Why ``text`` is not a valid ``attack`` option (for :class:`fedfuse.config.Option`), or None."""
-    try:
-        parse_attack(text)
-    except ValueError as exc:
-        return str(exc)
-    return None
 
 
 def attacker_ids(seed: int, num_clients: int, attackers: int) -> list[int]:

@@ -29,9 +29,17 @@ from flwr.serverapp.strategy import FedAvg
 from fedfuse import protocol
 from fedfuse.config import Option
 from fedfuse.errors import ConfigError, MissingArgumentError
-from fedfuse.robust import NORM_ACTIONS, ROBUST_METHODS, Reducer, reducer, screen_updates
+from fedfuse.robust import NORM_ACTIONS, Reducer, reducer, screen_updates
 from fedfuse.state import weighted_average
-from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_reply_size, check_update
+from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_reply_size, check_update, non_finite
+from strategies.options import (  # noqa: F401  (re-exported: the options' home is the table)
+    EXAMPLES_BOUND,
+    MIN_UPDATE_COSINE,
+    ROBUST_OPTIONS,
+    SERVER_OPTIONS,
+    STRATEGY_OPTIONS,
+    UPDATE_NORM_BOUND,
+)
 from strategies.sampling import NodeOrder, seeded_sample
 
 __all__ = [
@@ -113,37 +121,6 @@ def require_model(strategy: object, model: Any) -> Any:
     return model
 
 
-UPDATE_NORM_BOUND = 4.0  # default: × the round's median update norm (honest ratios: docs/robustness.md)
-EXAMPLES_BOUND = 10.0  # default: × the round's median num-examples
-MIN_UPDATE_COSINE = -1.0  # default off: honest non-IID updates reach cosine -0.26 with the median update
-
-ROBUST_OPTIONS = (
-    Option(
-        "robust", str, "none",
-        "reduction of the (aligned) client models: weighted average, coordinate median, trimmed mean, multi-Krum",
-        choices=ROBUST_METHODS,
-    ),
-    Option("robust-fraction", float, 0.2, "robust: assumed Byzantine fraction (trimmed per side; Krum's f)",
-           low=0.0, high=0.49),
-    Option("update-norm-bound", float, UPDATE_NORM_BOUND,
-           "an update norm above this × the round's median update norm is rejected or clipped (0 = off)", low=0.0),
-    Option("update-norm-action", str, "reject", "what update-norm-bound does", choices=NORM_ACTIONS),
-    Option("examples-bound", float, EXAMPLES_BOUND,
-           "a num-examples above this × the round's median is rejected (0 = off)", low=0.0),
-    Option("min-update-cosine", float, MIN_UPDATE_COSINE,
-           "an update whose cosine with the round's median update is below this is rejected (-1 = off)",
-           low=-1.0, high=1.0),
-)  # fmt: skip
-SERVER_OPTIONS = (
-    Option("server-data", int, 0,
-           "N unlabeled inputs the server holds (FedDF), for cca/zip and distill-epochs (0 = none); in simulation "
-           "a seeded draw from the training split, i.e. the clients' own distribution", low=0),
-    Option("distill-epochs", int, 0,
-           "FedDF: after aggregation, distil the clients' averaged logits on the server-data batch into the "
-           "global model for this many epochs (0 = off)", low=0),
-)  # fmt: skip
-
-
 class FedFuseStrategy(FedAvg):
     """FedAvg whose sampling, aggregation order and fault handling depend on ``seed`` only.
 
@@ -159,7 +136,7 @@ class FedFuseStrategy(FedAvg):
     teachers, their n-weighted averaged logits on ``server_data`` (unlabeled inputs) the target.
     """
 
-    options: ClassVar[tuple[Option, ...]] = (*ROBUST_OPTIONS, *SERVER_OPTIONS)  # run options beyond the core ones
+    options: ClassVar[tuple[Option, ...]] = STRATEGY_OPTIONS["fedavg"]  # run options beyond the core ones
 
     def __init__(
         self,
@@ -328,7 +305,7 @@ class FedFuseStrategy(FedAvg):
         if self.distill_epochs:
             new_state = self.distill_aggregate(server_round, new_state, states, weights)
         stats["aggregate_s"] = time.perf_counter() - t_agg
-        if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
+        if non_finite(new_state) is not None:
             log.warning("round %d: the aggregate is not finite; keeping the previous global model", server_round)
             return None, MetricRecord({**stats, "skipped": 1.0})
         try:
