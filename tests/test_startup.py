@@ -78,3 +78,14 @@ def test_fedfuse_train_stays_the_function() -> None:
 
     assert fedfuse.train is train
     assert fedfuse.build_model.__module__ == "fedfuse.models"
+
+
+def test_digits_are_read_as_load_digits_reads_them() -> None:
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from fedfuse.data import digits_arrays
+
+    x, y = digits_arrays()
+    d = load_digits()
+    assert x.dtype == d.data.dtype and np.array_equal(x, d.data) and np.array_equal(y, d.target)
