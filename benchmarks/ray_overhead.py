@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -41,12 +42,13 @@ def _later(rows: list[dict[str, Any]]) -> float:
     return statistics.fmean(gaps) if gaps else float("nan")
 
 
-def run_fedfuse(out: Path, clients: int, rounds: int) -> dict[str, Any]:
+def run_fedfuse(out: Path, clients: int, rounds: int, root: Path = ROOT) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", "--backend", "ray", "--no-progress", "--dataset", "digits",
            "--model", "mlp", "--num-clients", str(clients), "--rounds", str(rounds), "--fraction-train", "1",
            "--local-epochs", "1", "--seed", "0", "--out", str(out)]  # fmt: skip
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"fedfuse failed:\n{proc.stderr[-3000:]}")
@@ -82,17 +84,23 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--repeats", type=int, default=1, help="pairs, the order alternating (default 1)")
     p.add_argument("--out", default="/tmp/fedfuse-ray-overhead", help="directory for the runs and the report")
+    p.add_argument("--before", default="", metavar="CHECKOUT",
+                   help="also run fedfuse from another checkout (e.g. the commit before a change) as 'fedfuse-before'")  # fmt: skip
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     before = load_line()
-    runs: dict[str, list[dict[str, Any]]] = {"fedfuse": [], "flower": []}
+    names = ["fedfuse", "flower"] + (["fedfuse-before"] if args.before else [])
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for i in range(args.repeats):
-        order = ["fedfuse", "flower"] if i % 2 == 0 else ["flower", "fedfuse"]
+        order = names if i % 2 == 0 else names[::-1]
         for name in order:
-            run = run_fedfuse if name == "fedfuse" else run_flower
             shutil.rmtree(out / f"{name}-{i}", ignore_errors=True)
-            r = run(out / f"{name}-{i}", args.clients, args.rounds)
+            if name == "flower":
+                r = run_flower(out / f"{name}-{i}", args.clients, args.rounds)
+            else:
+                root = Path(args.before).resolve() if name == "fedfuse-before" else ROOT
+                r = run_fedfuse(out / f"{name}-{i}", args.clients, args.rounds, root)
             runs[name].append(r)
             print(name, i, json.dumps(r), flush=True)
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("wall_s", "later_round_s")} for k, v in runs.items()}

@@ -201,9 +201,10 @@ def preflight(cfg: dict[str, Any], overwrite: bool | None, resumed_model: dict[s
     from fedfuse.data.partition import partition_indices
     from fedfuse.experiment import dataset_for
     from fedfuse.results import check_out_dir, check_writable
-    from strategies.registry import resolve_strategy  # composition root: lazy import
+    from strategies.registry import STRATEGIES, resolve_strategy  # composition root: lazy import
 
-    resolve_strategy(str(cfg["strategy"]))
+    if cfg["strategy"] not in STRATEGIES:  # a registered one imports (the run does that); a user's may not
+        resolve_strategy(str(cfg["strategy"]))
     ds = dataset_for(cfg)
     from fedfuse.models import library_of
 
