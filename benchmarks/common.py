@@ -65,6 +65,8 @@ def selfcheck_record(name: str, model: torch.nn.Module, side: int, res: Any, t0:
         "derived": res.derived,
         "reason": res.reason,
         "groups": res.groups,
+        "param_share": round(getattr(res, "param_share", 0.0), 4),
+        "axis_share": round(getattr(res, "axis_share", 0.0), 4),
         "permuted_err": res.permuted_err,
         "errors": res.errors,
         "failures": res.failures,

@@ -150,7 +150,7 @@ def write(rows: list[dict[str, Any]], tag: str) -> Path:
         "are refused at derivation with one line.**",
         "",
         "Exact by construction, partial where a symmetry is not representable (those units stay fixed, never "
-        "wrongly moved; see `fedfuse/align/rules.py`). Heads are permuted inside (q/k dims jointly, v dims with the "
+        "wrongly moved; see `fedfuse/align/rules/`). Heads are permuted inside (q/k dims jointly, v dims with the "
         "output projection) for timm's `Attention` (ViT, DeiT, PiT, MobileViT) and Swin's `WindowAttention` (leaf "
         "rules); attention written inline with a reshape of a fused projection (CaiT's class attention, LeViT, CoaT, "
         "EfficientFormer, TNT, XCiT, BEiT, EVA-02) keeps its q/k/v units fixed, the residual stream and MLPs move. "

@@ -72,7 +72,7 @@ def write(rows: list[dict[str, Any]], tag: str) -> Path:
         + ".**",
         "",
         "Exact by construction, partial where a symmetry is not representable (those units stay fixed, never "
-        "wrongly moved; see `fedfuse/align/rules.py`): grouped convolutions (ResNeXt, RegNet) keep their input "
+        "wrongly moved; see `fedfuse/align/rules/`): grouped convolutions (ResNeXt, RegNet) keep their input "
         "channels fixed and permute outputs within each block; RegNet-Y's squeeze-excitation scale meets a grouped "
         "conv's per-block groups, so both stay fixed; ShuffleNet's channel shuffle and MaxViT's q/k/v `chunk` cut "
         "through a group, which fixes it; attention permutes dims within each head (q/k jointly, v with the "

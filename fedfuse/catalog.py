@@ -23,14 +23,16 @@ __all__ = [
 DATASET_NAMES = ("digits", "mnist1d", "mnist", "fashion-mnist", "cifar10", "mnist10k")
 PARTITIONS = ("iid", "dirichlet", "pathological", "quantity")
 MODEL_NAMES = ("mlp", "cnn", "resnet20", "rnn", "lstm", "gru")
-LIBRARY_PREFIXES = ("torchvision:", "timm:")
-LIBRARY_NAMES = "torchvision:NAME (a torchvision classifier) or timm:NAME (a timm model)"
+LIBRARY_PREFIXES = ("torchvision:", "timm:", "hf:")
+LIBRARY_NAMES = (
+    "torchvision:NAME (a torchvision classifier), timm:NAME (a timm model) or hf:ARCH (a Hugging Face architecture)"
+)
 ATTACKS = ("scale", "signflip", "num-examples", "extra-bytes")
 
 
 def model_name_problem(name: str) -> str | None:
-    """Why ``name`` is not a model fedfuse can build (one of :data:`MODEL_NAMES`, ``torchvision:NAME`` or
-    ``timm:NAME``); only a library name imports torch (and the library) to look the name up."""
+    """Why ``name`` is not a model fedfuse can build (one of :data:`MODEL_NAMES`, ``torchvision:NAME``, ``timm:NAME``
+    or ``hf:ARCH``); only a library name imports torch (and the library) to look the name up."""
     if name in MODEL_NAMES:
         return None
     if name.startswith("torchvision:"):
@@ -41,6 +43,10 @@ def model_name_problem(name: str) -> str | None:
         from fedfuse.models.timm_models import check_timm_name
 
         return check_timm_name(name[len("timm:") :])
+    if name.startswith("hf:"):
+        from fedfuse.models.hf_models import check_hf_name
+
+        return check_hf_name(name[len("hf:") :])
     return f"is not allowed; allowed: {', '.join(MODEL_NAMES)}, {LIBRARY_NAMES}"
 
 

@@ -24,6 +24,7 @@ from fedfuse.results import atomic_write_bytes
 __all__ = [
     "CHECKPOINT",
     "save_checkpoint",
+    "checkpoint_bytes",
     "load_checkpoint",
     "rng_states",
     "restore_rng_states",
@@ -88,12 +89,17 @@ def plain(obj: Any) -> Any:
     raise TypeError(f"a checkpoint holds tensors and plain types only, not {type(obj).__name__}")
 
 
-def save_checkpoint(out: Path, payload: Mapping[str, Any]) -> Path:
-    """``torch.save`` into memory, then temp file + rename: a crash mid-write keeps the previous one."""
+def checkpoint_bytes(payload: Mapping[str, Any]) -> bytes:
+    """``payload`` (tensors and plain types, :func:`plain`) as the bytes of a ``checkpoint.pt``."""
     buf = io.BytesIO()
     torch.save(plain(dict(payload)), buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(out: Path, payload: Mapping[str, Any]) -> Path:
+    """``torch.save`` into memory, then temp file + rename: a crash mid-write keeps the previous one."""
     path = Path(out) / CHECKPOINT
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, checkpoint_bytes(payload))
     return path
 
 

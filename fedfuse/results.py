@@ -6,6 +6,7 @@ Every file is written to a temp file and renamed, so a crash never leaves a half
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -22,6 +23,7 @@ from fedfuse.errors import ConfigError
 
 __all__ = [
     "atomic_write_bytes",
+    "atomic_write_many",
     "RunWriter",
     "check_out_dir",
     "load_metrics",
@@ -60,22 +62,48 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     An OSError (read-only directory, disk full, ``path`` a directory) is re-raised naming ``path`` (as
     ``filename``); the previous ``path`` is left as it was.
     """
-    path = Path(path)
-    tmp = None
+    atomic_write_many({Path(path): data})
+
+
+def atomic_write_many(files: Mapping[Path, bytes]) -> None:
+    """Write several files as one commit: every temp file is written and fsynced first, and only when all of them
+    are on disk are they renamed into place (in the mapping's order; put the file that marks the commit last).
+
+    A failure while writing (disk full, read-only directory) therefore changes none of the files: a round's
+    metrics and its checkpoint never disagree because one of them could not be written. (Only a kill between
+    two renames can separate them; the checkpoint, renamed last, is then the older one; ``--resume``
+    continues from it and rewrites the metrics when it commits the next round.) OSErrors name the failed file.
+    """
+    staged: list[tuple[str, Path]] = []
+    path = Path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        for path, data in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            staged.append((tmp, path))
+            _write_synced(fd, data)
+        for _, path in staged:  # what a rename would fail on, before any rename
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        while staged:
+            tmp, path = staged[0]
+            os.replace(tmp, path)
+            staged.pop(0)
     except BaseException as exc:
-        if tmp is not None:
+        for tmp, _ in staged:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.filename != str(path):
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
+
+
+def _write_synced(fd: int, data: bytes) -> None:
+    """``data`` into the open file ``fd`` (closed after), flushed to disk: where a full disk shows up."""
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def remove_stale_temp_files(out: Path) -> list[Path]:
@@ -175,16 +203,24 @@ class RunWriter:
         self.config = dict(config)
         self.rows: list[dict[str, Any]] = []
 
-    def append(self, row: Mapping[str, Any]) -> None:
-        self.rows.append(dict(row))
-        payload = {"config": self.config, "rounds": self.rows}
-        atomic_write_bytes(self.out / "metrics.json", json.dumps(payload, indent=2).encode())
+    def append(self, row: Mapping[str, Any], commit: Mapping[Path, bytes] | None = None) -> None:
+        """Add ``row`` and rewrite metrics.json/csv — in one :func:`atomic_write_many` with ``commit`` (the
+        round's checkpoint), renamed last: either all of them show the new round or none does."""
+        rows = [*self.rows, dict(row)]
+        payload = {"config": self.config, "rounds": rows}
         buf = io.StringIO()
-        fields = list(dict.fromkeys(k for r in self.rows for k in r))
+        fields = list(dict.fromkeys(k for r in rows for k in r))
         writer = csv.DictWriter(buf, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write_bytes(self.out / "metrics.csv", buf.getvalue().encode())
+        writer.writerows(rows)
+        atomic_write_many(
+            {
+                self.out / "metrics.json": json.dumps(payload, indent=2).encode(),
+                self.out / "metrics.csv": buf.getvalue().encode(),
+                **(commit or {}),
+            }
+        )
+        self.rows = rows
 
     def finish(self, state_dict: Mapping[str, torch.Tensor], label: str) -> None:
         buf = io.BytesIO()

@@ -28,11 +28,11 @@ from fedfuse import protocol
 from fedfuse.checkpoint import (
     CHECKPOINT,
     check_resumable,
+    checkpoint_bytes,
     config_mismatch,
     load_checkpoint,
     restore_rng_states,
     rng_states,
-    save_checkpoint,
 )
 from fedfuse.errors import ConfigError, RunFailedError
 from fedfuse.experiment import dataset_for, model_for, server_batch
@@ -108,19 +108,18 @@ def run_server(
         if server_round > 0:
             row |= observed.round_metrics()
         row["wall_time"] = time.perf_counter() - t0
-        writer.append(row)
         if server_round == 0 or last or server_round % int(cfg["checkpoint-every"]) == 0:
-            save_checkpoint(
-                out,
-                {
-                    "round": server_round,
-                    "config": cfg,
-                    "model": state,
-                    "strategy": strategy.state_dict() if hasattr(strategy, "state_dict") else {},
-                    "rng": rng_states(),
-                    "metrics": writer.rows,
-                },
-            )
+            ckpt = {
+                "round": server_round,
+                "config": cfg,
+                "model": state,
+                "strategy": strategy.state_dict() if hasattr(strategy, "state_dict") else {},
+                "rng": rng_states(),
+                "metrics": [*writer.rows, row],
+            }
+            writer.append(row, commit={out / CHECKPOINT: checkpoint_bytes(ckpt)})  # one commit: never a round apart
+        else:  # --checkpoint-every: the row alone; a resume continues after the last checkpoint
+            writer.append(row)
         if on_round is not None:
             on_round(row)
         failed = observed.all_failed() if server_round > 0 else None

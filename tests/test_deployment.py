@@ -55,6 +55,15 @@ START_TIMEOUT = 90.0
 ROUNDS = 2
 
 
+def _model_bytes() -> int:
+    """Bytes of the model the runs here train (digits, the default MLP): the gateway's FLEET_MODEL_BYTES."""
+    from fedfuse.experiment import dataset_for, model_for
+    from strategies.registry import validate_config
+
+    cfg = validate_config({"dataset": "digits", "num-clients": 3})
+    return sum(t.numel() * t.element_size() for t in model_for(cfg, dataset_for(cfg)).state_dict().values())
+
+
 def _env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -103,9 +112,8 @@ class Deployment:
         self.connection = "fedfuse" if tls else "fedfuse-insecure"
 
     def command(self, name: str, extra_node_config: str = "") -> tuple[list[str], dict[str, str]]:
-        cmd, environment = localize(
-            self.services, name, self.ports, self.deploy_dir, self.tmp / "volumes", env={"NUM_PARTITIONS": "3"}
-        )
+        env = {"NUM_PARTITIONS": "3", "FLEET_MODEL_BYTES": str(_model_bytes())}  # the gateway caps every reply
+        cmd, environment = localize(self.services, name, self.ports, self.deploy_dir, self.tmp / "volumes", env=env)
         if cmd[0] == "register-supernodes.sh":  # installed into the image from deploy/
             cmd[0] = str(ROOT / "deploy" / "register-supernodes.sh")
         if cmd[:2] == ["python", "/usr/local/bin/fleet_gateway.py"]:  # likewise

@@ -196,3 +196,153 @@ def test_ray_simulation_survives_failing_clients(tmp_path) -> None:
     failures = [r["failures"] for r in rows[1:]]
     assert sum(failures) > 0 and all(r["replies"] + r["failures"] == 10 for r in rows[1:])
     assert rows[-1]["central_accuracy"] > rows[0]["central_accuracy"]
+
+
+SMALL = ["simulate", "--no-progress", "--backend", "inline", "--dataset", "mnist1d", "--model", "mlp",
+         "--num-clients", "2", "--rounds", "2", "--local-epochs", "1", "--seed", "4"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_ref(tmp_path_factory) -> Path:
+    from tests.test_cli import run_cli
+
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert run_cli([*SMALL, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("fails", ["checkpoint.pt", "metrics.json"])
+def test_a_full_disk_never_leaves_metrics_and_checkpoint_a_round_apart(
+    small_ref, tmp_path, monkeypatch, capsys, fails
+) -> None:
+    """Round 2's commit fails with ENOSPC while one of its files is written: metrics.json/csv and checkpoint.pt
+    all still end at round 1 (one line, exit 1, no temp file), and --resume then ends bit-identical to an
+    uninterrupted run (``small_ref``)."""
+    import errno
+
+    import fedfuse.results as results
+    from tests.test_cli import run_cli
+
+    real, seen = results._write_synced, []
+
+    def full_disk(fd: int, data: bytes) -> None:
+        name = Path(os.readlink(f"/proc/self/fd/{fd}")).name if sys.platform.startswith("linux") else ""
+        seen.append(name)
+        if name.startswith(f".{fails}.") and sum(n.startswith(f".{fails}.") for n in seen) == 3:  # round 2
+            real(fd, data[: len(data) // 2])  # half written, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, data)
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("names the file being written through /proc/self/fd")
+    monkeypatch.setattr(results, "_write_synced", full_disk)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert run_cli([*SMALL, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"fedfuse: error: cannot write {out / fails}: No space left on device", err
+    rows = json.loads((out / "metrics.json").read_text())["rounds"]
+    csv_rounds = [line.split(",")[0] for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert [r["round"] for r in rows] == [0, 1] and csv_rounds == ["0", "1"]
+    assert load_checkpoint(out)["round"] == 1
+    assert not list(out.glob(".*.tmp"))
+
+    monkeypatch.setattr(results, "_write_synced", real)
+    assert run_cli(["simulate", "--no-progress", "--resume", str(out)]) == 0
+    a, b = torch.load(small_ref / "model.pt"), torch.load(out / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["round"] for r in json.loads((out / "metrics.json").read_text())["rounds"]] == [0, 1, 2]
+
+
+def _processes_with(tag: bytes) -> dict[int, str]:
+    """Live processes whose environment holds ``tag`` (pid -> command line)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and tag in (entry / "environ").read_bytes():
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+        except OSError:  # gone meanwhile, or not ours
+            continue
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guarantee (and /proc) is Linux's")
+def test_the_supervisor_ends_an_escaped_grandchild_when_its_parent_is_killed(tmp_path) -> None:
+    """fedfuse/runners/supervise.py under a parent that is then kill -9'd: the supervised command's grandchild,
+    which left the session (setsid, as Flower's SuperExec does) and ignores SIGTERM, is gone within 10 s,
+    and the --remove path is deleted."""
+    from fedfuse.runners.ray import SUPERVISE
+
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    ready = tmp_path / "ready"
+    sleeper = (
+        "import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"pathlib.Path({str(ready)!r}).touch(); time.sleep(300)"
+    )
+    child = (
+        "import subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, '-c', {sleeper!r}], start_new_session=True); time.sleep(300)"
+    )
+    parent = (
+        "import subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, {str(SUPERVISE)!r}, '--remove={home}', '--', sys.executable, '-c', "
+        f"{child!r}], stdin=subprocess.PIPE, start_new_session=True); time.sleep(300)"
+    )
+    tag = f"FEDFUSE_SUPERVISE_TEST={tmp_path}"
+    proc = subprocess.Popen([sys.executable, "-c", parent], env={**os.environ, tag.split("=")[0]: str(tmp_path)})
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(_processes_with(tag.encode())) == 4
+        proc.kill()
+        killed = time.monotonic()
+        while (left := _processes_with(tag.encode())) and time.monotonic() - killed < 10:
+            time.sleep(0.1)
+        assert not left, left
+        assert not home.exists()
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guarantee (and /proc) is Linux's")
+def test_kill_9_of_a_ray_run_leaves_no_process_and_no_flwr_home(tmp_path) -> None:
+    """kill -9 of ``fedfuse simulate --backend ray`` mid-run: within 10 s no process of the run is left (SuperLink,
+    SuperExec, ServerApp/simulation, every Ray process: all carry the run's private FLWR_HOME in their
+    environment), the temporary FLWR_HOME is gone, and checkpoint and metrics end at the same round.
+    (That --resume then continues bit-identically is test_sigkill_then_resume_gives_bit_identical_weights: the
+    same ServerApp and checkpoint code.)"""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", "--no-progress", "--backend", "ray", "--dataset", "digits",
+           "--model", "mlp", "--num-clients", "2", "--rounds", "500", "--seed", "1", "--out", str(out)]  # fmt: skip
+    cli = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    home, ours = None, {}
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and cli.poll() is None:
+            if home is None:
+                for child in Path(f"/proc/{cli.pid}/task/{cli.pid}/children").read_text().split():
+                    args = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                    home = next((a.split(b"=", 1)[1] for a in args if a.startswith(b"--remove=")), home)
+            else:  # the ServerApp has written round 0 and Ray runs ClientApp actors
+                ours = _processes_with(b"FLWR_HOME=" + home + b"/flwr-home")
+                if (out / "checkpoint.pt").exists() and any("ClientAppActor" in c for c in ours.values()):
+                    break
+            time.sleep(0.1)
+        assert home is not None and cli.poll() is None, "the run did not get to its first round"
+        assert any("flower-superlink" in c for c in ours.values()) and any("raylet" in c for c in ours.values())
+        os.kill(cli.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while (left := _processes_with(b"FLWR_HOME=" + home + b"/flwr-home")) and time.monotonic() - killed < 10:
+            time.sleep(0.2)
+        assert not left, f"{len(left)} of the run's {len(ours)} processes outlived it by 10 s: {left}"
+        assert not Path(home.decode()).exists()
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        cli.wait(timeout=30)
+    rows = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert rows[-1]["round"] == load_checkpoint(out)["round"]

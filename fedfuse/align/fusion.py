@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from fedfuse.align.bn import fold_bn, fold_pairs, has_batch_norm, reset_bn_stats, unfold_bn
 from fedfuse.align.gw import DEFAULT_ALPHA, fused_gromov_wasserstein_barycenter
+from fedfuse.align.peft_lora import check_lora_states
 from fedfuse.align.repair import repair
 from fedfuse.align.solvers import (
     _layerwise_ot,
@@ -324,6 +325,7 @@ def fuse(
     ref = int(np.argmax(lam)) if init is None else int(init)
     if not 0 <= ref < len(states):
         raise ConfigError(f"init={init} is not a model index (0..{len(states) - 1})")
+    check_lora_states(states)  # PEFT adapters: same targets and ranks, else one line
     _check_states(states, same_shapes=method in ("average", "match") or method in DATA_METHODS, method=method)
     module = template if template is not None else next((m for m in models if isinstance(m, nn.Module)), None)
     if bn_fold and method not in DATA_METHODS:  # cca/zip fold BatchNorm themselves

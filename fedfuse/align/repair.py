@@ -86,9 +86,9 @@ def repair_sites(model: nn.Module, spec: TransportSpec | None = None, example_in
     if spec is None:
         if example_input is None:
             raise ConfigError("repair_sites needs spec= or example_input= (a small input batch)")
-        from fedfuse.align.spec import derive_spec
+        from fedfuse.align.gate import gated_spec
 
-        spec = derive_spec(model, _inputs(example_input)[:2])
+        spec = gated_spec(model, _inputs(example_input)[:2])
     modules = dict(model.named_modules())
     sites: list[RepairSite] = []
     for g in spec.groups:

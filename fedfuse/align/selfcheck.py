@@ -21,13 +21,13 @@ import torch
 from torch import nn
 
 from fedfuse.align.fusion import AlignmentError, fuse
+from fedfuse.align.gate import F64_MAX_PARAMS, _rel_err, _verdict, coverage
+from fedfuse.align.inputs import call_model, first_tensor, map_floats
 from fedfuse.align.spec import UnsupportedModelError, derive_spec
 from fedfuse.align.transport import load_state, permute_model
 from fedfuse.errors import ConfigError
 
-__all__ = ["CheckResult", "break_symmetric_init", "selfcheck"]
-
-F64_MAX_PARAMS = 150_000_000  # models up to this size are compared in float64
+__all__ = ["CheckResult", "F64_MAX_PARAMS", "break_symmetric_init", "selfcheck"]
 
 
 @dataclass
@@ -42,14 +42,20 @@ class CheckResult:
     failures: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     rtol: float = 1e-4
+    param_share: float = 0.0
+    axis_share: float = 0.0
+    untouched: list[str] = field(default_factory=list)
+    nothing_aligned: str = ""
 
     @property
     def ok(self) -> bool:
-        """Derived, permutation-invariant and recovered by every method — or refused with a reason."""
+        """Derived, permutation-invariant and recovered by every method — or refused with a reason. A model with
+        hidden units but no group (``nothing_aligned``: fusion would be a plain average) is never ok."""
         if not self.derived:
             return bool(self.reason)
         return (
-            self.permuted_err is not None
+            not self.nothing_aligned
+            and self.permuted_err is not None
             and self.permuted_err <= self.rtol
             and not self.failures
             and all(e <= self.rtol for e in self.errors.values())
@@ -84,10 +90,6 @@ def break_symmetric_init(model: nn.Module, x: Any, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
-
-
 @torch.no_grad()
 def selfcheck(
     model: nn.Module,
@@ -103,9 +105,9 @@ def selfcheck(
     Outputs are compared in float64 (``float64=None``: for models up to ``F64_MAX_PARAMS`` parameters, one
     float64 network at a time); in float32 the rounding of a deep, wide model can exceed ``rtol`` by itself
     (RegNetY-128GF: 4.2e-4 between its own float32 and float64 outputs), so pass ``float64=True`` there.
+    ``param_share``/``axis_share``/``untouched``: what the spec moves (:func:`fedfuse.align.gate.coverage`).
     """
     model = model.eval()
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     t0 = time.perf_counter()
     try:
         spec = derive_spec(model, example_input)
@@ -113,6 +115,10 @@ def selfcheck(
         return CheckResult(False, str(exc).splitlines()[0], seconds={"derive": time.perf_counter() - t0})
     res = CheckResult(True, groups=len(spec.groups), rtol=rtol)
     res.seconds["derive"] = time.perf_counter() - t0
+    cov = coverage(model, spec)
+    res.param_share, res.axis_share, res.untouched = cov.param_share, cov.axis_share, cov.untouched
+    if not spec.groups:
+        res.nothing_aligned = _verdict(model, spec, example_input, seed)
     try:
         permuted, _ = permute_model(model, spec, seed=seed)
     except ConfigError as exc:  # an inconsistent spec (a derivation bug): report, do not crash a survey
@@ -122,11 +128,11 @@ def selfcheck(
     # One network is built per evaluation and each fused state is dropped once scored: peak ≈ 5 copies of the
     # weights (model, permuted copy, fused state, float64 network), not 8 (a 630M-parameter model is 2.5 GB a copy)
     in_f64 = sum(p.numel() for p in model.parameters()) <= F64_MAX_PARAMS if float64 is None else bool(float64)
-    xs = tuple(i.double() if in_f64 and torch.is_floating_point(i) else i for i in inputs)
+    xs = map_floats(example_input, lambda t: t.double() if in_f64 else t)  # a tensor, tuple or keyword dict
 
     def run(state: dict[str, torch.Tensor] | None) -> torch.Tensor:
         net = copy.deepcopy(model) if state is None else load_state(copy.deepcopy(model), state)
-        return (net.double() if in_f64 else net).eval()(*xs)
+        return first_tensor(call_model((net.double() if in_f64 else net).eval(), xs))
 
     ref = run(None)
     res.permuted_err = _rel_err(run(permuted.state_dict()), ref)

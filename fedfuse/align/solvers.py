@@ -51,7 +51,8 @@ Model = nn.Module | Mapping[str, Tensor]
 
 
 def resolve_spec(spec: TransportSpec | None, model: Any, example_input: Any = None) -> TransportSpec:
-    """``spec`` if given, else derived from ``model`` (an ``nn.Module``) traced on ``example_input``."""
+    """``spec`` if given, else derived from ``model`` (an ``nn.Module``) traced on ``example_input`` and verified
+    by :func:`fedfuse.align.gate.verify_spec` (a seeded permuted copy computes the same function)."""
     if spec is not None:
         if not isinstance(spec, TransportSpec):
             raise ConfigError(f"spec must be a TransportSpec, got {type(spec).__name__}")
@@ -60,7 +61,11 @@ def resolve_spec(spec: TransportSpec | None, model: Any, example_input: Any = No
         raise ConfigError("state dicts carry no architecture: pass spec= (a TransportSpec) or an nn.Module template")
     if example_input is None:
         example_input = infer_example_input(model)
-    return derive_spec(model, example_input)
+    from fedfuse.align.gate import verify_spec  # the gate imports the solvers' users (selfcheck → fusion)
+
+    spec = derive_spec(model, example_input)
+    verify_spec(model, spec, example_input)  # a derived spec proves itself before any use (cached)
+    return spec
 
 
 _SIDES = (8, 16, 24, 28, 32, 40, 64, 96, 128, 224)

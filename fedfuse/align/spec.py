@@ -33,7 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fedfuse.align.inputs import ShapeProxy, call_model, is_constant, keyword_root, positional, traced_keywords
 from fedfuse.align.rules import FIXED, FIXED_ID, Layout, ParamRef, Stacked, is_leaf, lookup_rule, supported_summary
+from fedfuse.align.rules.params import parametrized_weights, tie_constraints
+from fedfuse.align.rules.segments import expand_layout, expand_member, union_parts
 from fedfuse.errors import ConfigError
 
 __all__ = [
@@ -95,6 +98,8 @@ class TransportSpec:
 
     groups: tuple[Group, ...]
     _by_key: dict[str, list[tuple[Group, Axis]]] = field(default=None, repr=False, compare=False)  # type: ignore
+    #: state keys the derivation rules mentioned (moving or kept fixed); empty for a hand-written spec
+    touched: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "groups", tuple(self.groups))
@@ -165,7 +170,9 @@ class TransportSpec:
         unknown = set(sizes) - set(self.names)
         if unknown:
             raise ConfigError(f"unknown transport groups {sorted(unknown)}; groups are {self.names}")
-        return TransportSpec(tuple(replace(g, size=int(sizes.get(g.name, g.size))) for g in self.groups))
+        return TransportSpec(
+            tuple(replace(g, size=int(sizes.get(g.name, g.size))) for g in self.groups), touched=self.touched
+        )
 
     def sizes_from(self, state: dict[str, torch.Tensor]) -> dict[str, int]:
         """Group widths read off a state dict (from members that own their whole axis); checks consistency."""
@@ -234,6 +241,7 @@ class _ConcreteTracer(fx.Tracer):
         self._inputs = list(inputs)
         self._module_outputs = module_outputs  # leaf-module outputs of an eager run, in call order
         self._calls: dict[str, int] = {}
+        self.concrete_shapes = False  # set for keyword-input models (Hugging Face): see _ShapeProxy
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # type: ignore[no-untyped-def]
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
@@ -265,6 +273,25 @@ class _ConcreteTracer(fx.Tracer):
             self.values[node.name] = getattr(args_v[0], str(target))(*args_v[1:], **kwargs_v)
         return node
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return ShapeProxy(node, self) if self.concrete_shapes else super().proxy(node)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # type: ignore[no-untyped-def]
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self.concrete_shapes and isinstance(proxy, fx.Proxy):
+            val = self.values.get(proxy.node.name)
+            if is_constant(val):  # sizes, dims, dtypes: Python values, so slicing/ranges/shape arithmetic work
+                return val
+        return proxy
+
+    def call_module(self, m, forward, args, kwargs):  # type: ignore[no-untyped-def]
+        if not any(True for _ in m.parameters()) and not any(True for _ in m.buffers()):
+            try:
+                self.path_of_module(m)
+            except NameError:  # a module built inside forward (``nn.ReLU()(x)``): no state, so trace its forward
+                return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
 
@@ -277,7 +304,10 @@ class _ConcreteTracer(fx.Tracer):
 
 def trace_values(model: nn.Module, example_input: Any) -> tuple[fx.Graph, dict[str, Any]]:
     """Trace ``model`` on ``example_input`` (eval mode, no grad): the fx graph and every node's value."""
-    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    if isinstance(example_input, dict):
+        example_input = traced_keywords(model, example_input)
+    inputs = positional(example_input)
+    root = keyword_root(model, list(example_input)) if isinstance(example_input, dict) else model
     outputs: dict[str, list[Any]] = {}
     hooks = []
     probe = _ConcreteTracer((), {})
@@ -285,14 +315,17 @@ def trace_values(model: nn.Module, example_input: Any) -> tuple[fx.Graph, dict[s
         if name and probe.is_leaf_module(mod, name):
             hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: outputs.setdefault(name, []).append(o)))
     tracer = _ConcreteTracer(inputs, outputs)
+    tracer.concrete_shapes = root is not model or any(  # Hugging Face code slices and branches on sizes
+        type(m).__module__.startswith("transformers.") for m in model.modules()
+    )
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(*inputs)
+            call_model(model, example_input)
             for h in hooks:
                 h.remove()
-            graph = tracer.trace(model, concrete_args=_defaults(model, len(inputs)))
+            graph = tracer.trace(root, concrete_args=_defaults(root, len(inputs)))
     except UnsupportedModelError:
         raise
     except Exception as exc:  # fx raises many types (TraceError, RuntimeError, TypeError)
@@ -370,6 +403,12 @@ class _Deriver:
         # a module registered under two names (CoaT's shared conv position encoding, tied embeddings) appears under
         # each name in the state dict: every alias must move with the name fx traces, or loading re-binds it
         self.aliases = {k: [a for a in keys if a != k] for keys in by_tensor.values() for k in keys if len(keys) > 1}
+        self.state = state
+        self.reparam = parametrized_weights(model)  # "fc.weight" of a parametrized layer -> its originals
+        self.direct: set[tuple[str, int]] = set()  # (key, axis) a rule claimed under this very name
+        self.used: set[str] = set()  # keys whose module ran (or that were read) in the graph
+        self.parts: dict[int, tuple[tuple[int, int], ...]] = {}  # root -> consecutive parts (rules.segments)
+        self.touched: set[str] = set()  # keys a rule mentioned
         self.parent: list[int] = [0]
         self.names: list[str] = ["<fixed>"]
         self.sizes: list[int] = [0]
@@ -396,6 +435,8 @@ class _Deriver:
             )
         lo, hi = min(ra, rb), max(ra, rb)  # the earlier group (or FIXED = 0) becomes the root
         self.parent[hi] = lo
+        if self.parts:
+            union_parts(self, ra, rb, lo)
 
     def new_group(self, name: str, size: int) -> int:
         self.parent.append(len(self.parent))
@@ -436,10 +477,27 @@ class _Deriver:
         expand: int = 1,
         segs: tuple[tuple[int, int], ...] | None = None,
         index: int = 0,
+        direct: bool = True,
     ) -> None:
-        """Group ``gid`` indexes axis ``axis`` of state entry ``key`` (ignored if ``key`` is not in the state)."""
+        """Group ``gid`` indexes axis ``axis`` of state entry ``key`` (ignored if ``key`` is not in the state; a
+        parametrized weight's axis becomes its originals', see :mod:`fedfuse.align.rules.params`)."""
         if key not in self.state_keys:
+            redirect = self.reparam.get(key)
+            if isinstance(redirect, str):
+                raise UnsupportedModelError(redirect)
+            if redirect is not None:
+                try:
+                    targets = redirect(axis)
+                except ValueError as exc:
+                    raise UnsupportedModelError(str(exc)) from exc
+                for k, a, e in targets:
+                    self.add(gid, k, a, role, repeat, expand * e, segs, index)
+                    base = k.rsplit(".", 2 if k.endswith(("._u", "._v")) else 1)[0] + "."
+                    self.touched.update(t for t in self.state_keys if t.startswith(base))
             return
+        self.touched.add(key)
+        if direct:
+            self.direct.add((key, axis))
         claim = (key, axis, index)
         if claim in self.claims:  # a module called twice: both calls must share one transport
             self.union(self.claims[claim], gid)
@@ -447,7 +505,7 @@ class _Deriver:
         self.claims[claim] = gid
         self.members.append((gid, Axis(key, axis, role, repeat, expand, None, index), segs))  # type: ignore[arg-type]
         for alias in self.aliases.get(key, ()):
-            self.add(gid, alias, axis, role, repeat, expand, segs, index)
+            self.add(gid, alias, axis, role, repeat, expand, segs, index, direct=False)
 
     def add_inputs(self, key: str, axis: int, lay: Any, node: fx.Node, repeat: int = 1) -> None:
         """Consumer input axis ``axis`` of ``key`` reads tensor ``node`` with layout ``lay``."""
@@ -478,7 +536,7 @@ class _Deriver:
         )
 
     def lay(self, a: Any) -> Any:
-        return self.env.get(a.name) if isinstance(a, fx.Node) else None
+        return expand_layout(self, self.env.get(a.name)) if isinstance(a, fx.Node) else None
 
     def value(self, a: Any) -> Any:
         return self.values.get(a.name) if isinstance(a, fx.Node) else a
@@ -526,6 +584,11 @@ class _Deriver:
             if node.op == "output":
                 self.fix(self._collect(node.args))  # the model output (classes) is never transported
                 continue
+            if node.op == "call_module":
+                prefix = f"{node.target}."
+                self.used.update(k for k in self.state_keys if k.startswith(prefix))
+            elif node.op == "get_attr":
+                self.used.add(str(node.target))
             self.env[node.name] = self.visit(node)
         return self.finalise()
 
@@ -567,6 +630,7 @@ class _Deriver:
 
     # result ------------------------------------------------------------------------------------------------
     def finalise(self) -> TransportSpec:
+        tie_constraints(self, self.state)
         roots: dict[int, list[Axis]] = {}
         seen: set[tuple[str, int, int]] = set()
 
@@ -575,14 +639,28 @@ class _Deriver:
                 return None
             return tuple(self.names[self.find(g)] if self.find(g) else n for g, n in segs)
 
-        for gid, ax, segs in self.members:
+        members = self.members
+        if self.parts:  # a split group's members: one per part (rules.segments)
+            members = [
+                (p, replace(ax, index=k), ps)
+                for gid, ax, segs in self.members
+                for p, ps, k in expand_member(self, gid, segs, ax.index)
+            ]
+        for gid, ax, segs in members:
             r = self.find(gid)
             if r == FIXED_ID or (ax.key, ax.axis, ax.index) in seen:
                 continue
             seen.add((ax.key, ax.axis, ax.index))
             roots.setdefault(r, []).append(replace(ax, segments=seg_names(segs)))
         sites: dict[int, list[Site]] = {}
-        for gid, node_name, lay, i in self.sites:
+        sites_all = self.sites
+        if self.parts:
+            sites_all = [
+                (p, node_name, Layout(lay.dim, ps or lay.segs, lay.expand), k)
+                for gid, node_name, lay, i in self.sites
+                for p, ps, k in expand_member(self, gid, lay.segs if len(lay.segs) > 1 else None, i)
+            ]
+        for gid, node_name, lay, i in sites_all:
             r = self.find(gid)
             if r:
                 segs = seg_names(lay.segs) if len(lay.segs) > 1 else None
@@ -590,7 +668,7 @@ class _Deriver:
                 if site not in sites.setdefault(r, []):
                     sites[r].append(site)
         groups = [Group(self.names[r], self.sizes[r], tuple(roots[r]), tuple(sites.get(r, ()))) for r in sorted(roots)]
-        return TransportSpec(tuple(groups))
+        return TransportSpec(tuple(groups), touched=frozenset(self.touched))
 
 
 def _has_tensor(val: Any) -> bool:
@@ -607,6 +685,10 @@ def derive_spec(model: nn.Module, example_input: Any) -> TransportSpec:
     Raises :class:`UnsupportedModelError` naming the first op/module that touches hidden units in a
     way a permutation of those units would not commute with.
     """
+    from fedfuse.align.peft_lora import has_lora, lora_spec  # PEFT LoRA: only the adapters' rank units move
+
+    if has_lora(model):
+        return lora_spec(model)
     if example_input is None:
         raise ConfigError("derive_spec needs example_input (a small input batch) or pass spec= explicitly")
     graph, values = trace_values(model, example_input)

@@ -15,7 +15,7 @@ from torch import nn
 from fedfuse.catalog import LIBRARY_NAMES as _LIBRARY_NAMES
 from fedfuse.catalog import model_name_problem
 from fedfuse.errors import ConfigError
-from fedfuse.models import timm_models, torchvision_models
+from fedfuse.models import hf_models, timm_models, torchvision_models
 
 __all__ = [
     "MLP",
@@ -217,6 +217,7 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], int, int]] = {
 LIBRARIES: dict[str, tuple[Callable[[str], str | None], Callable[..., nn.Module]]] = {
     torchvision_models.PREFIX: (torchvision_models.check_torchvision_name, torchvision_models.build_torchvision),
     timm_models.PREFIX: (timm_models.check_timm_name, timm_models.build_timm),
+    hf_models.PREFIX: (hf_models.check_hf_name, hf_models.build_hf),
 }
 
 

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -104,30 +103,32 @@ def _wait_healthy(port: int, proc: subprocess.Popen[bytes], log_path: Path, time
     raise RunFailedError(f"flower-superlink did not answer on 127.0.0.1:{port} within {timeout:.0f} s")
 
 
-def _die_with_parent() -> None:
-    """In the SuperLink's process, before exec: SIGTERM when the process that started it dies (Linux), so a
-    killed ``fedfuse simulate`` does not leave its SuperLink (and the run) going."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+SUPERVISE = Path(__file__).with_name("supervise.py")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the process group we started (SuperLink, SuperExec, ServerApp and simulation processes)."""
-    if proc.poll() is None:
+def supervised(cmd: Sequence[str], *, remove: Sequence[Path] = (), **popen: Any) -> subprocess.Popen[Any]:
+    """``cmd`` under :mod:`fedfuse.runners.supervise`: it and every process it starts (Ray's included) end when
+    this process ends — also by ``kill -9`` — or when :func:`_stop` is called; ``remove`` is deleted then."""
+    return subprocess.Popen(
+        [sys.executable, str(SUPERVISE), *(f"--remove={p}" for p in remove), "--", *cmd],
+        stdin=subprocess.PIPE,  # its write end, held only here, is the supervisor's death notice
+        start_new_session=True,  # a terminal's Ctrl-C reaches this process, which then stops the supervisor
+        **popen,
+    )
+
+
+def _stop(proc: subprocess.Popen[Any], timeout: float = 8.0) -> None:
+    """Ask a :func:`supervised` process to end its command and all it started (EOF on its stdin), and wait."""
+    if proc.stdin is not None and not proc.stdin.closed:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-        except ProcessLookupError:
+            proc.stdin.close()
+        except OSError:
             pass
-    try:  # children that outlived their parent
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
 
 
 def _rows(out: Path) -> list[dict[str, Any]]:
@@ -193,9 +194,14 @@ def _superlink_env(home: Path, extra_env: Mapping[str, str] | None = None) -> di
 class SuperLinkProcess:
     """A SuperLink in simulation mode started on a free loopback port, with a private ``FLWR_HOME`` in ``workdir``
     whose default connection points at it. Starting it returns at once (its start-up overlaps what the caller does
-    next, e.g. the preflight); :meth:`ready` waits until it answers and returns the environment for ``flwr run``."""
+    next, e.g. the preflight); :meth:`ready` waits until it answers and returns the environment for ``flwr run``.
+    It and every process it starts (ServerApp, simulation, Ray) end with :meth:`stop`, and also when this process is
+    killed (:func:`supervised`); ``remove_workdir`` deletes ``workdir`` then."""
 
-    def __init__(self, workdir: Path, extra_env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, extra_env: Mapping[str, str] | None = None, *, remove_workdir: bool = False
+    ) -> None:
+        self.workdir = workdir
         self.home = workdir / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
@@ -206,12 +212,12 @@ class SuperLinkProcess:
         self.env = _superlink_env(self.home, extra_env)
         self.log_path = workdir / "superlink.log"
         with open(self.log_path, "wb") as link_log:
-            self.proc = subprocess.Popen(
+            self.proc = supervised(
                 [_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
                  "--control-api-address", f"127.0.0.1:{_free_port()}", "--host", "127.0.0.1", "--port",
                  str(self.port)],
-                env=self.env, cwd=workdir, stdout=link_log, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_die_with_parent,
+                remove=[workdir] if remove_workdir else [], env=self.env, cwd=workdir, stdout=link_log,
+                stderr=subprocess.STDOUT,
             )  # fmt: skip
         self._healthy = False
 
@@ -229,8 +235,8 @@ class SuperLinkProcess:
 def started_superlink(extra_env: Mapping[str, str] | None = None) -> Iterator[SuperLinkProcess]:
     """A :class:`SuperLinkProcess` in a temporary directory, started now and stopped (with every process it
     started) on exit: ``fedfuse simulate`` starts it before its preflight, ``--compare`` shares one across runs."""
-    with tempfile.TemporaryDirectory(prefix="fedfuse-superlink-") as tmp:
-        link = SuperLinkProcess(Path(tmp), extra_env)
+    with tempfile.TemporaryDirectory(prefix="fedfuse-superlink-", ignore_cleanup_errors=True) as tmp:
+        link = SuperLinkProcess(Path(tmp), extra_env, remove_workdir=True)
         try:
             yield link
         finally:
@@ -238,11 +244,17 @@ def started_superlink(extra_env: Mapping[str, str] | None = None) -> Iterator[Su
 
 
 @contextmanager
-def local_superlink(workdir: Path, extra_env: Mapping[str, str] | None = None) -> Iterator[dict[str, str]]:
+def local_superlink(
+    workdir: Path,
+    extra_env: Mapping[str, str] | None = None,
+    *,
+    remove_workdir: bool = False,
+) -> Iterator[dict[str, str]]:
     """A SuperLink in simulation mode on a free loopback port, with a private ``FLWR_HOME`` in ``workdir``
     whose default connection points at it; yields the environment for ``flwr run`` / ``flwr list``.
-    The SuperLink and every process it started are stopped on exit."""
-    link = SuperLinkProcess(workdir, extra_env)
+    The SuperLink and every process it started (ServerApp, simulation, Ray) are stopped on exit, and also
+    when this process is killed (:func:`supervised`); ``remove_workdir`` deletes ``workdir`` then."""
+    link = SuperLinkProcess(workdir, extra_env, remove_workdir=remove_workdir)
     try:
         yield link.ready()
     finally:
@@ -260,7 +272,7 @@ def _superlink_for_run(
     elif os.environ.get(WARM_SUPERLINK):
         yield _superlink_env(Path(os.environ[WARM_SUPERLINK]), extra_env)
     else:
-        with local_superlink(workdir, extra_env) as env:
+        with local_superlink(workdir, extra_env, remove_workdir=True) as env:
             yield env
 
 
@@ -334,7 +346,11 @@ def run_ray(
 
     if ray_address:
         print(describe_cluster(ray_address), flush=True)  # which cluster this run joins, before it starts
-    with tempfile.TemporaryDirectory(prefix="fedfuse-flwr-") as tmp:
+    # the SuperLink's supervisor deletes tmp (FLWR_HOME, the app) also when this process is killed: a SuperLink
+    # started earlier (or a --compare's warm one) holds tmp inside its own directory
+    warm = os.environ.get(WARM_SUPERLINK)
+    base = superlink.workdir if superlink is not None else Path(warm).parent if warm else None
+    with tempfile.TemporaryDirectory(prefix="fedfuse-flwr-", dir=base, ignore_cleanup_errors=True) as tmp:
         app_dir = Path(tmp) / "app"
         write_app(app_dir, cfg, resume=resume)
         extra = {"RAY_ADDRESS": ray_address} if ray_address else None
@@ -345,7 +361,7 @@ def run_ray(
                 f"client-resources-num-gpus={client_gpus:g} init-args-logging-level='{level}' "
                 f"init-args-log-to-driver={to_driver}"
             )
-            run = subprocess.Popen(
+            run = supervised(
                 [_tool("flwr"), "run", str(app_dir), "--stream", "--federation-config", fed],
                 env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             )  # fmt: skip
@@ -368,10 +384,8 @@ def run_ray(
                     time.sleep(0.5)
                 reader.join(timeout=10)
                 status, details = wait_finished(env, run_ids[0], tick=follow) if run_ids else ("", "")
-            finally:
-                if run.poll() is None:  # Ctrl-C: the SuperLink goes down with its runs below
-                    run.terminate()
-                    run.wait(timeout=20)
+            finally:  # also on Ctrl-C; a kill -9 of this process is handled by the supervisors themselves
+                _stop(run)
             follow()
     if errors:
         raise RunFailedError(f"{errors[0]} (Flower's log: {out}/flower.log)")

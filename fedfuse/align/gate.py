@@ -1,0 +1,252 @@
+"""The gate: a derived spec proves itself before any use.
+
+A transport spec claims that permuting every group's units (and every parameter axis they index) leaves the
+model's function unchanged. :func:`verify_spec` tests that claim: a copy of the model with its constant
+parameters randomised (:func:`~fedfuse.align.selfcheck.break_symmetric_init`, so a zero bias cannot hide a
+missed axis) is permuted by a seeded random permutation of every group, and its outputs must equal the
+unpermuted copy's to ``rtol`` of their scale (float64 where affordable). Otherwise the spec is refused with one
+line naming the groups whose permutation alone breaks the function and their parameters. A model with hidden
+units but no group at all (fusion would be a plain average) is refused too.
+
+:func:`gated_spec` derives and verifies; verification is cached per (model class, state shapes, input shapes,
+spec), so a federated run pays it once, not every round. :func:`coverage` measures what a spec moves: the share
+of parameters (elements) and of weight axes (axes 0 and 1 of every ≥2-d parameter: a layer's units and its
+inputs; a model's own input and output axes never move) and the keys no rule touched although their module has
+moving units (a sign of a missed rule; for a derived spec, keys no rule mentioned even to keep them fixed).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedfuse.align.spec import TransportSpec, UnsupportedModelError, derive_spec
+from fedfuse.align.transport import apply_transport, load_state, state_of
+from fedfuse.errors import ConfigError
+
+__all__ = ["Coverage", "coverage", "gated_spec", "permutation_error", "verify_spec"]
+
+F64_MAX_PARAMS = 150_000_000  # models up to this size are compared in float64
+GATE_RTOL = 1e-6  # float64: an exact permutation differs by rounding (~1e-13); a wrong one by O(1)
+_CACHE: OrderedDict[Any, str] = OrderedDict()  # key -> "" (passed) or the refusal line
+_CACHE_SIZE = 256
+
+
+@dataclass
+class Coverage:
+    """What a spec moves (see the module docstring)."""
+
+    params_moved: int = 0
+    params_total: int = 0
+    axes_moved: int = 0
+    axes_total: int = 0
+    untouched: list[str] = field(default_factory=list)
+
+    @property
+    def param_share(self) -> float:
+        return self.params_moved / max(self.params_total, 1)
+
+    @property
+    def axis_share(self) -> float:
+        return self.axes_moved / max(self.axes_total, 1)
+
+
+def coverage(model: nn.Module, spec: TransportSpec) -> Coverage:
+    """Parameters (elements) and weight axes a spec moves; keys untouched beside moving ones (module docstring)."""
+    state = model.state_dict(keep_vars=True)
+    cov = Coverage()
+    seen: set[int] = set()
+    # a layer whose own units move (an "out" member); a parametrized layer counts as its base layer
+    units = {_layer(m.key) for g in spec.groups for m in g.members if m.role == "out"}
+    weights: dict[str, str] = {}  # layer -> the one ≥2-d key standing for its weight (a parametrization's largest)
+    for key, t in state.items():
+        if isinstance(t, nn.Parameter) and t.dim() >= 2:
+            w = weights.get(_weight_id(key))
+            if w is None or state[w].numel() < t.numel():
+                weights[_weight_id(key)] = key
+    counted = set(weights.values())
+    for key, t in state.items():
+        if not torch.is_floating_point(t):
+            continue
+        axes = {m.axis for _, m in spec.members_of(key)}
+        if id(t) not in seen:  # a tied tensor counts once
+            seen.add(id(t))
+            if isinstance(t, nn.Parameter):
+                cov.params_total += t.numel()
+                cov.params_moved += t.numel() if axes else 0
+                if key in counted:
+                    cov.axes_total += 2
+                    cov.axes_moved += len(axes & {0, 1})
+        mentioned = key in spec.touched if spec.touched else bool(axes)
+        if not mentioned and t.numel() > 1 and _layer(key) in units:
+            cov.untouched.append(key)
+    return cov
+
+
+def _layer(key: str) -> str:
+    """The layer owning ``key`` (``fc.parametrizations.weight.original0`` → ``fc``)."""
+    base = key.split(".parametrizations.", 1)[0] if ".parametrizations." in key else key.rsplit(".", 1)[0]
+    return base if "." in key else ""
+
+
+def _weight_id(key: str) -> str:
+    """One name per weight: a parametrization's originals share ``fc.parametrizations.weight``; the hook-based
+    weight norm's ``fc.weight_g``, ``fc.weight_v`` share ``fc.weight``."""
+    if ".parametrizations." in key:
+        return key.rsplit(".original", 1)[0]
+    return key[:-2] if key.endswith(("_g", "_v")) else key
+
+
+def _hidden_layers(model: nn.Module) -> list[str]:
+    """Modules that own a ≥2-d parameter directly (a layer with units); two or more, or a recurrent/attention
+    module, mean the model has hidden units."""
+    names = [n for n, m in model.named_modules() if n and any(p.dim() >= 2 for p in m.parameters(recurse=False))]
+    recurrent = any(isinstance(m, (nn.RNNBase, nn.MultiheadAttention)) for m in model.modules())
+    return names if len(names) >= 2 or recurrent else []
+
+
+def _outputs(y: Any) -> list[torch.Tensor]:
+    """The floating tensors of a (nested) model output, in order."""
+    if isinstance(y, torch.Tensor):
+        return [y] if torch.is_floating_point(y) else []
+    if isinstance(y, dict):
+        y = list(y.values())
+    if isinstance(y, (tuple, list)):
+        return [t for v in y for t in _outputs(v)]
+    if hasattr(y, "to_tuple"):  # a Hugging Face ModelOutput
+        return _outputs(y.to_tuple())
+    return []
+
+
+def _rel_err(y: Any, ref: Any) -> float:
+    """max |y − ref| / max |ref| over every floating output tensor (inf if the structures differ)."""
+    ys, rs = _outputs(y), _outputs(ref)
+    if len(ys) != len(rs) or any(a.shape != b.shape for a, b in zip(ys, rs, strict=True)):
+        return float("inf")
+    if not rs:
+        return 0.0
+    num = max(float((a - b).detach().abs().max()) for a, b in zip(ys, rs, strict=True))
+    den = max(float(b.detach().abs().max()) for b in rs)
+    return num / max(den, 1e-12)
+
+
+@torch.no_grad()
+def permutation_error(
+    model: nn.Module,
+    spec: TransportSpec,
+    example_input: Any,
+    *,
+    seed: int = 1,
+    float64: bool | None = None,
+    in_place: bool = False,
+) -> tuple[float, Any]:
+    """Relative output change when every group of ``spec`` is permuted at random (0 for an exact spec), and a
+    function ``err(transports)`` giving the change for any (partial) set of transports on the same network.
+    One copy of the model is made (none with ``in_place=True``: ``model`` is then converted and overwritten)."""
+    in_f64 = sum(p.numel() for p in model.parameters()) <= F64_MAX_PARAMS if float64 is None else bool(float64)
+
+    def cast(i: Any) -> Any:
+        return i.double() if in_f64 and isinstance(i, torch.Tensor) and torch.is_floating_point(i) else i
+
+    if isinstance(example_input, dict):  # keyword inputs (a Hugging Face model)
+        args, kwargs = (), {k: cast(v) for k, v in example_input.items()}
+    else:
+        args, kwargs = tuple(cast(i) for i in _as_tuple(example_input)), {}
+    net = model if in_place else copy.deepcopy(model)
+    net = (net.double() if in_f64 else net).eval()
+    state = {k: v.clone() for k, v in state_of(net).items()}
+    ref = net(*args, **kwargs)
+
+    def err(transports: dict[str, torch.Tensor]) -> float:
+        load_state(net, apply_transport(state, spec, transports))
+        return _rel_err(net(*args, **kwargs), ref)
+
+    gen = torch.Generator().manual_seed(int(seed))  # the permutations permute_model(model, spec, seed) draws
+    perms = {g.name: torch.eye(g.size)[torch.randperm(g.size, generator=gen)] for g in spec.for_state(state).groups}
+    return err(perms), err
+
+
+def _as_tuple(x: Any) -> tuple[Any, ...]:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _key(model: nn.Module, spec: TransportSpec, example_input: Any) -> Any:
+    inputs = tuple(example_input.values()) if isinstance(example_input, dict) else _as_tuple(example_input)
+    shapes = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items())
+    ins = tuple((tuple(i.shape), str(i.dtype)) if isinstance(i, torch.Tensor) else repr(i)[:100] for i in inputs)
+    return (type(model), shapes, ins, spec)
+
+
+def verify_spec(model: nn.Module, spec: TransportSpec, example_input: Any, *, seed: int = 1) -> None:
+    """Raise :class:`UnsupportedModelError` (one line) unless a seeded permutation of every group of ``spec``
+    leaves ``model``'s outputs on ``example_input`` unchanged, or if the model has hidden units but ``spec`` no
+    group. Cached (module docstring)."""
+    key = _key(model, spec, example_input)
+    if key not in _CACHE:
+        _CACHE[key] = _verdict(model, spec, example_input, seed)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    if _CACHE[key]:
+        raise UnsupportedModelError(_CACHE[key])
+
+
+def _verdict(model: nn.Module, spec: TransportSpec, example_input: Any, seed: int) -> str:
+    from fedfuse.align.selfcheck import break_symmetric_init
+
+    name = type(model).__name__
+    if not spec.groups:
+        layers = _hidden_layers(model)
+        if layers:
+            shown = ", ".join(layers[:4]) + (", …" if len(layers) > 4 else "")
+            return (
+                f"nothing to align in {name}: the derived spec has 0 hidden-unit groups while the model has "
+                f"{len(layers)} weight layers ({shown}), so fusion would be a plain average; use method='average' "
+                "or pass a manual TransportSpec"
+            )
+        return ""
+    was_training = model.training
+    try:
+        try:
+            probe = break_symmetric_init(copy.deepcopy(model).eval(), example_input, seed=seed)
+        except Exception:  # e.g. BatchNorm with eps=0 cannot run in training mode: check the model as it is
+            probe = copy.deepcopy(model).eval()
+        try:
+            total, err = permutation_error(probe, spec, example_input, seed=seed)
+            rtol = GATE_RTOL
+        except RuntimeError:  # an op without a float64 kernel: compare in float32, to float32 rounding
+            total, err = permutation_error(probe, spec, example_input, seed=seed, float64=False, in_place=True)
+            rtol = 1e-4
+        if total <= rtol:
+            return ""
+        gen = torch.Generator().manual_seed(seed)
+        broken = []
+        for g in spec.for_state(state_of(probe)).groups:
+            perm = torch.eye(g.size)[torch.randperm(g.size, generator=gen)]
+            if err({g.name: perm}) > rtol:
+                broken.append(g)
+    except ConfigError as exc:
+        return f"the derived spec of {name} cannot be applied to it: {str(exc).splitlines()[0]}"
+    finally:
+        model.train(was_training)
+    keys = list(dict.fromkeys(m.key for g in broken for m in g.members))
+    shown = ", ".join(keys[:6]) + (f", … ({len(keys)} in all)" if len(keys) > 6 else "")
+    groups = ", ".join(repr(g.name) for g in broken[:4]) + (", …" if len(broken) > 4 else "")
+    untouched = coverage(model, spec).untouched
+    hint = f"; untouched beside them: {', '.join(untouched[:4])}" if untouched else ""
+    where = f"permuting group(s) {groups} breaks it (parameters {shown}){hint}" if broken else "no single group alone"
+    return (
+        f"the derived spec of {name} is not exact (a seeded permutation changes its output by {total:.2g} of its "
+        f"scale): {where}; a rule is missing or wrong — pass a manual TransportSpec or use method='average'"
+    )
+
+
+def gated_spec(model: nn.Module, example_input: Any) -> TransportSpec:
+    """:func:`~fedfuse.align.spec.derive_spec`, then :func:`verify_spec`: a spec that is safe to use."""
+    spec = derive_spec(model, example_input)
+    verify_spec(model, spec, example_input)
+    return spec
