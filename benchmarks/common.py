@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["fmt_err", "machine", "ms", "parse_shard", "selfcheck_record"]
+__all__ = ["fmt_err", "load_line", "machine", "ms", "parse_shard", "selfcheck_record"]
 
 
 def machine() -> str:
@@ -29,6 +29,14 @@ def machine() -> str:
         f"{platform.node() or 'host'}: {cpu}, {os.cpu_count()} logical cores (shared), torch {torch.__version__} "
         f"CPU, {torch.get_num_threads()} torch thread(s), Python {platform.python_version()}"
     )
+
+
+def load_line() -> str:
+    """:func:`machine` plus the load right now: ``os.getloadavg()`` (1/5/15 min) against the logical cores, and the
+    UTC time. Benchmarks print it before and after their runs: on a shared machine the load is part of a number."""
+    one, five, fifteen = os.getloadavg()
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    return f"{machine()}; load {one:.2f}/{five:.2f}/{fifteen:.2f} (1/5/15 min) on {os.cpu_count()} cores at {when}"
 
 
 def ms(values: list[float], digits: int = 3) -> str:

@@ -5,7 +5,11 @@
     python benchmarks/sim_overhead.py --scale 100,1000      # peak RSS with 10% of N clients sampled per round
 
 "Identical" = same partitions, seeds, client sampling, local epochs, model and aggregation order; the
-script checks that the final weights of every backend are bit-identical to the plain loop's. Each
+script checks that the final weights of every backend are bit-identical to the plain loop's. The plain loop
+(benchmarks/plain_fedavg.py) imports torch only: fedfuse computes the experiment's plan (data, partitions, initial
+weights, sampling and seeds) beforehand, outside its timing, so its time holds no data loading and fedfuse's does.
+Everything goes under ``--out`` (default /tmp/fedfuse-sim-overhead; the report OUT/sim_overhead.md unless
+``--results``): a read-only checkout can run it. The report records the machine and its load before and after. Each
 backend runs in its own subprocess (fresh interpreter, fresh Ray), so start-up is counted honestly.
 Ratios are measured in one run of this script (the machine is shared and noisy).
 """
@@ -37,54 +41,38 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 }
 
 
-def plain_loop(cfg: dict[str, Any]) -> dict[str, Any]:
-    """FedAvg as a plain Python loop over the same fedfuse functions the ClientApp and strategy use,
-    with the same per-round central evaluation on the test set (the work a researcher's loop does too)."""
+def write_plan(cfg: dict[str, Any], path: Path) -> None:
+    """What defines the experiment, computed by fedfuse and handed to the plain loop (benchmarks/plain_fedavg.py,
+    which imports no fedfuse): data tensors, the clients' indices, initial weights, per round the sampled clients
+    and each one's epochs, step cap and shuffling seed, and the SGD hyper-parameters."""
     import torch
 
-    from fedfuse.config import validate_config
-    from fedfuse.experiment import client_data, dataset_for, local_plan, local_train, model_for, sample_clients
-    from fedfuse.state import torch_threads
-    from fedfuse.train import evaluate
-    from strategies.base import FedFuseStrategy
+    from fedfuse.data.partition import partition_indices
+    from fedfuse.experiment import dataset_for, local_plan, model_for, sample_clients
+    from strategies.registry import validate_config
 
-    t0 = time.perf_counter()
     cfg = validate_config(cfg)
+    if cfg["model"] != "mlp":
+        raise SystemExit(f"the plain loop builds MLPs only; model={cfg['model']!r}")
     ds = dataset_for(cfg)
     n = cfg["num-clients"]
-    model = model_for(cfg, ds)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    aggregate = FedFuseStrategy(seed=cfg["seed"]).aggregate_arrays
-    data = {}
-    t_setup = time.perf_counter() - t0
-    train_s = agg_s = eval_s = 0.0
-    t = time.perf_counter()
-    evaluate(model, ds.x_test, ds.y_test)
-    eval_s += time.perf_counter() - t
+    parts = partition_indices(
+        ds.y_train.numpy(), cfg["partition"], n, alpha=cfg["alpha"], classes_per_client=cfg["classes-per-client"],
+        seed=cfg["seed"],
+    )  # fmt: skip
+    rounds = []
     for rnd in range(1, cfg["num-rounds"] + 1):
-        sampled = sample_clients(cfg["seed"], rnd, n, cfg["fraction-train"], min(2, n))
-        states, weights = [], []
-        t = time.perf_counter()
-        for pid in sampled:
-            if pid not in data:
-                data[pid] = client_data(cfg, pid, n)
-            x, y = data[pid]
-            local = model_for(cfg, ds)
-            local.load_state_dict(state)
-            with torch_threads(cfg["client-threads"]):
-                res = local_train(cfg, local, x, y, local_plan(cfg, pid, rnd, len(x)))
-            states.append({k: v.detach().clone() for k, v in local.state_dict().items()})
-            weights.append(float(res.num_examples))
-        train_s += time.perf_counter() - t
-        t = time.perf_counter()
-        state = aggregate(rnd, states, weights)
-        agg_s += time.perf_counter() - t
-        t = time.perf_counter()
-        model.load_state_dict(state)
-        evaluate(model, ds.x_test, ds.y_test)
-        eval_s += time.perf_counter() - t
-    torch.save(state, Path(cfg["out"]) / "model.pt")
-    return {"setup_s": t_setup, "train_s": train_s, "aggregate_s": agg_s, "eval_s": eval_s}
+        clients = []
+        for pid in sample_clients(cfg["seed"], rnd, n, cfg["fraction-train"], min(2, n)):
+            p = local_plan(cfg, pid, rnd, len(parts[pid]))
+            clients.append({"pid": pid, "epochs": p.epochs, "max_steps": p.max_steps, "seed": p.seed})
+        rounds.append(clients)
+    hp = {k: cfg[k] for k in ("lr", "momentum", "weight-decay", "batch-size", "client-threads")}
+    torch.save(
+        {"hp": hp, "init": model_for(cfg, ds).state_dict(), "parts": [torch.as_tensor(p) for p in parts],
+         "rounds": rounds, "x_train": ds.x_train, "y_train": ds.y_train, "x_test": ds.x_test, "y_test": ds.y_test},
+        path,
+    )  # fmt: skip
 
 
 def run_backend(backend: str, cfg: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -92,8 +80,9 @@ def run_backend(backend: str, cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     cfg = {**cfg, "out": str(out)}
     code = f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); cfg = json.loads({json.dumps(json.dumps(cfg))})\n"
-    if backend == "plain":
-        code += "from benchmarks.sim_overhead import plain_loop; r = plain_loop(cfg)\n"
+    if backend == "plain":  # a fresh interpreter that imports torch only
+        write_plan(cfg, out / "plan.pt")
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "plain_fedavg.py"), str(out / "plan.pt"), str(out)]
     elif backend == "inline":
         code += (
             "from fedfuse.runners.inline import InlineGrid; from strategies.server_app import run_server\n"
@@ -112,8 +101,10 @@ def run_backend(backend: str, cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         "import resource; r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
         "print('RESULT', json.dumps(r))\n"
     )
+    if backend != "plain":
+        cmd = [sys.executable, "-c", code]
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"{backend} failed:\n{proc.stderr[-3000:]}")
@@ -129,6 +120,7 @@ def run_backend(backend: str, cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         result["first_round_s"] = rows[1]["wall_time"] - rows[0]["wall_time"]
         result["later_round_mean_s"] = sum(later) / max(len(later), 1)
         result["aggregate_s"] = sum(r.get("aggregate_s", 0.0) for r in rows[1:])
+        result["server_s"] = sum(r.get("server_s", 0.0) for r in rows[1:])
     return result
 
 
@@ -142,8 +134,8 @@ def same_weights(a: Path, b: Path) -> bool:
 def overhead(args: argparse.Namespace) -> list[str]:
     lines = [
         "| workload | backend | wall s | ratio vs plain | round 1 s | later rounds s (mean) | aggregation s "
-        "| client training s (plain) | weights == plain |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| server s | client training s (plain) | weights == plain |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     results: dict[str, Any] = {}
     for name in args.workloads.split(","):
@@ -156,7 +148,8 @@ def overhead(args: argparse.Namespace) -> list[str]:
             lines.append(
                 f"| {name} | {backend} | {r['wall_s']:.1f} | {r['wall_s'] / base['wall_s']:.2f} "
                 f"| {r.get('first_round_s', float('nan')):.2f} | {r.get('later_round_mean_s', float('nan')):.2f} "
-                f"| {r.get('aggregate_s', float('nan')):.3f} | {base['train_s']:.1f} | {equal} |"
+                f"| {r.get('aggregate_s', float('nan')):.3f} | {r.get('server_s', float('nan')):.3f} "
+                f"| {base['train_s']:.1f} | {equal} |"
             )
             print(lines[-1], flush=True)
     (Path(args.out) / "overhead.json").write_text(json.dumps(results, indent=2, default=str))
@@ -208,16 +201,22 @@ def main() -> None:
     )
     p.add_argument("--scale", default="", help="comma-separated client counts for the memory-scale run")
     p.add_argument("--scale-backends", default="inline,ray")
-    p.add_argument("--out", default="/tmp/fedfuse-sim-overhead")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "sim_overhead.md"))
+    p.add_argument("--out", default="/tmp/fedfuse-sim-overhead", help="directory for the runs and the report")
+    p.add_argument("--results", default=None, help="report file (default: OUT/sim_overhead.md)")
     args = p.parse_args()
-    sections = [f"# Simulation overhead\n\nCommand: `python benchmarks/sim_overhead.py {' '.join(sys.argv[1:])}`\n"]
+    from benchmarks.common import load_line
+
+    args.results = args.results or str(Path(args.out) / "sim_overhead.md")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    command = f"python benchmarks/sim_overhead.py {' '.join(sys.argv[1:])}"
+    sections = [f"# Simulation overhead\n\nCommand: `{command}`\n\nBefore: {load_line()}\n"]
     if args.workloads and args.backends:
         sections.append("\n".join(overhead(args)))
     if args.fusion:
         sections.append("## Aggregation share of a round\n\n" + "\n".join(fusion_share(args)))
     if args.scale:
         sections.append("## Scale (10% sampled per round, 3 rounds, mnist1d MLP)\n\n" + "\n".join(scale(args)))
+    sections.append(f"After: {load_line()}")
     Path(args.results).write_text("\n\n".join(sections) + "\n")
     print(f"wrote {args.results}")
 

@@ -17,7 +17,6 @@ from flwr.clientapp import ClientApp
 
 from clients.personal import holdout_split, keep_personal, load_personal, shared_keys_of
 from fedfuse import protocol
-from fedfuse.align.repair import bn_statistics, unit_statistics
 from fedfuse.attacks import (
     OMNISCIENT,
     claimed_examples,
@@ -121,6 +120,8 @@ def repair_statistics(msg: Message, context: Context) -> Message:
     (mean, std) at the requested sites of the fused model and, when sent, of this client's own model aligned
     to it (:mod:`fedfuse.align.repair`). Only these statistics leave the client.
     """
+    from fedfuse.align.repair import bn_statistics, unit_statistics  # here: the alignment engine loads POT/scipy
+
     cfg = _run_config(msg)
     with torch_threads(int(cfg.get("client-threads", 1))):
         pid, _ = _identity(context)

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedfuse.catalog import ATTACKS, OMNISCIENT, attack_reason, parse_attack
+
 __all__ = [
     "ATTACKS",
     "parse_attack",
@@ -44,41 +46,6 @@ __all__ = [
     "omniscient_reply",
     "flip_labels",
 ]
-
-ATTACKS = ("scale", "signflip", "num-examples", "extra-bytes", "alie", "ipm", "adaptive", "labelflip")
-OMNISCIENT = ("alie", "ipm", "adaptive")  # attacks that need the honest clients' updates
-
-
-def parse_attack(text: str) -> tuple[str, float] | None:
-    """``"KIND:VALUE"`` → (kind, value); ``""`` → None. ValueError naming what is allowed otherwise."""
-    text = str(text).strip()
-    if not text:
-        return None
-    kind, sep, raw = text.partition(":")
-    if kind == "labelflip" and not sep:
-        return kind, 1.0
-    if not sep or kind not in ATTACKS:
-        raise ValueError(f"is not KIND:VALUE with KIND one of {', '.join(ATTACKS)} (e.g. scale:1e6)")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"has a value {raw!r} that is not a number") from None
-    if kind != "num-examples" and not math.isfinite(value):
-        raise ValueError("needs a finite value (only num-examples may be nan/inf)")
-    if kind == "extra-bytes" and not value >= 1:
-        raise ValueError("needs a byte count >= 1")
-    if kind == "adaptive" and not 0 < value <= 1:
-        raise ValueError("needs a ratio in (0, 1] (the fraction of each bound it goes up to, e.g. 0.99)")
-    return kind, value
-
-
-def attack_reason(text: str) -> str | None:
-    """Why ``text`` is not a valid ``attack`` option (for :class:`fedfuse.config.Option`), or None."""
-    try:
-        parse_attack(text)
-    except ValueError as exc:
-        return str(exc)
-    return None
 
 
 def attacker_ids(seed: int, num_clients: int, attackers: int) -> list[int]:

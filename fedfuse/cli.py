@@ -201,9 +201,10 @@ def preflight(cfg: dict[str, Any], overwrite: bool | None, resumed_model: dict[s
     from fedfuse.data.partition import partition_indices
     from fedfuse.experiment import dataset_for
     from fedfuse.results import check_out_dir, check_writable
-    from strategies.registry import resolve_strategy  # composition root: lazy import
+    from strategies.registry import STRATEGIES, resolve_strategy  # composition root: lazy import
 
-    resolve_strategy(str(cfg["strategy"]))
+    if cfg["strategy"] not in STRATEGIES:  # a registered one imports (the run does that); a user's may not
+        resolve_strategy(str(cfg["strategy"]))
     ds = dataset_for(cfg)
     from fedfuse.models import library_of
 
@@ -293,7 +294,8 @@ _COLUMNS = ["round", "accuracy", "loss", "client train loss", "ok/err/late/bad",
 
 
 def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Run one simulation (Ray or inline) with a live rich progress display; return the last metrics row."""
+    """Run one simulation (Ray or inline) with a live rich progress display; return the last metrics row.
+    ``args.superlink``: the SuperLink :func:`main` started for a Ray run before its preflight (or None)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -334,6 +336,7 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                 client_gpus=args.client_gpus,
                 ray_address=args.ray_address,
                 verbose=args.verbose,
+                superlink=getattr(args, "superlink", None),
             )
     from fedfuse.results import load_metrics
 
@@ -461,7 +464,8 @@ def _option_flags(options: dict[str, Any]) -> list[str]:
 
 
 def _compare(cfg: dict[str, Any], args: argparse.Namespace, argv: Sequence[str]) -> None:
-    """Run each strategy in its own process (a fresh Ray), same partitions and seeds; one table, one plot.
+    """Run each strategy in its own process (a fresh Ray; one warm SuperLink for all), same partitions and seeds;
+    one table, one plot.
     An entry ``STRATEGY@key=value`` runs with its own value of ``key`` (:func:`compare_entries`)."""
     from rich.console import Console
 
@@ -471,23 +475,13 @@ def _compare(cfg: dict[str, Any], args: argparse.Namespace, argv: Sequence[str])
     entries = compare_entries(args.compare)
     out = Path(cfg["out"])
     checked: dict[str, dict[str, Any]] = {}
-    for label, name, own in entries:
-        given = validate_config({**options_for(cfg, name), **own})
-        checked[label] = {k: given[k] for k in own}  # the entry's options, typed
-        preflight({**given, "out": str(out / run_dir_name(label))}, args.overwrite)
-    base = list(argv)
-    for flag in ("--compare", "--strategy", "--out"):
-        base = _drop_flag(base, flag)
-    for label, name, own in entries:
-        args_of = base
-        for key in set(cfg) - set(k for k, v in options_for(cfg, name).items() if v == cfg[k]):
-            args_of = _drop_option(args_of, key)  # options only other compared strategies read
-        for key in own:
-            args_of = _drop_option(args_of, key)
-        cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", *args_of, *_option_flags(checked[label])]
-        cmd += ["--strategy", name, "--out", str(out / run_dir_name(label))]
-        if subprocess.run(cmd, check=False).returncode != 0:
-            raise RunFailedError(f"strategy {label!r} failed; see its output above")
+    for label, name, own in entries:  # every entry's options before anything starts
+        checked[label] = {k: v for k, v in validate_config({**options_for(cfg, name), **own}).items() if k in own}
+    with _warm_superlink(args) as child_env:  # one SuperLink for every run, started while the preflights run
+        for label, name, own in entries:
+            given = validate_config({**options_for(cfg, name), **own})
+            preflight({**given, "out": str(out / run_dir_name(label))}, args.overwrite)
+        _compare_runs(cfg, args, argv, entries, checked, child_env() if child_env else None)
     runs = {label: load_metrics(out / run_dir_name(label))["rounds"] for label, _, _ in entries}
     console = Console(width=max(Console().width, 76 + max(map(len, runs))))  # every label whole
     _print_table(console, runs)
@@ -499,6 +493,59 @@ def _compare(cfg: dict[str, Any], args: argparse.Namespace, argv: Sequence[str])
     summary = {name: rows[-1] for name, rows in runs.items()}
     atomic_write_bytes(out / "compare.json", json.dumps(summary, indent=2).encode())
     console.print(f"comparison in {out}/compare.png and compare.json")
+
+
+def _warm_superlink(args: argparse.Namespace) -> Any:
+    """For a Ray ``--compare``: a SuperLink started now and shared by every compared run (each run's process finds
+    it through ``$FEDFUSE_SUPERLINK_HOME``); yields a function giving the runs' environment once it answers.
+    Inline comparisons yield None."""
+    import contextlib
+
+    if (args.backend or "ray") != "ray":
+        return contextlib.nullcontext(None)
+
+    @contextlib.contextmanager
+    def warm() -> Any:
+        import os
+
+        from fedfuse.runners.ray import WARM_SUPERLINK, started_superlink
+
+        with started_superlink({"RAY_ADDRESS": args.ray_address} if args.ray_address else None) as link:
+
+            def env() -> dict[str, str]:
+                link.ready()
+                return {**os.environ, WARM_SUPERLINK: str(link.home)}
+
+            yield env
+
+    return warm()
+
+
+def _compare_runs(
+    cfg: dict[str, Any],
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    entries: list[tuple[str, str, dict[str, Any]]],
+    checked: dict[str, dict[str, Any]],
+    env: dict[str, str] | None,
+) -> None:
+    """Each compared strategy in its own process (``env``: the warm SuperLink's for Ray runs)."""
+    from strategies.registry import options_for
+
+    out = Path(cfg["out"])
+    base = list(argv)
+    for flag in ("--compare", "--strategy", "--out"):
+        base = _drop_flag(base, flag)
+    for label, name, own in entries:
+        args_of = base
+        for key in set(cfg) - set(k for k, v in options_for(cfg, name).items() if v == cfg[k]):
+            args_of = _drop_option(args_of, key)  # options only other compared strategies read
+        for key in own:
+            args_of = _drop_option(args_of, key)
+        cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", *args_of, *_option_flags(checked[label])]
+        cmd += ["--strategy", name, "--out", str(out / run_dir_name(label))]
+        if subprocess.run(cmd, check=False, env=env).returncode != 0:
+            raise RunFailedError(f"strategy {label!r} failed; see its output above")
 
 
 def run_dir_name(strategy: str) -> str:
@@ -520,6 +567,20 @@ def _check_ray_address(address: str) -> None:
             f"ray-address={address!r} is not reachable ({exc.strerror or exc}); start it with "
             "`ray start --head --port PORT`"
         ) from None
+
+
+def _early_superlink(args: argparse.Namespace) -> Any:
+    """For ``--backend ray``: the run's SuperLink, started now so that its start-up overlaps the preflight (stopped
+    on exit, also when the preflight refuses the run; it writes nothing in ``--out``). None (a null context) for
+    inline runs and under ``--compare``, whose runs share the comparison's warm SuperLink."""
+    import contextlib
+    import os
+
+    from fedfuse.runners.ray import WARM_SUPERLINK, started_superlink
+
+    if args.backend != "ray" or os.environ.get(WARM_SUPERLINK):
+        return contextlib.nullcontext(None)
+    return started_superlink({"RAY_ADDRESS": args.ray_address} if args.ray_address else None)
 
 
 def _drop_flag(argv: list[str], flag: str) -> list[str]:
@@ -567,8 +628,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             args.backend = args.backend or _saved_backend(Path(args.resume))
         args.backend = args.backend or "ray"
-        preflight(cfg, None if args.resume else args.overwrite, resumed_model)
-        _simulate_replacing(cfg, args)
+        with _early_superlink(args) as args.superlink:  # starts while the preflight runs (and may fail)
+            preflight(cfg, None if args.resume else args.overwrite, resumed_model)
+            _simulate_replacing(cfg, args)
     except ConfigError as exc:
         print(f"fedfuse: error: {exc}", file=sys.stderr)
         return 2

@@ -15,12 +15,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedfuse.attacks import attack_reason
-from fedfuse.data import DATASETS
-from fedfuse.data.partition import PARTITIONS
+from fedfuse.catalog import (
+    DATASET_NAMES,
+    MODEL_NAMES,
+    PARTITIONS,
+    PRETRAIN_TASKS,
+    attack_reason,
+    dataset_problem,
+    model_name_problem,
+)
 from fedfuse.errors import ConfigError
-from fedfuse.lora.run import PRETRAIN_TASKS
-from fedfuse.models import MODELS, model_name_problem
 
 __all__ = ["Option", "OPTIONS", "SERVER_OPTIONS", "CLIENT_INITS", "validate_config", "defaults"]
 
@@ -70,15 +74,6 @@ class Option:
         return v
 
 
-def dataset_problem(name: str) -> str | None:
-    """Why a ``synthetic:ALPHA,BETA`` data set name is malformed, or None (other names are checked as choices)."""
-    if not name.startswith("synthetic:"):
-        return None
-    from fedfuse.data.synthetic import synthetic_problem
-
-    return synthetic_problem(name)
-
-
 OPTIONS: dict[str, Option] = {
     o.name: o
     for o in [
@@ -88,12 +83,16 @@ OPTIONS: dict[str, Option] = {
             str,
             "digits",
             "data set (synthetic:ALPHA,BETA too)",
-            choices=tuple(DATASETS),
+            choices=DATASET_NAMES,
             check_value=dataset_problem,
         ),
         Option("data-root", str, "", "directory with data files (torchvision layout); empty = cache dir"),
         Option(
-            "model", str, "mlp", f"{'/'.join(MODELS)}, torchvision:NAME or timm:NAME", check_value=model_name_problem
+            "model",
+            str,
+            "mlp",
+            f"{'/'.join(MODEL_NAMES)}, torchvision:NAME or timm:NAME",
+            check_value=model_name_problem,
         ),
         Option("width", int, 0, "hidden width (0 = the model's default)", low=0),
         Option("depth", int, 0, "hidden layers / RNN layers (0 = default)", low=0),
@@ -162,6 +161,20 @@ OPTIONS: dict[str, Option] = {
         ),
         Option("attackers", int, 1, "number of attacking clients (chosen from the seed) when attack is set", low=0),
         Option("round-timeout", float, 600.0, "seconds the server waits for replies per round", low=0.0, low_open=True),
+        Option(
+            "eval-every",
+            int,
+            1,
+            "central evaluation every N rounds (and round 0 and the last); other rounds' rows have NaN accuracy/loss",
+            low=1,
+        ),
+        Option(
+            "checkpoint-every",
+            int,
+            1,
+            "checkpoint every K rounds (and the last); --resume continues after the last checkpoint",
+            low=1,
+        ),
         Option("client-threads", int, 1, "torch threads per client (part of bit-reproducibility)", low=1),
         Option("seed", int, 0, "seed for partitions, init, sampling and shuffling", low=0),
         Option("out", str, "runs/latest", "output directory"),

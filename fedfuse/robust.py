@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from fedfuse.errors import ConfigError
+from fedfuse.screening_options import ROBUST_METHODS
 from fedfuse.state import check_compatible, normalise_weights, weighted_average
 
 __all__ = [
@@ -42,7 +43,6 @@ __all__ = [
 
 State = Mapping[str, Tensor]
 Reducer = Callable[..., dict[str, Tensor]]  # (states, weights, *, ref) -> state, like weighted_average
-ROBUST_METHODS = ("none", "median", "trimmed-mean", "krum")
 
 
 def _stack(states: Sequence[State], key: str) -> Tensor:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from numbers import Number
 
 import torch
 
 __all__ = [
-    "check_update", "check_num_examples", "check_reply_size", "check_strategy_args", "MAX_NUM_EXAMPLES",
-    "MAX_REPLY_FACTOR",
+    "check_update", "non_finite", "single_threaded", "check_num_examples", "check_reply_size", "check_strategy_args",
+    "MAX_NUM_EXAMPLES", "MAX_REPLY_FACTOR",
 ]  # fmt: skip
 
 MAX_NUM_EXAMPLES = 1e9  # default bound on a reply's num-examples (its aggregation weight)
@@ -52,6 +53,13 @@ def check_update(
     reason = check_num_examples(num_examples, max_num_examples)
     if reason is not None:
         return reason
+    with single_threaded():
+        return _check_arrays(state, reference, shape_ok)
+
+
+def _check_arrays(
+    state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], shape_ok: ShapeCheck | None
+) -> str | None:
     missing = sorted(set(reference) - set(state))
     extra = sorted(set(state) - set(reference))
     if missing:
@@ -65,9 +73,44 @@ def check_update(
         shape, ref_shape = tuple(value.shape), tuple(ref.shape)
         if shape != ref_shape and not (shape_ok is not None and shape_ok(key, shape, ref_shape)):
             return f"{key}: shape {shape} != {ref_shape}"
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
-            return f"{key}: {bad} non-finite value(s)"
+    bad = non_finite(state)
+    if bad is not None:
+        return f"{bad[0]}: {bad[1]} non-finite value(s)"
+    return None
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """torch on one thread inside: the server's checks are many small reductions, which intra-op threads only slow
+    down (on a busy machine by 10× and more, ``benchmarks/sim_overhead.py``)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def non_finite(state: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
+    """The first floating-point entry of ``state`` holding NaN or ±inf and how many it holds, or None.
+
+    One reduction per tensor instead of an elementwise mask: Σ v (accumulated in float64) is finite iff every v is,
+    unless finite values overflow the sum, which the exact per-element check of the suspect tensors rules out.
+    """
+    floats = [(k, v.detach()) for k, v in state.items() if v.is_floating_point()]
+    if not floats:
+        return None
+    sums = torch.stack([v.sum(dtype=torch.float64) for _, v in floats])
+    if bool(torch.isfinite(sums).all()):
+        return None
+    for (key, value), total in zip(floats, sums.tolist(), strict=True):
+        if not math.isfinite(total):
+            bad = int(value.numel() - torch.isfinite(value).sum())
+            if bad:
+                return key, bad
     return None
 
 

@@ -30,7 +30,8 @@ from fedfuse.replies import error_summary, unpack_reply
 from fedfuse.robust import Reducer, reducer
 from fedfuse.screening import ROBUST_OPTIONS, ScreeningConfig, screen_round
 from fedfuse.state import weighted_average
-from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_strategy_args
+from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_strategy_args, non_finite
+from strategies.options import STRATEGY_OPTIONS
 from strategies.sampling import NodeOrder, seeded_sample
 
 __all__ = ["FedFuseStrategy", "require_model", "ROBUST_OPTIONS", "SERVER_OPTIONS"]
@@ -58,7 +59,7 @@ class FedFuseStrategy(FedAvg):
     :class:`fedfuse.screening.ScreeningConfig`'s. ``distill_epochs`` > 0: FedDF (Lin et al. 2020) on ``server_data``.
     """
 
-    options: ClassVar[tuple[Option, ...]] = (*ROBUST_OPTIONS, *SERVER_OPTIONS)  # run options beyond the core ones
+    options: ClassVar[tuple[Option, ...]] = STRATEGY_OPTIONS["fedavg"]  # run options beyond the core ones
 
     def __init__(
         self, *, seed: int = 0, discover_partitions: bool = False, query_timeout: float = 600.0,
@@ -170,7 +171,7 @@ class FedFuseStrategy(FedAvg):
         if self.distill_epochs:
             new_state = self.distill_aggregate(server_round, new_state, states, weights)
         stats["aggregate_s"] = time.perf_counter() - t_agg
-        if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
+        if non_finite(new_state) is not None:
             log.warning("round %d: the aggregate is not finite; keeping the previous global model", server_round)
             return None, MetricRecord({**stats, "skipped": 1.0})
         try:

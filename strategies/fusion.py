@@ -23,40 +23,11 @@ from fedfuse.align.gw import DEFAULT_ALPHA
 from fedfuse.align.solvers import resolve_spec
 from fedfuse.config import Option
 from fedfuse.errors import ConfigError
-from strategies.base import ROBUST_OPTIONS, SERVER_OPTIONS, FedFuseStrategy, require_model
-from strategies.repair import REPAIR_OPTIONS, PostFusionRepair
+from strategies.base import FedFuseStrategy, require_model
+from strategies.options import SOLVERS, STRATEGY_OPTIONS
+from strategies.repair import PostFusionRepair
 
 __all__ = ["FedFusion", "FedMatch", "FedWB", "FedGWB", "FedCCA", "FedZip"]
-
-SOLVERS = ("emd", "sinkhorn")
-
-
-def _widths_reason(value: str) -> str | None:
-    ok = not value.strip() or all(w.strip().isdigit() and int(w) > 0 for w in value.split(","))
-    return None if ok else "is not a comma-separated list of positive integers"
-
-
-FUSION_OPTIONS = (
-    Option("fusion-solver", str, "emd", "wb: exact OT (emd) or entropic (sinkhorn)", choices=SOLVERS),
-    Option("fusion-epsilon", float, 0.01, "sinkhorn regularisation, relative to the cost range", low=0, low_open=True),
-    Option("fusion-iters", int, 0, "barycenter iterations (0 = the method's default)", low=0),
-    Option(
-        "bn-fold",
-        bool,
-        False,
-        "BN-aware fusion: fold each BatchNorm into its conv/linear for the alignment cost and the average, "
-        "unfold onto the clients' averaged BN parameters after (no effect without BatchNorm)",
-    ),
-    *REPAIR_OPTIONS,
-    *SERVER_OPTIONS,
-)
-WIDTHS_OPTION = Option(
-    "client-widths",
-    str,
-    "",
-    "wb/gwb/heterofl: comma-separated hidden widths cycled over clients (heterogeneity)",
-    check_value=_widths_reason,
-)
 
 
 class FedFusion(FedFuseStrategy):
@@ -78,7 +49,7 @@ class FedFusion(FedFuseStrategy):
     """
 
     method = "average"
-    options: ClassVar[tuple[Option, ...]] = (*ROBUST_OPTIONS, *FUSION_OPTIONS)
+    options: ClassVar[tuple[Option, ...]] = STRATEGY_OPTIONS["match"]
 
     def __init__(
         self,
@@ -227,7 +198,7 @@ class FedWB(FedFusion):
     """Wasserstein-barycenter fusion (Akash et al. 2022): alternate OT alignment and averaging."""
 
     method = "wb"
-    options = (*ROBUST_OPTIONS, *FUSION_OPTIONS, WIDTHS_OPTION)
+    options = STRATEGY_OPTIONS["wb"]
 
 
 class FedGWB(FedFusion):
@@ -235,12 +206,7 @@ class FedGWB(FedFusion):
     WB's feature cost, trade-off ``alpha`` (0 = WB, 1 = GW warm-started from WB)."""
 
     method = "gwb"
-    options = (
-        *ROBUST_OPTIONS,
-        *FUSION_OPTIONS,
-        WIDTHS_OPTION,
-        Option("gwb-alpha", float, DEFAULT_ALPHA, "gwb: structure weight α (0 = WB, 1 = pure GW)", low=0, high=1),
-    )
+    options = STRATEGY_OPTIONS["gwb"]
 
     def __init__(self, *, alpha: float = DEFAULT_ALPHA, **kwargs: Any) -> None:
         if isinstance(alpha, bool) or not 0.0 <= float(alpha) <= 1.0:

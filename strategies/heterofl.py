@@ -21,8 +21,8 @@ from fedfuse.align.slicing import masked_average, slice_state
 from fedfuse.align.solvers import resolve_spec
 from fedfuse.config import Option
 from fedfuse.errors import ConfigError
-from strategies.base import ROBUST_OPTIONS, FedFuseStrategy, require_model
-from strategies.fusion import WIDTHS_OPTION
+from strategies.base import FedFuseStrategy, require_model
+from strategies.options import STRATEGY_OPTIONS
 
 __all__ = ["HeteroFL"]
 
@@ -36,7 +36,7 @@ class HeteroFL(FedFuseStrategy):
     The screening defences apply; a ``robust`` reduction is not defined for masked averaging and is refused.
     """
 
-    options: ClassVar[tuple[Option, ...]] = (*ROBUST_OPTIONS, WIDTHS_OPTION)
+    options: ClassVar[tuple[Option, ...]] = STRATEGY_OPTIONS["heterofl"]
 
     def __init__(
         self,

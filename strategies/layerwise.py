@@ -36,16 +36,11 @@ from torch import nn
 
 from fedfuse import protocol
 from fedfuse.config import Option
-from fedfuse.selection import LAYERWISE_PRESETS, shared_keys
-from strategies.base import ROBUST_OPTIONS, FedFuseStrategy, require_model
+from fedfuse.selection import shared_keys
+from strategies.base import FedFuseStrategy, require_model
+from strategies.options import STRATEGY_OPTIONS
 
 __all__ = ["LayerwiseAvg"]
-
-
-def _preset_reason(preset: str) -> str | None:
-    if preset in LAYERWISE_PRESETS or (preset.startswith("layers=") and preset[7:].strip(", ")):
-        return None
-    return f"is not allowed; allowed: {', '.join(LAYERWISE_PRESETS)} or layers=<glob,glob>"
 
 
 class LayerwiseAvg(FedFuseStrategy):
@@ -55,16 +50,7 @@ class LayerwiseAvg(FedFuseStrategy):
     holdouts, example-weighted) and ``shared_fraction`` (shared entries / all entries).
     """
 
-    options: ClassVar[tuple[Option, ...]] = (
-        *ROBUST_OPTIONS,  # not SERVER_OPTIONS: distillation would move the entries this strategy keeps apart
-        Option(
-            "layerwise-preset",
-            str,
-            "body",
-            "layerwise: shared (averaged) layers: body (FedPer), head, no-bn (FedBN) or layers=<glob,glob>",
-            check_value=_preset_reason,
-        ),
-    )
+    options: ClassVar[tuple[Option, ...]] = STRATEGY_OPTIONS["layerwise"]
 
     def __init__(self, *, model: nn.Module | None = None, preset: str = "body", seed: int = 0, **kwargs: Any):
         model = require_model(self, model)

@@ -28,23 +28,13 @@ from fedfuse import lora
 from fedfuse.config import Option
 from fedfuse.errors import ConfigError
 from fedfuse.experiment import derive_seed
-from fedfuse.lora.run import lora_ranks, ranks_reason
-from strategies.base import ROBUST_OPTIONS, FedFuseStrategy
+from fedfuse.lora.run import lora_ranks
+from strategies.base import FedFuseStrategy
+from strategies.options import LORA_OPTIONS, STRATEGY_OPTIONS
 
 __all__ = ["LORA_OPTIONS", "LoRAStrategy", "FedAvgLoRA", "FedExLoRA", "AlignedLoRA", "FLoRA", "HetLoRA", "SVDLoRA"]
 
 State = dict[str, torch.Tensor]
-
-LORA_OPTIONS = (
-    Option("lora-rank", int, 0, "LoRA: adapter rank of every client (0 = off; LoRA strategies need it or lora-ranks)",
-           low=0),
-    Option("lora-ranks", str, "", "LoRA: comma-separated ranks cycled over clients (e.g. 4,8,16); the server's "
-           "adapters have the largest", check_value=ranks_reason),
-    Option("lora-targets", str, "", "LoRA: comma-separated module-name globs of the Linear/Conv2d layers to adapt, "
-           "PAT:R for a rank of its own (empty = every Linear/Conv2d)"),
-    Option("lora-alpha", float, 4.0, "LoRA: the update is (alpha / rank)·B·A", low=0.0, low_open=True),
-)  # fmt: skip
-SCREEN_OPTIONS = tuple(o for o in ROBUST_OPTIONS if o.name not in ("robust", "robust-fraction"))
 
 
 def _nbytes(state: Mapping[str, torch.Tensor]) -> int:
@@ -61,7 +51,7 @@ class LoRAStrategy(FedFuseStrategy):
     rule: ClassVar[str] = "fedavg"
     folds_base: ClassVar[bool] = False
     mixed_ranks: ClassVar[bool] = True
-    options: ClassVar[tuple[Option, ...]] = (*SCREEN_OPTIONS, *LORA_OPTIONS)
+    options: ClassVar[tuple[Option, ...]] = STRATEGY_OPTIONS["fedavg-lora"]
 
     def __init__(self, *, alpha: float = 4.0, client_ranks: Sequence[int] | None = None, **kwargs: Any) -> None:
         if isinstance(alpha, bool) or not float(alpha) > 0:
@@ -94,7 +84,7 @@ class LoRAStrategy(FedFuseStrategy):
     def _rank_of(self, node: int, global_rank: int) -> int:
         if not self.client_ranks:
             return global_rank
-        return self.client_ranks[max(self.nodes.partition_of.get(node, 0), 0) % len(self.client_ranks)]
+        return self.client_ranks[max(self.nodes.partition(node), 0) % len(self.client_ranks)]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

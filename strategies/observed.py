@@ -25,6 +25,7 @@ wrapper that keeps its loop (no copy of it here). Flower's log then counts "[ROU
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -159,11 +160,13 @@ class ObservedStrategy(Strategy):
             for observer in self.observers:
                 rnd.observed.update(observer.observe(server_round + self.offset, clients))
         guarded = 0
+        t_server = time.perf_counter()  # validation, screening and aggregation: the server's own time
         if self.guard is not None:
             key = str(getattr(self.inner, "weighted_by_key", protocol.NUM_EXAMPLES))
             replies, guarded = self.guard.filter(server_round + self.offset, replies, self._sent, key)
         arrays, metrics = self.inner.aggregate_train(server_round + self.offset, replies)
         rnd.train = dict(metrics) if metrics is not None else {}
+        rnd.train["server_s"] = time.perf_counter() - t_server
         if guarded:
             rnd.train["rejected"] = float(rnd.train.get("rejected", 0.0)) + guarded
         return arrays, metrics

@@ -24,8 +24,9 @@ from fedfuse.config import Option
 from fedfuse.errors import ConfigError
 from fedfuse.experiment import derive_seed, round_mask
 from fedfuse.subspace import fixed_distance, mask_ratio
-from strategies.base import ROBUST_OPTIONS, FedFuseStrategy, require_model
-from strategies.repair import REPAIR_OPTIONS, PostFusionRepair
+from strategies.base import FedFuseStrategy, require_model
+from strategies.options import STRATEGY_OPTIONS
+from strategies.repair import PostFusionRepair
 
 __all__ = ["FedPFN", "FedPNU"]
 
@@ -40,19 +41,7 @@ class FedPFN(FedFuseStrategy):
     """
 
     mode = "pfn"
-    options: ClassVar[tuple[Option, ...]] = (
-        *ROBUST_OPTIONS,  # not SERVER_OPTIONS: distillation would move the entries this strategy keeps apart
-        Option("pfn-ratio", float, 0.4, "fedpfn/fedpnu: fraction of each tensor fixed at init", low=0.0, high=0.99),
-        Option(
-            "pfn-granularity", str, "weight", "fedpfn/fedpnu: fix single weights or whole neurons",
-            choices=("weight", "neuron"),
-        ),
-        Option(
-            "pfn-fusion", str, "average", "fedpfn/fedpnu: aggregation (wb = FedPFN + FedWB)",
-            choices=("average", "wb", "match", "gwb"),
-        ),
-        *REPAIR_OPTIONS,
-    )  # fmt: skip
+    options: ClassVar[tuple[Option, ...]] = STRATEGY_OPTIONS["fedpfn"]
 
     def __init__(
         self,

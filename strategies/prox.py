@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import FedProx as FlowerFedProx
 from fedfuse import protocol
 from fedfuse.config import Option
 from strategies.base import FedFuseStrategy
+from strategies.options import STRATEGY_OPTIONS
 
 __all__ = ["FedProx"]
 
@@ -29,11 +30,7 @@ class FedProx(FedFuseStrategy, FlowerFedProx):
     (``fedfuse simulate --proximal-mu``) defaults to 0.01 and is passed explicitly.
     """
 
-    options: ClassVar[tuple[Option, ...]] = (
-        *FedFuseStrategy.options,
-        Option("proximal-mu", float, 0.01, "fedprox: weight μ of the clients' proximal term (μ/2)·‖w − w_global‖²",
-               low=0.0),
-    )  # fmt: skip
+    options: ClassVar[tuple[Option, ...]] = STRATEGY_OPTIONS["fedprox"]
 
     def __init__(self, *, proximal_mu: float = 0.0, **kwargs: Any) -> None:
         # FedFuseStrategy.__init__ → FlowerFedProx.__init__(proximal_mu=...) → FedAvg.__init__ (the MRO)

@@ -1,8 +1,9 @@
 """Strategy names → classes, the full option schema, and construction from a run config.
 
-Adding a strategy = one module + one line in :data:`STRATEGIES`. Its run options live on the class
-(``options``, :class:`fedfuse.config.Option`) and its construction in ``config_kwargs``; this module
-merges the options into the schema the CLI, ``flwr run`` and the ServerApp validate against.
+Adding a strategy = one module + one line in :data:`STRATEGIES` + its options in
+:data:`strategies.options.STRATEGY_OPTIONS` (the class's ``options``, :class:`fedfuse.config.Option`); its
+construction is in ``config_kwargs``. This module merges the options into the schema the CLI, ``flwr run`` and the
+ServerApp validate against, from the table alone: checking a config imports no strategy (no torch, Flower, POT).
 
 A name is a registered one (``fedavg``) or any ``package.module:Class`` path to a Flower Message-API
 strategy, so users plug their own in (constructed with FedAvg's sampling arguments, or through its own
@@ -17,13 +18,15 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
-
-from flwr.serverapp.strategy import Strategy
+from typing import TYPE_CHECKING, Any
 
 from fedfuse import config as core
 from fedfuse.config import Option
 from fedfuse.errors import ConfigError
+from strategies.options import STRATEGY_OPTIONS
+
+if TYPE_CHECKING:
+    from flwr.serverapp.strategy import Strategy
 
 __all__ = ["STRATEGIES", "OPTIONS", "OWNERS", "resolve_strategy", "build_strategy", "validate_config", "options_for"]
 
@@ -49,6 +52,8 @@ STRATEGIES: dict[str, str] = {
 
 
 def _import(path: str, name: str) -> type[Strategy]:
+    from flwr.serverapp.strategy import Strategy
+
     module_name, _, attr = path.partition(":")
     if "" not in sys.path and os.getcwd() not in sys.path:  # a user's module beside them, as `python -m` finds it
         sys.path.append(os.getcwd())
@@ -75,7 +80,7 @@ def _schema() -> tuple[dict[str, Option], dict[str, list[str]]]:
     options["strategy"] = replace(core.OPTIONS["strategy"], choices=tuple(STRATEGIES))
     owners: dict[str, list[str]] = {}
     for name in STRATEGIES:
-        for opt in getattr(resolve_strategy(name), "options", ()):
+        for opt in STRATEGY_OPTIONS[name]:
             if opt.name in core.OPTIONS or options.get(opt.name, opt) != opt:
                 raise ConfigError(f"strategy {name!r} redefines option {opt.name!r} differently")
             options[opt.name] = opt

@@ -45,28 +45,13 @@ from fedfuse.align.repair import (
     repair_sites,
     rescale_units,
 )
-from fedfuse.config import Option
 from fedfuse.errors import ConfigError
+from strategies.options import REPAIR_MODES, REPAIR_OPTIONS
 
 __all__ = ["REPAIR_MODES", "REPAIR_OPTIONS", "PostFusionRepair"]
 
 log = logging.getLogger("fedfuse")
 State = dict[str, torch.Tensor]
-REPAIR_MODES = ("none", "reset", "repair")
-REPAIR_OPTIONS = (
-    Option(
-        "bn-repair", str, "none",
-        "after fusion: none; reset = the sampled clients recompute the fused model's BatchNorm statistics on their "
-        "data; repair = federated REPAIR (clients report per-unit mean/std of the fused and of their aligned "
-        "model; the server rescales each unit). reset/repair add a query.repair message round",
-        choices=REPAIR_MODES,
-    ),
-    Option(
-        "repair-rounds", int, 0,
-        "bn-repair=repair: statistics rounds (0 = one per repaired layer: exact sequential REPAIR; fewer = Jacobi "
-        "approximation, cheaper)", low=0,
-    ),
-)  # fmt: skip
 
 
 def record_bytes(record: ArrayRecord) -> int:

@@ -24,6 +24,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedfuse import protocol
 from fedfuse.checkpoint import (
     CHECKPOINT,
     check_resumable,
@@ -92,26 +93,33 @@ def run_server(
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Row of round ``server_round`` (central test metrics + the round's record), then the checkpoint."""
+        last = server_round == int(cfg["num-rounds"])
         state = arrays.to_torch_state_dict()
-        model.load_state_dict(state)
-        loss, acc = evaluate(model, ds.x_test, ds.y_test)
+        nan = float("nan")
+        if server_round == 0 or last or server_round % int(cfg["eval-every"]) == 0:
+            model.load_state_dict(state)
+            loss, acc = evaluate(model, ds.x_test, ds.y_test)
+        else:  # --eval-every: not evaluated this round
+            loss, acc = nan, nan
         if writer.rows and server_round <= writer.rows[-1]["round"]:  # resumed from round 0: already recorded
             return MetricRecord({"accuracy": acc, "loss": loss})
-        nan = float("nan")
         row = {"round": server_round, "central_accuracy": acc, "central_loss": loss, "client_train_loss": nan,
                "client_train_accuracy": nan, "replies": 0.0, "failures": 0.0}  # fmt: skip
         if server_round > 0:
             row |= observed.round_metrics()
         row["wall_time"] = time.perf_counter() - t0
-        ckpt = {
-            "round": server_round,
-            "config": cfg,
-            "model": state,
-            "strategy": strategy.state_dict() if hasattr(strategy, "state_dict") else {},
-            "rng": rng_states(),
-            "metrics": [*writer.rows, row],
-        }
-        writer.append(row, commit={out / CHECKPOINT: checkpoint_bytes(ckpt)})  # one commit: never a round apart
+        if server_round == 0 or last or server_round % int(cfg["checkpoint-every"]) == 0:
+            ckpt = {
+                "round": server_round,
+                "config": cfg,
+                "model": state,
+                "strategy": strategy.state_dict() if hasattr(strategy, "state_dict") else {},
+                "rng": rng_states(),
+                "metrics": [*writer.rows, row],
+            }
+            writer.append(row, commit={out / CHECKPOINT: checkpoint_bytes(ckpt)})  # one commit: never a round apart
+        else:  # --checkpoint-every: the row alone; a resume continues after the last checkpoint
+            writer.append(row)
         if on_round is not None:
             on_round(row)
         failed = observed.all_failed() if server_round > 0 else None
@@ -119,7 +127,11 @@ def run_server(
             raise RunFailedError(f"round {server_round}: {failed}; the run stops (results up to it in {out}/)")
         return MetricRecord({"accuracy": acc, "loss": loss})
 
-    train_config = ConfigRecord({k: v for k, v in cfg.items() if isinstance(v, (str, int, float, bool))})
+    # the run config goes to the clients, except ``proximal-mu``: a client reads that key as FedProx's μ, and only a
+    # FedProx strategy sets it (its configure_train); sent always, every strategy's clients trained with μ = 0.01
+    train_config = ConfigRecord(
+        {k: v for k, v in cfg.items() if isinstance(v, (str, int, float, bool)) and k != protocol.PROXIMAL_MU}
+    )
     result = observed.start(
         grid=grid,
         initial_arrays=initial,

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import subprocess
@@ -129,6 +130,7 @@ def test_resume_reuses_the_backend_of_the_run(tmp_path, monkeypatch) -> None:
     seen: list[str] = []
     monkeypatch.setattr(cli, "preflight", lambda cfg, overwrite, resumed_model=None: None)
     monkeypatch.setattr(cli, "_simulate", lambda cfg, args: seen.append(args.backend))
+    monkeypatch.setattr(cli, "_early_superlink", lambda args: contextlib.nullcontext())  # nothing runs here
     out = tmp_path / "run"
     assert run_cli(["simulate", "--backend", "inline", "--out", str(out)]) == 0
     assert json.loads((out / "runtime.json").read_text()) == {"backend": "inline"}

@@ -11,8 +11,8 @@ pytestmark = pytest.mark.ray
 
 
 def _results(rows: list[dict]) -> list[dict]:
-    """Metrics rows without their timings (wall_time, aggregate_s): measurements, not results."""
-    return [{k: v for k, v in r.items() if k not in ("wall_time", "aggregate_s")} for r in rows]
+    """Metrics rows without their timings (wall_time, aggregate_s, server_s): measurements, not results."""
+    return [{k: v for k, v in r.items() if k not in ("wall_time", "aggregate_s", "server_s")} for r in rows]
 
 
 def _simulate(out, *extra: str, printed: list[str] | None = None) -> dict:

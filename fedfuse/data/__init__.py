@@ -88,11 +88,28 @@ def _from_arrays(
     return Dataset(name, x_train, yt[tr], x_test, yt[te], int(yt.max()) + 1)
 
 
-def _digits(data_root: Path | None, seed: int) -> Dataset:
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits (x: N×64 float64, y: labels): the file :func:`sklearn.datasets.load_digits`
+    reads, read as it reads it (``np.loadtxt``, last column = label), without importing scikit-learn (seconds on a
+    busy machine, and every simulated client pays it); ``load_digits`` itself where the file is not found."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # finds the package without running it
+    where = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(where[0]) / "datasets" / "data" / "digits.csv.gz" if where else None
+    if path is not None and path.is_file():
+        with gzip.open(path, "rt") as f:
+            data = np.loadtxt(f, delimiter=",")
+        return data[:, :-1], data[:, -1].astype(int, copy=False)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    return _from_arrays("digits", d.data, d.target, (1, 8, 8), seed, 0.2)
+    return d.data, d.target
+
+
+def _digits(data_root: Path | None, seed: int) -> Dataset:
+    x, y = digits_arrays()
+    return _from_arrays("digits", x, y, (1, 8, 8), seed, 0.2)
 
 
 def _mnist1d(data_root: Path | None, seed: int) -> Dataset:

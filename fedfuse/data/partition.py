@@ -14,11 +14,10 @@ from functools import lru_cache
 
 import numpy as np
 
+from fedfuse.catalog import PARTITIONS
 from fedfuse.errors import ConfigError
 
 __all__ = ["PARTITIONS", "partition_indices", "label_skew"]
-
-PARTITIONS = ("iid", "dirichlet", "pathological", "quantity")
 
 
 def _check(scheme: str, num_partitions: int, n: int, alpha: float, classes_per_client: int, num_classes: int) -> None:

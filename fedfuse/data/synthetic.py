@@ -24,43 +24,27 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedfuse.catalog import SYNTHETIC_REASON, synthetic_params
 from fedfuse.errors import ConfigError
 
 __all__ = ["Synthetic", "parse_synthetic", "synthetic_problem", "DIM", "NUM_CLASSES", "TEST_CLIENTS"]
 
 DIM, NUM_CLASSES, TEST_CLIENTS, TRAIN_FRACTION = 60, 10, 100, 0.9
 _SIGMA = np.arange(1, DIM + 1, dtype=np.float64) ** -0.6  # sqrt of diag(j^-1.2)
-_REASON = (
-    "is not a synthetic data set; allowed: synthetic or synthetic:ALPHA,BETA with two finite numbers >= 0 "
-    "(e.g. synthetic:0.5,0.5)"
-)
 _TAG = 1_000_003  # keeps the data's seed stream apart from the run's other derived seeds
 
 
 def synthetic_problem(name: str) -> str | None:
     """Why ``name`` is not ``synthetic`` or ``synthetic:ALPHA,BETA`` (two numbers >= 0), or None."""
-    try:
-        parse_synthetic(name)
-    except ConfigError:
-        return _REASON
-    return None
+    return None if synthetic_params(name) is not None else SYNTHETIC_REASON
 
 
 def parse_synthetic(name: str) -> tuple[float, float]:
     """``(α, β)`` of ``synthetic`` (= Synthetic(1, 1), FedProx's most heterogeneous) or ``synthetic:ALPHA,BETA``."""
-    if name == "synthetic":
-        return 1.0, 1.0
-    head, _, args = name.partition(":")
-    parts = args.split(",")
-    try:
-        if head != "synthetic" or len(parts) != 2:
-            raise ValueError
-        alpha, beta = float(parts[0]), float(parts[1])
-        if not (alpha >= 0 and beta >= 0 and np.isfinite(alpha) and np.isfinite(beta)):
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"dataset={name!r} {_REASON}") from None
-    return alpha, beta
+    params = synthetic_params(name)
+    if params is None:
+        raise ConfigError(f"dataset={name!r} {SYNTHETIC_REASON}")
+    return params
 
 
 @dataclass(frozen=True)

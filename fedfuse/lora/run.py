@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedfuse.catalog import PRETRAIN_TASKS
+from fedfuse.catalog import positive_ints_reason as ranks_reason  # noqa: F401  (a lora-ranks value's check)
 from fedfuse.errors import ConfigError
 from fedfuse.lora.layers import inject_lora, target_modules
 
@@ -37,14 +39,7 @@ __all__ = [
     "adapter_state",
 ]
 
-PRETRAIN_TASKS = ("none", "low-classes")
 _BASES: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}  # per process: (config subset) → base state
-
-
-def ranks_reason(value: str) -> str | None:
-    """Why a ``lora-ranks`` value is refused, or None."""
-    ok = not value.strip() or all(r.strip().isdigit() and int(r) > 0 for r in value.split(","))
-    return None if ok else "is not a comma-separated list of integers >= 1"
 
 
 def lora_ranks(cfg: Mapping[str, Any]) -> list[int]:

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from fedfuse.catalog import LIBRARY_NAMES as _LIBRARY_NAMES
+from fedfuse.catalog import model_name_problem
 from fedfuse.errors import ConfigError
 from fedfuse.models import hf_models, timm_models, torchvision_models
 
@@ -217,24 +219,11 @@ LIBRARIES: dict[str, tuple[Callable[[str], str | None], Callable[..., nn.Module]
     timm_models.PREFIX: (timm_models.check_timm_name, timm_models.build_timm),
     hf_models.PREFIX: (hf_models.check_hf_name, hf_models.build_hf),
 }
-_LIBRARY_NAMES = (
-    "torchvision:NAME (a torchvision classifier), timm:NAME (a timm model) or hf:ARCH (a Hugging Face architecture)"
-)
 
 
 def library_of(name: str) -> str | None:
     """The library prefix of ``name`` (``"torchvision:"``, ``"timm:"``), or None for fedfuse's own models."""
     return next((p for p in LIBRARIES if name.startswith(p)), None)
-
-
-def model_name_problem(name: str) -> str | None:
-    """Why ``name`` is not a model fedfuse can build (a ``MODELS`` key, ``torchvision:NAME`` or ``timm:NAME``)."""
-    if name in MODELS:
-        return None
-    prefix = library_of(name)
-    if prefix is not None:
-        return LIBRARIES[prefix][0](name[len(prefix) :])
-    return f"is not allowed; allowed: {', '.join(MODELS)}, {_LIBRARY_NAMES}"
 
 
 def build_model(

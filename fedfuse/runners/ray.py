@@ -32,7 +32,8 @@ from typing import Any
 from fedfuse.errors import RunFailedError
 
 __all__ = [
-    "run_ray", "local_superlink", "run_status", "wait_finished", "EXPECTED_WARNINGS", "write_app", "cluster_summary",
+    "run_ray", "local_superlink", "started_superlink", "SuperLinkProcess",
+    "run_status", "wait_finished", "EXPECTED_WARNINGS", "write_app", "cluster_summary",
     "describe_cluster",
 ]  # fmt: skip
 
@@ -164,25 +165,13 @@ def wait_finished(
         time.sleep(2.0)
 
 
-@contextmanager
-def local_superlink(
-    workdir: Path,
-    extra_env: Mapping[str, str] | None = None,
-    *,
-    remove_workdir: bool = False,
-) -> Iterator[dict[str, str]]:
-    """A SuperLink in simulation mode on a free loopback port, with a private ``FLWR_HOME`` in ``workdir``
-    whose default connection points at it; yields the environment for ``flwr run`` / ``flwr list``.
-    The SuperLink and every process it started (ServerApp, simulation, Ray) are stopped on exit, and also
-    when this process is killed (:func:`supervised`); ``remove_workdir`` deletes ``workdir`` then."""
+WARM_SUPERLINK = "FEDFUSE_SUPERLINK_HOME"  # FLWR_HOME of a running SuperLink to reuse (``--compare`` sets it)
+
+
+def _superlink_env(home: Path, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a SuperLink whose ``FLWR_HOME`` is ``home``, and of ``flwr run`` / ``flwr list`` on it."""
     import fedfuse
 
-    home = workdir / "flwr-home"
-    home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "fedfuse"\n\n[superlink.fedfuse]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
     root = Path(fedfuse.__file__).resolve().parent.parent  # the code this CLI runs is the code the apps run
     env = {
         **os.environ,
@@ -198,19 +187,93 @@ def local_superlink(
         "PYTHONPATH": os.pathsep.join([str(root), os.getcwd(), *filter(None, [os.environ.get("PYTHONPATH")])]),
         **(extra_env or {}),
     }
-    log_path = workdir / "superlink.log"
-    with open(log_path, "wb") as link_log:
-        superlink = supervised(
-            [_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-             "--control-api-address", f"127.0.0.1:{_free_port()}", "--host", "127.0.0.1", "--port", str(port)],
-            remove=[workdir] if remove_workdir else [], env=env, cwd=workdir, stdout=link_log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    env.pop(WARM_SUPERLINK, None)  # the apps, and a SuperLink started here, never reuse another one
+    return env
+
+
+class SuperLinkProcess:
+    """A SuperLink in simulation mode started on a free loopback port, with a private ``FLWR_HOME`` in ``workdir``
+    whose default connection points at it. Starting it returns at once (its start-up overlaps what the caller does
+    next, e.g. the preflight); :meth:`ready` waits until it answers and returns the environment for ``flwr run``.
+    It and every process it starts (ServerApp, simulation, Ray) end with :meth:`stop`, and also when this process is
+    killed (:func:`supervised`); ``remove_workdir`` deletes ``workdir`` then."""
+
+    def __init__(
+        self, workdir: Path, extra_env: Mapping[str, str] | None = None, *, remove_workdir: bool = False
+    ) -> None:
+        self.workdir = workdir
+        self.home = workdir / "flwr-home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = _free_port()
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "fedfuse"\n\n[superlink.fedfuse]\naddress = "127.0.0.1:{self.port}"\n'
+            "insecure = true\n"
+        )
+        self.env = _superlink_env(self.home, extra_env)
+        self.log_path = workdir / "superlink.log"
+        with open(self.log_path, "wb") as link_log:
+            self.proc = supervised(
+                [_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+                 "--control-api-address", f"127.0.0.1:{_free_port()}", "--host", "127.0.0.1", "--port",
+                 str(self.port)],
+                remove=[workdir] if remove_workdir else [], env=self.env, cwd=workdir, stdout=link_log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self._healthy = False
+
+    def ready(self) -> dict[str, str]:
+        if not self._healthy:
+            _wait_healthy(self.port, self.proc, self.log_path)
+            self._healthy = True
+        return self.env
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+@contextmanager
+def started_superlink(extra_env: Mapping[str, str] | None = None) -> Iterator[SuperLinkProcess]:
+    """A :class:`SuperLinkProcess` in a temporary directory, started now and stopped (with every process it
+    started) on exit: ``fedfuse simulate`` starts it before its preflight, ``--compare`` shares one across runs."""
+    with tempfile.TemporaryDirectory(prefix="fedfuse-superlink-", ignore_cleanup_errors=True) as tmp:
+        link = SuperLinkProcess(Path(tmp), extra_env, remove_workdir=True)
+        try:
+            yield link
+        finally:
+            link.stop()
+
+
+@contextmanager
+def local_superlink(
+    workdir: Path,
+    extra_env: Mapping[str, str] | None = None,
+    *,
+    remove_workdir: bool = False,
+) -> Iterator[dict[str, str]]:
+    """A SuperLink in simulation mode on a free loopback port, with a private ``FLWR_HOME`` in ``workdir``
+    whose default connection points at it; yields the environment for ``flwr run`` / ``flwr list``.
+    The SuperLink and every process it started (ServerApp, simulation, Ray) are stopped on exit, and also
+    when this process is killed (:func:`supervised`); ``remove_workdir`` deletes ``workdir`` then."""
+    link = SuperLinkProcess(workdir, extra_env, remove_workdir=remove_workdir)
     try:
-        _wait_healthy(port, superlink, log_path)
-        yield env
+        yield link.ready()
     finally:
-        _stop(superlink)
+        link.stop()
+
+
+@contextmanager
+def _superlink_for_run(
+    workdir: Path, extra_env: Mapping[str, str] | None, link: SuperLinkProcess | None
+) -> Iterator[dict[str, str]]:
+    """The SuperLink a run uses: ``link`` (started by the caller), else the warm one named by
+    ``$FEDFUSE_SUPERLINK_HOME`` (``--compare``), else a fresh one for this run alone."""
+    if link is not None:
+        yield link.ready()
+    elif os.environ.get(WARM_SUPERLINK):
+        yield _superlink_env(Path(os.environ[WARM_SUPERLINK]), extra_env)
+    else:
+        with local_superlink(workdir, extra_env, remove_workdir=True) as env:
+            yield env
 
 
 def cluster_summary(address: str, nodes: Sequence[Mapping[str, Any]], resources: Mapping[str, float]) -> str:
@@ -248,9 +311,11 @@ def run_ray(
     client_gpus: float = 0.0,
     ray_address: str | None = None,
     verbose: bool = False,
+    superlink: SuperLinkProcess | None = None,
 ) -> None:
     """``cfg['num-clients']`` simulated SuperNodes on Ray, each ClientApp reserving ``client_cpus`` /
     ``client_gpus``; ``ray_address`` joins an existing Ray cluster (``RAY_ADDRESS``) instead of a local one.
+    ``superlink``: a SuperLink the caller started already (its start-up overlapped the caller's preflight).
 
     Raises :class:`RunFailedError` with the ServerApp's error line when the run fails.
     """
@@ -281,12 +346,15 @@ def run_ray(
 
     if ray_address:
         print(describe_cluster(ray_address), flush=True)  # which cluster this run joins, before it starts
-    # the SuperLink's supervisor deletes tmp (FLWR_HOME, the app) also when this process is killed
-    with tempfile.TemporaryDirectory(prefix="fedfuse-flwr-", ignore_cleanup_errors=True) as tmp:
+    # the SuperLink's supervisor deletes tmp (FLWR_HOME, the app) also when this process is killed: a SuperLink
+    # started earlier (or a --compare's warm one) holds tmp inside its own directory
+    warm = os.environ.get(WARM_SUPERLINK)
+    base = superlink.workdir if superlink is not None else Path(warm).parent if warm else None
+    with tempfile.TemporaryDirectory(prefix="fedfuse-flwr-", dir=base, ignore_cleanup_errors=True) as tmp:
         app_dir = Path(tmp) / "app"
         write_app(app_dir, cfg, resume=resume)
         extra = {"RAY_ADDRESS": ray_address} if ray_address else None
-        with local_superlink(Path(tmp), extra, remove_workdir=True) as env:
+        with _superlink_for_run(Path(tmp), extra, superlink) as env:
             level, to_driver = ("INFO", "true") if verbose else ("ERROR", "false")
             fed = (
                 f"num-supernodes={int(cfg['num-clients'])} client-resources-num-cpus={client_cpus:g} "

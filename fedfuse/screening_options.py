@@ -1,0 +1,54 @@
+"""The screening and robust-reduction run options, as data (no torch): the CLI checks them without loading the
+core's maths; :mod:`fedfuse.screening` and :mod:`fedfuse.robust` apply them."""
+
+from __future__ import annotations
+
+from fedfuse.config import Option
+
+__all__ = [
+    "ROBUST_METHODS",
+    "NORM_ACTIONS",
+    "DIRECTION_GUARDS",
+    "UPDATE_NORM_BOUND",
+    "EXAMPLES_CAP",
+    "EXAMPLES_BOUND",
+    "MIN_UPDATE_COSINE",
+    "SCREENING_OPTIONS",
+    "ROBUST_OPTIONS",
+]
+
+ROBUST_METHODS = ("none", "median", "trimmed-mean", "krum")
+NORM_ACTIONS = ("clip", "reject")
+DIRECTION_GUARDS = ("median", "off")
+UPDATE_NORM_BOUND = 3.0  # × the round's median per-step update norm × the client's (capped) steps
+EXAMPLES_CAP = 10.0  # claims (weight, steps) clipped to × the round's median
+EXAMPLES_BOUND = 0.0  # reject claims above × the median (off: the cap makes a large claim harmless)
+MIN_UPDATE_COSINE = -1.0  # off: honest non-IID updates reach cosine -0.27 with the median update
+
+SCREENING_OPTIONS = (
+    Option("update-norm-bound", float, UPDATE_NORM_BOUND,
+           "an update norm above this × the round's median norm per local step × the client's local steps "
+           "is clipped (or rejected) (0 = off)", low=0.0),
+    Option("update-norm-action", str, "clip", "what update-norm-bound does", choices=NORM_ACTIONS),
+    Option("examples-cap", float, EXAMPLES_CAP,
+           "a claimed num-examples (aggregation weight) or local-steps above this × the round's median counts "
+           "as this × the median (0 = off)", low=0.0),
+    Option("examples-bound", float, EXAMPLES_BOUND,
+           "a num-examples above this × the round's median is rejected (0 = off)", low=0.0),
+    Option("min-update-cosine", float, MIN_UPDATE_COSINE,
+           "an update whose cosine with the round's median update is below this is rejected (-1 = off)",
+           low=-1.0, high=1.0),
+    Option("direction-guard", str, "median",
+           "median: remove the part of each update pointing against the round's median update, and down-weight it",
+           choices=DIRECTION_GUARDS),
+)  # fmt: skip
+ROBUST_OPTIONS = (
+    Option(
+        "robust", str, "none",
+        "reduction of the (aligned) client models: weighted average, or unweighted coordinate median, trimmed "
+        "mean, multi-Krum", choices=ROBUST_METHODS,
+    ),
+    Option("robust-fraction", float, 0.2, "robust: assumed Byzantine fraction (trimmed per side; Krum's f)",
+           low=0.0, high=0.49),
+    *SCREENING_OPTIONS,
+)  # fmt: skip

@@ -1,0 +1,136 @@
+"""Every registered strategy's run options, as data: the table the CLI, ``flwr run`` and the ServerApp validate
+against (:mod:`strategies.registry`), readable without importing the strategies (no torch, Flower or POT).
+
+Each strategy class takes its ``options`` from here (``FedWB.options is STRATEGY_OPTIONS["wb"]``); the few
+names the options allow that the core also defines (robust methods, norm actions, layer-wise presets, GWB's α)
+are repeated here, and ``tests/test_startup.py`` checks both agree.
+"""
+
+from __future__ import annotations
+
+from fedfuse.catalog import positive_ints_reason
+from fedfuse.config import SERVER_OPTIONS, Option
+from fedfuse.screening_options import ROBUST_OPTIONS
+
+__all__ = [
+    "FUSION_OPTIONS",
+    "LORA_OPTIONS",
+    "PFN_OPTIONS",
+    "REPAIR_OPTIONS",
+    "ROBUST_OPTIONS",
+    "SERVER_OPTIONS",
+    "STRATEGY_OPTIONS",
+    "WIDTHS_OPTION",
+]
+
+LAYERWISE_PRESETS = ("body", "head", "no-bn")  # = fedfuse.selection.LAYERWISE_PRESETS
+DEFAULT_ALPHA = 0.5  # = fedfuse.align.gw.DEFAULT_ALPHA
+SOLVERS = ("emd", "sinkhorn")
+REPAIR_MODES = ("none", "reset", "repair")
+
+
+def _preset_reason(preset: str) -> str | None:
+    if preset in LAYERWISE_PRESETS or (preset.startswith("layers=") and preset[7:].strip(", ")):
+        return None
+    return f"is not allowed; allowed: {', '.join(LAYERWISE_PRESETS)} or layers=<glob,glob>"
+
+
+REPAIR_OPTIONS = (
+    Option(
+        "bn-repair", str, "none",
+        "after fusion: none; reset = the sampled clients recompute the fused model's BatchNorm statistics on their "
+        "data; repair = federated REPAIR (clients report per-unit mean/std of the fused and of their aligned "
+        "model; the server rescales each unit). reset/repair add a query.repair message round",
+        choices=REPAIR_MODES,
+    ),
+    Option(
+        "repair-rounds", int, 0,
+        "bn-repair=repair: statistics rounds (0 = one per repaired layer: exact sequential REPAIR; fewer = Jacobi "
+        "approximation, cheaper)", low=0,
+    ),
+)  # fmt: skip
+FUSION_OPTIONS = (
+    Option("fusion-solver", str, "emd", "wb: exact OT (emd) or entropic (sinkhorn)", choices=SOLVERS),
+    Option("fusion-epsilon", float, 0.01, "sinkhorn regularisation, relative to the cost range", low=0, low_open=True),
+    Option("fusion-iters", int, 0, "barycenter iterations (0 = the method's default)", low=0),
+    Option(
+        "bn-fold",
+        bool,
+        False,
+        "BN-aware fusion: fold each BatchNorm into its conv/linear for the alignment cost and the average, "
+        "unfold onto the clients' averaged BN parameters after (no effect without BatchNorm)",
+    ),
+    *REPAIR_OPTIONS,
+    *SERVER_OPTIONS,
+)
+WIDTHS_OPTION = Option(
+    "client-widths",
+    str,
+    "",
+    "wb/gwb/heterofl: comma-separated hidden widths cycled over clients (heterogeneity)",
+    check_value=positive_ints_reason,
+)
+GWB_ALPHA_OPTION = Option(
+    "gwb-alpha", float, DEFAULT_ALPHA, "gwb: structure weight α (0 = WB, 1 = pure GW)", low=0, high=1
+)
+PFN_OPTIONS = (
+    *ROBUST_OPTIONS,  # not SERVER_OPTIONS: distillation would move the entries this strategy keeps apart
+    Option("pfn-ratio", float, 0.4, "fedpfn/fedpnu: fraction of each tensor fixed at init", low=0.0, high=0.99),
+    Option(
+        "pfn-granularity", str, "weight", "fedpfn/fedpnu: fix single weights or whole neurons",
+        choices=("weight", "neuron"),
+    ),
+    Option(
+        "pfn-fusion", str, "average", "fedpfn/fedpnu: aggregation (wb = FedPFN + FedWB)",
+        choices=("average", "wb", "match", "gwb"),
+    ),
+    *REPAIR_OPTIONS,
+)  # fmt: skip
+LORA_OPTIONS = (
+    Option("lora-rank", int, 0, "LoRA: adapter rank of every client (0 = off; LoRA strategies need it or lora-ranks)",
+           low=0),
+    Option("lora-ranks", str, "", "LoRA: comma-separated ranks cycled over clients (e.g. 4,8,16); the server's "
+           "adapters have the largest", check_value=positive_ints_reason),
+    Option("lora-targets", str, "", "LoRA: comma-separated module-name globs of the Linear/Conv2d layers to adapt, "
+           "PAT:R for a rank of its own (empty = every Linear/Conv2d)"),
+    Option("lora-alpha", float, 4.0, "LoRA: the update is (alpha / rank)·B·A", low=0.0, low_open=True),
+)  # fmt: skip
+# LoRA strategies screen updates but reduce adapters with their own rule (no robust reduction)
+LORA_STRATEGY_OPTIONS = (*(o for o in ROBUST_OPTIONS if o.name not in ("robust", "robust-fraction")), *LORA_OPTIONS)
+BASE_OPTIONS = (*ROBUST_OPTIONS, *SERVER_OPTIONS)
+FUSION_BASE = (*ROBUST_OPTIONS, *FUSION_OPTIONS)
+
+# registered name → its class's ``options`` (the order of strategies.registry.STRATEGIES)
+STRATEGY_OPTIONS: dict[str, tuple[Option, ...]] = {
+    "fedavg": BASE_OPTIONS,
+    "fedprox": (
+        *BASE_OPTIONS,
+        Option(
+            "proximal-mu", float, 0.01, "fedprox: weight μ of the clients' proximal term (μ/2)·‖w − w_global‖²", low=0.0
+        ),
+    ),  # fmt: skip
+    "fedpfn": PFN_OPTIONS,
+    "fedpnu": PFN_OPTIONS,
+    "match": FUSION_BASE,
+    "wb": (*FUSION_BASE, WIDTHS_OPTION),
+    "gwb": (*FUSION_BASE, WIDTHS_OPTION, GWB_ALPHA_OPTION),
+    "cca": FUSION_BASE,
+    "zip": FUSION_BASE,
+    "heterofl": (*ROBUST_OPTIONS, WIDTHS_OPTION),
+    "layerwise": (
+        *ROBUST_OPTIONS,  # not SERVER_OPTIONS: distillation would move the entries this strategy keeps apart
+        Option(
+            "layerwise-preset",
+            str,
+            "body",
+            "layerwise: shared (averaged) layers: body (FedPer), head, no-bn (FedBN) or layers=<glob,glob>",
+            check_value=_preset_reason,
+        ),
+    ),
+    "fedavg-lora": LORA_STRATEGY_OPTIONS,
+    "fedex-lora": LORA_STRATEGY_OPTIONS,
+    "aligned-lora": LORA_STRATEGY_OPTIONS,
+    "svd-lora": LORA_STRATEGY_OPTIONS,
+    "hetlora": LORA_STRATEGY_OPTIONS,
+    "flora": LORA_STRATEGY_OPTIONS,
+}

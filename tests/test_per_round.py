@@ -1,0 +1,87 @@
+"""Per-round costs: --eval-every, --checkpoint-every (resume continues after the last checkpoint), the ``server_s``
+metric, and the one-reduction finite check of client updates."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedfuse.checkpoint import load_checkpoint
+from fedfuse.results import load_metrics
+from fedfuse.runners.inline import run_inline
+from fedfuse.validation import check_update, non_finite
+from strategies.registry import validate_config
+
+TIMINGS = ("wall_time", "aggregate_s", "server_s")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _cfg(out, **extra) -> dict:
+    return validate_config(
+        {"dataset": "digits", "model": "mlp", "width": 16, "num-clients": 2, "num-rounds": 4, "seed": 1,
+         "out": str(out), **extra}
+    )  # fmt: skip
+
+
+def _results(out) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in load_metrics(out)["rounds"]]
+
+
+def test_eval_and_checkpoint_every_then_resume_from_the_last_checkpoint(tmp_path) -> None:
+    ref = _cfg(tmp_path / "ref", **{"eval-every": 3, "checkpoint-every": 2})
+    run_inline(ref)
+    rows = load_metrics(tmp_path / "ref")["rounds"]
+    evaluated = [r["round"] for r in rows if not math.isnan(r["central_accuracy"])]
+    assert evaluated == [0, 3, 4]  # round 0, every 3rd, and the last
+    assert all(r["server_s"] > 0 for r in rows[1:])
+
+    def stop_at_3(row: dict) -> None:
+        if row["round"] == 3:
+            raise _Stop
+
+    cut = _cfg(tmp_path / "cut", **{"eval-every": 3, "checkpoint-every": 2})
+    with pytest.raises(_Stop):
+        run_inline(cut, stop_at_3)
+    assert load_checkpoint(tmp_path / "cut")["round"] == 2  # round 3 was not checkpointed
+    run_inline(cut, resume=True)
+    a, b = torch.load(tmp_path / "ref" / "model.pt"), torch.load(tmp_path / "cut" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _results(tmp_path / "cut") == _results(tmp_path / "ref")
+
+
+def test_non_finite_names_the_first_bad_tensor_and_its_count() -> None:
+    state = {"a": torch.ones(3), "n": torch.arange(4), "b": torch.ones(2, 2), "c": torch.zeros(5)}
+    assert non_finite(state) is None
+    state["b"][0, 1], state["b"][1, 1] = float("nan"), float("-inf")
+    state["c"][0] = float("inf")
+    assert non_finite(state) == ("b", 2)
+    assert check_update(state, {k: torch.zeros_like(v) for k, v in state.items()}, 5) == "b: 2 non-finite value(s)"
+    huge = {"h": torch.full((4,), 3e38), "d": torch.full((3,), 1e308, dtype=torch.float64)}
+    assert non_finite(huge) is None  # finite values whose sum overflows are not mistaken for inf
+    assert torch.get_num_threads() >= 1
+
+
+def test_fedavg_clients_train_without_a_proximal_term(tmp_path) -> None:
+    """The run config holds FedProx's ``proximal-mu`` (default 0.01) for every strategy; FedAvg's clients must not
+    receive it: one inline round equals FedAvg of plain local training (no proximal term), bit for bit."""
+    from fedfuse.experiment import client_data, dataset_for, local_plan, local_train, model_for
+    from fedfuse.state import weighted_average
+
+    cfg = _cfg(tmp_path, **{"num-rounds": 1})
+    run_inline(cfg)
+    ds = dataset_for(cfg)
+    start = model_for(cfg, ds).state_dict()
+    states, weights = [], []
+    for pid in range(2):
+        model = model_for(cfg, ds)
+        model.load_state_dict(start)
+        x, y = client_data(cfg, pid, 2)
+        weights.append(local_train(cfg, model, x, y, local_plan(cfg, pid, 1, len(x))).num_examples)
+        states.append(model.state_dict())
+    expected, got = weighted_average(states, weights), torch.load(tmp_path / "model.pt")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
