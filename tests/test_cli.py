@@ -86,6 +86,9 @@ def test_pyproject_run_config_matches_the_schema() -> None:
     cfg = validate_config(run_config)  # every key known, every value valid
     assert set(run_config) == set(OPTIONS)
     assert cfg["strategy"] == "fedavg"
+    # `flwr run .` gets the CLI's defaults (screening included), except where its results go
+    differ = {k for k, v in run_config.items() if v != OPTIONS[k].default}
+    assert differ == {"out"}, differ
     components = data["tool"]["flwr"]["app"]["components"]
     assert components == {"serverapp": "strategies.server_app:app", "clientapp": "clients.client_app:app"}
 
