@@ -124,6 +124,7 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated method labels to run (default: all)")
     p.add_argument("--lora-head", default="auto", help="lora-head of the LoRA runs (auto: the output layer trained)")
     p.add_argument("--lora-bias", default="none", help="lora-bias of the LoRA runs (none, lora_only, all)")
+    p.add_argument("--rank", type=int, default=4, help="the equal setting's rank (the mixed one cycles 2,4,8)")
     p.add_argument("--tag", default="")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -141,7 +142,8 @@ def main() -> None:
                         cfg = validate_config({
                             "strategy": strategy, "dataset": args.dataset, "data-root": args.data_root,
                             "model": args.model, "num-clients": args.num_clients, "alpha": alpha, "seed": seed,
-                            "local-epochs": args.local_epochs, "pretrain": "low-classes", "lora-ranks": ranks,
+                            "local-epochs": args.local_epochs, "pretrain": "low-classes",
+                            "lora-ranks": str(args.rank) if ranks == "4" else ranks,
                             "lr": args.lr if strategy == "fedavg" else args.lora_lr,
                             **({} if strategy == "fedavg" else {"lora-head": args.lora_head,
                                                                 "lora-bias": args.lora_bias}),
@@ -170,12 +172,12 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float) ->
         f"`python -m benchmarks.lora --dataset {args.dataset} --model {args.model} --rounds {args.rounds} "
         f"--num-clients {args.num_clients} --local-epochs {args.local_epochs} --seeds {args.seeds} "
         f"--alphas {args.alphas} --settings {args.settings} --lr {args.lr} --lora-lr {args.lora_lr} "
-        f"--lora-head {args.lora_head} --lora-bias {args.lora_bias}` ({seconds / 60:.0f} min, 1 thread).",
+        f"--lora-head {args.lora_head} --lora-bias {args.lora_bias} --rank {args.rank}` ({seconds / 60:.0f} min, 1 thread).",
         "",
         "Base: pretrained centrally on the training samples of classes 0-4 (5 epochs); federated task: all 10 "
         f"classes, Dirichlet(α) over {args.num_clients} clients, every client every round. LoRA on every Linear "
         f"but the lora-head (alpha 4, scale alpha/r); head trained fully: {args.lora_head}, trainable biases: "
-        f"{args.lora_bias}; mixed ranks 2,4,8 cycled over clients. Accuracy: central test set, mean ± std "
+        f"{args.lora_bias}; equal ranks {args.rank}, mixed ranks 2,4,8 cycled over clients. Accuracy: central test set, mean ± std "
         f"over seeds {', '.join(seeds)} (percent). Bytes: arrays sent + received per round, all clients. "
         "Error: ‖M − s·B̄·Ā‖_F / ‖M‖_F of the adapters the server keeps (M = mean of the clients' s·B·A), mean "
         "over rounds; FedEx-LoRA folds that gap into the base (its applied update is exact), FLoRA's stacking is "
