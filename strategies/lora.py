@@ -2,7 +2,8 @@
 
 Each strategy is FedFuseStrategy's round loop with three changes: a node receives the global adapters at its
 own rank (:func:`fedfuse.lora.truncate_rank`; plus the adapted layers' base weights once the server has folded
-updates into them: fedex-lora, flora); a reply holds adapters only (validated against what that node was sent);
+updates into them: fedex-lora, flora) and the dense ``train_keys`` (a head trained fully, trainable biases); a
+reply holds what the node was sent minus the base weights (validated against it), the dense keys averaged plainly;
 the aggregate is one :mod:`fedfuse.lora.aggregate` rule, merged back into the global model the server holds.
 Round metrics: ``bytes_down``/``bytes_up`` (array bytes sent to / received from the clients), ``lora_agg_error``
 = ‖M − s·B̄·Ā‖_F over the adapted layers (M = Σ λ_i s_i B_i A_i, the clients' mean update), ``lora_update_error``
@@ -10,7 +11,8 @@ Round metrics: ``bytes_down``/``bytes_up`` (array bytes sent to / received from 
 
 Usable in a user's own Flower app like FedWB: ``FedExLoRA(alpha=4.0)`` with a ServerApp whose initial arrays are
 the LoRA-wrapped model's state dict (:func:`fedfuse.lora.inject_lora`) and a ClientApp that sends back its
-``lora_A``/``lora_B`` entries (fedfuse's own does when the run config has ``lora-rank``).
+``lora_A``/``lora_B`` entries (fedfuse's own does when the run config has ``lora-rank``); pass
+``train_keys=fedfuse.lora.trained_keys(model)`` when the clients also train a head or biases.
 """
 
 from __future__ import annotations
