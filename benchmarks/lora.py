@@ -58,13 +58,14 @@ def run(cfg: dict[str, Any], rounds: int) -> list[dict[str, float]]:
     strategy = None
     if lora_run:
         cls = resolve_strategy(cfg["strategy"])
-        strategy = cls(**cls.config_kwargs(cfg, model=None, example_input=None), seed=int(cfg["seed"]))
+        strategy = cls(**cls.config_kwargs(cfg, model=global_model, example_input=None), seed=int(cfg["seed"]))
         ranks = [int(r) for r in str(cfg["lora-ranks"]).split(",")]
     _, acc = evaluate(global_model, ds.x_test, ds.y_test)
     rows = [{"round": 0, "accuracy": acc, "bytes": 0.0, "agg_error": 0.0, "rel_error": 0.0, "dropped": 0.0}]
     for rnd in range(1, rounds + 1):
         states, weights, down, up, dropped = [], [], 0, 0, 0
         adapters = {k: state[k] for k in adapter_keys(state)} if lora_run else {}
+        dense = {k: state[k] for k in strategy.train_keys} if lora_run else {}  # head / biases trained fully
         pairs = adapter_pairs(state) if lora_run else {}
         base = {base_weight_key(p, state): state[base_weight_key(p, state)] for p in pairs}
         for pid in range(n):
@@ -75,7 +76,7 @@ def run(cfg: dict[str, Any], rounds: int) -> list[dict[str, float]]:
                 model = model_for(cfg, ds, lora_rank=rank)
                 global_rank = max(ranks)
                 payload = adapters if rank == global_rank else truncate_rank(adapters, rank, strategy.alpha)
-                sent = {**payload, **(base if strategy.base_folded else {})}
+                sent = {**payload, **dense, **(base if strategy.base_folded else {})}
                 load_received(model, sent)
             else:
                 model = model_for(cfg, ds)
@@ -121,6 +122,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.05, help="local SGD lr of full fine-tuning")
     p.add_argument("--lora-lr", type=float, default=0.05, help="local SGD lr of the LoRA runs")
     p.add_argument("--only", default="", help="comma-separated method labels to run (default: all)")
+    p.add_argument("--lora-head", default="auto", help="lora-head of the LoRA runs (auto: the output layer trained)")
+    p.add_argument("--lora-bias", default="none", help="lora-bias of the LoRA runs (none, lora_only, all)")
+    p.add_argument("--rank", type=int, default=4, help="the equal setting's rank (the mixed one cycles 2,4,8)")
     p.add_argument("--tag", default="")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -138,8 +142,11 @@ def main() -> None:
                         cfg = validate_config({
                             "strategy": strategy, "dataset": args.dataset, "data-root": args.data_root,
                             "model": args.model, "num-clients": args.num_clients, "alpha": alpha, "seed": seed,
-                            "local-epochs": args.local_epochs, "pretrain": "low-classes", "lora-ranks": ranks,
+                            "local-epochs": args.local_epochs, "pretrain": "low-classes",
+                            "lora-ranks": str(args.rank) if ranks == "4" else ranks,
                             "lr": args.lr if strategy == "fedavg" else args.lora_lr,
+                            **({} if strategy == "fedavg" else {"lora-head": args.lora_head,
+                                                                "lora-bias": args.lora_bias}),
                         })  # fmt: skip
                         runs.append(run(cfg, args.rounds))
                     results[key] = runs
@@ -164,11 +171,13 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float) ->
         "",
         f"`python -m benchmarks.lora --dataset {args.dataset} --model {args.model} --rounds {args.rounds} "
         f"--num-clients {args.num_clients} --local-epochs {args.local_epochs} --seeds {args.seeds} "
-        f"--alphas {args.alphas} --settings {args.settings} --lr {args.lr} --lora-lr {args.lora_lr}` ({seconds / 60:.0f} min, 1 thread).",
+        f"--alphas {args.alphas} --settings {args.settings} --lr {args.lr} --lora-lr {args.lora_lr} "
+        f"--lora-head {args.lora_head} --lora-bias {args.lora_bias} --rank {args.rank}` ({seconds / 60:.0f} min, 1 thread).",
         "",
         "Base: pretrained centrally on the training samples of classes 0-4 (5 epochs); federated task: all 10 "
         f"classes, Dirichlet(α) over {args.num_clients} clients, every client every round. LoRA on every Linear "
-        "(alpha 4, scale alpha/r); mixed ranks 2,4,8 cycled over clients. Accuracy: central test set, mean ± std "
+        f"but the lora-head (alpha 4, scale alpha/r); head trained fully: {args.lora_head}, trainable biases: "
+        f"{args.lora_bias}; equal ranks {args.rank}, mixed ranks 2,4,8 cycled over clients. Accuracy: central test set, mean ± std "
         f"over seeds {', '.join(seeds)} (percent). Bytes: arrays sent + received per round, all clients. "
         "Error: ‖M − s·B̄·Ā‖_F / ‖M‖_F of the adapters the server keeps (M = mean of the clients' s·B·A), mean "
         "over rounds; FedEx-LoRA folds that gap into the base (its applied update is exact), FLoRA's stacking is "

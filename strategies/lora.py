@@ -2,7 +2,8 @@
 
 Each strategy is FedFuseStrategy's round loop with three changes: a node receives the global adapters at its
 own rank (:func:`fedfuse.lora.truncate_rank`; plus the adapted layers' base weights once the server has folded
-updates into them: fedex-lora, flora); a reply holds adapters only (validated against what that node was sent);
+updates into them: fedex-lora, flora) and the dense ``train_keys`` (a head trained fully, trainable biases); a
+reply holds what the node was sent minus the base weights (validated against it), the dense keys averaged plainly;
 the aggregate is one :mod:`fedfuse.lora.aggregate` rule, merged back into the global model the server holds.
 Round metrics: ``bytes_down``/``bytes_up`` (array bytes sent to / received from the clients), ``lora_agg_error``
 = ‖M − s·B̄·Ā‖_F over the adapted layers (M = Σ λ_i s_i B_i A_i, the clients' mean update), ``lora_update_error``
@@ -10,7 +11,8 @@ Round metrics: ``bytes_down``/``bytes_up`` (array bytes sent to / received from 
 
 Usable in a user's own Flower app like FedWB: ``FedExLoRA(alpha=4.0)`` with a ServerApp whose initial arrays are
 the LoRA-wrapped model's state dict (:func:`fedfuse.lora.inject_lora`) and a ClientApp that sends back its
-``lora_A``/``lora_B`` entries (fedfuse's own does when the run config has ``lora-rank``).
+``lora_A``/``lora_B`` entries (fedfuse's own does when the run config has ``lora-rank``); pass
+``train_keys=fedfuse.lora.trained_keys(model)`` when the clients also train a head or biases.
 """
 
 from __future__ import annotations
@@ -46,14 +48,23 @@ class LoRAStrategy(FedFuseStrategy):
     FedEx-LoRA residual folded into the base), ``aligned`` (rank components matched first), ``svd`` (SVD of the
     mean product at the global rank, residual dropped), ``hetlora`` (zero-padding), ``flora`` (stacking: the exact
     mean product folded into the base, fresh adapters). ``alpha``: the scale alpha / r of every adapter;
-    ``client_ranks``: ranks cycled over partitions (None: every client has the global rank)."""
+    ``client_ranks``: ranks cycled over partitions (None: every client has the global rank); ``train_keys``: the
+    dense entries clients train fully and send with the adapters (a head, trainable biases:
+    :func:`fedfuse.lora.trained_keys` of the LoRA model), averaged plainly by every rule."""
 
     rule: ClassVar[str] = "fedavg"
     folds_base: ClassVar[bool] = False
     mixed_ranks: ClassVar[bool] = True
     options: ClassVar[tuple[Option, ...]] = STRATEGY_OPTIONS["fedavg-lora"]
 
-    def __init__(self, *, alpha: float = 4.0, client_ranks: Sequence[int] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        alpha: float = 4.0,
+        client_ranks: Sequence[int] | None = None,
+        train_keys: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> None:
         if isinstance(alpha, bool) or not float(alpha) > 0:
             raise ConfigError(f"alpha={alpha!r} is out of range; allowed: > 0")
         ranks = [int(r) for r in client_ranks] if client_ranks else []
@@ -69,6 +80,7 @@ class LoRAStrategy(FedFuseStrategy):
         super().__init__(**kwargs)
         self.alpha = float(alpha)
         self.client_ranks = ranks
+        self.train_keys = [str(k) for k in train_keys]
         self.base_folded = False  # once the server folds updates into the base, nodes receive the adapted layers'
 
     @classmethod
@@ -78,7 +90,12 @@ class LoRAStrategy(FedFuseStrategy):
             raise ConfigError(f"strategy {cfg['strategy']!r} needs lora-rank >= 1 or lora-ranks (e.g. --lora-rank 4)")
         if cfg.get("lora-ranks") and ":" in str(cfg.get("lora-targets", "")):
             raise ConfigError("lora-ranks cannot be combined with per-target ranks in lora-targets (PAT:R)")
-        return {"alpha": float(cfg["lora-alpha"]), "client_ranks": ranks if len(set(ranks)) > 1 else None}
+        train_keys = lora.trained_keys(model) if model is not None else []
+        return {
+            "alpha": float(cfg["lora-alpha"]),
+            "client_ranks": ranks if len(set(ranks)) > 1 else None,
+            "train_keys": train_keys,
+        }
 
     # ---- what travels --------------------------------------------------------------------------
     def _rank_of(self, node: int, global_rank: int) -> int:
@@ -99,7 +116,10 @@ class LoRAStrategy(FedFuseStrategy):
                 "a LoRA-wrapped model (fedfuse.lora.inject_lora, or --lora-rank)"
             )
         self._global_rank = max(full[a].shape[0] for a, _ in pairs.values())
-        self._sent = {k: full[k] for k in lora.adapter_keys(full)}
+        missing = [k for k in self.train_keys if k not in full]
+        if missing:
+            raise ConfigError(f"{type(self).__name__}: train_keys {missing[:3]} are not in the global model")
+        self._sent = {k: full[k] for k in [*lora.adapter_keys(full), *self.train_keys]}
         out, down = [], 0
         for msg in messages:
             node = msg.metadata.dst_node_id
@@ -114,12 +134,14 @@ class LoRAStrategy(FedFuseStrategy):
         return out
 
     def _payload(self, full: State, node: int) -> tuple[State, State]:
-        """(the adapters at ``node``'s rank, the adapted layers' base weights once folded, else nothing)."""
+        """(the adapters at ``node``'s rank and the dense ``train_keys``, the adapted layers' base weights once
+        folded, else nothing)."""
         pairs = lora.adapter_pairs(full)
         global_rank = max(full[a].shape[0] for a, _ in pairs.values())
         adapters = {k: full[k] for k in lora.adapter_keys(full)}
         rank = self._rank_of(node, global_rank)
         payload = adapters if rank == global_rank else lora.truncate_rank(adapters, rank, self.alpha)
+        payload = {**payload, **{k: full[k] for k in self.train_keys}}
         keys = [lora.base_weight_key(p, full) for p in pairs] if self.base_folded else []
         return payload, {k: full[k] for k in keys}
 
@@ -154,7 +176,8 @@ class LoRAStrategy(FedFuseStrategy):
         elif self.rule == "flora":
             stacked = lora.flora_stack(states, weights, alpha)
             residuals = {p: sp for p, sp in lora.mean_products(states, weights, alpha).items()}
-            adapters = self._fresh_adapters(server_round)
+            dense = {k: v for k, v in stacked.items() if k not in lora.adapter_keys(stacked)}
+            adapters = {**dense, **self._fresh_adapters(server_round)}  # dense keys: the plain average
         else:
             padded = [lora.pad_rank(s, rank, alpha) for s in states]
             if self.rule == "aligned":  # matched to the global adapters every client started from

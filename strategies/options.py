@@ -92,8 +92,13 @@ LORA_OPTIONS = (
     Option("lora-ranks", str, "", "LoRA: comma-separated ranks cycled over clients (e.g. 4,8,16); the server's "
            "adapters have the largest", check_value=positive_ints_reason),
     Option("lora-targets", str, "", "LoRA: comma-separated module-name globs of the Linear/Conv2d layers to adapt, "
-           "PAT:R for a rank of its own (empty = every Linear/Conv2d)"),
+           "PAT:R for a rank of its own (empty = every Linear/Conv2d but the lora-head)"),
     Option("lora-alpha", float, 4.0, "LoRA: the update is (alpha / rank)·B·A", low=0.0, low_open=True),
+    Option("lora-head", str, "auto", "LoRA: modules trained fully and sent with the adapters, averaged plainly "
+           "(PEFT's modules_to_save): auto = the output layer (the classifier head, so classes new to the base can "
+           "be learnt; unless lora-targets adapts it), none = frozen, or comma-separated module-name globs"),
+    Option("lora-bias", str, "none", "LoRA: trainable biases, sent and averaged plainly (PEFT's bias): none, "
+           "lora_only (the adapted layers') or all", choices=("none", "lora_only", "all")),
 )  # fmt: skip
 # LoRA strategies screen updates but reduce adapters with their own rule (no robust reduction)
 LORA_STRATEGY_OPTIONS = (*(o for o in ROBUST_OPTIONS if o.name not in ("robust", "robust-fraction")), *LORA_OPTIONS)

@@ -181,3 +181,48 @@ def test_a_base_checkpoint_that_does_not_fit_is_refused(tmp_path):
     torch.save(good.state_dict(), path)
     model = adapt_model(cfg, None, _mlp())
     assert torch.all(model[1].base.weight == 0.5) and model[1].lora_A.shape == (2, 16)
+
+
+class _HeadFirst(nn.Module):
+    """The output layer registered before the body: only the forward pass tells which one produces the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 4)
+        self.body = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x)))
+
+
+def test_the_head_and_the_adapted_biases_are_trained_fully_and_travel():
+    from fedfuse.lora import head_modules, output_layer, trained_keys, travelling_state
+
+    model, x = _mlp(), torch.randn(5, 16)
+    head = head_modules(model, "auto", x)
+    assert head == ["3"] and output_layer(_HeadFirst(), torch.randn(2, 16)) == "head"
+    assert output_layer(_HeadFirst()) == "body"  # without an example: the last registered (documented fallback)
+    assert head_modules(model, "auto", x, targets="1,3") == []  # the user adapts the output layer: not a head
+    inject_lora(model, "", rank=2, head=head, bias="lora_only")
+    assert isinstance(model[3], nn.Linear) and not hasattr(model[3], "lora_A")  # the head is not adapted
+    assert trained_keys(model) == ["1.base.bias", "3.weight", "3.bias"]
+    assert set(travelling_state(model)) == {"1.lora_A", "1.lora_B", "1.base.bias", "3.weight", "3.bias"}
+    assert not model[1].base.weight.requires_grad
+    everything = inject_lora(_mlp(), "1", rank=2, bias="all")
+    assert trained_keys(everything) == ["1.base.bias", "3.bias"]
+    with pytest.raises(ConfigError, match="'3', which is trained fully"):
+        inject_lora(_mlp(), "3", rank=2, head=["3"])
+    with pytest.raises(ConfigError, match="lora-bias='some' is not allowed"):
+        inject_lora(_mlp(), "", rank=2, bias="some")
+    with pytest.raises(ConfigError, match="'fc' matches no module"):
+        head_modules(_mlp(), "fc")
+
+
+def test_peft_head_goes_to_modules_to_save_and_bias_to_peft():
+    from fedfuse.lora import trained_keys
+
+    model = inject_peft(_mlp(), "", rank=2, alpha=4.0, head=["3"], bias="lora_only")
+    keys = trained_keys(model)
+    assert "base_model.model.1.base_layer.bias" in keys
+    assert any("3.modules_to_save" in k and k.endswith("weight") for k in keys)
+    assert not any("lora_" in k for k in keys) and not any("3.lora_A" in k for k in model.state_dict())

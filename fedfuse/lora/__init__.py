@@ -21,9 +21,13 @@ from fedfuse.lora.layers import (
     adapter_keys,
     adapter_pairs,
     base_weight_key,
+    head_modules,
     inject_lora,
     inject_peft,
     layer_scales,
+    output_layer,
+    trained_keys,
+    travelling_state,
 )
 
 __all__ = [
@@ -35,6 +39,10 @@ __all__ = [
     "adapter_keys",
     "base_weight_key",
     "layer_scales",
+    "output_layer",
+    "head_modules",
+    "trained_keys",
+    "travelling_state",
     "mean_products",
     "fedavg_lora",
     "svd_lora",

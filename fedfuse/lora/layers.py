@@ -8,12 +8,17 @@ Built-in keys: ``<layer>.base.weight`` (frozen), ``<layer>.lora_A`` (r × in), `
 PEFT keys: ``base_model.model.<layer>.base_layer.weight``, ``...<layer>.lora_A.default.weight`` (r × in, or
 r × in × kh × kw for a conv), ``...lora_B.default.weight`` (out × r, or out × r × 1 × 1). Adapters are
 detected by the names ``lora_A``/``lora_B`` either way (:func:`adapter_pairs`).
+
+Dense parts trained with the adapters (PEFT's ``modules_to_save`` and ``bias``): the *head* (by default the
+output layer, :func:`output_layer`) is trained fully and not adapted, and with ``bias="lora_only"``/``"all"`` the
+biases of the adapted layers / of every layer are trainable. :func:`trained_keys` names these entries (every
+trainable parameter that is not an adapter); they travel with the adapters and are averaged plainly.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -35,7 +40,14 @@ __all__ = [
     "base_weight_key",
     "layer_scales",
     "max_rank",
+    "BIAS_MODES",
+    "output_layer",
+    "head_modules",
+    "trained_keys",
+    "travelling_state",
 ]
+
+BIAS_MODES = ("none", "lora_only", "all")  # PEFT's LoraConfig.bias
 
 State = dict[str, torch.Tensor]
 
@@ -110,10 +122,15 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatchcase(name, pattern) or fnmatchcase(name, pattern + ".*")
 
 
-def target_modules(model: nn.Module, targets: str | list[tuple[str, int | None]] | None, rank: int) -> dict[str, int]:
-    """Module name → rank of every ``nn.Linear``/``nn.Conv2d`` a target pattern selects (all of them when
-    ``targets`` is empty). Raises ConfigError naming a pattern that matches no such layer, a rank <= 0 and a rank
-    above min(in, out) of a layer."""
+def target_modules(
+    model: nn.Module,
+    targets: str | list[tuple[str, int | None]] | None,
+    rank: int,
+    exclude: Sequence[str] = (),
+) -> dict[str, int]:
+    """Module name → rank of every ``nn.Linear``/``nn.Conv2d`` a target pattern selects (all of them but the
+    ``exclude``d ones — the head trained fully — when ``targets`` is empty). Raises ConfigError naming a pattern
+    that matches no such layer, one that names an excluded layer, a rank <= 0 and a rank above min(in, out)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ConfigError(f"lora-rank={rank!r} is out of range; allowed: an integer >= 1")
     parsed = parse_targets(targets) if isinstance(targets, str) or targets is None else list(targets)
@@ -121,12 +138,18 @@ def target_modules(model: nn.Module, targets: str | list[tuple[str, int | None]]
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n}
     chosen: dict[str, int] = {}
     if not parsed:
-        chosen = dict.fromkeys(layers, rank)
+        chosen = dict.fromkeys((n for n in layers if n not in exclude), rank)
     for pattern, own in parsed:
         hits = [n for n in layers if _matches(n, pattern)]
         if not hits:
             names = ", ".join(list(layers)[:8]) + (" ..." if len(layers) > 8 else "")
             raise ConfigError(f"lora-targets: {pattern!r} matches no Linear/Conv2d layer; layers: {names}")
+        both = [n for n in hits if n in exclude]
+        if both:
+            raise ConfigError(
+                f"lora-targets: {pattern!r} matches {both[0]!r}, which is trained fully (lora-head); "
+                "drop it from one of them (e.g. --lora-head none)"
+            )
         for n in hits:
             chosen[n] = own if own is not None else rank
     for name, r in chosen.items():
@@ -138,15 +161,30 @@ def target_modules(model: nn.Module, targets: str | list[tuple[str, int | None]]
     return chosen
 
 
+def _bias_mode(bias: str) -> str:
+    if bias not in BIAS_MODES:
+        raise ConfigError(f"lora-bias={bias!r} is not allowed; allowed: {', '.join(BIAS_MODES)}")
+    return bias
+
+
 def inject_lora(
-    model: nn.Module, targets: str | list[tuple[str, int | None]] | None = None, rank: int = 4, alpha: float = 8.0
+    model: nn.Module,
+    targets: str | list[tuple[str, int | None]] | None = None,
+    rank: int = 4,
+    alpha: float = 8.0,
+    head: Sequence[str] = (),
+    bias: str = "none",
 ) -> nn.Module:
     """Replace every targeted Linear/Conv2d of ``model`` (in place) by its LoRA wrapper and freeze everything
     else; returns ``model``. ``targets``: module-name globs (``"net.1,net.3:8"``, a ``:R`` suffix gives that
-    target its own rank); empty = every Linear/Conv2d."""
+    target its own rank); empty = every Linear/Conv2d but the ``head``. ``head``: module names trained fully (PEFT's
+    ``modules_to_save``, :func:`head_modules`); ``bias``: ``none`` (frozen), ``lora_only`` (the adapted layers'
+    biases trainable) or ``all`` (every bias), as PEFT's ``LoraConfig.bias``."""
     if not float(alpha) > 0:
         raise ConfigError(f"lora-alpha={alpha!r} is out of range; allowed: > 0")
-    chosen = target_modules(model, targets, rank)
+    _bias_mode(bias)
+    chosen = target_modules(model, targets, rank, exclude=head)
+    heads = [model.get_submodule(n) for n in head]
     for p in model.parameters():
         p.requires_grad_(False)
     for name, r in chosen.items():
@@ -154,20 +192,102 @@ def inject_lora(
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
         wrapper = LoRALinear if isinstance(base, nn.Linear) else LoRAConv2d
-        setattr(parent, child, wrapper(base, r, alpha))
+        layer = wrapper(base, r, alpha)
+        setattr(parent, child, layer)
+        if bias == "lora_only" and base.bias is not None:
+            base.bias.requires_grad_(True)
+    for module in heads:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    if bias == "all":
+        for name, p in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                p.requires_grad_(True)
     return model
 
 
-def inject_peft(model: nn.Module, targets: str | None = None, rank: int = 4, alpha: float = 8.0) -> nn.Module:
+def output_layer(model: nn.Module, example: torch.Tensor | None = None) -> str:
+    """The module name of the output layer: the last ``nn.Linear``/``nn.Conv2d`` to run in a forward pass on
+    ``example`` (forward hooks, eval mode, no grad), or without an example the last one registered. Raises
+    ConfigError when the model has none."""
+    layers = [(n, m) for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not layers:
+        raise ConfigError(f"lora-head=auto: {type(model).__name__} has no Linear/Conv2d layer to train as the head")
+    if example is None:
+        return layers[-1][0]
+    order: list[str] = []
+    hooks = [m.register_forward_hook(lambda *_, n=n: order.append(n)) for n, m in layers]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return order[-1] if order else layers[-1][0]
+
+
+def head_modules(
+    model: nn.Module, spec: str, example: torch.Tensor | None = None, targets: str | None = None
+) -> list[str]:
+    """The modules trained fully (``lora-head``): ``auto`` = the output layer (:func:`output_layer`) unless the
+    LoRA ``targets`` name it (then it is adapted, as asked), ``none`` or empty = no head, else comma-separated
+    module-name globs (each must match a module with parameters)."""
+    text = str(spec or "").strip()
+    if text in ("", "none"):
+        return []
+    if text == "auto":
+        out = output_layer(model, example)
+        adapted = any(_matches(out, pattern) for pattern, _ in parse_targets(targets or ""))
+        return [] if adapted else [out]
+    named = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+    out: list[str] = []
+    for pattern in (p.strip() for p in text.split(",")):
+        if not pattern:
+            continue
+        hits = [n for n in named if _matches(n, pattern)]
+        if not hits:
+            names = ", ".join(named[:8]) + (" ..." if len(named) > 8 else "")
+            raise ConfigError(f"lora-head: {pattern!r} matches no module with parameters; modules: {names}")
+        out += [n for n in hits if n not in out]
+    return out
+
+
+def trained_keys(model: nn.Module) -> list[str]:
+    """The dense entries trained along with the adapters (a head trained fully, trainable biases): every
+    parameter with ``requires_grad`` that is not a ``lora_A``/``lora_B``, in state-dict order."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return [k for k in model.state_dict() if k in trainable and "lora_A" not in k and "lora_B" not in k]
+
+
+def travelling_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a LoRA client sends: its adapters and the dense entries it trains (:func:`trained_keys`)."""
+    state = model.state_dict()
+    keep = set(adapter_keys(state)) | set(trained_keys(model))
+    return {k: v for k, v in state.items() if k in keep}
+
+
+def inject_peft(
+    model: nn.Module,
+    targets: str | None = None,
+    rank: int = 4,
+    alpha: float = 8.0,
+    head: Sequence[str] = (),
+    bias: str = "none",
+) -> nn.Module:
     """PEFT's ``get_peft_model`` with a ``LoraConfig`` on the same targets (checked as :func:`inject_lora` does);
-    a single rank (PEFT's ``rank_pattern`` carries per-target ranks)."""
+    a single rank (PEFT's ``rank_pattern`` carries per-target ranks); ``head`` → ``modules_to_save``, ``bias`` →
+    ``bias``."""
     from peft import LoraConfig, get_peft_model
 
-    chosen = target_modules(model, targets, rank)
+    chosen = target_modules(model, targets, rank, exclude=head)
     ranks = {name: r for name, r in chosen.items() if r != rank}
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=list(chosen), rank_pattern=ranks, lora_dropout=0.0, bias="none"
-    )
+        r=rank, lora_alpha=alpha, target_modules=list(chosen), rank_pattern=ranks, lora_dropout=0.0,
+        bias=_bias_mode(bias), modules_to_save=list(head) or None,
+    )  # fmt: skip
     return get_peft_model(model, config)
 
 

@@ -1,14 +1,16 @@
 """What the LoRA run options mean: ranks per client, the frozen base (a user's checkpoint or pretrained inside
 the run) and the adapted model. Called by :mod:`fedfuse.experiment` (models), the ClientApp and the CLI checks.
 
-Options: ``lora-rank`` (0 = off), ``lora-ranks`` (``"4,8,16"``: client with partition p gets ranks[p % len];
-the global adapters have the largest), ``lora-targets`` (module-name globs, ``PAT:R`` for a rank of its own;
-empty = every Linear/Conv2d), ``lora-alpha`` (scale alpha / r). Base: ``base`` (a state dict of the model, read
-with ``torch.load(weights_only=True)``) or ``pretrain`` = ``low-classes``: the model is trained centrally on the
-training samples of the lower half of the classes (labels < C/2) for ``pretrain-epochs`` epochs (SGD lr 0.05,
-momentum 0.9, batch 32, whatever the fine-tuning's), seeded by the run seed, so every process (server, each
-client) computes the same base — a stand-in for a public pretrained checkpoint. The federated task (all
-classes, partitioned non-IID) is then a shifted one: half its classes are new to the base.
+Options: ``lora-rank`` (0 = off), ``lora-ranks`` (``"4,8,16"``: client with partition p gets ranks[p % len]; the
+global adapters have the largest), ``lora-targets`` (module-name globs, ``PAT:R`` for a rank of its own; empty =
+every Linear/Conv2d but the head), ``lora-alpha`` (scale alpha / r), ``lora-head`` (``auto``: the output layer is
+trained fully and travels, as PEFT's ``modules_to_save`` for a classifier; ``none``; or module-name globs) and
+``lora-bias`` (``none``/``lora_only``/``all``: which biases are trainable and travel, PEFT's ``bias``). Base:
+``base`` (a state dict of the model, read with ``torch.load(weights_only=True)``) or ``pretrain`` = ``low-classes``:
+the model is trained centrally on the training samples of the lower half of the classes (labels < C/2) for
+``pretrain-epochs`` epochs (SGD lr 0.05, momentum 0.9, batch 32, whatever the fine-tuning's), seeded by the run
+seed, so every process (server, each client) computes the same base — a stand-in for a public pretrained checkpoint.
+The federated task (all classes, partitioned non-IID) is then a shifted one: half its classes are new to the base.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import nn
 from fedfuse.catalog import PRETRAIN_TASKS
 from fedfuse.catalog import positive_ints_reason as ranks_reason  # noqa: F401  (a lora-ranks value's check)
 from fedfuse.errors import ConfigError
-from fedfuse.lora.layers import inject_lora, target_modules
+from fedfuse.lora.layers import head_modules, inject_lora, target_modules, travelling_state
 
 __all__ = [
     "PRETRAIN_TASKS",
@@ -37,6 +39,7 @@ __all__ = [
     "check_lora",
     "load_received",
     "adapter_state",
+    "lora_head",
 ]
 
 _BASES: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}  # per process: (config subset) → base state
@@ -108,6 +111,13 @@ def base_state(cfg: Mapping[str, Any], ds: Any, model: nn.Module) -> dict[str, t
     return _BASES[key]
 
 
+def lora_head(cfg: Mapping[str, Any], ds: Any, model: nn.Module) -> list[str]:
+    """The modules ``lora-head`` trains fully (``auto``: the output layer, found by a forward pass on two
+    training samples, unless ``lora-targets`` adapts it)."""
+    example = ds.x_train[:2] if ds is not None else None
+    return head_modules(model, str(cfg.get("lora-head", "auto")), example, str(cfg.get("lora-targets", "") or ""))
+
+
 def adapt_model(cfg: Mapping[str, Any], ds: Any, model: nn.Module, rank: int | None = None) -> nn.Module:
     """``model`` with the run's base loaded and, when LoRA is on, adapters of ``rank`` (default: the global rank)
     injected on ``lora-targets`` (everything else frozen)."""
@@ -118,9 +128,12 @@ def adapt_model(cfg: Mapping[str, Any], ds: Any, model: nn.Module, rank: int | N
         return model
     rank = global_rank(cfg) if rank is None else rank
     targets = str(cfg.get("lora-targets", "") or "")
+    head = lora_head(cfg, ds, model)
     with torch.random.fork_rng(devices=[]):  # the adapters' init (A) depends on the seed alone
         torch.manual_seed(derive_seed(int(cfg["seed"]), 61))
-        return inject_lora(model, targets, rank, float(cfg.get("lora-alpha", 4.0)))
+        return inject_lora(
+            model, targets, rank, float(cfg.get("lora-alpha", 4.0)), head, str(cfg.get("lora-bias", "none"))
+        )
 
 
 def check_lora(cfg: Mapping[str, Any], ds: Any, model: nn.Module) -> None:
@@ -130,8 +143,9 @@ def check_lora(cfg: Mapping[str, Any], ds: Any, model: nn.Module) -> None:
     base_state(cfg, ds, model) if cfg.get("base") else None
     if lora_on(cfg):
         targets = str(cfg.get("lora-targets", "") or "")
+        head = lora_head(cfg, ds, model)
         for rank in sorted(set(lora_ranks(cfg))):
-            target_modules(model, targets, rank)
+            target_modules(model, targets, rank, exclude=head)
         if not float(cfg.get("lora-alpha", 4.0)) > 0:
             raise ConfigError(f"lora-alpha={cfg.get('lora-alpha')!r} is out of range; allowed: > 0")
 
@@ -150,5 +164,6 @@ def load_received(model: nn.Module, received: Mapping[str, torch.Tensor]) -> Non
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What a LoRA client sends: its adapters only (``lora_A``/``lora_B``)."""
-    return {k: v for k, v in model.state_dict().items() if "lora_A" in k or "lora_B" in k}
+    """What a LoRA client sends: its adapters (``lora_A``/``lora_B``) and the dense entries it trains (the head,
+    trainable biases: :func:`fedfuse.lora.layers.trained_keys`)."""
+    return travelling_state(model)
