@@ -338,7 +338,7 @@ def pad(d: Any, node: fx.Node, mod: Any = None) -> Any:
     lay = d.lay(x)
     if d.is_fixed(lay) or not isinstance(lay, Layout):
         return FIXED
-    amounts = d.value(_arg(node, F.pad, "pad"))
+    amounts = fx.node.map_arg(_arg(node, F.pad, "pad"), d.value)  # the amounts may be traced values (timm's same pad)
     mode = d.value(_arg(node, F.pad, "mode")) or "constant"
     rank = d.value(x).dim()
     for i in range(len(amounts) // 2):
