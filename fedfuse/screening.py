@@ -256,8 +256,11 @@ def screen_updates(
     same_shape = len({deltas[i].numel() for i in live}) == 1  # mixed widths/ranks share no coordinates to compare
     if direction == "median" and len(live) >= 3 and same_shape:
         slope = TRUST_SLOPE
-        if reference is not None:  # the server's own update (fedfuse.trust): colluders cannot move it
-            ref, slope = _flat_delta({k: reference[k] for k in states[live[0]]}, sent[live[0]]), TRUSTED_SLOPE
+        base = sent[live[0]]
+        if reference is not None and all(k in reference and reference[k].shape == base[k].shape for k in base):
+            # the server's own update (fedfuse.trust): colluders cannot move it; clients sent another model
+            # (a sub-width one under width heterogeneity) are measured against the round's median instead
+            ref, slope = _flat_delta({k: reference[k] for k in states[live[0]]}, base), TRUSTED_SLOPE
         else:
             m = lower_median([float(deltas[i].norm()) for i in live])  # each update held to the median norm first,
             held = [deltas[i] * min(1.0, m / max(float(deltas[i].norm()), 1e-30)) for i in live]  # size buys nothing
