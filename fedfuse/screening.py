@@ -28,7 +28,9 @@ depend on the learning rate, the local epochs and the architecture. In order:
    zeroing, so honest non-IID updates (cosines down to −0.27 with the median) keep most of their say.
 
    With a trusted reference (``trusted-data`` N > 0, :mod:`fedfuse.trust`): ``r`` is the server's own update
-   on N labelled examples instead, and the weight factor is ``max(0, 1 + cos/0.25)``. Colluders can pull the
+   on N labelled examples instead, the weight factor is ``max(0, 1 + cos/0.25)``, and the part against ``r`` is
+   removed per parameter tensor ``t``: ``Δ_i[t] ← Δ_i[t] − min(0, ⟨Δ_i[t], r[t]⟩/‖r[t]‖²) · r[t]`` (a boosted
+   label flip can agree with ``r`` overall and still pull the output layer against it). Colluders can pull the
    coordinate median towards them (measured: three identical ``−μ`` updates of ten Dirichlet-0.3 clients at
    cosine +0.26 with it, honest ones down to −0.23); they cannot move the server's update.
 
@@ -265,15 +267,36 @@ def screen_updates(
             m = lower_median([float(deltas[i].norm()) for i in live])  # each update held to the median norm first,
             held = [deltas[i] * min(1.0, m / max(float(deltas[i].norm()), 1e-30)) for i in live]  # size buys nothing
             ref = torch.stack(held).median(dim=0).values
+        # against a trusted reference, per parameter tensor (a label-flipped client can agree overall and still
+        # pull its output layer against the server's); against the round's median, as one vector
+        segments = _segments(states[live[0]]) if slope == TRUSTED_SLOPE else [(0, ref.numel())]
         ref_sq = float(ref.dot(ref))
         for i in live:
-            p = float(deltas[i].dot(ref)) / ref_sq if ref_sq > 0 else 0.0
-            if p < 0:
-                cos = p * math.sqrt(ref_sq) / max(float(deltas[i].norm()), 1e-30)
+            cos = float(deltas[i].dot(ref)) / max(math.sqrt(ref_sq) * float(deltas[i].norm()), 1e-30)
+            if cos < 0:
                 result.weights[i] *= max(1.0 + cos / slope, 1e-6)  # never all 0
-                result.states[i] = _moved(states[i], sent[i], deltas[i] - p * ref)
+            kept, moved = deltas[i].clone(), False
+            for a, b in segments:
+                r = ref[a:b]
+                r_sq = float(r.dot(r))
+                p = float(kept[a:b].dot(r)) / r_sq if r_sq > 0 else 0.0
+                if p < 0:
+                    kept[a:b] -= p * r
+                    moved = True
+            if moved:
+                result.states[i] = _moved(states[i], sent[i], kept)
                 result.projected += 1
     return result
+
+
+def _segments(state: State) -> list[tuple[int, int]]:
+    """``[start, end)`` of each floating tensor of ``state`` in the flat update (:func:`_flat_delta`'s order)."""
+    out, pos = [], 0
+    for v in state.values():
+        if torch.is_floating_point(v):
+            out.append((pos, pos + v.numel()))
+            pos += v.numel()
+    return out
 
 
 def diverged_updates(reasons: Sequence[str], answered: int) -> list[int]:
