@@ -14,6 +14,7 @@ only ``dataset = digits``, ``model = mlp`` and ``partition = iid`` are built her
 
 from __future__ import annotations
 
+import copy
 import gzip
 import importlib.util
 import json
@@ -154,12 +155,10 @@ def main(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
     eval_s += time.perf_counter() - t
     for rnd in range(1, cfg["num-rounds"] + 1):
         t = time.perf_counter()
-        global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         states, weights = [], []
         for pid in sample(seed, rnd, n, cfg["fraction-train"]):  # partition order
             x, y = x_train[parts[pid]], y_train[parts[pid]]
-            local = make_mlp(64, 10, cfg["width"], cfg["depth"], seed)
-            local.load_state_dict(global_state)
+            local = copy.deepcopy(model)  # the global model
             previous = torch.get_num_threads()
             torch.set_num_threads(cfg["client-threads"])
             try:

@@ -222,11 +222,13 @@ class RunWriter:
         )
         self.rows = rows
 
-    def finish(self, state_dict: Mapping[str, torch.Tensor], label: str) -> None:
+    def finish(self, state_dict: Mapping[str, torch.Tensor], label: str, *, plot: bool = True) -> None:
+        """model.pt, and with ``plot`` accuracy.png."""
         buf = io.BytesIO()
         torch.save(dict(state_dict), buf)
         atomic_write_bytes(self.out / "model.pt", buf.getvalue())
-        plot_accuracy({label: self.rows}, self.out / "accuracy.png")
+        if plot:
+            plot_accuracy({label: self.rows}, self.out / "accuracy.png")
 
 
 def plot_accuracy(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title: str = "") -> Any:
