@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 SCREEN_OFF = {"update-norm-bound": 0.0, "examples-cap": 0.0, "direction-guard": "off"}
 SCREEN_DEFAULTS = {"update-norm-bound": 3.0, "examples-cap": 10.0, "direction-guard": "median"}
 WORKLOADS: dict[str, dict[str, Any]] = {
-    # IID, screening off: the work of benchmarks/plain_fedavg.py (plain FedAvg); ``+screen`` backends add the defaults
+    # IID, screening and plot off: the work of benchmarks/plain_fedavg.py; ``+screen``/``+plot`` add the defaults
     "tiny": {
         "dataset": "digits",
         "model": "mlp",
@@ -42,6 +42,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         "num-rounds": 5,
         "local-epochs": 1,
         "partition": "iid",
+        "plot": False,
         **SCREEN_OFF,
     },  # fmt: skip
     "realistic": {
@@ -61,6 +62,10 @@ def run_backend(backend: str, cfg: dict[str, Any], out: Path, root: Path = ROOT)
     checkout ``root`` instead of this one)."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = {**cfg, "out": str(out), **(SCREEN_DEFAULTS if "+screen" in backend else {})}
+    if "+plot" in backend:
+        cfg["plot"] = True
+    if "@before" in backend:  # a checkout from before the plot option: it always plots
+        cfg.pop("plot", None)
     backend = backend.split("+")[0].split("@")[0]
     code = f"import json, sys; sys.path.insert(0, {str(root)!r}); cfg = json.loads({json.dumps(json.dumps(cfg))})\n"
     if backend == "plain":  # a fresh interpreter that imports torch and numpy only, and does everything itself
@@ -107,6 +112,11 @@ def run_backend(backend: str, cfg: dict[str, Any], out: Path, root: Path = ROOT)
     return result
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median wall time (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2]
+
+
 def same_weights(a: Path, b: Path) -> bool:
     import torch
 
@@ -123,17 +133,22 @@ def overhead(args: argparse.Namespace) -> list[str]:
     results: dict[str, Any] = {}
     for name in args.workloads.split(","):
         cfg = {**WORKLOADS[name], "seed": 0}
-        res = {}
-        for b in args.backends.split(","):
-            root = Path(args.before) if "@before" in b else ROOT
-            res[b] = run_backend(b, cfg, Path(args.out) / name / b, root)
-        results[name] = res
+        runs: dict[str, list[dict[str, Any]]] = {b: [] for b in args.backends.split(",")}
+        for rep in range(args.repeat):  # interleaved, so a change in the machine's load hits every backend alike
+            for b in runs:
+                root = Path(args.before) if "@before" in b else ROOT
+                runs[b].append(run_backend(b, cfg, Path(args.out) / name / b / str(rep), root))
+        res = {b: median_run(rs) for b, rs in runs.items()}
+        results[name] = {b: {"median": res[b], "walls": [r["wall_s"] for r in rs]} for b, rs in runs.items()}
         base_name = "plain" if "plain" in res else next(iter(res))
         base = res[base_name]
         for backend, r in res.items():
-            equal = same_weights(Path(args.out) / name / backend, Path(args.out) / name / base_name)
+            equal = all(
+                same_weights(Path(args.out) / name / backend / str(i), Path(args.out) / name / base_name / str(i))
+                for i in range(args.repeat)
+            )
             lines.append(
-                f"| {name} | {backend} | {r['wall_s']:.1f} | {r['wall_s'] / base['wall_s']:.2f} "
+                f"| {name} | {backend} | {r['wall_s']:.2f} | {r['wall_s'] / base['wall_s']:.2f} "
                 f"| {r.get('first_round_s', float('nan')):.2f} | {r.get('later_round_mean_s', float('nan')):.2f} "
                 f"| {r.get('aggregate_s', float('nan')):.3f} | {r.get('server_s', float('nan')):.3f} "
                 f"| {base.get('train_s', float('nan')):.1f} | {equal} |"
@@ -183,9 +198,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default="tiny", help="tiny (digits MLP; plain loop) and/or realistic (no plain)")
     p.add_argument(
-        "--backends", default="plain,inline,inline+screen,ray",
-        help="plain, inline, ray; +screen: the default screening on; @before: run from the --before checkout",
+        "--backends", default="plain,inline,inline+screen+plot,ray",
+        help="plain, inline, ray; +screen/+plot: default screening/plot on; @before: from the --before checkout",
     )  # fmt: skip
+    p.add_argument("--repeat", type=int, default=1, help="runs per backend (interleaved); the table shows medians")
     p.add_argument("--before", default="", help="another checkout (e.g. a git worktree of main) for @before")
     p.add_argument(
         "--fusion", default="", help="strategies whose aggregation share of a round to measure, e.g. fedavg,wb"
