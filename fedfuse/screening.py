@@ -209,7 +209,9 @@ def screen_updates(
         for i, w in enumerate(weights):
             if w > bound:
                 reasons[i] = f"num-examples={w:g} exceeds {examples_factor:g} × the round's median (= {bound:g})"
-    deltas = [_flat_delta(s, r) for s, r in zip(states, sent, strict=True)]
+    # the float64 flat updates, only when a check reads them (screening off: no copy of any client's model)
+    need = (min_cosine > -1.0 and n >= 3) or norm_factor > 0 or direction == "median"
+    deltas = [_flat_delta(s, r) for s, r in zip(states, sent, strict=True)] if need else []
     if min_cosine > -1.0 and n >= 3:
         median_delta = torch.stack(deltas).median(dim=0).values
         cosines = [float(torch.nn.functional.cosine_similarity(d, median_delta, dim=0)) for d in deltas]
@@ -247,7 +249,7 @@ def screen_updates(
                 result.states[i] = _moved(states[i], sent[i], deltas[i])
                 result.clipped += 1
     live = [i for i in range(n) if reasons[i] is None]
-    same_shape = len({deltas[i].numel() for i in live}) == 1  # mixed widths/ranks share no coordinates to compare
+    same_shape = bool(deltas) and len({deltas[i].numel() for i in live}) == 1  # mixed widths share no coordinates
     if direction == "median" and len(live) >= 3 and same_shape:
         m = lower_median([float(deltas[i].norm()) for i in live])  # each update held to the median norm first,
         held = [deltas[i] * min(1.0, m / max(float(deltas[i].norm()), 1e-30)) for i in live]  # so size buys nothing
