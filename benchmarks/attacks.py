@@ -1,12 +1,15 @@
-"""Attack × strategy matrix with fedfuse's default defences, and what the defaults cost on clean runs (inline).
+"""Attack × strategy matrix with fedfuse's defences, and what they cost on clean runs (inline).
 
-    python benchmarks/attacks.py [--shard i/n]     # resumable; writes benchmarks/results/attacks.md (+ .json)
+    python benchmarks/attacks.py [--shard i/n] [--out DIR]   # resumable; writes DIR/attacks.md (+ .shard*.json)
 
-Digits MLP, 3 rounds. Attacks (``fedfuse.attacks``): 1 attacker of 5 clients, 2 of 10 and 3 of 10 (drawn from the
-seed), Dirichlet α = 0.3, seed 0, against fedavg, wb and match, every attack with the shipped defaults. Clean
-runs (no attacker): Dirichlet α = 0.1 and 1 and quantity skew (α = 0.3), 10 clients, seeds 0-2, with the
-defaults and with every defence off (``OFF``), to measure what the defaults cost and how many honest clients
-they reject. Jobs run in priority order (fedavg first), so a partial run still fills whole rows.
+Digits MLP, 3 rounds, seeds 0-2 in every cell. Attacks (``fedfuse.attacks``): 1 attacker of 5 clients, 2 of 10
+and 3 of 10 (drawn from the seed), Dirichlet α = 0.3, against fedavg, wb and match, with the shipped defaults
+and with ``trusted-data 100`` (the direction guard against the server's own update, :mod:`fedfuse.trust`).
+Two references per setting: ``none`` (every client honest) and ``absent`` — the attackers' replies rejected
+(``num-examples:nan``), i.e. what a perfect defence leaves: their data is lost to the federation, which on
+non-IID data costs accuracy by itself. Clean runs (no attacker): Dirichlet α = 0.1 and 1 and quantity skew
+(α = 0.3), 10 clients, seeds 0-2, with every defence off (``OFF``), the defaults and ``trusted``. Jobs run in
+priority order (fedavg first), so a partial run still fills whole columns.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -22,17 +26,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import parse_shard  # noqa: E402
+from benchmarks.common import load_line, parse_shard  # noqa: E402
 
 STRATEGIES = ["fedavg", "wb", "match"]
 ATTACKS = [
-    "none", "scale:1e6", "signflip:2", "signflip:4", "signflip:8", "alie:1", "ipm:4", "adaptive:0.99",
+    "none", "absent", "scale:1e6", "signflip:2", "signflip:4", "signflip:8", "alie:1", "ipm:4", "adaptive:0.99",
     "labelflip", "labelflip:4",
 ]  # fmt: skip
+ABSENT = "num-examples:nan"  # every reply of the attackers is rejected: the 'attackers absent' reference
 SETTINGS = [(5, 1), (10, 2), (10, 3)]  # (clients, attackers)
 OFF = {"update-norm-bound": 0.0, "examples-cap": 0.0, "examples-bound": 0.0, "min-update-cosine": -1.0,
        "direction-guard": "off", "robust": "none"}  # fmt: skip
-DEFENCES = {"off": OFF, "defaults": {}}
+TRUSTED = {"trusted-data": 100}
+DEFENCES = {"off": OFF, "defaults": {}, "trusted": TRUSTED}
+ATTACK_DEFENCES = ("defaults", "trusted")
 CLEAN = [("dirichlet", 0.1), ("dirichlet", 1.0), ("quantity", 0.3)]
 SEEDS = [0, 1, 2]
 BASE = {"dataset": "digits", "model": "mlp", "num-rounds": 3}
@@ -65,10 +72,12 @@ def jobs() -> list[tuple[str, dict]]:
     for s in STRATEGIES:
         for n, k in SETTINGS:
             for a in ATTACKS:
-                cfg = {"strategy": s, "num-clients": n, "seed": 0, "partition": "dirichlet", "alpha": 0.3}
-                if a != "none":
-                    cfg |= {"attack": a, "attackers": k}
-                out.append((f"attack|{s}|{n}|{k}|{a}", cfg))
+                for d in ATTACK_DEFENCES:
+                    for seed in SEEDS:
+                        cfg = {"strategy": s, "num-clients": n, "seed": seed, "partition": "dirichlet", "alpha": 0.3}
+                        if a != "none":
+                            cfg |= {"attack": ABSENT if a == "absent" else a, "attackers": k}
+                        out.append((f"attack|{s}|{n}|{k}|{a}|{d}|{seed}", cfg | DEFENCES[d]))
         for part, alpha in CLEAN:
             for seed in SEEDS:
                 for d, defence in DEFENCES.items():
@@ -83,85 +92,111 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th job from the i-th (parallel processes)")
     p.add_argument("--table-only", action="store_true", help="only rewrite attacks.md from the JSON files")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
     args = p.parse_args()
     shard, shards = parse_shard(p, args.shard)
     logging.disable(logging.WARNING)
-    results_dir = ROOT / "benchmarks" / "results"
+    results_dir = args.out
+    results_dir.mkdir(parents=True, exist_ok=True)
     json_path = results_dir / f"attacks.shard{shard}.json"
     results = load_results(results_dir)
+    if not args.table_only:
+        print(load_line(), flush=True)
     for i, (key, cfg) in enumerate(jobs()):
         if args.table_only or i % shards != shard or key in results:
             continue
         mine = json.loads(json_path.read_text()) if json_path.exists() else {}
         mine[key] = results[key] = run_cell(cfg)
-        print(key, _cell(results[key]), f"{results[key]['seconds']:.1f}s", flush=True)
+        print(key, _cell([results[key]]), f"{results[key]['seconds']:.1f}s", flush=True)
         json_path.write_text(json.dumps(mine, indent=1))
+    if not args.table_only:
+        print(load_line(), flush=True)
     write_table(results, results_dir / "attacks.md")
 
 
 def load_results(results_dir: Path) -> dict[str, dict]:
-    """Every measured cell (``attacks.json`` and the per-shard files)."""
+    """Every measured cell of the per-shard files (keys with a seed: the 3-seed matrix)."""
     results: dict[str, dict] = {}
     for path in sorted(results_dir.glob("attacks*.json")):
         data = json.loads(path.read_text())
-        results |= {k: v for k, v in data.items() if k.startswith(("attack|", "clean|"))}
+        results |= {k: v for k, v in data.items() if k.count("|") == {"attack": 6, "clean": 4}.get(k.split("|")[0])}
     return results
 
 
-def _cell(r: dict | None, clean: dict | None = None) -> str:
-    if r is None:
+def _mean(rs: list[dict]) -> float | None:
+    accs = [r["accuracy"] for r in rs if r and "accuracy" in r]
+    return statistics.mean(accs) if len(accs) == len(rs) and accs else None
+
+
+def _cell(rs: list[dict | None], *refs: list[dict | None]) -> str:
+    """Mean accuracy over the seeds (its range), the gap to each reference's mean (points), summed marks."""
+    if not rs or any(r is None for r in rs):
         return "–"
-    if "crashed" in r:
+    if any("crashed" in r for r in rs):  # type: ignore[operator]
         return "server crashed"
-    gap = f" ({100 * (r['accuracy'] - clean['accuracy']):+.1f})" if clean and "accuracy" in clean else ""
-    marks = "".join(f" {r[k]}{k[0]}" for k in ("rejected", "clipped", "capped", "projected") if r.get(k))
-    return f"{r['accuracy']:.3f}{gap}{marks}"
+    accs = [r["accuracy"] for r in rs]  # type: ignore[index]
+    out = f"{statistics.mean(accs):.3f}" + (f" ±{(max(accs) - min(accs)) / 2:.3f}" if len(accs) > 1 else "")
+    gaps = [m for ref in refs if ref and None not in ref and (m := _mean(ref)) is not None]  # type: ignore[arg-type]
+    if gaps and len(gaps) == len(refs):
+        out += " (" + " / ".join(f"{100 * (statistics.mean(accs) - g):+.1f}" for g in gaps) + ")"
+    marks = "".join(f" {sum(r.get(k, 0) for r in rs)}{k[0]}" for k in ("rejected", "clipped", "capped", "projected")
+                    if any(r.get(k) for r in rs))  # type: ignore[union-attr]  # fmt: skip
+    return out + marks
 
 
 def write_table(results: dict[str, dict], path: Path) -> None:
-    import statistics
-
     lines = [
-        "# Attacks × strategies with the default defences, and their cost on clean runs",
+        "# Attacks × strategies with fedfuse's defences, and their cost on clean runs",
         "",
-        "Command: `python benchmarks/attacks.py` (inline; digits MLP, 3 rounds, seed 0; attacks with Dirichlet",
-        "α = 0.3). Cell: final central accuracy, (gap to the same strategy's no-attack run with the defaults, in",
-        "points), then the updates over the run that were **r**ejected, **c**lipped (norm bound), had their claim",
-        "**c**apped, and **p**rojected (direction guard) — e.g. `3c 3c 2p` = 3 clipped, 3 capped, 2 projected.",
+        "Command: `python benchmarks/attacks.py` (inline; digits MLP, 3 rounds, seeds 0-2; attacks with Dirichlet",
+        "α = 0.3). Cell: mean final central accuracy over the 3 seeds ± half its range, (gap to `none` / gap to",
+        "`absent`, in points), then the updates over the runs that were **r**ejected, **c**lipped (norm bound),",
+        "had their claim **c**apped, and **p**rojected (direction guard). `none`: every client honest. `absent`:",
+        "the attackers' replies rejected (what a perfect defence leaves; their non-IID data is lost).",
         "Defaults: update-norm-bound 3 × the median norm per local step (clip), examples-cap 10, direction-guard",
-        "median, robust none (`fedfuse/screening.py`). `–`: not measured.",
+        "median against the round's coordinate median, robust none. `trusted`: the defaults plus",
+        "`--trusted-data 100` (the guard's reference is the server's own update on 100 labelled training",
+        "examples, `fedfuse/trust.py`). `–`: not measured.",
         "",
     ]
+    cols = [(s, d) for s in STRATEGIES for d in ATTACK_DEFENCES]
     for n, k in SETTINGS:
-        lines += [f"## {k} attacker(s) of {n} clients", "", "| attack | " + " | ".join(STRATEGIES) + " |",
-                  "|---|" + "---|" * len(STRATEGIES)]  # fmt: skip
+        lines += [f"## {k} attacker(s) of {n} clients", "",
+                  "| attack | " + " | ".join(f"{s} {d}" for s, d in cols) + " |", "|---|" + "---|" * len(cols)]  # fmt: skip
+
+        def cells(s: str, a: str, d: str, n: int = n, k: int = k) -> list[dict | None]:
+            return [results.get(f"attack|{s}|{n}|{k}|{a}|{d}|{seed}") for seed in SEEDS]
+
         for a in ATTACKS:
-            cells = [_cell(results.get(f"attack|{s}|{n}|{k}|{a}"), results.get(f"attack|{s}|{n}|{k}|none"))
-                     if a != "none" else _cell(results.get(f"attack|{s}|{n}|{k}|none")) for s in STRATEGIES]  # fmt: skip
-            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+            row = [_cell(cells(s, a, d)) if a == "none" else _cell(cells(s, a, d), cells(s, "none", d),
+                   cells(s, "absent", d)) for s, d in cols]  # fmt: skip
+            lines.append(f"| {a} | " + " | ".join(row) + " |")
         lines.append("")
     lines += [
-        "## Clean runs: what the defaults cost (10 clients, no attacker)",
+        "## Clean runs: what the defences cost (10 clients, no attacker)",
         "",
-        "Mean final accuracy over the seeds measured, defences off → defaults (difference in points); honest",
-        "updates rejected / clipped / capped / projected by the defaults, summed over seeds and rounds.",
+        "Mean final accuracy over the seeds with every defence off, the defaults and `trusted`, and the",
+        "difference to off (points); honest updates rejected / clipped / capped / projected by the defaults",
+        "(trusted), summed over seeds and rounds.",
         "",
-        "| partition | strategy | seeds | off | defaults | cost | rejected | clipped | capped | projected |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| partition | strategy | seeds | off | defaults | cost | trusted | cost | rejected | clipped | capped | "
+        "projected |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for part, alpha in CLEAN:
         for s in STRATEGIES:
-            pairs = [(results.get(f"clean|{s}|{part}:{alpha}|{seed}|off"),
-                      results.get(f"clean|{s}|{part}:{alpha}|{seed}|defaults")) for seed in SEEDS]  # fmt: skip
-            pairs = [(o, d) for o, d in pairs if o and d and "accuracy" in o and "accuracy" in d]
-            if not pairs:
-                lines.append(f"| {part} {alpha} | {s} | 0 | – | – | – | – | – | – | – |")
+            runs = {d: [results.get(f"clean|{s}|{part}:{alpha}|{seed}|{d}") for seed in SEEDS] for d in DEFENCES}
+            means = {d: _mean(rs) if None not in rs else None for d, rs in runs.items()}  # type: ignore[arg-type]
+            if means["off"] is None or means["defaults"] is None:
+                lines.append(f"| {part} {alpha} | {s} | 0 |" + " – |" * 9)
                 continue
-            off = statistics.mean(o["accuracy"] for o, _ in pairs)
-            on = statistics.mean(d["accuracy"] for _, d in pairs)
-            counts = [str(sum(d.get(c, 0) for _, d in pairs)) for c in ("rejected", "clipped", "capped", "projected")]
-            lines.append(f"| {part} {alpha} | {s} | {len(pairs)} | {off:.3f} | {on:.3f} | {100 * (on - off):+.1f} | "
-                         + " | ".join(counts) + " |")  # fmt: skip
+            off, on, tr = means["off"], means["defaults"], means["trusted"]
+            counts = [f"{sum(r.get(c, 0) for r in runs['defaults'])}"  # type: ignore[union-attr]
+                      + (f" ({sum(r.get(c, 0) for r in runs['trusted'])})" if tr is not None else "")  # type: ignore[union-attr]
+                      for c in ("rejected", "clipped", "capped", "projected")]  # fmt: skip
+            trusted = f"{tr:.3f} | {100 * (tr - off):+.1f}" if tr is not None else "– | –"
+            lines.append(f"| {part} {alpha} | {s} | {len(SEEDS)} | {off:.3f} | {on:.3f} | {100 * (on - off):+.1f} | "
+                         f"{trusted} | " + " | ".join(counts) + " |")  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -51,4 +51,8 @@ ROBUST_OPTIONS = (
     Option("robust-fraction", float, 0.2, "robust: assumed Byzantine fraction (trimmed per side; Krum's f)",
            low=0.0, high=0.49),
     *SCREENING_OPTIONS,
+    Option("trusted-data", int, 0,
+           "N labelled examples the server holds (FLTrust's root data): the direction guard measures updates "
+           "against the server's own update on them instead of the round's median (0 = off); in simulation a "
+           "seeded draw from the training split", low=0),
 )  # fmt: skip

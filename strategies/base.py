@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -23,13 +23,14 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedfuse import protocol
 from fedfuse.config import SERVER_OPTIONS, Option
-from fedfuse.errors import MissingArgumentError
+from fedfuse.errors import require_model
 from fedfuse.experiment import derive_seed
 from fedfuse.merge.distill import distill_states
 from fedfuse.replies import decode_arrays, error_summary, unpack_reply
 from fedfuse.robust import Reducer, reducer
 from fedfuse.screening import ROBUST_OPTIONS, ScreeningConfig, screen_round
 from fedfuse.state import weighted_average
+from fedfuse.trust import trusted_reference
 from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_strategy_args, non_finite
 from strategies.options import STRATEGY_OPTIONS
 from strategies.sampling import NodeOrder, seeded_sample
@@ -38,17 +39,6 @@ __all__ = ["FedFuseStrategy", "require_model", "ROBUST_OPTIONS", "SERVER_OPTIONS
 
 log = logging.getLogger("fedfuse")
 State = dict[str, torch.Tensor]
-
-
-def require_model(strategy: object, model: Any) -> Any:
-    """``model``, or one line naming what is missing, with an example (a :class:`MissingArgumentError`)."""
-    if model is None:
-        name = type(strategy).__name__
-        raise MissingArgumentError(
-            f"{name} needs model=, a torch module of the global architecture (the clients' model), "
-            f"e.g. {name}(model=Net())"
-        )
-    return model
 
 
 class FedFuseStrategy(FedAvg):
@@ -65,7 +55,8 @@ class FedFuseStrategy(FedAvg):
         self, *, seed: int = 0, discover_partitions: bool = False, query_timeout: float = 600.0,
         max_num_examples: float = MAX_NUM_EXAMPLES, max_reply_factor: float = MAX_REPLY_FACTOR,
         robust: str = "none", robust_fraction: float = 0.2, server_data: torch.Tensor | None = None,
-        distill_epochs: int = 0, distill_model: torch.nn.Module | None = None, **kwargs: Any,
+        distill_epochs: int = 0, distill_model: torch.nn.Module | None = None,
+        trusted: Callable[[State, int], State] | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
         names = ScreeningConfig.__dataclass_fields__
         self.screening = ScreeningConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
@@ -84,6 +75,7 @@ class FedFuseStrategy(FedAvg):
         self._sampled = 0
         self._valid_nodes: list[int] = []
         self.server_data, self.distill_epochs, self.distill_model = server_data, int(distill_epochs), distill_model
+        self.trusted = trusted  # (sent, round) -> the server's own trained state (fedfuse.trust), or None
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, model: Any = None, example_input: Any = None, **kwargs: Any):
@@ -93,6 +85,7 @@ class FedFuseStrategy(FedAvg):
 
         own = cls.config_kwargs(cfg, model=model, example_input=example_input)
         defences = {o.name.replace("-", "_"): cfg[o.name] for o in ROBUST_OPTIONS if o.name in cfg}
+        defences["trusted"] = trusted_reference(cfg, model) if defences.pop("trusted_data", 0) else None
         if int(cfg.get("distill-epochs", 0)):
             defences |= {"distill_epochs": int(cfg["distill-epochs"]), "distill_model": model}
         strategy = cls(**{**kwargs, "seed": int(cfg["seed"]), "discover_partitions": True, **defences, **own})
@@ -151,15 +144,15 @@ class FedFuseStrategy(FedAvg):
         unpacked = [unpack_reply(m, s, self.weighted_by_key, max_reply_factor=self.max_reply_factor,
                                  max_num_examples=self.max_num_examples, shape_ok=self.shape_ok)
                     for m, s in zip(answers, sent, strict=True)]  # fmt: skip
-        rs = screen_round(
-            server_round, [self.nodes.label(m.metadata.src_node_id) for m in answers], unpacked, sent, self.screening,
-            direction=not (self.started_apart and server_round == 1),  # apart clients share no starting point
-        )  # fmt: skip
+        guard = not (self.started_apart and server_round == 1)  # apart clients share no starting point
+        use = self.trusted and guard and answers and self.screening.direction_guard != "off"
+        reference = self.trusted(self._sent, server_round) if use else None  # type: ignore[misc]
+        rs = screen_round(server_round, [self.nodes.label(m.metadata.src_node_id) for m in answers], unpacked, sent,
+                          self.screening, direction=guard, reference=reference)  # fmt: skip
         stats = {**rs.stats, "skipped": 0.0}
         if len(replies) < self._sampled:
-            log.warning(
-                "round %d: %d sampled node(s) did not reply in time", server_round, self._sampled - len(replies)
-            )
+            log.warning("round %d: %d sampled node(s) did not reply in time", server_round,
+                        self._sampled - len(replies))  # fmt: skip
         if len(rs.keep) < max(self.min_train_nodes, 1):
             log.warning("round %d: %d valid update(s) < min_train_nodes=%d; keeping the previous global model",
                         server_round, len(rs.keep), self.min_train_nodes)  # fmt: skip

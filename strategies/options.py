@@ -101,7 +101,10 @@ LORA_OPTIONS = (
            "lora_only (the adapted layers') or all", choices=("none", "lora_only", "all")),
 )  # fmt: skip
 # LoRA strategies screen updates but reduce adapters with their own rule (no robust reduction)
-LORA_STRATEGY_OPTIONS = (*(o for o in ROBUST_OPTIONS if o.name not in ("robust", "robust-fraction")), *LORA_OPTIONS)
+LORA_STRATEGY_OPTIONS = (
+    *(o for o in ROBUST_OPTIONS if o.name not in ("robust", "robust-fraction", "trusted-data")),
+    *LORA_OPTIONS,
+)
 BASE_OPTIONS = (*ROBUST_OPTIONS, *SERVER_OPTIONS)
 FUSION_BASE = (*ROBUST_OPTIONS, *FUSION_OPTIONS)
 

@@ -107,6 +107,11 @@ def validate_config(
         if cfg.get("distill-epochs") and (cfg.get("bn-repair", "none") != "none" or cfg.get("client-widths")):
             other = "bn-repair" if cfg.get("bn-repair", "none") != "none" else "client-widths"
             raise ConfigError(f"distill-epochs={cfg['distill-epochs']} cannot be combined with {other}={cfg[other]!r}")
+        if cfg.get("trusted-data") and cfg.get("direction-guard", "median") == "off":
+            raise ConfigError(
+                f"trusted-data={cfg['trusted-data']} is the direction guard's reference and needs direction-guard "
+                "median; got direction-guard='off'"
+            )
         if needs and int(cfg.get("server-data", 0)) < 2:
             raise ConfigError(
                 f"{' and '.join(needs)} needs server-data >= 2 (unlabeled inputs the server holds, e.g. "

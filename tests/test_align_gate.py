@@ -225,3 +225,27 @@ def test_selfcheck_reports_the_share_that_moves() -> None:
     # 3 layers, 6 weight axes: fc1 in (the input) and fc3 out (the classes) never move
     assert res.ok and res.axis_share == pytest.approx(4 / 6)
     assert 0.5 < res.param_share <= 1.0 and res.untouched == []
+
+
+def test_a_hand_written_spec_is_gated_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedfuse.align.spec import Axis, Group, TransportSpec
+
+    monkeypatch.setattr(gate_mod, "_CACHE", type(gate_mod._CACHE)())
+    monkeypatch.setattr(gate_mod, "_PASSED", type(gate_mod._PASSED)())
+    model, x = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), torch.randn(2, 4)
+    rows = (Axis("0.weight", 0), Axis("0.bias", 0))
+    wrong = TransportSpec((Group("h", 6, rows),))  # forgets the next layer's input columns
+    with pytest.raises(UnsupportedModelError, match=r"the given spec of Sequential is not exact.*'h'.*fix its"):
+        fuse([model, nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))], method="match", spec=wrong)
+    right = TransportSpec((Group("h", 6, (*rows, Axis("2.weight", 1, "in"))),))
+    other = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    permuted, _ = permute_model(model, right, seed=2)
+    fused = fuse([model, permuted], method="match", spec=right, example_input=x)
+    torch.testing.assert_close(fused["2.weight"], model.state_dict()["2.weight"])
+    calls: list[str] = []
+    real = gate_mod._verdict
+    monkeypatch.setattr(gate_mod, "_verdict", lambda *a: calls.append("v") or real(*a))
+    fuse([model, other], method="match", spec=right)  # passed once for this class and shapes: not re-run
+    assert calls == []
+    states = [model.state_dict(), other.state_dict()]
+    fuse(states, method="match", spec=wrong)  # state dicts alone carry no function to check: the user's word

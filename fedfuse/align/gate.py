@@ -1,4 +1,4 @@
-"""The gate: a derived spec proves itself before any use.
+"""The gate: a derived or hand-written spec proves itself before any use.
 
 A transport spec claims that permuting every group's units (and every parameter axis they index) leaves the
 model's function unchanged. :func:`verify_spec` tests that claim: a copy of the model with its constant
@@ -17,8 +17,11 @@ moving units (a sign of a missed rule; for a derived spec, keys no rule mentione
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,12 +33,22 @@ from fedfuse.align.spec import TransportSpec, UnsupportedModelError, derive_spec
 from fedfuse.align.transport import apply_transport, load_state, state_of
 from fedfuse.errors import ConfigError
 
-__all__ = ["Coverage", "break_symmetric_init", "coverage", "gated_spec", "permutation_error", "verify_spec"]
+__all__ = [
+    "Coverage",
+    "break_symmetric_init",
+    "coverage",
+    "gated_spec",
+    "is_verified",
+    "permutation_error",
+    "verify_spec",
+]
 
 F64_MAX_PARAMS = 150_000_000  # models up to this size are compared in float64
 GATE_RTOL = 1e-6  # float64: an exact permutation differs by rounding (~1e-13); a wrong one by O(1)
 _CACHE: OrderedDict[Any, str] = OrderedDict()  # key -> "" (passed) or the refusal line
 _CACHE_SIZE = 256
+_MEASURING: contextvars.ContextVar[bool] = contextvars.ContextVar("fedfuse_gate_measuring", default=False)
+_PASSED: OrderedDict[Any, None] = OrderedDict()  # (model class, state shapes, spec) that passed on some input
 
 
 @dataclass
@@ -183,27 +196,59 @@ def _key(model: nn.Module, spec: TransportSpec, example_input: Any) -> Any:
     return (type(model), shapes, ins, spec)
 
 
-def verify_spec(model: nn.Module, spec: TransportSpec, example_input: Any, *, seed: int = 1) -> None:
+def verify_spec(
+    model: nn.Module, spec: TransportSpec, example_input: Any, *, seed: int = 1, given: bool = False
+) -> None:
     """Raise :class:`UnsupportedModelError` (one line) unless a seeded permutation of every group of ``spec``
     leaves ``model``'s outputs on ``example_input`` unchanged, or if the model has hidden units but ``spec`` no
-    group. Cached (module docstring)."""
+    group. Cached (module docstring). ``given``: ``spec`` was written by the user, not derived (the line says
+    so); a spec that already passed for this model class and state shapes on any input is not checked again.
+    """
+    if given and is_verified(model, spec):
+        return
     key = _key(model, spec, example_input)
     if key not in _CACHE:
-        _CACHE[key] = _verdict(model, spec, example_input, seed)
+        _CACHE[key] = _verdict(model, spec, example_input, seed, given)
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
+        if not _CACHE[key]:
+            _PASSED[_passed_key(model, spec)] = None
+            while len(_PASSED) > _CACHE_SIZE:
+                _PASSED.popitem(last=False)
     if _CACHE[key]:
         raise UnsupportedModelError(_CACHE[key])
 
 
-def _verdict(model: nn.Module, spec: TransportSpec, example_input: Any, seed: int) -> str:
+def _passed_key(model: nn.Module, spec: TransportSpec) -> Any:
+    return (type(model), tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()), spec)
+
+
+def is_verified(model: nn.Module, spec: TransportSpec) -> bool:
+    """Whether ``spec`` already passed :func:`verify_spec` for ``model``'s class and state shapes (any input),
+    or is being measured inside :func:`measuring` (which uses it whether right or wrong)."""
+    return _MEASURING.get() or _passed_key(model, spec) in _PASSED
+
+
+@contextlib.contextmanager
+def measuring() -> Iterator[None]:
+    """Inside: given specs are used unchecked — for :func:`~fedfuse.align.selfcheck.selfcheck`, which measures
+    what a spec does to a model (its errors are the report), not for fusing models."""
+    token = _MEASURING.set(True)
+    try:
+        yield
+    finally:
+        _MEASURING.reset(token)
+
+
+def _verdict(model: nn.Module, spec: TransportSpec, example_input: Any, seed: int, given: bool = False) -> str:
     name = type(model).__name__
+    which = "given" if given else "derived"
     if not spec.groups:
         layers = _hidden_layers(model)
         if layers:
             shown = ", ".join(layers[:4]) + (", …" if len(layers) > 4 else "")
             return (
-                f"nothing to align in {name}: the derived spec has 0 hidden-unit groups while the model has "
+                f"nothing to align in {name}: the {which} spec has 0 hidden-unit groups while the model has "
                 f"{len(layers)} weight layers ({shown}), so fusion would be a plain average; use method='average' "
                 "or pass a manual TransportSpec"
             )
@@ -229,7 +274,7 @@ def _verdict(model: nn.Module, spec: TransportSpec, example_input: Any, seed: in
             if err({g.name: perm}) > rtol:
                 broken.append(g)
     except ConfigError as exc:
-        return f"the derived spec of {name} cannot be applied to it: {str(exc).splitlines()[0]}"
+        return f"the {which} spec of {name} cannot be applied to it: {str(exc).splitlines()[0]}"
     finally:
         model.train(was_training)
     keys = list(dict.fromkeys(m.key for g in broken for m in g.members))
@@ -238,9 +283,10 @@ def _verdict(model: nn.Module, spec: TransportSpec, example_input: Any, seed: in
     untouched = coverage(model, spec).untouched
     hint = f"; untouched beside them: {', '.join(untouched[:4])}" if untouched else ""
     where = f"permuting group(s) {groups} breaks it (parameters {shown}){hint}" if broken else "no single group alone"
+    fix = "fix its groups" if given else "a rule is missing or wrong — pass a manual TransportSpec"
     return (
-        f"the derived spec of {name} is not exact (a seeded permutation changes its output by {total:.2g} of its "
-        f"scale): {where}; a rule is missing or wrong — pass a manual TransportSpec or use method='average'"
+        f"the {which} spec of {name} is not exact (a seeded permutation changes its output by {total:.2g} of its "
+        f"scale): {where}; {fix} or use method='average'"
     )
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fedfuse.align.fusion import AlignmentError, fuse
-from fedfuse.align.gate import F64_MAX_PARAMS, _rel_err, _verdict, break_symmetric_init, coverage
+from fedfuse.align.gate import F64_MAX_PARAMS, _rel_err, _verdict, break_symmetric_init, coverage, measuring
 from fedfuse.align.inputs import call_model, first_tensor, map_floats
 from fedfuse.align.spec import UnsupportedModelError, derive_spec
 from fedfuse.align.transport import load_state, permute_model
@@ -111,14 +111,15 @@ def selfcheck(
     for method in methods:
         t0 = time.perf_counter()
         try:
-            state = fuse(
-                [model, permuted],  # type: ignore[arg-type]
-                method=method,
-                spec=spec,
-                init=0,
-                max_iter=1,
-                bn_repair=None,
-            )
+            with measuring():  # the spec under test is used as it is, right or wrong
+                state = fuse(
+                    [model, permuted],  # type: ignore[arg-type]
+                    method=method,
+                    spec=spec,
+                    init=0,
+                    max_iter=1,
+                    bn_repair=None,
+                )
         except AlignmentError as exc:
             res.failures[method] = str(exc)
             res.seconds[method] = time.perf_counter() - t0

@@ -23,7 +23,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from fedfuse.align.spec import Axis, Group, TransportSpec, derive_spec, segment_range, trace_values
+from fedfuse.align.spec import Axis, Group, TransportSpec, derive_spec, derived_on, segment_range, trace_values
 from fedfuse.align.transport import (
     Transports,
     member_features,
@@ -51,18 +51,32 @@ Model = nn.Module | Mapping[str, Tensor]
 
 
 def resolve_spec(spec: TransportSpec | None, model: Any, example_input: Any = None) -> TransportSpec:
-    """``spec`` if given, else derived from ``model`` (an ``nn.Module``) traced on ``example_input`` and verified
-    by :func:`fedfuse.align.gate.verify_spec` (a seeded permuted copy computes the same function)."""
+    """``spec`` if given, else derived from ``model`` (an ``nn.Module``) traced on ``example_input``; either way
+    verified by :func:`fedfuse.align.gate.verify_spec` (a seeded permuted copy computes the same function) when
+    ``model`` is a module. A given spec with only state dicts, or whose module's input cannot be inferred and no
+    ``example_input`` is given, cannot be checked: a warning says so."""
+    from fedfuse.align.gate import is_verified, verify_spec  # the gate imports the solvers' users
+
     if spec is not None:
         if not isinstance(spec, TransportSpec):
             raise ConfigError(f"spec must be a TransportSpec, got {type(spec).__name__}")
+        if isinstance(model, nn.Module) and not is_verified(model, spec):
+            try:
+                ex = example_input if example_input is not None else derived_on(spec)
+                ex = ex if ex is not None else infer_example_input(model)
+            except ConfigError:
+                warnings.warn(
+                    f"the given spec of {type(model).__name__} is not verified: its input shape cannot be inferred; "
+                    "pass example_input= to check that a permutation of its groups keeps the model's function",
+                    stacklevel=3,
+                )
+                return spec
+            verify_spec(model, spec, ex, given=True)  # cached: a spec that passed for this model is not redone
         return spec
     if not isinstance(model, nn.Module):
         raise ConfigError("state dicts carry no architecture: pass spec= (a TransportSpec) or an nn.Module template")
     if example_input is None:
         example_input = infer_example_input(model)
-    from fedfuse.align.gate import verify_spec  # the gate imports the solvers' users (selfcheck → fusion)
-
     spec = derive_spec(model, example_input)
     verify_spec(model, spec, example_input)  # a derived spec proves itself before any use (cached)
     return spec

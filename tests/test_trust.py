@@ -1,0 +1,82 @@
+"""A trusted reference (fedfuse.trust): colluders capture the round's median, not the server's own update."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedfuse.errors import ConfigError
+from fedfuse.screening import screen_updates
+
+
+def _colluding_round(seed: int = 0) -> tuple[list[dict], list[dict], torch.Tensor]:
+    """3 honest updates (a shared direction c under larger own parts) and 4 identical −2·mean(honest): colluders
+    that hold the coordinate median, as three of ten do on real non-IID updates (benchmarks/results/attacks.md)."""
+    gen = torch.Generator().manual_seed(seed)
+    d = 2000
+    c = torch.randn(d, generator=gen)
+    honest = [0.5 * c + torch.randn(d, generator=gen) for _ in range(3)]
+    bad = -2 * torch.stack(honest).mean(0)
+    return [{"w": u} for u in [*honest, bad, bad, bad, bad]], [{"w": torch.zeros(d)}] * 7, c
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_colluders_capture_the_median_reference_but_not_a_trusted_one(seed: int) -> None:
+    states, sent, c = _colluding_round(seed)
+    by_median = screen_updates(states, sent, [100.0] * 7, direction="median")
+    by_trust = screen_updates(states, sent, [100.0] * 7, direction="median", reference={"w": c})
+    assert by_median.weights[3:] == [100.0] * 4  # the colluders are the median: nothing against them
+    assert max(by_trust.weights[3:]) < 1e-3  # against the server's update they point away: no weight left
+    assert by_trust.weights[:3] == [100.0] * 3  # honest updates (cosine > 0 with c) keep theirs
+
+    def cos(s) -> float:
+        mean = sum(w * st["w"] for w, st in zip(s.weights, s.states, strict=True)) / sum(s.weights)
+        return float(torch.nn.functional.cosine_similarity(mean, c, dim=0))
+
+    assert cos(by_median) < 0 < 0.3 < cos(by_trust)
+
+
+def test_the_trusted_reference_is_the_servers_own_seeded_update(tmp_path) -> None:
+    from fedfuse.experiment import dataset_for, model_for
+    from fedfuse.trust import trusted_reference
+    from strategies.registry import validate_config
+
+    cfg = validate_config({"dataset": "digits", "model": "mlp", "trusted-data": 50, "seed": 3, "out": str(tmp_path)})
+    model = model_for(cfg, dataset_for(cfg))
+    ref = trusted_reference(cfg, model)
+    assert ref is not None and len(ref.x) == 50 and trusted_reference({**cfg, "trusted-data": 0}, model) is None
+    sent = {k: v.clone() for k, v in model.state_dict().items()}
+    a, b, other = ref(sent, 1), ref(sent, 1), ref(sent, 2)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # a resumed run computes the same reference
+    assert any(not torch.equal(a[k], sent[k]) for k in a)  # it trained
+    assert any(not torch.equal(a[k], other[k]) for k in a)  # each round reshuffles (seeded by the round)
+    assert all(torch.equal(model.state_dict()[k], sent[k]) for k in sent)  # the caller's model is untouched
+    with pytest.raises(ConfigError, match=r"trusted-data=99999 exceeds the .* training samples of 'digits'"):
+        trusted_reference({**cfg, "trusted-data": 99999}, model)
+
+
+def test_trusted_data_needs_the_direction_guard() -> None:
+    from strategies.registry import validate_config
+
+    with pytest.raises(ConfigError, match="trusted-data=100 .* needs direction-guard median"):
+        validate_config({"trusted-data": 100, "direction-guard": "off"})
+
+
+def test_trusted_data_contains_colluding_ipm_that_captures_the_median(tmp_path) -> None:
+    """3 of 10 clients send −4·mean(honest) (seed 1, measured in benchmarks/results/attacks.md): the default guard
+    is captured (0.106), the trusted reference keeps the run at the 'attackers absent' accuracy (0.390)."""
+    from clients.client_app import app
+    from fedfuse.results import load_metrics
+    from fedfuse.runners.inline import InlineGrid
+    from strategies.registry import validate_config
+    from strategies.server_app import run_server
+
+    accs = {}
+    for n in (0, 100):
+        out = tmp_path / str(n)
+        cfg = {"dataset": "digits", "model": "mlp", "num-clients": 10, "num-rounds": 3, "partition": "dirichlet",
+               "alpha": 0.3, "seed": 1, "attack": "ipm:4", "attackers": 3, "trusted-data": n,
+               "out": str(out)}  # fmt: skip
+        run_server(InlineGrid(app, 10), validate_config(cfg))
+        accs[n] = load_metrics(out)["rounds"][-1]["central_accuracy"]
+    assert accs[100] > accs[0] + 0.15, accs
