@@ -100,7 +100,8 @@ def _md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "",
         f"{meta['machine']}; dataset `{meta['dataset']}`, model mlp, {meta['rounds']} rounds. Peak RSS is the sum over "
         "the run's process tree (CLI + Ray processes); s/round is the median of rounds 2…R; round 1 includes "
-        "start-up (under Ray: SuperLink/ServerApp start and the one-off partition-id query of every node).",
+        "start-up (under Ray: SuperLink/ServerApp start and actor start; each sampled node not seen before is asked "
+        "its partition id, no other node is).",
         "",
         "| clients | per round | backend | peak RSS MB | s/round | round 1 s | total s | load | note |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---|",

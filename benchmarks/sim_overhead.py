@@ -1,13 +1,16 @@
 """Simulation overhead: the same federated training through Ray, the inline backend and a plain loop.
 
-    python benchmarks/sim_overhead.py                       # tiny (digits MLP) + realistic (CNN on mnist10k)
-    python benchmarks/sim_overhead.py --workloads tiny --backends inline,plain
+    python benchmarks/sim_overhead.py                       # tiny (digits MLP): plain, inline, inline+screen, ray
+    python benchmarks/sim_overhead.py --workloads tiny --backends plain,inline,inline@before --before /tmp/main
+    python benchmarks/sim_overhead.py --workloads realistic --backends inline,ray  # CNN on mnist10k (no plain loop)
     python benchmarks/sim_overhead.py --scale 100,1000      # peak RSS with 10% of N clients sampled per round
 
-"Identical" = same partitions, seeds, client sampling, local epochs, model and aggregation order; the
+"Identical" = same data, partitions, init, seeds, client sampling, local epochs, model and aggregation order; the
 script checks that the final weights of every backend are bit-identical to the plain loop's. The plain loop
-(benchmarks/plain_fedavg.py) imports torch only: fedfuse computes the experiment's plan (data, partitions, initial
-weights, sampling and seeds) beforehand, outside its timing, so its time holds no data loading and fedfuse's does.
+(benchmarks/plain_fedavg.py) imports torch and numpy only and does everything itself (loads and splits the data,
+partitions it, builds the model, samples, trains, averages, evaluates), as fedfuse does inside its timing. The tiny
+workload runs with screening off (plain FedAvg, the plain loop's work); ``inline+screen`` adds the default screening.
+``--before DIR`` with ``inline@before`` runs the inline backend from another checkout in the same run (before/after).
 Everything goes under ``--out`` (default /tmp/fedfuse-sim-overhead; the report OUT/sim_overhead.md unless
 ``--results``): a read-only checkout can run it. The report records the machine and its load before and after. Each
 backend runs in its own subprocess (fresh interpreter, fresh Ray), so start-up is counted honestly.
@@ -28,8 +31,20 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+SCREEN_OFF = {"update-norm-bound": 0.0, "examples-cap": 0.0, "direction-guard": "off"}
+SCREEN_DEFAULTS = {"update-norm-bound": 3.0, "examples-cap": 10.0, "direction-guard": "median"}
 WORKLOADS: dict[str, dict[str, Any]] = {
-    "tiny": {"dataset": "digits", "model": "mlp", "num-clients": 10, "num-rounds": 5, "local-epochs": 1},
+    # IID, screening and plot off: the work of benchmarks/plain_fedavg.py; ``+screen``/``+plot`` add the defaults
+    "tiny": {
+        "dataset": "digits",
+        "model": "mlp",
+        "num-clients": 10,
+        "num-rounds": 5,
+        "local-epochs": 1,
+        "partition": "iid",
+        "plot": False,
+        **SCREEN_OFF,
+    },  # fmt: skip
     "realistic": {
         "dataset": "mnist10k",
         "data-root": str(ROOT.parent / "shared" / "data"),
@@ -41,48 +56,21 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 }
 
 
-def write_plan(cfg: dict[str, Any], path: Path) -> None:
-    """What defines the experiment, computed by fedfuse and handed to the plain loop (benchmarks/plain_fedavg.py,
-    which imports no fedfuse): data tensors, the clients' indices, initial weights, per round the sampled clients
-    and each one's epochs, step cap and shuffling seed, and the SGD hyper-parameters."""
-    import torch
-
-    from fedfuse.data.partition import partition_indices
-    from fedfuse.experiment import dataset_for, local_plan, model_for, sample_clients
-    from strategies.registry import validate_config
-
-    cfg = validate_config(cfg)
-    if cfg["model"] != "mlp":
-        raise SystemExit(f"the plain loop builds MLPs only; model={cfg['model']!r}")
-    ds = dataset_for(cfg)
-    n = cfg["num-clients"]
-    parts = partition_indices(
-        ds.y_train.numpy(), cfg["partition"], n, alpha=cfg["alpha"], classes_per_client=cfg["classes-per-client"],
-        seed=cfg["seed"],
-    )  # fmt: skip
-    rounds = []
-    for rnd in range(1, cfg["num-rounds"] + 1):
-        clients = []
-        for pid in sample_clients(cfg["seed"], rnd, n, cfg["fraction-train"], min(2, n)):
-            p = local_plan(cfg, pid, rnd, len(parts[pid]))
-            clients.append({"pid": pid, "epochs": p.epochs, "max_steps": p.max_steps, "seed": p.seed})
-        rounds.append(clients)
-    hp = {k: cfg[k] for k in ("lr", "momentum", "weight-decay", "batch-size", "client-threads")}
-    torch.save(
-        {"hp": hp, "init": model_for(cfg, ds).state_dict(), "parts": [torch.as_tensor(p) for p in parts],
-         "rounds": rounds, "x_train": ds.x_train, "y_train": ds.y_train, "x_test": ds.x_test, "y_test": ds.y_test},
-        path,
-    )  # fmt: skip
-
-
-def run_backend(backend: str, cfg: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Run one backend in a subprocess; wall time from process start to exit, plus its metrics."""
+def run_backend(backend: str, cfg: dict[str, Any], out: Path, root: Path = ROOT) -> dict[str, Any]:
+    """Run one backend in a subprocess; wall time from process start to exit, plus its metrics. ``backend``:
+    ``plain``, ``inline`` or ``ray``, optionally ``+screen`` (the default screening on) and ``@before`` (the
+    checkout ``root`` instead of this one)."""
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {**cfg, "out": str(out)}
-    code = f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); cfg = json.loads({json.dumps(json.dumps(cfg))})\n"
-    if backend == "plain":  # a fresh interpreter that imports torch only
-        write_plan(cfg, out / "plan.pt")
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "plain_fedavg.py"), str(out / "plan.pt"), str(out)]
+    cfg = {**cfg, "out": str(out), **(SCREEN_DEFAULTS if "+screen" in backend else {})}
+    if "+plot" in backend:
+        cfg["plot"] = True
+    if "@before" in backend:  # a checkout from before the plot option: it always plots
+        cfg.pop("plot", None)
+    backend = backend.split("+")[0].split("@")[0]
+    code = f"import json, sys; sys.path.insert(0, {str(root)!r}); cfg = json.loads({json.dumps(json.dumps(cfg))})\n"
+    if backend == "plain":  # a fresh interpreter that imports torch and numpy only, and does everything itself
+        (out / "config.json").write_text(json.dumps(cfg))
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "plain_fedavg.py"), str(out / "config.json"), str(out)]
     elif backend == "inline":
         code += (
             "from fedfuse.runners.inline import InlineGrid; from strategies.server_app import run_server\n"
@@ -104,7 +92,7 @@ def run_backend(backend: str, cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     if backend != "plain":
         cmd = [sys.executable, "-c", code]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"{backend} failed:\n{proc.stderr[-3000:]}")
@@ -124,6 +112,11 @@ def run_backend(backend: str, cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     return result
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median wall time (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2]
+
+
 def same_weights(a: Path, b: Path) -> bool:
     import torch
 
@@ -140,16 +133,25 @@ def overhead(args: argparse.Namespace) -> list[str]:
     results: dict[str, Any] = {}
     for name in args.workloads.split(","):
         cfg = {**WORKLOADS[name], "seed": 0}
-        res = {b: run_backend(b, cfg, Path(args.out) / name / b) for b in args.backends.split(",")}
-        results[name] = res
-        base = res["plain"]
+        runs: dict[str, list[dict[str, Any]]] = {b: [] for b in args.backends.split(",")}
+        for rep in range(args.repeat):  # interleaved, so a change in the machine's load hits every backend alike
+            for b in runs:
+                root = Path(args.before) if "@before" in b else ROOT
+                runs[b].append(run_backend(b, cfg, Path(args.out) / name / b / str(rep), root))
+        res = {b: median_run(rs) for b, rs in runs.items()}
+        results[name] = {b: {"median": res[b], "walls": [r["wall_s"] for r in rs]} for b, rs in runs.items()}
+        base_name = "plain" if "plain" in res else next(iter(res))
+        base = res[base_name]
         for backend, r in res.items():
-            equal = same_weights(Path(args.out) / name / backend, Path(args.out) / name / "plain")
+            equal = all(
+                same_weights(Path(args.out) / name / backend / str(i), Path(args.out) / name / base_name / str(i))
+                for i in range(args.repeat)
+            )
             lines.append(
-                f"| {name} | {backend} | {r['wall_s']:.1f} | {r['wall_s'] / base['wall_s']:.2f} "
+                f"| {name} | {backend} | {r['wall_s']:.2f} | {r['wall_s'] / base['wall_s']:.2f} "
                 f"| {r.get('first_round_s', float('nan')):.2f} | {r.get('later_round_mean_s', float('nan')):.2f} "
                 f"| {r.get('aggregate_s', float('nan')):.3f} | {r.get('server_s', float('nan')):.3f} "
-                f"| {base['train_s']:.1f} | {equal} |"
+                f"| {base.get('train_s', float('nan')):.1f} | {equal} |"
             )
             print(lines[-1], flush=True)
     (Path(args.out) / "overhead.json").write_text(json.dumps(results, indent=2, default=str))
@@ -194,8 +196,13 @@ def scale(args: argparse.Namespace) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workloads", default="tiny,realistic")
-    p.add_argument("--backends", default="plain,inline,ray")
+    p.add_argument("--workloads", default="tiny", help="tiny (digits MLP; plain loop) and/or realistic (no plain)")
+    p.add_argument(
+        "--backends", default="plain,inline,inline+screen+plot,ray",
+        help="plain, inline, ray; +screen/+plot: default screening/plot on; @before: from the --before checkout",
+    )  # fmt: skip
+    p.add_argument("--repeat", type=int, default=1, help="runs per backend (interleaved); the table shows medians")
+    p.add_argument("--before", default="", help="another checkout (e.g. a git worktree of main) for @before")
     p.add_argument(
         "--fusion", default="", help="strategies whose aggregation share of a round to measure, e.g. fedavg,wb"
     )

@@ -39,6 +39,7 @@ from fedfuse.experiment import (
     round_mask,
 )
 from fedfuse.lora.run import adapter_state, load_received, lora_on
+from fedfuse.replies import decode_arrays
 from fedfuse.state import torch_threads
 from fedfuse.subspace import MaskedTraining, mask_ratio
 from fedfuse.train import evaluate as evaluate_model
@@ -98,7 +99,7 @@ def _run_config(msg: Message) -> dict[str, Any]:
 
 def _received_state(msg: Message) -> dict[str, torch.Tensor]:
     """The message's one ArrayRecord as a state dict, whatever the strategy named it."""
-    return next(iter(msg.content.array_records.values())).to_torch_state_dict()
+    return decode_arrays(next(iter(msg.content.array_records.values())))
 
 
 def _info(partition_id: int) -> ConfigRecord:

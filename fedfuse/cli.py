@@ -355,7 +355,8 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             f"no round produced a model (all {len(trained)} skipped: no or too few valid client updates); "
             f"results in {cfg['out']}/ hold the initial model"
         )
-    console.print(f"results in {cfg['out']}/ (metrics.json, metrics.csv, model.pt, accuracy.png)")
+    plot = ", accuracy.png" if cfg.get("plot", True) else ""
+    console.print(f"results in {cfg['out']}/ (metrics.json, metrics.csv, model.pt{plot})")
     return rows[-1]
 
 

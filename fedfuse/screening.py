@@ -58,6 +58,7 @@ from fedfuse.screening_options import (
     SCREENING_OPTIONS,
     UPDATE_NORM_BOUND,
 )
+from fedfuse.validation import single_threaded
 
 __all__ = [
     "NORM_ACTIONS",
@@ -217,7 +218,9 @@ def screen_updates(
         for i, w in enumerate(weights):
             if w > bound:
                 reasons[i] = f"num-examples={w:g} exceeds {examples_factor:g} × the round's median (= {bound:g})"
-    deltas = [_flat_delta(s, r) for s, r in zip(states, sent, strict=True)]
+    # the float64 flat updates, only when a check reads them (screening off: no copy of any client's model)
+    need = (min_cosine > -1.0 and n >= 3) or norm_factor > 0 or direction == "median"
+    deltas = [_flat_delta(s, r) for s, r in zip(states, sent, strict=True)] if need else []
     if min_cosine > -1.0 and n >= 3:
         median_delta = torch.stack(deltas).median(dim=0).values
         cosines = [float(torch.nn.functional.cosine_similarity(d, median_delta, dim=0)) for d in deltas]
@@ -255,7 +258,7 @@ def screen_updates(
                 result.states[i] = _moved(states[i], sent[i], deltas[i])
                 result.clipped += 1
     live = [i for i in range(n) if reasons[i] is None]
-    same_shape = len({deltas[i].numel() for i in live}) == 1  # mixed widths/ranks share no coordinates to compare
+    same_shape = bool(deltas) and len({deltas[i].numel() for i in live}) == 1  # mixed widths share no coordinates
     if direction == "median" and len(live) >= 3 and same_shape:
         slope = TRUST_SLOPE
         base = sent[live[0]]
@@ -344,8 +347,9 @@ def screen_round(
     valid = [i for i, r in enumerate(replies) if not isinstance(r, str)]
     ok = [replies[i] for i in valid]
     work = [r.steps for r in ok] if all(r.steps for r in ok) else [r.weight for r in ok]  # type: ignore[attr-defined]
-    screen = config.screen([r.state for r in ok], [sent[i] for i in valid], [r.weight for r in ok], work,  # type: ignore[attr-defined]
-                           direction=direction, reference=reference)  # fmt: skip
+    with single_threaded():  # many small reductions: intra-op threads only add contention (10x under load)
+        screen = config.screen([r.state for r in ok], [sent[i] for i in valid], [r.weight for r in ok], work,  # type: ignore[attr-defined]
+                               direction=direction, reference=reference)  # fmt: skip
     reasons = {**{i: r for i, r in enumerate(replies) if isinstance(r, str) and i not in diverged},
                **{valid[j]: r for j, r in enumerate(screen.reasons) if r is not None}}  # fmt: skip
     for i in sorted(reasons):

@@ -26,7 +26,7 @@ from fedfuse.config import SERVER_OPTIONS, Option
 from fedfuse.errors import require_model
 from fedfuse.experiment import derive_seed
 from fedfuse.merge.distill import distill_states
-from fedfuse.replies import error_summary, unpack_reply
+from fedfuse.replies import decode_arrays, error_summary, unpack_reply
 from fedfuse.robust import Reducer, reducer
 from fedfuse.screening import ROBUST_OPTIONS, ScreeningConfig, screen_round
 from fedfuse.state import weighted_average
@@ -113,7 +113,7 @@ class FedFuseStrategy(FedAvg):
     ) -> Iterable[Message]:
         """Send the global model and config to a seeded sample of nodes."""
         messages = self._messages(server_round, arrays, config, grid, MessageType.TRAIN)
-        self._sent, self._sent_to, self._sampled = arrays.to_torch_state_dict(), {}, len(messages)
+        self._sent, self._sent_to, self._sampled = decode_arrays(arrays), {}, len(messages)
         self.round_metrics = {}
         log.info("round %d: sampled %d nodes", server_round, len(messages))
         return messages

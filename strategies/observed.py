@@ -36,7 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedfuse import protocol
-from fedfuse.replies import Reply, error_summary, unpack_reply
+from fedfuse.replies import Reply, decode_arrays, error_summary, unpack_reply
 from fedfuse.screening import ScreeningConfig, screen_round
 from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR
 from strategies.base import FedFuseStrategy
@@ -142,7 +142,7 @@ class ObservedStrategy(Strategy):
         messages = list(self.inner.configure_train(server_round + self.offset, arrays, config, grid))
         self._round = _Round(sampled=len(messages))
         if self.observers or self.guard is not None:
-            self._sent = arrays.to_torch_state_dict()
+            self._sent = decode_arrays(arrays)
         return messages
 
     def aggregate_train(

@@ -36,6 +36,7 @@ from fedfuse.checkpoint import (
 )
 from fedfuse.errors import ConfigError, RunFailedError
 from fedfuse.experiment import dataset_for, model_for, server_batch
+from fedfuse.replies import decode_arrays
 from fedfuse.results import RunWriter, fedfuse_home, remove_stale_temp_files, resolve_out
 from fedfuse.train import evaluate
 from strategies.monitor import ClientModelDump, LMCMonitor
@@ -94,7 +95,7 @@ def run_server(
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Row of round ``server_round`` (central test metrics + the round's record), then the checkpoint."""
         last = server_round == int(cfg["num-rounds"])
-        state = arrays.to_torch_state_dict()
+        state = decode_arrays(arrays)
         nan = float("nan")
         if server_round == 0 or last or server_round % int(cfg["eval-every"]) == 0:
             model.load_state_dict(state)
@@ -141,7 +142,8 @@ def run_server(
         evaluate_config=ConfigRecord(dict(train_config)),  # clients evaluate under the same run config
         evaluate_fn=central_evaluate,
     )
-    writer.finish(result.arrays.to_torch_state_dict() if len(result.arrays) else model.state_dict(), cfg["strategy"])
+    final = decode_arrays(result.arrays) if len(result.arrays) else model.state_dict()
+    writer.finish(final, cfg["strategy"], plot=bool(cfg.get("plot", True)))
     if cfg["lmc-monitor"]:
         from fedfuse.lmc.monitor import plot_lmc_monitor
 

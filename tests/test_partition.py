@@ -66,3 +66,20 @@ def test_partitions_are_deterministic_in_the_seed(labels: np.ndarray) -> None:
 def test_bad_partition_arguments(labels: np.ndarray, kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         partition_indices(labels, **kwargs)
+
+
+@pytest.mark.parametrize(("n", "k", "seed"), [(100, 10, 0), (1437, 7, 3), (50, 50, 11)])
+def test_iid_shards_equal_flower_datasets_iid_partitioner(n: int, k: int, seed: int) -> None:
+    # Prepare: what the iid scheme was built from, Flower Datasets' IidPartitioner on the data shuffled with seed
+    from datasets import Dataset as HFDataset
+    from flwr_datasets.partitioner import IidPartitioner
+
+    from fedfuse.data.partition import iid_shards
+
+    part = IidPartitioner(num_partitions=k)
+    part.dataset = HFDataset.from_dict({"idx": np.arange(n)}).shuffle(seed=seed)
+    # Execute
+    shards = iid_shards(n, k, seed)
+    # Assert
+    for i, shard in enumerate(shards):
+        assert np.array_equal(shard, np.asarray(part.load_partition(i)["idx"]))

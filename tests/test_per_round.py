@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,3 +86,33 @@ def test_fedavg_clients_train_without_a_proximal_term(tmp_path) -> None:
         states.append(model.state_dict())
     expected, got = weighted_average(states, weights), torch.load(tmp_path / "model.pt")
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_decode_arrays_equals_flowers_decoding_and_falls_back_where_it_cannot_read() -> None:
+    from flwr.app import Array, ArrayRecord
+
+    from fedfuse.replies import decode_arrays
+
+    # Prepare: dtypes, 0-d, empty and Fortran-ordered arrays; the same header twice (the cached path)
+    state = {"w": torch.randn(7, 5), "w2": torch.randn(7, 5), "i": torch.arange(4), "s": torch.tensor(2.5),
+             "e": torch.zeros(0, 3), "h": torch.randn(3).half(), "b": torch.tensor([True, False])}  # fmt: skip
+    record = ArrayRecord(state)
+    record["f"] = Array(np.asfortranarray(np.arange(6.0).reshape(2, 3)))
+    # Execute
+    want, got = record.to_torch_state_dict(), decode_arrays(record)
+    # Assert
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape and torch.equal(got[k], want[k]), k
+    got["w"].add_(1.0)  # a fresh, writable tensor: the record is unchanged
+    assert torch.equal(decode_arrays(record)["w"], want["w"])
+    short = ArrayRecord({"w": torch.randn(4, 4)})
+    short["w"] = Array(dtype="float32", shape=(4, 4), stype="numpy.ndarray", data=short["w"].data[:-8])
+    with pytest.raises(ValueError):  # too few bytes: numpy's own reader, which refuses it
+        decode_arrays(short)
+
+
+def test_plot_off_writes_every_result_but_the_plot(tmp_path) -> None:
+    run_inline(_cfg(tmp_path / "r", **{"num-rounds": 1, "plot": False}))
+    assert {p.name for p in (tmp_path / "r").iterdir()} >= {"metrics.json", "metrics.csv", "model.pt"}
+    assert not (tmp_path / "r" / "accuracy.png").exists()

@@ -164,6 +164,8 @@ def test_observers_never_decode_an_oversized_reply(monkeypatch) -> None:
     reply = Message(RecordDict({"arrays": big, "metrics": MetricRecord({"num-examples": 5})}), dst_node_id=1,
                     message_type="train")  # fmt: skip
     monkeypatch.setattr(ArrayRecord, "to_torch_state_dict", lambda self: pytest.fail("decoded"))
+    monkeypatch.setattr(ArrayRecord, "numpy", lambda self: pytest.fail("decoded"), raising=False)
+    monkeypatch.setattr("fedfuse.replies.decode_arrays", lambda record: pytest.fail("decoded"))
     assert observed._client_models([reply]) == []
 
 

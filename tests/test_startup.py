@@ -88,3 +88,19 @@ def test_digits_are_read_as_load_digits_reads_them() -> None:
     x, y = digits_arrays()
     d = load_digits()
     assert x.dtype == d.data.dtype and np.array_equal(x, d.data) and np.array_equal(y, d.target)
+
+
+def test_inline_fedavg_run_on_iid_digits_loads_no_alignment_or_dataset_library(tmp_path) -> None:
+    """What every simulated client and the inline runner import for plain FedAvg: no scipy/POT (alignment, LoRA's
+    matching), no Hugging Face datasets/flwr-datasets (the iid split is computed directly), no pandas."""
+    code = (
+        "import json, sys\n"
+        "from fedfuse.runners.inline import run_inline\n"
+        f"run_inline({{'dataset': 'digits', 'model': 'mlp', 'num-clients': 3, 'num-rounds': 1, 'partition': 'iid',"
+        f" 'out': {str(tmp_path)!r}}})\n"
+        "print(json.dumps(sorted(m for m in ('scipy', 'ot', 'datasets', 'flwr_datasets', 'pandas', 'sklearn')"
+        " if m in sys.modules)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []

@@ -1,7 +1,7 @@
 """Non-IID client partitions built with flwr-datasets partitioners on an in-memory ``datasets.Dataset``.
 
 Schemes:
-- ``iid``: uniform random split (``IidPartitioner``).
+- ``iid``: uniform random split (``IidPartitioner``'s split, computed by :func:`iid_shards` without loading it).
 - ``dirichlet``: per class, client shares ~ Dir(α) (``DirichletPartitioner``); smaller α, more skew.
 - ``pathological``: every client holds ``k`` classes (``PathologicalPartitioner``; client i's first class
   is i mod K so every class is used, the others are drawn at random).
@@ -37,18 +37,16 @@ def _check(scheme: str, num_partitions: int, n: int, alpha: float, classes_per_c
 def _partitions(
     labels: tuple[int, ...], scheme: str, num_partitions: int, alpha: float, classes_per_client: int, seed: int
 ) -> tuple[np.ndarray, ...]:
-    from datasets import Dataset as HFDataset
-    from flwr_datasets import partitioner as P
-
     y = np.asarray(labels)
     num_classes = int(y.max()) + 1
     _check(scheme, num_partitions, len(y), alpha, classes_per_client, num_classes)
+    if scheme == "iid":  # no flwr-datasets import (seconds: datasets, seaborn, scipy.stats) for a shuffle and a cut
+        return iid_shards(len(y), num_partitions, seed)
+    from datasets import Dataset as HFDataset
+    from flwr_datasets import partitioner as P
+
     ds = HFDataset.from_dict({"label": y, "idx": np.arange(len(y))})
-    if scheme == "iid":
-        part = P.IidPartitioner(num_partitions=num_partitions)
-        # IidPartitioner shuffles with a fixed internal seed; shuffle first so ``seed`` matters.
-        ds = ds.shuffle(seed=seed)
-    elif scheme == "dirichlet":
+    if scheme == "dirichlet":
         part = P.DirichletPartitioner(
             num_partitions=num_partitions,
             partition_by="label",
@@ -79,6 +77,16 @@ def _partitions(
         return tuple(np.asarray(part.load_partition(i)["idx"], dtype=np.int64) for i in range(num_partitions))
     except ValueError as exc:  # e.g. Dirichlet could not satisfy the minimum size
         raise ConfigError(f"partition={scheme!r} failed for num-clients={num_partitions}: {exc}") from None
+
+
+def iid_shards(n: int, num_partitions: int, seed: int) -> tuple[np.ndarray, ...]:
+    """``iid``: a permutation π of 0..n-1 from ``numpy.random.default_rng(seed)``, cut into ``num_partitions``
+    contiguous shards of ⌊n/K⌋ (the first n mod K one longer) — what ``IidPartitioner`` gives on the data set
+    shuffled with ``seed`` (``datasets.Dataset.shuffle`` then ``shard(contiguous=True)``), without loading them."""
+    order = np.random.default_rng(seed).permutation(n).astype(np.int64)
+    div, mod = divmod(n, num_partitions)
+    starts = [i * div + min(i, mod) for i in range(num_partitions + 1)]
+    return tuple(order[starts[i] : starts[i + 1]] for i in range(num_partitions))
 
 
 def partition_indices(

@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from fedfuse.errors import ConfigError
 from fedfuse.lora.layers import adapter_pairs
@@ -171,6 +170,8 @@ def _align_to(a: torch.Tensor, b: torch.Tensor, a_ref: torch.Tensor, b_ref: torc
     rb = b_ref / (b_ref.norm(dim=0, keepdim=True) + eps)
     cos_a = ra @ na.T  # reference component l × client component k
     sim = cos_a.abs() * (rb.T @ nb).abs()
+    from scipy.optimize import linear_sum_assignment  # here: every ClientApp imports this package (0.3 s+)
+
     rows, cols = linear_sum_assignment(sim.numpy(), maximize=True)
     order = torch.as_tensor(cols[np.argsort(rows)])
     sign = torch.sign(cos_a[torch.arange(len(order)), order])
