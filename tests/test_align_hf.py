@@ -189,3 +189,43 @@ def test_cross_attention_joins_query_and_key_streams() -> None:
     assert {m.key for m in stream.members} >= {"a.weight", "b.weight", "att.in_proj_weight"}
     assert {"att.qk1", "att.v0"} <= set(spec.names)
     assert res.ok and set(res.errors) == {"match", "wb"}, res
+
+
+class FullTransformer(nn.Module):
+    """``nn.Transformer`` (encoder + decoder, their final norms) between an input and an output Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 16)
+        self.tr = nn.Transformer(16, 2, 1, 1, 32, dropout=0.0, batch_first=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.fc(self.tr(h, h[:, :2]).mean(1))
+
+
+def test_nn_transformer_is_traced_through_and_recovered_exactly_by_every_method() -> None:
+    from fedfuse.align import align
+
+    torch.manual_seed(0)
+    for model, x in ((FullTransformer().eval(), torch.randn(32, 6, 5)), (TextClassifier().eval(), None)):
+        x = torch.randint(0, 50, (32, 7)) if x is None else x
+        spec = derive_spec(model, x[:2])  # nn.Transformer has no rule: its encoder and decoder have
+        permuted, _ = permute_model(model, spec, seed=1)
+        for method, kwargs in (("weight", {}), ("activation", {"batch": x}), ("ot", {"batch": x})):
+            state = align(model, permuted, method=method, spec=spec, **kwargs)
+            assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()), (type(model), method)
+        for method in ("match", "wb"):
+            fused = fuse([model, permuted], method=method, spec=spec, init=0, bn_repair=None)
+            assert all(torch.equal(fused[k], v) for k, v in model.state_dict().items()), (type(model), method)
+
+
+@pytest.mark.parametrize("method", ["cca", "zip"])
+def test_activation_merges_refuse_transformers_in_one_line_token_inputs_included(method: str) -> None:
+    torch.manual_seed(0)
+    cases = [(TextClassifier().eval(), torch.randint(0, 50, (16, 7)), "'emb.weight' belongs to Embedding"),
+             (FullTransformer().eval(), torch.randn(16, 6, 5), "belongs to LayerNorm")]  # fmt: skip
+    for model, x, where in cases:
+        with pytest.raises(ConfigError, match=f"method='{method}' maps hidden units linearly.*{where}"):
+            fuse([model, model], method=method, data=x)

@@ -342,6 +342,8 @@ def fuse(
             raise ConfigError("target_width needs method='wb', 'gwb' or 'gw'")
         fused = average(states, lam, ref=ref)
     else:
+        if example_input is None and isinstance(data, Tensor) and len(data) >= 2:
+            example_input = data[:2]  # the activation batch fixes the input shape (and dtype: token ids) too
         spec = resolve_spec(spec, module, example_input)
         specs = [spec.for_state(s) for s in states]
         _check_free_axes(states, specs)

@@ -15,6 +15,7 @@ from torch import fx, nn
 
 from fedfuse.align.inputs import ShapeProxy, call_model, is_constant, keyword_root, positional, traced_keywords
 from fedfuse.align.rules import is_leaf
+from fedfuse.align.rules.core import has_module_rule
 from fedfuse.errors import ConfigError
 
 __all__ = ["UnsupportedModelError", "trace_values"]
@@ -89,7 +90,11 @@ class _ConcreteTracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
+        if is_leaf(m):
+            return True
+        if not has_module_rule(m) and any(True for _ in m.children()):
+            return False  # a torch.nn composite without a rule of its own (nn.Transformer): trace through it
+        return super().is_leaf_module(m, module_qualified_name)
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         return bool(self.values[obj.node.name])

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 __all__ = [
+    "has_module_rule",
     "FIXED",
     "FIXED_ID",
     "Layout",
@@ -135,6 +136,11 @@ def register_leaf_rule(cls: type | str, rule: Rule) -> None:
 def is_leaf(module: nn.Module) -> bool:
     """Whether ``module`` has a leaf rule (see :func:`register_leaf_rule`)."""
     return _qualname(type(module)) in LEAF_RULES
+
+
+def has_module_rule(module: nn.Module) -> bool:
+    """Whether ``module``'s class (or a base class) has a module rule (:func:`register_rule`)."""
+    return any(cls in MODULE_RULES for cls in type(module).__mro__)
 
 
 def _qualname(t: Any) -> str:
