@@ -138,6 +138,7 @@ def _run(
     start: str = "greedy",
     max_iter: int = 100,
     one_thread: bool = False,
+    wb_workers: int | None = None,
 ) -> tuple[float, Any, int | None]:
     """(seconds, result, sweeps) with the plain (``reference``) or the current implementation.
 
@@ -145,7 +146,8 @@ def _run(
     ``threaded_matmul`` did not exist): ``reference`` restores that, so *before* is the code as it was.
     """
     solvers._REFERENCE = reference
-    gemm_min = state_mod.GEMM_THREADS_MIN_MACS
+    gemm_min, workers = state_mod.GEMM_THREADS_MIN_MACS, fusion_mod.WB_WORKERS
+    fusion_mod.WB_WORKERS = workers if wb_workers is None else wb_workers
     if reference or one_thread:
         state_mod.GEMM_THREADS_MIN_MACS = sys.maxsize
     try:
@@ -168,6 +170,7 @@ def _run(
     finally:
         solvers._REFERENCE = False
         state_mod.GEMM_THREADS_MIN_MACS = gemm_min
+        fusion_mod.WB_WORKERS = workers
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -204,6 +207,10 @@ def run_case(name: str, before: bool, max_iter: int) -> dict[str, Any]:
     row["after_1t_s"], after_1t, _ = _run(kind, models, spec, False, max_iter=max_iter, one_thread=True)
     row["one_thread_diff"] = _same(after, after_1t)
     print(f"{name}: after, every product on one thread {row['after_1t_s']:.2f} s", flush=True)
+    if kind == "wb":  # the models aligned to the barycenter one at a time (as before the WB worker threads)
+        row["after_1w_s"], after_1w, _ = _run(kind, models, spec, False, wb_workers=1)
+        row["one_worker_diff"] = _same(after, after_1w)
+        print(f"{name}: after, one WB worker {row['after_1w_s']:.2f} s", flush=True)
     if kind == "wm":
         row["objective_after"] = _objective(models, spec, after)
         row["same_start_s"], same, row["same_start_sweeps"] = _run(kind, models, spec, False, "identity", max_iter)
@@ -268,11 +275,14 @@ def _md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "product on one thread, as the code did; *after 1 thr* is *after* with every product on one thread too "
         "(`threaded_matmul` off: what the caller's threads add), *1-thr diff* its max |Δ| from *after*. Each "
         "case first runs *after* once more, timed as *cold* (the process's first call: thread pool start, "
-        "first-touch pages); every other column is a warm call.",
+        "first-touch pages); every other column is a warm call. *after 1 worker* (WB only): the models aligned to "
+        "the barycenter one after another (`fusion.WB_WORKERS = 1`, as before the WB worker threads), its max |Δ| "
+        "from *after* in *1-w diff*.",
         "",
         "| case | run | models | params/model | groups | derive s | before s | same start s | after s | "
-        "after cold s | after 1 thr s | ×same start | ×after | after s / model | sweeps | diff | 1-thr diff | obj before → after |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|",
+        "after cold s | after 1 thr s | after 1 worker s | ×same start | ×after | after s / model | sweeps | diff | "
+        "1-thr diff | 1-w diff | obj before → after |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---|",
     ]
 
     def f(r: dict[str, Any], key: str, fmt: str = "{:.2f}") -> str:
@@ -288,9 +298,10 @@ def _md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['case']} | {r['kind']} | {r['models']} | {r['params']:,} | {r['groups']} | {r['derive_s']:.1f} | "
             f"{f(r, 'before_s')} | {f(r, 'same_start_s')} | {r['after_s']:.2f} | {f(r, 'after_cold_s')} | "
-            f"{f(r, 'after_1t_s')} | "
+            f"{f(r, 'after_1t_s')} | {f(r, 'after_1w_s')} | "
             f"{f(r, 'speedup_same_start', '×{:.1f}')} | {f(r, 'speedup', '×{:.1f}')} | "
-            f"{r['after_s'] / r['models']:.2f} | {sweeps} | {diff} | {f(r, 'one_thread_diff', '{:.3g}')} | {obj} |"
+            f"{r['after_s'] / r['models']:.2f} | {sweeps} | {diff} | {f(r, 'one_thread_diff', '{:.3g}')} | "
+            f"{f(r, 'one_worker_diff', '{:.3g}')} | {obj} |"
         )
     return "\n".join(lines) + "\n"
 

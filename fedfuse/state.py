@@ -98,12 +98,36 @@ def weighted_average(
         if not torch.is_floating_point(v):
             out[k] = v.clone()
             continue
+        parts = [s[k].detach() for s in states]
+        if v.numel() > AVERAGE_CHUNK and all(p.device.type == "cpu" and p.is_contiguous() for p in [v, *parts]):
+            out[k] = _average_chunked(parts, lam, v)
+            continue
         acc = torch.zeros_like(v, dtype=torch.float64)
         term = torch.empty_like(acc)  # reused: the same float64 ops as acc += θᵢ.double() * λᵢ, fewer allocations
-        for s, w in zip(states, lam, strict=True):
-            acc += term.copy_(s[k].detach()).mul_(w)
+        for p, w in zip(parts, lam, strict=True):
+            acc += term.copy_(p).mul_(w)
         out[k] = acc.to(v.dtype)
     return out
+
+
+# Large CPU entries are averaged this many elements at a time (two float64 buffers of 512 KiB, cache-resident).
+AVERAGE_CHUNK = 1 << 16
+
+
+def _average_chunked(parts: list[Tensor], lam: list[float], like: Tensor) -> Tensor:
+    """:func:`weighted_average`'s loop on one contiguous CPU entry, ``AVERAGE_CHUNK`` elements at a time: the same
+    element-wise float64 operations in the same order (so the same bits) without two full-size float64 buffers."""
+    out = torch.empty_like(like, memory_format=torch.contiguous_format).view(-1)
+    flat = [p.reshape(-1) for p in parts]
+    acc_buf = torch.empty(AVERAGE_CHUNK, dtype=torch.float64)
+    term_buf = torch.empty_like(acc_buf)
+    for j in range(0, out.numel(), AVERAGE_CHUNK):
+        m = min(AVERAGE_CHUNK, out.numel() - j)
+        acc, term = acc_buf[:m].zero_(), term_buf[:m]
+        for p, w in zip(flat, lam, strict=True):
+            acc += term.copy_(p[j : j + m]).mul_(w)
+        out[j : j + m].copy_(acc)
+    return out.view(like.shape)
 
 
 def interpolate(state_a: State, state_b: State, alpha: float, keys: Iterable[str] | None = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from fedfuse.align import (
     ot_transport,
     permute_model,
     solvers,
+    terms,
     weight_matching,
 )
 from fedfuse.align.fusion import init_barycenter
@@ -144,12 +145,12 @@ def test_cached_weight_matching_equals_plain_coordinate_descent(
 ) -> None:
     # Prepare: two independently initialised models (no planted permutation: many sweeps, many moves)
     if path == "low_rank_always":  # every term update after the first build is a low-rank correction
-        monkeypatch.setattr(solvers, "_LOW_RANK_MIN_MACS", 0)
-        monkeypatch.setattr(solvers, "_LOW_RANK_FRACTION", 1.0)
+        monkeypatch.setattr(terms, "_LOW_RANK_MIN_MACS", 0)
+        monkeypatch.setattr(terms, "_LOW_RANK_FRACTION", 1.0)
     elif path == "float32_rows":  # rows kept in float32 and converted when used (the large-model path)
-        monkeypatch.setattr(solvers, "_ROWS_DOUBLE_BYTES_MAX", 0)
+        monkeypatch.setattr(terms, "_ROWS_DOUBLE_BYTES_MAX", 0)
     elif path == "nothing_cached":  # over the cache budget: every term rebuilt when used (the huge-model path)
-        monkeypatch.setattr(solvers, "_CACHE_BYTES_MAX", 0)
+        monkeypatch.setattr(terms, "_CACHE_BYTES_MAX", 0)
     a, x = make_case(name, seed=0)
     b, _ = make_case(name, seed=1)
     spec = derive_spec(a, x[:2])

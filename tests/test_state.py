@@ -72,6 +72,37 @@ def test_weighted_average_is_bit_identical_to_the_old_server_fedavg(weights: lis
         assert new[k].dtype == old[k].dtype and torch.equal(new[k], old[k]), k
 
 
+@pytest.mark.parametrize("chunk", [1 << 16, 64, 7])
+def test_chunked_weighted_average_is_bit_identical_to_the_plain_formula(
+    chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large CPU entries are averaged a chunk at a time: the same bits as ``Σ θᵢ.double()·λᵢ`` cast back."""
+    # Prepare: entries above and below the chunk size (a ragged last chunk), float32/16/64, one non-contiguous
+    monkeypatch.setattr(state_mod, "AVERAGE_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(5)
+    shapes = {"big": (301, 457), "conv": (17, 9, 5, 5), "small": (3,)}
+    states = [{k: torch.randn(s, generator=gen) * 10 ** (i - 1) for k, s in shapes.items()} for i in range(4)]
+    for i, s in enumerate(states):
+        s["half"] = torch.randn(130, generator=gen).half()
+        s["f64"] = torch.randn(99, generator=gen, dtype=torch.float64)
+        s["t"] = torch.randn(40, 30, generator=gen).T  # not contiguous: the plain loop
+        s["n"] = torch.tensor(i)
+    weights = [3.0, 0.7, 11.0, 1e-3]
+    lam = [w / sum(weights) for w in weights]
+    # Execute
+    avg = weighted_average(states, weights, ref=2)
+    # Assert
+    for k, v in states[2].items():
+        if not torch.is_floating_point(v):
+            assert torch.equal(avg[k], v)
+            continue
+        acc = torch.zeros(v.shape, dtype=torch.float64)
+        for s, w in zip(states, lam, strict=True):
+            acc += s[k].double() * w
+        assert avg[k].dtype == v.dtype and avg[k].shape == v.shape
+        assert torch.equal(avg[k], acc.to(v.dtype)), k
+
+
 def test_weighted_average_values_integer_buffers_and_ref() -> None:
     a = {"w": torch.tensor([0.0, 4.0]), "n": torch.tensor(3)}
     b = {"w": torch.tensor([2.0, 8.0]), "n": torch.tensor(9)}

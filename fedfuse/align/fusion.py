@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
@@ -54,7 +55,7 @@ from fedfuse.align.spec import TransportSpec, segment_range
 from fedfuse.align.transport import Transports, apply_transport, state_of
 from fedfuse.errors import ConfigError
 from fedfuse.robust import Reducer
-from fedfuse.state import normalise_weights, single_threaded, weighted_average
+from fedfuse.state import caller_threads, normalise_weights, single_threaded, weighted_average
 
 __all__ = ["fuse", "align", "wasserstein_barycenter", "gromov_wasserstein_barycenter", "init_barycenter"]
 
@@ -173,6 +174,10 @@ def _kmeans_labels(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     return labels
 
 
+# At most this many models are aligned to the barycenter at once (and no more than the caller's torch threads).
+WB_WORKERS = 4
+
+
 @single_threaded()
 def wasserstein_barycenter(
     states: Sequence[Mapping[str, Tensor]],
@@ -194,22 +199,24 @@ def wasserstein_barycenter(
     aligned: list[dict[str, Tensor]] = []
     states = [state_of(s) for s in states]
     specs = [spec.for_state(s) for s in states]
+    workers = min(len(states), caller_threads(), WB_WORKERS)
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
     for _ in range(max(1, max_iter)):
-        previous, aligned = aligned, []
+        previous = aligned
         spec_bar = spec.for_state(bary)
         cache: dict[tuple[str, Any], Tensor] = {}  # the barycenter's rows: read once per iteration, not per model
-        for i, s in enumerate(states):
-            # ot_transport(bary, s, spec, solver=…, epsilon=…, init=transports[i], sweeps=1), sharing ``cache``
-            old = transports[i]
-            transports[i] = _layerwise_ot(bary, s, spec_bar, specs[i], solver, epsilon, old, 1, cache)
-            if (
-                previous
-                and old is not None
-                and all(g in old and torch.equal(old[g], t) for g, t in transports[i].items())
-            ):
-                aligned.append(previous[i])  # same transports: the same aligned state as last iteration
-            else:
-                aligned.append(apply_transport(s, spec, transports[i]))  # type: ignore[arg-type]
+
+        # the models are independent given the barycenter: ``workers`` at a time (torch and POT's emd release the
+        # GIL), each with one intra-op thread (a lone worker's large products use the caller's threads)
+        args = [
+            (bary, spec_bar, s, sp, spec, transports[i], previous[i] if previous else None, solver, epsilon, cache)
+            for i, (s, sp) in enumerate(zip(states, specs, strict=True))
+        ]
+        results = (
+            [f.result() for f in [pool.submit(_wb_step, *a) for a in args]] if pool else [_wb_step(*a) for a in args]
+        )
+        transports = [t for t, _ in results]  # type: ignore[misc]
+        aligned = [a for _, a in results]
         if reduce is None and all(a is p for a, p in zip(aligned, previous, strict=False)) and previous:
             new, change = bary, 0.0  # bary is already weighted_average(previous): the same bits
         else:
@@ -218,7 +225,29 @@ def wasserstein_barycenter(
         bary = new
         if change < tol:
             break
+    if pool is not None:
+        pool.shutdown()
     return bary, transports, aligned  # type: ignore[return-value]
+
+
+def _wb_step(
+    bary: dict[str, Tensor],
+    spec_bar: TransportSpec,
+    state: dict[str, Tensor],
+    spec_i: TransportSpec,
+    spec: TransportSpec,
+    old: Transports | None,
+    previous: dict[str, Tensor] | None,
+    solver: Literal["emd", "sinkhorn"],
+    epsilon: float,
+    cache: dict[tuple[str, Any], Tensor],
+) -> tuple[Transports, dict[str, Tensor]]:
+    """One model's WB step: ``ot_transport(bary, state, spec, solver=…, epsilon=…, init=old, sweeps=1)`` sharing
+    ``cache`` (the barycenter's rows), and the model aligned by it (``previous`` when the transports are ``old``)."""
+    new = _layerwise_ot(bary, state, spec_bar, spec_i, solver, epsilon, old, 1, cache)
+    if previous is not None and old is not None and all(g in old and torch.equal(old[g], t) for g, t in new.items()):
+        return new, previous  # same transports: the same aligned state as last iteration
+    return new, apply_transport(state, spec, new)
 
 
 @single_threaded()
@@ -404,10 +433,18 @@ def _float_keys(a: Mapping[str, Tensor]) -> list[str]:
 def _same_sums(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
     """Every float tensor of ``a`` has ``b``'s shape and sum: necessary for the same values in some order (cheap)."""
     for k in _float_keys(a):
-        x, y = a[k].double(), b[k].double()
-        if x.shape != y.shape or not torch.allclose(x.sum(), y.sum(), rtol=1e-6, atol=1e-9 * x.numel()):
+        x, y = a[k], b[k]
+        if x.shape != y.shape:
+            return False
+        sx, sy = x.sum(dtype=torch.float64), y.sum(dtype=torch.float64)  # accumulated in float64, no copies
+        if not torch.allclose(sx, sy.to(sx.device), rtol=1e-6, atol=1e-9 * x.numel()):
             return False
     return True
+
+
+def _identical(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
+    """Every float tensor of ``a`` equals ``b``'s bit for bit (stops at the first difference)."""
+    return all(k in b and a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in _float_keys(a))
 
 
 def _same_up_to_reordering(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
@@ -445,11 +482,12 @@ def check_alignment(
     if method in ("gw", "gwb"):
         return  # GW / fused-GW couplings need not be permutations even for permuted copies
     for i, s in enumerate(states):
-        if i == ref or not _same_sums(s, states[ref]):
+        # aligned exactly onto the reference (a recovered permuted copy): nothing can differ
+        if i == ref or _identical(aligned[ref], aligned[i]) or not _same_sums(s, states[ref]):
             continue
         worst, where = 0.0, ""
         for k, v in aligned[ref].items():
-            if torch.is_floating_point(v) and v.numel():
+            if torch.is_floating_point(v) and v.numel() and not torch.equal(aligned[i][k], v):
                 d = float((aligned[i][k].double() - v.double()).abs().max()) / max(float(v.abs().max()), 1e-12)
                 if d > worst:
                     worst, where = d, k

@@ -173,11 +173,18 @@ def permutation_error(
         args, kwargs = tuple(cast(i) for i in _as_tuple(example_input)), {}
     net = model if in_place else copy.deepcopy(model)
     net = (net.double() if in_f64 else net).eval()
-    state = {k: v.clone() for k, v in state_of(net).items()}
+    tensors = dict(net.named_parameters(remove_duplicate=False)) | dict(net.named_buffers(remove_duplicate=False))
+    swap = set(state_of(net)) <= set(tensors)  # every entry a parameter or buffer: err() swaps them, never copies
+    state = state_of(net) if swap else {k: v.clone() for k, v in state_of(net).items()}
     ref = net(*args, **kwargs)
 
     def err(transports: dict[str, torch.Tensor]) -> float:
-        load_state(net, apply_transport(state, spec, transports))
+        new = apply_transport(state, spec, transports)
+        if swap:  # the network takes the permuted tensors; ``state`` keeps the unpermuted ones (no copy of either)
+            for k, v in new.items():
+                tensors[k].data = v
+        else:
+            load_state(net, new)
         return _rel_err(net(*args, **kwargs), ref)
 
     gen = torch.Generator().manual_seed(int(seed))  # the permutations permute_model(model, spec, seed) draws
@@ -240,6 +247,14 @@ def measuring() -> Iterator[None]:
         _MEASURING.reset(token)
 
 
+def _probe(model: nn.Module, example_input: Any, seed: int) -> nn.Module:
+    """A copy of ``model`` in eval mode with its constant parameters randomised (:func:`break_symmetric_init`)."""
+    try:
+        return break_symmetric_init(copy.deepcopy(model).eval(), example_input, seed=seed)
+    except Exception:  # e.g. BatchNorm with eps=0 cannot run in training mode: check the model as it is
+        return copy.deepcopy(model).eval()
+
+
 def _verdict(model: nn.Module, spec: TransportSpec, example_input: Any, seed: int, given: bool = False) -> str:
     name = type(model).__name__
     which = "given" if given else "derived"
@@ -255,14 +270,12 @@ def _verdict(model: nn.Module, spec: TransportSpec, example_input: Any, seed: in
         return ""
     was_training = model.training
     try:
+        probe = _probe(model, example_input, seed)  # this check's own copy: converted and permuted in place
         try:
-            probe = break_symmetric_init(copy.deepcopy(model).eval(), example_input, seed=seed)
-        except Exception:  # e.g. BatchNorm with eps=0 cannot run in training mode: check the model as it is
-            probe = copy.deepcopy(model).eval()
-        try:
-            total, err = permutation_error(probe, spec, example_input, seed=seed)
+            total, err = permutation_error(probe, spec, example_input, seed=seed, in_place=True)
             rtol = GATE_RTOL
         except RuntimeError:  # an op without a float64 kernel: compare in float32, to float32 rounding
+            probe = _probe(model, example_input, seed)
             total, err = permutation_error(probe, spec, example_input, seed=seed, float64=False, in_place=True)
             rtol = 1e-4
         if total <= rtol:
