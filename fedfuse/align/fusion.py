@@ -371,9 +371,13 @@ def fuse(
             raise ConfigError("target_width needs method='wb', 'gwb' or 'gw'")
         fused = average(states, lam, ref=ref)
     else:
-        if example_input is None and isinstance(data, Tensor) and len(data) >= 2:
-            example_input = data[:2]  # the activation batch fixes the input shape (and dtype: token ids) too
-        spec = resolve_spec(spec, module, example_input)
+        try:
+            spec = resolve_spec(spec, module, example_input)
+        except ConfigError as exc:  # no input shape to infer (token ids): the activation batch fixes it
+            usable = example_input is None and isinstance(data, Tensor) and len(data) >= 2
+            if not usable or "cannot infer the input shape" not in str(exc):
+                raise
+            spec = resolve_spec(spec, module, data[:2])
         specs = [spec.for_state(s) for s in states]
         _check_free_axes(states, specs)
         if method in DATA_METHODS:
