@@ -155,4 +155,7 @@ def unpack_reply(
         state = {**sent, **state}
     weight = metrics[weighted_by_key]
     reason = check_update(state, sent, weight, shape_ok=shape_ok, max_num_examples=max_num_examples)
-    return reason if reason is not None else Reply(state, float(weight), _steps(metrics))  # type: ignore[arg-type]
+    if reason is not None:
+        return reason
+    state = {k: state[k] for k in sent}  # the sent model's key order: every flat view lines up coordinate by coordinate
+    return Reply(state, float(weight), _steps(metrics))  # type: ignore[arg-type]

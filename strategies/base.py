@@ -145,7 +145,7 @@ class FedFuseStrategy(FedAvg):
                                  max_num_examples=self.max_num_examples, shape_ok=self.shape_ok)
                     for m, s in zip(answers, sent, strict=True)]  # fmt: skip
         guard = not (self.started_apart and server_round == 1)  # apart clients share no starting point
-        use = self.trusted and guard and answers and self.screening.direction_guard != "off"
+        use = self.trusted and guard and len(answers) >= 3 and self.screening.direction_guard != "off"
         reference = self.trusted(self._sent, server_round) if use else None  # type: ignore[misc]
         rs = screen_round(server_round, [self.nodes.label(m.metadata.src_node_id) for m in answers], unpacked, sent,
                           self.screening, direction=guard, reference=reference)  # fmt: skip

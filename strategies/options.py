@@ -73,8 +73,11 @@ WIDTHS_OPTION = Option(
 GWB_ALPHA_OPTION = Option(
     "gwb-alpha", float, DEFAULT_ALPHA, "gwb: structure weight α (0 = WB, 1 = pure GW)", low=0, high=1
 )
+# trusted-data trains every entry of the sent model: not for strategies whose clients keep entries fixed (FedPFN)
+# or receive only part of the model (layerwise)
+NO_TRUST = tuple(o for o in ROBUST_OPTIONS if o.name != "trusted-data")
 PFN_OPTIONS = (
-    *ROBUST_OPTIONS,  # not SERVER_OPTIONS: distillation would move the entries this strategy keeps apart
+    *NO_TRUST,  # not SERVER_OPTIONS: distillation would move the entries this strategy keeps apart
     Option("pfn-ratio", float, 0.4, "fedpfn/fedpnu: fraction of each tensor fixed at init", low=0.0, high=0.99),
     Option(
         "pfn-granularity", str, "weight", "fedpfn/fedpnu: fix single weights or whole neurons",
@@ -126,7 +129,7 @@ STRATEGY_OPTIONS: dict[str, tuple[Option, ...]] = {
     "zip": FUSION_BASE,
     "heterofl": (*ROBUST_OPTIONS, WIDTHS_OPTION),
     "layerwise": (
-        *ROBUST_OPTIONS,  # not SERVER_OPTIONS: distillation would move the entries this strategy keeps apart
+        *NO_TRUST,  # not SERVER_OPTIONS: distillation would move the entries this strategy keeps apart
         Option(
             "layerwise-preset",
             str,

@@ -60,6 +60,9 @@ def test_trusted_data_needs_the_direction_guard() -> None:
 
     with pytest.raises(ConfigError, match="trusted-data=100 .* needs direction-guard median"):
         validate_config({"trusted-data": 100, "direction-guard": "off"})
+    for strategy in ("layerwise", "fedpfn"):  # clients that get part of the model, or keep entries fixed
+        with pytest.raises(ConfigError, match=f"trusted-data=100 needs strategy fedavg or .*; got '{strategy}'"):
+            validate_config({"strategy": strategy, "trusted-data": 100})
 
 
 def test_trusted_data_contains_colluding_ipm_that_captures_the_median(tmp_path) -> None:
@@ -80,3 +83,29 @@ def test_trusted_data_contains_colluding_ipm_that_captures_the_median(tmp_path) 
         run_server(InlineGrid(app, 10), validate_config(cfg))
         accs[n] = load_metrics(out)["rounds"][-1]["central_accuracy"]
     assert accs[100] > accs[0] + 0.15, accs
+
+
+def test_a_reply_with_its_keys_reordered_is_read_in_the_sent_order() -> None:
+    """Flat views of the updates (norms, cosines, the trusted projection) line up key by key only if every state
+    has the sent model's key order; a reordered reply used to dodge the guard (its dot products mixed tensors)."""
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+    from fedfuse.replies import unpack_reply
+    from fedfuse.screening import ScreeningConfig, screen_round
+
+    gen = torch.Generator().manual_seed(0)
+    sent = {"a": torch.zeros(50), "b": torch.zeros(50)}
+    c = {"a": torch.randn(50, generator=gen), "b": torch.randn(50, generator=gen)}
+    honest = [{k: c[k] + 0.5 * torch.randn(50, generator=gen) for k in ("a", "b")} for _ in range(3)]
+    bad = {"b": -c["b"], "a": -c["a"]}  # −c, keys in the other order
+
+    def reply(state: dict) -> SimpleNamespace:  # what unpack_reply reads of a Message: its content
+        return SimpleNamespace(content=RecordDict({"arrays": ArrayRecord(state),
+                                                   "metrics": MetricRecord({"num-examples": 10})}))  # fmt: skip
+
+    unpacked = [unpack_reply(reply(s), sent, "num-examples") for s in [*honest, bad]]
+    assert all(list(r.state) == ["a", "b"] for r in unpacked)  # type: ignore[union-attr]
+    rs = screen_round(1, ["0", "1", "2", "3"], unpacked, [sent] * 4, ScreeningConfig(), reference=c)
+    assert rs.weights[3] < 1e-5 and rs.weights[:3] == [10.0] * 3

@@ -31,7 +31,7 @@ def _inputs(data: object) -> Tensor:
     if not isinstance(data, Tensor) or data.dim() < 2 or len(data) < 2:
         shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
         raise ConfigError(f"data= must be a batch of at least 2 inputs (a tensor N×…), got {shape}")
-    return data.float() if data.is_floating_point() else data  # token ids (an Embedding's input) stay integers
+    return data if data.dtype in (torch.int64, torch.int32) else data.float()  # token ids stay integers
 
 
 def _fill_empty(state: dict[str, Tensor], fused: Mapping[str, Tensor], spec: TransportSpec, empty: dict) -> None:

@@ -87,7 +87,7 @@ def distill(
     Deterministic for a ``seed`` (seeded batch order and hold-out split, one thread).
     """
     _check(student, teachers, data, epochs, lr, batch_size, temperature)
-    data = data.float() if data.is_floating_point() else data  # token ids stay integers
+    data = data if data.dtype in (torch.int64, torch.int32) else data.float()  # token ids stay integers
     with torch_threads(1):
         try:
             target = ensemble_logits(teachers, data, weights)
