@@ -12,7 +12,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["fmt_err", "load_line", "machine", "ms", "parse_shard", "selfcheck_record"]
+__all__ = [
+    "RESULTS",
+    "add_out",
+    "fmt_err",
+    "load_header",
+    "load_line",
+    "machine",
+    "ms",
+    "parse_shard",
+    "selfcheck_record",
+]
+
+RESULTS = Path(__file__).resolve().parent / "results"
+"""The default results folder (in the checkout); ``--out DIR`` sends every file a benchmark writes to DIR instead."""
 
 
 def machine() -> str:
@@ -37,6 +50,24 @@ def load_line() -> str:
     one, five, fifteen = os.getloadavg()
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     return f"{machine()}; load {one:.2f}/{five:.2f}/{fifteen:.2f} (1/5/15 min) on {os.cpu_count()} cores at {when}"
+
+
+def load_header(start: str, end: str | None = None) -> str:
+    """The markdown line(s) recording the machine and its load at the start and the end of a run (two
+    :func:`load_line` results; ``end`` may be missing for a run that recorded only its start)."""
+    text = f"Machine and load at start: {start}"
+    return text + (f"  \nLoad at end: {end}" if end else "")
+
+
+def add_out(p: argparse.ArgumentParser, default: Path | None = None) -> None:
+    """Add ``--out DIR`` to ``p``: the folder every result file goes to (created if missing; default
+    :data:`RESULTS`), so a read-only checkout can run the benchmark with ``--out`` elsewhere."""
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS if default is None else default,
+        help="folder for every result file, created if missing (default: %(default)s)",
+    )
 
 
 def ms(values: list[float], digits: int = 3) -> str:
