@@ -21,6 +21,7 @@ __all__ = [
     "machine",
     "ms",
     "parse_shard",
+    "records_load",
     "selfcheck_record",
 ]
 
@@ -57,6 +58,13 @@ def load_header(start: str, end: str | None = None) -> str:
     :func:`load_line` results; ``end`` may be missing for a run that recorded only its start)."""
     text = f"Machine and load at start: {start}"
     return text + (f"  \nLoad at end: {end}" if end else "")
+
+
+def records_load(rows: list[dict[str, Any]]) -> str:
+    """:func:`load_header` of the earliest and the latest ``"load"`` line stored in ``rows`` (records written by
+    :func:`selfcheck_record`), for a report rewritten from stored records; a "not recorded" line where none has one."""
+    lines = sorted((r["load"] for r in rows if r.get("load")), key=lambda line: line.rsplit(" at ", 1)[-1])
+    return load_header(lines[0], lines[-1]) if lines else "Machine and load: not recorded with these records."
 
 
 def add_out(p: argparse.ArgumentParser, default: Path | None = None) -> None:
@@ -103,6 +111,7 @@ def selfcheck_record(name: str, model: torch.nn.Module, side: int, res: Any, t0:
         "failures": res.failures,
         "seconds": {k: round(v, 2) for k, v in res.seconds.items()},
         "total_s": round(time.perf_counter() - t0, 2),
+        "load": load_line(),
     }
 
 
