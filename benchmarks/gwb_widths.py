@@ -14,14 +14,17 @@ import json
 import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import add_out, load_header, load_line, ms
-from fedfuse import ConfigError, build_model, evaluate, load_dataset, train
-from fedfuse.align import fuse
-from fedfuse.data.partition import partition_indices
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common when run as a script
+
+from benchmarks.common import add_out, load_header, load_line, ms  # noqa: E402
+from fedfuse import ConfigError, build_model, evaluate, load_dataset, train  # noqa: E402
+from fedfuse.align import fuse  # noqa: E402
+from fedfuse.data.partition import partition_indices  # noqa: E402
 
 VARIANTS = (("wb", None), ("gwb", 0.5), ("gwb", 0.9), ("gwb", 1.0), ("gw", None))
 

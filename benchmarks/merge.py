@@ -15,17 +15,20 @@ import shlex
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from benchmarks.common import add_out, load_header, load_line, ms
-from fedfuse import build_model, evaluate, load_dataset, train
-from fedfuse.align import fuse
-from fedfuse.data.partition import partition_indices
-from fedfuse.merge.distill import distill, ensemble_logits, synthetic_inputs
-from fedfuse.merge.partial import multihead_bytes, partial_zip
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common when run as a script
+
+from benchmarks.common import add_out, load_header, load_line, ms  # noqa: E402
+from fedfuse import build_model, evaluate, load_dataset, train  # noqa: E402
+from fedfuse.align import fuse  # noqa: E402
+from fedfuse.data.partition import partition_indices  # noqa: E402
+from fedfuse.merge.distill import distill, ensemble_logits, synthetic_inputs  # noqa: E402
+from fedfuse.merge.partial import multihead_bytes, partial_zip  # noqa: E402
 
 MODELS = {"mlp": ("mlp", 128, 2, False), "cnn": ("cnn", 64, None, False), "cnn-bn": ("cnn", 64, None, True)}
 METHODS = ("average", "match", "wb", "gwb", "cca", "zip")
