@@ -21,7 +21,9 @@ __all__ = [
     "machine",
     "ms",
     "parse_shard",
+    "note_load",
     "records_load",
+    "recorded_loads",
     "selfcheck_record",
 ]
 
@@ -58,6 +60,21 @@ def load_header(start: str, end: str | None = None) -> str:
     :func:`load_line` results; ``end`` may be missing for a run that recorded only its start)."""
     text = f"Machine and load at start: {start}"
     return text + (f"  \nLoad at end: {end}" if end else "")
+
+
+def note_load(data: dict[str, Any], start: str, end: str, keep: int = 20) -> None:
+    """Append this invocation's :func:`load_header` to ``data["loads"]`` (a resumable, sharded results file: one
+    entry per process that ran; the last ``keep`` are kept)."""
+    data["loads"] = [*data.get("loads", []), load_header(start, end)][-keep:]
+
+
+def recorded_loads(data: dict[str, Any], show: int = 4) -> list[str]:
+    """Markdown lines of the last ``show`` entries :func:`note_load` stored (one line saying none where none)."""
+    loads = data.get("loads", [])
+    if not loads:
+        return ["Machine and load: not recorded (runs made before load lines were stored)."]
+    head = f"Machine and load of the {min(show, len(loads))} latest of {len(loads)} recorded invocations:"
+    return [head, "", *(f"- {line}" for line in loads[-show:])]
 
 
 def records_load(rows: list[dict[str, Any]]) -> str:
