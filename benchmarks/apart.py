@@ -44,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, parse_shard  # noqa: E402
+from benchmarks.common import add_out, load_line, note_load, parse_shard, recorded_loads  # noqa: E402
 from benchmarks.regimes import METHODS as REGIME_METHODS  # noqa: E402
 from benchmarks.regimes import RESULTS, locked  # noqa: E402
 
@@ -177,8 +177,9 @@ def report(args: argparse.Namespace, data: dict[str, Any], path: Path) -> None:
         "# Multi-round FL where clients start apart (rounds to target, accuracy per round)",
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in data.get("commands", [])) + "  ",
-        f"Runs: {done} of {len(plan(args))} planned finished; summed run time {total_s / 60:.1f} min. "
-        f"Machine: {machine()}.",
+        f"Runs: {done} of {len(plan(args))} planned finished; summed run time {total_s / 60:.1f} min.",
+        "",
+        *recorded_loads(data),
         "",
         f"- {args.dataset}, MLP{f' width {args.width}' if args.width else ''}, {args.clients} clients, all every "
         f"round, Dirichlet(α) label skew, local SGD lr 0.05, momentum 0.9, batch 32, E = {args.epochs} local "
@@ -289,6 +290,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report", action="store_true", help="only rewrite the table from the results file")
     p.add_argument("--quick", action="store_true", help="digits smoke: 3 clients, 3 rounds, 1 seed, α 0.5")
     p.add_argument("--tag", default="")
+    add_out(p, RESULTS)
     args = p.parse_args(argv)
     if args.quick:
         args.dataset, args.alphas, args.seeds, args.clients, args.rounds = "digits", [0.5], 1, 3, 3
@@ -302,9 +304,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"apart-{args.tag}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"apart-{args.tag}.json"
     cmd = "python benchmarks/apart.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    start = load_line()
+    print(start, flush=True)
     if not args.report:
         mine = plan(args)[args.shard_i :: args.shard_n]
         for k, item in enumerate(mine):
@@ -322,8 +326,11 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"[{k + 1}/{len(mine)}] {key}: r1 {acc[1]:.3f} last {acc[-1]:.3f} ({res['seconds']:.0f}s)", flush=True
             )
+        with locked(path) as data:
+            note_load(data, start, load_line())
     with locked(path) as data:
         report(args, data, path.with_suffix(".md"))
+    print(load_line(), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,23 @@ from typing import Any
 
 import torch
 
-__all__ = ["fmt_err", "load_line", "machine", "ms", "parse_shard", "selfcheck_record"]
+__all__ = [
+    "RESULTS",
+    "add_out",
+    "fmt_err",
+    "load_header",
+    "load_line",
+    "machine",
+    "ms",
+    "parse_shard",
+    "note_load",
+    "records_load",
+    "recorded_loads",
+    "selfcheck_record",
+]
+
+RESULTS = Path(__file__).resolve().parent / "results"
+"""The default results folder (in the checkout); ``--out DIR`` sends every file a benchmark writes to DIR instead."""
 
 
 def machine() -> str:
@@ -37,6 +53,46 @@ def load_line() -> str:
     one, five, fifteen = os.getloadavg()
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     return f"{machine()}; load {one:.2f}/{five:.2f}/{fifteen:.2f} (1/5/15 min) on {os.cpu_count()} cores at {when}"
+
+
+def load_header(start: str, end: str | None = None) -> str:
+    """The markdown line(s) recording the machine and its load at the start and the end of a run (two
+    :func:`load_line` results; ``end`` may be missing for a run that recorded only its start)."""
+    text = f"Machine and load at start: {start}"
+    return text + (f"  \nLoad at end: {end}" if end else "")
+
+
+def note_load(data: dict[str, Any], start: str, end: str, keep: int = 20) -> None:
+    """Append this invocation's :func:`load_header` to ``data["loads"]`` (a resumable, sharded results file: one
+    entry per process that ran; the last ``keep`` are kept)."""
+    data["loads"] = [*data.get("loads", []), load_header(start, end)][-keep:]
+
+
+def recorded_loads(data: dict[str, Any], show: int = 4) -> list[str]:
+    """Markdown lines of the last ``show`` entries :func:`note_load` stored (one line saying none where none)."""
+    loads = data.get("loads", [])
+    if not loads:
+        return ["Machine and load: not recorded (runs made before load lines were stored)."]
+    head = f"Machine and load of the {min(show, len(loads))} latest of {len(loads)} recorded invocations:"
+    return [head, "", *(f"- {line}" for line in loads[-show:])]
+
+
+def records_load(rows: list[dict[str, Any]]) -> str:
+    """:func:`load_header` of the earliest and the latest ``"load"`` line stored in ``rows`` (records written by
+    :func:`selfcheck_record`), for a report rewritten from stored records; a "not recorded" line where none has one."""
+    lines = sorted((r["load"] for r in rows if r.get("load")), key=lambda line: line.rsplit(" at ", 1)[-1])
+    return load_header(lines[0], lines[-1]) if lines else "Machine and load: not recorded with these records."
+
+
+def add_out(p: argparse.ArgumentParser, default: Path | None = None) -> None:
+    """Add ``--out DIR`` to ``p``: the folder every result file goes to (created if missing; default
+    :data:`RESULTS`), so a read-only checkout can run the benchmark with ``--out`` elsewhere."""
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS if default is None else default,
+        help="folder for every result file, created if missing (default: %(default)s)",
+    )
 
 
 def ms(values: list[float], digits: int = 3) -> str:
@@ -72,6 +128,7 @@ def selfcheck_record(name: str, model: torch.nn.Module, side: int, res: Any, t0:
         "failures": res.failures,
         "seconds": {k: round(v, 2) for k, v in res.seconds.items()},
         "total_s": round(time.perf_counter() - t0, 2),
+        "load": load_line(),
     }
 
 

@@ -1,6 +1,6 @@
 """Fault × strategy matrix: every built-in strategy under injected client faults (inline backend).
 
-    python benchmarks/fault_matrix.py            # writes benchmarks/results/fault-matrix.md
+    python benchmarks/fault_matrix.py [--out DIR]   # writes DIR/fault-matrix.md (default benchmarks/results)
 
 Per cell: rounds completed, error replies, late replies (timeouts), rejected updates, rounds that kept
 the previous model, and the final central accuracy (round 0 in brackets).
@@ -8,6 +8,7 @@ the previous model, and the final central accuracy (round 0 in brackets).
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -22,8 +23,16 @@ FAULTS = {
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import logging
+
+    from benchmarks.common import add_out, load_header, load_line
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_out(p)
+    args = p.parse_args(argv)
+    start = load_line()
+    print(start, flush=True)
 
     logging.getLogger("fedfuse").setLevel(logging.ERROR)
     from clients.client_app import app
@@ -35,6 +44,8 @@ def main() -> None:
         "# Fault × strategy matrix",
         "",
         "Command: `python benchmarks/fault_matrix.py` (inline backend; digits MLP, 6 clients, 4 rounds, seed 0).",
+        "",
+        "<!-- load -->",
         "",
         "| strategy | fault | rounds | errors | late | rejected | kept previous | accuracy (round 0) |",
         "|---|---|---|---|---|---|---|---|",
@@ -51,7 +62,11 @@ def main() -> None:
                 f"| {s('skipped')} | {rows[-1]['central_accuracy']:.3f} ({rows[0]['central_accuracy']:.3f}) |"
             )
             print(lines[-1], flush=True)
-    Path(ROOT / "benchmarks" / "results" / "fault-matrix.md").write_text("\n".join(lines) + "\n")
+    end = load_line()
+    print(end, flush=True)
+    lines[lines.index("<!-- load -->")] = load_header(start, end)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fault-matrix.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ and ``wb``). Verdicts:
   result without a word) — the goal is none;
 * **trivially exact**: passed with 0 groups (fusion is a plain average) — the goal is none.
 
-    python benchmarks/fl_coverage.py            # writes benchmarks/results/fl-coverage.{md,json}
+    python benchmarks/fl_coverage.py [MODEL ...] [--out DIR]   # writes DIR/fl-coverage.{md,json} (default benchmarks/results)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -37,11 +36,10 @@ from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import RESULTS, add_out, load_header, load_line  # noqa: E402
 from fedfuse.align import gate  # noqa: E402
 from fedfuse.align.selfcheck import break_symmetric_init, selfcheck  # noqa: E402
 from fedfuse.align.spec import UnsupportedModelError, derive_spec  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # ----------------------------------------------------------------------------------------------------------------
 # the models
@@ -308,20 +306,22 @@ BEFORE = (
 )
 
 
-def write(rows: list[dict[str, Any]]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "fl-coverage.json").write_text(json.dumps(rows, indent=1))
+def write(rows: list[dict[str, Any]], out: Path = RESULTS, load: str = "") -> Path:
+    """``out/fl-coverage.json`` and ``.md`` (``load``: the :func:`load_header` line, recorded in both)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fl-coverage.json").write_text(json.dumps(rows, indent=1))
     counts = {v: sum(r["verdict"] == v for r in rows) for v in dict.fromkeys(r["verdict"] for r in rows)}
     lines = [
         "# FL-literature models: derive / gate / permute / recover",
         "",
-        f"Produced by `python benchmarks/fl_coverage.py` ({platform.node()}, 2 shared cores, load average "
-        f"{os.getloadavg()[0]:.1f} when written — times are inflated by other jobs; torch {torch.__version__}). "
+        "Produced by `python benchmarks/fl_coverage.py` (times are inflated by other jobs on a shared machine). "
         "Random init, constant parameters randomised, batch of 2. *groups*: hidden-unit groups of the derived spec; "
         "*params moved*: share of parameter elements in a tensor some group moves; *weight axes moved*: axes 0 and 1 "
         "of every ≥2-d weight that move (a model's input and output axes never move); *gate*: the seeded-permutation "
         "proof every derived spec passes before use; *derive+gate+match+wb*: seconds (selfcheck's match and wb each "
         "recover a permuted copy).",
+        "",
+        load,
         "",
         "Verdicts: " + ", ".join(f"**{k}** {v}" for k, v in counts.items()) + f" of {len(rows)}.",
         "",
@@ -344,17 +344,23 @@ def write(rows: list[dict[str, Any]]) -> Path:
     if untouched:
         lines += ["", "Keys no rule touched although their layer's units move (a missed rule?):", ""]
         lines += [f"- {m}: {', '.join(u[:6])}" for m, u in untouched]
-    path = RESULTS / "fl-coverage.md"
+    path = out / "fl-coverage.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
-    names = (argv if argv is not None else sys.argv[1:]) or list(MODELS)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("models", nargs="*", help="models to check (default: all)")
+    add_out(p)
+    args = p.parse_args(argv)
+    names = args.models or list(MODELS)
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         raise SystemExit(f"unknown model {unknown[0]!r}; allowed: {', '.join(MODELS)}")
+    start = load_line()
+    print(start, flush=True)
     rows = []
     for name in names:
         rows.append(check(name))
@@ -363,7 +369,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{name}: {r['verdict']} {r.get('reason', '')[:150]} groups={r.get('groups')} axes={r.get('axes')} {r['seconds']}s",
             flush=True,
         )
-    print(write(rows))
+    end = load_line()
+    print(end, flush=True)
+    print(write(rows, args.out, load_header(start, end)))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ width multiplier and the number of clients.
 
 Runs on one torch thread (the fusion engine is single-threaded anyway; the machine is shared).
 
-Writes ``benchmarks/results/fusion-<tag>.md`` and ``.json``.
+Writes ``fusion-<tag>.md`` and ``.json`` under ``--out`` (default ``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ import copy
 import cProfile
 import io
 import json
-import os
-import platform
 import pstats
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,13 +33,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedfuse.align import align, derive_spec, fuse
-from fedfuse.data import load_dataset
-from fedfuse.data.partition import partition_indices
-from fedfuse.models import build_model
-from fedfuse.train import evaluate, train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common when run as a script
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import add_out, load_header, load_line  # noqa: E402
+from fedfuse.align import align, derive_spec, fuse  # noqa: E402
+from fedfuse.data import load_dataset  # noqa: E402
+from fedfuse.data.partition import partition_indices  # noqa: E402
+from fedfuse.models import build_model  # noqa: E402
+from fedfuse.train import evaluate, train  # noqa: E402
 
 
 def _load(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -199,18 +199,6 @@ def speed(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
     return rows, profile_text
 
 
-def _machine() -> str:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, torch threads="
-        f"{torch.get_num_threads()}, torch {torch.__version__}, load average at start/end "
-        f"{_LOAD_START[0]:.2f} / {load[0]:.2f} (shared machine)"
-    )
-
-
-_LOAD_START = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-
-
 def _stats(v: list[float]) -> str:
     if len(v) <= 2:
         return "/".join(f"{a:.3f}" for a in v)
@@ -223,13 +211,15 @@ def _markdown(
     args: argparse.Namespace,
     profile_text: str = "",
     elapsed: float = 0.0,
+    load: str = "",
 ) -> str:
+    """The report; ``load`` is the :func:`load_header` line of the run."""
     lines = [
         f"# Fusion benchmark ({time.strftime('%Y-%m-%d %H:%M')})",
         "",
         f"Command: `{' '.join(args.argv)}`",
         "",
-        f"Machine: {_machine()}; total wall time {elapsed:.0f} s.",
+        f"{load}; torch threads {torch.get_num_threads()}; total wall time {elapsed:.0f} s.",
         "",
     ]
     if one:
@@ -351,7 +341,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--smoke", action="store_true", help="tiny settings to check the script runs")
     p.add_argument("--notes", default="", help="a markdown file appended to the report as 'Notes'")
     p.add_argument("--tag", default="")
+    add_out(p)
     args = p.parse_args(argv)
+    start = load_line()
+    print(start, flush=True)
     args.argv = ["python", "benchmarks/fusion.py", *(argv if argv is not None else __import__("sys").argv[1:])]
     if args.smoke:
         args.width, args.cnn_width, args.depth, args.epochs, args.parents = 64, 32, 2, 4, [2, 3]
@@ -362,15 +355,19 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     one = [] if args.speed else one_shot(args)
     fast, prof = speed(args) if args.speed else ([], "")
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or ("speed" if args.speed else f"oneshot-{args.dataset}") + ("-smoke" if args.smoke else "")
     elapsed = time.perf_counter() - t0
-    meta = {"command": " ".join(args.argv), "machine": _machine(), "elapsed_s": elapsed}
-    (RESULTS / f"fusion-{tag}.json").write_text(
+    end = load_line()
+    print(end, flush=True)
+    load = load_header(start, end)
+    meta = {"command": " ".join(args.argv), "machine": load, "elapsed_s": elapsed}
+    (out / f"fusion-{tag}.json").write_text(
         json.dumps({"meta": meta, "one_shot": one, "speed": fast, "profile": prof}, indent=1, default=float)
     )
-    (RESULTS / f"fusion-{tag}.md").write_text(_markdown(one, fast, args, prof, elapsed))
-    print(f"wrote {RESULTS / f'fusion-{tag}.md'}")
+    (out / f"fusion-{tag}.md").write_text(_markdown(one, fast, args, prof, elapsed, load))
+    print(f"wrote {out / f'fusion-{tag}.md'}")
 
 
 if __name__ == "__main__":

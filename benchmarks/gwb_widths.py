@@ -2,7 +2,7 @@
 
 Parents of different hidden widths, own inits, Dirichlet splits of mnist10k; fused at the widest parent's width with
 wb, gwb at α = 0.5 (default), 0.9, 1.0, and plain gw; each also with REPAIR; and whether gwb's state equals wb's bit
-for bit. Writes ``benchmarks/results/gwb-widths-mnist10k.md`` and ``.json``.
+for bit. Writes ``gwb-widths-mnist10k.md`` and ``.json`` under ``--out`` (default ``benchmarks/results``).
 
     python benchmarks/gwb_widths.py --data-root /work/shared/data
 """
@@ -19,10 +19,12 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import machine, ms
-from fedfuse import ConfigError, build_model, evaluate, load_dataset, train
-from fedfuse.align import fuse
-from fedfuse.data.partition import partition_indices
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common when run as a script
+
+from benchmarks.common import add_out, load_header, load_line, ms  # noqa: E402
+from fedfuse import ConfigError, build_model, evaluate, load_dataset, train  # noqa: E402
+from fedfuse.align import fuse  # noqa: E402
+from fedfuse.data.partition import partition_indices  # noqa: E402
 
 VARIANTS = (("wb", None), ("gwb", 0.5), ("gwb", 0.9), ("gwb", 1.0), ("gw", None))
 
@@ -71,14 +73,15 @@ def run(args: argparse.Namespace, data: Any, widths: tuple[int, ...], seed: int)
     return row
 
 
-def markdown(rows: list[dict], argv: list[str], elapsed: float, args: argparse.Namespace) -> str:
+def markdown(rows: list[dict], argv: list[str], elapsed: float, args: argparse.Namespace, load: str) -> str:
+    """The report; ``load`` is the :func:`load_header` line."""
     labels = list(dict.fromkeys(k for r in rows for k in r["methods"]))
     out = [
         f"# gwb vs wb on parents of different widths (mnist10k MLP, {time.strftime('%Y-%m-%d %H:%M')})",
         "",
         "Command: `python benchmarks/gwb_widths.py " + " ".join(shlex.quote(a) for a in argv) + "`",
         "",
-        f"Machine: {machine()}; total wall time {elapsed:.0f} s.",
+        f"{load}; total wall time {elapsed:.0f} s.",
         "",
         f"Setup: MLP 784-w-w-10 parents (own inits, Dirichlet α={args.alpha} splits, {args.epochs} epochs SGD lr "
         "0.05 momentum 0.9), fused at the widest parent's width (`target_width`); λ ∝ client size; REPAIR on "
@@ -113,16 +116,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--server-samples", type=int, default=1000)
+    add_out(p)
     args = p.parse_args(argv)
+    start = load_line()
+    print(start, flush=True)
     torch.set_num_threads(1)
     data = load_dataset("mnist10k", data_root=args.data_root, seed=0)
     t0, rows = time.perf_counter(), []
-    out = Path(__file__).parent / "results"
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for widths in ((64, 256), (64, 128, 256), (128, 128, 128)):
             rows.append(run(args, data, widths, seed))
             (out / "gwb-widths-mnist10k.json").write_text(json.dumps(rows, indent=1))
-            (out / "gwb-widths-mnist10k.md").write_text(markdown(rows, argv, time.perf_counter() - t0, args))
+            load = load_header(start, load_line())
+            (out / "gwb-widths-mnist10k.md").write_text(markdown(rows, argv, time.perf_counter() - t0, args, load))
+    print(load_line(), flush=True)
 
 
 if __name__ == "__main__":

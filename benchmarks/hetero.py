@@ -8,7 +8,7 @@ the accuracy of the model a client of that width receives from the final global 
 method="wb", target_width=...)``, exactly what the strategy sends). FedAvg (every client at full width, no
 heterogeneity) is the reference a full-width federation reaches with the same data and rounds.
 
-    python benchmarks/hetero.py                      # -> benchmarks/results/hetero.{md,json} (resumable)
+    python benchmarks/hetero.py [--out DIR]          # -> DIR/hetero.{md,json} (default benchmarks/results; resumable)
     python benchmarks/hetero.py --quick              # tiny smoke run -> hetero-smoke.{md,json}
 """
 
@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, ms  # noqa: E402
+from benchmarks.common import RESULTS, add_out, load_header, load_line, machine, ms  # noqa: E402
 from fedfuse.align import derive_spec, fuse  # noqa: E402
 from fedfuse.align.slicing import slice_state  # noqa: E402
 from fedfuse.align.transport import member_features  # noqa: E402
@@ -37,7 +37,6 @@ from fedfuse.experiment import dataset_for, model_for  # noqa: E402
 from fedfuse.results import atomic_write_bytes  # noqa: E402
 from fedfuse.train import evaluate  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 METHODS = {
     "HeteroFL": {"strategy": "heterofl", "hetero": True},
     "FedWB": {"strategy": "wb", "hetero": True},
@@ -141,7 +140,7 @@ def to_md(res: dict[str, Any], args: argparse.Namespace) -> str:
         "# Heterogeneous widths: HeteroFL vs FedWB",
         "",
         f"Command: `{res['command']}`  ",
-        f"Machine: {res['machine']}  ",
+        f"{res.get('load') or 'Machine: ' + res['machine']}  ",
         f"Run time: {sum(r['seconds'] for r in used) / 60:.1f} min in the {len(used)} runs below (this invocation: "
         f"{res['seconds'] / 60:.1f} min)",
         "",
@@ -194,9 +193,12 @@ def to_md(res: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def write(res: dict[str, Any], args: argparse.Namespace, cmd: str, seconds: float, stem: Path) -> None:
-    """JSON (every run so far) and Markdown (the runs of seeds < ``--seeds``), each written atomically."""
-    res.update({"command": cmd, "machine": machine(), "seconds": seconds, "args": vars(args)})
+def write(res: dict[str, Any], args: argparse.Namespace, cmd: str, seconds: float, stem: Path, start: str) -> None:
+    """JSON (every run so far) and Markdown (the runs of seeds < ``--seeds``), each written atomically; both record
+    the machine and load at ``start`` (a :func:`load_line`) and now."""
+    load = load_header(start, load_line())
+    res.update({"command": cmd, "machine": machine(), "load": load, "seconds": seconds})
+    res["args"] = {**vars(args), "out": str(args.out)}
     atomic_write_bytes(stem.with_suffix(".json"), json.dumps(res, indent=1, default=float).encode())
     atomic_write_bytes(stem.with_suffix(".md"), to_md(res, args).encode())
 
@@ -217,7 +219,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--suffix", default="")
     p.add_argument("--fresh", action="store_true", help="ignore runs already in the JSON (default: resume)")
+    add_out(p, RESULTS)
     args = p.parse_args(argv)
+    start = load_line()
+    print(start, flush=True)
     if args.quick:
         args.dataset, args.models, args.mlp_width, args.cnn_width = "digits", ["mlp"], 64, 32
         args.clients, args.rounds, args.local_epochs, args.seeds = 3, 2, 1, 1
@@ -234,8 +239,8 @@ def main(argv: list[str] | None = None) -> None:
             *(sys.argv[1:] if argv is None else argv),
         ]
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"hetero{args.suffix}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"hetero{args.suffix}"
     json_path = stem.with_suffix(".json")
     runs: list[dict[str, Any]] = []
     if json_path.exists() and not args.fresh:
@@ -257,8 +262,9 @@ def main(argv: list[str] | None = None) -> None:
                     f"({run['seconds']:.0f}s)",
                     flush=True,
                 )
-                write(res, args, cmd, time.perf_counter() - t0, stem)
-    write(res, args, cmd, time.perf_counter() - t0, stem)  # also when every run was already there (resume)
+                write(res, args, cmd, time.perf_counter() - t0, stem, start)
+    write(res, args, cmd, time.perf_counter() - t0, stem, start)  # also when every run was already there (resume)
+    print(load_line(), flush=True)
     print(f"wrote {stem}.md / .json ({time.perf_counter() - t0:.0f}s)")
 
 

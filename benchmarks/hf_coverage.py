@@ -7,17 +7,16 @@ spec, permute every group randomly, recover with ``match`` and ``wb`` (exact = o
 float64). "Moved" counts the parameters (entries) of tensors some group indexes and the weight axes (every axis of
 every ≥2-d tensor) a group indexes. Also times ``derive_spec`` + ``fuse(method="match")`` of the tiny BERT on 2
 torch threads (warm: after one untimed run; the first call pays transformers' lazy imports).
-Writes ``benchmarks/results/hf-coverage.md`` and ``.json``.
+Writes ``hf-coverage.md`` and ``.json`` under ``--out`` (default ``benchmarks/results``).
 
     python benchmarks/hf_coverage.py
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -28,13 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common when run as a script
 
-from benchmarks.common import fmt_err, selfcheck_record  # noqa: E402
+from benchmarks.common import RESULTS, add_out, fmt_err, load_header, load_line, selfcheck_record  # noqa: E402
 from fedfuse.align.fusion import fuse  # noqa: E402
 from fedfuse.align.selfcheck import break_symmetric_init, selfcheck  # noqa: E402
 from fedfuse.align.spec import TransportSpec, UnsupportedModelError, derive_spec  # noqa: E402
 from fedfuse.models.hf_models import tiny_hf  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # label -> (tiny_hf arch, LoRA targets or None)
 SAMPLE: dict[str, tuple[str, list[str] | None]] = {
@@ -142,22 +139,26 @@ def bert_timing(repeats: int = 5) -> dict[str, Any]:
     return {"cold_s": round(cold, 2), "warm_median_s": round(statistics.median(runs), 3), "warm_s": runs}
 
 
-def write(rows: list[dict[str, Any]], timing: dict[str, Any]) -> Path:
+def write(rows: list[dict[str, Any]], timing: dict[str, Any], out: Path = RESULTS, load: str = "") -> Path:
+    """``out/hf-coverage.json`` and ``.md`` (``load``: the :func:`load_header` line, recorded in both)."""
     import peft
     import transformers
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "hf-coverage.json").write_text(json.dumps({"rows": rows, "bert_timing": timing}, indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"rows": rows, "bert_timing": timing, "load": load}
+    (out / "hf-coverage.json").write_text(json.dumps(record, indent=1))
     exact = [r for r in rows if r["derived"] and r["ok"] and r["errors"]]
     lines = [
         "# Hugging Face transformers and PEFT: derive / permute / recover",
         "",
-        f"Produced by `python benchmarks/hf_coverage.py` ({platform.node()}, 2 shared cores, 1 torch thread for the "
-        f"table, load average {os.getloadavg()[0]:.1f} when written; torch {torch.__version__}, transformers "
+        f"Produced by `python benchmarks/hf_coverage.py` (1 torch thread for the table; torch {torch.__version__}, "
+        f"transformers "
         f"{transformers.__version__}, peft {peft.__version__}). Tiny configs of `fedfuse/models/hf_models.py` "
         "(hidden 32, 2 layers, 4 heads, FFN 64; random init, no hub), keyword inputs as a dict (2 samples), constant "
         "parameters randomised. Errors are max|Δ logits| / max|logits| in float64; exact = ≤ 1e-4 for the permuted "
         "copy and for `match` and `wb` recovering it.",
+        "",
+        load,
         "",
         f"The listed set is the issue's (BERT, GPT-2, DistilBERT, ViT, Llama) plus the classifier heads fedfuse's "
         f"`hf:ARCH` uses and PEFT; the last {len(EXTRA)} rows are other families whose attention has a leaf rule.",
@@ -199,12 +200,17 @@ def write(rows: list[dict[str, Any]], timing: dict[str, Any]) -> Path:
         f"{', '.join(f'{t:.2f}' for t in timing['warm_s'])}); the first call in a process took {timing['cold_s']:.1f} s "
         "(first model traced in the process: it pays transformers' lazy imports of the attention/mask code). The machine is shared with other jobs.",
     ]
-    out = RESULTS / "hf-coverage.md"
-    out.write_text("\n".join(lines) + "\n")
-    return out
+    path = out / "hf-coverage.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_out(p)
+    args = p.parse_args(argv)
+    start = load_line()
+    print(start, flush=True)
     timing = bert_timing()  # first: its cold run pays transformers' lazy imports
     print(timing)
     torch.set_num_threads(1)
@@ -214,7 +220,9 @@ def main() -> None:
         r = rows[-1]
         print(f"{label}: ok={r['ok']} groups={r['groups']} perm={fmt_err(r['permuted_err'])} {r['errors']} "
               f"{r['failures']} {r['reason'][:200]}", flush=True)  # fmt: skip
-    print(write(rows, timing))
+    end = load_line()
+    print(end, flush=True)
+    print(write(rows, timing, args.out, load_header(start, end)))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@
     python benchmarks/layerwise.py                       # mnist10k (real MNIST) + mnist1d, ~15 min on 2 cores
     python benchmarks/layerwise.py --smoke               # digits, seconds
 
-Runs on one torch thread (the machine is shared). Writes ``benchmarks/results/layerwise[-<tag>].md`` + ``.json``.
+Runs on one torch thread (the machine is shared). Writes ``layerwise[-<tag>].md`` + ``.json`` (+ plots) under ``--out`` (default ``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -23,19 +23,22 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedfuse import lmc
-from fedfuse.data import load_dataset
-from fedfuse.data.partition import partition_indices
-from fedfuse.models import build_model
-from fedfuse.train import train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common when run as a script
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import RESULTS, add_out, load_header, load_line  # noqa: E402
+from fedfuse import lmc  # noqa: E402
+from fedfuse.data import load_dataset  # noqa: E402
+from fedfuse.data.partition import partition_indices  # noqa: E402
+from fedfuse.models import build_model  # noqa: E402
+from fedfuse.train import train  # noqa: E402
+
 PARTITIONS = {
     "iid": {"partition": "iid"},
     "dir0.5": {"partition": "dirichlet", "alpha": 0.5},
@@ -64,7 +67,14 @@ def _trained(
 
 
 def barrier_study(
-    ds: Any, model_name: str, width: int, epochs: int, local_epochs: int, samples: int, points: int
+    ds: Any,
+    model_name: str,
+    width: int,
+    epochs: int,
+    local_epochs: int,
+    samples: int,
+    points: int,
+    out_dir: Path = RESULTS,
 ) -> dict[str, Any]:
     """Full / per-layer / cumulative barriers for the two pairings."""
     template = build_model(model_name, ds.input_shape, ds.num_classes, width=width, seed=0)
@@ -103,8 +113,8 @@ def barrier_study(
             "client_sizes": [len(p) for p in parts] if pairing == "clients" else None,
             "seconds": time.perf_counter() - t0,
         }
-        lmc.plot_layerwise(lw, RESULTS / f"layerwise-{ds.name}-{model_name}-{pairing}.png")
-        lmc.plot_cumulative(cum, RESULTS / f"layerwise-{ds.name}-{model_name}-{pairing}-cumulative.png")
+        lmc.plot_layerwise(lw, out_dir / f"layerwise-{ds.name}-{model_name}-{pairing}.png")
+        lmc.plot_cumulative(cum, out_dir / f"layerwise-{ds.name}-{model_name}-{pairing}-cumulative.png")
     return out
 
 
@@ -159,7 +169,7 @@ def _md(results: dict[str, Any]) -> str:
     lines = [
         "# Layer-wise LMC and partial averaging (benchmarks/layerwise.py)",
         "",
-        f"Machine: {results['machine']}; torch threads 1; total {results['seconds']:.0f} s; seed {a['seed']} "
+        f"{results.get('load') or 'Machine: ' + results['machine']}; torch threads 1; total {results['seconds']:.0f} s; seed {a['seed']} "
         "(one seed: differences below ~2 points are within noise).",
         "",
         f"## 1. Barriers (loss, max over α on an α grid of {a['points']} points, first {a['samples']} test samples)",
@@ -222,10 +232,10 @@ def _md(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rewrite_md(stem: str) -> None:
-    """Regenerate ``<stem>.md`` from ``<stem>.json`` (after editing the table layout)."""
-    results = json.loads((RESULTS / f"{stem}.json").read_text())
-    (RESULTS / f"{stem}.md").write_text(_md(results))
+def rewrite_md(stem: str, out: Path = RESULTS) -> None:
+    """Regenerate ``out/<stem>.md`` from ``out/<stem>.json`` (after editing the table layout; the recorded load stays)."""
+    results = json.loads((out / f"{stem}.json").read_text())
+    (out / f"{stem}.md").write_text(_md(results))
 
 
 def main() -> None:
@@ -246,13 +256,16 @@ def main() -> None:
     p.add_argument("--no-fl", action="store_true")
     p.add_argument("--smoke", action="store_true", help="digits, tiny: checks the script runs")
     p.add_argument("--tag", default="")
+    add_out(p)
     args = p.parse_args()
+    start = load_line()
+    print(start, flush=True)
     if args.smoke:
         args.datasets, args.epochs, args.local_epochs, args.samples = "digits", 1, 1, 200
         args.clients, args.rounds, args.fl_local_epochs, args.tag = 4, 1, 1, args.tag or "smoke"
         args.fl_datasets = "digits"
     torch.set_num_threads(1)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results: dict[str, Any] = {
         "args": vars(args),
@@ -265,7 +278,7 @@ def main() -> None:
         for model_name, width in (("mlp", 128), ("cnn", args.cnn_width)):
             t = time.perf_counter()
             results["barriers"][f"{dataset}/{model_name}"] = barrier_study(
-                ds, model_name, width, args.epochs, args.local_epochs, args.samples, args.points
+                ds, model_name, width, args.epochs, args.local_epochs, args.samples, args.points, args.out
             )
             r = results["barriers"][f"{dataset}/{model_name}"]
             print(
@@ -278,10 +291,13 @@ def main() -> None:
                 dataset, args.data_root, args.fl_width, args.rounds, args.fl_local_epochs, args.clients, args.seed
             )
     results["seconds"] = time.perf_counter() - t0
+    end = load_line()
+    print(end, flush=True)
+    results["load"] = load_header(start, end)
     stem = "layerwise" + (f"-{args.tag}" if args.tag else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / f"{stem}.md").write_text(_md(results))
-    print(f"wrote {RESULTS / stem}.md/.json in {results['seconds']:.0f} s")
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str))
+    (args.out / f"{stem}.md").write_text(_md(results))
+    print(f"wrote {args.out / stem}.md/.json in {results['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

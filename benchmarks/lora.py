@@ -18,21 +18,23 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedfuse.data.partition import partition_indices
-from fedfuse.experiment import dataset_for, local_plan, local_train, model_for
-from fedfuse.lora import adapter_keys, adapter_pairs, base_weight_key, truncate_rank
-from fedfuse.lora.run import adapter_state, load_received
-from fedfuse.state import torch_threads, weighted_average
-from fedfuse.train import evaluate
-from strategies.registry import resolve_strategy, validate_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common when run as a script
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.common import add_out, load_header, load_line  # noqa: E402
+from fedfuse.data.partition import partition_indices  # noqa: E402
+from fedfuse.experiment import dataset_for, local_plan, local_train, model_for  # noqa: E402
+from fedfuse.lora import adapter_keys, adapter_pairs, base_weight_key, truncate_rank  # noqa: E402
+from fedfuse.lora.run import adapter_state, load_received  # noqa: E402
+from fedfuse.state import torch_threads, weighted_average  # noqa: E402
+from fedfuse.train import evaluate  # noqa: E402
+from strategies.registry import resolve_strategy, validate_config  # noqa: E402
 
 # (label, strategy, ranks): equal ranks vs mixed ranks (cycled over clients)
 SETTINGS = {
@@ -126,7 +128,10 @@ def main() -> None:
     p.add_argument("--lora-bias", default="none", help="lora-bias of the LoRA runs (none, lora_only, all)")
     p.add_argument("--rank", type=int, default=4, help="the equal setting's rank (the mixed one cycles 2,4,8)")
     p.add_argument("--tag", default="")
+    add_out(p)
     args = p.parse_args()
+    start = load_line()
+    print(start, flush=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     results: dict[str, Any] = {}
     t0 = time.time()
@@ -154,17 +159,22 @@ def main() -> None:
                     print(f"{key}: final acc {statistics.mean(last):.4f} ± {statistics.pstdev(last):.4f} "
                           f"({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
     name = f"lora-{args.dataset}-{args.model}{'-' + args.tag if args.tag else ''}"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"args": vars(args), "runs": results}, indent=1))
-    (RESULTS / f"{name}.md").write_text(report(results, args, time.time() - t0))
-    print(f"wrote {RESULTS / name}.md")
+    end = load_line()
+    print(end, flush=True)
+    load = load_header(start, end)
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {"args": vars(args), "load": load, "runs": results}
+    (args.out / f"{name}.json").write_text(json.dumps(record, indent=1, default=str))
+    (args.out / f"{name}.md").write_text(report(results, args, time.time() - t0, load))
+    print(f"wrote {args.out / name}.md")
 
 
 def _ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{statistics.mean(values) * scale:.{digits}f} ± {statistics.pstdev(values) * scale:.{digits}f}"
 
 
-def report(results: dict[str, Any], args: argparse.Namespace, seconds: float) -> str:
+def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, load: str = "") -> str:
+    """The report; ``load`` is the :func:`load_header` line of the run."""
     seeds = args.seeds.split(",")
     lines = [
         f"# Federated LoRA fine-tuning: {args.dataset} / {args.model}",
@@ -174,6 +184,7 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float) ->
         f"--alphas {args.alphas} --settings {args.settings} --lr {args.lr} --lora-lr {args.lora_lr} "
         f"--lora-head {args.lora_head} --lora-bias {args.lora_bias} --rank {args.rank}` ({seconds / 60:.0f} min, 1 thread).",
         "",
+        *([load, ""] if load else []),
         "Base: pretrained centrally on the training samples of classes 0-4 (5 epochs); federated task: all 10 "
         f"classes, Dirichlet(α) over {args.num_clients} clients, every client every round. LoRA on every Linear "
         f"but the lora-head (alpha 4, scale alpha/r); head trained fully: {args.lora_head}, trainable biases: "

@@ -2,7 +2,7 @@
 
 Parents start from their own inits and train on label-skewed (Dirichlet α) splits of mnist10k's training images
 less a held-out *server batch* (unlabeled: the data of cca/zip/REPAIR/distillation); test accuracy on the 2,000
-test images. Writes ``benchmarks/results/merge-<tag>.md`` and ``.json``.
+test images. Writes ``merge-<tag>.md`` and ``.json`` under ``--out`` (default ``benchmarks/results``).
 
     python benchmarks/merge.py --data-root /work/shared/data --seeds 0 1 2
 """
@@ -21,12 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.common import machine, ms
-from fedfuse import build_model, evaluate, load_dataset, train
-from fedfuse.align import fuse
-from fedfuse.data.partition import partition_indices
-from fedfuse.merge.distill import distill, ensemble_logits, synthetic_inputs
-from fedfuse.merge.partial import multihead_bytes, partial_zip
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common when run as a script
+
+from benchmarks.common import add_out, load_header, load_line, ms  # noqa: E402
+from fedfuse import build_model, evaluate, load_dataset, train  # noqa: E402
+from fedfuse.align import fuse  # noqa: E402
+from fedfuse.data.partition import partition_indices  # noqa: E402
+from fedfuse.merge.distill import distill, ensemble_logits, synthetic_inputs  # noqa: E402
+from fedfuse.merge.partial import multihead_bytes, partial_zip  # noqa: E402
 
 MODELS = {"mlp": ("mlp", 128, 2, False), "cnn": ("cnn", 64, None, False), "cnn-bn": ("cnn", 64, None, True)}
 METHODS = ("average", "match", "wb", "gwb", "cca", "zip")
@@ -119,7 +121,8 @@ def _cell(rows: list[dict], key: str) -> str:
     return ms(vals) if vals else "fails"
 
 
-def markdown(rows: list[dict], args: argparse.Namespace, argv: list[str], elapsed: float) -> str:
+def markdown(rows: list[dict], args: argparse.Namespace, argv: list[str], elapsed: float, load: str) -> str:
+    """The report; ``load`` is the :func:`load_header` line."""
     cmd = "python benchmarks/merge.py " + " ".join(shlex.quote(a) for a in argv)
     seeds = sorted({r["seed"] for r in rows})
     out = [
@@ -127,7 +130,7 @@ def markdown(rows: list[dict], args: argparse.Namespace, argv: list[str], elapse
         "",
         f"Command: `{cmd}`",
         "",
-        f"Machine: {machine()}; total wall time {elapsed:.0f} s.",
+        f"{load}; total wall time {elapsed:.0f} s.",
         "",
         f"Setup: `mnist10k` (8,000/2,000 split of the official MNIST test images); {args.server_samples} training "
         "images held out as the server's *unlabeled* batch (cca/zip activations, REPAIR statistics, distillation "
@@ -205,18 +208,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tag", default="mnist10k")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--partial", nargs="*", type=int, default=[], help="partial zipping: keep the last K groups apart")
+    add_out(p)
     args = p.parse_args(argv)
+    start = load_line()
+    print(start, flush=True)
     torch.set_num_threads(1)
     data = load_dataset("mnist10k", data_root=args.data_root, seed=0)
     t0 = time.perf_counter()
     rows = []
-    out = Path(__file__).parent / "results"
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:  # seeds outermost: a run cut short still covers every model
         for name in args.models:
             for n in args.parents:
                 rows.append(run_cell(args, data, name, n, seed))
                 (out / f"merge-{args.tag}.json").write_text(json.dumps(rows, indent=1))
-                (out / f"merge-{args.tag}.md").write_text(markdown(rows, args, argv, time.perf_counter() - t0))
+                load = load_header(start, load_line())
+                (out / f"merge-{args.tag}.md").write_text(markdown(rows, args, argv, time.perf_counter() - t0, load))
+    print(load_line(), flush=True)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import parse_shard  # noqa: E402
+from benchmarks.common import add_out, load_line, note_load, parse_shard, recorded_loads  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS: dict[str, dict[str, Any]] = {
@@ -306,6 +306,8 @@ def report(args: argparse.Namespace, path: Path, cmd: str) -> None:
         f"Runs: {done} of {len(plan(args))} planned finished; summed run time {total / 60:.1f} min "
         f"(torch threads per process: 1).",
         "",
+        *recorded_loads(data),
+        "",
         f"- {args.dataset}, {args.clients} clients, Dirichlet(α) label skew, all clients every round, "
         f"local SGD lr 0.05, momentum 0.9, batch {args.batch_size}; **same budget per row: E × rounds = {args.budget} local epochs per client**. Models: "
         + ", ".join(f"`{m}`" + (f" width {args.width[m]}" if args.width.get(m) else "") for m in args.models)
@@ -359,6 +361,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report", action="store_true", help="only rewrite the table and plot from the results file")
     p.add_argument("--quick", action="store_true", help="digits smoke: 3 clients, budget 2, E ∈ {1, 2}, 2 seeds")
     p.add_argument("--tag", default="")
+    add_out(p, RESULTS)
     args = p.parse_args(argv)
     if args.quick:
         args.dataset, args.models, args.alphas, args.epochs, args.budget = "digits", ["mlp"], [0.5], [1, 2], 2
@@ -399,9 +402,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower's per-round summaries: the progress lines suffice
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"regimes-{args.tag}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"regimes-{args.tag}.json"
     cmd = "python benchmarks/regimes.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    start = load_line()
+    print(start, flush=True)
     if not args.report:
         todo = plan(args)
         mine = todo[args.shard_i :: args.shard_n]
@@ -417,7 +422,10 @@ def main(argv: list[str] | None = None) -> None:
                 if cmd not in data["commands"]:
                     data["commands"].append(cmd)
             print(f"[{k + 1}/{len(mine)}] {key}: acc={res['accuracy']:.4f} ({res['seconds']:.0f}s)", flush=True)
+        with locked(path) as data:
+            note_load(data, start, load_line())
     report(args, path, cmd)
+    print(load_line(), flush=True)
 
 
 if __name__ == "__main__":

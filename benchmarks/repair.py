@@ -14,7 +14,7 @@ Jacobi rounds; for BN models also the federated BatchNorm reset. Then the midpoi
 ``--bn-fold``: BN models also fused with ``fuse(bn_fold=True)`` (BatchNorm folded into its conv for the alignment
 cost and the average), an extra before/after table; results then go to ``repair-bn-<tag>``.
 
-Runs on one torch thread (the machine is shared). Writes ``benchmarks/results/repair-<tag>.md`` and ``.json``.
+Runs on one torch thread (the machine is shared). Writes ``repair-<tag>.md`` and ``.json`` under ``--out`` (default ``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import copy
 import hashlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,15 +33,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedfuse.align import align, derive_spec, fuse
-from fedfuse.align.gw import DEFAULT_ALPHA
-from fedfuse.align.repair import bn_statistics, pool_bn_statistics, repair, repair_sites
-from fedfuse.data import load_dataset
-from fedfuse.data.partition import partition_indices
-from fedfuse.models import build_model
-from fedfuse.train import evaluate, train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common when run as a script
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import add_out, load_header, load_line  # noqa: E402
+from fedfuse.align import align, derive_spec, fuse  # noqa: E402
+from fedfuse.align.gw import DEFAULT_ALPHA  # noqa: E402
+from fedfuse.align.repair import bn_statistics, pool_bn_statistics, repair, repair_sites  # noqa: E402
+from fedfuse.data import load_dataset  # noqa: E402
+from fedfuse.data.partition import partition_indices  # noqa: E402
+from fedfuse.models import build_model  # noqa: E402
+from fedfuse.train import evaluate, train  # noqa: E402
+
 MODELS = {  # name -> (builder name, width, depth, batch_norm)
     "mlp": ("mlp", 256, 2, False),
     "cnn": ("cnn", 128, 1, False),
@@ -228,15 +229,14 @@ def run_model(args: argparse.Namespace, data: Any, name: str) -> dict[str, Any]:
     return row
 
 
-def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace, elapsed: float) -> str:
-    load = os.getloadavg()
+def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace, elapsed: float, load: str = "") -> str:
+    """The report; ``load`` is the :func:`load_header` line of the run."""
     lines = [
         f"# One-shot fusion with fused GW and federated REPAIR ({time.strftime('%Y-%m-%d %H:%M')})",
         "",
         f"Command: `{' '.join(args.argv)}`",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs (shared), torch threads 1, torch "
-        f"{torch.__version__}; load average at end {load[0]:.2f}; total wall time {elapsed:.0f} s.",
+        f"{load}; torch threads 1; total wall time {elapsed:.0f} s.",
         "",
         f"Setup: `{args.dataset}` (the 10,000 official MNIST test images split 8,000/2,000, stratified, seed "
         f"{args.seed}); {args.parents} parents from different inits on Dirichlet(α={args.alpha}) splits of the 8,000, "
@@ -372,7 +372,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-only", action="store_true")
     p.add_argument("--bn-fold", action="store_true", help="BN models: every method also with fuse(bn_fold=True)")
     p.add_argument("--tag", default="")
+    add_out(p)
     args = p.parse_args(argv)
+    start = load_line()
+    print(start, flush=True)
     args.argv = ["python", "benchmarks/repair.py", *(argv if argv is not None else sys.argv[1:])]
     torch.set_num_threads(1)
     data = load_dataset(args.dataset, data_root=args.data_root or None, seed=args.seed)
@@ -388,10 +391,15 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     rows = [run_model(args, data, name) for name in args.models]
     tag = ("bn-" if args.bn_fold else "") + (args.tag or f"{args.dataset}-{args.parents}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"repair-{tag}.json").write_text(json.dumps({"command": " ".join(args.argv), "rows": rows}, indent=1))
-    (RESULTS / f"repair-{tag}.md").write_text(_markdown(rows, args, time.perf_counter() - t0))
-    print(f"wrote {RESULTS / f'repair-{tag}.md'}")
+    end = load_line()
+    print(end, flush=True)
+    load = load_header(start, end)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"command": " ".join(args.argv), "load": load, "rows": rows}
+    (out / f"repair-{tag}.json").write_text(json.dumps(record, indent=1))
+    (out / f"repair-{tag}.md").write_text(_markdown(rows, args, time.perf_counter() - t0, load))
+    print(f"wrote {out / f'repair-{tag}.md'}")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ def _md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "",
         f"`{meta['command']}`",
         "",
+        *([meta["load_lines"], ""] if meta.get("load_lines") else []),
         f"{meta['machine']}; dataset `{meta['dataset']}`, model mlp, {meta['rounds']} rounds. Peak RSS is the sum over "
         "the run's process tree (CLI + Ray processes); s/round is the median of rounds 2…R; round 1 includes "
         "start-up (under Ray: SuperLink/ServerApp start and actor start; each sampled node not seen before is asked "
@@ -139,10 +140,15 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--dataset", default="synthetic:0.5,0.5")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--tag", default="", help="suffix of the result files (scale-<tag>.*)")
     p.add_argument("--sampling-only", action="store_true", help="only the in-process sampling table")
+    sys.path.insert(0, str(ROOT))  # benchmarks.common when run as a script
+    from benchmarks.common import add_out, load_header, load_line
+
+    add_out(p)
     a = p.parse_args()
+    start = load_line()
+    print(start, flush=True)
     sampling = [sampling_cost(n, k) for n in a.clients for k in a.per_round if k <= n]
     rows = []
     for backend in [] if a.sampling_only else a.backends:
@@ -153,8 +159,11 @@ def main() -> None:
                 row = run_one(n, k, backend, a.rounds, a.dataset, a.timeout)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+    end = load_line()
+    print(end, flush=True)
     meta = {
         "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
+        "load_lines": load_header(start, end),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "dataset": a.dataset,
         "rounds": a.rounds,

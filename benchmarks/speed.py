@@ -18,7 +18,7 @@ the objective ``Σ_k ⟨A_k, (P·B)_k⟩`` of each result (higher is better).
     python benchmarks/speed.py                       # every case, before and after
     python benchmarks/speed.py --cases cifar_vgg11_match --no-before
 
-Writes ``benchmarks/results/speed.md``, ``speed.json`` and ``speed.png`` (time per model vs parameters).
+Writes ``speed.md``, ``speed.json`` and ``speed.png`` under ``--out`` (default ``benchmarks/results``) (time per model vs parameters).
 """
 
 from __future__ import annotations
@@ -36,13 +36,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedfuse import state as state_mod
-from fedfuse.align import apply_transport, derive_spec, fuse, ot_transport, solvers, weight_matching
-from fedfuse.align import fusion as fusion_mod
-from fedfuse.align.transport import state_of
-from fedfuse.state import normalise_weights
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common when run as a script
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import add_out, load_header, load_line  # noqa: E402
+from fedfuse import state as state_mod  # noqa: E402
+from fedfuse.align import apply_transport, derive_spec, fuse, ot_transport, solvers, weight_matching  # noqa: E402
+from fedfuse.align import fusion as fusion_mod  # noqa: E402
+from fedfuse.align.transport import state_of  # noqa: E402
+from fedfuse.state import normalise_weights  # noqa: E402
 
 
 def cifar_vgg11() -> nn.Module:
@@ -262,9 +263,11 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def _md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The report of one run (``meta`` carries the :func:`load_line` at start and end where recorded)."""
     lines = [
         "# Alignment speed: plain vs cached weight matching (one run)",
         "",
+        *([load_header(meta["load_line_start"], meta.get("load_line_end")), ""] if "load_line_start" in meta else []),
         f"{meta['when']}, {meta['machine']}, torch {meta['torch']}, {meta['threads']} torch threads, "
         f"load average (1, 5, 15 min) at start {meta['load']}, at the end {meta.get('load_end', '?')}. Random init, num_classes=10. Times exclude spec derivation "
         "(*derive*). *before*: plain loop from the identity; *same start*: cached loop from the identity (its "
@@ -316,30 +319,35 @@ def main() -> None:
     p.add_argument(
         "--plot-from", nargs="+", type=Path, help="only plot the rows of these speed*.json into speed-all.png"
     )
+    add_out(p)
     args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.plot_from:
         latest = {}  # a case measured again in a later file replaces the earlier row
         for f in args.plot_from:
             latest.update({(r["case"], r.get("max_iter")): r for r in json.loads(f.read_text())["rows"]})
         rows = list(latest.values())
-        _plot(rows, RESULTS / "speed-all.png")
+        _plot(rows, args.out / "speed-all.png")
         return
     torch.set_num_threads(args.threads)
     meta = {
+        "load_line_start": load_line(),
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__,
         "threads": args.threads,
         "load": " ".join(f"{v:.1f}" for v in os.getloadavg()),
     }
+    print(meta["load_line_start"], flush=True)
     rows = [run_case(name, not args.no_before, args.max_iter) for name in args.cases]
     meta["load_end"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta["load_line_end"] = load_line()
     stem = "speed" + (f"-{args.tag}" if args.tag else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (RESULTS / f"{stem}.md").write_text(_md(meta, rows))
-    _plot(rows, RESULTS / f"{stem}.png")
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (args.out / f"{stem}.md").write_text(_md(meta, rows))
+    _plot(rows, args.out / f"{stem}.png")
     print(_md(meta, rows))
+    print(meta["load_line_end"], flush=True)
 
 
 if __name__ == "__main__":

@@ -98,12 +98,19 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=["resnet50", "vgg11_bn"])
     p.add_argument("--no-before", action="store_true")
     p.add_argument("--before-root", type=Path, help="import fedfuse from this checkout for 'before'")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--one", nargs=2, metavar=("CASE", "EXACT"), help=argparse.SUPPRESS)
+    sys.path.insert(0, str(ROOT))  # benchmarks.common from this checkout (a --before-root tree may lack it) ...
+    from benchmarks.common import add_out, load_header, load_line
+
+    sys.path.remove(str(ROOT))  # ... while fedfuse still comes from PYTHONPATH (the --before-root tree for 'before')
+
+    add_out(p)
     a = p.parse_args()
     if a.one:
         print(json.dumps(_one(a.one[0], {"0": False, "1": True}.get(a.one[1]))))
         return
+    start = load_line()
+    print(start, flush=True)
     rows = []
     for case in a.cases:
         for exact in ([0] if not a.no_before else []) + [1]:
@@ -121,6 +128,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
     up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    end = load_line()
+    print(end, flush=True)
     lines = [
         "# Alignment speed: a permuted copy recovered by `fuse(method='match')` (selfcheck's case), before/after",
         "",
@@ -129,6 +138,8 @@ def main() -> None:
         "copy + torch + the call; the peak is reset after the gate), *with gate*: its peak since it started; "
         f"before = {'fedfuse from ' + str(a.before_root) if a.before_root else 'solvers._EXACT = False'}. "
         f"`uptime` at the end: {up}. *load*: 1-minute load average as each row started.",
+        "",
+        load_header(start, end),
         "",
         "| case | params | variant | s | gate s (once) | RSS before call GB | peak RSS GB | with gate GB | max abs diff "
         "| load |",

@@ -14,6 +14,7 @@ mean ± std of the final central test accuracy over seeds.
 
     python benchmarks/subspace.py --part barrier   # -> benchmarks/results/subspace-barrier.{md,json}
     python benchmarks/subspace.py --part fl        # -> benchmarks/results/subspace-fl.{md,json}
+    (--out DIR: every file under DIR instead)
     python benchmarks/subspace.py --quick          # tiny smoke run of both -> subspace-*-smoke.{md,json}
 """
 
@@ -35,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, ms  # noqa: E402
+from benchmarks.common import RESULTS, add_out, load_header, load_line, machine, ms  # noqa: E402
 from fedfuse.align import apply_transport, derive_spec, weight_matching  # noqa: E402
 from fedfuse.data import load_dataset  # noqa: E402
 from fedfuse.lmc import barrier  # noqa: E402
@@ -43,7 +44,6 @@ from fedfuse.models import build_model  # noqa: E402
 from fedfuse.subspace import MaskedTraining, pfn_mask  # noqa: E402
 from fedfuse.train import evaluate, train  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 STRATEGIES = {
     "FedAvg": {"strategy": "fedavg"},
     "FedPFN": {"strategy": "fedpfn"},
@@ -190,7 +190,7 @@ def barrier_md(res: dict[str, Any], args: argparse.Namespace, cmd: str, elapsed:
         "# Subspace (TNA-PFN) benchmark — barrier against ρ",
         "",
         f"Command: `{cmd}`  ",
-        f"Machine: {machine()}  ",
+        f"{res.get('load') or 'Machine: ' + machine()}  ",
         f"Wall time: {elapsed / 60:.1f} min",
         "",
         "## Setup",
@@ -311,7 +311,7 @@ def fl_md(res: dict[str, Any], args: argparse.Namespace, cmd: str, elapsed: floa
         "# Subspace (TNA-PFN) benchmark — FL accuracy after equal rounds",
         "",
         f"Command: `{cmd}`  ",
-        f"Machine: {machine()}  ",
+        f"{res.get('load') or 'Machine: ' + machine()}  ",
         f"Wall time: {elapsed / 60:.1f} min",
         "",
         "## Setup",
@@ -375,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--local-epochs", type=int, default=3)
     p.add_argument("--fl-seeds", type=int, default=3)
     p.add_argument("--pfn-ratio", type=float, default=0.4)
+    add_out(p, RESULTS)
     args = p.parse_args(argv)
     if args.points % 2 == 0:
         p.error("--points must be odd so that α = ½ is on the grid")
@@ -393,14 +394,18 @@ def main(argv: list[str] | None = None) -> None:
             *(sys.argv[1:] if argv is None else argv),
         ]
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     parts = ["barrier", "fl"] if args.part == "both" else [args.part]
     for part in parts:
-        t0 = time.perf_counter()
+        t0, start = time.perf_counter(), load_line()
+        print(start, flush=True)
         res = run_barrier(args) if part == "barrier" else run_fl(args)
         elapsed = time.perf_counter() - t0
-        res.update({"command": cmd, "machine": machine(), "seconds": elapsed, "args": vars(args)})
-        stem = RESULTS / f"subspace-{part}{args.suffix}"
+        end = load_line()
+        print(end, flush=True)
+        res.update({"command": cmd, "machine": machine(), "load": load_header(start, end), "seconds": elapsed})
+        res["args"] = {**vars(args), "out": str(args.out)}
+        stem = args.out / f"subspace-{part}{args.suffix}"
         stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float))
         md = barrier_md(res, args, cmd, elapsed) if part == "barrier" else fl_md(res, args, cmd, elapsed)
         stem.with_suffix(".md").write_text(md)

@@ -4,7 +4,7 @@ For each model in :data:`SAMPLE`: ``timm.create_model(name, pretrained=False, nu
 weights downloaded), a batch of 2 random images at a small input it runs on, constant parameters randomised
 (:func:`fedfuse.align.selfcheck.break_symmetric_init`), then :func:`fedfuse.align.selfcheck.selfcheck`: derive the
 spec, permute every group randomly, recover with ``match`` and ``wb``; exact means outputs equal to 1e-4.
-One torch thread. Writes ``benchmarks/results/timm-coverage.md`` and ``.json``.
+One torch thread. Writes ``timm-coverage.md`` and ``.json`` under ``--out`` (default ``benchmarks/results``).
 
     python benchmarks/timm_coverage.py                    # the whole sample
     python benchmarks/timm_coverage.py resnet18d vit_tiny_patch16_224 --update
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,10 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common when run as a script
 
-from benchmarks.common import fmt_err, selfcheck_record  # noqa: E402
+from benchmarks.common import RESULTS, add_out, fmt_err, load_header, load_line, records_load, selfcheck_record  # noqa: E402
 from fedfuse.align.selfcheck import break_symmetric_init, selfcheck
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # name -> (square input side, extra create_model kwargs). Sides are small but each model's own minimum
 # (strides / window sizes / fixed token grids); transformers with a fixed grid get ``img_size`` set to it.
@@ -125,12 +121,15 @@ def check(name: str, seed: int = 0, methods: tuple[str, ...] = ("match", "wb")) 
     return selfcheck_record(name, model, x.shape[-1], res, t0, kind="sample" if methods else "extra")
 
 
-def write(rows: list[dict[str, Any]], tag: str) -> Path:
+def write(rows: list[dict[str, Any]], tag: str, out: Path = RESULTS, load: str | None = None) -> Path:
+    """``out/<tag>.json`` and ``.md``; ``load`` is this run's :func:`load_header` line (None: the span of the
+    records' own load lines, for a report rewritten from stored records)."""
     import timm
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    load = records_load(rows) if load is None else load
     rows = sorted(rows, key=lambda r: r["model"])
-    (RESULTS / f"{tag}.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{tag}.json").write_text(json.dumps(rows, indent=1))
     sample = [r for r in rows if r.get("kind", "sample") == "sample"]
     extra = [r for r in rows if r.get("kind") == "extra"]
     s_derived = [r for r in sample if r["derived"]]
@@ -138,12 +137,13 @@ def write(rows: list[dict[str, Any]], tag: str) -> Path:
     lines = [
         "# timm models: derive / permute / recover",
         "",
-        f"Produced by `python benchmarks/timm_coverage.py` ({platform.node()}, 2 shared cores, 1 torch thread, "
-        f"load average {os.getloadavg()[0]:.1f} when written — times are inflated by other jobs; torch "
-        f"{torch.__version__}, timm {timm.__version__}). `timm.create_model(name, pretrained=False, num_classes=10)` "
+        f"Produced by `python benchmarks/timm_coverage.py` (1 torch thread; times are inflated by other jobs on a "
+        f"shared machine; torch {torch.__version__}, timm {timm.__version__}). `timm.create_model(name, pretrained=False, num_classes=10)` "
         "(no weights downloaded), batch of 2 random images at the side in the table; constant parameters "
         "randomised and BatchNorm statistics set from the batch, so outputs are O(1). Errors are "
         "max|Δ logits| / max|logits|; pass = ≤ 1e-4 for the permuted copy and for `match` and `wb` recovering it.",
+        "",
+        load,
         "",
         f"**Sample: {len(sample)} models checked: {len(s_derived)} derive a spec, {len(s_recovered)} of them are "
         f"permutation-invariant and recovered exactly by both `match` and `wb`; {len(sample) - len(s_derived)} "
@@ -173,9 +173,9 @@ def write(rows: list[dict[str, Any]], tag: str) -> Path:
         lines += _table(extra)
     total = sum(r["total_s"] for r in rows)
     lines += ["", f"Total wall time of the {len(rows)} checked models: {total:.0f} s."]
-    out = RESULTS / f"{tag}.md"
-    out.write_text("\n".join(lines) + "\n")
-    return out
+    path = out / f"{tag}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
@@ -202,7 +202,7 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="*", help="timm model names (default: the sample)")
     ap.add_argument("--tag", default="timm-coverage")
@@ -210,9 +210,12 @@ def main() -> None:
     ap.add_argument("--derive-only", action="store_true", help="derive and permute only (no fusion)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the stored records")
     ap.add_argument("--extra", action="store_true", help="also derive/permute the EXTRA models (no fusion)")
-    args = ap.parse_args()
+    add_out(ap)
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    old = RESULTS / f"{args.tag}.json"
+    old = args.out / f"{args.tag}.json"
+    start = load_line()
+    print(start, flush=True)
     rows = json.loads(old.read_text()) if (args.update or args.report_only) and old.exists() else []
     fusion = () if args.derive_only else ("match", "wb")
     names = args.models or list(SAMPLE) + (list(EXTRA) if args.extra else [])
@@ -226,9 +229,11 @@ def main() -> None:
             flush=True,
         )
         if not args.derive_only:
-            write(rows, args.tag)
+            write(rows, args.tag, args.out, load_header(start, load_line()))
+    end = load_line()
+    print(end, flush=True)
     if not args.derive_only:
-        print(write(rows, args.tag))
+        print(write(rows, args.tag, args.out, None if args.report_only else load_header(start, end)))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 For every name in ``torchvision.models.list_models(module=torchvision.models)``: build it (random init,
 ``num_classes=10``, the smallest input it runs on, batch 2), make the check meaningful
 (:func:`fedfuse.align.selfcheck.break_symmetric_init`), then :func:`fedfuse.align.selfcheck.selfcheck`.
-One torch thread. Writes ``benchmarks/results/torchvision-coverage.md`` and ``.json``.
+One torch thread. Writes ``torchvision-coverage.md`` and ``.json`` under ``--out`` (default ``benchmarks/results``).
 
     python benchmarks/torchvision_coverage.py                 # all models
     python benchmarks/torchvision_coverage.py resnet18 vit_b_16
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,11 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common when run as a script
 
-from benchmarks.common import fmt_err, selfcheck_record  # noqa: E402
+from benchmarks.common import RESULTS, add_out, fmt_err, load_header, load_line, records_load, selfcheck_record  # noqa: E402
 from fedfuse.align.selfcheck import break_symmetric_init, selfcheck
 from fedfuse.models.torchvision_models import build_torchvision, check_input_size, torchvision_names
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def check(
@@ -44,21 +40,25 @@ def check(
     return selfcheck_record(name, model, s, res, t0)
 
 
-def write(rows: list[dict[str, Any]], tag: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write(rows: list[dict[str, Any]], tag: str, out: Path = RESULTS, load: str | None = None) -> Path:
+    """``out/<tag>.json`` and ``.md``; ``load`` is this run's :func:`load_header` line (None: the span of the
+    records' own load lines, for a report rewritten from stored records)."""
+    out.mkdir(parents=True, exist_ok=True)
+    load = records_load(rows) if load is None else load
     rows = sorted(rows, key=lambda r: r["model"])
-    (RESULTS / f"{tag}.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{tag}.json").write_text(json.dumps(rows, indent=1))
     derived = [r for r in rows if r["derived"]]
     recovered = [r for r in derived if r["ok"]]
     partial = [r for r in derived if not r["ok"] and _not_run(r) and not r["failures"]]
     lines = [
         "# torchvision classifiers: derive / permute / recover",
         "",
-        f"Produced by `python benchmarks/torchvision_coverage.py` ({platform.node()}, 2 shared cores, 1 torch "
-        f"thread, load average {os.getloadavg()[0]:.1f} when written — times are inflated by other jobs; "
-        f"torch {torch.__version__}). Each model's record is one `check()`; runs may be resumed with `--update`. Random init, `num_classes=10`, batch of 2 at the smallest input each model "
+        f"Produced by `python benchmarks/torchvision_coverage.py` (1 torch thread; times are inflated by other jobs "
+        f"on a shared machine; torch {torch.__version__}). Each model's record is one `check()`; runs may be resumed with `--update`. Random init, `num_classes=10`, batch of 2 at the smallest input each model "
         "runs on; constant parameters (zero-init heads, layer scales) randomised and BatchNorm statistics set "
         "from the batch, so outputs are O(1). Errors are max|Δ logits| / max|logits|; pass = ≤ 1e-4.",
+        "",
+        load,
         "",
         f"**{len(rows)} models checked: {len(derived)} derive a spec, {len(recovered)} of them are permutation-invariant "
         f"and recovered exactly by both `match` and `wb`; {len(rows) - len(derived)} are refused at derivation "
@@ -106,9 +106,9 @@ def write(rows: list[dict[str, Any]], tag: str) -> Path:
         "",
         "CPU seconds and peak RSS of the models marked `huge` (not run in CI): `torchvision-coverage-huge.md`.",
     ]
-    out = RESULTS / f"{tag}.md"
-    out.write_text("\n".join(lines) + "\n")
-    return out
+    path = out / f"{tag}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _not_run(r: dict[str, Any]) -> list[str]:
@@ -139,7 +139,7 @@ def _merge(stored: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="*", help="model names (default: all torchvision classifiers)")
     ap.add_argument("--tag", default="torchvision-coverage")
@@ -160,13 +160,16 @@ def main() -> None:
         help="compare outputs in float64 at any size (selfcheck does above 150M parameters only in float32, whose "
         "rounding in a deep, wide model can exceed the 1e-4 tolerance by itself; costs one float64 network)",
     )
-    args = ap.parse_args()
+    add_out(ap)
+    args = ap.parse_args(argv)
     args.update = args.update or args.report_only
     torch.set_num_threads(1)
-    old = RESULTS / f"{args.tag}.json"
+    old = args.out / f"{args.tag}.json"
+    start = load_line()
+    print(start, flush=True)
     rows = json.loads(old.read_text()) if args.update and old.exists() else []
     for tag in args.merge:  # records of another (parallel) run of this script
-        extra = json.loads((RESULTS / f"{tag}.json").read_text())
+        extra = json.loads((args.out / f"{tag}.json").read_text())
         rows = [r for r in rows if r["model"] not in {e["model"] for e in extra}] + extra
     for name in [] if args.report_only else args.models or torchvision_names():
         stored = [r for r in rows if r["model"] == name]
@@ -178,8 +181,10 @@ def main() -> None:
         )
         r = rows[-1]
         print(f"{name}: ok={r['ok']} derived={r['derived']} {r['seconds']} {r['reason'][:120]}", flush=True)
-        write(rows, args.tag)
-    print(write(rows, args.tag))
+        write(rows, args.tag, args.out, load_header(start, load_line()))
+    end = load_line()
+    print(end, flush=True)
+    print(write(rows, args.tag, args.out, None if args.report_only else load_header(start, end)))
 
 
 if __name__ == "__main__":
