@@ -12,7 +12,7 @@ before the speed work: one ``ot_transport`` per model, allocating float64 averag
 check; its fused state must equal "after"'s bit for bit); "after" the cached one with its default greedy start; for
 pairs also "same start" (cached, ``start="identity"``), which must return the very permutations of
 "before". All in the same process, so the ratios are measured under the same load (the machine is shared:
-compare ratios, not absolute times). The spec is derived once per case, outside the timings. Pairs report
+compare ratios, not absolute times). The spec is derived and gate-checked once per case, outside the timings (*derive s*). Pairs report
 the objective ``Σ_k ⟨A_k, (P·B)_k⟩`` of each result (higher is better).
 
     python benchmarks/speed.py                       # every case, before and after
@@ -40,8 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.commo
 
 from benchmarks.common import add_out, load_header, load_line  # noqa: E402
 from fedfuse import state as state_mod  # noqa: E402
-from fedfuse.align import apply_transport, derive_spec, fuse, ot_transport, solvers, weight_matching  # noqa: E402
+from fedfuse.align import apply_transport, fuse, ot_transport, solvers, weight_matching  # noqa: E402
 from fedfuse.align import fusion as fusion_mod  # noqa: E402
+from fedfuse.align.gate import gated_spec  # noqa: E402
 from fedfuse.align.transport import state_of  # noqa: E402
 from fedfuse.state import normalise_weights  # noqa: E402
 
@@ -189,7 +190,7 @@ def run_case(name: str, before: bool, max_iter: int) -> dict[str, Any]:
     build, shape, n, kind = CASES[name]
     models = _models(build, n)
     t0 = time.perf_counter()
-    spec = derive_spec(models[0], torch.randn(1, *shape))
+    spec = gated_spec(models[0], torch.randn(1, *shape))  # derived and verified once: derive_s counts both
     row: dict[str, Any] = {
         "case": name,
         "kind": kind,
@@ -278,8 +279,8 @@ def _md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "product on one thread, as the code did; *after 1 thr* is *after* with every product on one thread too "
         "(`threaded_matmul` off: what the caller's threads add), *1-thr diff* its max |Δ| from *after*. Each "
         "case first runs *after* once more, timed as *cold* (the process's first call: thread pool start, "
-        "first-touch pages); every other column is a warm call. *after 1 worker* (WB only): the models aligned to "
-        "the barycenter one after another (`fusion.WB_WORKERS = 1`, as before the WB worker threads), its max |Δ| "
+        "first-touch pages; the spec's gate check is in *derive s*, not here); every other column is a warm call. "
+        "*after 1 worker* (WB only): the models aligned to the barycenter one after another (`fusion.WB_WORKERS = 1`, as before the WB worker threads), its max |Δ| "
         "from *after* in *1-w diff*.",
         "",
         "| case | run | models | params/model | groups | derive s | before s | same start s | after s | "
