@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -150,8 +151,6 @@ class _Term:
         self.col_shape = [*shape[: member.axis], member.repeat, member.expand, *shape[member.axis + 1 :]]
         self.n, self.d = segment_range(member, self.sizes, shape[member.axis])[2], math.prod(self.col_shape)
         self.whole = member.segments is None  # the rows hold the whole parameter
-        self._a: Tensor | None = None
-        self._bt: Tensor | None = None
         axes: dict[int, list[tuple[Axis, str]]] = {}
         for g, ax in spec_b.members_of(member.key):
             if ax.axis != member.axis:
@@ -165,29 +164,17 @@ class _Term:
         self.version = -1
         self.light = self.d * _LIGHT_RATIO < self.n  # d < n / _LIGHT_RATIO: not cached
 
-    @property
+    @cached_property
     def a(self) -> Tensor:
         """A's ``(n, d)`` rows, made on first use (a view where the parameter allows; float64 copies only within
-        the budget, :func:`_budget_rows`; else converted when used)."""
-        if self._a is None:
-            self._a = member_rows(self.wa, self.member_a, self.sizes_a)
-        return self._a
+        the budget, :func:`_budget_rows`, which assigns them; else converted when used)."""
+        return member_rows(self.wa, self.member_a, self.sizes_a)
 
-    @a.setter
-    def a(self, value: Tensor) -> None:
-        self._a = value
-
-    @property
+    @cached_property
     def bt(self) -> Tensor:
         """B's rows transposed (``d × n``, one contiguous copy), made on first use: a permuted copy recovered by
         the shortcuts (:mod:`fedfuse.align.shortcuts`) never needs them."""
-        if self._bt is None:
-            self._bt = _rows_transposed(self.wb, self.member, self.sizes)
-        return self._bt
-
-    @bt.setter
-    def bt(self, value: Tensor) -> None:
-        self._bt = value
+        return _rows_transposed(self.wb, self.member, self.sizes)
 
     def _src(self, perms: Mapping[str, Tensor]) -> Tensor | None:
         """Column ``k`` of B̃'s rows is column ``src[k]`` of B's (None: no other axis is permuted)."""
