@@ -249,11 +249,9 @@ def preflight(cfg: dict[str, Any], overwrite: bool | None, resumed_model: dict[s
     from fedfuse.experiment import server_batch
 
     server_batch(cfg, ds)  # server-data fits the training split
-    if int(cfg.get("trusted-data", 0) or 0) > len(ds.y_train):
-        raise ConfigError(
-            f"trusted-data={cfg['trusted-data']} exceeds the {len(ds.y_train)} training samples of {ds.name!r}; "
-            f"allowed: 0..{len(ds.y_train)}"
-        )
+    from fedfuse.trust import trusted_examples
+
+    trusted_examples(cfg, ds)  # trusted-data fits the training split
     n = len(ds.y_train)
     if ds.federation is None and cfg["num-clients"] > n:  # a federated data set has data for any client id
         raise ConfigError(f"num-clients={cfg['num-clients']} exceeds the {n} training samples of {cfg['dataset']!r}")

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from fedfuse.errors import ConfigError
 
-__all__ = ["TrustedReference", "trusted_reference"]
+__all__ = ["TrustedReference", "trusted_examples", "trusted_reference"]
 
 State = Mapping[str, Tensor]
 TrainFn = Callable[[nn.Module, Tensor, Tensor, int], Any]  # (model, x, y, server_round): trains in place
@@ -47,21 +47,31 @@ class TrustedReference:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def trusted_reference(cfg: Mapping[str, Any], model: nn.Module) -> TrustedReference | None:
-    """The run's trusted reference (``trusted-data`` = N > 0), or None: N training examples drawn without
-    replacement by a generator seeded with ``derive_seed(seed, 37)``, trained on with the run's local SGD
-    (``local-epochs``, ``batch-size``, ``lr``…) and a shuffling seed derived from (seed, round)."""
+def trusted_examples(cfg: Mapping[str, Any], ds: Any) -> tuple[Tensor, Tensor] | None:
+    """The ``trusted-data`` = N labelled examples the server holds, or None when N = 0: N training examples drawn
+    without replacement by a generator seeded with ``derive_seed(seed, 37)``. More than the training split holds
+    is one line (the CLI's preflight calls this before anything is written)."""
     n = int(cfg.get("trusted-data", 0) or 0)
     if n <= 0:
         return None
-    from fedfuse.experiment import LocalPlan, dataset_for, derive_seed, local_train
+    from fedfuse.experiment import derive_seed
 
-    ds = dataset_for(cfg)
     total = len(ds.x_train)
     if n > total:
         raise ConfigError(f"trusted-data={n} exceeds the {total} training samples of {ds.name!r}; allowed: 0..{total}")
+    idx = torch.randperm(total, generator=torch.Generator().manual_seed(derive_seed(int(cfg["seed"]), 37)))[:n]
+    return ds.x_train[idx].clone(), ds.y_train[idx].clone()
+
+
+def trusted_reference(cfg: Mapping[str, Any], model: nn.Module) -> TrustedReference | None:
+    """The run's trusted reference (``trusted-data`` = N > 0), or None: :func:`trusted_examples`, trained on with
+    the run's local SGD (``local-epochs``, ``batch-size``, ``lr``…) and a shuffling seed derived from (seed, round)."""
+    from fedfuse.experiment import LocalPlan, dataset_for, derive_seed, local_train
+
+    examples = trusted_examples(cfg, dataset_for(cfg)) if int(cfg.get("trusted-data", 0) or 0) > 0 else None
+    if examples is None:
+        return None
     seed = int(cfg["seed"])
-    idx = torch.randperm(total, generator=torch.Generator().manual_seed(derive_seed(seed, 37)))[:n]
 
     def train(m: nn.Module, x: Tensor, y: Tensor, server_round: int) -> None:
         plan = LocalPlan(int(cfg["local-epochs"]), None, derive_seed(seed, server_round, 38), False)
@@ -69,4 +79,4 @@ def trusted_reference(cfg: Mapping[str, Any], model: nn.Module) -> TrustedRefere
             torch.manual_seed(derive_seed(seed, server_round, 39))
             local_train(cfg, m, x, y, plan)
 
-    return TrustedReference(model, ds.x_train[idx].clone(), ds.y_train[idx].clone(), train)
+    return TrustedReference(model, *examples, train)
