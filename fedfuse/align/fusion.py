@@ -43,6 +43,7 @@ from fedfuse.align.gw import DEFAULT_ALPHA, fused_gromov_wasserstein_barycenter
 from fedfuse.align.peft_lora import check_lora_states
 from fedfuse.align.repair import repair
 from fedfuse.align.solvers import (
+    InputShapeError,
     _layerwise_ot,
     activation_matching,
     group_features,
@@ -373,9 +374,8 @@ def fuse(
     else:
         try:
             spec = resolve_spec(spec, module, example_input)
-        except ConfigError as exc:  # no input shape to infer (token ids): the activation batch fixes it
-            usable = example_input is None and isinstance(data, Tensor) and len(data) >= 2
-            if not usable or "cannot infer the input shape" not in str(exc):
+        except InputShapeError:  # no input shape to infer (token ids): the activation batch fixes it
+            if example_input is not None or not isinstance(data, Tensor) or len(data) < 2:
                 raise
             spec = resolve_spec(spec, module, data[:2])
         specs = [spec.for_state(s) for s in states]

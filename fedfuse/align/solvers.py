@@ -58,7 +58,7 @@ def resolve_spec(spec: TransportSpec | None, model: Any, example_input: Any = No
             try:
                 ex = example_input if example_input is not None else derived_on(spec)
                 ex = ex if ex is not None else infer_example_input(model)
-            except ConfigError:
+            except InputShapeError:
                 warnings.warn(
                     f"the given spec of {type(model).__name__} is not verified: its input shape cannot be inferred; "
                     "pass example_input= to check that a permutation of its groups keeps the model's function",
@@ -77,6 +77,10 @@ def resolve_spec(spec: TransportSpec | None, model: Any, example_input: Any = No
 
 
 _SIDES = (8, 16, 24, 28, 32, 40, 64, 96, 128, 224)
+
+
+class InputShapeError(ConfigError):
+    """:func:`infer_example_input` found no input the model runs on: the caller must give one."""
 
 
 def infer_example_input(model: nn.Module) -> Tensor:
@@ -113,7 +117,7 @@ def infer_example_input(model: nn.Module) -> Tensor:
     finally:
         model.train(was_training)
     tried = f" (tried {shapes[0]}…{shapes[-1]})" if shapes else ""
-    raise ConfigError(
+    raise InputShapeError(
         f"cannot infer the input shape of {type(model).__name__}{tried}: pass example_input= (a small input batch)"
     )
 
