@@ -42,6 +42,8 @@ __all__ = [
     "REPAIR_OWN",
     "REPAIR_FUSED",
     "PROXIMAL_MU",
+    "RUN_DONE_DIR",
+    "run_done_marker",
 ]
 
 # record names inside a Message's RecordDict
@@ -88,3 +90,14 @@ REPAIR_KIND = "repair-kind"  # "bn-stats": BatchNorm statistics recomputed local
 REPAIR_SITES = "repair-sites"
 REPAIR_OWN = "own"
 REPAIR_FUSED = "fused"
+
+# ``fedfuse simulate`` (fedfuse/runners/ray.py) ↔ the ServerApp it submits. The SuperLink's environment names a
+# directory; when the ServerApp has written every result of run R it creates ``run_done_marker(dir, R)`` there, so the
+# CLI can end the run's processes at once instead of waiting for the simulation engine to shut Ray down and for
+# the run's status to read ``finished`` (Flower's own path, ~4-6 s after the last round).
+RUN_DONE_DIR = "FEDFUSE_RUN_DONE_DIR"
+
+
+def run_done_marker(directory: str, run_id: int | str) -> str:
+    """Path of the file that says run ``run_id``'s ServerApp returned with every result written."""
+    return f"{directory.rstrip('/')}/done-{int(run_id)}"

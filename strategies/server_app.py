@@ -16,6 +16,7 @@ Everything a row of ``metrics.json`` holds comes from the central evaluation, fr
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -246,6 +247,8 @@ def _submitted(resume: bool) -> ServerApp:
             run_server(grid, dict(context.run_config), resume=resume)
         except (ConfigError, RunFailedError, OSError) as exc:
             _fail(exc)
+        if done_dir := os.environ.get(protocol.RUN_DONE_DIR):  # every result is written: the CLI may stop now
+            Path(protocol.run_done_marker(done_dir, context.run_id)).touch()
 
     return server
 

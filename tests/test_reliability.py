@@ -346,3 +346,35 @@ def test_kill_9_of_a_ray_run_leaves_no_process_and_no_flwr_home(tmp_path) -> Non
         cli.wait(timeout=30)
     rows = json.loads((out / "metrics.json").read_text())["rounds"]
     assert rows[-1]["round"] == load_checkpoint(out)["round"]
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guarantee (and /proc) is Linux's")
+def test_a_finished_ray_run_ends_at_the_server_apps_done_marker(tmp_path, monkeypatch) -> None:
+    """The ServerApp says when every result is written (fedfuse.protocol.run_done_marker): ``fedfuse simulate``
+    then ends the run's processes at once — it neither waits for Ray's shutdown nor asks ``flwr list`` for the
+    status — the results are whole, and no process of the run is left."""
+    import tempfile
+
+    import fedfuse.runners.ray as ray_runner
+    from tests.test_cli import run_cli
+
+    def no_status_poll(*args: object, **kwargs: object) -> tuple[str, str]:
+        raise AssertionError("waited for the run's status although the ServerApp had marked it done")
+
+    monkeypatch.setattr(ray_runner, "wait_finished", no_status_poll)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # the SuperLink's FLWR_HOME lies under it
+    out = tmp_path / "run"
+    argv = ["simulate", "--no-progress", "--backend", "ray", "--dataset", "digits", "--model", "mlp",
+            "--num-clients", "2", "--rounds", "2", "--seed", "1", "--out", str(out)]  # fmt: skip
+    assert run_cli(argv) == 0
+    rows = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == [0, 1, 2] and load_checkpoint(out)["round"] == 2
+    assert (out / "model.pt").exists() and (out / "accuracy.png").exists()
+    deadline = time.monotonic() + 5
+    while (left := _processes_with(b"FLWR_HOME=" + str(temp).encode())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes of the finished run are left: {left}"
+    assert list(temp.iterdir()) == []  # the SuperLink's directory (FLWR_HOME, the app) is removed

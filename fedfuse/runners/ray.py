@@ -12,6 +12,7 @@ Composition layer (starts Flower processes): nothing in the core imports this mo
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fedfuse import protocol
 from fedfuse.errors import RunFailedError
 
 __all__ = [
@@ -117,10 +119,14 @@ def supervised(cmd: Sequence[str], *, remove: Sequence[Path] = (), **popen: Any)
     )
 
 
-def _stop(proc: subprocess.Popen[Any], timeout: float = 8.0) -> None:
-    """Ask a :func:`supervised` process to end its command and all it started (EOF on its stdin), and wait."""
+def _stop(proc: subprocess.Popen[Any], timeout: float = 8.0, *, quick: bool = False) -> None:
+    """Ask a :func:`supervised` process to end its command and all it started (EOF on its stdin), and wait.
+    ``quick``: nothing it runs holds a result any more; whatever ignores SIGTERM is killed after 0.3 s, not 2 s."""
     if proc.stdin is not None and not proc.stdin.closed:
         try:
+            if quick:
+                proc.stdin.write("quick" if isinstance(proc.stdin, io.TextIOBase) else b"quick")
+                proc.stdin.flush()
             proc.stdin.close()
         except OSError:
             pass
@@ -180,6 +186,7 @@ def _superlink_env(home: Path, extra_env: Mapping[str, str] | None = None) -> di
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "RAY_DEDUP_LOGS": "0",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        protocol.RUN_DONE_DIR: str(home),  # where fedfuse's ServerApp says "all results written" (run_ray)
         # the SuperLink starts flower-superexec, flwr-serverapp, ... by name: this environment's, also when
         # it is not activated (`.venv/bin/fedfuse simulate`)
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
@@ -227,8 +234,9 @@ class SuperLinkProcess:
             self._healthy = True
         return self.env
 
-    def stop(self) -> None:
-        _stop(self.proc)
+    def stop(self, *, quick: bool = False) -> None:
+        """End it and all it started (idempotent); ``quick`` as in :func:`_stop`."""
+        _stop(self.proc, quick=quick)
 
 
 @contextmanager
@@ -264,16 +272,26 @@ def local_superlink(
 @contextmanager
 def _superlink_for_run(
     workdir: Path, extra_env: Mapping[str, str] | None, link: SuperLinkProcess | None
-) -> Iterator[dict[str, str]]:
-    """The SuperLink a run uses: ``link`` (started by the caller), else the warm one named by
-    ``$FEDFUSE_SUPERLINK_HOME`` (``--compare``), else a fresh one for this run alone."""
+) -> Iterator[tuple[dict[str, str], SuperLinkProcess | None]]:
+    """The SuperLink a run uses and the process to stop when the run is done (None for a shared one): ``link``
+    (started by the caller), else the warm one named by ``$FEDFUSE_SUPERLINK_HOME`` (``--compare``: shared), else
+    a fresh one for this run alone."""
     if link is not None:
-        yield link.ready()
+        yield link.ready(), link
     elif os.environ.get(WARM_SUPERLINK):
-        yield _superlink_env(Path(os.environ[WARM_SUPERLINK]), extra_env)
+        yield _superlink_env(Path(os.environ[WARM_SUPERLINK]), extra_env), None
     else:
-        with local_superlink(workdir, extra_env, remove_workdir=True) as env:
-            yield env
+        own = SuperLinkProcess(workdir, extra_env, remove_workdir=True)
+        try:
+            yield own.ready(), own
+        finally:
+            own.stop()
+
+
+def _run_done(env: Mapping[str, str], run_ids: Sequence[str]) -> bool:
+    """Whether fedfuse's ServerApp of the started run has written every result (its marker, see
+    :func:`fedfuse.protocol.run_done_marker`)."""
+    return bool(run_ids) and os.path.exists(protocol.run_done_marker(env[protocol.RUN_DONE_DIR], run_ids[0]))
 
 
 def cluster_summary(address: str, nodes: Sequence[Mapping[str, Any]], resources: Mapping[str, float]) -> str:
@@ -354,7 +372,7 @@ def run_ray(
         app_dir = Path(tmp) / "app"
         write_app(app_dir, cfg, resume=resume)
         extra = {"RAY_ADDRESS": ray_address} if ray_address else None
-        with _superlink_for_run(Path(tmp), extra, superlink) as env:
+        with _superlink_for_run(Path(tmp), extra, superlink) as (env, link):
             level, to_driver = ("INFO", "true") if verbose else ("ERROR", "false")
             fed = (
                 f"num-supernodes={int(cfg['num-clients'])} client-resources-num-cpus={client_cpus:g} "
@@ -378,14 +396,21 @@ def run_ray(
 
             reader = threading.Thread(target=read, daemon=True)
             reader.start()
+            done = False
             try:
-                while run.poll() is None:
+                while run.poll() is None and not (done := _run_done(env, run_ids)):
                     follow()
-                    time.sleep(0.5)
-                reader.join(timeout=10)
-                status, details = wait_finished(env, run_ids[0], tick=follow) if run_ids else ("", "")
+                    time.sleep(0.2)
+                if done:  # every result is on disk: Ray's shutdown and the status poll are not waited for
+                    status, details = "finished:completed", ""
+                else:
+                    reader.join(timeout=10)
+                    status, details = wait_finished(env, run_ids[0], tick=follow) if run_ids else ("", "")
             finally:  # also on Ctrl-C; a kill -9 of this process is handled by the supervisors themselves
-                _stop(run)
+                _stop(run, quick=done)
+            if done and link is not None:  # the run's engine may still be shutting Ray down: end it now
+                link.stop(quick=True)
+            reader.join(timeout=2)
             follow()
     if errors:
         raise RunFailedError(f"{errors[0]} (Flower's log: {out}/flower.log)")
@@ -394,5 +419,5 @@ def run_ray(
         raise RunFailedError(f"{reason} (Flower's log: {out}/flower.log)")
     if errors:
         raise RunFailedError(f"{errors[0]} (Flower's log: {out}/flower.log)")
-    if run.returncode != 0 or not status:
+    if not done and (run.returncode != 0 or not status):
         raise RunFailedError(f"`flwr run` exited with code {run.returncode}: {' | '.join(list(tail)[-5:])}")
