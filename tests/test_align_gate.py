@@ -249,3 +249,29 @@ def test_a_hand_written_spec_is_gated_too(monkeypatch: pytest.MonkeyPatch) -> No
     assert calls == []
     states = [model.state_dict(), other.state_dict()]
     fuse(states, method="match", spec=wrong)  # state dicts alone carry no function to check: the user's word
+
+
+def test_a_model_too_large_for_float64_is_gated_in_float32_to_its_own_tolerance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Above GATE_F64_MAX_PARAMS the gate's two copies are float32: an exact spec passes there (its permuted copy
+    differs by ~1e-6, more than the float64 tolerance), a wrong rule is still refused naming its parameters."""
+    monkeypatch.setattr(gate_mod, "_CACHE", type(gate_mod._CACHE)())
+    monkeypatch.setattr(gate_mod, "GATE_F64_MAX_PARAMS", 10)
+    dtypes: list[bool] = []
+    real = gate_mod.permutation_error
+    monkeypatch.setattr(gate_mod, "permutation_error", lambda *a, **k: dtypes.append(k["float64"]) or real(*a, **k))
+    torch.manual_seed(0)
+    deep = nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(256, 256), nn.LayerNorm(256), nn.GELU())])
+    x = torch.randn(8, 256)
+    total, _ = real(gate_mod._probe(deep, x, 1), derive_spec(deep, x), x, float64=False)
+    assert gate_mod.GATE_RTOL < total < gate_mod.GATE_RTOL_F32  # float32 rounding: above float64's tolerance
+    fuse([deep, deep], method="match", example_input=x)  # passes the gate
+    assert dtypes == [False]
+    register_leaf_rule(_Mix, elementwise)  # wrong on purpose, as in the test above
+    try:
+        with pytest.raises(UnsupportedModelError, match=r"not exact .*group\(s\) 'fc1'.*fc1\.weight"):
+            fuse([MixedMLP(), MixedMLP()], method="wb", example_input=torch.randn(3, 4))
+        assert dtypes == [False, False]
+    finally:
+        LEAF_RULES.pop(f"{_Mix.__module__}.{_Mix.__qualname__}")
