@@ -195,9 +195,15 @@ def resume_config(args: argparse.Namespace) -> tuple[dict[str, Any], int, dict[s
     return cfg, int(ckpt["round"]), ckpt["model"]
 
 
-def preflight(cfg: dict[str, Any], overwrite: bool | None, resumed_model: dict[str, Any] | None = None) -> None:
+def preflight(
+    cfg: dict[str, Any],
+    overwrite: bool | None,
+    resumed_model: dict[str, Any] | None = None,
+    partition_cache: str | None = None,
+) -> None:
     """Every check that can fail, before Ray starts: strategy, data, partition sizes, output dir; on resume, that
-    the checkpoint's model (``resumed_model``) has the names and shapes the config builds."""
+    the checkpoint's model (``resumed_model``) has the names and shapes the config builds. ``partition_cache``: the
+    run's shared partition cache (the partitions computed here are written there for the run's processes)."""
     from fedfuse.data.partition import partition_indices
     from fedfuse.experiment import dataset_for
     from fedfuse.results import check_out_dir, check_writable
@@ -263,6 +269,7 @@ def preflight(cfg: dict[str, Any], overwrite: bool | None, resumed_model: dict[s
             alpha=cfg["alpha"],
             classes_per_client=cfg["classes-per-client"],
             seed=cfg["seed"],
+            cache_dir=partition_cache or "",
         )
     if overwrite is not None:
         check_out_dir(Path(cfg["out"]), overwrite)
@@ -587,6 +594,20 @@ def _early_superlink(args: argparse.Namespace) -> Any:
     return started_superlink({"RAY_ADDRESS": args.ray_address} if args.ray_address else None)
 
 
+def _partition_cache(args: argparse.Namespace) -> str | None:
+    """The partition cache the Ray run's processes share (its SuperLink's, or the warm one's under ``--compare``)."""
+    import os
+
+    if args.backend != "ray":
+        return None
+    from fedfuse.runners.ray import WARM_SUPERLINK, partition_cache
+
+    if args.superlink is not None:
+        return str(partition_cache(args.superlink.home))
+    warm = os.environ.get(WARM_SUPERLINK)
+    return str(partition_cache(Path(warm))) if warm else None
+
+
 def _drop_flag(argv: list[str], flag: str) -> list[str]:
     """``argv`` without ``flag VALUE`` / ``flag=VALUE``."""
     out, skip = [], False
@@ -633,7 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.backend = args.backend or _saved_backend(Path(args.resume))
         args.backend = args.backend or "ray"
         with _early_superlink(args) as args.superlink:  # starts while the preflight runs (and may fail)
-            preflight(cfg, None if args.resume else args.overwrite, resumed_model)
+            preflight(cfg, None if args.resume else args.overwrite, resumed_model, _partition_cache(args))
             _simulate_replacing(cfg, args)
     except ConfigError as exc:
         print(f"fedfuse: error: {exc}", file=sys.stderr)

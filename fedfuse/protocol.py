@@ -43,6 +43,7 @@ __all__ = [
     "REPAIR_FUSED",
     "PROXIMAL_MU",
     "RUN_DONE_DIR",
+    "PARTITION_CACHE",
     "run_done_marker",
 ]
 
@@ -96,6 +97,10 @@ REPAIR_FUSED = "fused"
 # CLI can end the run's processes at once instead of waiting for the simulation engine to shut Ray down and for
 # the run's status to read ``finished`` (Flower's own path, ~4-6 s after the last round).
 RUN_DONE_DIR = "FEDFUSE_RUN_DONE_DIR"
+# A directory the processes of one run share (the CLI's preflight, the ServerApp, every Ray worker): the first to
+# partition the data writes the indices there (fedfuse.data.partition), the others read them instead of importing
+# flwr-datasets and datasets (~2 s a process) and partitioning again.
+PARTITION_CACHE = "FEDFUSE_PARTITION_CACHE"
 
 
 def run_done_marker(directory: str, run_id: int | str) -> str:

@@ -1,9 +1,14 @@
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from fedfuse.data import load_dataset
 from fedfuse.data.partition import label_skew, partition_indices
 from fedfuse.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +88,35 @@ def test_iid_shards_equal_flower_datasets_iid_partitioner(n: int, k: int, seed: 
     # Assert
     for i, shard in enumerate(shards):
         assert np.array_equal(shard, np.asarray(part.load_partition(i)["idx"]))
+
+
+def test_a_runs_processes_share_one_partitioning_through_the_cache(labels: np.ndarray, tmp_path) -> None:
+    """The first process writes the partitions to the run's cache; another process reads the same indices without
+    importing flwr-datasets; other arguments are another entry; an unreadable entry is recomputed."""
+    import subprocess
+    import sys
+
+    kwargs = {"alpha": 0.3, "seed": 5}
+    first = partition_indices(labels, "dirichlet", 7, cache_dir=str(tmp_path), **kwargs)
+    assert len(list(tmp_path.glob("partition-*.npz"))) == 1
+    np.save(tmp_path / "labels.npy", labels)
+    code = (
+        "import sys, numpy as np\n"
+        "from fedfuse.data.partition import partition_indices\n"
+        f"y = np.load({str(tmp_path / 'labels.npy')!r})\n"
+        f"parts = partition_indices(y, 'dirichlet', 7, alpha=0.3, seed=5)\n"
+        "assert 'flwr_datasets' not in sys.modules and 'datasets' not in sys.modules\n"
+        f"np.savez({str(tmp_path / 'read.npz')!r}, *parts)\n"
+    )
+    env = {**os.environ, "FEDFUSE_PARTITION_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with np.load(tmp_path / "read.npz") as read:
+        assert all(np.array_equal(read[f"arr_{i}"], p) for i, p in enumerate(first))
+    other = partition_indices(labels, "dirichlet", 7, cache_dir=str(tmp_path), alpha=0.3, seed=6)
+    assert len(list(tmp_path.glob("partition-*.npz"))) == 2
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+    for entry in tmp_path.glob("partition-*.npz"):
+        entry.write_bytes(b"garbage")
+    again = partition_indices(labels, "dirichlet", 7, cache_dir=str(tmp_path), **kwargs)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))

@@ -10,14 +10,20 @@ Schemes:
 
 from __future__ import annotations
 
+import hashlib
+import os
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
 from fedfuse.catalog import PARTITIONS
 from fedfuse.errors import ConfigError
+from fedfuse.protocol import PARTITION_CACHE
 
-__all__ = ["PARTITIONS", "partition_indices", "label_skew"]
+__all__ = ["PARTITIONS", "CACHE_ENV", "partition_indices", "label_skew"]
+
+CACHE_ENV = PARTITION_CACHE  # fedfuse.protocol: the partition cache a run's processes share
 
 
 def _check(scheme: str, num_partitions: int, n: int, alpha: float, classes_per_client: int, num_classes: int) -> None:
@@ -97,10 +103,63 @@ def partition_indices(
     alpha: float = 0.3,
     classes_per_client: int = 2,
     seed: int = 0,
+    cache_dir: str | None = None,
 ) -> list[np.ndarray]:
-    """Indices of every client's samples, in partition-id order. Deterministic in ``seed``."""
-    labels = tuple(int(v) for v in np.asarray(labels).tolist())
-    return list(_partitions(labels, scheme, int(num_partitions), float(alpha), int(classes_per_client), int(seed)))
+    """Indices of every client's samples, in partition-id order. Deterministic in ``seed``.
+
+    ``cache_dir`` (default ``$FEDFUSE_PARTITION_CACHE``; none: no disk cache) holds each result under a hash of the
+    labels and the arguments, written atomically by the first process that computes it."""
+    y = np.asarray(labels, dtype=np.int64)
+    args = (scheme, int(num_partitions), float(alpha), int(classes_per_client), int(seed))
+    cache_dir = os.environ.get(CACHE_ENV) if cache_dir is None else cache_dir
+    path = _cache_path(cache_dir, y, args) if cache_dir else None
+    if path is not None and (cached := _read_cached(path, args[1])) is not None:
+        return cached
+    parts = list(_partitions(tuple(y.tolist()), *args))
+    if path is not None:
+        _write_cached(path, parts)
+    return parts
+
+
+def _cache_path(cache_dir: str, y: np.ndarray, args: tuple[object, ...]) -> Path:
+    digest = hashlib.sha256(y.tobytes() + repr((args, _partitioner_version())).encode()).hexdigest()[:32]
+    return Path(cache_dir) / f"partition-{digest}.npz"
+
+
+@lru_cache(maxsize=1)
+def _partitioner_version() -> str:
+    """flwr-datasets' version (its partitioners draw the splits), read without importing it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flwr-datasets")
+    except PackageNotFoundError:
+        return ""
+
+
+def _read_cached(path: Path, num_partitions: int) -> list[np.ndarray] | None:
+    """The cached partitions (concatenated indices cut at ``ends``), or None if absent or unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            order, ends = f["order"], f["ends"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if len(ends) != num_partitions:
+        return None
+    return [a.copy() for a in np.split(order, ends[:-1])]
+
+
+def _write_cached(path: Path, parts: list[np.ndarray]) -> None:
+    """Best effort (a read-only or vanished directory only costs the next process a recomputation)."""
+    ends = np.cumsum([len(p) for p in parts], dtype=np.int64)
+    order = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, order=order.astype(np.int64), ends=ends)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def label_skew(labels: np.ndarray, parts: list[np.ndarray]) -> float:

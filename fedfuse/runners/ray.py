@@ -36,7 +36,7 @@ from fedfuse.errors import RunFailedError
 __all__ = [
     "run_ray", "local_superlink", "started_superlink", "SuperLinkProcess",
     "run_status", "wait_finished", "EXPECTED_WARNINGS", "write_app", "cluster_summary",
-    "describe_cluster",
+    "describe_cluster", "partition_cache",
 ]  # fmt: skip
 
 # Known and deliberate: server-side-only evaluation; Flower's note on its default federation size (we set it).
@@ -187,6 +187,7 @@ def _superlink_env(home: Path, extra_env: Mapping[str, str] | None = None) -> di
         "RAY_DEDUP_LOGS": "0",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         protocol.RUN_DONE_DIR: str(home),  # where fedfuse's ServerApp says "all results written" (run_ray)
+        protocol.PARTITION_CACHE: str(partition_cache(home)),  # the preflight's partitions, read by every worker
         # the SuperLink starts flower-superexec, flwr-serverapp, ... by name: this environment's, also when
         # it is not activated (`.venv/bin/fedfuse simulate`)
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
@@ -196,6 +197,12 @@ def _superlink_env(home: Path, extra_env: Mapping[str, str] | None = None) -> di
     }
     env.pop(WARM_SUPERLINK, None)  # the apps, and a SuperLink started here, never reuse another one
     return env
+
+
+def partition_cache(home: Path) -> Path:
+    """The partition cache (:data:`fedfuse.protocol.PARTITION_CACHE`) of the runs on the SuperLink whose
+    ``FLWR_HOME`` is ``home``: beside it, removed with it."""
+    return home.parent / "partitions"
 
 
 class SuperLinkProcess:
@@ -211,6 +218,7 @@ class SuperLinkProcess:
         self.workdir = workdir
         self.home = workdir / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
+        partition_cache(self.home).mkdir(exist_ok=True)
         self.port = _free_port()
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "fedfuse"\n\n[superlink.fedfuse]\naddress = "127.0.0.1:{self.port}"\n'
