@@ -409,8 +409,10 @@ def run_ray(
                 while run.poll() is None and not (done := _run_done(env, run_ids)):
                     follow()
                     time.sleep(0.2)
-                if done:  # every result is on disk: Ray's shutdown and the status poll are not waited for
-                    status, details = "finished:completed", ""
+                if done and link is not None:  # every result is on disk and the SuperLink is this run's alone:
+                    status, details = "finished:completed", ""  # Ray's shutdown and the status are not waited for
+                elif done:  # a shared (--compare) SuperLink: its next run starts once this one has let Ray go
+                    status, details = wait_finished(env, run_ids[0], tick=follow)
                 else:
                     reader.join(timeout=10)
                     status, details = wait_finished(env, run_ids[0], tick=follow) if run_ids else ("", "")
