@@ -131,7 +131,7 @@ def test_resume_reuses_the_backend_of_the_run(tmp_path, monkeypatch) -> None:
     import fedfuse.cli as cli
 
     seen: list[str] = []
-    monkeypatch.setattr(cli, "preflight", lambda cfg, overwrite, resumed_model=None: None)
+    monkeypatch.setattr(cli, "preflight", lambda *args, **kwargs: None)
     monkeypatch.setattr(cli, "_simulate", lambda cfg, args: seen.append(args.backend))
     monkeypatch.setattr(cli, "_early_superlink", lambda args: contextlib.nullcontext())  # nothing runs here
     out = tmp_path / "run"
@@ -174,7 +174,7 @@ def test_results_a_killed_overwrite_set_aside_are_reported_then_replaced(tmp_pat
 
     import fedfuse.cli as cli
 
-    monkeypatch.setattr(cli, "preflight", lambda cfg, overwrite, resumed_model=None: None)
+    monkeypatch.setattr(cli, "preflight", lambda *args, **kwargs: None)
     monkeypatch.setattr(cli, "_simulate", lambda cfg, args: None)
     out = tmp_path / "run"
     out.mkdir()
