@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedfuse.align.heads import random_transports, shuffle_heads, to_merged
 from fedfuse.align.inputs import call_model
 from fedfuse.align.spec import TransportSpec, UnsupportedModelError, derive_spec
 from fedfuse.align.transport import apply_transport, load_state, state_of
@@ -196,8 +197,7 @@ def permutation_error(
         return _rel_err(net(*args, **kwargs), ref)
 
     gen = torch.Generator().manual_seed(int(seed))  # the permutations permute_model(model, spec, seed) draws
-    perms = {g.name: torch.eye(g.size)[torch.randperm(g.size, generator=gen)] for g in spec.for_state(state).groups}
-    return err(perms), err
+    return err(random_transports(spec.for_state(state), gen)), err  # heads of head sets reordered as blocks too
 
 
 def _as_tuple(x: Any) -> tuple[Any, ...]:
@@ -291,17 +291,23 @@ def _verdict(model: nn.Module, spec: TransportSpec, example_input: Any, seed: in
             return ""
         gen = torch.Generator().manual_seed(seed)
         broken = []
-        for g in spec.for_state(state_of(probe)).groups:
+        sized = spec.for_state(state_of(probe))
+        for g in sized.groups:
             perm = torch.eye(g.size)[torch.randperm(g.size, generator=gen)]
             if err({g.name: perm}) > rtol:
                 broken.append(g)
+        blocks = [b for b in sized.blocks if err(_heads_swapped(sized, b)) > rtol]  # whole heads reordered alone
     except ConfigError as exc:
         return f"the {which} spec of {name} cannot be applied to it: {str(exc).splitlines()[0]}"
     finally:
         model.train(was_training)
+    by_name = {g.name: g for g in sized.groups}
+    broken += [by_name[n] for b in blocks for slot in b.heads for n in slot if by_name[n] not in broken]
     keys = list(dict.fromkeys(m.key for g in broken for m in g.members))
     shown = ", ".join(keys[:6]) + (f", … ({len(keys)} in all)" if len(keys) > 6 else "")
-    groups = ", ".join(repr(g.name) for g in broken[:4]) + (", …" if len(broken) > 4 else "")
+    named = [repr(g.name) for g in broken if not any(g.name in s for b in blocks for s in b.heads)]
+    named = [f"heads of {b.names[0].rsplit('.', 1)[0]!r} as blocks" for b in blocks] + named
+    groups = ", ".join(named[:4]) + (", …" if len(named) > 4 else "")
     untouched = coverage(model, spec).untouched
     hint = f"; untouched beside them: {', '.join(untouched[:4])}" if untouched else ""
     where = f"permuting group(s) {groups} breaks it (parameters {shown}){hint}" if broken else "no single group alone"
@@ -310,6 +316,14 @@ def _verdict(model: nn.Module, spec: TransportSpec, example_input: Any, seed: in
         f"the {which} spec of {name} is not exact (a seeded permutation changes its output by {total:.2g} of its "
         f"scale): {where}; {fix} or use method='average'"
     )
+
+
+def _heads_swapped(spec: TransportSpec, b: Any) -> dict[str, torch.Tensor]:
+    """Head set ``b``'s heads reordered as whole blocks (a cyclic shift), units within heads kept."""
+    sizes = spec.sizes
+    eye = to_merged(spec, {g: torch.eye(sizes[g]) for slot in b.heads for g in slot})
+    shift = torch.roll(torch.arange(len(b.heads[0])), 1).numpy()
+    return {n: shuffle_heads(eye[n], shift, [sizes[g] for g in slot]) for n, slot in zip(b.names, b.heads, strict=True)}
 
 
 def gated_spec(model: nn.Module, example_input: Any) -> TransportSpec:

@@ -42,6 +42,7 @@ import ot
 import torch
 from torch import Tensor
 
+from fedfuse.align.heads import merged_spec
 from fedfuse.align.solvers import group_features, pairwise_sq_dist
 from fedfuse.align.spec import TransportSpec
 from fedfuse.align.transport import Transports, apply_transport
@@ -111,18 +112,22 @@ def fused_gromov_wasserstein_barycenter(
     aligned = [apply_transport(s, spec, t) for s, t in zip(states, transports, strict=True)]
     if alpha == 0.0:
         return (reduce or weighted_average)(aligned, lam, ref=ref), transports, aligned
-    specs = [spec.for_state(dict(s)) for s in states]
+    # head sets: on the merged views; their block-structured WB transports are kept (a plain FGW coupling of a merged
+    # group would mix units of different heads)
+    specs = [merged_spec(spec.for_state(dict(s))) for s in states]
     struct = [  # each model's own neuron rows (structure term: invariant to the ordering below)
         {g.name: group_features(s, sp, g, None, ("out",)) for g in sp.groups}
         for s, sp in zip(states, specs, strict=True)
     ]
     for _ in range(max(1, max_iter)):
-        spec_bar = spec.for_state(bary)
+        spec_bar = merged_spec(spec.for_state(bary))
         feats_bar = {g.name: group_features(bary, spec_bar, g, None, ("out",)) for g in spec_bar.groups}
         aligned, changed = [], False
         for i, (s, sp) in enumerate(zip(states, specs, strict=True)):
             new: Transports = dict(transports[i])
             for g in sp.groups:  # shallow → deep: model i's rows re-indexed by the transports found so far
+                if sp.merged_heads and g.name in sp.merged_heads:
+                    continue
                 fb = group_features(s, sp, g, new, ("out",))
                 fa, si = feats_bar[g.name], struct[i][g.name]
                 if fa is None or fb is None or si is None:

@@ -8,6 +8,10 @@
   weights are re-indexed by the couplings already found, ``C[a, b] = ‖W_a[a] − W̃_b[b]‖²`` (biases and
   norm parameters are extra columns), and ``Π`` solves OT with uniform marginals (exact ``ot.emd`` or
   entropic ``ot.sinkhorn``); ``T = Π / Π·1``.
+
+A spec with head sets (:class:`~fedfuse.align.spec.Blocks`) is solved on its merged view: a head set's slots are
+solved together, two-level (best within-head transport per head pair, then one head permutation or plan over the
+head-pair costs: :mod:`fedfuse.align.heads`), and its transports are keyed by the merged groups.
 """
 
 from __future__ import annotations
@@ -22,6 +26,16 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from fedfuse.align.heads import (
+    block_sigma,
+    head_assignment,
+    head_couplings,
+    head_sets,
+    merge_acts,
+    merged_names,
+    merged_spec,
+    to_merged,
+)
 from fedfuse.align.shortcuts import _exact_rows, _is_permuted_copy
 from fedfuse.align.spec import Group, TransportSpec, derive_spec, derived_on, segment_range, trace_values
 from fedfuse.align.terms import _budget_cache, _budget_rows, _Once, _Score, _Term
@@ -148,7 +162,14 @@ def pairwise_sq_dist(x: Tensor, y: Tensor) -> Tensor:
 
 
 def ot_coupling(cost: Tensor | np.ndarray, solver: str = "emd", epsilon: float = 0.01) -> Tensor:
-    """Row-stochastic transport ``T = Π / Π·1`` of OT between uniform measures under ``cost`` (n_t × n_s).
+    """Row-stochastic transport ``T = Π / Π·1`` of OT between uniform measures under ``cost`` (n_t × n_s);
+    ``Π`` from :func:`ot_plan`."""
+    pi = ot_plan(cost, solver, epsilon)
+    return torch.from_numpy(pi / np.maximum(pi.sum(1, keepdims=True), 1e-300)).float()
+
+
+def ot_plan(cost: Tensor | np.ndarray, solver: str = "emd", epsilon: float = 0.01) -> np.ndarray:
+    """The plan ``Π`` (total mass 1) of OT between uniform measures under ``cost`` (n_t × n_s).
 
     ``solver="emd"``: exact network simplex (``ot.emd``); ``"sinkhorn"``: entropic OT (``ot.sinkhorn``,
     log-domain for ε < 1/600) with regulariser ``epsilon`` relative to the cost's range
@@ -184,8 +205,7 @@ def ot_coupling(cost: Tensor | np.ndarray, solver: str = "emd", epsilon: float =
             raise ConfigError(f"Sinkhorn produced non-finite couplings at epsilon={epsilon}; use a larger epsilon")
     else:
         raise ConfigError(f"solver={solver!r} is not supported; allowed: 'emd', 'sinkhorn'")
-    pi = np.asarray(pi)
-    return torch.from_numpy(pi / np.maximum(pi.sum(1, keepdims=True), 1e-300)).float()
+    return np.asarray(pi)
 
 
 def capture_activations(model: nn.Module, spec: TransportSpec, batch: Any) -> dict[str, Tensor]:
@@ -274,12 +294,15 @@ def weight_matching(
     spec_a, spec_b = _specs(spec, sa, sb, True, "weight_matching")
     if start not in ("greedy", "identity"):
         raise ConfigError(f"start={start!r} is not supported; allowed: 'greedy', 'identity'")
+    frozen = set(frozen)
+    if spec_a.blocks:  # head sets: solved on the merged view, keyed by its groups
+        init, frozen = to_merged(spec_a, init or {}) or None, merged_names(spec_a, frozen)
+        spec_a, spec_b = merged_spec(spec_a), merged_spec(spec_b)
     given = {k: permutation_index(v) for k, v in (init or {}).items()}
     if _REFERENCE or any(idx is None for idx in given.values()):
         return _weight_matching_reference(sa, sb, spec_a, spec_b, max_iter, seed, init, frozen, return_iterations)
     perms: dict[str, Tensor] = {g.name: torch.arange(g.size) for g in spec_a.groups}
     perms.update(given)  # type: ignore[arg-type]
-    frozen = set(frozen)
     terms = {
         ga.name: [_Term(sa, sb, spec_a, spec_b, ga, gb, i) for i in range(len(ga.members))]
         for ga, gb in zip(spec_a.groups, spec_b.groups, strict=True)
@@ -287,11 +310,14 @@ def weight_matching(
     _budget_cache(terms)
     budget = _Once(lambda: _budget_rows(terms))  # float64 row copies: only once a product is built
     scores = {name: _Score(ts) for name, ts in terms.items()}
-    last: dict[str, tuple[int, ...]] = {}  # the term versions each group was last solved with
+    last: dict[tuple[str, ...], tuple[int, ...]] = {}  # the term versions each unit was last solved with
     names = [g.name for g in spec_a.groups if g.name not in frozen]
+    sets = dict(head_sets(spec_a))  # merged names of a head set -> their heads' widths
+    unit_of = {n: names_ for names_ in sets for n in names_}
+    units = list(dict.fromkeys(unit_of.get(n, (n,)) for n in names))  # a head set's slots: one step
     verified: set[str] = set()
     if start == "greedy":
-        perms.update(_greedy_start(terms, scores, names, frozen | set(given), perms, budget, verified))
+        perms.update(_greedy_start(terms, scores, names, frozen | set(given), perms, budget, verified, sets))
     rng = np.random.default_rng(seed)
     sweeps = 0
     if _EXACT and max_iter > 0 and _is_permuted_copy(sa, sb, spec_b, perms, verified):
@@ -301,21 +327,27 @@ def weight_matching(
     for _ in range(max_iter):
         sweeps += 1
         progress = False
-        for idx in rng.permutation(len(names)):
-            name = names[idx]
-            for t in terms[name]:
-                t.refresh(perms)
-            versions = tuple(t.version for t in terms[name])
-            if last.get(name) == versions:  # same score as at this group's last step: same (non-)move
+        for idx in rng.permutation(len(units)):
+            unit = units[idx]
+            for name in unit:
+                for t in terms[name]:
+                    t.refresh(perms)
+            versions = tuple(t.version for name in unit for t in terms[name])
+            if last.get(unit) == versions:  # same score as at this unit's last step: same (non-)move
                 continue
-            last[name] = versions
-            sc = scores[name].value().numpy()
-            _, cols = linear_sum_assignment(sc, maximize=True)
-            rows = np.arange(sc.shape[0])
-            cur = perms[name].numpy()
-            gain = float(sc[rows, cols].sum() - sc[rows, cur].sum())
-            if gain > 1e-9 * max(1.0, float(np.abs(sc).sum())):
-                perms[name] = torch.from_numpy(cols.astype(np.int64))
+            last[unit] = versions
+            scs = [scores[name].value().numpy() for name in unit]
+            if unit in sets:  # one head permutation for the slots, a permutation within each head pair
+                value, new = head_assignment(scs, sets[unit])
+            else:
+                new = [linear_sum_assignment(scs[0], maximize=True)[1]]
+                value = float(scs[0][np.arange(len(new[0])), new[0]].sum())
+            cur = sum(
+                float(sc[np.arange(sc.shape[0]), perms[n].numpy()].sum()) for n, sc in zip(unit, scs, strict=True)
+            )
+            if value - cur > 1e-9 * max(1.0, sum(float(np.abs(sc).sum()) for sc in scs)):
+                for name, cols in zip(unit, new, strict=True):
+                    perms[name] = torch.from_numpy(cols.astype(np.int64))
                 progress = True
         if not progress:
             break
@@ -338,13 +370,19 @@ def _greedy_start(
     perms: dict[str, Tensor],
     budget: Callable[[], None] = lambda: None,
     verified: set[str] | None = None,
+    sets: Mapping[tuple[str, ...], list[tuple[int, ...]]] | None = None,
 ) -> dict[str, Tensor]:
     """Layer-wise start: each group (shallow → deep) maximises the terms whose other axes are solved.
     ``budget`` runs before the first score product (see :func:`_budget_rows`); ``verified`` collects the
-    parameters that :func:`_exact_rows` compared whole (B's, re-indexed, equal to A's)."""
+    parameters that :func:`_exact_rows` compared whole (B's, re-indexed, equal to A's). ``sets``: head sets
+    (merged names -> head widths), solved together when their first slot comes."""
     perms, solved, out = dict(perms), set(solved), {}
+    unit_of = {n: unit for unit in sets or {} for n in unit}
     for name in names:
         if name in solved:
+            continue
+        if name in unit_of:
+            _greedy_heads(terms, scores, unit_of[name], sets[unit_of[name]], solved, perms, out, budget, verified)  # type: ignore[index]
             continue
         ready = [t for t in terms[name] if all(d in solved for d in t.deps)]
         solved.add(name)
@@ -360,6 +398,42 @@ def _greedy_start(
             score = scores[name].value(ready).numpy()
             perms[name] = out[name] = torch.from_numpy(linear_sum_assignment(score, maximize=True)[1].astype(np.int64))
     return out
+
+
+def _greedy_heads(
+    terms: Mapping[str, list[_Term]],
+    scores: Mapping[str, _Score],
+    unit: tuple[str, ...],
+    widths: list[tuple[int, ...]],
+    solved: set[str],
+    perms: dict[str, Tensor],
+    out: dict[str, Tensor],
+    budget: Callable[[], None],
+    verified: set[str] | None,
+) -> None:
+    """:func:`_greedy_start`'s step for one head set: exact rows when every slot's are a block-structured
+    reordering with one head permutation, else the two-level assignment on the ready terms."""
+    ready = {n: [t for t in terms[n] if all(d in solved for d in t.deps)] for n in unit}
+    solved.update(unit)
+    if not any(ready.values()):
+        return
+    exact = [_exact_rows(ready[n], perms) if ready[n] and _EXACT else None for n in unit]
+    sigmas = [block_sigma(e, w) if e is not None else None for e, w in zip(exact, widths, strict=True)]
+    if all(s is not None for s in sigmas) and all((s == sigmas[0]).all() for s in sigmas):  # type: ignore[union-attr]
+        for n, e in zip(unit, exact, strict=True):
+            perms[n] = out[n] = e  # type: ignore[assignment]
+            if verified is not None:
+                verified.update(t.key for t in ready[n] if t.whole)
+        return
+    budget()
+    scs = []
+    for n in unit:
+        for t in ready[n]:
+            t.refresh(perms)
+        size = len(perms[n])
+        scs.append(scores[n].value(ready[n]).numpy() if ready[n] else np.zeros((size, size)))
+    for n, cols in zip(unit, head_assignment(scs, widths)[1], strict=True):
+        perms[n] = out[n] = torch.from_numpy(cols.astype(np.int64))
 
 
 # Permuted-copy shortcuts (fedfuse.align.shortcuts: _exact_rows, _is_permuted_copy); False runs the plain products
@@ -385,19 +459,30 @@ def _weight_matching_reference(
     feats_a = {g.name: group_features(sa, spec_a, g) for g in spec_a.groups}
     groups_b = {g.name: g for g in spec_b.groups}
     names = [g.name for g in spec_a.groups if g.name not in frozen]
+    sets = dict(head_sets(spec_a))
+    unit_of = {n: unit for unit in sets for n in unit}
+    units = list(dict.fromkeys(unit_of.get(n, (n,)) for n in names))
     rng = np.random.default_rng(seed)
     sweeps = 0
     for _ in range(max_iter):
         sweeps += 1
         progress = False
-        for idx in rng.permutation(len(names)):
-            name = names[idx]
-            fb = group_features(sb, spec_b, groups_b[name], perms)
-            score = (feats_a[name].double() @ fb.double().T).numpy()  # type: ignore[union-attr]
-            new = _lap_permutation(score)
-            gain = float((score * new.double().numpy()).sum() - (score * perms[name].double().numpy()).sum())
-            if gain > 1e-9 * max(1.0, float(np.abs(score).sum())):
-                perms[name] = new
+        for idx in rng.permutation(len(units)):
+            unit = units[idx]
+            scs = []
+            for name in unit:
+                fb = group_features(sb, spec_b, groups_b[name], perms)
+                scs.append((feats_a[name].double() @ fb.double().T).numpy())  # type: ignore[union-attr]
+            if unit in sets:
+                new = [torch.eye(len(c))[torch.from_numpy(c)] for c in head_assignment(scs, sets[unit])[1]]
+            else:
+                new = [_lap_permutation(scs[0])]
+            gain = sum(
+                float((sc * p.double().numpy()).sum() - (sc * perms[n].double().numpy()).sum())
+                for n, sc, p in zip(unit, scs, new, strict=True)
+            )
+            if gain > 1e-9 * max(1.0, sum(float(np.abs(sc).sum()) for sc in scs)):
+                perms.update(zip(unit, new, strict=True))
                 progress = True
         if not progress:
             break
@@ -424,13 +509,23 @@ def activation_matching(
         raise ConfigError("activation_matching needs nn.Module models (it runs them on the batch)")
     spec = resolve_spec(spec, model_a, example_input if example_input is not None else batch)
     sa, sb = state_of(model_a), state_of(model_b)
-    _specs(spec, sa, sb, True, "activation_matching")
+    spec_a, _ = _specs(spec, sa, sb, True, "activation_matching")
     acts_a, acts_b = capture_activations(model_a, spec, batch), capture_activations(model_b, spec, batch)
-    perms: dict[str, Tensor] = {}
+    view = merged_spec(spec_a)  # head sets: their slots' heads stacked, solved two-level
+    acts_a, acts_b = merge_acts(spec_a, acts_a), merge_acts(spec_a, acts_b)
+    corr = {}
     for name in acts_a:
         xa, xb = _standardise(acts_a[name]), _standardise(acts_b[name])
-        perms[name] = _lap_permutation(threaded_matmul(xa, xb.T).numpy() / xa.shape[1])
-    if len(perms) < len(spec.groups):
+        corr[name] = threaded_matmul(xa, xb.T).numpy() / xa.shape[1]
+    perms: dict[str, Tensor] = {}
+    for unit, widths in head_sets(view):  # a set with a slot unobserved is weight-matched whole
+        if all(n in corr for n in unit):
+            cols = head_assignment([corr.pop(n) for n in unit], widths)[1]
+            perms.update({n: torch.eye(len(c))[torch.from_numpy(c)] for n, c in zip(unit, cols, strict=True)})
+        for n in unit:
+            corr.pop(n, None)
+    perms.update({name: _lap_permutation(c) for name, c in corr.items()})
+    if len(perms) < len(view.groups):
         perms = weight_matching(sa, sb, spec, max_iter=max_iter, seed=seed, init=perms, frozen=perms)
     return perms
 
@@ -492,29 +587,51 @@ def _layerwise_ot(
     acts_b: Mapping[str, Tensor] | None = None,
 ) -> Transports:
     """:func:`ot_transport` on states with their specs. ``cache_a`` keeps A's rows (per member, and
-    concatenated per group and member set): A is the fixed target, so the WB step shares it across models."""
+    concatenated per group and member set): A is the fixed target, so the WB step shares it across models.
+    Head sets are solved on the merged views, two-level (:func:`~fedfuse.align.heads.head_couplings`)."""
     acts_a, acts_b = acts_a or {}, acts_b or {}
+    if spec_b.blocks and spec_b.merged_heads is None:
+        init = to_merged(spec_b, init) if init else init
+        acts_a, acts_b = merge_acts(spec_a, acts_a), merge_acts(spec_b, acts_b)
+        spec_a, spec_b = merged_spec(spec_a), merged_spec(spec_b)
     transports: dict[str, Tensor] = {k: v.float() for k, v in (init or {}).items()}
+    sets_a, sets_b = dict(head_sets(spec_a)), dict(head_sets(spec_b))
+    unit_of = {n: unit for unit in sets_a for n in unit}
+    groups_b = {g.name: g for g in spec_b.groups}
+
+    def cost(ga: Group, sweep: int) -> Tensor:
+        name, gb = ga.name, groups_b[ga.name]
+        if name in acts_a:
+            return pairwise_sq_dist(acts_a[name], acts_b[name])
+        require = sweep == 0 and init is None
+        pairs = _paired_out_features(sa, spec_a, ga, sb, spec_b, gb, transports, require, cache_a)
+        if not pairs:  # nothing solved yet feeds this group: use every member untransported
+            pairs = _paired_out_features(sa, spec_a, ga, sb, spec_b, gb, transports, False, cache_a)
+        key = (name, tuple(i for i, _, _ in pairs))
+        if key not in cache_a:
+            cache_a[key] = torch.cat([p[1] for p in pairs], 1)
+        return pairwise_sq_dist(cache_a[key], torch.cat([p[2] for p in pairs], 1))
+
+    by_name = {g.name: g for g in spec_a.groups}
     for sweep in range(max(1, sweeps)):
         changed = False
-        for ga, gb in zip(spec_a.groups, spec_b.groups, strict=True):
-            name = ga.name
-            if name in acts_a:
-                fa, fb = acts_a[name], acts_b[name]
+        done: set[str] = set()
+        for ga in spec_a.groups:
+            if ga.name in done:
+                continue
+            unit = unit_of.get(ga.name, (ga.name,))
+            done.update(unit)
+            if unit in sets_a:  # a head plan over the head pairs' costs, each pair's own plan inside
+                costs = [cost(by_name[n], sweep).numpy() for n in unit]
+                plan = lambda c: ot_plan(c, solver, epsilon)  # noqa: E731
+                new = head_couplings(costs, sets_a[unit], sets_b[unit], plan)
             else:
-                require = sweep == 0 and init is None
-                pairs = _paired_out_features(sa, spec_a, ga, sb, spec_b, gb, transports, require, cache_a)
-                if not pairs:  # nothing solved yet feeds this group: use every member untransported
-                    pairs = _paired_out_features(sa, spec_a, ga, sb, spec_b, gb, transports, False, cache_a)
-                key = (name, tuple(i for i, _, _ in pairs))
-                if key not in cache_a:
-                    cache_a[key] = torch.cat([p[1] for p in pairs], 1)
-                fa, fb = cache_a[key], torch.cat([p[2] for p in pairs], 1)
-            t = ot_coupling(pairwise_sq_dist(fa, fb), solver, epsilon)
-            old = transports.get(name)
-            if old is None or old.shape != t.shape or not torch.allclose(old, t, atol=1e-6):
-                changed = True
-            transports[name] = t
+                new = [ot_coupling(cost(ga, sweep), solver, epsilon)]
+            for name, t in zip(unit, new, strict=True):
+                old = transports.get(name)
+                if old is None or old.shape != t.shape or not torch.allclose(old, t, atol=1e-6):
+                    changed = True
+                transports[name] = t
         if not changed and sweep > 0:
             break
     return transports

@@ -41,6 +41,7 @@ from fedfuse.errors import ConfigError
 
 __all__ = [
     "Axis",
+    "Blocks",
     "Group",
     "Site",
     "TransportSpec",
@@ -94,19 +95,41 @@ class Group:
 
 
 @dataclass(frozen=True)
+class Blocks:
+    """``H`` blocks (attention heads) that may also be reordered as wholes, by one block permutation ``σ`` shared by
+    every slot: ``heads[k][h]`` is slot ``k``'s group of head ``h`` (e.g. slot 0 the q/k units, slot 1 the v units
+    of each head). Besides each group's own (within-head) transport, target head ``h`` may take source head
+    ``σ(h)``: slot ``k``'s units as one group ``names[k]`` of ``Σ_h n_h`` units whose transport is block-structured
+    (block ``(h, σ(h))`` the within-head transport, zero elsewhere; see :mod:`fedfuse.align.heads`)."""
+
+    names: tuple[str, ...]
+    heads: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
 class TransportSpec:
-    """Groups in topological order (shallow → deep). Parameters not listed are never transported."""
+    """Groups in topological order (shallow → deep). Parameters not listed are never transported.
+
+    ``blocks``: head sets whose groups may also be reordered as whole blocks (:class:`Blocks`); empty for a
+    hand-written spec unless given. ``merged_heads`` is set on the merged view only
+    (:func:`fedfuse.align.heads.merged_spec`): merged group name → its heads' widths."""
 
     groups: tuple[Group, ...]
     _by_key: dict[str, list[tuple[Group, Axis]]] = field(default=None, repr=False, compare=False)  # type: ignore
     #: state keys the derivation rules mentioned (moving or kept fixed); empty for a hand-written spec
     touched: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
+    blocks: tuple[Blocks, ...] = ()
+    merged_heads: Any = field(default=None, repr=False, compare=False)
+    _merged: Any = field(default=None, repr=False, compare=False)  # the merged view, built on first use
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "groups", tuple(self.groups))
         names = [g.name for g in self.groups]
         if len(set(names)) != len(names):
             raise ConfigError(f"transport spec has duplicate group names: {names}")
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+        if self.blocks and self.merged_heads is None:
+            _check_blocks(self.blocks, set(names))
         by_key: dict[str, list[tuple[Group, Axis]]] = {}
         for g in self.groups:
             for m in g.members:
@@ -171,9 +194,12 @@ class TransportSpec:
         unknown = set(sizes) - set(self.names)
         if unknown:
             raise ConfigError(f"unknown transport groups {sorted(unknown)}; groups are {self.names}")
-        return TransportSpec(
-            tuple(replace(g, size=int(sizes.get(g.name, g.size))) for g in self.groups), touched=self.touched
-        )
+        groups = tuple(replace(g, size=int(sizes.get(g.name, g.size))) for g in self.groups)
+        heads = self.merged_heads
+        if heads is not None:  # the merged view resized: its heads split evenly
+            width = {g.name: g.size for g in groups}
+            heads = {n: h if sum(h) == width[n] else _even(n, width[n], len(h)) for n, h in heads.items()}
+        return TransportSpec(groups, touched=self.touched, blocks=self.blocks, merged_heads=heads)
 
     def sizes_from(self, state: dict[str, torch.Tensor]) -> dict[str, int]:
         """Group widths read off a state dict (from members that own their whole axis); checks consistency."""
@@ -207,6 +233,24 @@ class TransportSpec:
     def for_state(self, state: dict[str, torch.Tensor]) -> TransportSpec:
         """This spec resized to the widths of ``state``."""
         return self.resized(self.sizes_from(state))
+
+
+def _check_blocks(blocks: tuple[Blocks, ...], names: set[str]) -> None:
+    """Every head group exists, once; slots have one name each (not a group's) and equally many heads."""
+    seen: set[str] = set()
+    for b in blocks:
+        heads = [g for slot in b.heads for g in slot]
+        if len(b.names) != len(b.heads) or len({len(slot) for slot in b.heads}) != 1:
+            raise ConfigError(f"head blocks {b.names}: one name per slot and equally many heads per slot needed")
+        if set(b.names) & names or set(heads) - names or seen & set(heads) or len(set(heads)) != len(heads):
+            raise ConfigError(f"head blocks {b.names}: names must be new and heads distinct groups of the spec")
+        seen.update(heads)
+
+
+def _even(name: str, size: int, heads: int) -> tuple[int, ...]:
+    if size % heads:
+        raise ConfigError(f"merged head group {name!r} of {size} units cannot be split into {heads} equal heads")
+    return (size // heads,) * heads
 
 
 def segment_range(member: Axis | Site, sizes: dict[str, int], length: int) -> tuple[int, int, int]:
@@ -271,6 +315,7 @@ class _Deriver:
         self.sites: list[tuple[int, str, Layout, int]] = []
         self.claims: dict[tuple[str, int, int], int] = {}
         self.env: dict[str, Any] = {}
+        self.blocks: list[tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]] = []  # head sets (add_blocks)
 
     # union-find --------------------------------------------------------------------------------------------
     def find(self, g: int) -> int:
@@ -320,6 +365,12 @@ class _Deriver:
         elif isinstance(lay, (tuple, list)):
             for x in lay:
                 self.fix(x)
+
+    def add_blocks(self, names: tuple[str, ...], *slots: tuple[int, ...]) -> None:
+        """Groups ``slots[k][h]`` are head ``h``'s units of slot ``k``; heads may also be reordered as whole blocks
+        (:class:`Blocks`; a set that unions, fixing or the segments' layout make inexpressible is dropped)."""
+        if len(slots[0]) > 1:
+            self.blocks.append((names, tuple(slots)))
 
     # members -----------------------------------------------------------------------------------------------
     def add(
@@ -523,7 +574,18 @@ class _Deriver:
                 if site not in sites.setdefault(r, []):
                     sites[r].append(site)
         groups = [Group(self.names[r], self.sizes[r], tuple(roots[r]), tuple(sites.get(r, ()))) for r in sorted(roots)]
-        return TransportSpec(tuple(groups), touched=frozenset(self.touched))
+        blocks = []
+        taken = {g.name for g in groups}
+        for names, slots in self.blocks:
+            ids = [[self.find(g) for g in slot] for slot in slots]
+            flat = [r for slot in ids for r in slot]
+            if len(set(flat)) == len(flat) and all(r in roots for r in flat) and not set(names) & taken:
+                blocks.append(Blocks(names, tuple(tuple(self.names[r] for r in slot) for slot in ids)))
+                taken.update(names)
+        spec = TransportSpec(tuple(groups), touched=frozenset(self.touched), blocks=tuple(blocks))
+        from fedfuse.align.heads import expressible_blocks  # heads builds on this module
+
+        return expressible_blocks(spec)
 
 
 def _has_tensor(val: Any) -> bool:

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from fedfuse.align.heads import merged_spec, random_transports, to_merged
 from fedfuse.align.spec import Axis, Group, TransportSpec, segment_range
 from fedfuse.errors import ConfigError
 from fedfuse.state import single_threaded
@@ -155,9 +156,13 @@ def apply_transport(
 
     Groups missing from ``transports`` are left as they are. With permutations the function is
     unchanged; with rectangular ``T`` the result has the target widths. Returns a new state dict.
+    A transport keyed by a head set's merged group (:mod:`fedfuse.align.heads`) applies on its merged view.
     """
     state = state_of(model_or_state)
     spec = spec.for_state(state)
+    if spec.blocks and any(n in transports for b in spec.blocks for n in b.names):
+        transports = to_merged(spec, transports)
+        spec = merged_spec(spec)
     sizes = spec.sizes
     unknown = set(transports) - set(sizes)
     if unknown:
@@ -211,12 +216,13 @@ def member_rows(w: Tensor, member: Axis, sizes: Mapping[str, int]) -> Tensor:
 def permute_model(model: nn.Module, spec: TransportSpec, seed: int = 0) -> tuple[nn.Module, Transports]:
     """A copy of ``model`` with every hidden group randomly permuted (same function); and the permutations.
 
-    The returned matrices ``P`` map the original to the copy (``copy = apply_transport(model, P)``).
+    The returned matrices ``P`` map the original to the copy (``copy = apply_transport(model, P)``); head sets'
+    heads are also reordered as blocks (keyed by their merged groups, :func:`~fedfuse.align.heads.random_transports`).
     """
     gen = torch.Generator().manual_seed(int(seed))
     state = state_of(model)
     spec = spec.for_state(state)
-    perms = {g.name: torch.eye(g.size)[torch.randperm(g.size, generator=gen)] for g in spec.groups}
+    perms = random_transports(spec, gen)
     new = copy.deepcopy(model)
     load_state(new, apply_transport(state, spec, perms))
     return new, perms

@@ -1,5 +1,6 @@
-"""Rules for attention: multi-head attention blocks (heads kept, units permuted within heads), Swin window
-attention, matmul and scaled_dot_product_attention."""
+"""Rules for attention: multi-head attention blocks (units permuted within heads, and heads reordered as whole blocks
+where every head is alike: :class:`~fedfuse.align.spec.Blocks`), Swin window attention (per-head position bias:
+heads kept in place), matmul and scaled_dot_product_attention."""
 
 from __future__ import annotations
 
@@ -11,12 +12,32 @@ from torch import fx, nn
 from fedfuse.align.rules.core import FIXED, FIXED_ID, Layout, ParamRef, _arg, _matched
 
 
-def _attention_groups(d: Any, name: str, heads: int, width: int) -> tuple[tuple, tuple]:
-    """Per head: a q/k group and a v group of ``width / heads`` dims; the qkv rows' segments."""
+def _attention_groups(d: Any, name: str, heads: int, width: int, blocks: bool = True) -> tuple[tuple, tuple]:
+    """Per head: a q/k group and a v group of ``width / heads`` dims; the qkv rows' segments. ``blocks``: the heads
+    are alike (no per-head parameter, bias or mask), so they may also be reordered as whole blocks: head ``h``'s
+    q, k, v rows and output columns together (``name.qk``, ``name.v``: :class:`~fedfuse.align.spec.Blocks`)."""
     hd = width // heads
     qk = tuple((d.new_group(f"{name}.qk{h}", hd), hd) for h in range(heads))
     v = tuple((d.new_group(f"{name}.v{h}", hd), hd) for h in range(heads))
+    if blocks:
+        d.add_blocks((f"{name}.qk", f"{name}.v"), tuple(g for g, _ in qk), tuple(g for g, _ in v))
     return qk + qk + v, v
+
+
+def heads_alike(
+    d: Any, node: fx.Node, mod: nn.Module, inputs: tuple[Any, ...], heads: int, own: tuple[str, ...]
+) -> bool:
+    """Whether ``mod``'s heads are interchangeable: no state besides its projections ``own`` has a dim of ``heads``
+    entries (a per-head bias table or temperature), and no other tensor input (a mask) is per head: 3-d (batch ×
+    heads rows, ``nn.MultiheadAttention``'s form) or ``heads`` entries at dim -3 (``(batch, heads, L, S)``)."""
+    for key, t in mod.state_dict().items():
+        if key.split(".")[0] not in own and heads in tuple(t.shape):
+            return False
+    for a in node.all_input_nodes:
+        v = d.value(a)
+        if a not in inputs and hasattr(v, "shape") and (v.dim() == 3 or (v.dim() >= 4 and v.shape[-3] == heads)):
+            return False
+    return True
 
 
 def _attention_members(
@@ -29,11 +50,13 @@ def _attention_members(
     width: int,
     name: str,
     out_width: int | None = None,
+    blocks: bool = False,
 ) -> Layout:
     """Members of one attention op; ``keys``: qkv_weight, qkv_bias, proj_weight, proj_bias state keys;
-    ``width`` = heads × head dim, ``out_width`` the output projection's (default ``width``)."""
+    ``width`` = heads × head dim, ``out_width`` the output projection's (default ``width``); ``blocks``: heads may
+    be reordered as blocks (see :func:`_attention_groups`)."""
     out_width = width if out_width is None else out_width
-    rows, v = _attention_groups(d, name, heads, width)
+    rows, v = _attention_groups(d, name, heads, width, blocks)
     d.add_inputs(keys["qkv_weight"], 1, lay, x)
     for key in (keys["qkv_weight"], keys.get("qkv_bias")):
         if key is not None:
@@ -72,7 +95,8 @@ def qkv_attention_module(d: Any, node: fx.Node, mod: Any) -> Any:
     if plain:
         lay = lay_in if lay_in is not None else Layout(rank - 1, ((FIXED_ID, mod.qkv.in_features),))
         heads, width = int(mod.num_heads), mod.qkv.out_features // 3
-        return _attention_members(d, node, x, lay, keys, heads, width, name, mod.proj.out_features)
+        alike = heads_alike(d, node, mod, (x,), heads, ("qkv", "proj"))
+        return _attention_members(d, node, x, lay, keys, heads, width, name, mod.proj.out_features, alike)
     for lin in ("qkv", "gate"):
         if isinstance(getattr(mod, lin, None), nn.Linear) and lay_in is not None:
             d.add_inputs(f"{name}.{lin}.weight", 1, lay_in, x)
@@ -111,7 +135,8 @@ def multihead_attention(d: Any, node: fx.Node, mod: nn.MultiheadAttention) -> An
         "proj_weight": f"{name}.out_proj.weight",
         "proj_bias": f"{name}.out_proj.bias" if mod.out_proj.bias is not None else None,
     }
-    out = _attention_members(d, node, q, lay_in, keys, mod.num_heads, mod.embed_dim, name)
+    alike = heads_alike(d, node, mod, (q, k, v), mod.num_heads, ("in_proj_weight", "in_proj_bias", "out_proj"))
+    out = _attention_members(d, node, q, lay_in, keys, mod.num_heads, mod.embed_dim, name, blocks=alike)
     return (out, None)
 
 

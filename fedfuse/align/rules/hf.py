@@ -11,8 +11,11 @@ heads of ``hd`` dims and ``Hkv`` key/value heads (grouped-query attention; ``Hkv
   columns of every query head reading it (or, without an output projection, the output's units);
 * rotary position embeddings (Llama) rotate dim pairs ``(m, m + hd/2)`` by a frequency that depends on ``m``: a
   permutation of q/k dims does not commute with them, so q/k rows stay fixed there (v's units still move);
-* heads are not reordered (whole-head permutations are a symmetry too, but one transport per group cannot express
-  "heads as blocks, units within heads" at once; the within-head units carry most of the alignment).
+* whole heads are reordered too (multi-head attention without rotary embeddings): head ``h``'s q, k, v rows and
+  output columns move as one block (:class:`~fedfuse.align.spec.Blocks`, solved two-level by
+  :mod:`fedfuse.align.heads`), unless a per-head parameter or mask tells heads apart. Under rotary embeddings q/k
+  rows stay fixed, and with grouped-query attention (``H > Hkv``) a kv head's query heads are not one contiguous
+  run of the query rows, so there heads stay in place (units still move within them).
 
 ``Conv1D`` (GPT-2's transposed linear: ``y = x W + b``, ``W`` is ``in × out``) and RMSNorm (a weight per unit,
 statistics over all units) are leaf rules too.
@@ -24,6 +27,7 @@ from typing import Any
 
 from torch import fx
 
+from fedfuse.align.rules.attention import heads_alike
 from fedfuse.align.rules.core import FIXED, FIXED_ID, Layout
 
 HF = "transformers.models"
@@ -85,6 +89,9 @@ def attention_rule(q: str, k: str, v: str, o: str | None, *, fused: str | None =
         k_segs = tuple((g, hd) for g in qk)
         v_segs = tuple((g, hd) for g in vg)
         out_segs = tuple((vg[i // rep], hd) for i in range(h))
+        own = tuple(p for p in (q, k, v, o, fused) if p)
+        if not rotary and rep == 1 and heads_alike(d, node, mod, (x,), h, own):
+            d.add_blocks((f"{name}.qk", f"{name}.v"), tuple(qk), tuple(vg))
         if fused:  # GPT-2: Conv1D weight (in, 3·E), rows are [q | k | v]
             w, b = f"{name}.{fused}.weight", f"{name}.{fused}.bias"
             d.add_inputs(w, 0, lay, x)

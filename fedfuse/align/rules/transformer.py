@@ -4,7 +4,8 @@ One layer, post-norm or pre-norm (``norm_first``), is ``x + SA(x)``, ``x + CA(x,
 with a LayerNorm around each: the residual stream ``s`` (the layer's input units: an embedding's width, a
 projection's rows) indexes the norms' affine, ``in_proj`` and ``linear1`` columns, and ``out_proj`` and ``linear2``
 rows (joined by the residual adds). Attention as :func:`fedfuse.align.rules.attention.multihead_attention`: per head
-a q/k group (the score ``q·k`` is a sum over the head's dims) and a v group (``out_proj`` columns); the feed-forward
+a q/k group (the score ``q·k`` is a sum over the head's dims) and a v group (``out_proj`` columns), and the heads
+as blocks (reordered whole, unless a 3-d mask differs per head); the feed-forward
 width is a group of its own. Cross-attention reads ``memory`` through the same ``in_proj`` columns, so the memory's
 stream joins the decoder's (one transport for both: exact). Masks index tokens: they stay fixed.
 """
@@ -34,11 +35,12 @@ def _stream(d: Any, node: fx.Node, arg: Any, width: int) -> int:
     return g
 
 
-def _mha(d: Any, node: fx.Node, prefix: str, mod: nn.MultiheadAttention, s: int) -> int:
-    """Members of one ``nn.MultiheadAttention`` whose query, key and value all read stream ``s``; its output group."""
+def _mha(d: Any, node: fx.Node, prefix: str, mod: nn.MultiheadAttention, s: int, alike: bool) -> int:
+    """Members of one ``nn.MultiheadAttention`` whose query, key and value all read stream ``s``; its output group.
+    ``alike``: no per-head mask, so heads may be reordered as blocks."""
     if not mod._qkv_same_embed_dim or mod.bias_k is not None or mod.add_zero_attn:
         raise d.unsupported(node, f"'{prefix}': MultiheadAttention with kdim/vdim, bias_k/bias_v or add_zero_attn")
-    rows, v = _attention_groups(d, prefix, mod.num_heads, mod.embed_dim)
+    rows, v = _attention_groups(d, prefix, mod.num_heads, mod.embed_dim, alike)
     d.add(s, f"{prefix}.in_proj_weight", 1, "in")
     for key in (f"{prefix}.in_proj_weight", f"{prefix}.in_proj_bias"):
         for i, (gid, _) in enumerate(rows):
@@ -55,13 +57,13 @@ def _norm(d: Any, prefix: str, s: int, width: int) -> None:
     d.add_norm(prefix, Layout(0, ((s, width),)), 0, ("weight", "bias"))
 
 
-def _layer(d: Any, node: fx.Node, prefix: str, mod: nn.Module, s: int, memory: int | None) -> None:
+def _layer(d: Any, node: fx.Node, prefix: str, mod: nn.Module, s: int, memory: int | None, alike: bool) -> None:
     """Members of one encoder (``memory`` None) or decoder layer on stream ``s``; every output joins ``s``."""
     width = mod.linear1.in_features
-    d.union(_mha(d, node, f"{prefix}.self_attn", mod.self_attn, s), s)
+    d.union(_mha(d, node, f"{prefix}.self_attn", mod.self_attn, s, alike), s)
     if memory is not None:
         d.union(memory, s)
-        d.union(_mha(d, node, f"{prefix}.multihead_attn", mod.multihead_attn, s), s)
+        d.union(_mha(d, node, f"{prefix}.multihead_attn", mod.multihead_attn, s, alike), s)
     ff = d.new_group(f"{prefix}.linear1", mod.linear1.out_features)
     d.add(s, f"{prefix}.linear1.weight", 1, "in")
     d.add(ff, f"{prefix}.linear1.weight", 0, "out")
@@ -87,15 +89,17 @@ def transformer_module(d: Any, node: fx.Node, mod: nn.Module) -> Any:
     x = node.args[0] if node.args else next(iter(node.kwargs.values()))
     decoder = isinstance(mod, (nn.TransformerDecoder, nn.TransformerDecoderLayer))
     mem_arg = (node.args[1] if len(node.args) > 1 else node.kwargs.get("memory")) if decoder else None
+    alike = True  # a 3-d mask (batch × heads rows) differs per head: heads then stay in place
     for a in node.all_input_nodes:
         if a is not x and a is not mem_arg:
             d.fix(d.lay(a))  # masks
+            alike = alike and getattr(d.value(a), "dim", lambda: 0)() != 3
     s = _stream(d, node, x, width)  # a fixed input: the residual adds keep the stream fixed (the inner units move)
     memory = _stream(d, node, mem_arg, width) if decoder else None
     layers = list(mod.layers) if hasattr(mod, "layers") else [mod]
     prefixes = [f"{name}.layers.{i}" for i in range(len(layers))] if hasattr(mod, "layers") else [name]
     for prefix, layer in zip(prefixes, layers, strict=True):
-        _layer(d, node, prefix, layer, s, memory)
+        _layer(d, node, prefix, layer, s, memory, alike)
     if isinstance(getattr(mod, "norm", None), nn.LayerNorm):
         _norm(d, f"{name}.norm", s, width)
     rank = d.values[node.name].dim()
