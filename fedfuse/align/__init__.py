@@ -5,7 +5,10 @@ A model is described as groups of hidden units (:class:`TransportSpec`, derived 
 model with them; :func:`fuse` aligns N models to a common target and averages them.
 """
 
-from fedfuse.align import peft_lora  # noqa: F401  (registers the PEFT LoRA spec with derive_spec)
+from fedfuse.align import (
+    heads,  # noqa: F401  (keeps only the head sets a derived spec can merge)
+    peft_lora,  # noqa: F401  (registers the PEFT LoRA spec with derive_spec)
+)
 from fedfuse.align.bn import reset_bn_stats
 from fedfuse.align.fusion import AlignmentError, align, fuse, gromov_wasserstein_barycenter, wasserstein_barycenter
 from fedfuse.align.repair import repair  # the function (the module is fedfuse.align.repair)

@@ -14,9 +14,12 @@ Two-level solvers (``H`` heads, slots ``k``):
 * assignment (weight / activation matching, maximise): ``G[h, s] = Σ_k max_P ⟨P, S_k[h, s]⟩`` (one
   ``linear_sum_assignment`` per head pair and slot on the score's block), then ``σ = argmax_σ Σ_h G[h, σ(h)]``
   (one more over the ``H × H`` matrix): the best block-structured permutation for the scores;
-* OT (minimise, uniform marginals): ``D[h, s] = Σ_k ⟨Π_k^{hs}, C_k[h, s]⟩`` with ``Π_k^{hs}`` the plan of the
-  pair's cost block, the head plan ``P`` solves OT on ``D``, and ``Π_k = Σ_{h,s} P[h, s] Π_k^{hs}`` placed in
-  block ``(h, s)``: a coupling of the uniform measures again (each block has mass 1, ``P`` has uniform marginals).
+* OT (minimise, uniform marginals): ``D[h, s] = Σ_k OT(C_k[h, s])``, the exact OT cost of the pair's cost block
+  (``ot.emd2``), the head plan ``P`` solves OT on ``D`` (exact or entropic, as asked), and
+  ``Π_k = Σ_{h,s} P[h, s] Π_k^{hs}`` with ``Π_k^{hs}`` the pair's plan (exact or entropic) placed in block
+  ``(h, s)``: a coupling of the uniform measures again (each block has mass 1, ``P`` has uniform marginals). Pairs
+  whose head mass is below ``1e-9`` of the largest are left out (their share of a row is below float32 rounding);
+  the exact cost keeps the ``H²`` pair costs cheap (an entropic solve of a mismatched pair's block converges slowly).
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import ot
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from fedfuse.align.spec import Blocks, Group, Site, TransportSpec
+from fedfuse.align.spec import BLOCK_CHECKS, Blocks, Group, Site, TransportSpec
 from fedfuse.errors import ConfigError
 
 __all__ = [
@@ -157,6 +161,9 @@ def expressible_blocks(spec: TransportSpec) -> TransportSpec:
     return spec
 
 
+BLOCK_CHECKS.append(expressible_blocks)
+
+
 def head_sets(view: TransportSpec) -> list[tuple[tuple[str, ...], list[tuple[int, ...]]]]:
     """``(merged names, per-slot head widths)`` of each head set of a merged view."""
     return [(b.names, [view.merged_heads[n] for n in b.names]) for b in view.blocks]
@@ -217,22 +224,25 @@ def head_couplings(
     is the OT plan (total mass 1, uniform marginals) of a cost matrix."""
     n_heads = len(heads_a[0])
     d = np.zeros((n_heads, n_heads))
-    plans: dict[tuple[int, int, int], np.ndarray] = {}
     offs = [(_offsets(wa), _offsets(wb)) for wa, wb in zip(heads_a, heads_b, strict=True)]
-    for k, (c, (oa, ob)) in enumerate(zip(costs, offs, strict=True)):
+    for c, (oa, ob) in zip(costs, offs, strict=True):
         for h in range(n_heads):
             for s in range(n_heads):
                 blk = c[oa[h] : oa[h + 1], ob[s] : ob[s + 1]]
-                pi = plans[k, h, s] = plan(blk)
-                d[h, s] += float((pi * blk).sum())
+                d[h, s] += float(ot.emd2(_uniform(blk.shape[0]), _uniform(blk.shape[1]), blk, numItermax=1_000_000))
     p = plan(d)
+    pairs = list(zip(*np.nonzero(p > 1e-9 * p.max()), strict=True))
     out = []
-    for k, (c, (oa, ob)) in enumerate(zip(costs, offs, strict=True)):
+    for c, (oa, ob) in zip(costs, offs, strict=True):
         full = np.zeros(c.shape)
-        for h, s in zip(*np.nonzero(p > 0), strict=True):
-            full[oa[h] : oa[h + 1], ob[s] : ob[s + 1]] = p[h, s] * plans[k, h, s]
+        for h, s in pairs:
+            full[oa[h] : oa[h + 1], ob[s] : ob[s + 1]] = p[h, s] * plan(c[oa[h] : oa[h + 1], ob[s] : ob[s + 1]])
         out.append(torch.from_numpy(full / np.maximum(full.sum(1, keepdims=True), 1e-300)).float())
     return out
+
+
+def _uniform(n: int) -> np.ndarray:
+    return np.full(n, 1.0 / n)
 
 
 def block_sigma(cols: Tensor | np.ndarray, widths: Sequence[int]) -> np.ndarray | None:

@@ -58,6 +58,8 @@ SUPPORTED = supported_summary()
 # spec or None. fedfuse.align.peft_lora registers the PEFT LoRA one (imported with fedfuse.align).
 _DERIVED_ON: OrderedDict[TransportSpec, Any] = OrderedDict()  # spec -> the input derive_spec traced (LRU)
 MODEL_SPECS: list[Callable[[nn.Module], TransportSpec | None]] = []
+# Run on every derived spec with head sets; fedfuse.align.heads registers the one that keeps the expressible ones.
+BLOCK_CHECKS: list[Callable[[TransportSpec], TransportSpec]] = []
 
 
 @dataclass(frozen=True)
@@ -583,9 +585,9 @@ class _Deriver:
                 blocks.append(Blocks(names, tuple(tuple(self.names[r] for r in slot) for slot in ids)))
                 taken.update(names)
         spec = TransportSpec(tuple(groups), touched=frozenset(self.touched), blocks=tuple(blocks))
-        from fedfuse.align.heads import expressible_blocks  # heads builds on this module
-
-        return expressible_blocks(spec)
+        for check in BLOCK_CHECKS:  # fedfuse.align.heads: head sets the merged view cannot express are dropped
+            spec = check(spec)
+        return spec
 
 
 def _has_tensor(val: Any) -> bool:
