@@ -74,7 +74,8 @@ def _attention_members(
 def qkv_attention_module(d: Any, node: fx.Node, mod: Any) -> Any:
     """A self-attention block ``proj(attn(split_heads(qkv(x)), mask))`` with attributes ``qkv``, ``proj``
     (Linear), ``num_heads`` (timm's ``Attention``: ViT, DeiT, PiT, MobileViT...; Swin's window attention, whose
-    relative position bias and shift mask are added to the scores). Heads as in :func:`multihead_attention`.
+    relative position bias and shift mask are added to the scores). Heads as in :func:`multihead_attention`; whole
+    heads are reordered only where :func:`heads_alike` (Swin's per-head position bias table keeps them in place).
     With q/k normalisation, output normalisation or a gate (per-head-dim parameters shared by all heads) the
     inner units stay fixed: the input feeds ``qkv`` (and ``gate``), the output is ``proj``'s new group."""
     name = str(node.target)
@@ -110,7 +111,8 @@ def qkv_attention_module(d: Any, node: fx.Node, mod: Any) -> Any:
 def multihead_attention(d: Any, node: fx.Node, mod: nn.MultiheadAttention) -> Any:
     """``nn.MultiheadAttention``: self-attention, or cross-attention whose query, key and value read the same
     ``in_proj`` columns: their streams join (one transport for all three: exact), or stay fixed when their segment
-    structures differ. Masks index tokens (fixed)."""
+    structures differ. Masks index tokens (fixed); a 3-d (per-head) mask keeps heads in place, else heads are also
+    reordered as blocks."""
     name = str(node.target)
     args = list(node.args) + [node.kwargs.get(k) for k in ("query", "key", "value")][len(node.args) :]
     q, k, v = args[:3]

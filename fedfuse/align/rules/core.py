@@ -19,7 +19,8 @@ Adding an op is one entry::
 A module class outside ``torch.nn`` is traced through (its ops meet these tables) unless it has a leaf rule;
 model libraries' helpers met so far (timm: ``Linear`` → ``F.linear``, ``BatchNormAct2d`` → ``F.batch_norm``,
 ``LayerNorm2d`` → permute + ``F.layer_norm``, ``DropPath``/``LayerScale`` → ``mul``/``addcmul``, ``pad_same`` →
-``F.pad``) need no entry of their own; timm's ``Attention``/Swin ``WindowAttention`` (heads permuted inside) and
+``F.pad``) need no entry of their own; timm's ``Attention`` (units permuted inside heads, heads reordered as
+blocks)/Swin ``WindowAttention`` (per-head position bias: heads kept in place) and
 its same-padding / weight-standardised convs are leaf rules.
 
 Exactness notes (a rule never claims a symmetry the op does not have):
@@ -31,8 +32,11 @@ Exactness notes (a rule never claims a symmetry the op does not have):
   the simple exact thing: the input channels stay fixed and the output channels permute within each
   block (``groups`` groups of ``out/groups`` units);
 * multi-head attention: per head, the query/key dims permute jointly (the score ``q·k`` is a sum over
-  them) and the value dims permute jointly with the output projection's columns; heads are never mixed
-  (head *reordering* is not used); the residual stream (input/output width) is one group;
+  them) and the value dims permute jointly with the output projection's columns; units of different heads are
+  never mixed, but whole heads are reordered (q, k, v rows and output columns of head ``σ(h)`` to head ``h``) where
+  nothing tells heads apart (no per-head parameter, position bias or mask): ``d.add_blocks`` declares the head set
+  (:class:`~fedfuse.align.spec.Blocks`, solved two-level by :mod:`fedfuse.align.heads`); the residual stream
+  (input/output width) is one group;
 * a Linear applied to a dim other than the hidden one (MLP-Mixer token mixing) keeps the layout; its
   own units stay fixed.
 * a module registered under two names (a shared/tied parameter has several state-dict keys): every key moves;
