@@ -15,11 +15,12 @@ Two-level solvers (``H`` heads, slots ``k``):
   ``linear_sum_assignment`` per head pair and slot on the score's block), then ``σ = argmax_σ Σ_h G[h, σ(h)]``
   (one more over the ``H × H`` matrix): the best block-structured permutation for the scores;
 * OT (minimise, uniform marginals): ``D[h, s] = Σ_k OT(C_k[h, s])``, the exact OT cost of the pair's cost block
-  (``ot.emd2``), the head plan ``P`` solves OT on ``D`` (exact or entropic, as asked), and
-  ``Π_k = Σ_{h,s} P[h, s] Π_k^{hs}`` with ``Π_k^{hs}`` the pair's plan (exact or entropic) placed in block
-  ``(h, s)``: a coupling of the uniform measures again (each block has mass 1, ``P`` has uniform marginals). Pairs
-  whose head mass is below ``1e-9`` of the largest are left out (their share of a row is below float32 rounding);
-  the exact cost keeps the ``H²`` pair costs cheap (an entropic solve of a mismatched pair's block converges slowly).
+  (one ``linear_sum_assignment`` for square blocks, ``ot.emd2`` else), the head plan ``P`` solves OT on ``D``
+  (exact or entropic, as asked), and ``Π_k = Σ_{h,s} P[h, s] Π_k^{hs}`` with ``Π_k^{hs}`` the pair's plan (exact
+  or entropic) placed in block ``(h, s)``: a coupling of the uniform measures again (each block has mass 1, ``P``
+  has uniform marginals). Pairs whose head mass is below ``1e-9`` of the largest are left out (their share of a row
+  is below float32 rounding); the exact pair costs keep the ``H²`` pairs cheap (an entropic solve of a mismatched
+  pair's block converges slowly).
 """
 
 from __future__ import annotations
@@ -228,8 +229,7 @@ def head_couplings(
     for c, (oa, ob) in zip(costs, offs, strict=True):
         for h in range(n_heads):
             for s in range(n_heads):
-                blk = c[oa[h] : oa[h + 1], ob[s] : ob[s + 1]]
-                d[h, s] += float(ot.emd2(_uniform(blk.shape[0]), _uniform(blk.shape[1]), blk, numItermax=1_000_000))
+                d[h, s] += _ot_cost(c[oa[h] : oa[h + 1], ob[s] : ob[s + 1]])
     p = plan(d)
     pairs = list(zip(*np.nonzero(p > 1e-9 * p.max()), strict=True))
     out = []
@@ -241,8 +241,14 @@ def head_couplings(
     return out
 
 
-def _uniform(n: int) -> np.ndarray:
-    return np.full(n, 1.0 / n)
+def _ot_cost(c: np.ndarray) -> float:
+    """Exact OT cost between uniform measures: for a square ``c`` the best assignment's mean cost (an optimal plan
+    is a permutation / n, Birkhoff), one ``linear_sum_assignment``; else ``ot.emd2``."""
+    if c.shape[0] == c.shape[1]:
+        rows, cols = linear_sum_assignment(c)
+        return float(c[rows, cols].mean())
+    a, b = np.full(c.shape[0], 1.0 / c.shape[0]), np.full(c.shape[1], 1.0 / c.shape[1])
+    return float(ot.emd2(a, b, c, numItermax=1_000_000))
 
 
 def block_sigma(cols: Tensor | np.ndarray, widths: Sequence[int]) -> np.ndarray | None:
