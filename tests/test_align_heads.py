@@ -68,6 +68,15 @@ class MaskedAttention(SelfAttention):
         super().__init__(mask=True)
 
 
+class HeadWeights(SelfAttention):
+    """Adds head 0's attention weights to the logits (``average_attn_weights=False``): head 0 is told apart."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        out, weights = self.att(h, h, h, average_attn_weights=False)
+        return self.fc(out.mean(1)) + weights[:, 0].sum((-1, -2))[:, None]
+
+
 def _case(name: str, seed: int = 0) -> tuple[nn.Module, object]:
     torch.manual_seed(seed)
     if name == "encoder":
@@ -164,6 +173,10 @@ def test_head_sets_where_heads_are_alike_only() -> None:
     (b,) = spec.blocks
     assert b.names == ("att.qk", "att.v") and b.heads[1] == tuple(f"att.v{h}" for h in range(4))
     assert masked_spec.blocks == () and {"att.qk0", "att.v3"} <= set(masked_spec.names)
+    torch.manual_seed(0)
+    per_head, y = HeadWeights().eval(), torch.randn(2, 5, 6)
+    assert derive_spec(per_head, y).blocks == ()
+    verify_spec(per_head, derive_spec(per_head, y), y)  # the derived spec (heads in place) passes the gate
     view = merged_spec(spec.for_state(state_of(plain)))
     assert view.merged_heads == {"att.qk": (4,) * 4, "att.v": (4,) * 4}
     assert set(view.names) == (set(spec.names) - {g for slot in b.heads for g in slot}) | {"att.qk", "att.v"}

@@ -138,6 +138,8 @@ def multihead_attention(d: Any, node: fx.Node, mod: nn.MultiheadAttention) -> An
         "proj_bias": f"{name}.out_proj.bias" if mod.out_proj.bias is not None else None,
     }
     alike = heads_alike(d, node, mod, (q, k, v), mod.num_heads, ("in_proj_weight", "in_proj_bias", "out_proj"))
+    weights = d.values[node.name][1]  # per-head attention weights returned (average_attn_weights=False): heads stay
+    alike = alike and not (hasattr(weights, "dim") and weights.dim() == rank + 1)
     out = _attention_members(d, node, q, lay_in, keys, mod.num_heads, mod.embed_dim, name, blocks=alike)
     return (out, None)
 
