@@ -14,11 +14,12 @@ from fedfuse.align.fusion import AlignmentError, align, fuse, gromov_wasserstein
 from fedfuse.align.repair import repair  # the function (the module is fedfuse.align.repair)
 from fedfuse.align.rules import register_rule
 from fedfuse.align.solvers import activation_matching, infer_example_input, ot_coupling, ot_transport, weight_matching
-from fedfuse.align.spec import Axis, Group, Site, TransportSpec, UnsupportedModelError, derive_spec
+from fedfuse.align.spec import Axis, Blocks, Group, Site, TransportSpec, UnsupportedModelError, derive_spec
 from fedfuse.align.transport import apply_transport, permute_model
 
 __all__ = [
     "Axis",
+    "Blocks",
     "Group",
     "Site",
     "TransportSpec",
