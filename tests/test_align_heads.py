@@ -259,3 +259,49 @@ def test_a_noisy_head_shuffled_model_aligns_closer_with_head_blocks(name: str) -
     # Assert: with head blocks B lands at the noise's distance from A (≈ 0.3), within heads only it stays further
     for method in ("weight", "ot"):
         assert dist[method, "blocks"] < 0.31 and dist[method, "within"] > 1.3 * dist[method, "blocks"], dist
+
+
+def test_head_assignment_is_the_best_block_structured_permutation() -> None:
+    # Prepare: two slots of 3 heads × 2 units with random scores; every block-structured permutation enumerated
+    import itertools
+
+    import numpy as np
+
+    from fedfuse.align.heads import head_assignment
+
+    rng = np.random.default_rng(0)
+    scores, widths = [rng.normal(size=(6, 6)) for _ in range(2)], [(2, 2, 2), (2, 2, 2)]
+    inner = list(itertools.permutations(range(2)))
+    best = -np.inf
+    for sigma in itertools.permutations(range(3)):
+        value = 0.0
+        for sc in scores:  # the inner permutations of a slot are independent given σ
+            for h, s in enumerate(sigma):
+                value += max(sum(sc[2 * h + r, 2 * s + c] for r, c in enumerate(p)) for p in inner)
+        best = max(best, value)
+    # Execute
+    value, cols = head_assignment(scores, widths)
+    # Assert: the two-level value is the brute-force optimum, and the columns realise it with one shared σ
+    assert value == pytest.approx(best)
+    assert sum(float(sc[np.arange(6), c].sum()) for sc, c in zip(scores, cols, strict=True)) == pytest.approx(best)
+    sigmas = [block_sigma(c, w) for c, w in zip(cols, widths, strict=True)]
+    assert sigmas[0] is not None and (sigmas[0] == sigmas[1]).all()
+
+
+@pytest.mark.parametrize("solver", ["emd", "sinkhorn"])
+def test_head_couplings_are_block_structured_couplings(solver: str) -> None:
+    import numpy as np
+
+    from fedfuse.align.heads import head_couplings
+    from fedfuse.align.solvers import ot_plan
+
+    rng = np.random.default_rng(1)
+    costs = [rng.random((12, 8)), rng.random((12, 8))]  # 4 heads: 3 units (target) vs 2 (source)
+    ts = head_couplings(costs, [(3,) * 4] * 2, [(2,) * 4] * 2, lambda c: ot_plan(c, solver, 0.05))
+    for t in ts:
+        pi = t.double() / 12  # rows of T sum to 1; Π = T / n_target has uniform marginals
+        assert torch.allclose(t.sum(1), torch.ones(12), atol=1e-5)
+        assert torch.allclose(pi.sum(0), torch.full((8,), 1 / 8, dtype=torch.float64), atol=1e-3)
+        if solver == "emd":  # one source head per target head: every 3 × 2 block row has one non-zero block
+            blocks = (t.reshape(4, 3, 4, 2).abs().sum((1, 3)) > 0).sum(1)
+            assert (blocks == 1).all()
