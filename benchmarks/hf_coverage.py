@@ -169,9 +169,11 @@ def write(rows: list[dict[str, Any]], timing: dict[str, Any], out: Path = RESULT
         "",
         "What moves: the residual stream (embedding width, through every LayerNorm/RMSNorm), per head the q/k units "
         "(jointly across the query heads sharing a key/value head) and the v units (with the output projection's "
-        "columns), the MLP width (SwiGLU: gate and up rows joined). What stays: vocabulary rows, positions, class "
-        "rows, Llama's q/k head dims (rotary embeddings pair dims (m, m + d/2) with m-dependent frequencies), head "
-        "order (not reordered). PEFT: only the adapters' rank units move (A rows, B columns); the frozen base "
+        "columns), whole heads as blocks where heads are alike (BERT, DistilBERT, GPT-2, ViT, RoBERTa, ELECTRA: a "
+        "head's q, k, v rows and output columns together), the MLP width (SwiGLU: gate and up rows joined). What "
+        "stays: vocabulary rows, positions, class rows, Llama's q/k head dims (rotary embeddings pair dims (m, m + "
+        "d/2) with m-dependent frequencies), the head order under rotary embeddings or grouped-query attention "
+        "(Llama, Mistral, Qwen, Gemma). PEFT: only the adapters' rank units move (A rows, B columns); the frozen base "
         "stays put, so the moved share is the adapters' share.",
         "",
         "| model | params (M) | groups | params moved | weight axes moved | permuted | match | wb | status | "

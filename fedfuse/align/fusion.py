@@ -42,8 +42,8 @@ from fedfuse.align.bn import fold_bn, fold_pairs, has_batch_norm, reset_bn_stats
 from fedfuse.align.gw import DEFAULT_ALPHA, fused_gromov_wasserstein_barycenter
 from fedfuse.align.peft_lora import check_lora_states
 from fedfuse.align.repair import repair
+from fedfuse.align.resolve import InputShapeError
 from fedfuse.align.solvers import (
-    InputShapeError,
     _layerwise_ot,
     activation_matching,
     group_features,
