@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fedfuse.data import load_dataset
-from fedfuse.data.partition import label_skew, partition_indices
+from fedfuse.data.partition import _shared_partitions, label_skew, partition_indices
 from fedfuse.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,5 +118,6 @@ def test_a_runs_processes_share_one_partitioning_through_the_cache(labels: np.nd
     assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
     for entry in tmp_path.glob("partition-*.npz"):
         entry.write_bytes(b"garbage")
+    _shared_partitions.cache_clear()  # a fresh process: nothing read yet
     again = partition_indices(labels, "dirichlet", 7, cache_dir=str(tmp_path), **kwargs)
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))

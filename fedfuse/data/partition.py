@@ -14,6 +14,7 @@ import hashlib
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -109,15 +110,22 @@ def partition_indices(
 
     ``cache_dir`` (default ``$FEDFUSE_PARTITION_CACHE``; none: no disk cache) holds each result under a hash of the
     labels and the arguments, written atomically by the first process that computes it."""
-    y = np.asarray(labels, dtype=np.int64)
+    labels_t = tuple(int(v) for v in np.asarray(labels).tolist())
     args = (scheme, int(num_partitions), float(alpha), int(classes_per_client), int(seed))
     cache_dir = os.environ.get(CACHE_ENV) if cache_dir is None else cache_dir
-    path = _cache_path(cache_dir, y, args) if cache_dir else None
-    if path is not None and (cached := _read_cached(path, args[1])) is not None:
-        return cached
-    parts = list(_partitions(tuple(y.tolist()), *args))
-    if path is not None:
-        _write_cached(path, parts)
+    parts = _shared_partitions(labels_t, args, cache_dir) if cache_dir else _partitions(labels_t, *args)
+    return list(parts)
+
+
+@lru_cache(maxsize=8)
+def _shared_partitions(labels: tuple[int, ...], args: tuple[Any, ...], cache_dir: str) -> tuple[np.ndarray, ...]:
+    """:func:`_partitions` through the disk cache in ``cache_dir``, read or written once per process."""
+    path = _cache_path(cache_dir, np.asarray(labels, dtype=np.int64), args)
+    cached = _read_cached(path, args[1])
+    if cached is not None:
+        return tuple(cached)
+    parts = _partitions(labels, *args)
+    _write_cached(path, list(parts))
     return parts
 
 
