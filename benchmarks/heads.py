@@ -15,20 +15,26 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from benchmarks.common import add_out, load_header, load_line
-from fedfuse.align.fusion import align, fuse
-from fedfuse.align.spec import derive_spec
-from fedfuse.align.transport import load_state
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common when run as a script
+
+from benchmarks.common import add_out, load_header, load_line  # noqa: E402
+from fedfuse.align.fusion import align, fuse  # noqa: E402
+from fedfuse.align.spec import derive_spec  # noqa: E402
+from fedfuse.align.transport import load_state  # noqa: E402
 
 
 class Encoder(nn.Module):
+    """Embedding → nn.TransformerEncoder (2 layers, 4 heads) → mean → Linear."""
+
     def __init__(self) -> None:
         super().__init__()
         self.emb = nn.Embedding(50, 32)

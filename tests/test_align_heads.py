@@ -11,24 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.heads import Encoder  # Embedding → nn.TransformerEncoder (2 layers, 4 heads) → Linear
 from fedfuse.align.fusion import AlignmentError, align, fuse
 from fedfuse.align.gate import verify_spec
 from fedfuse.align.heads import block_sigma, merged_spec
 from fedfuse.align.spec import TransportSpec, UnsupportedModelError, derive_spec
 from fedfuse.align.transport import apply_transport, permute_model, state_of
-
-
-class Encoder(nn.Module):
-    """Embedding → nn.TransformerEncoder (2 layers, 4 heads) → mean → Linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(50, 32)
-        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 2)
-        self.fc = nn.Linear(32, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.enc(self.emb(x)).mean(1))
 
 
 class SelfAttention(nn.Module):
