@@ -427,7 +427,5 @@ def run_ray(
     if status.endswith("failed") or status.endswith("stopped"):
         reason = details.removeprefix("Simulation failed with exception: ") or status
         raise RunFailedError(f"{reason} (Flower's log: {out}/flower.log)")
-    if errors:
-        raise RunFailedError(f"{errors[0]} (Flower's log: {out}/flower.log)")
     if not done and (run.returncode != 0 or not status):
         raise RunFailedError(f"`flwr run` exited with code {run.returncode}: {' | '.join(list(tail)[-5:])}")
