@@ -18,7 +18,8 @@ recomputes them, :func:`honest_updates`: μ and σ below are their coordinate-wi
 * ``ipm:ε``          Δ = −ε·μ (inner-product manipulation, Xie et al. 2020);
 * ``adaptive:r``     Δ = −μ/‖μ‖ scaled to ``r`` × the server's update-norm bound for its claim (the bound is
                      in the run config it receives), claiming ``r`` × the examples cap (or bound) × the
-                     honest median num-examples and local steps: just under every bound with ``r`` < 1.
+                     round's median num-examples and × the cap scale of its local steps
+                     (:func:`fedfuse.screening.cap_scale`): just under every bound with ``r`` < 1.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor
 
 from fedfuse.catalog import ATTACKS, OMNISCIENT, attack_reason, parse_attack
+from fedfuse.screening import cap_scale, lower_median
 
 __all__ = [
     "ATTACKS",
@@ -117,10 +119,6 @@ def honest_updates(
     return _HONEST[key]
 
 
-def _lower_median(values: list[float]) -> float:
-    return sorted(values)[(len(values) - 1) // 2]
-
-
 def omniscient_reply(
     kind: str, value: float, cfg: Mapping[str, Any], sent: Mapping[str, Tensor], server_round: int,
     num_examples: int, steps: int,
@@ -137,16 +135,18 @@ def omniscient_reply(
         delta = {k: -value * mean[k] for k in keys}
     else:  # adaptive: just under every bound the server's run config sets
         cap = float(cfg.get("examples-cap", 0) or 0) or float(cfg.get("examples-bound", 0) or 0) or 10.0
-        med_n = _lower_median([float(n) for _, n, _ in honest])
-        med_s = _lower_median([float(s) for _, _, s in honest])
-        num_examples, steps = max(1, int(value * cap * med_n)), max(1, int(value * cap * med_s))
+        top = [math.inf] * (int(cfg["num-clients"]) - len(honest))  # the attackers' own claims: the largest
+        ns, ss = [float(n) for _, n, _ in honest], [float(s) for _, _, s in honest]
+        med_n = min(lower_median(ns + top), max(ns))  # the server's scales for this round (capped: most attack)
+        scale_s = min(cap_scale(ss + top), max(ss))
+        num_examples, steps = max(1, int(value * cap * med_n)), max(1, int(value * cap * scale_s))
         norms = [math.sqrt(sum(float(d[k].pow(2).sum()) for k in keys)) for d, _, _ in honest]
         k_bound = float(cfg.get("update-norm-bound", 0) or 0)
         if k_bound > 0:
-            per_step = _lower_median([nm / s for nm, (_, _, s) in zip(norms, honest, strict=True)])
-            target = value * k_bound * per_step * min(steps, cap * med_s)
+            per_step = lower_median([nm / s for nm, (_, _, s) in zip(norms, honest, strict=True)])
+            target = value * k_bound * per_step * min(steps, cap * scale_s)
         else:
-            target = value * 4.0 * _lower_median(norms)
+            target = value * 4.0 * lower_median(norms)
         mean_norm = math.sqrt(sum(float(v.pow(2).sum()) for v in mean.values())) or 1.0
         delta = {k: -mean[k] * (target / mean_norm) for k in keys}
     state = {k: (sent[k].double() + delta[k]).to(sent[k].dtype) if k in delta else sent[k] for k in sent}

@@ -21,7 +21,7 @@ ROBUST_METHODS = ("none", "median", "trimmed-mean", "krum")
 NORM_ACTIONS = ("clip", "reject")
 DIRECTION_GUARDS = ("median", "off")
 UPDATE_NORM_BOUND = 3.0  # × the round's median per-step update norm × the client's (capped) steps
-EXAMPLES_CAP = 10.0  # claims (weight, steps) clipped to × the round's median
+EXAMPLES_CAP = 10.0  # claims clipped to × the round's median (weight) or 70th percentile (steps)
 EXAMPLES_BOUND = 0.0  # reject claims above × the median (off: the cap makes a large claim harmless)
 MIN_UPDATE_COSINE = -1.0  # off: honest non-IID updates reach cosine -0.27 with the median update
 
@@ -31,8 +31,8 @@ SCREENING_OPTIONS = (
            "is clipped (or rejected) (0 = off)", low=0.0),
     Option("update-norm-action", str, "clip", "what update-norm-bound does", choices=NORM_ACTIONS),
     Option("examples-cap", float, EXAMPLES_CAP,
-           "a claimed num-examples (aggregation weight) or local-steps above this × the round's median counts "
-           "as this × the median (0 = off)", low=0.0),
+           "a claimed num-examples (aggregation weight) above this × the round's median counts as this × the "
+           "median; claimed local steps likewise, relative to the round's 70th percentile (0 = off)", low=0.0),
     Option("examples-bound", float, EXAMPLES_BOUND,
            "a num-examples above this × the round's median is rejected (0 = off)", low=0.0),
     Option("min-update-cosine", float, MIN_UPDATE_COSINE,
