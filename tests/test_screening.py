@@ -89,3 +89,29 @@ def test_quantity_skew_rejects_no_honest_client(tmp_path) -> None:
     rows = load_metrics(tmp_path)["rounds"]
     assert [r["rejected"] for r in rows[1:]] == [0.0] * 3 and [r["replies"] for r in rows[1:]] == [5.0] * 3
     assert rows[-1]["central_accuracy"] > 0.5
+
+
+def test_the_steps_cap_scale_follows_the_upper_clients_but_not_three_liars_of_ten() -> None:
+    from fedfuse.screening import cap_scale
+
+    assert cap_scale([5.0, 1.0]) == 1.0 and cap_scale([3.0, 1.0, 2.0]) == 2.0  # the lower median with few clients
+    honest = [2.0, 2.0, 3.0, 3.0, 4.0, 5.0, 25.0]
+    assert cap_scale([*honest, 30.0, 40.0, 200.0]) == 25.0  # the 7th smallest of 10, not the median (4)
+    assert cap_scale([*honest, 1e9, 1e9, 1e9]) == 25.0  # three liars cannot raise it beyond an honest claim
+
+
+def test_an_honest_client_that_trained_50x_the_median_is_not_clipped_under_quantity_skew() -> None:
+    """Quantity skew: steps 2…200 (the largest 50 × the median), every client moving 1 per step. Capped at 10 ×
+    the median's steps the largest would be clipped to 120 of its 200; capped at 10 × the 70th percentile it is
+    not, while three liars of ten claiming 1e9 steps still get a bound from an honest client's steps."""
+    steps = [2.0, 2.0, 3.0, 3.0, 4.0, 5.0, 25.0, 30.0, 40.0, 200.0]
+    states = [{"w": torch.nn.functional.one_hot(torch.tensor(i), 10).float() * s} for i, s in enumerate(steps)]
+    sent = [{"w": torch.zeros(10)}] * 10
+    s = screen_updates(states, sent, steps, steps, norm_factor=3.0, examples_cap=10.0)
+    assert s.clipped == 0 and torch.equal(s.states[9]["w"], states[9]["w"])
+    assert s.weights[9] == 40.0 and s.capped == 1  # its aggregation weight is still capped at 10 × the median
+    liars = [*steps[:7], 1e9, 1e9, 1e9]
+    lying = [{"w": torch.full((10,), 1e6)}] * 3
+    s = screen_updates([*states[:7], *lying], sent, liars, liars, norm_factor=3.0, examples_cap=10.0)
+    bound = 3.0 * 1.0 * 10 * 25.0  # k × median norm per step × 10 × the 7th smallest claim (honest: 25)
+    assert s.clipped == 3 and all(abs(float(st["w"].norm()) - bound) < 1e-3 for st in s.states[7:])

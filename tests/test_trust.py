@@ -109,3 +109,50 @@ def test_a_reply_with_its_keys_reordered_is_read_in_the_sent_order() -> None:
     assert all(list(r.state) == ["a", "b"] for r in unpacked)  # type: ignore[union-attr]
     rs = screen_round(1, ["0", "1", "2", "3"], unpacked, [sent] * 4, ScreeningConfig(), reference=c)
     assert rs.weights[3] < 1e-5 and rs.weights[:3] == [10.0] * 3
+
+
+def test_with_a_trusted_reference_only_agreeing_updates_may_exceed_the_median_norm() -> None:
+    """Norm bound k = 3: an update 2.5 × the median norm per step passes without a reference; against the server's
+    update g₀ it keeps its size only if it agrees with g₀ (cosine ≥ 0.25), else it is clipped to the median."""
+    gen = torch.Generator().manual_seed(0)
+    d = 400
+    c = torch.randn(d, generator=gen)
+    c /= c.norm()
+    honest = []
+    for _ in range(4):
+        u = 0.5 * c + torch.randn(d, generator=gen) / d**0.5  # cosine ~0.45 with c, norm ~1.1
+        honest.append(u / u.norm())
+    orth = torch.randn(d, generator=gen)
+    orth -= orth.dot(c) * c
+    boosted_bad = 2.5 * orth / orth.norm()  # boosted, orthogonal to g₀ (a label flip's own-direction part)
+    boosted_good = 2.5 * honest[0]  # as large, but along the honest direction
+    states = [{"w": u} for u in [*honest, boosted_bad, boosted_good]]
+    sent = [{"w": torch.zeros(d)}] * 6
+    plain = screen_updates(states, sent, [10.0] * 6, norm_factor=3.0, direction="median")
+    trusted = screen_updates(states, sent, [10.0] * 6, norm_factor=3.0, direction="median", reference={"w": c})
+    assert plain.clipped == 0  # 2.5 < 3 × the median norm
+    assert trusted.clipped == 1
+    assert abs(float(trusted.states[4]["w"].norm()) - 1.0) < 1e-4  # clipped to 1 × the median norm (1)
+    assert torch.equal(trusted.states[5]["w"], states[5]["w"])  # the agreeing one keeps its 2.5 ×
+    assert all(torch.equal(trusted.states[i]["w"], honest[i]) for i in range(4))
+
+
+def test_trusted_data_contains_a_boosted_label_flip(tmp_path) -> None:
+    """2 of 10 clients train on flipped labels and send 4 × their update (seed 1): with the trusted reference the
+    run used to end at 0.153 (the attackers clipped only to 3 × the median norm); now within 3 points of the run
+    with the attackers' replies rejected (0.571)."""
+    from clients.client_app import app
+    from fedfuse.results import load_metrics
+    from fedfuse.runners.inline import InlineGrid
+    from strategies.registry import validate_config
+    from strategies.server_app import run_server
+
+    accs = {}
+    for attack in ("labelflip:4", "num-examples:nan"):
+        out = tmp_path / attack.replace(":", "-")
+        cfg = {"dataset": "digits", "model": "mlp", "num-clients": 10, "num-rounds": 3, "partition": "dirichlet",
+               "alpha": 0.3, "seed": 1, "attack": attack, "attackers": 2, "trusted-data": 100,
+               "out": str(out)}  # fmt: skip
+        run_server(InlineGrid(app, 10), validate_config(cfg))
+        accs[attack] = load_metrics(out)["rounds"][-1]["central_accuracy"]
+    assert accs["labelflip:4"] > accs["num-examples:nan"] - 0.03, accs
