@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import load_line, parse_shard  # noqa: E402
+from benchmarks.common import load_line, note_load, parse_shard, recorded_loads  # noqa: E402
 
 STRATEGIES = ["fedavg", "wb", "match"]
 ATTACKS = [
@@ -100,8 +100,10 @@ def main() -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     json_path = results_dir / f"attacks.shard{shard}.json"
     results = load_results(results_dir)
+    start = load_line()
     if not args.table_only:
-        print(load_line(), flush=True)
+        print(start, flush=True)
+    ran = False
     for i, (key, cfg) in enumerate(jobs()):
         if args.table_only or i % shards != shard or key in results:
             continue
@@ -109,9 +111,15 @@ def main() -> None:
         mine[key] = results[key] = run_cell(cfg)
         print(key, _cell([results[key]]), f"{results[key]['seconds']:.1f}s", flush=True)
         json_path.write_text(json.dumps(mine, indent=1))
+        ran = True
     if not args.table_only:
-        print(load_line(), flush=True)
-    write_table(results, results_dir / "attacks.md")
+        end = load_line()
+        print(end, flush=True)
+        if ran:  # the machine and its load beside the cells this process measured
+            mine = json.loads(json_path.read_text())
+            note_load(mine, start, end)
+            json_path.write_text(json.dumps(mine, indent=1))
+    write_table(results, results_dir / "attacks.md", load_records(results_dir))
 
 
 def load_results(results_dir: Path) -> dict[str, dict]:
@@ -121,6 +129,14 @@ def load_results(results_dir: Path) -> dict[str, dict]:
         data = json.loads(path.read_text())
         results |= {k: v for k, v in data.items() if k.count("|") == {"attack": 6, "clean": 4}.get(k.split("|")[0])}
     return results
+
+
+def load_records(results_dir: Path) -> dict[str, list[str]]:
+    """The load lines every shard file recorded (:func:`benchmarks.common.note_load`), merged."""
+    loads: list[str] = []
+    for path in sorted(results_dir.glob("attacks*.json")):
+        loads += json.loads(path.read_text()).get("loads", [])
+    return {"loads": loads}
 
 
 def _mean(rs: list[dict]) -> float | None:
@@ -144,7 +160,34 @@ def _cell(rs: list[dict | None], *refs: list[dict | None]) -> str:
     return out + marks
 
 
-def write_table(results: dict[str, dict], path: Path) -> None:
+def _gaps(results: dict[str, dict], s: str, n: int, k: int, a: str, d: str) -> tuple[float, float] | None:
+    """(gap to `none`, gap to `absent`) in points of one attack cell, or None where not every seed ran."""
+    runs = {x: [results.get(f"attack|{s}|{n}|{k}|{x}|{d}|{seed}") for seed in SEEDS] for x in (a, "none", "absent")}
+    means = {x: _mean(rs) if None not in rs else None for x, rs in runs.items()}  # type: ignore[arg-type]
+    if any(m is None for m in means.values()):
+        return None
+    return 100 * (means[a] - means["none"]), 100 * (means[a] - means["absent"])  # type: ignore[operator]
+
+
+def holds(results: dict[str, dict], s: str = "fedavg", limit: float = 3.0) -> list[str]:
+    """Markdown lines: per defence, the attack cells of strategy ``s`` more than ``limit`` points below `absent`
+    (what a perfect defence leaves), worst first, and how many cells are within 5 points of `none`."""
+    lines = []
+    for d in ATTACK_DEFENCES:
+        gaps = {(n, k, a): g for n, k in SETTINGS for a in ATTACKS[2:] if (g := _gaps(results, s, n, k, a, d))}
+        if not gaps:
+            continue
+        bad = sorted((g[1], f"`{a}` at {k} of {n} ({g[1]:+.1f})") for (n, k, a), g in gaps.items() if g[1] < -limit)
+        near = sum(g[0] >= -5.0 for g in gaps.values())
+        (wn, wk, wa), worst = min(gaps.items(), key=lambda item: item[1][1])
+        lines.append(f"- **{d}** ({s}): {len(gaps) - len(bad)} of {len(gaps)} attack cells within {limit:g} points of "
+                     f"`absent`; " + ("below it: " + ", ".join(t for _, t in bad) if bad else
+                                      f"none below it (closest: `{wa}` at {wk} of {wn}, {worst[1]:+.1f})")
+                     + f". Within 5 points of `none`: {near} of {len(gaps)}.")  # fmt: skip
+    return lines
+
+
+def write_table(results: dict[str, dict], path: Path, loads: dict | None = None) -> None:
     lines = [
         "# Attacks × strategies with fedfuse's defences, and their cost on clean runs",
         "",
@@ -153,10 +196,18 @@ def write_table(results: dict[str, dict], path: Path) -> None:
         "`absent`, in points), then the updates over the runs that were **r**ejected, **c**lipped (norm bound),",
         "had their claim **c**apped, and **p**rojected (direction guard). `none`: every client honest. `absent`:",
         "the attackers' replies rejected (what a perfect defence leaves; their non-IID data is lost).",
-        "Defaults: update-norm-bound 3 × the median norm per local step (clip), examples-cap 10, direction-guard",
-        "median against the round's coordinate median, robust none. `trusted`: the defaults plus",
-        "`--trusted-data 100` (the guard's reference is the server's own update on 100 labelled training",
-        "examples, `fedfuse/trust.py`). `–`: not measured.",
+        "Defaults: update-norm-bound 3 × the median norm per local step (clip), examples-cap 10 (claimed",
+        "num-examples capped at 10 × the round's median, claimed local steps at 10 × its 70th percentile),",
+        "direction-guard median against the round's coordinate median, robust none. `trusted`: the defaults plus",
+        "`--trusted-data 100` (the guard's reference is the server's own update g₀ on 100 labelled training",
+        "examples, `fedfuse/trust.py`; the norm bound's 3 × shrinks to 1 × for an update at cosine ≤ 0 with g₀).",
+        "`–`: not measured.",
+        "",
+        *recorded_loads(loads or {}),
+        "",
+        "## What holds",
+        "",
+        *(line for s in STRATEGIES for line in holds(results, s)),
         "",
     ]
     cols = [(s, d) for s in STRATEGIES for d in ATTACK_DEFENCES]
