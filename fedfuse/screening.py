@@ -21,8 +21,8 @@ depend on the learning rate, the local epochs and the architecture. In order:
    claimed num-examples stand in (steps ∝ examples at a fixed batch size and epochs). ``k_i = k`` without a
    trusted reference; with one (below), ``k_i = 1 + (k − 1) · clamp(cos(Δ_i, g₀) / 0.25, 0, 1)``: only an
    update that agrees with the server's own update may move further per step than the round's median client
-   (a label-flipped client boosted 4 × sits at cosine −0.4…+0.3 with g₀, honest Dirichlet-0.1 ones at
-   −0.07…+0.7, nearly all above +0.1).
+   (a label-flipped client boosted 4 × sits at cosine −0.4…+0.3 with g₀, honest ones (Dirichlet, quantity) at
+   −0.07…+0.7, 259 of 274 above +0.1; docs/robustness.md).
 5. ``direction-guard median`` (the default): with ``r`` the coordinate-wise median of the Δ_i, each first
    scaled down to the round's median norm (unweighted, so neither a large claim nor a large norm moves it), the
    part of each update that points against it is removed: ``Δ_i ← Δ_i − min(0, ⟨Δ_i, r⟩/‖r‖²) · r``.
