@@ -80,6 +80,7 @@ __all__ = [
     "Screening",
     "screen_updates",
     "lower_median",
+    "cap_scale",
     "update_norm",
     "diverged_updates",
     "state_norm",
