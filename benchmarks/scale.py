@@ -9,6 +9,7 @@ per-round count. The machine is shared (load recorded per row): compare rows of 
 
     python benchmarks/scale.py --clients 100 10000 100000 --per-round 10 100 --backends inline
     python benchmarks/scale.py --clients 100 10000 --per-round 10 --backends ray --rounds 3
+    python benchmarks/scale.py --clients 10000 100000 --per-round 10 --backends ray --client-pool off on
 
 Writes ``<out>/scale.md`` and ``scale.json`` (default ``benchmarks/results``).
 """
@@ -42,13 +43,16 @@ def _tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def run_one(n: int, per_round: int, backend: str, rounds: int, dataset: str, timeout: float) -> dict[str, Any]:
-    """One ``fedfuse simulate`` run; its peak tree RSS, s/round and wall time."""
+def run_one(
+    n: int, per_round: int, backend: str, rounds: int, dataset: str, timeout: float, pool: bool = False
+) -> dict[str, Any]:
+    """One ``fedfuse simulate`` run; its peak tree RSS, s/round and wall time. ``pool``: ``--client-pool
+    per_round`` (that many SuperNodes serve the N clients)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", "--backend", backend, "--dataset", dataset]
         cmd += ["--model", "mlp", "--num-clients", str(n), "--fraction-train", repr(per_round / n)]
-        cmd += ["--rounds", str(rounds), "--out", str(out)]
+        cmd += ["--rounds", str(rounds), "--out", str(out)] + (["--client-pool", str(per_round)] if pool else [])
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         load = os.getloadavg()[0]
         start = time.monotonic()
@@ -63,6 +67,7 @@ def run_one(n: int, per_round: int, backend: str, rounds: int, dataset: str, tim
         err = proc.communicate()[1]
         wall = time.monotonic() - start
         row: dict[str, Any] = {"clients": n, "per_round": per_round, "backend": backend, "rounds": rounds}
+        row["pool"] = per_round if pool else 0
         row |= {"peak_rss_mb": peak / 2**20, "wall_s": wall, "load": load, "rc": proc.returncode}
         metrics = out / "metrics.json"
         if proc.returncode != 0 or not metrics.exists():
@@ -72,6 +77,12 @@ def run_one(n: int, per_round: int, backend: str, rounds: int, dataset: str, tim
         t = [r["wall_time"] for r in rows]
         per = [b - a for a, b in zip(t[:-1], t[1:], strict=True)]
         row |= {"round1_s": per[0], "s_per_round": statistics.median(per[1:]) if len(per) > 1 else per[0]}
+        # training work differs by which clients are drawn (power-law sizes): local steps a round and the server's
+        # own time (validation, screening, aggregation) show what does not depend on that draw
+        steps = [r["client_local_steps"] for r in rows[2:] if r.get("client_local_steps") is not None]
+        row["steps_per_round"] = statistics.median(steps) if steps else None
+        server = [r["server_s"] for r in rows[2:] if r.get("server_s") is not None]
+        row["server_s"] = statistics.median(server) if server else None
         row["replies"] = [r.get("replies") for r in rows[1:]]
         row["accuracy"] = rows[-1].get("central_accuracy")
         return row
@@ -104,8 +115,9 @@ def _md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "start-up (under Ray: SuperLink/ServerApp start and actor start; each sampled node not seen before is asked "
         "its partition id, no other node is).",
         "",
-        "| clients | per round | backend | peak RSS MB | s/round | round 1 s | total s | load | note |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---|",
+        "| clients | per round | backend | SuperNodes | peak RSS MB | s/round | client steps (mean) | server s/round | "
+        "round 1 s | total s | load | note |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
 
@@ -113,8 +125,9 @@ def _md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             return fmt.format(r[k]) if r.get(k) is not None else "—"
 
         lines.append(
-            f"| {r['clients']:,} | {r['per_round']} | {r['backend']} | {f('peak_rss_mb', '{:.0f}')} | "
-            f"{f('s_per_round')} | {f('round1_s')} | {f('wall_s', '{:.0f}')} | {r['load']:.1f} | {r.get('error', '')} |"
+            f"| {r['clients']:,} | {r['per_round']} | {r['backend']} | {r.get('pool') or r['clients']:,} | "
+            f"{f('peak_rss_mb', '{:.0f}')} | "
+            f"{f('s_per_round')} | {f('steps_per_round', '{:.0f}')} | {f('server_s', '{:.3f}')} | {f('round1_s')} | {f('wall_s', '{:.0f}')} | {r['load']:.1f} | {r.get('error', '')} |"
         )
     if meta.get("sampling"):
         lines += [
@@ -142,6 +155,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--tag", default="", help="suffix of the result files (scale-<tag>.*)")
     p.add_argument("--sampling-only", action="store_true", help="only the in-process sampling table")
+    p.add_argument("--client-pool", nargs="+", choices=["off", "on"], default=["off"],
+                   help="on: --client-pool PER_ROUND (that many SuperNodes serve the N clients); both: off and on")  # fmt: skip
     sys.path.insert(0, str(ROOT))  # benchmarks.common when run as a script
     from benchmarks.common import add_out, load_header, load_line
 
@@ -156,9 +171,10 @@ def main() -> None:
             for k in a.per_round:
                 if k > n:
                     continue
-                row = run_one(n, k, backend, a.rounds, a.dataset, a.timeout)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                for pool in a.client_pool:
+                    row = run_one(n, k, backend, a.rounds, a.dataset, a.timeout, pool=pool == "on")
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
     end = load_line()
     print(end, flush=True)
     meta = {

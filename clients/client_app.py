@@ -2,7 +2,8 @@
 
 The server sends the whole validated run config in every message's ConfigRecord, so the same
 ClientApp works under ``fedfuse simulate``, ``flwr run`` and a deployed SuperNode. The client's
-identity comes from Flower's ``node_config`` (``partition-id``, ``num-partitions``). Data sets and
+identity comes from Flower's ``node_config`` (``partition-id``, ``num-partitions``), or in a pooled run
+(``client-pool``) from the message, which names the client this node serves for it. Data sets and
 partitions are cached per process, so an actor loads its data once, not once per round.
 """
 
@@ -48,7 +49,17 @@ app = ClientApp()
 log = logging.getLogger("flwr")
 
 
-def _identity(context: Context) -> tuple[int, int]:
+def _identity(context: Context, run: dict[str, Any] | None = None) -> tuple[int, int]:
+    """(client id, number of clients): in a pooled run (``client-pool`` > 0) the client the message names for this
+    node (:data:`fedfuse.protocol.POOL_CLIENTS`) of ``num-clients``; else the node config's partition."""
+    if run is not None and int(run.get("client-pool", 0) or 0):
+        nodes, me = list(run.get(protocol.POOL_NODES, [])), str(context.node_id)
+        if me not in nodes:
+            raise ValueError(
+                f"client-pool={run['client-pool']}: the message names no client for node {me}; a pooled run needs a "
+                "strategy that samples clients and sends their ids (fedfuse's strategies, pool_clients=N)"
+            )
+        return int(list(run[protocol.POOL_CLIENTS])[nodes.index(me)]), int(run["num-clients"])
     cfg = context.node_config
     if protocol.PARTITION_ID not in cfg or protocol.NUM_PARTITIONS not in cfg:
         raise ValueError("node_config needs 'partition-id' and 'num-partitions' (e.g. --node-config)")
@@ -63,7 +74,7 @@ def _local_xy(cfg: dict[str, Any], context: Context) -> tuple[Any, Any]:
 
         ds = dataset_for(cfg)
         return load_local_data(str(data_dir), ds.input_shape, ds.num_classes)
-    pid, num_parts = _identity(context)
+    pid, num_parts = _identity(context, cfg)
     return client_data(cfg, pid, num_parts)
 
 
@@ -125,7 +136,7 @@ def repair_statistics(msg: Message, context: Context) -> Message:
 
     cfg = _run_config(msg)
     with torch_threads(int(cfg.get("client-threads", 1))):
-        pid, _ = _identity(context)
+        pid, _ = _identity(context, cfg)
         ds = dataset_for(cfg)
         x, _ = _local_xy(cfg, context)
         arrays = msg.content.array_records
@@ -156,7 +167,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
-    pid, num_parts = _identity(context)
+    pid, num_parts = _identity(context, cfg)
     server_round = int(cfg.get(protocol.SERVER_ROUND, 0))
     if inject_faults(cfg, pid, server_round):  # a simulated straggler: the server counts this reply as late
         late = MetricRecord({protocol.INJECTED_LATE: 1})
@@ -221,7 +232,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model on this client's training partition; in layer-wise mode, the client's
     personal model (received shared keys + its personal layers) on its 20 % holdout."""
     cfg = _run_config(msg)
-    pid, num_parts = _identity(context)
+    pid, num_parts = _identity(context, cfg)
     ds = dataset_for(cfg)
     x, y = _local_xy(cfg, context)
     model = client_model(cfg, ds, pid)

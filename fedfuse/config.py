@@ -11,6 +11,7 @@ output). Each strategy declares its own options next to its code (``options`` on
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -98,6 +99,14 @@ OPTIONS: dict[str, Option] = {
         Option("depth", int, 0, "hidden layers / RNN layers (0 = default)", low=0),
         Option("batch-norm", bool, False, "BatchNorm in CNN/ResNet"),
         Option("num-clients", int, 10, "number of simulated clients (SuperNodes)", low=1),
+        Option(
+            "client-pool",
+            int,
+            0,
+            "serve num-clients clients from this many SuperNodes (>= the clients sampled per round; each round "
+            "the server sends every sampled client's id to a SuperNode of the pool); 0 = one SuperNode per client",
+            low=0,
+        ),
         Option("num-rounds", int, 5, "federated rounds", low=1),
         Option("fraction-train", float, 1.0, "fraction of clients sampled per round", low=0.0, high=1.0, low_open=True),
         Option("partition", str, "dirichlet", "partitioning scheme", choices=PARTITIONS),
@@ -227,7 +236,28 @@ def validate_config(
             f"local-epochs-max={out['local-epochs-max']} is below local-epochs={out['local-epochs']}; "
             "allowed: 0 (off) or >= local-epochs"
         )
+    if out.get("client-pool", 0):
+        _check_pool(out)
     return out
+
+
+def round_sample_size(num_clients: int, fraction: float) -> int:
+    """Clients a train round samples: ``min(N, max(1, ceil(fraction·N)))`` (:func:`fedfuse.experiment.sample_clients`
+    with the registry's ``min_train_nodes``)."""
+    return min(num_clients, max(1, math.ceil(fraction * num_clients)))
+
+
+def _check_pool(cfg: Mapping[str, Any]) -> None:
+    """A pool of ``client-pool`` SuperNodes must hold every client a round samples, and no more than one per client."""
+    pool, n = int(cfg["client-pool"]), int(cfg["num-clients"])
+    if pool > n:
+        raise ConfigError(f"client-pool={pool} exceeds num-clients={n}; allowed: 0 (off) or 1..{n}")
+    need = round_sample_size(n, float(cfg["fraction-train"]))
+    if pool < need:
+        raise ConfigError(
+            f"client-pool={pool} is below the {need} clients a round samples (fraction-train={cfg['fraction-train']:g} "
+            f"of num-clients={n}); allowed: 0 (off) or {need}..{n}"
+        )
 
 
 SERVER_OPTIONS = (

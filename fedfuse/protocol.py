@@ -42,6 +42,8 @@ __all__ = [
     "REPAIR_OWN",
     "REPAIR_FUSED",
     "PROXIMAL_MU",
+    "POOL_NODES",
+    "POOL_CLIENTS",
     "RUN_DONE_DIR",
     "PARTITION_CACHE",
     "run_done_marker",
@@ -77,6 +79,10 @@ PFN_RATIO = "pfn-ratio"
 PFN_SEED = "pfn-seed"
 PFN_GRANULARITY = "pfn-granularity"
 PROXIMAL_MU = "proximal-mu"  # FedProx: μ of the clients' proximal term (Flower 1.41 FedProx's train-config key)
+# a pooled run (``client-pool`` K > 0: K SuperNodes serve ``num-clients`` clients): node ``POOL_NODES[i]`` (its id
+# as a string: Flower node ids are unsigned 64-bit) serves client ``POOL_CLIENTS[i]`` for this message
+POOL_NODES = "pool-nodes"
+POOL_CLIENTS = "pool-clients"
 
 # Context.state record of a client
 PERSONAL_STATE = "layerwise-personal"  # LayerwiseAvg: this client's personal layers (ArrayRecord)

@@ -47,6 +47,7 @@ class FedFuseStrategy(FedAvg):
     θ = Σ_i (n_i / Σ_j n_j) θ_i over the screened replies (n_i capped), summed in partition order in float64.
     FedAvg's arguments pass through with FedAvg's defaults; the screening ones are
     :class:`fedfuse.screening.ScreeningConfig`'s. ``distill_epochs`` > 0: FedDF (Lin et al. 2020) on ``server_data``.
+    ``pool_clients`` = N > 0: the SuperNodes are a pool serving clients 0..N-1 (messages name them).
     """
 
     options: ClassVar[tuple[Option, ...]] = STRATEGY_OPTIONS["fedavg"]  # run options beyond the core ones
@@ -56,7 +57,7 @@ class FedFuseStrategy(FedAvg):
         max_num_examples: float = MAX_NUM_EXAMPLES, max_reply_factor: float = MAX_REPLY_FACTOR,
         robust: str = "none", robust_fraction: float = 0.2, server_data: torch.Tensor | None = None,
         distill_epochs: int = 0, distill_model: torch.nn.Module | None = None,
-        trusted: Callable[[State, int], State] | None = None, **kwargs: Any,
+        trusted: Callable[[State, int], State] | None = None, pool_clients: int = 0, **kwargs: Any,
     ) -> None:  # fmt: skip
         names = ScreeningConfig.__dataclass_fields__
         self.screening = ScreeningConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
@@ -68,6 +69,7 @@ class FedFuseStrategy(FedAvg):
         self.max_num_examples = float(max_num_examples)  # a reply's num-examples above this is rejected
         self.max_reply_factor = float(max_reply_factor)  # a reply above this × the sent model's bytes is rejected
         self.nodes = NodeOrder(query_timeout, query=discover_partitions)  # see strategies.sampling
+        self.nodes.clients = int(pool_clients)  # > 0: the nodes are a pool serving this many clients
         self.round_metrics: dict[str, float] = {}  # statistics of the current round, returned with the metrics
         self.started_apart = False  # round-1 clients trained from their own inits (no direction guard then)
         self._sent: State = {}
@@ -88,7 +90,9 @@ class FedFuseStrategy(FedAvg):
         defences["trusted"] = trusted_reference(cfg, model) if defences.pop("trusted_data", 0) else None
         if int(cfg.get("distill-epochs", 0)):
             defences |= {"distill_epochs": int(cfg["distill-epochs"]), "distill_model": model}
-        strategy = cls(**{**kwargs, "seed": int(cfg["seed"]), "discover_partitions": True, **defences, **own})
+        pool = int(cfg["num-clients"]) if int(cfg.get("client-pool", 0)) else 0
+        strategy = cls(**{**kwargs, "seed": int(cfg["seed"]), "discover_partitions": True, "pool_clients": pool,
+                          **defences, **own})  # fmt: skip
         strategy.started_apart = init_mode(cfg) != "shared"
         return strategy
 
@@ -104,7 +108,7 @@ class FedFuseStrategy(FedAvg):
         if fraction == 0.0:
             return []
         node_ids = seeded_sample(grid, self.nodes, self.seed, server_round, fraction, minimum, self.min_available_nodes)
-        config[protocol.SERVER_ROUND] = server_round
+        config.update({protocol.SERVER_ROUND: server_round, **self.nodes.pool_config(node_ids)})
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, node_ids, kind)
 

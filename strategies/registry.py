@@ -50,6 +50,8 @@ STRATEGIES: dict[str, str] = {
     "flora": "strategies.lora:FLoRA",
 }
 
+KEEPS_CLIENT_STATE = frozenset({"layerwise"})  # clients keep state in Context.state between rounds: no client-pool
+
 
 def _import(path: str, name: str) -> type[Strategy]:
     from flwr.serverapp.strategy import Strategy
@@ -107,6 +109,12 @@ def validate_config(
         if cfg.get("distill-epochs") and (cfg.get("bn-repair", "none") != "none" or cfg.get("client-widths")):
             other = "bn-repair" if cfg.get("bn-repair", "none") != "none" else "client-widths"
             raise ConfigError(f"distill-epochs={cfg['distill-epochs']} cannot be combined with {other}={cfg[other]!r}")
+        if cfg.get("client-pool") and strategy in KEEPS_CLIENT_STATE:
+            raise ConfigError(
+                f"client-pool={cfg['client-pool']} cannot serve strategy={strategy!r}: its clients keep personal "
+                "layers in their SuperNode's Context.state between rounds, so each needs its own SuperNode; allowed: "
+                "client-pool 0"
+            )
         if cfg.get("trusted-data") and cfg.get("direction-guard", "median") == "off":
             raise ConfigError(
                 f"trusted-data={cfg['trusted-data']} is the direction guard's reference and needs direction-guard "
@@ -141,7 +149,7 @@ def build_strategy(
         "fraction_evaluate": 0.0,
         "min_train_nodes": max(1, min(2, math.ceil(float(cfg["fraction-train"]) * n))),
         "min_evaluate_nodes": 0,
-        "min_available_nodes": n,
+        "min_available_nodes": int(cfg.get("client-pool", 0)) or n,  # a pool's SuperNodes, else one per client
     }
     if server_data is not None:
         kwargs["server_data"] = server_data

@@ -9,13 +9,16 @@ node id. With ``query=False``
 (the default for a strategy a user constructs) no message type the user's ClientApp may not register is
 sent: nodes are ordered by the partition id their replies carry (fedfuse's ClientApp sends it) once seen,
 else by node id — deterministic for fixed node ids (a deployment), not across simulation runs.
+A pool (``NodeOrder.clients`` = N > 0, the run option ``client-pool``): K connected SuperNodes serve N clients;
+each round samples client ids from ``range(N)`` and hands them to nodes (:meth:`NodeOrder.assign`), so the
+runtime holds K nodes, not N, and a round costs O(sample) whatever N is.
 :func:`seeded_sample` draws ``max(ceil(fraction·N), min_nodes)`` positions of that order from ``(seed, round)``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -44,6 +47,33 @@ class NodeOrder:
         self._cached: tuple[tuple[int, ...], int, list[int]] | None = None
         self.registered: bool | None = None  # registration order = partition order: unknown / held / failed
         self._registered_cache: tuple[frozenset[int], list[int] | None] | None = None
+        self.clients = 0  # > 0: a pool; the connected nodes serve clients 0..clients-1, assigned per message batch
+
+    def assign(self, node_ids: Iterable[int], clients: list[int]) -> list[int]:
+        """Pool: client ``clients[i]`` goes to the i-th connected node by id for this message batch (a node is a
+        stateless worker: what it computes depends only on the client id it is sent, so any assignment gives the
+        same run). Returns those nodes; :meth:`partition` answers for them until the next batch. With fewer nodes
+        than clients (pool nodes lost mid-run; the CLI refuses a pool smaller than a round's sample) the clients
+        beyond the nodes sit this batch out, logged, as a lost node's client would."""
+        nodes = sorted(node_ids)
+        if len(clients) > len(nodes):
+            log.warning("client-pool: %d clients sampled but %d SuperNodes connected; clients %s sit this round out",
+                        len(clients), len(nodes), clients[len(nodes):][:10])  # fmt: skip
+            clients = clients[: len(nodes)]
+        picked = nodes[: len(clients)]
+        self.partition_of = dict(zip(picked, clients, strict=True))
+        self._version += 1
+        return picked
+
+    def pool_config(self, node_ids: list[int]) -> dict[str, list[str] | list[int]]:
+        """In a pool, the round config's keys naming the client each of ``node_ids`` serves (one record shared by
+        every message; node ids as strings, since Flower's are unsigned 64-bit); else nothing."""
+        if not self.clients:
+            return {}
+        return {
+            protocol.POOL_NODES: [str(n) for n in node_ids],
+            protocol.POOL_CLIENTS: [self.partition(n) for n in node_ids],
+        }
 
     def learn(self, reply: Message) -> None:
         """Record the partition id a reply carries (``protocol.CLIENT_INFO``), if any."""
@@ -154,6 +184,10 @@ def seeded_sample(
     container, a lost host) would otherwise stall every later round of the run forever.
     """
     needed = max(1, min(min_available, min_nodes)) if order.joined else min_available
+    if order.clients:  # a pool: sample client ids, not nodes; the nodes only carry them (O(sample) per round)
+        _, all_nodes = sample_nodes(grid, needed, 0)
+        order.joined = True
+        return order.assign(all_nodes, sample_clients(seed, server_round, order.clients, fraction, min_nodes))
     in_order = getattr(grid, "nodes_in_partition_order", None)
     if callable(in_order):  # a grid that knows its nodes (fedfuse's inline grid): O(sample), not O(N), per round
         ordered = in_order()

@@ -82,6 +82,21 @@ def test_fedfuse_app_never_overwrites_and_says_where_results_went(superlink, fed
         assert [r["round"] for r in rows] == [0, 1] and rows[1]["replies"] == 2
 
 
+def test_flwr_run_serves_many_clients_from_a_pool_of_supernodes(superlink, tmp_path) -> None:
+    """`client-pool=2` on Flower's 2-SuperNode federation serves 8 clients: each round's 2 sampled clients (seeded,
+    from all 8) train on the 2 nodes, and over 3 rounds more clients than nodes take part."""
+    out = tmp_path / "pool"
+    config = f"num-rounds=3 num-clients=8 fraction-train=0.25 client-pool=2 dataset='mnist1d' out='{out}'"
+    code, log, status, _ = flwr_run(superlink, ROOT, config)
+    assert code == 0 and status == "finished:completed", log[-3000:]
+    assert not error_lines(log), error_lines(log)
+    rows = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [r["replies"] for r in rows[1:]] == [2, 2, 2], rows
+    from fedfuse.experiment import sample_clients
+
+    assert len({c for r in (1, 2, 3) for c in sample_clients(0, r, 8, 0.25, 2)}) > 2  # the run's seed is 0
+
+
 def test_a_bad_value_is_one_line_and_a_failed_run(superlink, tmp_path) -> None:
     code, log, status, details = flwr_run(superlink, ROOT, f"strategy='wbb' num-clients=2 out='{tmp_path / 'x'}'")
     message = "strategy='wbb' is not allowed; allowed: fedavg"

@@ -136,8 +136,10 @@ class InlineGrid(Grid):
 def run_inline(
     cfg: dict[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None, *, resume: bool = False
 ) -> None:
-    """fedfuse's ServerApp logic on an :class:`InlineGrid` of ``cfg['num-clients']`` nodes running its ClientApp."""
+    """fedfuse's ServerApp logic on an :class:`InlineGrid` of ``cfg['num-clients']`` nodes (``client-pool`` nodes
+    when set) running its ClientApp."""
     from clients.client_app import app as client_app
     from strategies.server_app import run_server
 
-    run_server(InlineGrid(client_app, int(cfg["num-clients"])), cfg, on_round, resume=resume)
+    nodes = int(cfg.get("client-pool", 0)) or int(cfg["num-clients"])  # a pool: K nodes serve the N clients
+    run_server(InlineGrid(client_app, nodes), cfg, on_round, resume=resume)

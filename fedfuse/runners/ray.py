@@ -339,7 +339,8 @@ def run_ray(
     verbose: bool = False,
     superlink: SuperLinkProcess | None = None,
 ) -> None:
-    """``cfg['num-clients']`` simulated SuperNodes on Ray, each ClientApp reserving ``client_cpus`` /
+    """``cfg['num-clients']`` simulated SuperNodes on Ray (``client-pool`` of them serving every client when set: the
+    runtime then holds K nodes, not N), each ClientApp reserving ``client_cpus`` /
     ``client_gpus``; ``ray_address`` joins an existing Ray cluster (``RAY_ADDRESS``) instead of a local one.
     ``superlink``: a SuperLink the caller started already (its start-up overlapped the caller's preflight).
 
@@ -383,7 +384,8 @@ def run_ray(
         with _superlink_for_run(Path(tmp), extra, superlink) as (env, link):
             level, to_driver = ("INFO", "true") if verbose else ("ERROR", "false")
             fed = (
-                f"num-supernodes={int(cfg['num-clients'])} client-resources-num-cpus={client_cpus:g} "
+                f"num-supernodes={int(cfg.get('client-pool', 0)) or int(cfg['num-clients'])} "
+                f"client-resources-num-cpus={client_cpus:g} "
                 f"client-resources-num-gpus={client_gpus:g} init-args-logging-level='{level}' "
                 f"init-args-log-to-driver={to_driver}"
             )
