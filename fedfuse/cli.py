@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 from fedfuse.errors import ConfigError, RunFailedError
 from fedfuse.model_commands import add_lmc_parser, add_merge_parser, run_lmc, run_merge
+from fedfuse.runners.compare import run_compare
 
 __all__ = ["main", "build_parser", "config_from_args", "preflight"]
 
@@ -429,141 +429,6 @@ def _print_table(console: Any, runs: dict[str, list[dict[str, Any]]]) -> None:
     console.print(table)
 
 
-def compare_entries(text: str) -> list[tuple[str, str, dict[str, Any]]]:
-    """``--compare`` entries as (label, strategy, options): ``STRATEGY`` or ``STRATEGY@key=value[@key=value...]``,
-    a run with options of its own (schema names, e.g. ``fedavg@client-init=shared``, ``wb@bn-repair=repair``)."""
-    entries: list[tuple[str, str, dict[str, Any]]] = []
-    for label in (s.strip() for s in text.split(",")):
-        if not label:
-            continue
-        name, *pairs = label.split("@")
-        own: dict[str, Any] = {}
-        for pair in pairs:
-            key, sep, value = pair.partition("=")
-            if not sep or not key or key in ("strategy", "out"):
-                raise ConfigError(
-                    f"compare entry {label!r}: {pair!r} is not allowed; allowed: STRATEGY@key=value with a run "
-                    "option other than strategy/out, e.g. fedavg@client-init=shared"
-                )
-            own[key] = value
-        entries.append((label, name, own))
-    labels = [e[0] for e in entries]
-    if len(entries) < 2 or len(set(labels)) < len(labels):
-        raise ConfigError(f"compare={text!r} needs at least two different comma-separated strategies")
-    return entries
-
-
-def _drop_option(argv: list[str], key: str) -> list[str]:
-    """``argv`` without the flag of option ``key`` (``--key VALUE``, ``--key=VALUE``; ``--key``/``--no-key`` for a
-    boolean option)."""
-    flag = "--rounds" if key == "num-rounds" else f"--{key}"
-    if _schema()[key].type is bool:
-        return [a for a in argv if a not in (flag, f"--no-{key}")]
-    return _drop_flag(argv, flag)
-
-
-def _option_flags(options: dict[str, Any]) -> list[str]:
-    """``--key value`` flags (``--key``/``--no-key`` for booleans) that set ``options``."""
-    flags: list[str] = []
-    for key, value in options.items():
-        flag = "rounds" if key == "num-rounds" else key
-        if _schema()[key].type is bool:
-            flags.append(f"--{flag}" if value else f"--no-{flag}")
-        else:
-            flags += [f"--{flag}", str(value)]
-    return flags
-
-
-def _compare(cfg: dict[str, Any], args: argparse.Namespace, argv: Sequence[str]) -> None:
-    """Run each strategy in its own process (a fresh Ray; one warm SuperLink for all), same partitions and seeds;
-    one table, one plot.
-    An entry ``STRATEGY@key=value`` runs with its own value of ``key`` (:func:`compare_entries`)."""
-    from rich.console import Console
-
-    from fedfuse.results import atomic_write_bytes, load_metrics, plot_accuracy
-    from strategies.registry import options_for
-
-    entries = compare_entries(args.compare)
-    out = Path(cfg["out"])
-    checked: dict[str, dict[str, Any]] = {}
-    for label, name, own in entries:  # every entry's options before anything starts
-        checked[label] = {k: v for k, v in validate_config({**options_for(cfg, name), **own}).items() if k in own}
-    with _warm_superlink(args) as child_env:  # one SuperLink for every run, started while the preflights run
-        for label, name, own in entries:
-            given = validate_config({**options_for(cfg, name), **own})
-            preflight({**given, "out": str(out / run_dir_name(label))}, args.overwrite)
-        _compare_runs(cfg, args, argv, entries, checked, child_env() if child_env else None)
-    runs = {label: load_metrics(out / run_dir_name(label))["rounds"] for label, _, _ in entries}
-    console = Console(width=max(Console().width, 76 + max(map(len, runs))))  # every label whole
-    _print_table(console, runs)
-    from fedfuse.experiment import init_mode
-
-    start = {"shared": "", "own": ", client-init own", "files": f", client-init-from {cfg['client-init-from']}"}
-    title = f"{cfg['dataset']} / {cfg['model']}, {cfg['partition']}{start[init_mode(cfg)]}"  # entries may override
-    plot_accuracy(runs, out / "compare.png", title=title)
-    summary = {name: rows[-1] for name, rows in runs.items()}
-    atomic_write_bytes(out / "compare.json", json.dumps(summary, indent=2).encode())
-    console.print(f"comparison in {out}/compare.png and compare.json")
-
-
-def _warm_superlink(args: argparse.Namespace) -> Any:
-    """For a Ray ``--compare``: a SuperLink started now and shared by every compared run (each run's process finds
-    it through ``$FEDFUSE_SUPERLINK_HOME``); yields a function giving the runs' environment once it answers.
-    Inline comparisons yield None."""
-    import contextlib
-
-    if (args.backend or "ray") != "ray":
-        return contextlib.nullcontext(None)
-
-    @contextlib.contextmanager
-    def warm() -> Any:
-        import os
-
-        from fedfuse.runners.ray import WARM_SUPERLINK, started_superlink
-
-        with started_superlink({"RAY_ADDRESS": args.ray_address} if args.ray_address else None) as link:
-
-            def env() -> dict[str, str]:
-                link.ready()
-                return {**os.environ, WARM_SUPERLINK: str(link.home)}
-
-            yield env
-
-    return warm()
-
-
-def _compare_runs(
-    cfg: dict[str, Any],
-    args: argparse.Namespace,
-    argv: Sequence[str],
-    entries: list[tuple[str, str, dict[str, Any]]],
-    checked: dict[str, dict[str, Any]],
-    env: dict[str, str] | None,
-) -> None:
-    """Each compared strategy in its own process (``env``: the warm SuperLink's for Ray runs)."""
-    from strategies.registry import options_for
-
-    out = Path(cfg["out"])
-    base = list(argv)
-    for flag in ("--compare", "--strategy", "--out"):
-        base = _drop_flag(base, flag)
-    for label, name, own in entries:
-        args_of = base
-        for key in set(cfg) - set(k for k, v in options_for(cfg, name).items() if v == cfg[k]):
-            args_of = _drop_option(args_of, key)  # options only other compared strategies read
-        for key in own:
-            args_of = _drop_option(args_of, key)
-        cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", *args_of, *_option_flags(checked[label])]
-        cmd += ["--strategy", name, "--out", str(out / run_dir_name(label))]
-        if subprocess.run(cmd, check=False, env=env).returncode != 0:
-            raise RunFailedError(f"strategy {label!r} failed; see its output above")
-
-
-def run_dir_name(strategy: str) -> str:
-    """A compared strategy's result folder: its name, ``pkg.mod:Class`` as ``pkg.mod.Class`` (no colon)."""
-    return strategy.replace(":", ".")
-
-
 def _check_ray_address(address: str) -> None:
     """Fail fast (instead of Ray's long connection retries) when the cluster head does not answer."""
     import socket
@@ -608,19 +473,6 @@ def _partition_cache(args: argparse.Namespace) -> str | None:
     return str(partition_cache(Path(warm))) if warm else None
 
 
-def _drop_flag(argv: list[str], flag: str) -> list[str]:
-    """``argv`` without ``flag VALUE`` / ``flag=VALUE``."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == flag:
-            skip = True
-        elif not a.startswith(flag + "="):
-            out.append(a)
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -641,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         if args.compare:
-            _compare(cfg, args, argv[1:])
+            run_compare(cfg, args, argv[1:], preflight, _print_table)
             return 0
         if getattr(args, "ray_address", None):
             _check_ray_address(args.ray_address)

@@ -144,7 +144,7 @@ def test_resume_reuses_the_backend_of_the_run(tmp_path, monkeypatch) -> None:
 
 
 def test_compare_folder_of_a_strategy_path_has_no_colon() -> None:
-    from fedfuse.cli import run_dir_name
+    from fedfuse.runners.compare import run_dir_name
 
     assert run_dir_name("my_pkg.my_mod:MyStrategy") == "my_pkg.my_mod.MyStrategy"
     assert run_dir_name("wb") == "wb"

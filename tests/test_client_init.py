@@ -198,13 +198,13 @@ def test_bad_client_init_inputs_exit_2_with_one_line(tmp_path, capsys) -> None:
 
 
 def test_compare_entries_give_one_run_its_own_options(tmp_path, capsys) -> None:
-    from fedfuse.cli import _option_flags, compare_entries
+    from fedfuse.runners.compare import compare_entries, option_flags
 
     entries = compare_entries("fedavg, wb,fedavg@client-init=shared@one-shot=false")
     assert entries == [("fedavg", "fedavg", {}), ("wb", "wb", {}),
                        ("fedavg@client-init=shared@one-shot=false", "fedavg",
                         {"client-init": "shared", "one-shot": "false"})]  # fmt: skip
-    assert _option_flags({"client-init": "shared", "one-shot": False, "num-rounds": 3}) == [
+    assert option_flags({"client-init": "shared", "one-shot": False, "num-rounds": 3}) == [
         "--client-init", "shared", "--no-one-shot", "--rounds", "3"]  # fmt: skip
     line = refused(["--compare", "fedavg,fedavg@client-init"], tmp_path, capsys)
     assert "compare entry 'fedavg@client-init': 'client-init' is not allowed; allowed: STRATEGY@key=value" in line
