@@ -54,7 +54,7 @@ def small(line: str, venv: str) -> str:
         return f"make -o {stamp} VENV={venv} PYTEST_ARGS=tests/test_layering.py test"
     code = line.split("#", 1)[0].rstrip() if not line.rstrip().endswith("\\") else line
     if "fedfuse simulate" in line and not line.rstrip().endswith("\\"):
-        return code + SMALL_SIM
+        return code + SMALL_SIM + (" --client-pool 2" if "--client-pool" in code else "")  # a pool fits 2 clients
     if re.search(r"\bflwr run\b", line):
         return code + ' --run-config "num-rounds=1"'
     return line
