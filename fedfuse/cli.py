@@ -473,6 +473,22 @@ def _partition_cache(args: argparse.Namespace) -> str | None:
     return str(partition_cache(Path(warm))) if warm else None
 
 
+POOL_HINT_CLIENTS = 10_000  # from here on, a SuperNode per client costs Flower's runtime seconds a round
+
+
+def _pool_hint(cfg: dict[str, Any], backend: str) -> str | None:
+    """A note for a Ray run of many clients without a pool: Flower's simulation runtime polls every SuperNode every
+    0.1 s (benchmarks/results/scale.md: 4.1 vs 0.33 s a round at 100,000 clients, 10 a round)."""
+    n = int(cfg["num-clients"])
+    if backend != "ray" or int(cfg.get("client-pool", 0)) or n < POOL_HINT_CLIENTS:
+        return None
+    from fedfuse.config import round_sample_size
+
+    k = round_sample_size(n, float(cfg["fraction-train"]))
+    return (f"fedfuse: note: {n:,} SuperNodes, one per client: Flower's runtime polls each every 0.1 s; "
+            f"--client-pool {k} serves the {k} clients a round samples from {k} SuperNodes (same results)")  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -505,6 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             args.backend = args.backend or _saved_backend(Path(args.resume))
         args.backend = args.backend or "ray"
+        if hint := _pool_hint(cfg, args.backend):
+            print(hint, file=sys.stderr)
         with _early_superlink(args) as args.superlink:  # starts while the preflight runs (and may fail)
             preflight(cfg, None if args.resume else args.overwrite, resumed_model, _partition_cache(args))
             _simulate_replacing(cfg, args)

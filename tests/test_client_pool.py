@@ -176,3 +176,13 @@ def test_a_pool_that_lost_nodes_runs_the_clients_it_can_and_says_which_sit_out(c
     assert "3 clients sampled but 2 SuperNodes connected; clients [7] sit this round out" in caplog.text
     assert order.pool_config(picked) == {"pool-nodes": ["31", "905"], "pool-clients": [1, 4]}
     assert order.assign([905, 31, 2], [0, 9]) == [2, 31] and order.partition(905) == -1  # last batch's map only
+
+
+def test_a_ray_run_of_many_clients_without_a_pool_is_told_the_pool_it_needs() -> None:
+    from fedfuse.cli import _pool_hint
+
+    cfg = {"num-clients": 100_000, "fraction-train": 0.0005, "client-pool": 0}
+    assert "--client-pool 50 serves the 50 clients a round samples" in str(_pool_hint(cfg, "ray"))
+    assert _pool_hint({**cfg, "client-pool": 50}, "ray") is None  # pooled already
+    assert _pool_hint(cfg, "inline") is None  # the inline grid holds no per-node state to poll
+    assert _pool_hint({**cfg, "num-clients": 1000}, "ray") is None
