@@ -485,6 +485,8 @@ def _pool_hint(cfg: dict[str, Any], backend: str) -> str | None:
     from fedfuse.config import round_sample_size
 
     k = round_sample_size(n, float(cfg["fraction-train"]))
+    if k > n // 2:  # most clients train every round: a pool would hold nearly as many SuperNodes
+        return None
     return (f"fedfuse: note: {n:,} SuperNodes, one per client: Flower's runtime polls each every 0.1 s; "
             f"--client-pool {k} serves the {k} clients a round samples from {k} SuperNodes (same results)")  # fmt: skip
 
@@ -521,10 +523,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             args.backend = args.backend or _saved_backend(Path(args.resume))
         args.backend = args.backend or "ray"
-        if hint := _pool_hint(cfg, args.backend):
-            print(hint, file=sys.stderr)
         with _early_superlink(args) as args.superlink:  # starts while the preflight runs (and may fail)
             preflight(cfg, None if args.resume else args.overwrite, resumed_model, _partition_cache(args))
+            if hint := _pool_hint(cfg, args.backend):  # after the checks: bad input stays one line
+                print(hint, file=sys.stderr)
             _simulate_replacing(cfg, args)
     except ConfigError as exc:
         print(f"fedfuse: error: {exc}", file=sys.stderr)

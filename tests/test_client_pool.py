@@ -186,3 +186,12 @@ def test_a_ray_run_of_many_clients_without_a_pool_is_told_the_pool_it_needs() ->
     assert _pool_hint({**cfg, "client-pool": 50}, "ray") is None  # pooled already
     assert _pool_hint(cfg, "inline") is None  # the inline grid holds no per-node state to poll
     assert _pool_hint({**cfg, "num-clients": 1000}, "ray") is None
+    assert _pool_hint({**cfg, "fraction-train": 1.0}, "ray") is None  # every client trains: no smaller pool
+
+
+def test_the_pool_note_never_comes_with_a_bad_input_line(capsys) -> None:
+    from fedfuse.cli import main
+
+    assert main(["simulate", "--num-clients", "100000", "--fraction-train", "0.0001", "--out", "/nonexistent/x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "num-clients=100000 exceeds" in err[0], err
