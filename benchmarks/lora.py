@@ -126,7 +126,12 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated method labels to run (default: all)")
     p.add_argument("--lora-head", default="auto", help="lora-head of the LoRA runs (auto: the output layer trained)")
     p.add_argument("--lora-bias", default="none", help="lora-bias of the LoRA runs (none, lora_only, all)")
-    p.add_argument("--rank", type=int, default=4, help="the equal setting's rank (the mixed one cycles 2,4,8)")
+    p.add_argument("--rank", type=int, default=4, help="the equal setting's rank")
+    p.add_argument("--mixed-ranks", default="2,4,8", help="the mixed setting's ranks, cycled over clients")
+    p.add_argument("--lora-alpha", type=float, default=4.0, help="LoRA scale numerator (scale alpha/r)")
+    p.add_argument("--width", type=int, default=0, help="hidden width of the model (0: its default)")
+    p.add_argument("--depth", type=int, default=0, help="hidden layers of the model (0: its default)")
+    p.add_argument("--pretrain-epochs", type=int, default=5, help="epochs of the central low-classes pretraining")
     p.add_argument("--tag", default="")
     add_out(p)
     args = p.parse_args()
@@ -148,10 +153,12 @@ def main() -> None:
                             "strategy": strategy, "dataset": args.dataset, "data-root": args.data_root,
                             "model": args.model, "num-clients": args.num_clients, "alpha": alpha, "seed": seed,
                             "local-epochs": args.local_epochs, "pretrain": "low-classes",
-                            "lora-ranks": str(args.rank) if ranks == "4" else ranks,
+                            "pretrain-epochs": args.pretrain_epochs, "width": args.width, "depth": args.depth,
+                            "lora-ranks": {"": "", "4": str(args.rank)}.get(ranks, args.mixed_ranks),
                             "lr": args.lr if strategy == "fedavg" else args.lora_lr,
                             **({} if strategy == "fedavg" else {"lora-head": args.lora_head,
-                                                                "lora-bias": args.lora_bias}),
+                                                                "lora-bias": args.lora_bias,
+                                                                "lora-alpha": args.lora_alpha}),
                         })  # fmt: skip
                         runs.append(run(cfg, args.rounds))
                     results[key] = runs
@@ -182,13 +189,17 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
         f"`python -m benchmarks.lora --dataset {args.dataset} --model {args.model} --rounds {args.rounds} "
         f"--num-clients {args.num_clients} --local-epochs {args.local_epochs} --seeds {args.seeds} "
         f"--alphas {args.alphas} --settings {args.settings} --lr {args.lr} --lora-lr {args.lora_lr} "
-        f"--lora-head {args.lora_head} --lora-bias {args.lora_bias} --rank {args.rank}` ({seconds / 60:.0f} min, 1 thread).",
+        f"--lora-head {args.lora_head} --lora-bias {args.lora_bias} --rank {args.rank} --mixed-ranks "
+        f"{args.mixed_ranks} --lora-alpha {args.lora_alpha:g} --width {args.width} --depth {args.depth} "
+        f"--pretrain-epochs {args.pretrain_epochs}{' --tag ' + args.tag if args.tag else ''}` "
+        f"({seconds / 60:.0f} min, 1 thread).",
         "",
         *([load, ""] if load else []),
-        "Base: pretrained centrally on the training samples of classes 0-4 (5 epochs); federated task: all 10 "
-        f"classes, Dirichlet(α) over {args.num_clients} clients, every client every round. LoRA on every Linear "
-        f"but the lora-head (alpha 4, scale alpha/r); head trained fully: {args.lora_head}, trainable biases: "
-        f"{args.lora_bias}; equal ranks {args.rank}, mixed ranks 2,4,8 cycled over clients. Accuracy: central test set, mean ± std "
+        f"Base: pretrained centrally on the training samples of classes 0-4 ({args.pretrain_epochs} epochs); "
+        f"federated task: all 10 classes, Dirichlet(α) over {args.num_clients} clients, every client every round. "
+        f"LoRA on every Linear but the lora-head (alpha {args.lora_alpha:g}, scale alpha/r); head trained fully: "
+        f"{args.lora_head}, trainable biases: {args.lora_bias}; equal ranks {args.rank}, mixed ranks "
+        f"{args.mixed_ranks} cycled over clients. Accuracy: central test set, mean ± std "
         f"over seeds {', '.join(seeds)} (percent). Bytes: arrays sent + received per round, all clients. "
         "Error: ‖M − s·B̄·Ā‖_F / ‖M‖_F of the adapters the server keeps (M = mean of the clients' s·B·A), mean "
         "over rounds; FedEx-LoRA folds that gap into the base (its applied update is exact), FLoRA's stacking is "
