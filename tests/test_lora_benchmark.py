@@ -39,3 +39,20 @@ def test_width_depth_and_mixed_ranks_reach_the_runs(tmp_path, monkeypatch: pytes
     assert per_client[0] < per_client[1] < _nbytes(full)
     text = (tmp_path / "lora-digits-mlp.md").read_text()
     assert "--width 24 --depth 3" in text and "--mixed-ranks 3,5" in text and "(alpha 6, scale alpha/r)" in text
+
+
+def test_the_round_update_error_is_relative_to_what_moved_this_round() -> None:
+    """Round 1 starts from B = 0 (no product): the error / round update equals the error / ‖M‖; later rounds
+    divide by the round's move only, so it is at least the cumulative ratio; FLoRA's stacking is exact (0)."""
+    from benchmarks.lora import run
+    from strategies.registry import validate_config
+
+    base = {"dataset": "digits", "num-clients": 3, "alpha": 0.3, "seed": 0, "pretrain": "low-classes",
+            "pretrain-epochs": 1, "lora-ranks": "2,4", "local-epochs": 2, "lr": 0.02}  # fmt: skip
+    rows = run(validate_config({**base, "strategy": "hetlora"}), 4)
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.2  # learning, not diverging
+    assert rows[1]["rel_error"] > 0.01 and abs(rows[1]["step_error"] - rows[1]["rel_error"]) < 1e-9
+    assert all(r["step_error"] > r["rel_error"] for r in rows[2:])  # measured: 0.10/0.07, 0.14/0.04, 0.16/0.04
+    assert rows[-1]["step_error"] > 2 * rows[-1]["rel_error"]
+    flora = run(validate_config({**base, "strategy": "flora"}), 2)
+    assert all(r["step_error"] < 1e-6 for r in flora)  # float32 round-off
