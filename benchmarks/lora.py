@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.commo
 from benchmarks.common import add_out, load_header, load_line  # noqa: E402
 from fedfuse.data.partition import partition_indices  # noqa: E402
 from fedfuse.experiment import dataset_for, local_plan, local_train, model_for  # noqa: E402
-from fedfuse.lora import adapter_keys, adapter_pairs, base_weight_key, truncate_rank  # noqa: E402
+from fedfuse.lora import adapter_keys, adapter_pairs, base_weight_key, mean_products, truncate_rank  # noqa: E402
 from fedfuse.lora.run import adapter_state, load_received  # noqa: E402
 from fedfuse.state import torch_threads, weighted_average  # noqa: E402
 from fedfuse.train import evaluate  # noqa: E402
@@ -49,6 +49,16 @@ def _nbytes(state: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() * v.element_size() for v in state.values())
 
 
+def _round_update(
+    states: list[dict[str, torch.Tensor]], weights: list[float], start: dict[str, torch.Tensor], alpha: float
+) -> float:
+    """‖M − s·B₀·A₀‖_F over the adapted layers: how far the clients' mean product M moved this round from the
+    product of the global adapters (B₀, A₀) they were sent (FLoRA's fresh adapters: B₀ = 0, the whole M)."""
+    moved = mean_products(states, weights, alpha)
+    before = mean_products([start], [1.0], alpha)
+    return math.sqrt(sum(float((moved[p] - before[p]).norm()) ** 2 for p in moved))
+
+
 def run(cfg: dict[str, Any], rounds: int) -> list[dict[str, float]]:
     """One federated fine-tuning run; a row per round (round 0 = the base)."""
     ds = dataset_for(cfg)
@@ -63,7 +73,8 @@ def run(cfg: dict[str, Any], rounds: int) -> list[dict[str, float]]:
         strategy = cls(**cls.config_kwargs(cfg, model=global_model, example_input=None), seed=int(cfg["seed"]))
         ranks = [int(r) for r in str(cfg["lora-ranks"]).split(",")]
     _, acc = evaluate(global_model, ds.x_test, ds.y_test)
-    rows = [{"round": 0, "accuracy": acc, "bytes": 0.0, "agg_error": 0.0, "rel_error": 0.0, "dropped": 0.0}]
+    rows = [{"round": 0, "accuracy": acc, "bytes": 0.0, "agg_error": 0.0, "rel_error": 0.0, "step_error": 0.0,
+             "dropped": 0.0}]  # fmt: skip
     for rnd in range(1, rounds + 1):
         states, weights, down, up, dropped = [], [], 0, 0, 0
         adapters = {k: state[k] for k in adapter_keys(state)} if lora_run else {}
@@ -97,16 +108,18 @@ def run(cfg: dict[str, Any], rounds: int) -> list[dict[str, float]]:
             rows.append({**rows[-1], "round": rnd, "bytes": float(down + up), "dropped": float(dropped)})
             continue
         if lora_run:
+            step = _round_update(states, weights, adapters, strategy.alpha)
             strategy._global, strategy._global_rank = state, max(ranks)
             strategy.round_metrics = {}
             state = strategy.aggregate_arrays(rnd, states, weights)
             err, mean = strategy.round_metrics["lora_agg_error"], strategy.round_metrics["lora_mean_update"]
         else:
-            state, err, mean = weighted_average(states, weights), 0.0, 1.0
+            state, err, mean, step = weighted_average(states, weights), 0.0, 1.0, 1.0
         global_model.load_state_dict(state)
         _, acc = evaluate(global_model, ds.x_test, ds.y_test)
         rows.append({"round": rnd, "accuracy": acc, "bytes": float(down + up), "agg_error": err,
-                     "rel_error": err / mean if mean else 0.0, "dropped": float(dropped)})  # fmt: skip
+                     "rel_error": err / mean if mean else 0.0, "step_error": err / step if step else 0.0,
+                     "dropped": float(dropped)})  # fmt: skip
     return rows
 
 
@@ -126,7 +139,12 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated method labels to run (default: all)")
     p.add_argument("--lora-head", default="auto", help="lora-head of the LoRA runs (auto: the output layer trained)")
     p.add_argument("--lora-bias", default="none", help="lora-bias of the LoRA runs (none, lora_only, all)")
-    p.add_argument("--rank", type=int, default=4, help="the equal setting's rank (the mixed one cycles 2,4,8)")
+    p.add_argument("--rank", type=int, default=4, help="the equal setting's rank")
+    p.add_argument("--mixed-ranks", default="2,4,8", help="the mixed setting's ranks, cycled over clients")
+    p.add_argument("--lora-alpha", type=float, default=4.0, help="LoRA scale numerator (scale alpha/r)")
+    p.add_argument("--width", type=int, default=0, help="hidden width of the model (0: its default)")
+    p.add_argument("--depth", type=int, default=0, help="hidden layers of the model (0: its default)")
+    p.add_argument("--pretrain-epochs", type=int, default=5, help="epochs of the central low-classes pretraining")
     p.add_argument("--tag", default="")
     add_out(p)
     args = p.parse_args()
@@ -148,10 +166,12 @@ def main() -> None:
                             "strategy": strategy, "dataset": args.dataset, "data-root": args.data_root,
                             "model": args.model, "num-clients": args.num_clients, "alpha": alpha, "seed": seed,
                             "local-epochs": args.local_epochs, "pretrain": "low-classes",
-                            "lora-ranks": str(args.rank) if ranks == "4" else ranks,
+                            "pretrain-epochs": args.pretrain_epochs, "width": args.width, "depth": args.depth,
+                            "lora-ranks": {"": "", "4": str(args.rank)}.get(ranks, args.mixed_ranks),
                             "lr": args.lr if strategy == "fedavg" else args.lora_lr,
                             **({} if strategy == "fedavg" else {"lora-head": args.lora_head,
-                                                                "lora-bias": args.lora_bias}),
+                                                                "lora-bias": args.lora_bias,
+                                                                "lora-alpha": args.lora_alpha}),
                         })  # fmt: skip
                         runs.append(run(cfg, args.rounds))
                     results[key] = runs
@@ -182,22 +202,27 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
         f"`python -m benchmarks.lora --dataset {args.dataset} --model {args.model} --rounds {args.rounds} "
         f"--num-clients {args.num_clients} --local-epochs {args.local_epochs} --seeds {args.seeds} "
         f"--alphas {args.alphas} --settings {args.settings} --lr {args.lr} --lora-lr {args.lora_lr} "
-        f"--lora-head {args.lora_head} --lora-bias {args.lora_bias} --rank {args.rank}` ({seconds / 60:.0f} min, 1 thread).",
+        f"--lora-head {args.lora_head} --lora-bias {args.lora_bias} --rank {args.rank} --mixed-ranks "
+        f"{args.mixed_ranks} --lora-alpha {args.lora_alpha:g} --width {args.width} --depth {args.depth} "
+        f"--pretrain-epochs {args.pretrain_epochs}{' --tag ' + args.tag if args.tag else ''}` "
+        f"({seconds / 60:.0f} min, 1 thread).",
         "",
         *([load, ""] if load else []),
-        "Base: pretrained centrally on the training samples of classes 0-4 (5 epochs); federated task: all 10 "
-        f"classes, Dirichlet(α) over {args.num_clients} clients, every client every round. LoRA on every Linear "
-        f"but the lora-head (alpha 4, scale alpha/r); head trained fully: {args.lora_head}, trainable biases: "
-        f"{args.lora_bias}; equal ranks {args.rank}, mixed ranks 2,4,8 cycled over clients. Accuracy: central test set, mean ± std "
+        f"Base: pretrained centrally on the training samples of classes 0-4 ({args.pretrain_epochs} epochs); "
+        f"federated task: all 10 classes, Dirichlet(α) over {args.num_clients} clients, every client every round. "
+        f"LoRA on every Linear but the lora-head (alpha {args.lora_alpha:g}, scale alpha/r); head trained fully: "
+        f"{args.lora_head}, trainable biases: {args.lora_bias}; equal ranks {args.rank}, mixed ranks "
+        f"{args.mixed_ranks} cycled over clients. Accuracy: central test set, mean ± std "
         f"over seeds {', '.join(seeds)} (percent). Bytes: arrays sent + received per round, all clients. "
         "Error: ‖M − s·B̄·Ā‖_F / ‖M‖_F of the adapters the server keeps (M = mean of the clients' s·B·A), mean "
-        "over rounds; FedEx-LoRA folds that gap into the base (its applied update is exact), FLoRA's stacking is "
+        "over rounds; per round update: the same error / ‖M − s·B₀·A₀‖_F (B₀, A₀: the global adapters sent that "
+        "round), mean over rounds; FedEx-LoRA folds that gap into the base (its applied update is exact), FLoRA's stacking is "
         "exact by construction (0). Diverged updates (non-finite) are left out of the round, as the Flower path's "
         "validation rejects them.",
         "",
         "| setting | method | base acc | final acc | best acc | bytes/round (MB) | bytes vs full | rel. agg. error "
-        "| diverged updates |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| error / round update | diverged updates |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     full_bytes: dict[str, float] = {}
     for key, runs in results.items():
@@ -208,9 +233,11 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
         ref = full_bytes.get(setting.split()[0])
         ratio = f"{100 * byt / ref:.1f} %" if ref else "n/a"
         err = [statistics.mean(r["rel_error"] for r in run[1:]) for run in runs]
+        step = [statistics.mean(r.get("step_error", 0.0) for r in run[1:]) for run in runs]
         lines.append(
             f"| {setting} | {label} | {_ms([r[0]['accuracy'] for r in runs])} | {_ms([r[-1]['accuracy'] for r in runs])} "
             f"| {_ms([max(x['accuracy'] for x in r) for r in runs])} | {byt / 1e6:.3f} | {ratio} | {_ms(err, 1.0, 3)} "
+            f"| {_ms(step, 1.0, 3)} "
             f"| {sum(x.get('dropped', 0) for r in runs for x in r):.0f} |"
         )
     lines += ["", "## Accuracy per round (mean over seeds, percent)", ""]
@@ -229,6 +256,15 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
         if label == "full FedAvg":
             continue
         per = [statistics.mean(r[i]["rel_error"] for r in runs) for i in range(1, rounds)]
+        lines.append(f"| {setting} | {label} | " + " | ".join(f"{v:.3f}" for v in per) + " |")
+    lines += ["", "## Aggregation error / round update per round (mean over seeds)", ""]
+    lines.append("| setting | method | " + " | ".join(str(i) for i in range(1, rounds)) + " |")
+    lines.append("|---|---|" + "---|" * (rounds - 1))
+    for key, runs in results.items():
+        setting, label = key.split(": ", 1)
+        if label == "full FedAvg":
+            continue
+        per = [statistics.mean(r[i].get("step_error", 0.0) for r in runs) for i in range(1, rounds)]
         lines.append(f"| {setting} | {label} | " + " | ".join(f"{v:.3f}" for v in per) + " |")
     lines.append("")
     return "\n".join(lines) + "\n" + ("" if math.isfinite(seconds) else "")
