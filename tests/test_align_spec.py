@@ -193,12 +193,12 @@ def test_grouped_conv_permutes_within_blocks_and_depthwise_ties_channels() -> No
         torch.testing.assert_close(permuted(x), model(x), atol=1e-5, rtol=1e-5)
 
 
-def test_unsupported_module_and_groupnorm_blocks_are_named() -> None:
-    gn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(36, 2))
-    with pytest.raises(UnsupportedModelError, match="GroupNorm with 2 groups"):
-        derive_spec(gn, torch.randn(2, 1, 5, 5))
-    ok = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(1, 4), nn.Flatten(), nn.Linear(36, 2))
-    assert "1.weight" in {m.key for m in derive_spec(ok, torch.randn(2, 1, 5, 5))["0"].members}
+def test_groupnorm_with_one_or_every_channel_per_group_keeps_the_channel_group_whole() -> None:
+    for groups in (1, 4):
+        ok = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(groups, 4), nn.Flatten(), nn.Linear(36, 2))
+        spec = derive_spec(ok, torch.randn(2, 1, 5, 5))
+        assert spec.names == ["0"] and not spec.blocks
+        assert "1.weight" in {m.key for m in spec["0"].members}
 
 
 def test_untraceable_model_and_missing_input_raise_config_errors() -> None:

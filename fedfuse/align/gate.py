@@ -126,9 +126,10 @@ def _weight_id(key: str) -> str:
 
 
 def _hidden_layers(model: nn.Module) -> list[str]:
-    """Modules that own a ≥2-d parameter directly (a layer with units); two or more, or a recurrent/attention
-    module, mean the model has hidden units."""
+    """Modules that own a ≥2-d parameter directly (a layer with units), and the ≥2-d parameters the model itself
+    owns (``x @ self.w``); two or more, or a recurrent/attention module, mean the model has hidden units."""
     names = [n for n, m in model.named_modules() if n and any(p.dim() >= 2 for p in m.parameters(recurse=False))]
+    names = [n for n, p in model.named_parameters(recurse=False) if p.dim() >= 2] + names
     recurrent = any(isinstance(m, (nn.RNNBase, nn.MultiheadAttention)) for m in model.modules())
     return names if len(names) >= 2 or recurrent else []
 

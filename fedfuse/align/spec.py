@@ -167,6 +167,11 @@ class _Deriver:
         if len(slots[0]) > 1:
             self.blocks.append((names, tuple(slots)))
 
+    def drop_blocks(self, gids: Sequence[int]) -> None:
+        """Forget the block sets that hold any of ``gids`` (their units may no longer move as whole blocks)."""
+        roots = {self.find(g) for g in gids} - {FIXED_ID}
+        self.blocks = [(n, s) for n, s in self.blocks if not roots & {self.find(g) for slot in s for g in slot}]
+
     # members -----------------------------------------------------------------------------------------------
     def add(
         self,
@@ -371,10 +376,13 @@ class _Deriver:
         groups = [Group(self.names[r], self.sizes[r], tuple(roots[r]), tuple(sites.get(r, ()))) for r in sorted(roots)]
         blocks = []
         taken = {g.name for g in groups}
+        used: set[int] = set()  # a group in two block sets (a GroupNorm repeated on one stream): the first one
         for names, slots in self.blocks:
             ids = [[self.find(g) for g in slot] for slot in slots]
             flat = [r for slot in ids for r in slot]
-            if len(set(flat)) == len(flat) and all(r in roots for r in flat) and not set(names) & taken:
+            fresh = not set(flat) & used
+            used.update(flat)
+            if fresh and len(set(flat)) == len(flat) and all(r in roots for r in flat) and not set(names) & taken:
                 blocks.append(Blocks(names, tuple(tuple(self.names[r] for r in slot) for slot in ids)))
                 taken.update(names)
         spec = TransportSpec(tuple(groups), touched=frozenset(self.touched), blocks=tuple(blocks))

@@ -61,6 +61,7 @@ from fedfuse.align.rules.tensor_ops import (
     expand_method,
     getattr_rule,
     getitem,
+    glu,
     interpolate,
     max_min,
     move_dims,
@@ -149,6 +150,11 @@ for _t in ("view", "reshape", "flatten", "view_as", "reshape_as", torch.reshape,
 for _op in ("transpose", "permute", "squeeze", "unsqueeze"):
     register_rule(_op, move_dims(_op))
     register_rule(getattr(torch, _op), move_dims(_op))
+for _t in (nn.GLU, F.glu):
+    register_rule(_t, glu)
+register_rule(F.normalize, elementwise)  # x / ‖x‖ along a dim: per unit, or a permutation-invariant norm
+for _t in ("t", torch.t):
+    register_rule(_t, move_dims("t"))
 for _t in ("swapaxes", "swapdims", torch.swapaxes, torch.swapdims):
     register_rule(_t, move_dims("transpose"))
 for _t in ("mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin):
@@ -221,13 +227,14 @@ def supported_summary() -> str:
     """One line naming what the tables cover (for error messages)."""
     return (
         "Linear, Conv1d/2d (incl. depthwise/grouped), ConvTranspose1d/2d, weight_norm/spectral_norm, tied weights, "
-        "BatchNorm/InstanceNorm, LayerNorm, RMSNorm, GroupNorm (1 or C groups), "
+        "BatchNorm/InstanceNorm, LayerNorm, RMSNorm, GroupNorm (units within their group, groups as blocks), "
         "functional layer_norm/batch_norm/group_norm, Embedding, RNN/LSTM/GRU, "
         "MultiheadAttention (self/cross-attention), "
         "TransformerEncoder/Decoder(+Layer), "
         "Swin window attention, Hugging Face attention (BERT, GPT-2, DistilBERT, ViT, Llama/Mistral), Conv1D, "
         "element-wise activations, pooling (incl. adaptive), flatten/view/reshape anywhere, "
         "transpose/permute/squeeze/unsqueeze/expand, indexing, residual add/sub/mul, addcmul, layer scale, torch.cat, "
-        "F.pad, matmul, scaled_dot_product_attention, mean/sum/norm over non-channel dims; "
+        "chunk/split, GLU, F.normalize, F.pad, matmul (x @ W with W a parameter: a dense layer), "
+        "scaled_dot_product_attention, mean/sum/norm over non-channel dims; "
         "add one with fedfuse.align.rules.register_rule"
     )

@@ -172,6 +172,20 @@ def shifted_window_attention(d: Any, node: fx.Node, mod: Any = None) -> Any:
     return _attention_members(d, node, x, lay_in, keys, heads, width, name)
 
 
+def _dense_param(d: Any, node: fx.Node, x: Any, w: ParamRef, width: int) -> Layout | None:
+    """``x @ W`` with ``W`` a 2-d model parameter (or its transpose, ``w.dims``): a dense layer ``y = x W`` — the
+    units of x's last dim index W's input axis, a new group of ``width`` indexes its output axis. None where x's
+    units sit at another dim (the general rule below then decides)."""
+    lay, rank = d.lay(x), d.value(x).dim()
+    if isinstance(lay, Layout) and not d.is_fixed(lay) and (lay.dim != rank - 1 or lay.expand != 1):
+        return None
+    if isinstance(lay, Layout) and not d.is_fixed(lay):
+        d.add_inputs(w.key, w.dims[0], lay, x)
+    g = d.new_group(w.key, width)
+    d.add(g, w.key, w.dims[1], "out")
+    return Layout(rank - 1, ((g, width),))
+
+
 def matmul(d: Any, node: fx.Node, mod: Any = None) -> Any:
     """``a @ b`` (batched): a's rows and b's columns index the output; the contracted dim (a's last, b's
     second-last) is a sum over units, invariant when both sides move jointly (joined), else fixed; a batch dim
@@ -179,6 +193,10 @@ def matmul(d: Any, node: fx.Node, mod: Any = None) -> Any:
     a, b = node.args[:2]
     la, lb = d.lay(a), d.lay(b)
     va, vb, out = d.value(a), d.value(b), d.values[node.name]
+    if isinstance(lb, ParamRef) and not isinstance(la, ParamRef) and vb.dim() == 2 and None not in lb.dims:
+        dense = _dense_param(d, node, a, lb, vb.shape[1])
+        if dense is not None:
+            return dense
     ra, rb, ro = va.dim(), vb.dim(), out.dim()
     live = [lay for lay in (la, lb) if isinstance(lay, Layout) and not d.is_fixed(lay)]
     if any(not isinstance(lay, (Layout, ParamRef, type(None))) and lay is not FIXED for lay in (la, lb)):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fedfuse.align.rules.core import FIXED, Layout, ParamRef, Rule, Stacked, _arg
+from fedfuse.align.rules.segments import split
 
 # --------------------------------------------------------------------------------------------------------------
 # generic rules
@@ -176,22 +177,53 @@ def functional_conv(d: Any, node: fx.Node, mod: Any = None) -> Any:
 
 
 def norm_rule(params: tuple[str, ...], check_groups: bool = False) -> Rule:
-    """Per-channel normalisation module at dim 1 (BatchNorm, InstanceNorm, GroupNorm with 1 or C groups)."""
+    """Per-channel normalisation module at dim 1 (BatchNorm, InstanceNorm; GroupNorm: see :func:`group_parts`)."""
 
     def rule(d: Any, node: fx.Node, mod: Any) -> Any:
         lay = d.lay(node.args[0])
         lay_in = d.check_channel(node, lay, 1, flat_ok=not check_groups)  # BN/IN: per (channel, copy) stats
         if lay_in is not None:
-            if check_groups and mod.num_groups not in (1, mod.num_channels):
-                raise d.unsupported(
-                    node,
-                    f"GroupNorm with {mod.num_groups} groups mixes statistics of channel blocks; "
-                    "only num_groups=1 or num_groups=num_channels is permutation-equivariant",
-                )
+            if check_groups:
+                lay_in = lay = group_parts(d, node, lay_in, int(mod.num_groups))
             d.add_norm(str(node.target), lay_in, 0, params)
         return lay
 
     return rule
+
+
+def group_parts(d: Any, node: fx.Node, lay: Layout, groups: int) -> Layout:
+    """GroupNorm with ``G`` groups over ``C`` channels: statistics are per consecutive block of ``C/G`` channels,
+    so a permutation is equivariant iff it maps blocks onto blocks: units move within their block, and blocks
+    may be reordered as wholes. The channel layout is cut at multiples of ``C/G`` (:func:`segments.split`); where
+    each block is then one group of its own, the blocks form a :class:`~fedfuse.align.spec.Blocks` set (as heads
+    do); where a block holds several groups (concatenated channels, or a finer GroupNorm on the same units) the
+    units only move within their groups, and block sets over those groups are dropped. ``G`` = 1 or ``C``: any
+    permutation (the layout is returned unchanged)."""
+    width = lay.block
+    if groups in (1, width):
+        return lay
+    size = width // groups
+    segs: list[tuple[int, int]] = []
+    pos, cut = 0, False
+    for g, n in lay.segs:
+        ends = [c for c in range(size, width, size) if pos < c < pos + n] + [pos + n]
+        widths = [b - a for a, b in zip([pos, *ends[:-1]], ends, strict=True)]
+        if len(widths) == 1:
+            segs.append((g, n))
+        else:
+            parts = split(d, g, widths)
+            if parts is None:
+                raise d.unsupported(node, f"its {groups} groups cut channels that are already split otherwise")
+            segs.extend(parts)
+            cut = True
+        pos += n
+    out = Layout(lay.dim, tuple(segs), lay.expand)
+    alike = len(segs) == groups and (cut and len(lay.segs) == 1 or not cut)
+    if alike:
+        d.add_blocks((f"{node.name}.groups",), tuple(g for g, _ in segs))
+    else:
+        d.drop_blocks([g for g, _ in segs])
+    return out
 
 
 def layer_norm_module(d: Any, node: fx.Node, mod: nn.LayerNorm) -> Any:
@@ -248,13 +280,12 @@ def functional_batch_norm(d: Any, node: fx.Node, mod: Any = None) -> Any:
 
 
 def functional_group_norm(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``F.group_norm(x, num_groups, weight, bias)``: as the module (:func:`group_parts`)."""
     x = node.args[0]
     lay = d.check_channel(node, d.lay(x), 1)
     if lay is None:
         return FIXED
-    groups = int(_arg(node, F.group_norm, "num_groups"))
-    if groups not in (1, lay.block * lay.expand):
-        raise d.unsupported(node, f"group_norm with {groups} groups mixes statistics of channel blocks")
+    lay = group_parts(d, node, lay, int(_arg(node, F.group_norm, "num_groups")))
     _param_members(d, node, lay, [_arg(node, F.group_norm, n) for n in ("weight", "bias")], 0)
     return lay
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -12,6 +13,7 @@ from torch import fx
 
 from fedfuse.align.rules.core import FIXED, FIXED_ID, Layout, ParamRef, Rule, Stacked, _arg, _matched
 from fedfuse.align.rules.segments import refine
+from fedfuse.align.rules.segments import split as split_group
 
 # --------------------------------------------------------------------------------------------------------------
 # functions and methods
@@ -100,19 +102,39 @@ def reshape(d: Any, node: fx.Node, mod: Any = None) -> Any:
     return d.reshape(node, lay, in_shape, out_shape)
 
 
+def _param_moved(d: Any, node: fx.Node, ref: ParamRef, op: str) -> ParamRef:
+    """A parameter reference with its value dims transposed/permuted (``dims[i]``: the parameter axis of dim i)."""
+    rank = len(ref.dims)
+    args = [d.value(a) for a in node.args[1:]]
+    if op == "t":
+        perm = list(range(rank))[::-1]  # .t() of a 0-, 1- or 2-d tensor
+    elif op == "transpose":
+        a0, a1 = (int(v) % rank for v in (args[:2] or [node.kwargs["dim0"], node.kwargs["dim1"]]))
+        perm = list(range(rank))
+        perm[a0], perm[a1] = perm[a1], perm[a0]
+    else:
+        perm = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        perm = [int(p) % rank for p in (perm or d.value(node.kwargs.get("dims")))]
+    return ParamRef(ref.key, tuple(ref.dims[i] for i in perm))
+
+
 def move_dims(op: str) -> Rule:
     """transpose / permute / squeeze / unsqueeze / movedim: the hidden dim moves with its axis."""
 
     def rule(d: Any, node: fx.Node, mod: Any = None) -> Any:
         lay = d.lay(node.args[0])
         x, out = d.value(node.args[0]), d.values[node.name]
+        if isinstance(lay, ParamRef) and op in ("t", "transpose", "permute"):
+            return _param_moved(d, node, lay, op)  # W.t(): a parameter read with its axes swapped
         if d.is_fixed(lay):
             return FIXED
         if not isinstance(lay, Layout):
             raise d.unsupported(node)
         dd = lay.dim
         args = [d.value(a) for a in node.args[1:]]
-        if op == "transpose":
+        if op == "t":  # a 1- or 2-d tensor: dims reversed
+            new = x.dim() - 1 - dd
+        elif op == "transpose":
             a0, a1 = (int(v) % x.dim() for v in (args[:2] or [node.kwargs["dim0"], node.kwargs["dim1"]]))
             new = a1 if dd == a0 else a0 if dd == a1 else dd
         elif op == "permute":
@@ -211,9 +233,31 @@ def _advanced_before_channels(d: Any, node: fx.Node, lay: Layout, val: torch.Ten
     return replace(lay, dim=d.values[node.name].dim() - 1)
 
 
+def _cut(d: Any, lay: Layout, widths: list[int]) -> Layout:
+    """``lay`` with its groups split (:func:`segments.split`) where consecutive pieces of ``widths`` cut through
+    them; unchanged where a group cannot be split (already split otherwise) or units span several positions."""
+    if lay.expand != 1:
+        return lay
+    ends = list(itertools.accumulate(widths))
+    segs: list[tuple[int, int]] = []
+    pos = 0
+    for g, n in lay.segs:
+        inner = [c for c in ends if pos < c < pos + n] + [pos + n]
+        if len(inner) == 1:
+            segs.append((g, n))
+        else:
+            parts = split_group(d, g, [b - a for a, b in zip([pos, *inner[:-1]], inner, strict=True)])
+            if parts is None:
+                return lay
+            segs.extend(parts)
+        pos += n
+    return Layout(lay.dim, tuple(segs), lay.expand)
+
+
 def split(d: Any, node: fx.Node, mod: Any = None) -> Any:
-    """chunk/split: along another dim every piece keeps the layout; along the hidden dim a piece that is whole
-    segments keeps them, otherwise the units are fixed (a cut through one group cannot follow a permutation)."""
+    """chunk/split: along another dim every piece keeps the layout; along the hidden dim the groups a cut goes
+    through are split into parts (:func:`_cut`: a GLU's ``a, b = h.chunk(2, -1)`` then ``a * σ(b)`` joins the
+    halves' units), so each piece is whole segments; where a group cannot be split the units are fixed."""
     x = node.args[0]
     lay, pieces = d.lay(x), d.values[node.name]
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
@@ -222,7 +266,7 @@ def split(d: Any, node: fx.Node, mod: Any = None) -> Any:
         return tuple(FIXED for _ in pieces)
     if dim != lay.dim:
         return tuple(lay for _ in pieces)
-    out, segs = [], list(lay.segs)
+    out, segs = [], list(_cut(d, lay, [p.shape[dim] for p in pieces]).segs)
     for p in pieces:
         take, width = [], 0
         while segs and width < p.shape[dim]:
@@ -233,6 +277,31 @@ def split(d: Any, node: fx.Node, mod: Any = None) -> Any:
             return tuple(FIXED for _ in pieces)
         out.append(Layout(dim, tuple(take), lay.expand))
     return tuple(out)
+
+
+def glu(d: Any, node: fx.Node, mod: Any = None) -> Any:
+    """``GLU(x) = a ⊙ σ(b)`` with ``(a, b)`` the halves of ``x`` along ``dim`` (``nn.GLU``, ``F.glu``): along the
+    hidden dim the halves are cut (:func:`_cut`) and their units joined, as ``a * sigmoid(b)`` written out is."""
+    x = node.args[0]
+    lay, val = d.lay(x), d.value(x)
+    if mod is not None:
+        dim = mod.dim
+    else:
+        dim = d.value(node.args[1]) if len(node.args) > 1 else node.kwargs.get("dim", -1)
+    dim = int(dim) % val.dim()
+    if d.is_fixed(lay) or not isinstance(lay, Layout):
+        return FIXED
+    if dim != lay.dim:
+        return lay
+    a, b = val.chunk(2, dim)
+    cut = _cut(d, lay, [a.shape[dim], b.shape[dim]])
+    widths = list(itertools.accumulate(n * cut.expand for _, n in cut.segs))
+    if a.shape[dim] not in widths:
+        d.fix(lay)
+        return FIXED
+    k = widths.index(a.shape[dim]) + 1
+    la, lb = Layout(dim, cut.segs[:k], cut.expand), Layout(dim, cut.segs[k:], cut.expand)
+    return _join(d, node, la, a, lb, b, d.values[node.name])
 
 
 def expand_method(d: Any, node: fx.Node, mod: Any = None) -> Any:
