@@ -188,7 +188,7 @@ def read_state_dict(
     *,
     what: str = "",
     model: str = "the model",
-    hint: str = "pass the --model/--width/--depth/--batch-norm it was built with",
+    hint: str = "pass the --model/--width/--depth/--batch-norm/--group-norm it was built with",
 ) -> dict[str, torch.Tensor]:
     """The state dict saved in ``path`` (or a fedfuse checkpoint's ``model``), read with
     ``torch.load(weights_only=True)`` — pickled code is refused, never run — and checked name by name and shape by

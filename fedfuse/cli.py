@@ -219,6 +219,10 @@ def preflight(
         from fedfuse.experiment import model_for
 
         check_model_fits(resumed_model, model_for(cfg, ds).state_dict(), Path(cfg["out"]) / CHECKPOINT)
+    if cfg.get("group-norm"):  # a model without convs, a group count that divides no width: before any write
+        from fedfuse.experiment import model_for
+
+        model_for(cfg, ds)
     if cfg["strategy"] == "layerwise" or library_of(str(cfg["model"])):
         # a preset that fits no parameter, or a library's model too deep for the inputs: fails before any write
         from fedfuse.experiment import client_widths, model_for

@@ -98,6 +98,7 @@ OPTIONS: dict[str, Option] = {
         Option("width", int, 0, "hidden width (0 = the model's default)", low=0),
         Option("depth", int, 0, "hidden layers / RNN layers (0 = default)", low=0),
         Option("batch-norm", bool, False, "BatchNorm in CNN/ResNet"),
+        Option("group-norm", int, 0, "GroupNorm with this many groups in CNN/ResNet instead (0 = off)", low=0),
         Option("num-clients", int, 10, "number of simulated clients (SuperNodes)", low=1),
         Option(
             "client-pool",

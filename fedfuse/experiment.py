@@ -81,6 +81,7 @@ def _built_model(cfg: Mapping[str, Any], ds: Dataset, seed: int | None, width: i
         width=w or None,
         depth=d or None,
         batch_norm=bool(cfg.get("batch-norm", False)),
+        group_norm=int(cfg.get("group-norm", 0)),
         seed=int(cfg["seed"]) if seed is None else seed,
     )
 

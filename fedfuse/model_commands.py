@@ -25,7 +25,7 @@ def add_lmc_parser(sub: Any) -> None:
     p = sub.add_parser("lmc", help="linear mode connectivity of two saved models: full, layer-wise, cumulative")
     p.add_argument("model_a", metavar="A.pt", help="state dict (model.pt, clients/round<R>/partition<P>.pt, ...)")
     p.add_argument("model_b", metavar="B.pt")
-    for name in ("model", "dataset", "width", "depth", "data-root", "seed"):
+    for name in ("model", "dataset", "width", "depth", "group-norm", "data-root", "seed"):
         opt = OPTIONS[name]
         p.add_argument(f"--{name}", dest=name, default=None, metavar=opt.type.__name__.upper(), help=opt.help)
     p.add_argument("--batch-norm", dest="batch-norm", action=argparse.BooleanOptionalAction, default=None)
@@ -59,6 +59,9 @@ def add_merge_parser(sub: Any) -> None:
     for flag, text in ints.items():
         p.add_argument(f"--{flag}", type=int, default=None, metavar="INT", help=text)
     p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help="BatchNorm in CNN/ResNet")
+    p.add_argument(
+        "--group-norm", type=int, default=None, metavar="INT", help="GroupNorm groups in CNN/ResNet (0 = off)"
+    )
     p.add_argument("--method", default=None, help="comma-separated fuse methods or all (default: all)")
     p.add_argument("--repair", action="store_const", const=True, default=None, help="each method also with REPAIR")
     p.add_argument("--test-data", default=None, metavar="FILE|DATASET", help="labelled .npz (x, y) or data set name")
@@ -88,7 +91,7 @@ def run_lmc(args: argparse.Namespace) -> None:
     from fedfuse.experiment import dataset_for, model_for
     from fedfuse.results import atomic_write_bytes
 
-    names = ("model", "dataset", "width", "depth", "data-root", "seed", "batch-norm")
+    names = ("model", "dataset", "width", "depth", "data-root", "seed", "batch-norm", "group-norm")
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     cfg = validate_config(given)  # core options only: no strategy is involved
     if args.num_points < 2 or args.samples < 0:
@@ -137,8 +140,8 @@ def run_merge(args: argparse.Namespace) -> None:
     if recipe is None and len(parents) == 1 and parents[0].endswith((".yml", ".yaml")):
         parents, recipe = [], parents[0]
     names = ("model", "width", "depth", "num_classes", "seed", "data_samples", "distill_epochs", "distill_batch_size",
-             "batch_norm", "repair", "test_data", "data", "distill_data", "distill_lr", "data_root", "weights", "save",
-             "dtype", "out", "overwrite")  # fmt: skip
+             "batch_norm", "group_norm", "repair", "test_data", "data", "distill_data", "distill_lr", "data_root",
+             "weights", "save", "dtype", "out", "overwrite")  # fmt: skip
     given = {k: getattr(args, k) for k in names}
     given.update(parents=parents or None, methods=args.method.split(",") if args.method is not None else None)
     report = merge(build_request(given, recipe))

@@ -29,6 +29,9 @@ BAD_INPUT = [
     (["--dataset", "mnist10k", "--data-root", "/no/such/dir"], "data-root='/no/such/dir' is not a directory"),
     (["--partition", "zipf"], "partition='zipf' is not allowed; allowed: iid, dirichlet, pathological, quantity"),
     (["--no-such-flag", "1"], "unrecognized argument --no-such-flag; see fedfuse simulate --help"),
+    (["--model", "resnet20", "--group-norm", "5"], "group-norm=5 does not divide the model's channel width(s)"),
+    (["--model", "mlp", "--group-norm", "4"], "group-norm=4 does not apply to model='mlp'; allowed with cnn, resnet20"),
+    (["--model", "cnn", "--batch-norm", "--group-norm", "4"], "batch-norm and group-norm=4 exclude each other"),
     (["--ray-address", "nohost"], "ray-address='nohost' is not HOST:PORT"),
     (["--ray-address", "127.0.0.1:1"], "ray-address='127.0.0.1:1' is not reachable"),
     # no abbreviations; an unknown flag is named with the nearest valid one, or the help to read

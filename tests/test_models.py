@@ -61,3 +61,24 @@ def test_torchvision_builder_takes_the_data_sets_channels_and_classes() -> None:
     assert OPTIONS["model"].check("torchvision:resnet18") == "torchvision:resnet18"
     with pytest.raises(ConfigError, match="model='torchvision:nope' is not a torchvision classification model"):
         OPTIONS["model"].check("torchvision:nope")
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet20"])
+def test_group_norm_replaces_batch_norm_after_every_conv(name: str) -> None:
+    bn = build_model(name, (1, 8, 8), 10, width=32, batch_norm=True, seed=0)
+    gn = build_model(name, (1, 8, 8), 10, width=32, group_norm=4, seed=0)
+    bns = [m.num_features for m in bn.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    gns = [(m.num_groups, m.num_channels) for m in gn.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert bns and gns == [(4, c) for c in bns]
+    convs = [m for m in gn.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.bias is None for c in convs)  # the norm's shift makes a conv bias redundant
+    assert gn(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_group_norm_that_does_not_fit_is_one_clear_error() -> None:
+    with pytest.raises(ConfigError, match=r"group-norm=3 does not divide .*\[16, 32, 64\]; allowed: a divisor of 16"):
+        build_model("resnet20", (1, 8, 8), 10, group_norm=3)
+    with pytest.raises(ConfigError, match="does not apply to model='lstm'"):
+        build_model("lstm", (1, 8, 8), 10, group_norm=2)
+    with pytest.raises(ConfigError, match="exclude each other"):
+        build_model("cnn", (1, 8, 8), 10, batch_norm=True, group_norm=2)

@@ -104,7 +104,18 @@ def base_state(cfg: Mapping[str, Any], ds: Any, model: nn.Module) -> dict[str, t
         return None
     if task not in PRETRAIN_TASKS:
         raise ConfigError(f"pretrain={task!r} is not allowed; allowed: {', '.join(PRETRAIN_TASKS)}")
-    keys = ("dataset", "data-root", "model", "width", "depth", "batch-norm", "seed", "pretrain", "pretrain-epochs")
+    keys = (
+        "dataset",
+        "data-root",
+        "model",
+        "width",
+        "depth",
+        "batch-norm",
+        "group-norm",
+        "seed",
+        "pretrain",
+        "pretrain-epochs",
+    )
     key = tuple(str(cfg.get(k, "")) for k in keys) + (tuple(model.state_dict()),)
     if key not in _BASES:
         _BASES[key] = _pretrain(cfg, ds, model)

@@ -103,6 +103,7 @@ def build_template(
     depth: int = 0,
     batch_norm: bool = False,
     seed: int = 0,
+    group_norm: int = 0,
 ) -> nn.Module:
     """The architecture the parents share: a name ``simulate`` takes (``mlp``, ``cnn``, …, ``torchvision:NAME``,
     ``timm:NAME``) built for the data's ``input_shape`` and ``num_classes``, or a user's ``package.module:factory``
@@ -112,8 +113,9 @@ def build_template(
     if ":" in spec and library_of(spec) is None:
         factory = _import_factory(spec)
         asked = [f"{k}={v}" for k, v in (("width", width), ("depth", depth)) if v]
-        if asked or batch_norm:
-            asked += ["batch-norm=True"] if batch_norm else []
+        asked += ["batch-norm=True"] if batch_norm else []
+        asked += [f"group-norm={group_norm}"] if group_norm else []
+        if asked:
             raise ConfigError(
                 f"{', '.join(asked)} does not apply to model={spec!r}; the factory fixes the architecture"
             )
@@ -140,6 +142,7 @@ def build_template(
         width=width or None,
         depth=depth or None,
         batch_norm=batch_norm,
+        group_norm=group_norm,
         seed=seed,
     )
 
@@ -148,7 +151,7 @@ def load_parent(path: str, template: nn.Module, model: str, input_shape: Sequenc
     """A parent's state dict (or a fedfuse checkpoint's ``model``), read without running pickled code
     (:func:`fedfuse.checkpoint.read_state_dict`), checked key by key and shape by shape against ``template``,
     with floating tensors in float32."""
-    hint = "pass the --model (and --width/--depth/--batch-norm) the parents were built with"
+    hint = "pass the --model (and --width/--depth/--batch-norm/--group-norm) the parents were built with"
     if input_shape:
         hint += f" (built here for test-data samples of shape {tuple(input_shape)})"
     ref = template.state_dict()

@@ -72,6 +72,7 @@ class MergeRequest:
     width: int = 0
     depth: int = 0
     batch_norm: bool = False
+    group_norm: int = 0
     num_classes: int = 0
     seed: int = 0
     data_samples: int = 1000
@@ -190,7 +191,14 @@ def prepare(req: MergeRequest) -> Prepared:
     num_classes = req.num_classes or test.num_classes or int(test.y.max()) + 1  # type: ignore[union-attr]
     shape = tuple(test.x.shape[1:])
     template = build_template(
-        req.model, shape, num_classes, width=req.width, depth=req.depth, batch_norm=req.batch_norm, seed=req.seed
+        req.model,
+        shape,
+        num_classes,
+        width=req.width,
+        depth=req.depth,
+        batch_norm=req.batch_norm,
+        seed=req.seed,
+        group_norm=req.group_norm,
     )
     test = check_fits(template, test, "test-data", req.model, shape)
     n = req.data_samples

@@ -13,7 +13,7 @@ Read with PyYAML's ``safe_load`` (no tags that build objects)::
     parameters: {normalize: true}  # mergekit's default; `false` only if the weights already sum to 1
     dtype: float32               # the saved model's dtype (float32, float16, bfloat16); `out_dtype` wins if given
     fedfuse:                     # what a state dict does not say: the architecture and the data
-      model: mlp                 # as --model (with width, depth, batch-norm, num-classes)
+      model: mlp                 # as --model (with width, depth, batch-norm, group-norm, num-classes)
       test-data: digits          # as --test-data, data, distill-data, data-root, repair, seed, save, ...
 
 mergekit's other methods (slerp, ties, dare_*, task_arithmetic, model_stock, …) and ``slices`` are refused with
@@ -35,7 +35,8 @@ MERGEKIT_METHODS = {"linear": "average"}
 _TOP_KEYS = ("models", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "fedfuse")
 #: keys of the recipe's ``fedfuse:`` mapping → ``MergeRequest`` fields (the CLI flag names)
 FEDFUSE_KEYS = {
-    "model": "model", "width": "width", "depth": "depth", "batch-norm": "batch_norm", "num-classes": "num_classes",
+    "model": "model", "width": "width", "depth": "depth", "batch-norm": "batch_norm", "group-norm": "group_norm",
+    "num-classes": "num_classes",
     "test-data": "test_data", "data": "data", "distill-data": "distill_data", "data-root": "data_root",
     "repair": "repair", "seed": "seed", "data-samples": "data_samples", "save": "save",
     "distill-epochs": "distill_epochs", "distill-lr": "distill_lr", "distill-batch-size": "distill_batch_size",
@@ -138,8 +139,9 @@ def load_recipe(path: str) -> dict[str, Any]:
 
 _TYPES: dict[str, type] = {
     "model": str, "test_data": str, "data": str, "distill_data": str, "data_root": str, "save": str, "dtype": str,
-    "width": int, "depth": int, "num_classes": int, "seed": int, "data_samples": int, "distill_epochs": int,
-    "distill_batch_size": int, "reference": int, "distill_lr": float, "repair": bool, "batch_norm": bool,
+    "width": int, "depth": int, "group_norm": int, "num_classes": int, "seed": int, "data_samples": int,
+    "distill_epochs": int, "distill_batch_size": int, "reference": int, "distill_lr": float, "repair": bool,
+    "batch_norm": bool,
 }  # fmt: skip
 
 

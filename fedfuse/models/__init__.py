@@ -7,6 +7,7 @@ layers, ``(C, H, W)`` builds Conv2d layers, so every model runs on every data se
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -41,6 +42,26 @@ def _conv_layers(ndim: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.M
     )
 
 
+def norm_layer(ndim: int, batch_norm: bool = False, group_norm: int = 0) -> Callable[[int], nn.Module] | None:
+    """The normalisation after each conv: BatchNorm, GroupNorm with ``group_norm`` groups (the usual choice for
+    non-IID federated clients, Hsieh et al. 2020: no batch statistics to disagree on), or None."""
+    if batch_norm and group_norm:
+        raise ConfigError(f"batch-norm and group-norm={group_norm} exclude each other; allowed: one of them")
+    if group_norm:
+        return lambda c: nn.GroupNorm(group_norm, c)
+    return _conv_layers(ndim)[1] if batch_norm else None
+
+
+def check_group_norm(group_norm: int, channels: Sequence[int]) -> None:
+    """GroupNorm needs every channel width divisible by its group count."""
+    bad = sorted({int(c) for c in channels if int(c) % group_norm}) if group_norm else []
+    if bad:
+        raise ConfigError(
+            f"group-norm={group_norm} does not divide the model's channel width(s) {bad}; allowed: a divisor of "
+            f"{math.gcd(*(int(c) for c in channels))}"
+        )
+
+
 class MLP(nn.Module):
     """Fully connected net ``x -> flatten -> [Linear -> ReLU] * len(widths) -> Linear``."""
 
@@ -71,9 +92,12 @@ class VGG(nn.Module):
         cfg: Sequence[int | str] = (32, "M", 64, "M"),
         batch_norm: bool = False,
         hidden: int = 128,
+        group_norm: int = 0,
     ) -> None:
         super().__init__()
-        conv, bn, pool = _conv_layers(len(input_shape))
+        conv, _, pool = _conv_layers(len(input_shape))
+        norm = norm_layer(len(input_shape), batch_norm, group_norm)
+        check_group_norm(group_norm, [c for c in cfg if c != "M"])
         layers: list[nn.Module] = []
         channels, size = int(input_shape[0]), min(int(s) for s in input_shape[1:])
         for item in cfg:
@@ -82,9 +106,9 @@ class VGG(nn.Module):
                     layers.append(pool(2))
                     size //= 2
                 continue
-            layers.append(conv(channels, int(item), kernel_size=3, padding=1, bias=not batch_norm))
-            if batch_norm:
-                layers.append(bn(int(item)))
+            layers.append(conv(channels, int(item), kernel_size=3, padding=1, bias=norm is None))
+            if norm is not None:
+                layers.append(norm(int(item)))
             layers.append(nn.ReLU())
             channels = int(item)
         self.features = nn.Sequential(*layers)
@@ -101,18 +125,20 @@ class VGG(nn.Module):
 class BasicBlock(nn.Module):
     """ResNet basic block ``relu(F(x) + shortcut(x))``; the shortcut is a 1×1 conv (+BN) when shapes change."""
 
-    def __init__(self, ndim: int, in_ch: int, out_ch: int, stride: int, batch_norm: bool) -> None:
+    def __init__(self, ndim: int, in_ch: int, out_ch: int, stride: int, batch_norm: bool, group_norm: int = 0) -> None:
         super().__init__()
-        conv, bn, _ = _conv_layers(ndim)
-        norm: Callable[[int], nn.Module] = bn if batch_norm else (lambda c: nn.Identity())
-        self.conv1 = conv(in_ch, out_ch, 3, stride=stride, padding=1, bias=not batch_norm)
+        conv, _, _ = _conv_layers(ndim)
+        made = norm_layer(ndim, batch_norm, group_norm)
+        norm: Callable[[int], nn.Module] = made if made is not None else (lambda c: nn.Identity())
+        bias = made is None
+        self.conv1 = conv(in_ch, out_ch, 3, stride=stride, padding=1, bias=bias)
         self.bn1 = norm(out_ch)
-        self.conv2 = conv(out_ch, out_ch, 3, stride=1, padding=1, bias=not batch_norm)
+        self.conv2 = conv(out_ch, out_ch, 3, stride=1, padding=1, bias=bias)
         self.bn2 = norm(out_ch)
         self.relu = nn.ReLU()
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(conv(in_ch, out_ch, 1, stride=stride, bias=not batch_norm), norm(out_ch))
+            self.shortcut = nn.Sequential(conv(in_ch, out_ch, 1, stride=stride, bias=bias), norm(out_ch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -124,21 +150,29 @@ class ResNet20(nn.Module):
     """CIFAR-style ResNet-20 (He et al. 2016): 3 stages × 3 basic blocks, widths 16·w, 32·w, 64·w."""
 
     def __init__(
-        self, input_shape: Sequence[int], num_classes: int, width: int = 1, batch_norm: bool = True, blocks: int = 3
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        width: int = 1,
+        batch_norm: bool = True,
+        blocks: int = 3,
+        group_norm: int = 0,
     ) -> None:
         super().__init__()
         ndim = len(input_shape)
-        conv, bn, _ = _conv_layers(ndim)
+        conv, _, _ = _conv_layers(ndim)
         w = [16 * width, 32 * width, 64 * width]
-        self.conv1 = conv(int(input_shape[0]), w[0], 3, padding=1, bias=not batch_norm)
-        self.bn1 = bn(w[0]) if batch_norm else nn.Identity()
+        check_group_norm(group_norm, w)
+        norm = norm_layer(ndim, batch_norm, group_norm)
+        self.conv1 = conv(int(input_shape[0]), w[0], 3, padding=1, bias=norm is None)
+        self.bn1 = norm(w[0]) if norm is not None else nn.Identity()
         self.relu = nn.ReLU()
         layers: list[nn.Module] = []
         in_ch = w[0]
         for stage, out_ch in enumerate(w):
             for b in range(blocks):
                 stride = 2 if stage > 0 and b == 0 else 1
-                layers.append(BasicBlock(ndim, in_ch, out_ch, stride, batch_norm))
+                layers.append(BasicBlock(ndim, in_ch, out_ch, stride, batch_norm, group_norm))
                 in_ch = out_ch
         self.layers = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool1d(1) if ndim == 2 else nn.AdaptiveAvgPool2d(1)
@@ -179,23 +213,30 @@ class SequenceClassifier(nn.Module):
         return self.fc(out[:, -1])
 
 
-def _mlp(input_shape: Sequence[int], num_classes: int, width: int, depth: int, batch_norm: bool) -> nn.Module:
+def _mlp(
+    input_shape: Sequence[int], num_classes: int, width: int, depth: int, batch_norm: bool, group_norm: int = 0
+) -> nn.Module:
     return MLP(input_shape, num_classes, widths=[width] * depth)
 
 
-def _cnn(input_shape: Sequence[int], num_classes: int, width: int, depth: int, batch_norm: bool) -> nn.Module:
+def _cnn(
+    input_shape: Sequence[int], num_classes: int, width: int, depth: int, batch_norm: bool, group_norm: int = 0
+) -> nn.Module:
     base = max(1, width // 4)
-    return VGG(
-        input_shape, num_classes, cfg=(base, "M", 2 * base, "M", 2 * base, "M"), batch_norm=batch_norm, hidden=width
-    )
+    cfg = (base, "M", 2 * base, "M", 2 * base, "M")
+    return VGG(input_shape, num_classes, cfg=cfg, batch_norm=batch_norm, hidden=width, group_norm=group_norm)
 
 
-def _resnet(input_shape: Sequence[int], num_classes: int, width: int, depth: int, batch_norm: bool) -> nn.Module:
-    return ResNet20(input_shape, num_classes, width=max(1, width // 16), batch_norm=batch_norm)
+def _resnet(
+    input_shape: Sequence[int], num_classes: int, width: int, depth: int, batch_norm: bool, group_norm: int = 0
+) -> nn.Module:
+    return ResNet20(input_shape, num_classes, width=max(1, width // 16), batch_norm=batch_norm, group_norm=group_norm)
 
 
 def _seq(cell: str) -> Callable[..., nn.Module]:
-    def build(input_shape: Sequence[int], num_classes: int, width: int, depth: int, batch_norm: bool) -> nn.Module:
+    def build(
+        input_shape: Sequence[int], num_classes: int, width: int, depth: int, batch_norm: bool, group_norm: int = 0
+    ) -> nn.Module:
         return SequenceClassifier(input_shape, num_classes, cell=cell, hidden=width, num_layers=depth)
 
     return build
@@ -212,6 +253,8 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], int, int]] = {
     "gru": (_seq("gru"), 64, 1),
 }
 
+
+NORM_MODELS = ("cnn", "resnet20")  # the models with a normalisation after each conv (batch-norm / group-norm)
 
 # ``PREFIX`` + NAME -> another library's model: (why NAME is not one of its models or None, builder)
 LIBRARIES: dict[str, tuple[Callable[[str], str | None], Callable[..., nn.Module]]] = {
@@ -235,13 +278,16 @@ def build_model(
     depth: int | None = None,
     batch_norm: bool = False,
     seed: int | None = None,
+    group_norm: int = 0,
 ) -> nn.Module:
     """Build model ``name`` for ``input_shape``; with ``seed``, the init is fixed by ``torch.manual_seed``-free
-    forking (global RNG state is restored afterwards)."""
+    forking (global RNG state is restored afterwards). ``group_norm`` = G > 0: GroupNorm(G) after every conv of
+    ``cnn``/``resnet20`` instead of BatchNorm (:func:`norm_layer`)."""
     prefix = library_of(name)
     if prefix is not None:  # the library fixes the architecture: width/depth/batch_norm must not be asked for
         asked = [f"{k}={v}" for k, v in (("width", width), ("depth", depth)) if v is not None]
         asked += ["batch-norm=True"] if batch_norm else []
+        asked += [f"group-norm={group_norm}"] if group_norm else []
         if asked:
             raise ConfigError(
                 f"{', '.join(asked)} does not apply to model={name!r}, which fixes its own architecture; "
@@ -255,8 +301,12 @@ def build_model(
     d = default_depth if depth is None else int(depth)
     if w < 1 or d < 1:
         raise ConfigError(f"model width={w} / depth={d} must be >= 1")
+    if group_norm and name not in NORM_MODELS:
+        raise ConfigError(
+            f"group-norm={group_norm} does not apply to model={name!r}; allowed with {', '.join(NORM_MODELS)}"
+        )
     if seed is None:
-        return builder(input_shape, num_classes, w, d, batch_norm)
+        return builder(input_shape, num_classes, w, d, batch_norm, group_norm)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return builder(input_shape, num_classes, w, d, batch_norm)
+        return builder(input_shape, num_classes, w, d, batch_norm, group_norm)
