@@ -31,6 +31,7 @@ from benchmarks.common import add_out, load_header, load_line  # noqa: E402
 from fedfuse.data.partition import partition_indices  # noqa: E402
 from fedfuse.experiment import dataset_for, local_plan, local_train, model_for  # noqa: E402
 from fedfuse.lora import adapter_keys, adapter_pairs, base_weight_key, mean_products, truncate_rank  # noqa: E402
+from fedfuse.lora.layers import SCALES  # noqa: E402
 from fedfuse.lora.run import adapter_state, load_received  # noqa: E402
 from fedfuse.state import torch_threads, weighted_average  # noqa: E402
 from fedfuse.train import evaluate  # noqa: E402
@@ -50,12 +51,16 @@ def _nbytes(state: dict[str, torch.Tensor]) -> int:
 
 
 def _round_update(
-    states: list[dict[str, torch.Tensor]], weights: list[float], start: dict[str, torch.Tensor], alpha: float
+    states: list[dict[str, torch.Tensor]],
+    weights: list[float],
+    start: dict[str, torch.Tensor],
+    alpha: float,
+    scale: str = "standard",
 ) -> float:
     """‖M − s·B₀·A₀‖_F over the adapted layers: how far the clients' mean product M moved this round from the
     product of the global adapters (B₀, A₀) they were sent (FLoRA's fresh adapters: B₀ = 0, the whole M)."""
-    moved = mean_products(states, weights, alpha)
-    before = mean_products([start], [1.0], alpha)
+    moved = mean_products(states, weights, alpha, scale)
+    before = mean_products([start], [1.0], alpha, scale)
     return math.sqrt(sum(float((moved[p] - before[p]).norm()) ** 2 for p in moved))
 
 
@@ -88,7 +93,9 @@ def run(cfg: dict[str, Any], rounds: int) -> list[dict[str, float]]:
                 rank = ranks[pid % len(ranks)]
                 model = model_for(cfg, ds, lora_rank=rank)
                 global_rank = max(ranks)
-                payload = adapters if rank == global_rank else truncate_rank(adapters, rank, strategy.alpha)
+                payload = (
+                    adapters if rank == global_rank else truncate_rank(adapters, rank, strategy.alpha, strategy.scale)
+                )
                 sent = {**payload, **dense, **(base if strategy.base_folded else {})}
                 load_received(model, sent)
             else:
@@ -108,7 +115,7 @@ def run(cfg: dict[str, Any], rounds: int) -> list[dict[str, float]]:
             rows.append({**rows[-1], "round": rnd, "bytes": float(down + up), "dropped": float(dropped)})
             continue
         if lora_run:
-            step = _round_update(states, weights, adapters, strategy.alpha)
+            step = _round_update(states, weights, adapters, strategy.alpha, strategy.scale)
             strategy._global, strategy._global_rank = state, max(ranks)
             strategy.round_metrics = {}
             state = strategy.aggregate_arrays(rnd, states, weights)
@@ -142,6 +149,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=4, help="the equal setting's rank")
     p.add_argument("--mixed-ranks", default="2,4,8", help="the mixed setting's ranks, cycled over clients")
     p.add_argument("--lora-alpha", type=float, default=4.0, help="LoRA scale numerator (scale alpha/r)")
+    p.add_argument("--lora-scale", default="standard", choices=SCALES, help="standard: alpha/r; rslora: alpha/√r")
     p.add_argument("--width", type=int, default=0, help="hidden width of the model (0: its default)")
     p.add_argument("--depth", type=int, default=0, help="hidden layers of the model (0: its default)")
     p.add_argument("--pretrain-epochs", type=int, default=5, help="epochs of the central low-classes pretraining")
@@ -171,7 +179,8 @@ def main() -> None:
                             "lr": args.lr if strategy == "fedavg" else args.lora_lr,
                             **({} if strategy == "fedavg" else {"lora-head": args.lora_head,
                                                                 "lora-bias": args.lora_bias,
-                                                                "lora-alpha": args.lora_alpha}),
+                                                                "lora-alpha": args.lora_alpha,
+                                                                "lora-scale": args.lora_scale}),
                         })  # fmt: skip
                         runs.append(run(cfg, args.rounds))
                     results[key] = runs
@@ -189,6 +198,10 @@ def main() -> None:
     print(f"wrote {args.out / name}.md")
 
 
+def _scale(args: argparse.Namespace) -> str:
+    return str(getattr(args, "lora_scale", "standard"))  # records written before --lora-scale: standard
+
+
 def _ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{statistics.mean(values) * scale:.{digits}f} ± {statistics.pstdev(values) * scale:.{digits}f}"
 
@@ -203,14 +216,16 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
         f"--num-clients {args.num_clients} --local-epochs {args.local_epochs} --seeds {args.seeds} "
         f"--alphas {args.alphas} --settings {args.settings} --lr {args.lr} --lora-lr {args.lora_lr} "
         f"--lora-head {args.lora_head} --lora-bias {args.lora_bias} --rank {args.rank} --mixed-ranks "
-        f"{args.mixed_ranks} --lora-alpha {args.lora_alpha:g} --width {args.width} --depth {args.depth} "
+        f"{args.mixed_ranks} --lora-alpha {args.lora_alpha:g}"
+        f"{' --lora-scale ' + args.lora_scale if _scale(args) != 'standard' else ''} --width {args.width} --depth {args.depth} "
         f"--pretrain-epochs {args.pretrain_epochs}{' --tag ' + args.tag if args.tag else ''}` "
         f"({seconds / 60:.0f} min, 1 thread).",
         "",
         *([load, ""] if load else []),
         f"Base: pretrained centrally on the training samples of classes 0-4 ({args.pretrain_epochs} epochs); "
         f"federated task: all 10 classes, Dirichlet(α) over {args.num_clients} clients, every client every round. "
-        f"LoRA on every Linear but the lora-head (alpha {args.lora_alpha:g}, scale alpha/r); head trained fully: "
+        f"LoRA on every Linear but the lora-head (alpha {args.lora_alpha:g}, scale "
+        f"{'alpha/√r (rslora)' if _scale(args) == 'rslora' else 'alpha/r'}); head trained fully: "
         f"{args.lora_head}, trainable biases: {args.lora_bias}; equal ranks {args.rank}, mixed ranks "
         f"{args.mixed_ranks} cycled over clients. Accuracy: central test set, mean ± std "
         f"over seeds {', '.join(seeds)} (percent). Bytes: arrays sent + received per round, all clients. "
@@ -266,8 +281,32 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
             continue
         per = [statistics.mean(r[i].get("step_error", 0.0) for r in runs) for i in range(1, rounds)]
         lines.append(f"| {setting} | {label} | " + " | ".join(f"{v:.3f}" for v in per) + " |")
+    lines += paired_gains(results, seeds)
     lines.append("")
     return "\n".join(lines) + "\n" + ("" if math.isfinite(seconds) else "")
+
+
+REFERENCES = {"mixed": "HetLoRA (pad)", "equal": "FedAvg-LoRA"}
+
+
+def paired_gains(results: dict[str, Any], seeds: list[str]) -> list[str]:
+    """Final accuracy minus the setting's reference (HetLoRA for mixed ranks, FedAvg-LoRA for equal ones) on the
+    same seed, in points: mean ± std over seeds and each seed's gain; empty when no reference was run."""
+    out: list[str] = []
+    for key, runs in results.items():
+        setting, label = key.split(": ", 1)
+        ref_label = REFERENCES.get(setting.split()[-1], "")
+        ref = results.get(f"{setting}: {ref_label}")
+        if ref is None or label == ref_label or label == "full FedAvg":
+            continue
+        if not out:
+            out = ["", "## Paired gain in final accuracy over the reference on the same seed (points)", "",
+                   f"| setting | method | reference | mean ± std | per seed ({', '.join(seeds)}) |", "|---|---|---|---|---|"]  # fmt: skip
+        gains = [100 * (r[-1]["accuracy"] - q[-1]["accuracy"]) for r, q in zip(runs, ref, strict=True)]
+        each = ", ".join(f"{g:+.1f}" for g in gains)
+        out.append(f"| {setting} | {label} | {ref_label} | {statistics.mean(gains):+.1f} ± {statistics.pstdev(gains):.1f} "
+                   f"| {each} |")  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

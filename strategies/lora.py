@@ -47,7 +47,8 @@ class LoRAStrategy(FedFuseStrategy):
     """Adapters aggregated by ``rule``: ``fedavg`` (A, B averaged apart), ``exact`` (SVD of the mean product +
     FedEx-LoRA residual folded into the base), ``aligned`` (rank components matched first), ``svd`` (SVD of the
     mean product at the global rank, residual dropped), ``hetlora`` (zero-padding), ``flora`` (stacking: the exact
-    mean product folded into the base, fresh adapters). ``alpha``: the scale alpha / r of every adapter;
+    mean product folded into the base, fresh adapters). ``alpha``, ``scale``: every adapter's scale is alpha / r
+    (``scale="standard"``) or alpha / √r (``"rslora"``), as the clients' (``lora-alpha``, ``lora-scale``);
     ``client_ranks``: ranks cycled over partitions (None: every client has the global rank); ``train_keys``: the
     dense entries clients train fully and send with the adapters (a head, trainable biases:
     :func:`fedfuse.lora.trained_keys` of the LoRA model), averaged plainly by every rule."""
@@ -61,12 +62,14 @@ class LoRAStrategy(FedFuseStrategy):
         self,
         *,
         alpha: float = 4.0,
+        scale: str = "standard",
         client_ranks: Sequence[int] | None = None,
         train_keys: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         if isinstance(alpha, bool) or not float(alpha) > 0:
             raise ConfigError(f"alpha={alpha!r} is out of range; allowed: > 0")
+        lora.check_scale(scale)
         ranks = [int(r) for r in client_ranks] if client_ranks else []
         if any(r < 1 for r in ranks):
             raise ConfigError(f"client_ranks={client_ranks!r}: every rank must be >= 1")
@@ -78,7 +81,7 @@ class LoRAStrategy(FedFuseStrategy):
         if kwargs.get("robust", "none") != "none":
             raise ConfigError(f"robust={kwargs['robust']!r} is not supported by the LoRA strategies; allowed: none")
         super().__init__(**kwargs)
-        self.alpha = float(alpha)
+        self.alpha, self.scale = float(alpha), str(scale)
         self.client_ranks = ranks
         self.train_keys = [str(k) for k in train_keys]
         self.base_folded = False  # once the server folds updates into the base, nodes receive the adapted layers'
@@ -93,6 +96,7 @@ class LoRAStrategy(FedFuseStrategy):
         train_keys = lora.trained_keys(model) if model is not None else []
         return {
             "alpha": float(cfg["lora-alpha"]),
+            "scale": str(cfg.get("lora-scale", "standard")),
             "client_ranks": ranks if len(set(ranks)) > 1 else None,
             "train_keys": train_keys,
         }
@@ -140,7 +144,7 @@ class LoRAStrategy(FedFuseStrategy):
         global_rank = max(full[a].shape[0] for a, _ in pairs.values())
         adapters = {k: full[k] for k in lora.adapter_keys(full)}
         rank = self._rank_of(node, global_rank)
-        payload = adapters if rank == global_rank else lora.truncate_rank(adapters, rank, self.alpha)
+        payload = adapters if rank == global_rank else lora.truncate_rank(adapters, rank, self.alpha, self.scale)
         payload = {**payload, **{k: full[k] for k in self.train_keys}}
         keys = [lora.base_weight_key(p, full) for p in pairs] if self.base_folded else []
         return payload, {k: full[k] for k in keys}
@@ -166,30 +170,30 @@ class LoRAStrategy(FedFuseStrategy):
     # ---- aggregation ---------------------------------------------------------------------------
     def aggregate_arrays(self, server_round: int, states: list[State], weights: list[float]) -> State:
         """The rule's aggregate, merged into the global model (base folding for exact/flora); round metrics."""
-        alpha, rank = self.alpha, self._global_rank
+        alpha, rank, scale = self.alpha, self._global_rank, self.scale
         pairs = lora.adapter_pairs(states[0])
         residuals: dict[str, torch.Tensor] = {}
         if self.rule == "exact":
-            adapters, residuals = lora.exact_lora(states, weights, rank, alpha)
+            adapters, residuals = lora.exact_lora(states, weights, rank, alpha, scale)
         elif self.rule == "svd":
-            adapters = lora.svd_lora(states, weights, rank, alpha)
+            adapters = lora.svd_lora(states, weights, rank, alpha, scale)
         elif self.rule == "flora":
-            stacked = lora.flora_stack(states, weights, alpha)
-            residuals = {p: sp for p, sp in lora.mean_products(states, weights, alpha).items()}
+            stacked = lora.flora_stack(states, weights, alpha, scale)
+            residuals = {p: sp for p, sp in lora.mean_products(states, weights, alpha, scale).items()}
             dense = {k: v for k, v in stacked.items() if k not in lora.adapter_keys(stacked)}
             adapters = {**dense, **self._fresh_adapters(server_round)}  # dense keys: the plain average
         else:
-            padded = [lora.pad_rank(s, rank, alpha) for s in states]
+            padded = [lora.pad_rank(s, rank, alpha, scale) for s in states]
             if self.rule == "aligned":  # matched to the global adapters every client started from
                 start = {k: self._global[k] for k in lora.adapter_keys(self._global)}
                 adapters = lora.aligned_lora(padded, weights, alpha, reference=start)
             else:
                 adapters = lora.fedavg_lora(padded, weights, alpha)
-        products = lora.mean_products(states, weights, alpha)
-        if self.rule == "flora":
-            agg_error = lora.aggregation_error(states, weights, stacked, alpha, out_scale=1.0)  # scale 1: stacked
+        products = lora.mean_products(states, weights, alpha, scale)
+        if self.rule == "flora":  # scale 1: stacked
+            agg_error = lora.aggregation_error(states, weights, stacked, alpha, out_scale=1.0, scale=scale)
         else:
-            agg_error = lora.aggregation_error(states, weights, adapters, alpha)
+            agg_error = lora.aggregation_error(states, weights, adapters, alpha, scale=scale)
         new = {**self._global, **{k: v.to(self._global[k].dtype) for k, v in adapters.items()}}
         for prefix, residual in residuals.items():
             key = lora.base_weight_key(prefix, new)
@@ -211,7 +215,7 @@ class LoRAStrategy(FedFuseStrategy):
         ak, bk = keys
         a, b = new[ak].double(), new[bk].double()
         a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], b.shape[1])
-        got = (self.alpha / a.shape[0]) * (b @ a)
+        got = lora.lora_scale(self.alpha, a.shape[0], self.scale) * (b @ a)
         return got + residuals[prefix] if prefix in residuals else got
 
     def _fresh_adapters(self, server_round: int) -> State:

@@ -97,6 +97,9 @@ LORA_OPTIONS = (
     Option("lora-targets", str, "", "LoRA: comma-separated module-name globs of the Linear/Conv2d layers to adapt, "
            "PAT:R for a rank of its own (empty = every Linear/Conv2d but the lora-head)"),
     Option("lora-alpha", float, 4.0, "LoRA: the update is (alpha / rank)·B·A", low=0.0, low_open=True),
+    Option("lora-scale", str, "standard", "LoRA: the scale of the update s·B·A: standard = alpha / rank (PEFT's "
+           "default), rslora = alpha / sqrt(rank) (rank-stabilised, PEFT's use_rslora)",
+           choices=("standard", "rslora")),
     Option("lora-head", str, "auto", "LoRA: modules trained fully and sent with the adapters, averaged plainly "
            "(PEFT's modules_to_save): auto = the output layer (the classifier head, so classes new to the base can "
            "be learnt; unless lora-targets adapts it), none = frozen, or comma-separated module-name globs"),

@@ -226,3 +226,78 @@ def test_peft_head_goes_to_modules_to_save_and_bias_to_peft():
     assert "base_model.model.1.base_layer.bias" in keys
     assert any("3.modules_to_save" in k and k.endswith("weight") for k in keys)
     assert not any("lora_" in k for k in keys) and not any("3.lora_A" in k for k in model.state_dict())
+
+
+def test_rslora_scales_a_rank_r_adapter_by_alpha_over_sqrt_r():
+    from fedfuse.lora import lora_scale
+
+    model, x = inject_lora(_mlp(), "1,3:2", rank=4, alpha=8.0, scale="rslora"), torch.randn(5, 16)
+    assert layer_scales(model) == {"1": pytest.approx(4.0), "3": pytest.approx(8.0 / 2**0.5)}  # 8/√4, 8/√2
+    assert layer_scales(inject_lora(_mlp(), "1,3:2", rank=4, alpha=8.0)) == {"1": 2.0, "3": 4.0}  # default: alpha/r
+    assert lora_scale(4.0, 16, "rslora") == 1.0 and lora_scale(4.0, 16) == 0.25
+    with torch.no_grad():
+        model[1].lora_B.normal_()
+    lin = model[1]
+    want = lin.base(x.flatten(1)) + 4.0 * x.flatten(1) @ (lin.lora_B @ lin.lora_A).T
+    assert torch.allclose(lin(x.flatten(1)), want, atol=1e-5)  # the forward uses the rslora scale
+
+
+def test_peft_and_the_built_in_wrapper_agree_under_rslora():
+    pytest.importorskip("peft")
+    ours = inject_lora(_mlp(), "1", rank=4, alpha=6.0, scale="rslora")
+    peft = inject_peft(_mlp(), "1", rank=4, alpha=6.0, scale="rslora")
+    assert layer_scales(peft) == {"base_model.model.1": pytest.approx(3.0)}  # PEFT's use_rslora: 6/√4
+    assert layer_scales(ours) == {"1": pytest.approx(3.0)}
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(4, 16, generator=g), torch.randn(8, 4, generator=g)
+    with torch.no_grad():
+        ours[1].lora_A.copy_(a), ours[1].lora_B.copy_(b)
+        peft.base_model.model[1].lora_A["default"].weight.copy_(a)
+        peft.base_model.model[1].lora_B["default"].weight.copy_(b)
+    x = torch.randn(3, 16)
+    assert torch.allclose(ours(x), peft(x), atol=1e-5)
+    plain = inject_peft(_mlp(), "1", rank=4, alpha=6.0)
+    assert layer_scales(plain) == {"base_model.model.1": pytest.approx(1.5)}  # standard: 6/4
+
+
+def _rs_product(state, alpha):
+    a, b = state["l.lora_A"].double(), state["l.lora_B"].double()
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], b.shape[1])
+    return alpha / a.shape[0] ** 0.5 * b @ a
+
+
+def test_aggregation_of_products_stays_exact_with_mixed_ranks_under_rslora():
+    states, w, alpha = _states([2, 4, 8]), [1.0, 2.0, 3.0], 4.0
+    target = sum(x / 6 * _rs_product(s, alpha) for x, s in zip(w, states, strict=True))
+    assert torch.allclose(mean_products(states, w, alpha, "rslora")["l"], target)
+    assert not torch.allclose(mean_products(states, w, alpha)["l"], target)  # alpha/r weighs the ranks otherwise
+    agg, res = exact_lora(states, w, rank=10, alpha=alpha, scale="rslora")  # rank(M) <= 10 (= min(in, out))
+    assert torch.allclose(_rs_product(agg, alpha), target, atol=1e-5) and float(res["l"].norm()) < 1e-5
+    low, res = exact_lora(states, w, rank=3, alpha=alpha, scale="rslora")
+    assert aggregation_error(states, w, low, alpha, residuals=res, scale="rslora")["l"] < 1e-5
+    assert torch.allclose(_rs_product(low, alpha) + res["l"], target, atol=1e-5)  # s' = alpha/√3 on the adapters
+    stacked = flora_stack(states, w, alpha, "rslora")
+    assert aggregation_error(states, w, stacked, alpha, out_scale=1.0, scale="rslora")["l"] < 1e-5
+    # HetLoRA's padding and the truncation keep each client's update under the rslora scale too
+    one = hetlora_pad(states[:1], [1.0], alpha, "rslora")
+    assert one["l.lora_A"].shape[0] == 2 and torch.allclose(_rs_product(one, alpha), _rs_product(states[0], alpha))
+    padded = hetlora_pad(states, w, alpha, "rslora")
+    back = truncate_rank(padded, 4, alpha, "rslora")
+    kept = alpha / 8**0.5 * padded["l.lora_B"][:, :4].double() @ padded["l.lora_A"][:4].double()
+    assert torch.allclose(_rs_product(back, alpha), kept, atol=1e-5)
+
+
+def test_a_bad_lora_scale_is_one_config_error():
+    from strategies.registry import validate_config
+
+    for call in (
+        lambda: inject_lora(_mlp(), "", rank=2, scale="sqrt"),
+        lambda: mean_products(_states([2]), [1.0], 4.0, "sqrt"),
+        lambda: validate_config({"strategy": "hetlora", "lora-ranks": "2,4", "lora-scale": "sqrt"}),
+    ):
+        with pytest.raises(ConfigError, match="^lora-scale='sqrt' is not allowed; allowed: standard, rslora$"):
+            call()
+    from fedfuse.lora.layers import SCALES
+    from strategies.options import LORA_OPTIONS
+
+    assert next(o for o in LORA_OPTIONS if o.name == "lora-scale").choices == SCALES

@@ -56,3 +56,29 @@ def test_the_round_update_error_is_relative_to_what_moved_this_round() -> None:
     assert rows[-1]["step_error"] > 2 * rows[-1]["rel_error"]
     flora = run(validate_config({**base, "strategy": "flora"}), 2)
     assert all(r["step_error"] < 1e-6 for r in flora)  # float32 round-off
+
+
+def test_lora_scale_reaches_the_runs_and_the_report_pairs_gains(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--lora-scale rslora: the runs' clients use alpha/√r (other accuracies than alpha/r on the same seed), the
+    report names the scale and lists each rule's per-seed gain over HetLoRA."""
+    from benchmarks import lora as bench
+
+    argv = ["lora", "--dataset", "digits", "--rounds", "2", "--num-clients", "3", "--seeds", "0,1", "--alphas", "0.5",
+            "--settings", "mixed", "--only", "HetLoRA (pad),SVD-LoRA", "--mixed-ranks", "2,8", "--pretrain-epochs",
+            "1", "--lora-lr", "0.05", "--lora-scale", "rslora", "--out", str(tmp_path)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    monkeypatch.setattr(sys, "argv", [*argv[:-4], "--tag", "std", "--out", str(tmp_path)])
+    bench.main()
+    rs = json.loads((tmp_path / "lora-digits-mlp.json").read_text())
+    std = json.loads((tmp_path / "lora-digits-mlp-std.json").read_text())
+    assert rs["args"]["lora_scale"] == "rslora" and std["args"]["lora_scale"] == "standard"
+    key = "α=0.5 mixed: SVD-LoRA"
+    assert [r[-1]["accuracy"] for r in rs["runs"][key]] != [r[-1]["accuracy"] for r in std["runs"][key]]
+    text = (tmp_path / "lora-digits-mlp.md").read_text()
+    assert "--lora-scale rslora" in text and "scale alpha/√r (rslora)" in text
+    gains = [100 * (s[-1]["accuracy"] - h[-1]["accuracy"])
+             for s, h in zip(rs["runs"][key], rs["runs"]["α=0.5 mixed: HetLoRA (pad)"], strict=True)]  # fmt: skip
+    row = next(line for line in text.splitlines() if line.startswith("| α=0.5 mixed | SVD-LoRA | HetLoRA (pad) |"))
+    assert row.endswith(f"| {gains[0]:+.1f}, {gains[1]:+.1f} |")
+    assert "--lora-scale" not in (tmp_path / "lora-digits-mlp-std.md").read_text()

@@ -87,6 +87,7 @@ def test_lora_options_belong_to_lora_strategies():
         (["--lora-rank", "2", "--lora-targets", "conv*"], "'conv\\*' matches no Linear/Conv2d layer"),
         (["--lora-ranks", "2,x"], "lora-ranks='2,x' is not a comma-separated list"),
         (["--lora-rank", "2", "--base", "BAD"], "base: .* does not fit the model"),
+        (["--lora-rank", "2", "--lora-scale", "sqrt"], "lora-scale='sqrt' is not allowed; allowed: standard, rslora"),
         ([], "needs lora-rank >= 1"),
     ],
 )
@@ -156,3 +157,48 @@ def test_a_trained_head_beats_the_frozen_one_on_a_tiny_run():
 
     gains = [final("auto", s) - final("none", s) for s in (0, 1, 2)]
     assert sum(gains) / 3 > 0.1, gains
+
+
+@pytest.mark.parametrize("name", ["fedex-lora", "svd-lora", "hetlora", "flora"])
+def test_rslora_clients_and_server_agree_on_the_scale(name):
+    """lora-scale=rslora from the run config: the clients' layers scale by alpha/√r and the server's rule reads
+    their updates with the same scale: the round's lora_update_error is the measured gap between the global model's
+    applied update and the mean of the clients' own layer deltas, and that gap is 0 for the exact rules (fedex-lora,
+    flora; svd-lora too here: every client's A starts from the same seeded init, a rank-r A being the first r rows
+    of the rank-8 one, so the mean has rank <= 8) with mixed ranks 2,4,8."""
+    from fedfuse.data import load_dataset
+    from fedfuse.experiment import model_for
+    from fedfuse.lora import layer_scales
+    from fedfuse.lora.run import adapter_state
+    from strategies.registry import resolve_strategy, validate_config
+
+    cfg = validate_config({**SMALL, "strategy": name, "lora-ranks": "2,4,8", "lora-scale": "rslora",
+                           "lora-alpha": 6.0, "lora-targets": "net.3", "pretrain-epochs": 1})  # fmt: skip
+    ds = load_dataset("digits")
+    cls = resolve_strategy(name)
+    glob = model_for(cfg, ds)
+    strategy = cls(**cls.config_kwargs(cfg, model=glob, example_input=None), seed=0)
+    assert strategy.scale == "rslora"
+    g = torch.Generator().manual_seed(0)
+    clients, states = [], []
+    for r in (2, 4, 8):
+        m = model_for(cfg, ds, lora_rank=r)
+        assert layer_scales(m) == {"net.3": pytest.approx(6.0 / r**0.5)}
+        with torch.no_grad():
+            m.net[3].lora_B.copy_(0.01 * torch.randn(m.net[3].lora_B.shape, generator=g))
+        clients.append(m)
+        states.append(adapter_state(m))
+    start = {k: v.clone() for k, v in glob.state_dict().items()}
+    strategy._global, strategy._global_rank, strategy.round_metrics = start, 8, {}
+    new = strategy.aggregate_arrays(1, states, [1.0, 2.0, 3.0])
+    glob.load_state_dict(new)
+    with torch.no_grad():
+        mean = sum(w / 6 * m.net[3].delta().double() for w, m in zip([1.0, 2.0, 3.0], clients, strict=True))
+        applied = glob.net[3].base.weight.double() - start["net.3.base.weight"].double() + glob.net[3].delta().double()
+    gap = float((applied - mean).norm())
+    assert strategy.round_metrics["lora_mean_update"] == pytest.approx(float(mean.norm()), rel=1e-4)
+    if name != "hetlora":
+        assert gap < 1e-5 * float(mean.norm()), name
+    else:  # the factors averaged apart
+        assert gap > 1e-3 * float(mean.norm())
+        assert strategy.round_metrics["lora_update_error"] == pytest.approx(gap, rel=1e-3)

@@ -1,8 +1,9 @@
 """Aggregating LoRA adapters of K clients: plain, exact, aligned and rank-heterogeneous.
 
 Client i sends, per adapted layer, A_i (r_i × in) and B_i (out × r_i); its update of the frozen weight is
-ΔW_i = s_i·B_i·A_i with s_i = alpha / r_i (``alpha=None``: s_i = 1). With weights λ_i = n_i / Σ n_j the
-target of every rule is the mean update M = Σ_i λ_i s_i B_i A_i. Averaging the factors apart gives
+ΔW_i = s_i·B_i·A_i with s_i = alpha / r_i, or alpha / √r_i with ``scale="rslora"`` (``alpha=None``: s_i = 1);
+rslora's s_i differ less across mixed ranks (2× rather than 4× between ranks 4 and 16). With weights
+λ_i = n_i / Σ n_j the target of every rule is the mean update M = Σ_i λ_i s_i B_i A_i. Averaging the factors apart gives
 s·B̄·Ā ≠ M in general (mean of products ≠ product of means); :func:`aggregation_error` measures the gap.
 
 Every function takes adapter state dicts (built-in or PEFT keys, :func:`fedfuse.lora.layers.adapter_pairs`);
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from fedfuse.errors import ConfigError
-from fedfuse.lora.layers import adapter_pairs
+from fedfuse.lora.layers import adapter_pairs, lora_scale
 from fedfuse.state import normalise_weights, weighted_average
 
 __all__ = [
@@ -37,8 +38,9 @@ __all__ = [
 State = dict[str, torch.Tensor]
 
 
-def _scale(alpha: float | None, rank: int) -> float:
-    return 1.0 if alpha is None else float(alpha) / rank
+def _scale(alpha: float | None, rank: int, scale: str = "standard") -> float:
+    """s of a rank-``rank`` adapter (:func:`fedfuse.lora.layers.lora_scale`); 1 when ``alpha`` is None."""
+    return 1.0 if alpha is None else lora_scale(alpha, rank, scale)
 
 
 def _factors(state: Mapping[str, torch.Tensor], a_key: str, b_key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +76,10 @@ def _check(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float
 
 
 def mean_products(
-    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], alpha: float | None = None
+    states: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    alpha: float | None = None,
+    scale: str = "standard",
 ) -> dict[str, torch.Tensor]:
     """Layer prefix → M = Σ_i λ_i s_i B_i A_i (float64, out × in), the update every rule aims at."""
     pairs = _check(states, weights)
@@ -84,7 +89,7 @@ def mean_products(
         total = None
         for s, w in zip(states, lam, strict=True):
             a, b = _factors(s, ak, bk)
-            term = (float(w) * _scale(alpha, a.shape[0])) * (b @ a)
+            term = (float(w) * _scale(alpha, a.shape[0], scale)) * (b @ a)
             total = term if total is None else total + term
         out[prefix] = total
     return out
@@ -106,12 +111,12 @@ def fedavg_lora(
     return {**_others(states, weights), **weighted_average([{k: s[k] for k in keys} for s in states], weights)}
 
 
-def _refactor(m: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _refactor(m: torch.Tensor, rank: int, s: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated SVD M ≈ U_r Σ_r V_rᵀ split evenly: B = U_r Σ_r^½ / s, A = Σ_r^½ V_rᵀ (s·B·A = best rank-r M)."""
     u, sv, vh = torch.linalg.svd(m, full_matrices=False)
     r = min(rank, sv.numel())
     root = sv[:r].sqrt()
-    b, a = u[:, :r] * root / scale, root[:, None] * vh[:r]
+    b, a = u[:, :r] * root / s, root[:, None] * vh[:r]
     if r < rank:  # a layer smaller than the rank asked for: zero components (min(in, out) bounds the rank)
         b = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], 1)
         a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])], 0)
@@ -130,11 +135,12 @@ def svd_lora(
     weights: Sequence[float],
     rank: int | None = None,
     alpha: float | None = None,
+    scale: str = "standard",
 ) -> State:
     """M re-factorised at ``rank`` (default: the largest client rank) by truncated SVD: the best rank-r
     approximation of the mean update (Eckart–Young); exact when rank(M) <= r. Works for mixed client ranks
     (each client's s_i B_i A_i is summed before factorising)."""
-    return exact_lora(states, weights, rank, alpha)[0]
+    return exact_lora(states, weights, rank, alpha, scale)[0]
 
 
 def exact_lora(
@@ -142,17 +148,18 @@ def exact_lora(
     weights: Sequence[float],
     rank: int | None = None,
     alpha: float | None = None,
+    scale: str = "standard",
 ) -> tuple[State, dict[str, torch.Tensor]]:
     """Exact aggregation (FedEx-LoRA, Singhal et al. 2024, with an SVD re-factorisation): the adapters
-    (A', B') are the truncated SVD of M = Σ λ_i s_i B_i A_i at ``rank`` (s' = alpha / rank), and the residual
+    (A', B') are the truncated SVD of M = Σ λ_i s_i B_i A_i at ``rank`` (s' = the scale of that rank), and the residual
     R = M − s'·B'·A' (per layer prefix, an out × in float64 matrix: reshape to the base weight) is what the
     caller folds into the frozen base weight: W + R + s'B'A' = W + M exactly."""
     pairs = _check(states, weights)
-    products = mean_products(states, weights, alpha)
+    products = mean_products(states, weights, alpha, scale)
     out, residuals = _others(states, weights), {}
     for prefix, (ak, bk) in pairs.items():
         r = _target_rank(states, ak, rank)
-        s_out = _scale(alpha, r)
+        s_out = _scale(alpha, r, scale)
         a, b = _refactor(products[prefix], r, s_out)
         out[ak], out[bk] = _shaped(states[0][ak], a, 0), _shaped(states[0][bk], b, 1)
         residuals[prefix] = products[prefix] - s_out * (b @ a)
@@ -212,7 +219,10 @@ def aligned_lora(
 
 
 def flora_stack(
-    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], alpha: float | None = None
+    states: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    alpha: float | None = None,
+    scale: str = "standard",
 ) -> State:
     """FLoRA (Wang et al. 2024): stack the clients' factors, A = [A_1; …; A_K] (Σr_i × in) and
     B = [λ_1 s_1 B_1, …, λ_K s_K B_K] (out × Σr_i), so B·A = M exactly, for any mix of ranks; the rank grows to
@@ -224,12 +234,16 @@ def flora_stack(
     for _prefix, (ak, bk) in pairs.items():
         factors = [_factors(s, ak, bk) for s in states]
         a = torch.cat([f[0] for f in factors], 0)
-        b = torch.cat([float(w) * _scale(alpha, f[0].shape[0]) * f[1] for w, f in zip(lam, factors, strict=True)], 1)
+        b = torch.cat(
+            [float(w) * _scale(alpha, f[0].shape[0], scale) * f[1] for w, f in zip(lam, factors, strict=True)], 1
+        )
         out[ak], out[bk] = _shaped(states[0][ak], a, 0), _shaped(states[0][bk], b, 1)
     return out
 
 
-def pad_rank(state: Mapping[str, torch.Tensor], rank: int, alpha: float | None = None) -> State:
+def pad_rank(
+    state: Mapping[str, torch.Tensor], rank: int, alpha: float | None = None, scale: str = "standard"
+) -> State:
     """Every adapter zero-padded to ``rank`` components, B rescaled so the update is unchanged:
     s_R·B'·A' = s_r·B·A (B' = [B·s_r / s_R, 0], A' = [A; 0])."""
     out = dict(state)
@@ -239,7 +253,8 @@ def pad_rank(state: Mapping[str, torch.Tensor], rank: int, alpha: float | None =
         if r > rank:
             raise ConfigError(f"rank {r} of {prefix!r} is above the rank {rank} to pad to")
         a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])], 0)
-        b = torch.cat([b * (_scale(alpha, r) / _scale(alpha, rank)), b.new_zeros(b.shape[0], rank - r)], 1)
+        ratio = _scale(alpha, r, scale) / _scale(alpha, rank, scale)
+        b = torch.cat([b * ratio, b.new_zeros(b.shape[0], rank - r)], 1)
         out[ak], out[bk] = _shaped(state[ak], a, 0), _shaped(state[bk], b, 1)
     return out
 
@@ -248,25 +263,31 @@ def hetlora_pad(
     states: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float],
     alpha: float | None = None,
+    scale: str = "standard",
 ) -> State:
     """HetLoRA's aggregation (Cho et al. 2024) without its rank self-pruning: every client's factors zero-padded
     to the largest rank R (:func:`pad_rank`: s_R·B'·A' = s_i·B_i·A_i), then averaged apart as :func:`fedavg_lora`;
     clients take the first r_i components back (:func:`truncate_rank`)."""
     pairs = _check(states, weights)
     ranks = {p: max(s[ak].shape[0] for s in states) for p, (ak, _) in pairs.items()}
-    padded = [_pad_layers(s, ranks, alpha) for s in states]
+    padded = [_pad_layers(s, ranks, alpha, scale) for s in states]
     return fedavg_lora(padded, weights, alpha)
 
 
-def _pad_layers(state: Mapping[str, torch.Tensor], ranks: Mapping[str, int], alpha: float | None) -> State:
+def _pad_layers(
+    state: Mapping[str, torch.Tensor], ranks: Mapping[str, int], alpha: float | None, scale: str = "standard"
+) -> State:
     out = dict(state)
     for prefix, (ak, bk) in adapter_pairs(state).items():
-        out.update(pad_rank({ak: state[ak], bk: state[bk]}, ranks[prefix], alpha))
+        out.update(pad_rank({ak: state[ak], bk: state[bk]}, ranks[prefix], alpha, scale))
     return out
 
 
 def truncate_rank(
-    state: Mapping[str, torch.Tensor], rank: int | Mapping[str, int], alpha: float | None = None
+    state: Mapping[str, torch.Tensor],
+    rank: int | Mapping[str, int],
+    alpha: float | None = None,
+    scale: str = "standard",
 ) -> State:
     """The first ``rank`` components of every adapter (per layer prefix when a mapping), B rescaled so the kept
     components' update is unchanged: s_r·B'·A' = s_R·B[:, :r]·A[:r] (B' = B[:, :r]·s_R / s_r)."""
@@ -277,7 +298,7 @@ def truncate_rank(
         if r <= 0 or r > big:
             raise ConfigError(f"rank={r} for {prefix!r} is out of range; allowed: 1..{big}")
         out[ak] = state[ak][:r].clone()
-        out[bk] = (state[bk][:, :r] * (_scale(alpha, big) / _scale(alpha, r))).to(state[bk].dtype)
+        out[bk] = (state[bk][:, :r] * (_scale(alpha, big, scale) / _scale(alpha, r, scale))).to(state[bk].dtype)
     return out
 
 
@@ -288,15 +309,16 @@ def aggregation_error(
     alpha: float | None = None,
     residuals: Mapping[str, torch.Tensor] | None = None,
     out_scale: float | None = None,
+    scale: str = "standard",
 ) -> dict[str, float]:
     """Layer prefix → ‖M − (s·B̄·Ā + R)‖_F: how far the aggregate's update (plus a residual R folded into the
     base, if any) is from the mean of the clients' updates M = Σ λ_i s_i B_i A_i. ``aggregate`` carries scale
-    s = ``out_scale``, default alpha / its rank (1 for :func:`flora_stack`'s output)."""
-    products = mean_products(states, weights, alpha)
+    s = ``out_scale``, default the scale of its rank (1 for :func:`flora_stack`'s output)."""
+    products = mean_products(states, weights, alpha, scale)
     errors: dict[str, float] = {}
     for prefix, (ak, bk) in adapter_pairs(aggregate).items():
         a, b = _factors(aggregate, ak, bk)
-        got = (_scale(alpha, a.shape[0]) if out_scale is None else out_scale) * (b @ a)
+        got = (_scale(alpha, a.shape[0], scale) if out_scale is None else out_scale) * (b @ a)
         if residuals is not None and prefix in residuals:
             got = got + residuals[prefix].double().reshape(got.shape)
         errors[prefix] = float((products[prefix] - got).norm())

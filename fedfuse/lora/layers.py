@@ -1,8 +1,10 @@
 """LoRA adapters on a frozen base: a small built-in wrapper for ``nn.Linear``/``nn.Conv2d`` and PEFT's path.
 
 LoRA (Hu et al. 2021): a frozen weight W (out × in, a conv's in·kh·kw flattened) is used as
-W + s·B·A with trainable A (r × in), B (out × r), s = alpha / r; A starts Kaiming-uniform (as PEFT's),
-B at zero, so an injected model computes exactly what its base does.
+W + s·B·A with trainable A (r × in), B (out × r), s = alpha / r (``scale="standard"``, PEFT's default) or
+s = alpha / √r (``scale="rslora"``: rank-stabilised LoRA, Kalajdzievski 2023, PEFT's ``use_rslora=True``, so the
+update's size does not shrink as r grows); A starts Kaiming-uniform (as PEFT's), B at zero, so an injected model
+computes exactly what its base does.
 
 Built-in keys: ``<layer>.base.weight`` (frozen), ``<layer>.lora_A`` (r × in), ``<layer>.lora_B`` (out × r).
 PEFT keys: ``base_model.model.<layer>.base_layer.weight``, ``...<layer>.lora_A.default.weight`` (r × in, or
@@ -39,6 +41,9 @@ __all__ = [
     "adapter_keys",
     "base_weight_key",
     "layer_scales",
+    "lora_scale",
+    "check_scale",
+    "SCALES",
     "max_rank",
     "BIAS_MODES",
     "output_layer",
@@ -48,20 +53,35 @@ __all__ = [
 ]
 
 BIAS_MODES = ("none", "lora_only", "all")  # PEFT's LoraConfig.bias
+SCALES = ("standard", "rslora")  # s = alpha / r, s = alpha / √r (PEFT's use_rslora)
 
 State = dict[str, torch.Tensor]
 
 
-class _LoRA(nn.Module):
-    """Shared parts: the frozen ``base`` module, ``lora_A``, ``lora_B`` and the scale s = alpha / r."""
+def check_scale(scale: str) -> str:
+    """``scale`` if it is one of :data:`SCALES`, else ConfigError naming it and what is allowed."""
+    if scale not in SCALES:
+        raise ConfigError(f"lora-scale={scale!r} is not allowed; allowed: {', '.join(SCALES)}")
+    return scale
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, fan_in: int, fan_out: int) -> None:
+
+def lora_scale(alpha: float, rank: int, scale: str = "standard") -> float:
+    """The LoRA scale s of a rank-``rank`` adapter: alpha / r (``standard``) or alpha / √r (``rslora``)."""
+    return float(alpha) / (math.sqrt(rank) if check_scale(scale) == "rslora" else rank)
+
+
+class _LoRA(nn.Module):
+    """Shared parts: the frozen ``base`` module, ``lora_A``, ``lora_B`` and the scale s (:func:`lora_scale`)."""
+
+    def __init__(
+        self, base: nn.Module, rank: int, alpha: float, fan_in: int, fan_out: int, scale: str = "standard"
+    ) -> None:
         super().__init__()
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.rank, self.alpha = int(rank), float(alpha)
-        self.scale = self.alpha / self.rank
+        self.scale = lora_scale(self.alpha, self.rank, scale)
         self.lora_A = nn.Parameter(torch.empty(self.rank, fan_in))
         self.lora_B = nn.Parameter(torch.zeros(fan_out, self.rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init of A
@@ -74,8 +94,8 @@ class _LoRA(nn.Module):
 class LoRALinear(_LoRA):
     """y = base(x) + s·x·Aᵀ·Bᵀ."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
-        super().__init__(base, rank, alpha, base.in_features, base.out_features)
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, scale: str = "standard") -> None:
+        super().__init__(base, rank, alpha, base.in_features, base.out_features, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
@@ -84,11 +104,11 @@ class LoRALinear(_LoRA):
 class LoRAConv2d(_LoRA):
     """The base convolution with weight W + s·(B·A).reshape(W.shape) (A over in·kh·kw)."""
 
-    def __init__(self, base: nn.Conv2d, rank: int, alpha: float) -> None:
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, scale: str = "standard") -> None:
         if base.groups != 1:
             raise ConfigError(f"LoRA on a grouped Conv2d (groups={base.groups}) is not supported")
         fan_in = base.in_channels * base.kernel_size[0] * base.kernel_size[1]
-        super().__init__(base, rank, alpha, fan_in, base.out_channels)
+        super().__init__(base, rank, alpha, fan_in, base.out_channels, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv: nn.Conv2d = self.base  # type: ignore[assignment]
@@ -174,15 +194,18 @@ def inject_lora(
     alpha: float = 8.0,
     head: Sequence[str] = (),
     bias: str = "none",
+    scale: str = "standard",
 ) -> nn.Module:
     """Replace every targeted Linear/Conv2d of ``model`` (in place) by its LoRA wrapper and freeze everything
     else; returns ``model``. ``targets``: module-name globs (``"net.1,net.3:8"``, a ``:R`` suffix gives that
     target its own rank); empty = every Linear/Conv2d but the ``head``. ``head``: module names trained fully (PEFT's
     ``modules_to_save``, :func:`head_modules`); ``bias``: ``none`` (frozen), ``lora_only`` (the adapted layers'
-    biases trainable) or ``all`` (every bias), as PEFT's ``LoraConfig.bias``."""
+    biases trainable) or ``all`` (every bias), as PEFT's ``LoraConfig.bias``; ``scale``: ``standard`` (alpha / r)
+    or ``rslora`` (alpha / √r)."""
     if not float(alpha) > 0:
         raise ConfigError(f"lora-alpha={alpha!r} is out of range; allowed: > 0")
     _bias_mode(bias)
+    check_scale(scale)
     chosen = target_modules(model, targets, rank, exclude=head)
     heads = [model.get_submodule(n) for n in head]
     for p in model.parameters():
@@ -192,7 +215,7 @@ def inject_lora(
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
         wrapper = LoRALinear if isinstance(base, nn.Linear) else LoRAConv2d
-        layer = wrapper(base, r, alpha)
+        layer = wrapper(base, r, alpha, scale)
         setattr(parent, child, layer)
         if bias == "lora_only" and base.bias is not None:
             base.bias.requires_grad_(True)
@@ -276,17 +299,19 @@ def inject_peft(
     alpha: float = 8.0,
     head: Sequence[str] = (),
     bias: str = "none",
+    scale: str = "standard",
 ) -> nn.Module:
     """PEFT's ``get_peft_model`` with a ``LoraConfig`` on the same targets (checked as :func:`inject_lora` does);
     a single rank (PEFT's ``rank_pattern`` carries per-target ranks); ``head`` → ``modules_to_save``, ``bias`` →
-    ``bias``."""
+    ``bias``, ``scale="rslora"`` → ``use_rslora=True``."""
     from peft import LoraConfig, get_peft_model
 
+    check_scale(scale)
     chosen = target_modules(model, targets, rank, exclude=head)
     ranks = {name: r for name, r in chosen.items() if r != rank}
     config = LoraConfig(
         r=rank, lora_alpha=alpha, target_modules=list(chosen), rank_pattern=ranks, lora_dropout=0.0,
-        bias=_bias_mode(bias), modules_to_save=list(head) or None,
+        bias=_bias_mode(bias), modules_to_save=list(head) or None, use_rslora=scale == "rslora",
     )  # fmt: skip
     return get_peft_model(model, config)
 
@@ -319,7 +344,8 @@ def base_weight_key(prefix: str, state: Mapping[str, Any]) -> str:
 
 
 def layer_scales(model: nn.Module) -> dict[str, float]:
-    """Layer prefix (as in :func:`adapter_pairs`) → its scale s = alpha / r, built-in and PEFT modules alike."""
+    """Layer prefix (as in :func:`adapter_pairs`) → its scale s (alpha / r, or alpha / √r under rslora), built-in
+    and PEFT modules alike (PEFT's ``scaling`` holds either)."""
     scales: dict[str, float] = {}
     for name, module in model.named_modules():
         if isinstance(module, _LoRA):

@@ -3,7 +3,8 @@ the run) and the adapted model. Called by :mod:`fedfuse.experiment` (models), th
 
 Options: ``lora-rank`` (0 = off), ``lora-ranks`` (``"4,8,16"``: client with partition p gets ranks[p % len]; the
 global adapters have the largest), ``lora-targets`` (module-name globs, ``PAT:R`` for a rank of its own; empty =
-every Linear/Conv2d but the head), ``lora-alpha`` (scale alpha / r), ``lora-head`` (``auto``: the output layer is
+every Linear/Conv2d but the head), ``lora-alpha`` (scale alpha / r), ``lora-scale`` (``standard``: alpha / r;
+``rslora``: alpha / √r, PEFT's ``use_rslora``), ``lora-head`` (``auto``: the output layer is
 trained fully and travels, as PEFT's ``modules_to_save`` for a classifier; ``none``; or module-name globs) and
 ``lora-bias`` (``none``/``lora_only``/``all``: which biases are trainable and travel, PEFT's ``bias``). Base:
 ``base`` (a state dict of the model, read with ``torch.load(weights_only=True)``) or ``pretrain`` = ``low-classes``:
@@ -25,7 +26,7 @@ from torch import nn
 from fedfuse.catalog import PRETRAIN_TASKS
 from fedfuse.catalog import positive_ints_reason as ranks_reason  # noqa: F401  (a lora-ranks value's check)
 from fedfuse.errors import ConfigError
-from fedfuse.lora.layers import head_modules, inject_lora, target_modules, travelling_state
+from fedfuse.lora.layers import check_scale, head_modules, inject_lora, target_modules, travelling_state
 
 __all__ = [
     "PRETRAIN_TASKS",
@@ -143,8 +144,9 @@ def adapt_model(cfg: Mapping[str, Any], ds: Any, model: nn.Module, rank: int | N
     with torch.random.fork_rng(devices=[]):  # the adapters' init (A) depends on the seed alone
         torch.manual_seed(derive_seed(int(cfg["seed"]), 61))
         return inject_lora(
-            model, targets, rank, float(cfg.get("lora-alpha", 4.0)), head, str(cfg.get("lora-bias", "none"))
-        )
+            model, targets, rank, float(cfg.get("lora-alpha", 4.0)), head, str(cfg.get("lora-bias", "none")),
+            str(cfg.get("lora-scale", "standard")),
+        )  # fmt: skip
 
 
 def check_lora(cfg: Mapping[str, Any], ds: Any, model: nn.Module) -> None:
@@ -159,6 +161,7 @@ def check_lora(cfg: Mapping[str, Any], ds: Any, model: nn.Module) -> None:
             target_modules(model, targets, rank, exclude=head)
         if not float(cfg.get("lora-alpha", 4.0)) > 0:
             raise ConfigError(f"lora-alpha={cfg.get('lora-alpha')!r} is out of range; allowed: > 0")
+        check_scale(str(cfg.get("lora-scale", "standard")))
 
 
 def load_received(model: nn.Module, received: Mapping[str, torch.Tensor]) -> None:
