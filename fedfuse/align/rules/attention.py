@@ -177,9 +177,10 @@ def _dense_param(d: Any, node: fx.Node, x: Any, w: ParamRef, width: int) -> Layo
     units of x's last dim index W's input axis, a new group of ``width`` indexes its output axis. None where x's
     units sit at another dim (the general rule below then decides)."""
     lay, rank = d.lay(x), d.value(x).dim()
-    if isinstance(lay, Layout) and not d.is_fixed(lay) and (lay.dim != rank - 1 or lay.expand != 1):
+    live = isinstance(lay, Layout) and not d.is_fixed(lay)
+    if live and (lay.dim != rank - 1 or lay.expand != 1):
         return None
-    if isinstance(lay, Layout) and not d.is_fixed(lay):
+    if live:
         d.add_inputs(w.key, w.dims[0], lay, x)
     g = d.new_group(w.key, width)
     d.add(g, w.key, w.dims[1], "out")

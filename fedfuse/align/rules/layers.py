@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fedfuse.align.rules.core import FIXED, Layout, ParamRef, Rule, Stacked, _arg
-from fedfuse.align.rules.segments import split
+from fedfuse.align.rules.segments import cut_at
 
 # --------------------------------------------------------------------------------------------------------------
 # generic rules
@@ -194,7 +194,7 @@ def norm_rule(params: tuple[str, ...], check_groups: bool = False) -> Rule:
 def group_parts(d: Any, node: fx.Node, lay: Layout, groups: int) -> Layout:
     """GroupNorm with ``G`` groups over ``C`` channels: statistics are per consecutive block of ``C/G`` channels,
     so a permutation is equivariant iff it maps blocks onto blocks: units move within their block, and blocks
-    may be reordered as wholes. The channel layout is cut at multiples of ``C/G`` (:func:`segments.split`); where
+    may be reordered as wholes. The channel layout is cut at multiples of ``C/G`` (:func:`segments.cut_at`); where
     each block is then one group of its own, the blocks form a :class:`~fedfuse.align.spec.Blocks` set (as heads
     do); where a block holds several groups (concatenated channels, or a finer GroupNorm on the same units) the
     units only move within their groups, and block sets over those groups are dropped. ``G`` = 1 or ``C``: any
@@ -202,27 +202,14 @@ def group_parts(d: Any, node: fx.Node, lay: Layout, groups: int) -> Layout:
     width = lay.block
     if groups in (1, width):
         return lay
-    size = width // groups
-    segs: list[tuple[int, int]] = []
-    pos, cut = 0, False
-    for g, n in lay.segs:
-        ends = [c for c in range(size, width, size) if pos < c < pos + n] + [pos + n]
-        widths = [b - a for a, b in zip([pos, *ends[:-1]], ends, strict=True)]
-        if len(widths) == 1:
-            segs.append((g, n))
-        else:
-            parts = split(d, g, widths)
-            if parts is None:
-                raise d.unsupported(node, f"its {groups} groups cut channels that are already split otherwise")
-            segs.extend(parts)
-            cut = True
-        pos += n
-    out = Layout(lay.dim, tuple(segs), lay.expand)
-    alike = len(segs) == groups and (cut and len(lay.segs) == 1 or not cut)
-    if alike:
-        d.add_blocks((f"{node.name}.groups",), tuple(g for g, _ in segs))
+    out = cut_at(d, lay, range(width // groups, width, width // groups))
+    if out is None:
+        raise d.unsupported(node, f"its {groups} groups cut channels that are already split otherwise")
+    cut = len(out.segs) != len(lay.segs)
+    if len(out.segs) == groups and (len(lay.segs) == 1 or not cut):
+        d.add_blocks((f"{node.name}.groups",), tuple(g for g, _ in out.segs))
     else:
-        d.drop_blocks([g for g, _ in segs])
+        d.drop_blocks([g for g, _ in out.segs])
     return out
 
 

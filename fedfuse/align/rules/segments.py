@@ -10,11 +10,12 @@ layouts), so every member of a split group becomes one member per part with ``se
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from fedfuse.align.rules.core import FIXED_ID, Layout, Stacked
 
-__all__ = ["expand_layout", "expand_segs", "refine", "split"]
+__all__ = ["cut_at", "expand_layout", "expand_segs", "refine", "split"]
 
 
 def split(d: Any, gid: int, widths: list[int]) -> tuple[tuple[int, int], ...] | None:
@@ -69,24 +70,27 @@ def refine(d: Any, la: Layout, lb: Layout) -> tuple[Layout, Layout] | None:
         for _, n in lay.segs:
             pos += n
             bounds.add(pos)
-    cuts = sorted(bounds)
-    out = []
-    for lay in (la, lb):
-        segs: list[tuple[int, int]] = []
-        pos = 0
-        for g, n in lay.segs:
-            inner = [c for c in cuts if pos < c <= pos + n]
-            widths = [b - a for a, b in zip([pos, *inner[:-1]], inner, strict=True)]
-            if len(widths) == 1:
-                segs.append((g, n))
-            else:
-                parts = split(d, g, widths)
-                if parts is None:
-                    return None
-                segs.extend(parts)
-            pos += n
-        out.append(Layout(lay.dim, tuple(segs), lay.expand))
-    return out[0], out[1]
+    ca, cb = cut_at(d, la, bounds), cut_at(d, lb, bounds)
+    return None if ca is None or cb is None else (ca, cb)
+
+
+def cut_at(d: Any, lay: Layout, cuts: Iterable[int]) -> Layout | None:
+    """``lay`` with every group that a position in ``cuts`` (offsets along the block) falls inside split into
+    consecutive parts there (:func:`split`); None if such a group cannot be split."""
+    cuts = sorted(set(cuts))
+    segs: list[tuple[int, int]] = []
+    pos = 0
+    for g, n in lay.segs:
+        ends = [c for c in cuts if pos < c < pos + n] + [pos + n]
+        if len(ends) == 1:
+            segs.append((g, n))
+        else:
+            parts = split(d, g, [b - a for a, b in zip([pos, *ends[:-1]], ends, strict=True)])
+            if parts is None:
+                return None
+            segs.extend(parts)
+        pos += n
+    return Layout(lay.dim, tuple(segs), lay.expand)
 
 
 def union_parts(d: Any, ra: int, rb: int, lo: int) -> None:

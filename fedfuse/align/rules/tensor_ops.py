@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from fedfuse.align.rules.core import FIXED, FIXED_ID, Layout, ParamRef, Rule, Stacked, _arg, _matched
-from fedfuse.align.rules.segments import refine
-from fedfuse.align.rules.segments import split as split_group
+from fedfuse.align.rules.segments import cut_at, refine
 
 # --------------------------------------------------------------------------------------------------------------
 # functions and methods
@@ -102,20 +101,18 @@ def reshape(d: Any, node: fx.Node, mod: Any = None) -> Any:
     return d.reshape(node, lay, in_shape, out_shape)
 
 
-def _param_moved(d: Any, node: fx.Node, ref: ParamRef, op: str) -> ParamRef:
-    """A parameter reference with its value dims transposed/permuted (``dims[i]``: the parameter axis of dim i)."""
-    rank = len(ref.dims)
+def _dim_order(d: Any, node: fx.Node, op: str, rank: int) -> list[int]:
+    """``t`` / ``transpose`` / ``permute``: output dim ``i`` is input dim ``order[i]``."""
     args = [d.value(a) for a in node.args[1:]]
-    if op == "t":
-        perm = list(range(rank))[::-1]  # .t() of a 0-, 1- or 2-d tensor
-    elif op == "transpose":
+    if op == "t":  # a 0-, 1- or 2-d tensor: dims reversed
+        return list(range(rank))[::-1]
+    if op == "transpose":
         a0, a1 = (int(v) % rank for v in (args[:2] or [node.kwargs["dim0"], node.kwargs["dim1"]]))
-        perm = list(range(rank))
-        perm[a0], perm[a1] = perm[a1], perm[a0]
-    else:
-        perm = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
-        perm = [int(p) % rank for p in (perm or d.value(node.kwargs.get("dims")))]
-    return ParamRef(ref.key, tuple(ref.dims[i] for i in perm))
+        order = list(range(rank))
+        order[a0], order[a1] = order[a1], order[a0]
+        return order
+    perm = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+    return [int(p) % rank for p in (perm or d.value(node.kwargs.get("dims")))]
 
 
 def move_dims(op: str) -> Rule:
@@ -124,24 +121,17 @@ def move_dims(op: str) -> Rule:
     def rule(d: Any, node: fx.Node, mod: Any = None) -> Any:
         lay = d.lay(node.args[0])
         x, out = d.value(node.args[0]), d.values[node.name]
-        if isinstance(lay, ParamRef) and op in ("t", "transpose", "permute"):
-            return _param_moved(d, node, lay, op)  # W.t(): a parameter read with its axes swapped
+        moves = op in ("t", "transpose", "permute")
+        if isinstance(lay, ParamRef) and moves:  # W.t(): a parameter read with its axes swapped
+            return ParamRef(lay.key, tuple(lay.dims[i] for i in _dim_order(d, node, op, len(lay.dims))))
         if d.is_fixed(lay):
             return FIXED
         if not isinstance(lay, Layout):
             raise d.unsupported(node)
         dd = lay.dim
         args = [d.value(a) for a in node.args[1:]]
-        if op == "t":  # a 1- or 2-d tensor: dims reversed
-            new = x.dim() - 1 - dd
-        elif op == "transpose":
-            a0, a1 = (int(v) % x.dim() for v in (args[:2] or [node.kwargs["dim0"], node.kwargs["dim1"]]))
-            new = a1 if dd == a0 else a0 if dd == a1 else dd
-        elif op == "permute":
-            perm = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
-            if not perm:
-                perm = d.value(node.kwargs.get("dims"))
-            new = [int(p) % x.dim() for p in perm].index(dd)
+        if moves:
+            new = _dim_order(d, node, op, x.dim()).index(dd)
         elif op == "unsqueeze":
             k = int(args[0] if args else node.kwargs["dim"]) % out.dim()
             new = dd + (1 if k <= dd else 0)
@@ -234,24 +224,11 @@ def _advanced_before_channels(d: Any, node: fx.Node, lay: Layout, val: torch.Ten
 
 
 def _cut(d: Any, lay: Layout, widths: list[int]) -> Layout:
-    """``lay`` with its groups split (:func:`segments.split`) where consecutive pieces of ``widths`` cut through
+    """``lay`` with its groups split (:func:`segments.cut_at`) where consecutive pieces of ``widths`` cut through
     them; unchanged where a group cannot be split (already split otherwise) or units span several positions."""
     if lay.expand != 1:
         return lay
-    ends = list(itertools.accumulate(widths))
-    segs: list[tuple[int, int]] = []
-    pos = 0
-    for g, n in lay.segs:
-        inner = [c for c in ends if pos < c < pos + n] + [pos + n]
-        if len(inner) == 1:
-            segs.append((g, n))
-        else:
-            parts = split_group(d, g, [b - a for a, b in zip([pos, *inner[:-1]], inner, strict=True)])
-            if parts is None:
-                return lay
-            segs.extend(parts)
-        pos += n
-    return Layout(lay.dim, tuple(segs), lay.expand)
+    return cut_at(d, lay, itertools.accumulate(widths)) or lay
 
 
 def split(d: Any, node: fx.Node, mod: Any = None) -> Any:
