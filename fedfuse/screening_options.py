@@ -13,6 +13,7 @@ __all__ = [
     "EXAMPLES_CAP",
     "EXAMPLES_BOUND",
     "MIN_UPDATE_COSINE",
+    "TRUSTED_DATA",
     "SCREENING_OPTIONS",
     "ROBUST_OPTIONS",
 ]
@@ -24,6 +25,7 @@ UPDATE_NORM_BOUND = 3.0  # × the round's median per-step update norm × the cli
 EXAMPLES_CAP = 10.0  # claims clipped to × the round's median (weight) or 70th percentile (steps)
 EXAMPLES_BOUND = 0.0  # reject claims above × the median (off: the cap makes a large claim harmless)
 MIN_UPDATE_COSINE = -1.0  # off: honest non-IID updates reach cosine -0.27 with the median update
+TRUSTED_DATA = 100  # server-held labelled examples for the guard's reference (the whole split when it holds fewer)
 
 SCREENING_OPTIONS = (
     Option("update-norm-bound", float, UPDATE_NORM_BOUND,
@@ -51,8 +53,9 @@ ROBUST_OPTIONS = (
     Option("robust-fraction", float, 0.2, "robust: assumed Byzantine fraction (trimmed per side; Krum's f)",
            low=0.0, high=0.49),
     *SCREENING_OPTIONS,
-    Option("trusted-data", int, 0,
+    Option("trusted-data", int, TRUSTED_DATA,
            "N labelled examples the server holds (FLTrust's root data): the direction guard measures updates "
-           "against the server's own update on them instead of the round's median (0 = off); in simulation a "
-           "seeded draw from the training split", low=0),
+           "against the server's own update on them instead of the round's median (0 = off: the round's median; "
+           "a training split smaller than the default is used whole); in simulation a seeded draw from the "
+           "training split", low=0),
 )  # fmt: skip

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from fedfuse.errors import ConfigError
+from fedfuse.screening_options import TRUSTED_DATA
 
 __all__ = ["TrustedReference", "trusted_examples", "trusted_reference"]
 
@@ -52,14 +53,17 @@ class TrustedReference:
 
 def trusted_examples(cfg: Mapping[str, Any], ds: Any) -> tuple[Tensor, Tensor] | None:
     """The ``trusted-data`` = N labelled examples the server holds, or None when N = 0: N training examples drawn
-    without replacement by a generator seeded with ``derive_seed(seed, 37)``. More than the training split holds
-    is one line (the CLI's preflight calls this before anything is written)."""
+    without replacement by a generator seeded with ``derive_seed(seed, 37)``. The default N takes the whole split
+    when it holds fewer; an N set above the split's size is one line (the CLI's preflight calls this before
+    anything is written)."""
     n = int(cfg.get("trusted-data", 0) or 0)
     if n <= 0:
         return None
     from fedfuse.experiment import derive_seed
 
     total = len(ds.x_train)
+    if n == TRUSTED_DATA:
+        n = min(n, total)
     if n > total:
         raise ConfigError(f"trusted-data={n} exceeds the {total} training samples of {ds.name!r}; allowed: 0..{total}")
     idx = torch.randperm(total, generator=torch.Generator().manual_seed(derive_seed(int(cfg["seed"]), 37)))[:n]
@@ -67,11 +71,13 @@ def trusted_examples(cfg: Mapping[str, Any], ds: Any) -> tuple[Tensor, Tensor] |
 
 
 def trusted_reference(cfg: Mapping[str, Any], model: nn.Module) -> TrustedReference | None:
-    """The run's trusted reference (``trusted-data`` = N > 0), or None: :func:`trusted_examples`, trained on with
-    the run's local SGD (``local-epochs``, ``batch-size``, ``lr``…) and a shuffling seed derived from (seed, round)."""
+    """The run's trusted reference (``trusted-data`` = N > 0 and the direction guard on), or None:
+    :func:`trusted_examples`, trained on with the run's local SGD (``local-epochs``, ``batch-size``, ``lr``…) and a
+    shuffling seed derived from (seed, round)."""
     from fedfuse.experiment import LocalPlan, dataset_for, derive_seed, local_train
 
-    examples = trusted_examples(cfg, dataset_for(cfg)) if int(cfg.get("trusted-data", 0) or 0) > 0 else None
+    wanted = int(cfg.get("trusted-data", 0) or 0) > 0 and cfg.get("direction-guard", "median") != "off"
+    examples = trusted_examples(cfg, dataset_for(cfg)) if wanted else None
     if examples is None:
         return None
     seed = int(cfg["seed"])

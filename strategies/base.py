@@ -87,7 +87,8 @@ class FedFuseStrategy(FedAvg):
 
         own = cls.config_kwargs(cfg, model=model, example_input=example_input)
         defences = {o.name.replace("-", "_"): cfg[o.name] for o in ROBUST_OPTIONS if o.name in cfg}
-        defences["trusted"] = trusted_reference(cfg, model) if defences.pop("trusted_data", 0) else None
+        owns_trust = any(o.name == "trusted-data" for o in cls.options)  # FedPFN, layer-wise, LoRA: not theirs
+        defences["trusted"] = trusted_reference(cfg, model) if defences.pop("trusted_data", 0) and owns_trust else None
         if int(cfg.get("distill-epochs", 0)):
             defences |= {"distill_epochs": int(cfg["distill-epochs"]), "distill_model": model}
         pool = int(cfg["num-clients"]) if int(cfg.get("client-pool", 0)) else 0

@@ -115,7 +115,10 @@ def validate_config(
                 "layers in their SuperNode's Context.state between rounds, so each needs its own SuperNode; allowed: "
                 "client-pool 0"
             )
-        if cfg.get("trusted-data") and cfg.get("direction-guard", "median") == "off":
+        if (
+            cfg.get("trusted-data") not in (None, 0, OPTIONS["trusted-data"].default)
+            and cfg.get("direction-guard", "median") == "off"
+        ):  # the default reference is simply unused without the guard
             raise ConfigError(
                 f"trusted-data={cfg['trusted-data']} is the direction guard's reference and needs direction-guard "
                 "median; got direction-guard='off'"

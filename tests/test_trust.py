@@ -58,11 +58,35 @@ def test_the_trusted_reference_is_the_servers_own_seeded_update(tmp_path) -> Non
 def test_trusted_data_needs_the_direction_guard() -> None:
     from strategies.registry import validate_config
 
-    with pytest.raises(ConfigError, match="trusted-data=100 .* needs direction-guard median"):
-        validate_config({"trusted-data": 100, "direction-guard": "off"})
+    with pytest.raises(ConfigError, match="trusted-data=50 .* needs direction-guard median"):
+        validate_config({"trusted-data": 50, "direction-guard": "off"})
     for strategy in ("layerwise", "fedpfn"):  # clients that get part of the model, or keep entries fixed
-        with pytest.raises(ConfigError, match=f"trusted-data=100 needs strategy fedavg or .*; got '{strategy}'"):
-            validate_config({"strategy": strategy, "trusted-data": 100})
+        with pytest.raises(ConfigError, match=f"trusted-data=50 needs strategy fedavg or .*; got '{strategy}'"):
+            validate_config({"strategy": strategy, "trusted-data": 50})
+
+
+def test_the_default_reference_is_on_where_it_applies_and_silent_elsewhere(tmp_path) -> None:
+    """Default ``trusted-data`` (100): the guard's reference for the strategies that own it; unused, without an
+    error, where the guard is off or the strategy cannot use it; a split smaller than 100 is taken whole."""
+    from types import SimpleNamespace
+
+    from fedfuse.experiment import dataset_for, model_for
+    from fedfuse.screening_options import TRUSTED_DATA
+    from fedfuse.trust import trusted_examples
+    from strategies.registry import build_strategy, validate_config
+
+    cfg = validate_config({"dataset": "digits", "model": "mlp", "seed": 0, "out": str(tmp_path)})
+    assert cfg["trusted-data"] == TRUSTED_DATA == 100
+    model = model_for(cfg, dataset_for(cfg))
+    trusted = build_strategy(cfg, model).trusted
+    assert trusted is not None and len(trusted.x) == 100
+    assert build_strategy(validate_config({**cfg, "direction-guard": "off"}), model).trusted is None
+    assert build_strategy(validate_config({**cfg, "strategy": "fedpfn"}), model).trusted is None
+    small = SimpleNamespace(name="tiny", x_train=torch.randn(30, 4), y_train=torch.arange(30) % 3)
+    x, y = trusted_examples(cfg, small)
+    assert len(x) == 30 and sorted(y.tolist()) == sorted(small.y_train.tolist())
+    with pytest.raises(ConfigError, match=r"trusted-data=31 exceeds the 30 training samples of 'tiny'; allowed: 0..30"):
+        trusted_examples({**cfg, "trusted-data": 31}, small)
 
 
 def test_trusted_data_contains_colluding_ipm_that_captures_the_median(tmp_path) -> None:
