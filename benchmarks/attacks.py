@@ -4,11 +4,12 @@
 
 Digits MLP, 3 rounds, seeds 0-2 in every cell. Attacks (``fedfuse.attacks``): 1 attacker of 5 clients, 2 of 10
 and 3 of 10 (drawn from the seed), Dirichlet α = 0.3, against fedavg, wb and match, with the shipped defaults
-and with ``trusted-data 100`` (the direction guard against the server's own update, :mod:`fedfuse.trust`).
+(the direction guard against the server's own update on ``trusted-data`` 100 examples, :mod:`fedfuse.trust`) and
+with ``trusted-data 0`` (``median``: a server without labelled data; the guard against the round's median).
 Two references per setting: ``none`` (every client honest) and ``absent`` — the attackers' replies rejected
 (``num-examples:nan``), i.e. what a perfect defence leaves: their data is lost to the federation, which on
 non-IID data costs accuracy by itself. Clean runs (no attacker): Dirichlet α = 0.1 and 1 and quantity skew
-(α = 0.3), 10 clients, seeds 0-2, with every defence off (``OFF``), the defaults and ``trusted``. Jobs run in
+(α = 0.3), 10 clients, seeds 0-2, with every defence off (``OFF``), the defaults and ``median``. Jobs run in
 priority order (fedavg first), so a partial run still fills whole columns.
 """
 
@@ -37,9 +38,9 @@ ABSENT = "num-examples:nan"  # every reply of the attackers is rejected: the 'at
 SETTINGS = [(5, 1), (10, 2), (10, 3)]  # (clients, attackers)
 OFF = {"update-norm-bound": 0.0, "examples-cap": 0.0, "examples-bound": 0.0, "min-update-cosine": -1.0,
        "direction-guard": "off", "robust": "none"}  # fmt: skip
-TRUSTED = {"trusted-data": 100}
-DEFENCES = {"off": OFF, "defaults": {}, "trusted": TRUSTED}
-ATTACK_DEFENCES = ("defaults", "trusted")
+MEDIAN = {"trusted-data": 0}  # no server data: the guard's reference is the round's coordinate median
+DEFENCES = {"off": OFF, "defaults": {}, "median": MEDIAN}
+ATTACK_DEFENCES = ("defaults", "median")
 CLEAN = [("dirichlet", 0.1), ("dirichlet", 1.0), ("quantity", 0.3)]
 SEEDS = [0, 1, 2]
 BASE = {"dataset": "digits", "model": "mlp", "num-rounds": 3}
@@ -198,9 +199,10 @@ def write_table(results: dict[str, dict], path: Path, loads: dict | None = None)
         "the attackers' replies rejected (what a perfect defence leaves; their non-IID data is lost).",
         "Defaults: update-norm-bound 3 × the median norm per local step (clip), examples-cap 10 (claimed",
         "num-examples capped at 10 × the round's median, claimed local steps at 10 × its 70th percentile),",
-        "direction-guard median against the round's coordinate median, robust none. `trusted`: the defaults plus",
-        "`--trusted-data 100` (the guard's reference is the server's own update g₀ on 100 labelled training",
-        "examples, `fedfuse/trust.py`; the norm bound's 3 × shrinks to 1 × for an update at cosine ≤ 0 with g₀).",
+        "direction-guard median with trusted-data 100 (the guard's reference is the server's own update g₀ on 100",
+        "labelled training examples, `fedfuse/trust.py`; the norm bound's 3 × shrinks to 1 × for an update at",
+        "cosine ≤ 0 with g₀), robust none. `median`: the defaults with `--trusted-data 0` (a server without",
+        "labelled data: the guard's reference is the round's coordinate median of the updates).",
         "`–`: not measured.",
         "",
         *recorded_loads(loads or {}),
@@ -226,11 +228,11 @@ def write_table(results: dict[str, dict], path: Path, loads: dict | None = None)
     lines += [
         "## Clean runs: what the defences cost (10 clients, no attacker)",
         "",
-        "Mean final accuracy over the seeds with every defence off, the defaults and `trusted`, and the",
+        "Mean final accuracy over the seeds with every defence off, the defaults and `median`, and the",
         "difference to off (points); honest updates rejected / clipped / capped / projected by the defaults",
-        "(trusted), summed over seeds and rounds.",
+        "(median), summed over seeds and rounds.",
         "",
-        "| partition | strategy | seeds | off | defaults | cost | trusted | cost | rejected | clipped | capped | "
+        "| partition | strategy | seeds | off | defaults | cost | median | cost | rejected | clipped | capped | "
         "projected |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -241,13 +243,13 @@ def write_table(results: dict[str, dict], path: Path, loads: dict | None = None)
             if means["off"] is None or means["defaults"] is None:
                 lines.append(f"| {part} {alpha} | {s} | 0 |" + " – |" * 9)
                 continue
-            off, on, tr = means["off"], means["defaults"], means["trusted"]
+            off, on, tr = means["off"], means["defaults"], means["median"]
             counts = [f"{sum(r.get(c, 0) for r in runs['defaults'])}"  # type: ignore[union-attr]
-                      + (f" ({sum(r.get(c, 0) for r in runs['trusted'])})" if tr is not None else "")  # type: ignore[union-attr]
+                      + (f" ({sum(r.get(c, 0) for r in runs['median'])})" if tr is not None else "")  # type: ignore[union-attr]
                       for c in ("rejected", "clipped", "capped", "projected")]  # fmt: skip
-            trusted = f"{tr:.3f} | {100 * (tr - off):+.1f}" if tr is not None else "– | –"
+            median = f"{tr:.3f} | {100 * (tr - off):+.1f}" if tr is not None else "– | –"
             lines.append(f"| {part} {alpha} | {s} | {len(SEEDS)} | {off:.3f} | {on:.3f} | {100 * (on - off):+.1f} | "
-                         f"{trusted} | " + " | ".join(counts) + " |")  # fmt: skip
+                         f"{median} | " + " | ".join(counts) + " |")  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -36,6 +36,25 @@ def test_colluders_capture_the_median_reference_but_not_a_trusted_one(seed: int)
     assert cos(by_median) < 0 < 0.3 < cos(by_trust)
 
 
+def test_updates_near_orthogonal_to_the_trusted_reference_keep_their_weight() -> None:
+    """Weight factor against g₀: 1 down to cosine −0.05 (a noisy 100-example reference), then falling linearly to
+    none left at −0.30; the parts against g₀ are projected out either way."""
+    g = torch.zeros(400)
+    g[0] = 1.0
+
+    def update(cos: float) -> dict:
+        u = torch.zeros(400)
+        u[0], u[1] = cos, (1 - cos**2) ** 0.5
+        return {"w": u}
+
+    cosines = [0.5, 0.2, -0.03, -0.175, -0.4]
+    res = screen_updates([update(c) for c in cosines], [{"w": torch.zeros(400)}] * 5, [10.0] * 5,
+                         direction="median", reference={"w": g})  # fmt: skip
+    assert res.weights[:3] == [10.0] * 3
+    assert res.weights[3] == pytest.approx(5.0, rel=1e-6) and res.weights[4] < 1e-4
+    assert all(float(st["w"][0]) >= 0 for st in res.states)  # nothing against g₀ is left
+
+
 def test_the_trusted_reference_is_the_servers_own_seeded_update(tmp_path) -> None:
     from fedfuse.experiment import dataset_for, model_for
     from fedfuse.trust import trusted_reference
