@@ -45,6 +45,26 @@ def test_sites_are_bn_layers_with_batch_norm_and_producers_without() -> None:
     assert [s.module for s in repair_sites(mlp, example_input=torch.randn(2, 6))] == ["net.1", "net.3"]
 
 
+def test_group_norm_models_are_repaired_once_per_layer_at_the_group_norm_affine() -> None:
+    """GroupNorm(G) cuts each conv group into G parts that share one GroupNorm: one site per GroupNorm (rescaling
+    it once per part compounded the scale: every REPAIR of a GroupNorm CNN ended at chance), and after REPAIR each
+    GroupNorm output unit has the parents' averaged mean and std."""
+    from fedfuse.models import build_model
+
+    torch.manual_seed(0)
+    a, b = (build_model("cnn", (1, 8, 8), 10, group_norm=4, seed=s).eval() for s in (0, 1))
+    x = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    norms = [n for n, m in a.named_modules() if isinstance(m, nn.GroupNorm)]
+    sites = repair_sites(a, example_input=x)
+    assert [s.module for s in sites if s.kind == "bn"] == norms  # each GroupNorm once, none of the convs
+    fused = copy.deepcopy(a)
+    fused.load_state_dict(fuse([a, b], method="average"))
+    repair(fused, [a, b], x)
+    sa, sb, sf = (unit_statistics(m, x, norms) for m in (a, b, fused))
+    for n in norms:
+        torch.testing.assert_close(sf[n], 0.5 * (sa[n] + sb[n]), atol=1e-3, rtol=1e-3)
+
+
 def test_unit_statistics_equal_direct_mean_and_std_over_batches() -> None:
     model, x = _mlp(0), torch.randn(300, 6, generator=torch.Generator().manual_seed(1))
     stats = unit_statistics(model, x, ["net.1", "net.3"], batch_size=64)

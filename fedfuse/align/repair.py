@@ -8,8 +8,11 @@ the same unit's statistics in the parents *aligned to the fused model*::
     W[c] ← s · W[c],        b[c] ← s · (b[c] − μ_c) + μ_t
 
 The corrected map is the *last affine map of the unit* (a "site"): the unit's BatchNorm in eval mode
-(``γ x̂ + β``, ``x̂`` from the running statistics: affine in ``x``, so ``γ``/``β`` play ``W``/``b``) when its group
-has a BatchNorm, otherwise its Linear/Conv producer. Statistics are per channel, pooled over the batch and
+(``γ x̂ + β``, ``x̂`` from the running statistics: affine in ``x``, so ``γ``/``β`` play ``W``/``b``) or GroupNorm
+(``γ x̂ + β`` with ``x̂`` normalised per sample and group: the unit's output is still ``γ[c] x̂[c] + β[c]``, so
+rescaling ``γ``/``β`` sets its mean and std exactly; the conv before it would be renormalised in part) when its
+group has one, otherwise its Linear/Conv producer. A module that serves several groups (GroupNorm's channel
+groups are parts of one hidden group) is one site, rescaled once. Statistics are per channel, pooled over the batch and
 spatial positions, with the model in eval mode — one code path with and without BatchNorm; running
 statistics are left as they are (the correction absorbs their error). A unit whose fused std is ~0 (dead on the
 data) is only shifted *(our choice: scaling it would multiply its weights by a huge factor)*.
@@ -57,6 +60,7 @@ __all__ = [
 
 Stats = dict[str, Tensor]  # site module name -> (2, C) tensor: per-channel mean (row 0) and std (row 1)
 _BN = nn.modules.batchnorm._BatchNorm
+_NORMS = (_BN, nn.GroupNorm)  # per-channel γ x̂ + β after the normalisation
 _PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _TINY = 1e-6
 
@@ -67,7 +71,7 @@ class RepairSite:
 
     module: str
     group: str
-    kind: str  # "bn" or "producer"
+    kind: str  # "bn" (an affine BatchNorm or GroupNorm) or "producer"
 
 
 def _inputs(data: Any) -> Tensor:
@@ -79,7 +83,8 @@ def _inputs(data: Any) -> Tensor:
 
 
 def repair_sites(model: nn.Module, spec: TransportSpec | None = None, example_input: Any = None) -> list[RepairSite]:
-    """Per hidden group (shallow → deep): its affine BatchNorms if it has any, else its Linear/Conv producers.
+    """Per hidden group (shallow → deep): its affine BatchNorms/GroupNorms if it has any, else its Linear/Conv
+    producers.
 
     Groups without such a module (recurrent cells, LayerNorm-only units) are not repaired.
     """
@@ -91,18 +96,20 @@ def repair_sites(model: nn.Module, spec: TransportSpec | None = None, example_in
         spec = gated_spec(model, _inputs(example_input)[:2])
     modules = dict(model.named_modules())
     sites: list[RepairSite] = []
+    seen: set[str] = set()  # one module in several groups (GroupNorm's parts: a group cut at its G groups)
     for g in spec.groups:
         bns, producers = [], []
         for m in g.members:
             if m.role != "out" or not m.key.endswith(".weight") or m.axis != 0:
                 continue
             mod = modules.get(m.key[: -len(".weight")])
-            if isinstance(mod, _BN) and mod.affine:
+            if isinstance(mod, _NORMS) and mod.affine:
                 bns.append(m.key[: -len(".weight")])
             elif isinstance(mod, _PRODUCERS):
                 producers.append(m.key[: -len(".weight")])
         chosen = [RepairSite(n, g.name, "bn") for n in bns] or [RepairSite(n, g.name, "producer") for n in producers]
-        sites.extend(chosen)
+        sites.extend(c for c in chosen if c.module not in seen)  # a site rescales all its channels: once
+        seen.update(c.module for c in chosen)
     return sites
 
 
