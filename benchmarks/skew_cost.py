@@ -5,7 +5,9 @@
 Digits MLP, ``--partition quantity --alpha 0.3`` (one client holds up to 49 × the median client's data), seeds
 0-2, in two settings: the issue's run (``fedfuse simulate --backend inline --num-clients 5 --rounds 5``) and the
 clean row of benchmarks/attacks.py (10 clients, 3 rounds). Each with every defence off (benchmarks.attacks.OFF),
-the defaults, and the defaults plus ``--trusted-data 100``; per run the final central accuracy and the honest
+the defaults, and ``trusted``: the defaults plus ``--trusted-data 100`` (the default since session 14, so from
+then on ``defaults`` and ``trusted`` are the same runs; earlier labels measured the median reference as
+``defaults``); per run the final central accuracy and the honest
 updates rejected / clipped / capped over the rounds. ``--label`` names the code measured (default: the git
 commit), so runs of two versions of the code sit side by side in one table.
 """
