@@ -338,7 +338,7 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         if args.backend == "inline":
             from fedfuse.runners.inline import run_inline
 
-            run_inline(cfg, on_round, resume=bool(args.resume))
+            run_inline(cfg, on_round, resume=bool(args.resume), verbose=args.verbose)
         else:
             from fedfuse.runners.ray import run_ray
 

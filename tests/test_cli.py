@@ -154,7 +154,8 @@ def test_compare_folder_of_a_strategy_path_has_no_colon() -> None:
 
 
 def test_a_round_in_which_every_client_errors_ends_the_run(tmp_path) -> None:
-    """CLI path (inline): exit 1, one line naming the round and the clients' error; what was written stays."""
+    """CLI path (inline): exit 1, one line naming the round and the clients' error (Flower's log in flower.log);
+    what was written stays."""
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "fedfuse.cli", "simulate", "--no-progress", "--backend", "inline",
@@ -162,8 +163,9 @@ def test_a_round_in_which_every_client_errors_ends_the_run(tmp_path) -> None:
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-2000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("fedfuse:")]  # (inline shows Flower's log)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("fedfuse:")]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "INFO" not in proc.stderr and "Starting" in (out / "flower.log").read_text()  # Flower's log: a file
     assert lines[0].startswith("fedfuse: error: round 1: every client failed (2 of 2); first error:"), lines[0]
     assert "RuntimeError: injected fault: partition" in lines[0]
     rows = json.loads((out / "metrics.json").read_text())["rounds"]

@@ -11,9 +11,12 @@ Composition layer (imports Flower): nothing in the core imports this module.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -133,13 +136,46 @@ class InlineGrid(Grid):
             gc.freeze()
 
 
+class _LazyFileHandler(logging.FileHandler):
+    """A FileHandler that creates its folder at the first line (Flower logs once the run is under way)."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
+@contextlib.contextmanager
+def flower_log(path: Path, verbose: bool = False) -> Iterator[None]:
+    """Flower's log (logger ``flwr``) goes to ``path`` (appended, opened at the first line), as the Ray backend's
+    does; its console handlers are detached unless ``verbose``, so the terminal shows fedfuse's lines only."""
+    logger = logging.getLogger("flwr")
+    handler = _LazyFileHandler(path, encoding="utf-8", delay=True)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s: %(message)s"))
+    console = [] if verbose else [h for h in logger.handlers if not isinstance(h, logging.FileHandler)]
+    for h in console:
+        logger.removeHandler(h)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        for h in console:
+            logger.addHandler(h)
+
+
 def run_inline(
-    cfg: dict[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None, *, resume: bool = False
+    cfg: dict[str, Any],
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    resume: bool = False,
+    verbose: bool = False,
 ) -> None:
     """fedfuse's ServerApp logic on an :class:`InlineGrid` of ``cfg['num-clients']`` nodes (``client-pool`` nodes
-    when set) running its ClientApp."""
+    when set) running its ClientApp; Flower's log to ``OUT/flower.log`` (:func:`flower_log`)."""
     from clients.client_app import app as client_app
     from strategies.server_app import run_server
 
     nodes = int(cfg.get("client-pool", 0)) or int(cfg["num-clients"])  # a pool: K nodes serve the N clients
-    run_server(InlineGrid(client_app, nodes), cfg, on_round, resume=resume)
+    with flower_log(Path(cfg["out"]) / "flower.log", verbose):
+        run_server(InlineGrid(client_app, nodes), cfg, on_round, resume=resume)
