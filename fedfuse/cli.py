@@ -170,6 +170,13 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The validated run config from parsed flags (unset flags take the schema defaults); with ``--compare``
     a strategy's own options may be given (each compared strategy gets the ones it reads)."""
     given = {name: getattr(args, name) for name in _schema() if getattr(args, name, None) is not None}
+    if given.get("client-init") == "shared":  # the other two start clients from their own models
+        other = "--one-shot" if given.get("one-shot") else "--client-init-from" if given.get("client-init-from") else ""
+        if other:
+            raise ConfigError(
+                f"client-init='shared' contradicts {other}, which starts each client from its own model; "
+                "allowed: one of them (--client-init own, --one-shot, or --client-init-from DIR)"
+            )
     return validate_config(given, check_owners=not getattr(args, "compare", None))
 
 
@@ -219,13 +226,20 @@ def preflight(
         from fedfuse.experiment import model_for
 
         check_model_fits(resumed_model, model_for(cfg, ds).state_dict(), Path(cfg["out"]) / CHECKPOINT)
-    if cfg.get("group-norm"):  # a model without convs, a group count that divides no width: before any write
-        from fedfuse.experiment import model_for
+    from fedfuse.experiment import client_widths
 
-        model_for(cfg, ds)
+    # the model at the global width and every client's: a width, depth or group count it cannot take fails before
+    # any write (a library's model is built once, below)
+    if not library_of(str(cfg["model"])):
+        _built_model(cfg, ds)
+        for width in sorted(set(client_widths(cfg))):
+            try:
+                _built_model({**cfg, "width": width}, ds)
+            except ConfigError as exc:
+                raise ConfigError(f"client-widths={cfg['client-widths']!r}: {exc}") from None
     if cfg["strategy"] == "layerwise" or library_of(str(cfg["model"])):
         # a preset that fits no parameter, or a library's model too deep for the inputs: fails before any write
-        from fedfuse.experiment import client_widths, model_for
+        from fedfuse.experiment import model_for
         from fedfuse.models import MODELS
         from fedfuse.selection import shared_keys
 

@@ -239,6 +239,11 @@ def validate_config(
         )
     if out.get("client-pool", 0):
         _check_pool(out)
+    if out.get("save-client-models", 0) > out.get("num-rounds", math.inf):  # would save nothing, silently
+        raise ConfigError(
+            f"save-client-models={out['save-client-models']} is past the run's last round (num-rounds="
+            f"{out['num-rounds']}); allowed: 0 (off) or 1..{out['num-rounds']}"
+        )
     return out
 
 

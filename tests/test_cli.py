@@ -32,6 +32,11 @@ BAD_INPUT = [
     (["--model", "resnet20", "--group-norm", "5"], "group-norm=5 does not divide the model's channel width(s)"),
     (["--model", "mlp", "--group-norm", "4"], "group-norm=4 does not apply to model='mlp'; allowed with cnn, resnet20"),
     (["--model", "cnn", "--batch-norm", "--group-norm", "4"], "batch-norm and group-norm=4 exclude each other"),
+    (["--model", "resnet20", "--width", "20"], "width=20 does not fit model='resnet20'"),
+    (["--model", "resnet20", "--strategy", "wb", "--client-widths", "16,24"], "client-widths='16,24': width=24"),
+    (["--rounds", "2", "--save-client-models", "3"], "save-client-models=3 is past the run's last round"),
+    (["--one-shot", "--client-init", "shared"], "client-init='shared' contradicts --one-shot"),
+    (["--client-init", "shared", "--client-init-from", "."], "client-init='shared' contradicts --client-init-from"),
     (["--ray-address", "nohost"], "ray-address='nohost' is not HOST:PORT"),
     (["--ray-address", "127.0.0.1:1"], "ray-address='127.0.0.1:1' is not reachable"),
     # no abbreviations; an unknown flag is named with the nearest valid one, or the help to read

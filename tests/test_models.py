@@ -39,6 +39,9 @@ def test_width_and_depth_options() -> None:
     assert lstm.rnn.hidden_size == 24 and lstm.rnn.num_layers == 2 and lstm.rnn.input_size == 28
     resnet = build_model("resnet20", (3, 32, 32), 10, width=32)  # width multiplier 2
     assert resnet.conv1.out_channels == 32 and resnet.fc.in_features == 128
+    for width in (8, 20, 40):  # not 16·m: refused, never rounded to another width
+        with pytest.raises(ConfigError, match=f"width={width} does not fit model='resnet20'.*a multiple of 16"):
+            build_model("resnet20", (3, 32, 32), 10, width=width)
 
 
 def test_unknown_model_is_a_config_error() -> None:

@@ -230,7 +230,7 @@ def _cnn(
 def _resnet(
     input_shape: Sequence[int], num_classes: int, width: int, depth: int, batch_norm: bool, group_norm: int = 0
 ) -> nn.Module:
-    return ResNet20(input_shape, num_classes, width=max(1, width // 16), batch_norm=batch_norm, group_norm=group_norm)
+    return ResNet20(input_shape, num_classes, width=width // 16, batch_norm=batch_norm, group_norm=group_norm)
 
 
 def _seq(cell: str) -> Callable[..., nn.Module]:
@@ -301,6 +301,11 @@ def build_model(
     d = default_depth if depth is None else int(depth)
     if w < 1 or d < 1:
         raise ConfigError(f"model width={w} / depth={d} must be >= 1")
+    if name == "resnet20" and w % 16:  # 16·m, 32·m, 64·m channels: any other width would be rounded silently
+        raise ConfigError(
+            f"width={w} does not fit model='resnet20', whose stages have 16·m, 32·m and 64·m channels for a width "
+            "of 16·m; allowed: a multiple of 16 (16, 32, 48, ...)"
+        )
     if group_norm and name not in NORM_MODELS:
         raise ConfigError(
             f"group-norm={group_norm} does not apply to model={name!r}; allowed with {', '.join(NORM_MODELS)}"
