@@ -226,6 +226,7 @@ def preflight(
         from fedfuse.experiment import model_for
 
         check_model_fits(resumed_model, model_for(cfg, ds).state_dict(), Path(cfg["out"]) / CHECKPOINT)
+    from fedfuse.align.fusion import DATA_METHODS
     from fedfuse.experiment import client_widths
 
     # the model at the global width and every client's: a width, depth or group count it cannot take fails before
@@ -237,6 +238,13 @@ def preflight(
                 _built_model({**cfg, "width": width}, ds)
             except ConfigError as exc:
                 raise ConfigError(f"client-widths={cfg['client-widths']!r}: {exc}") from None
+    method = getattr(resolve_strategy(str(cfg["strategy"])), "method", None)
+    if method in DATA_METHODS:  # cca/zip: a unit no linear map carries (e.g. GroupNorm's) fails before any write
+        from fedfuse.align.solvers import resolve_spec
+        from fedfuse.merge.linear import linear_units
+
+        model, example = _built_model(cfg, ds), ds.x_test[:2]
+        linear_units(str(method), resolve_spec(None, model, example), model, example)
     if cfg["strategy"] == "layerwise" or library_of(str(cfg["model"])):
         # a preset that fits no parameter, or a library's model too deep for the inputs: fails before any write
         from fedfuse.experiment import model_for

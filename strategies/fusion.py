@@ -23,6 +23,7 @@ from fedfuse.align.gw import DEFAULT_ALPHA
 from fedfuse.align.solvers import resolve_spec
 from fedfuse.config import Option
 from fedfuse.errors import ConfigError
+from fedfuse.merge.linear import linear_units
 from strategies.base import FedFuseStrategy, require_model
 from strategies.options import SOLVERS, STRATEGY_OPTIONS
 from strategies.repair import PostFusionRepair
@@ -88,6 +89,8 @@ class FedFusion(FedFuseStrategy):
         self.template = model
         self.example_input = example_input
         self.spec = resolve_spec(None, model, example_input)  # fails early, naming an unsupported op
+        if self.method in DATA_METHODS and example_input is not None:  # a unit no linear map carries: before round 1
+            linear_units(self.method, self.spec, model, example_input)
         self.solver = solver
         self.epsilon = float(epsilon)
         self.max_iter = max_iter

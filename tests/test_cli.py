@@ -37,6 +37,10 @@ BAD_INPUT = [
     (["--rounds", "2", "--save-client-models", "3"], "save-client-models=3 is past the run's last round"),
     (["--one-shot", "--client-init", "shared"], "client-init='shared' contradicts --one-shot"),
     (["--client-init", "shared", "--client-init-from", "."], "client-init='shared' contradicts --client-init-from"),
+    (
+        ["--strategy", "zip", "--model", "cnn", "--group-norm", "4", "--server-data", "64"],
+        "'features.1.weight' belongs to GroupNorm",
+    ),
     (["--ray-address", "nohost"], "ray-address='nohost' is not HOST:PORT"),
     (["--ray-address", "127.0.0.1:1"], "ray-address='127.0.0.1:1' is not reachable"),
     # no abbreviations; an unknown flag is named with the nearest valid one, or the help to read

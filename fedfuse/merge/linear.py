@@ -29,7 +29,7 @@ from fedfuse.align.spec import TransportSpec
 from fedfuse.align.transport import load_state, transport_axis
 from fedfuse.errors import ConfigError
 
-__all__ = ["Maps", "apply_maps", "folded_parents", "group_activations", "unfold_measured"]
+__all__ = ["Maps", "apply_maps", "folded_parents", "group_activations", "linear_units", "unfold_measured"]
 
 Maps = dict[str, tuple[Tensor, Tensor]]  # group -> (out-side O, in-side S), both n × n_i
 _PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -58,12 +58,13 @@ def apply_maps(
     return out
 
 
-def folded_parents(
-    method: str, states: Sequence[Mapping[str, Tensor]], spec: TransportSpec, module: nn.Module, example: Tensor
-) -> tuple[list[dict[str, Tensor]], list[tuple[str, str, float]], frozenset[str]]:
-    """Parents with every BatchNorm folded into its producer, the fold pairs, and the keys never mapped.
+def linear_units(
+    method: str, spec: TransportSpec, module: nn.Module, example: Tensor
+) -> tuple[list[tuple[str, str, float]], frozenset[str]]:
+    """The fold pairs of ``module`` and the keys never mapped (a folded BatchNorm's constant γ, μ, σ²).
 
-    Refuses (one line) a group unit owned by anything but a Linear/Conv or a foldable BatchNorm."""
+    Refuses (one line) a group unit owned by anything but a Linear/Conv or a foldable BatchNorm: run it on the
+    architecture before any training (it reads no weights)."""
     pairs = fold_pairs(module, example)
     folded_bn = {bn for _, bn, _ in pairs}
     modules = dict(module.named_modules())
@@ -83,7 +84,16 @@ def folded_parents(
                     f"method={method!r} maps hidden units linearly and supports Linear/Conv units with an optional "
                     f"BatchNorm right after them; {m.key!r} belongs to {kind}"
                 )
-    return [fold_bn(dict(s), pairs) for s in states], pairs, frozenset(frozen)
+    return pairs, frozenset(frozen)
+
+
+def folded_parents(
+    method: str, states: Sequence[Mapping[str, Tensor]], spec: TransportSpec, module: nn.Module, example: Tensor
+) -> tuple[list[dict[str, Tensor]], list[tuple[str, str, float]], frozenset[str]]:
+    """Parents with every BatchNorm folded into its producer, the fold pairs, and the keys never mapped
+    (:func:`linear_units`, which refuses a unit no linear map can carry)."""
+    pairs, frozen = linear_units(method, spec, module, example)
+    return [fold_bn(dict(s), pairs) for s in states], pairs, frozen
 
 
 @torch.no_grad()
