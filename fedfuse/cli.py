@@ -207,10 +207,12 @@ def preflight(
     overwrite: bool | None,
     resumed_model: dict[str, Any] | None = None,
     partition_cache: str | None = None,
+    resumed_round: int = 0,
 ) -> None:
     """Every check that can fail, before Ray starts: strategy, data, partition sizes, output dir; on resume, that
-    the checkpoint's model (``resumed_model``) has the names and shapes the config builds. ``partition_cache``: the
-    run's shared partition cache (the partitions computed here are written there for the run's processes)."""
+    the checkpoint's model (``resumed_model``, of round ``resumed_round``) has the names and shapes the config
+    builds. ``partition_cache``: the run's shared partition cache (the partitions computed here are written there
+    for the run's processes)."""
     from fedfuse.data.partition import partition_indices
     from fedfuse.experiment import dataset_for
     from fedfuse.results import check_out_dir, check_writable
@@ -274,7 +276,7 @@ def preflight(
         if lora_strategy:  # lora-rank or lora-ranks given, ranks usable by the strategy
             resolve_strategy(str(cfg["strategy"])).config_kwargs(cfg, model=None, example_input=None)
         check_lora(cfg, ds, _built_model(cfg, ds))
-    if cfg["client-init-from"]:  # every client's round-1 file exists, loads as tensors and fits its model
+    if cfg["client-init-from"] and resumed_round == 0:  # every client's round-1 file exists, loads and fits
         from fedfuse.experiment import check_init_files
 
         check_init_files(cfg, ds)
@@ -541,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if getattr(args, "ray_address", None):
             _check_ray_address(args.ray_address)
-        resumed_model = None
+        resumed_model, done = None, 0
         if args.resume:
             cfg, done, resumed_model = resume_config(args)
             if done >= cfg["num-rounds"]:
@@ -550,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.backend = args.backend or _saved_backend(Path(args.resume))
         args.backend = args.backend or "ray"
         with _early_superlink(args) as args.superlink:  # starts while the preflight runs (and may fail)
-            preflight(cfg, None if args.resume else args.overwrite, resumed_model, _partition_cache(args))
+            preflight(cfg, None if args.resume else args.overwrite, resumed_model, _partition_cache(args), done)
             if hint := _pool_hint(cfg, args.backend):  # after the checks: bad input stays one line
                 print(hint, file=sys.stderr)
             _simulate_replacing(cfg, args)

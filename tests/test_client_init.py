@@ -154,6 +154,28 @@ def test_resume_after_round_1_of_an_apart_run_is_bit_identical(tmp_path, monkeyp
     assert equal(a, b)
 
 
+def test_resume_past_round_1_no_longer_needs_the_init_files(tmp_path) -> None:
+    """Only round 1 reads ``client-init-from``: a run cut after it resumes (CLI) with the folder gone."""
+    sites = tmp_path / "sites"
+    _files(sites, [101, 102, 103])
+    cut = validate_config({**SMALL, "client-init-from": str(sites), "num-rounds": 2, "out": str(tmp_path / "cut")})
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_round_1(row: dict[str, Any]) -> None:
+        if row["round"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_server(InlineGrid(client_app.app, 3), cut, stop_after_round_1)
+    for f in sites.iterdir():
+        f.unlink()
+    sites.rmdir()
+    assert run_cli(["simulate", "--resume", str(tmp_path / "cut"), "--backend", "inline", "--no-progress"]) == 0
+    assert [r["round"] for r in json.loads((tmp_path / "cut" / "metrics.json").read_text())["rounds"]] == [0, 1, 2]
+
+
 def test_the_flwr_run_entry_point_passes_client_init_to_the_clientapp(tmp_path, monkeypatch) -> None:
     """``flwr run .``: the ServerApp's main gets pyproject's [tool.flwr.app.config] with --run-config overrides
     as its Context.run_config; the key reaches the ClientApp (round-1 starts are the clients' own)."""
