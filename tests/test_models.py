@@ -44,6 +44,28 @@ def test_width_and_depth_options() -> None:
             build_model("resnet20", (3, 32, 32), 10, width=width)
 
 
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_recurrent_models_learn_mnist1d(cell: str) -> None:
+    """A signal is read in windows (MNIST-1D: 10 steps of 4): 3 central SGD epochs leave chance (0.1) well behind
+    (read as 40 steps of 1, every cell stayed at 0.10 ± 0.01)."""
+    from fedfuse import evaluate, load_dataset, train
+
+    ds = load_dataset("mnist1d")
+    model = build_model(cell, ds.input_shape, ds.num_classes, width=32, seed=0)
+    assert model.window == 4 and model.rnn.input_size == 4
+    train(model, ds.x_train, ds.y_train, epochs=3, lr=0.05, momentum=0.9)
+    assert evaluate(model, ds.x_test, ds.y_test)[1] > 0.25
+
+
+def test_a_window_must_divide_the_signal() -> None:
+    from fedfuse.models import SequenceClassifier
+
+    assert SequenceClassifier((2, 36), 10, "gru", hidden=4).window == 4  # 9 steps of 4 positions × 2 channels
+    assert SequenceClassifier((1, 7), 10, "gru", hidden=4).window == 1  # 7 steps: within MAX_STEPS
+    with pytest.raises(ConfigError, match="window=3 does not divide the signal's length 40"):
+        SequenceClassifier((1, 40), 10, "gru", hidden=4, window=3)
+
+
 def test_unknown_model_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="model='vit' is unknown; allowed: cnn, gru, lstm, mlp, resnet20, rnn"):
         build_model("vit", (1, 8, 8), 10)

@@ -187,26 +187,45 @@ class ResNet20(nn.Module):
 class SequenceClassifier(nn.Module):
     """RNN/LSTM/GRU classifier over a sequence; the head reads the last time step's hidden state.
 
-    An image ``(C, H, W)`` is read row by row (H steps of C·W features); a signal ``(C, L)``
-    is read as L steps of C features (MNIST-1D: 40 steps of 1).
+    An image ``(C, H, W)`` is read row by row (H steps of C·W features); a signal ``(C, L)`` in windows of ``k``
+    consecutive positions (L/k steps of k·C features), ``k`` the smallest divisor of L giving at most
+    :attr:`MAX_STEPS` steps unless ``window`` is given (MNIST-1D: 10 steps of 4; read as 40 steps of 1, the
+    last-step head trained by SGD stayed at chance).
     """
 
     CELLS: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+    MAX_STEPS = 10
 
     def __init__(
-        self, input_shape: Sequence[int], num_classes: int, cell: str = "lstm", hidden: int = 128, num_layers: int = 1
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        cell: str = "lstm",
+        hidden: int = 128,
+        num_layers: int = 1,
+        window: int | None = None,
     ) -> None:
         super().__init__()
         if cell not in self.CELLS:
             raise ConfigError(f"cell={cell!r} is not supported; allowed: {sorted(self.CELLS)}")
         self.input_shape = tuple(int(s) for s in input_shape)
-        features = self.input_shape[0] if len(self.input_shape) == 2 else self.input_shape[0] * self.input_shape[2]
+        if len(self.input_shape) == 2:
+            length = self.input_shape[1]
+            if window is None:
+                window = next(k for k in range(1, length + 1) if length % k == 0 and length // k <= self.MAX_STEPS)
+            if window < 1 or length % window:
+                raise ConfigError(f"window={window} does not divide the signal's length {length}; allowed: a divisor")
+            self.window = int(window)
+            features = self.input_shape[0] * self.window
+        else:
+            self.window = 0
+            features = self.input_shape[0] * self.input_shape[2]
         self.rnn = self.CELLS[cell](features, hidden, num_layers=num_layers, batch_first=True)
         self.fc = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:  # (B, C, L) -> (B, L, C)
-            seq = x.transpose(1, 2)
+        if x.dim() == 3:  # (B, C, L) -> (B, L/k, k·C): windows of k positions, each step position-major
+            seq = x.transpose(1, 2).reshape(x.shape[0], -1, self.window * x.shape[1])
         else:  # (B, C, H, W) -> (B, H, C*W)
             seq = x.permute(0, 2, 1, 3).flatten(2)
         out, _ = self.rnn(seq)
