@@ -243,8 +243,12 @@ def run(p: Prepared, log: Any = print) -> tuple[dict[str, Any], dict[str, Tensor
     with torch.no_grad():
         z = torch.cat([ensemble_logits(teachers, xb, p.weights) for xb in p.test.x.split(1024)])
     ensemble = int((z.argmax(1) == p.test.y).sum()) / len(z)  # type: ignore[operator]
-    log(f"parents {', '.join(f'{a:.4f}' for a in parents)}; average {average:.4f}; logit ensemble {ensemble:.4f}")
     x = p.align.x if p.align is not None else None
+    bn_reset = x is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in t.modules())
+    plain = "average (BatchNorm statistics averaged too)" if bn_reset else "average"
+    log(f"parents {', '.join(f'{a:.4f}' for a in parents)}; {plain} {average:.4f}; logit ensemble {ensemble:.4f}")
+    if bn_reset:  # fuse(bn_repair="auto") re-estimates them on the data: the method "average" differs from the above
+        log("every method below re-estimates BatchNorm statistics on --data")
     results: dict[str, float] = {}
     seconds: dict[str, float] = {}
     skipped: dict[str, str] = {}
