@@ -265,7 +265,8 @@ def test_overwrite_replaces_a_previous_merge_and_nothing_else(parents, tmp_path,
         ("npz-shape", "the parents were built with (built here for test-data samples of shape (5,))"),
         ("data-shape", "data='digits (train split)': samples have shape (1, 8, 8), the test data's are (5,)"),
         ("not-data", "is neither an .npz file (arrays x, y) nor a data set"),
-        ("repair-no-data", "--repair need inputs to look at; pass --data"),
+        ("repair-no-data", "--repair needs inputs to look at; pass --data"),
+        ("distill-lr", "distill-lr=0.0 is out of range; allowed: > 0"),
         ("weights", "weights: 3 given for 2 parents"),
         ("one-parent", "merge needs at least 2 parent state dicts, got 1"),
         ("save", "save='gw' is not among the variants run; allowed: wb"),
@@ -312,6 +313,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(parents, tmp_path, cap
         b = None
     elif case == "save":
         extra = ["--save", "gw"]
+    elif case == "distill-lr":
+        extra = ["--distill-data", "synthetic", "--distill-lr", "0"]
     argv = ["merge", a, *([b] if b else []), "--model", "mlp", "--width", width, "--method", method]
     argv += [] if case == "no-test-data" else ["--test-data", test]
     # Execute + Assert

@@ -163,6 +163,11 @@ def prepare(req: MergeRequest) -> Prepared:
         raise ConfigError(f"dtype={req.dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
     if req.data_samples < 0:
         raise ConfigError(f"data-samples={req.data_samples} must be >= 0 (0 = all)")
+    for flag, value in (("distill-epochs", req.distill_epochs), ("distill-batch-size", req.distill_batch_size)):
+        if not value >= 1:
+            raise ConfigError(f"{flag}={value} is out of range; allowed: >= 1")
+    if not req.distill_lr > 0:
+        raise ConfigError(f"distill-lr={req.distill_lr} is out of range; allowed: > 0")
     if req.weights is not None:
         if len(req.weights) != len(req.parents):
             raise ConfigError(f"weights: {len(req.weights)} given for {len(req.parents)} parents; give one each")
@@ -186,7 +191,8 @@ def prepare(req: MergeRequest) -> Prepared:
     needs = [m for m in methods if m in DATA_METHODS] + (["--repair"] if req.repair else [])
     if needs and align is None:
         raise ConfigError(
-            f"{', '.join(needs)} need inputs to look at; pass --data FILE.npz (array x) or a data set name"
+            f"{', '.join(needs)} {'needs' if len(needs) == 1 else 'need'} inputs to look at; pass --data FILE.npz "
+            "(array x) or a data set name"
         )
     num_classes = req.num_classes or test.num_classes or int(test.y.max()) + 1  # type: ignore[union-attr]
     shape = tuple(test.x.shape[1:])
