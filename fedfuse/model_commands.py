@@ -25,7 +25,8 @@ def add_lmc_parser(sub: Any) -> None:
     p = sub.add_parser("lmc", help="linear mode connectivity of two saved models: full, layer-wise, cumulative")
     p.add_argument("model_a", metavar="A.pt", help="state dict (model.pt, clients/round<R>/partition<P>.pt, ...)")
     p.add_argument("model_b", metavar="B.pt")
-    for name in ("model", "dataset", "width", "depth", "group-norm", "data-root", "seed"):
+    p.add_argument("--model", default=None, help="mlp, cnn, ..., torchvision:NAME, timm:NAME or package.module:factory")
+    for name in ("dataset", "width", "depth", "group-norm", "data-root", "seed"):
         opt = OPTIONS[name]
         p.add_argument(f"--{name}", dest=name, default=None, metavar=opt.type.__name__.upper(), help=opt.help)
     p.add_argument("--batch-norm", dest="batch-norm", action=argparse.BooleanOptionalAction, default=None)
@@ -35,7 +36,14 @@ def add_lmc_parser(sub: Any) -> None:
     p.add_argument("--bn-reset", action="store_true", help="recompute BatchNorm statistics at every α")
     p.add_argument("--num-points", type=int, default=11, help="α grid size (default 11)")
     p.add_argument("--samples", type=int, default=2000, help="test samples used (0 = all; default 2000)")
+    p.add_argument(
+        "--test-data",
+        default=None,
+        metavar="FILE.npz",
+        help="labelled .npz (arrays x, y) to measure on instead of --dataset's test split",
+    )
     p.add_argument("--out", required=True, help="directory for lmc.json and the plots")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous lmc's files in --out")
 
 
 def add_merge_parser(sub: Any) -> None:
@@ -81,50 +89,94 @@ def add_merge_parser(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_const", const=True, default=None, help="replace a non-empty --out")
 
 
+LMC_FILES = ("lmc.json", "curve.png", "layerwise.png", "cumulative.png")
+
+
+def _lmc_inputs(args: argparse.Namespace, cfg: dict[str, Any], model: str) -> tuple[Any, Any, Any, Any, Any]:
+    """(template, state A, state B, test inputs, BatchNorm-reset pool) for ``fedfuse lmc``: a built-in model on
+    ``--dataset``'s test split, or, for ``--test-data FILE.npz`` or a ``package.module:factory`` model, the
+    inputs and template ``fedfuse merge`` reads (:mod:`fedfuse.merge.inputs`)."""
+    from fedfuse.checkpoint import read_state_dict
+    from fedfuse.experiment import dataset_for, model_for
+    from fedfuse.merge.inputs import Inputs, build_template, check_fits, load_inputs, load_parent
+    from fedfuse.models import library_of
+
+    if not args.test_data and not (":" in model and library_of(model) is None):
+        ds = dataset_for(cfg)
+        template = model_for(cfg, ds)
+        a, b = (read_state_dict(p, template.state_dict()) for p in (args.model_a, args.model_b))
+        return template, a, b, Inputs(ds.x_test, ds.y_test, f"{cfg['dataset']} (test split)"), ds.x_train
+    spec, flag = (args.test_data, "test-data") if args.test_data else (str(cfg["dataset"]), "dataset")
+    kw = {"data_root": str(cfg["data-root"]), "seed": int(cfg["seed"])}
+    test = load_inputs(spec, flag=flag, labelled=True, **kw)
+    shape = tuple(test.x.shape[1:])
+    num_classes = test.num_classes or int(test.y.max()) + 1  # type: ignore[union-attr]
+    template = build_template(model, shape, num_classes, width=int(cfg["width"]), depth=int(cfg["depth"]),
+                              batch_norm=bool(cfg["batch-norm"]), seed=int(cfg["seed"]),
+                              group_norm=int(cfg["group-norm"]))  # fmt: skip
+    test = check_fits(template, test, flag, model, shape)
+    a, b = (load_parent(p, template, model, shape) for p in (args.model_a, args.model_b))
+    pool = load_inputs(spec, flag=flag, labelled=False, split="train", **kw).x if test.num_classes else test.x
+    return template, a, b, test, pool.reshape(len(pool), *shape)
+
+
 def run_lmc(args: argparse.Namespace) -> None:
-    """Full barrier (and after alignment), per-layer and cumulative barriers of A ↔ B on the test split;
-    writes ``lmc.json`` + ``curve.png`` (+ ``layerwise.png``, ``cumulative.png``) into ``--out``."""
+    """Full barrier (and after alignment), per-layer and cumulative barriers of A ↔ B on the test data;
+    writes ``lmc.json`` + ``curve.png`` (+ ``layerwise.png``, ``cumulative.png``) into ``--out``, which must be
+    empty or hold only a previous lmc's files (replaced with ``--overwrite``); nothing is written before every
+    barrier is measured."""
     from dataclasses import asdict
 
     from fedfuse import lmc
-    from fedfuse.checkpoint import read_state_dict
-    from fedfuse.experiment import dataset_for, model_for
-    from fedfuse.results import atomic_write_bytes
+    from fedfuse.models import library_of
+    from fedfuse.results import atomic_write_bytes, check_replaceable
 
-    names = ("model", "dataset", "width", "depth", "data-root", "seed", "batch-norm", "group-norm")
+    names = ("dataset", "width", "depth", "data-root", "seed", "batch-norm", "group-norm")
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-    cfg = validate_config(given)  # core options only: no strategy is involved
+    model = args.model or str(OPTIONS["model"].default)
+    factory = ":" in model and library_of(model) is None
+    # core options only (no strategy); a user's package.module:factory is checked where it is built
+    cfg = validate_config(given if factory or args.model is None else {**given, "model": args.model})
     if args.num_points < 2 or args.samples < 0:
         raise ConfigError(f"num-points={args.num_points} must be >= 2 and samples={args.samples} >= 0")
-    ds = dataset_for(cfg)
-    template = model_for(cfg, ds)
-    state_a, state_b = (read_state_dict(p, template.state_dict()) for p in (args.model_a, args.model_b))
-    n = args.samples or len(ds.y_test)
-    x, y = ds.x_test[:n], ds.y_test[:n]
-    bn = ds.x_train[:1024] if args.bn_reset else None
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    kw: dict[str, Any] = {"num_points": args.num_points, "bn_reset_data": bn}
+    check_replaceable(out, bool(args.overwrite), LMC_FILES, "lmc")
+    template, state_a, state_b, test, pool = _lmc_inputs(args, cfg, model)
+    n = min(args.samples, len(test.y)) or len(test.y)
+    x, y = test.x[:n], test.y[:n]
+    kw: dict[str, Any] = {"num_points": args.num_points, "bn_reset_data": pool[:1024] if args.bn_reset else None}
     full = lmc.barrier(template, state_a, state_b, x, y, align=args.align, **kw)
-    report: dict[str, Any] = {"a": args.model_a, "b": args.model_b, "config": given, "samples": n, "full": full}
+    config = {**given, **({"model": model} if args.model else {})}
+    if args.test_data:
+        config["test-data"] = test.label
+    report: dict[str, Any] = {"a": args.model_a, "b": args.model_b, "config": config, "samples": n, "full": full}
+    line = f"full barrier (loss, max over α): {full['before']['max_loss']:.4f}"
+    if full["after"] is not None:
+        line += f"; after aligning B to A (weight matching): {full['after']['max_loss']:.4f}"
+    print(line)
+    layerwise = cumulative = None
+    if args.layerwise:
+        layerwise = lmc.layerwise_barriers(template, state_a, state_b, x, y, **kw)
+        report["layerwise"] = asdict(layerwise)
+        for g in layerwise.groups:
+            print(f"  {g.group}: {g.base_a.max_loss:.4f} (others from A), {g.base_b.max_loss:.4f} (from B)")
+    if args.cumulative:
+        cumulative = {
+            o: lmc.cumulative_barriers(template, state_a, state_b, x, y, order=o, seed=cfg["seed"], **kw)
+            for o in lmc.ORDERS
+        }
+        report["cumulative"] = {o: asdict(r) for o, r in cumulative.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    for name in LMC_FILES:  # a previous lmc's files (--overwrite): none of them outlives this run
+        (out / name).unlink(missing_ok=True)
     curves = {"A → B": full["before"]["curve"]}
     if full["after"] is not None:
         curves["A → aligned B"] = full["after"]["curve"]
     lmc.plot_curve(curves, out / "curve.png")
-    print(f"full barrier (loss, max over α): {full['before']['max_loss']:.4f}")
-    if args.layerwise:
-        res = lmc.layerwise_barriers(template, state_a, state_b, x, y, **kw)
-        report["layerwise"] = asdict(res)
-        lmc.plot_layerwise(res, out / "layerwise.png")
-        for g in res.groups:
-            print(f"  {g.group}: {g.base_a.max_loss:.4f} (others from A), {g.base_b.max_loss:.4f} (from B)")
-    if args.cumulative:
-        cum = {
-            o: lmc.cumulative_barriers(template, state_a, state_b, x, y, order=o, seed=cfg["seed"], **kw)
-            for o in lmc.ORDERS
-        }
-        report["cumulative"] = {o: asdict(r) for o, r in cum.items()}
-        lmc.plot_cumulative(cum, out / "cumulative.png")
+    if layerwise is not None:
+        lmc.plot_layerwise(layerwise, out / "layerwise.png")
+    if cumulative is not None:
+        lmc.plot_cumulative(cumulative, out / "cumulative.png")
     atomic_write_bytes(out / "lmc.json", json.dumps(report, indent=2).encode())
     print(
         f"results in {out}/ (lmc.json, curve.png{', layerwise.png' if args.layerwise else ''}"

@@ -139,6 +139,27 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"out={str(out)!r} exists and is not a directory")
 
 
+def check_replaceable(out: Path, overwrite: bool, files: Sequence[str], what: str) -> None:
+    """Refuse a file, a non-empty directory without ``overwrite``, and with it one holding anything but a previous
+    ``what``'s ``files`` (``--overwrite`` replaces those, never a folder of other things); the nearest existing
+    folder must be writable."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"out={str(out)!r} is not empty; pass --overwrite or another --out")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in files)
+        if foreign:
+            raise ConfigError(
+                f"out={str(out)!r} holds {foreign[0]!r}, not only a previous {what}'s {', '.join(files)}; "
+                "--overwrite replaces only those: pass another --out"
+            )
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    check_writable(parent)
+
+
 def set_aside(out: Path) -> Path | None:
     """For ``--overwrite``: atomically rename a result directory ``out`` to a sibling ``.<name>.replaced-<time>``
     and create an empty ``out``, so a new run never writes beside the old run's files (a run killed midway

@@ -128,25 +128,10 @@ def _variants(methods: list[str], repair: bool, distill: bool) -> list[tuple[str
 
 
 def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse a file, a non-empty directory without ``overwrite``, and with it one holding anything but a previous
-    merge's files; the nearest existing folder must be writable."""
-    from fedfuse.results import check_writable
+    """:func:`fedfuse.results.check_replaceable` for a merge's files."""
+    from fedfuse.results import check_replaceable
 
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out={str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"out={str(out)!r} is not empty; pass --overwrite or another --out")
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUT_FILES)
-        if foreign:  # --overwrite replaces a previous merge, never a folder of other things
-            raise ConfigError(
-                f"out={str(out)!r} holds {foreign[0]!r}, not only a previous merge's {', '.join(OUT_FILES)}; "
-                "--overwrite replaces only those: pass another --out"
-            )
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    check_writable(parent)
+    check_replaceable(out, overwrite, OUT_FILES, "merge")
 
 
 def prepare(req: MergeRequest) -> Prepared:
