@@ -160,6 +160,7 @@ def test_compare_folder_of_a_strategy_path_has_no_colon() -> None:
 
     assert run_dir_name("my_pkg.my_mod:MyStrategy") == "my_pkg.my_mod.MyStrategy"
     assert run_dir_name("wb") == "wb"
+    assert run_dir_name("wb@client-init-from=runs/a/clients/round1") == "wb@client-init-from=runs_a_clients_round1"
 
 
 def test_a_round_in_which_every_client_errors_ends_the_run(tmp_path) -> None:

@@ -47,6 +47,11 @@ def compare_entries(text: str) -> list[tuple[str, str, dict[str, Any]]]:
     labels = [e[0] for e in entries]
     if len(entries) < 2 or len(set(labels)) < len(labels):
         raise ConfigError(f"compare={text!r} needs at least two different comma-separated strategies")
+    folders = [run_dir_name(label) for label in labels]
+    if len(set(folders)) < len(folders):
+        same = next(f for f in folders if folders.count(f) > 1)
+        raise ConfigError(f"compare={text!r}: two entries would share the result folder {same!r}; allowed: entries "
+                          "that differ in more than a path separator")  # fmt: skip
     return entries
 
 
@@ -164,8 +169,9 @@ def _compare_runs(
 
 
 def run_dir_name(strategy: str) -> str:
-    """A compared strategy's result folder: its name, ``pkg.mod:Class`` as ``pkg.mod.Class`` (no colon)."""
-    return strategy.replace(":", ".")
+    """A compared entry's result folder, one level below ``--out``: ``pkg.mod:Class`` as ``pkg.mod.Class`` (no
+    colon), a path separator in an option's value as ``_`` (``wb@client-init-from=a/b`` → ``…=a_b``)."""
+    return strategy.replace(":", ".").replace("/", "_").replace("\\", "_")
 
 
 def drop_flag(argv: list[str], flag: str) -> list[str]:
