@@ -82,7 +82,14 @@ def add_merge_parser(sub: Any) -> None:
     )
     p.add_argument("--distill-lr", type=float, default=None, metavar="FLOAT", help="Adam learning rate (default 1e-3)")
     p.add_argument("--data-root", default=None, metavar="DIR", help="directory with data files (mnist10k)")
-    p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W", help="one per parent (default 1)")
+    p.add_argument(
+        "--weights",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="W",
+        help="one per parent (default 1 each: equal, unlike a federated round's num-examples weights)",
+    )
     p.add_argument("--save", default=None, metavar="VARIANT", help="variant written as model.pt (default: best)")
     p.add_argument("--dtype", default=None, help="saved model dtype: float32, float16, bfloat16")
     p.add_argument("--out", default=None, help="directory for model.pt, merge.json, merge.png")
