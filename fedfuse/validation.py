@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from numbers import Number
 
 import torch
 
 __all__ = [
+    "check_known_args",
     "check_update", "non_finite", "single_threaded", "check_num_examples", "check_reply_size", "check_strategy_args",
     "MAX_NUM_EXAMPLES", "MAX_REPLY_FACTOR",
 ]  # fmt: skip
@@ -158,3 +161,27 @@ def check_strategy_args(
     for name, value in (("max_num_examples", max_num_examples), ("max_reply_factor", max_reply_factor)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) > 0:
             raise ConfigError(f"{name}={value!r} is out of range; allowed: a number > 0")
+
+
+def check_known_args(
+    strategy: object, parent_init: Callable[..., object], kwargs: Mapping[str, object], also: Iterable[str] = ()
+) -> None:
+    """A ConfigError naming the first keyword that ``parent_init`` (the base class's ``__init__``, e.g. Flower's
+    FedAvg) does not take, with the nearest name among those and every ``__init__`` of ``strategy``'s classes
+    and ``also`` (e.g. the run option ``fusion-solver`` is the argument ``solver``); else None."""
+    params = inspect.signature(parent_init).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [k for k in kwargs if k not in params]
+    if not unknown:
+        return
+    names = set(params) | set(also)
+    for cls in type(strategy).__mro__:
+        if "__init__" in vars(cls):
+            names |= set(inspect.signature(vars(cls)["__init__"]).parameters)
+    allowed = sorted(names - {"self", "args", "kwargs"})
+    from fedfuse.errors import ConfigError
+
+    near = difflib.get_close_matches(unknown[0], allowed, n=1)
+    hint = f"did you mean {near[0]!r}?" if near else f"allowed: {', '.join(allowed)}"
+    raise ConfigError(f"{type(strategy).__name__} takes no argument {unknown[0]}={kwargs[unknown[0]]!r}; {hint}")

@@ -31,7 +31,7 @@ from fedfuse.robust import Reducer, reducer
 from fedfuse.screening import ROBUST_OPTIONS, ScreeningConfig, screen_round
 from fedfuse.state import weighted_average
 from fedfuse.trust import trusted_reference
-from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_strategy_args, non_finite
+from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_known_args, check_strategy_args, non_finite
 from strategies.options import STRATEGY_OPTIONS
 from strategies.sampling import NodeOrder, seeded_sample
 
@@ -63,6 +63,7 @@ class FedFuseStrategy(FedAvg):
         self.screening = ScreeningConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
         check_strategy_args(seed, kwargs, max_num_examples, max_reply_factor, distill_epochs, server_data,
                             distill_model)  # fmt: skip
+        check_known_args(self, super().__init__, kwargs, names)  # a misspelt argument: one line, the nearest
         super().__init__(**kwargs)
         self.reduce: Reducer | None = reducer(robust, robust_fraction)  # None: the weighted average
         self.robust, self.seed = robust, int(seed)

@@ -100,3 +100,17 @@ def test_a_strategy_without_its_model_says_so_in_one_line(name: str) -> None:
         f"{cls.__name__} needs model=, a torch module of the global architecture (the clients' model), "
         f"e.g. {cls.__name__}(model=Net())"
     )
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_a_misspelt_argument_names_the_nearest_one(name: str) -> None:
+    """Flower's old name, and a run option's spelling where the argument is shorter: one line with the nearest."""
+    cls = resolve_strategy(name)
+    kw = {"model": build_model("mlp", (1, 8, 8), 10)} if _needs_model(cls) else {}
+    if getattr(cls, "method", "") in DATA_METHODS:
+        kw["server_data"] = torch.zeros(4, 1, 8, 8)
+    with pytest.raises(ConfigError, match=r"takes no argument fraction_fit=0\.5; did you mean 'fraction_train'\?$"):
+        cls(**kw, fraction_fit=0.5)
+    if hasattr(cls, "method") and "solver" in inspect.signature(cls.__init__).parameters:
+        with pytest.raises(ConfigError, match="fusion_solver='sinkhorn'; did you mean 'solver'"):
+            cls(**kw, fusion_solver="sinkhorn")
