@@ -73,11 +73,7 @@ class LoRAStrategy(FedFuseStrategy):
         ranks = [int(r) for r in client_ranks] if client_ranks else []
         if any(r < 1 for r in ranks):
             raise ConfigError(f"client_ranks={client_ranks!r}: every rank must be >= 1")
-        if len(set(ranks)) > 1 and not self.mixed_ranks:
-            raise ConfigError(
-                f"lora-ranks={','.join(map(str, ranks))}: {type(self).__name__} needs one rank for every client; "
-                "for mixed ranks use hetlora (zero-padding), flora, svd-lora, fedex-lora or aligned-lora"
-            )
+        self.check_mixed(ranks)
         if kwargs.get("robust", "none") != "none":
             raise ConfigError(f"robust={kwargs['robust']!r} is not supported by the LoRA strategies; allowed: none")
         super().__init__(**kwargs)
@@ -87,10 +83,20 @@ class LoRAStrategy(FedFuseStrategy):
         self.base_folded = False  # once the server folds updates into the base, nodes receive the adapted layers'
 
     @classmethod
+    def check_mixed(cls, ranks: Sequence[int]) -> None:
+        """A ConfigError where clients' ranks differ and this rule needs one rank."""
+        if len(set(ranks)) > 1 and not cls.mixed_ranks:
+            raise ConfigError(
+                f"lora-ranks={','.join(map(str, ranks))}: {cls.__name__} needs one rank for every client; "
+                "for mixed ranks use hetlora (zero-padding), flora, svd-lora, fedex-lora or aligned-lora"
+            )
+
+    @classmethod
     def config_kwargs(cls, cfg: Mapping[str, Any], *, model: Any, example_input: Any) -> dict[str, Any]:
         ranks = lora_ranks(cfg)
         if not ranks:
             raise ConfigError(f"strategy {cfg['strategy']!r} needs lora-rank >= 1 or lora-ranks (e.g. --lora-rank 4)")
+        cls.check_mixed(ranks)  # from the CLI's preflight too: before any write
         if cfg.get("lora-ranks") and ":" in str(cfg.get("lora-targets", "")):
             raise ConfigError("lora-ranks cannot be combined with per-target ranks in lora-targets (PAT:R)")
         train_keys = lora.trained_keys(model) if model is not None else []

@@ -89,6 +89,9 @@ def test_lora_options_belong_to_lora_strategies():
         (["--lora-rank", "2", "--base", "BAD"], "base: .* does not fit the model"),
         (["--lora-rank", "2", "--lora-scale", "sqrt"], "lora-scale='sqrt' is not allowed; allowed: standard, rslora"),
         ([], "needs lora-rank >= 1"),
+        (["--lora-rank", "2", "--model", "rnn"], "LoRA finds no Linear/Conv2d layer to adapt besides .* \\(fc\\)"),
+        (["--lora-ranks", "2,4"], "lora-ranks=2,4: FedAvgLoRA needs one rank for every client"),
+        (["--lora-rank", "2", "--client-init", "own"], "client-init='own' does not apply to a LoRA run"),
     ],
 )
 def test_bad_lora_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, flags, message):

@@ -172,6 +172,12 @@ def target_modules(
             )
         for n in hits:
             chosen[n] = own if own is not None else rank
+    if not chosen:  # e.g. an RNN whose only Linear is the head, or Conv1d layers
+        kinds = sorted({type(m).__name__ for n, m in model.named_modules() if n and not list(m.children())})
+        raise ConfigError(
+            f"LoRA finds no Linear/Conv2d layer to adapt besides the fully trained head ({', '.join(exclude) or '-'}); "
+            f"the model's layers: {', '.join(kinds[:8])}; allowed: a model with Linear/Conv2d layers (e.g. mlp, cnn)"
+        )
     for name, r in chosen.items():
         limit = max_rank(layers[name])
         if r > limit:
