@@ -225,7 +225,10 @@ def test_compare_entries_give_one_run_its_own_options(tmp_path, capsys) -> None:
     entries = compare_entries("fedavg, wb,fedavg@client-init=shared@one-shot=false")
     assert entries == [("fedavg", "fedavg", {}), ("wb", "wb", {}),
                        ("fedavg@client-init=shared@one-shot=false", "fedavg",
-                        {"client-init": "shared", "one-shot": "false"})]  # fmt: skip
+                        {"client-init": "shared", "one-shot": "false", "client-init-from": ""})]  # fmt: skip
+    # an entry's shared start overrides a global --one-shot / --client-init-from (never both at once)
+    assert compare_entries("wb,fedavg@client-init=shared")[1][2] == {
+        "client-init": "shared", "one-shot": "false", "client-init-from": ""}  # fmt: skip
     assert option_flags({"client-init": "shared", "one-shot": False, "num-rounds": 3}) == [
         "--client-init", "shared", "--no-one-shot", "--rounds", "3"]  # fmt: skip
     line = refused(["--compare", "fedavg,fedavg@client-init"], tmp_path, capsys)

@@ -17,9 +17,10 @@ def test_one_shot_fusion_beats_plain_averaging(tmp_path) -> None:
     """Clients from independent inits: averaging mixes unaligned neurons, wb/match align them first."""
     args = ["--backend", "inline", "--one-shot", "--rounds", "1", "--num-clients", "4", "--local-epochs", "5"]
     cmd = [sys.executable, "-m", "fedfuse.cli", "simulate", "--no-progress", *args]
-    cmd += ["--compare", "fedavg,wb,gwb,match", "--out", str(tmp_path)]
+    cmd += ["--compare", "fedavg,wb,gwb,match", "--no-plot", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not list(tmp_path.rglob("*.png"))  # --no-plot: neither compare.png nor a run's accuracy.png
     acc = {k: v["central_accuracy"] for k, v in json.loads((tmp_path / "compare.json").read_text()).items()}
     assert acc["wb"] > acc["fedavg"] + 0.1, acc
     assert acc["match"] > acc["fedavg"] + 0.1, acc

@@ -43,6 +43,8 @@ def compare_entries(text: str) -> list[tuple[str, str, dict[str, Any]]]:
                     "option other than strategy/out, e.g. fedavg@client-init=shared"
                 )
             own[key] = value
+        if str(own.get("client-init", "")) == "shared":  # the entry's shared start overrides a global apart one
+            own = {"one-shot": "false", "client-init-from": "", **own}
         entries.append((label, name, own))
     labels = [e[0] for e in entries]
     if len(entries) < 2 or len(set(labels)) < len(labels):
@@ -109,10 +111,11 @@ def run_compare(
 
     start = {"shared": "", "own": ", client-init own", "files": f", client-init-from {cfg['client-init-from']}"}
     title = f"{cfg['dataset']} / {cfg['model']}, {cfg['partition']}{start[init_mode(cfg)]}"  # entries may override
-    plot_accuracy(runs, out / "compare.png", title=title)
+    if cfg.get("plot", True):  # --no-plot: no accuracy.png per run, no compare.png
+        plot_accuracy(runs, out / "compare.png", title=title)
     summary = {name: rows[-1] for name, rows in runs.items()}
     atomic_write_bytes(out / "compare.json", json.dumps(summary, indent=2).encode())
-    console.print(f"comparison in {out}/compare.png and compare.json")
+    console.print(f"comparison in {out}/{'compare.png and ' if cfg.get('plot', True) else ''}compare.json")
 
 
 def _warm_superlink(args: argparse.Namespace) -> Any:
