@@ -73,6 +73,23 @@ def test_unit_statistics_equal_direct_mean_and_std_over_batches() -> None:
         torch.testing.assert_close(stats[name][1], h.std(0), atol=1e-5, rtol=1e-5)
 
 
+def test_a_linear_on_tokens_has_its_units_last() -> None:
+    """(B, T, C) outputs of a Linear (a transformer's MLP): statistics per unit c over batch × tokens (a conv
+    layout would read T as the units: REPAIR of every hf: model failed with a shape error)."""
+    net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    x = torch.randn(40, 11, 5, generator=torch.Generator().manual_seed(3))  # 11 tokens, 7 units
+    stats = unit_statistics(net, x, ["0"])["0"]
+    h = net[0](x).reshape(-1, 7)
+    torch.testing.assert_close(stats[0], h.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats[1], h.std(0), atol=1e-5, rtol=1e-5)
+    a, b = copy.deepcopy(net), nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    fused = copy.deepcopy(a)
+    fused.load_state_dict(fuse([a, b], method="average"))
+    repair(fused, [a, b], x)
+    want = 0.5 * (a[0](x).reshape(-1, 7).std(0) + b[0](x).reshape(-1, 7).std(0))
+    torch.testing.assert_close(fused[0](x).reshape(-1, 7).std(0), want, atol=1e-4, rtol=1e-4)
+
+
 def test_sequential_repair_gives_every_layer_the_interpolated_statistics() -> None:
     # Prepare: two parents (already "aligned": any two same-shaped models are), their plain average
     a, b = _mlp(0), _mlp(1)

@@ -125,9 +125,12 @@ def unit_statistics(model: nn.Module, data: Any, sites: Sequence[RepairSite | st
     sums: dict[str, list[Tensor]] = {}
 
     def hook(name: str):
-        def record(_m: nn.Module, _i: Any, out: Tensor) -> None:
+        def record(m: nn.Module, _i: Any, out: Tensor) -> None:
             o = out.detach().double()
-            flat = o.transpose(0, 1).reshape(o.shape[1], -1) if o.dim() > 2 else o.T
+            if isinstance(m, nn.Linear) or o.dim() == 2:  # (..., C): a Linear on tokens keeps units last
+                flat = o.reshape(-1, o.shape[-1]).T
+            else:  # (B, C, ...): conv / norm layouts
+                flat = o.transpose(0, 1).reshape(o.shape[1], -1)
             acc = sums.setdefault(name, [torch.zeros(flat.shape[0], dtype=torch.float64)] * 2 + [torch.zeros(())])
             sums[name] = [acc[0] + flat.sum(1), acc[1] + (flat * flat).sum(1), acc[2] + flat.shape[1]]
 
