@@ -214,6 +214,9 @@ def test_untraceable_model_and_missing_input_raise_config_errors() -> None:
         derive_spec(Untraceable(), torch.randn(3, 4))
     with pytest.raises(ConfigError, match="example_input"):
         derive_spec(MLP((4,), 2), None)
+    # an input the model itself cannot run: named as the input's fault, not as a tracing limit
+    with pytest.raises(UnsupportedModelError, match=r"example_input of shape \(3, 5\) does not fit MLP: the model"):
+        derive_spec(MLP((4,), 2), torch.randn(3, 5))
 
 
 def test_declarative_rows_give_the_same_spec_as_derivation() -> None:

@@ -123,7 +123,14 @@ def trace_values(model: nn.Module, example_input: Any) -> tuple[fx.Graph, dict[s
     model.eval()
     try:
         with torch.no_grad():
-            call_model(model, example_input)
+            try:
+                call_model(model, example_input)
+            except Exception as exc:  # the input, not the tracing: say so
+                first = (str(exc).splitlines() or [""])[0][:300]
+                raise UnsupportedModelError(
+                    f"example_input {_describe(example_input)} does not fit {type(model).__name__}: the model itself "
+                    f"fails on it ({type(exc).__name__}: {first}); pass an input it runs on (e.g. two training samples)"
+                ) from exc
             for h in hooks:
                 h.remove()
             graph = tracer.trace(root, concrete_args=_defaults(root, len(inputs)))
@@ -140,6 +147,15 @@ def trace_values(model: nn.Module, example_input: Any) -> tuple[fx.Graph, dict[s
             h.remove()
         model.train(was_training)
     return graph, tracer.values
+
+
+def _describe(example: Any) -> str:
+    """``of shape (2, 3, 8, 8)`` for a tensor, else the type (a dict: its keys)."""
+    if isinstance(example, torch.Tensor):
+        return f"of shape {tuple(example.shape)}"
+    if isinstance(example, dict):
+        return f"with keys {sorted(example)}"
+    return f"({type(example).__name__})"
 
 
 def _defaults(model: nn.Module, given: int) -> dict[str, Any] | None:
