@@ -276,6 +276,14 @@ def preflight(
         if lora_strategy:  # lora-rank or lora-ranks given, ranks usable by the strategy
             resolve_strategy(str(cfg["strategy"])).config_kwargs(cfg, model=None, example_input=None)
         check_lora(cfg, ds, _built_model(cfg, ds))
+        from fedfuse.experiment import init_mode
+        from fedfuse.lora.run import lora_on
+
+        if lora_on(cfg) and init_mode(cfg) != "shared":  # every client adapts the same frozen base
+            raise ConfigError(
+                f"client-init={init_mode(cfg)!r} does not apply to a LoRA run: every client adapts the same frozen "
+                "base from the global adapters; allowed: client-init shared (no --one-shot, no --client-init-from)"
+            )
     if cfg["client-init-from"] and resumed_round == 0:  # every client's round-1 file exists, loads and fits
         from fedfuse.experiment import check_init_files
 

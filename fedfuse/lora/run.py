@@ -155,13 +155,6 @@ def check_lora(cfg: Mapping[str, Any], ds: Any, model: nn.Module) -> None:
     fit the model."""
     base_state(cfg, ds, model) if cfg.get("base") else None
     if lora_on(cfg):
-        from fedfuse.experiment import init_mode
-
-        if init_mode(cfg) != "shared":  # the base is every client's, frozen; only adapters would start apart
-            raise ConfigError(
-                f"client-init={init_mode(cfg)!r} does not apply to a LoRA run: every client adapts the same frozen "
-                "base from the global adapters; allowed: client-init shared (no --one-shot, no --client-init-from)"
-            )
         targets = str(cfg.get("lora-targets", "") or "")
         head = lora_head(cfg, ds, model)
         for rank in sorted(set(lora_ranks(cfg))):
