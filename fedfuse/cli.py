@@ -233,8 +233,8 @@ def preflight(
 
     # the model at the global width and every client's: a width, depth or group count it cannot take fails before
     # any write (a library's model is built once, below)
-    if not library_of(str(cfg["model"])):
-        _built_model(cfg, ds)
+    arch = None if library_of(str(cfg["model"])) else _built_model(cfg, ds)  # the architecture, checked below too
+    if arch is not None:
         for width in sorted(set(client_widths(cfg))):
             try:
                 _built_model({**cfg, "width": width}, ds)
@@ -245,8 +245,8 @@ def preflight(
         from fedfuse.align.solvers import resolve_spec
         from fedfuse.merge.linear import linear_units
 
-        model, example = _built_model(cfg, ds), ds.x_test[:2]
-        linear_units(str(method), resolve_spec(None, model, example), model, example)
+        arch, example = arch if arch is not None else _built_model(cfg, ds), ds.x_test[:2]
+        linear_units(str(method), resolve_spec(None, arch, example), arch, example)
     if cfg["strategy"] == "layerwise" or library_of(str(cfg["model"])):
         # a preset that fits no parameter, or a library's model too deep for the inputs: fails before any write
         from fedfuse.experiment import model_for
@@ -275,7 +275,7 @@ def preflight(
 
         if lora_strategy:  # lora-rank or lora-ranks given, ranks usable by the strategy
             resolve_strategy(str(cfg["strategy"])).config_kwargs(cfg, model=None, example_input=None)
-        check_lora(cfg, ds, _built_model(cfg, ds))
+        check_lora(cfg, ds, arch if arch is not None else _built_model(cfg, ds))
         from fedfuse.experiment import init_mode
         from fedfuse.lora.run import lora_on
 

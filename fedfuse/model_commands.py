@@ -99,16 +99,17 @@ def add_merge_parser(sub: Any) -> None:
 LMC_FILES = ("lmc.json", "curve.png", "layerwise.png", "cumulative.png")
 
 
-def _lmc_inputs(args: argparse.Namespace, cfg: dict[str, Any], model: str) -> tuple[Any, Any, Any, Any, Any]:
+def _lmc_inputs(
+    args: argparse.Namespace, cfg: dict[str, Any], model: str, factory: bool
+) -> tuple[Any, Any, Any, Any, Any]:
     """(template, state A, state B, test inputs, BatchNorm-reset pool) for ``fedfuse lmc``: a built-in model on
-    ``--dataset``'s test split, or, for ``--test-data FILE.npz`` or a ``package.module:factory`` model, the
-    inputs and template ``fedfuse merge`` reads (:mod:`fedfuse.merge.inputs`)."""
+    ``--dataset``'s test split, or, for ``--test-data FILE.npz`` or a ``package.module:factory`` model
+    (``factory``), the inputs and template ``fedfuse merge`` reads (:mod:`fedfuse.merge.inputs`)."""
     from fedfuse.checkpoint import read_state_dict
     from fedfuse.experiment import dataset_for, model_for
     from fedfuse.merge.inputs import Inputs, build_template, check_fits, load_inputs, load_parent
-    from fedfuse.models import library_of
 
-    if not args.test_data and not (":" in model and library_of(model) is None):
+    if not args.test_data and not factory:
         ds = dataset_for(cfg)
         template = model_for(cfg, ds)
         a, b = (read_state_dict(p, template.state_dict()) for p in (args.model_a, args.model_b))
@@ -148,7 +149,7 @@ def run_lmc(args: argparse.Namespace) -> None:
         raise ConfigError(f"num-points={args.num_points} must be >= 2 and samples={args.samples} >= 0")
     out = Path(args.out)
     check_replaceable(out, bool(args.overwrite), LMC_FILES, "lmc")
-    template, state_a, state_b, test, pool = _lmc_inputs(args, cfg, model)
+    template, state_a, state_b, test, pool = _lmc_inputs(args, cfg, model, factory)
     n = min(args.samples, len(test.y)) or len(test.y)
     x, y = test.x[:n], test.y[:n]
     kw: dict[str, Any] = {"num_points": args.num_points, "bn_reset_data": pool[:1024] if args.bn_reset else None}

@@ -127,20 +127,14 @@ def _variants(methods: list[str], repair: bool, distill: bool) -> list[tuple[str
     return out
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """:func:`fedfuse.results.check_replaceable` for a merge's files."""
-    from fedfuse.results import check_replaceable
-
-    check_replaceable(out, overwrite, OUT_FILES, "merge")
-
-
 def prepare(req: MergeRequest) -> Prepared:
     """Every check that can fail, in order: output dir, methods, data, model, parents; nothing is written."""
     from fedfuse.align.fusion import DATA_METHODS
+    from fedfuse.results import check_replaceable
     from fedfuse.state import normalise_weights
 
     out = Path(req.out)
-    check_out(out, req.overwrite)
+    check_replaceable(out, req.overwrite, OUT_FILES, "merge")
     if len(req.parents) < 2:
         raise ConfigError(f"merge needs at least 2 parent state dicts, got {len(req.parents)}")
     methods = resolve_methods(req.methods)
