@@ -358,6 +358,10 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     starting = "starting Flower's simulation engine (Ray)" if args.backend == "ray" else "starting (inline)"
     task = progress.add_task(f"{label}: {starting}", total=cfg["num-rounds"])
 
+    from fedfuse.results import nonfinite_loss
+
+    warned: list[str] = []
+
     def on_round(row: dict[str, Any]) -> None:
         progress.update(
             task,
@@ -365,6 +369,10 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             description=f"{label}: round {row['round']} acc {row['central_accuracy']:.3f}",
         )
         console.print(round_line(row), soft_wrap=True)
+        diverged = None if warned else nonfinite_loss(row, float(cfg["lr"]))
+        if diverged:  # once per run: the table shows the later rounds' losses
+            warned.append(diverged)
+            print(f"fedfuse: warning: {diverged}", file=sys.stderr, flush=True)
 
     with progress:
         if args.backend == "inline":

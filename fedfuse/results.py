@@ -9,6 +9,7 @@ import csv
 import errno
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -36,6 +37,7 @@ __all__ = [
     "check_writable",
     "fedfuse_home",
     "resolve_out",
+    "nonfinite_loss",
 ]
 
 RESULT_FILES = ("metrics.json", "metrics.csv", "model.pt", "accuracy.png")
@@ -275,3 +277,16 @@ def plot_accuracy(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, t
     fig.savefig(buf, format="png", dpi=100)
     atomic_write_bytes(Path(path), buf.getvalue())
     return fig
+
+
+def nonfinite_loss(row: Mapping[str, Any], lr: float) -> str | None:
+    """The warning for a metrics row whose central test loss is inf/NaN although the round was evaluated (its
+    accuracy is a number; --eval-every leaves both NaN): the global model's weights passed the aggregate's finiteness
+    check, so its outputs overflow on the test set. None otherwise."""
+    loss, acc = float(row.get("central_loss", 0.0)), float(row.get("central_accuracy", math.nan))
+    if math.isfinite(loss) or math.isnan(acc):
+        return None
+    return (
+        f"round {row['round']}: the global model's central test loss is {loss} (accuracy {acc:.4f}): its weights are "
+        f"finite but its outputs on the test set are not; training is diverging, try a lower --lr (now {lr:g})"
+    )

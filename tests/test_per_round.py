@@ -116,3 +116,32 @@ def test_plot_off_writes_every_result_but_the_plot(tmp_path) -> None:
     run_inline(_cfg(tmp_path / "r", **{"num-rounds": 1, "plot": False}))
     assert {p.name for p in (tmp_path / "r").iterdir()} >= {"metrics.json", "metrics.csv", "model.pt"}
     assert not (tmp_path / "r" / "accuracy.png").exists()
+
+
+def test_a_nonfinite_central_loss_is_named_once(tmp_path, capsys, monkeypatch):
+    """A global model whose weights are finite (they pass the aggregate's check) but whose test loss is NaN gets one
+    warning line that names the round and the lr, from the CLI (stderr) and the ServerApp (Flower's log), not one
+    per round; a round --eval-every skips (loss and accuracy NaN) is not one."""
+    import strategies.server_app as server_app
+    from fedfuse.cli import main
+    from fedfuse.results import nonfinite_loss
+
+    real, calls = server_app.evaluate, []
+
+    def evaluate(model, x, y):  # round 0 as it is, later rounds: finite weights, NaN loss
+        calls.append(1)
+        loss, acc = real(model, x, y)
+        return (loss, acc) if len(calls) == 1 else (math.nan, acc)
+
+    monkeypatch.setattr(server_app, "evaluate", evaluate)
+    out = tmp_path / "run"
+    rc = main(["simulate", "--dataset", "digits", "--model", "mlp", "--width", "16", "--num-clients", "2", "--rounds",
+               "3", "--backend", "inline", "--no-progress", "--lr", "0.07", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "central test loss" in line]
+    assert err == [f"fedfuse: warning: {nonfinite_loss(load_metrics(out)['rounds'][1], 0.07)}"], err
+    assert "round 1: the global model's central test loss is nan" in err[0] and "--lr (now 0.07)" in err[0]
+    assert (out / "flower.log").read_text().count("central test loss is nan") == 1
+    assert nonfinite_loss({"round": 4, "central_loss": math.nan, "central_accuracy": math.nan}, 0.1) is None
+    assert nonfinite_loss({"round": 4, "central_loss": 2.3, "central_accuracy": 0.1}, 0.1) is None
+    assert "loss is inf" in nonfinite_loss({"round": 4, "central_loss": math.inf, "central_accuracy": 0.1}, 0.1)
