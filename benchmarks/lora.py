@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.commo
 from benchmarks.common import add_out, load_header, load_line  # noqa: E402
 from fedfuse.data.partition import partition_indices  # noqa: E402
 from fedfuse.experiment import dataset_for, local_plan, local_train, model_for  # noqa: E402
-from fedfuse.lora import adapter_keys, adapter_pairs, base_weight_key, mean_products, truncate_rank  # noqa: E402
+from fedfuse.lora import adapter_keys, adapter_pairs, base_weight_key, mean_products, mean_update, truncate_rank  # noqa: E402
 from fedfuse.lora.layers import SCALES  # noqa: E402
 from fedfuse.lora.run import adapter_state, load_received  # noqa: E402
 from fedfuse.state import torch_threads, weighted_average  # noqa: E402
@@ -57,9 +57,10 @@ def _round_update(
     alpha: float,
     scale: str = "standard",
 ) -> float:
-    """‖M − s·B₀·A₀‖_F over the adapted layers: how far the clients' mean product M moved this round from the
-    product of the global adapters (B₀, A₀) they were sent (FLoRA's fresh adapters: B₀ = 0, the whole M)."""
-    moved = mean_products(states, weights, alpha, scale)
+    """‖U − s·B₀·A₀‖_F = ‖Σ λ_i (s_i·B_i·A_i − T_i)‖_F over the adapted layers: the clients' mean change this round
+    from the global adapters (B₀, A₀) each was sent at its rank (T_i; FLoRA's fresh adapters: B₀ = 0, the whole
+    mean product M)."""
+    moved = mean_update(states, weights, start, alpha, scale)
     before = mean_products([start], [1.0], alpha, scale)
     return math.sqrt(sum(float((moved[p] - before[p]).norm()) ** 2 for p in moved))
 
@@ -150,6 +151,13 @@ def main() -> None:
     p.add_argument("--mixed-ranks", default="2,4,8", help="the mixed setting's ranks, cycled over clients")
     p.add_argument("--lora-alpha", type=float, default=4.0, help="LoRA scale numerator (scale alpha/r)")
     p.add_argument("--lora-scale", default="standard", choices=SCALES, help="standard: alpha/r; rslora: alpha/√r")
+    p.add_argument(
+        "--lora-refactor",
+        default="update",
+        choices=("update", "product"),
+        help="what fedex-lora/svd-lora re-factorise: the global product + the clients' mean change "
+        "(update) or the mean of the clients' products (product, the rule before 2026-12-06)",
+    )
     p.add_argument("--width", type=int, default=0, help="hidden width of the model (0: its default)")
     p.add_argument("--depth", type=int, default=0, help="hidden layers of the model (0: its default)")
     p.add_argument("--pretrain-epochs", type=int, default=5, help="epochs of the central low-classes pretraining")
@@ -181,6 +189,7 @@ def main() -> None:
                                                                 "lora-bias": args.lora_bias,
                                                                 "lora-alpha": args.lora_alpha,
                                                                 "lora-scale": args.lora_scale}),
+                            **({"lora-refactor": args.lora_refactor} if strategy in ("fedex-lora", "svd-lora") else {}),
                         })  # fmt: skip
                         runs.append(run(cfg, args.rounds))
                     results[key] = runs
@@ -202,6 +211,11 @@ def _scale(args: argparse.Namespace) -> str:
     return str(getattr(args, "lora_scale", "standard"))  # records written before --lora-scale: standard
 
 
+def _refactor(args: argparse.Namespace) -> str:
+    """fedex-lora/svd-lora's target: records written before --lora-refactor re-factorised the mean product."""
+    return str(getattr(args, "lora_refactor", "product"))
+
+
 def _ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{statistics.mean(values) * scale:.{digits}f} ± {statistics.pstdev(values) * scale:.{digits}f}"
 
@@ -217,7 +231,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
         f"--alphas {args.alphas} --settings {args.settings} --lr {args.lr} --lora-lr {args.lora_lr} "
         f"--lora-head {args.lora_head} --lora-bias {args.lora_bias} --rank {args.rank} --mixed-ranks "
         f"{args.mixed_ranks} --lora-alpha {args.lora_alpha:g}"
-        f"{' --lora-scale ' + args.lora_scale if _scale(args) != 'standard' else ''} --width {args.width} --depth {args.depth} "
+        f"{' --lora-scale ' + args.lora_scale if _scale(args) != 'standard' else ''}"
+        f"{' --lora-refactor product' if _refactor(args) == 'product' else ''} --width {args.width} --depth {args.depth} "
         f"--pretrain-epochs {args.pretrain_epochs}{' --tag ' + args.tag if args.tag else ''}` "
         f"({seconds / 60:.0f} min, 1 thread).",
         "",
@@ -229,11 +244,13 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
         f"{args.lora_head}, trainable biases: {args.lora_bias}; equal ranks {args.rank}, mixed ranks "
         f"{args.mixed_ranks} cycled over clients. Accuracy: central test set, mean ± std "
         f"over seeds {', '.join(seeds)} (percent). Bytes: arrays sent + received per round, all clients. "
-        "Error: ‖M − s·B̄·Ā‖_F / ‖M‖_F of the adapters the server keeps (M = mean of the clients' s·B·A), mean "
-        "over rounds; per round update: the same error / ‖M − s·B₀·A₀‖_F (B₀, A₀: the global adapters sent that "
-        "round), mean over rounds; FedEx-LoRA folds that gap into the base (its applied update is exact), FLoRA's stacking is "
-        "exact by construction (0). Diverged updates (non-finite) are left out of the round, as the Flower path's "
-        "validation rejects them.",
+        "Error: ‖U − s·B̄·Ā‖_F / ‖U‖_F of the adapters the server keeps (U = s·B₀·A₀ + Σ λ_i (s_i·B_i·A_i − T_i): "
+        "the product of the global adapters B₀, A₀ sent that round plus the clients' mean change from what each "
+        "received, T_i = s·B₀·A₀ at client i's rank; with one rank U = the mean of the clients' s·B·A), mean over "
+        "rounds; per round update: the same error / ‖U − s·B₀·A₀‖_F, mean over rounds; FedEx-LoRA folds that gap "
+        "into the base (its applied update is exact), FLoRA's stacking is exact by construction (0). fedex-lora and "
+        f"svd-lora re-factorise {'the mean of the clients products (--lora-refactor product)' if _refactor(args) == 'product' else 'U'}. "
+        "Diverged updates (non-finite) are left out of the round, as the Flower path's validation rejects them.",
         "",
         "| setting | method | base acc | final acc | best acc | bytes/round (MB) | bytes vs full | rel. agg. error "
         "| error / round update | diverged updates |",
@@ -289,9 +306,16 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
 REFERENCES = {"mixed": "HetLoRA (pad)", "equal": "FedAvg-LoRA"}
 
 
+def _curve(rows: list[dict[str, float]]) -> float:
+    """Test accuracy averaged over rounds 1..R of one run (round 0, the shared base, left out)."""
+    return statistics.mean(r["accuracy"] for r in rows[1:])
+
+
 def paired_gains(results: dict[str, Any], seeds: list[str]) -> list[str]:
     """Final accuracy minus the setting's reference (HetLoRA for mixed ranks, FedAvg-LoRA for equal ones) on the
-    same seed, in points: mean ± std over seeds and each seed's gain; empty when no reference was run."""
+    same seed, in points: mean ± std over seeds and each seed's gain; and the same for the accuracy averaged over
+    rounds 1..R (the area under the learning curve: how much sooner a rule gets there); empty when no reference
+    was run."""
     out: list[str] = []
     for key, runs in results.items():
         setting, label = key.split(": ", 1)
@@ -301,11 +325,13 @@ def paired_gains(results: dict[str, Any], seeds: list[str]) -> list[str]:
             continue
         if not out:
             out = ["", "## Paired gain in final accuracy over the reference on the same seed (points)", "",
-                   f"| setting | method | reference | mean ± std | per seed ({', '.join(seeds)}) |", "|---|---|---|---|---|"]  # fmt: skip
+                   f"| setting | method | reference | mean ± std | accuracy averaged over rounds 1-{len(runs[0]) - 1}: "
+                   f"mean ± std | per seed, final ({', '.join(seeds)}) |", "|---|---|---|---|---|---|"]  # fmt: skip
         gains = [100 * (r[-1]["accuracy"] - q[-1]["accuracy"]) for r, q in zip(runs, ref, strict=True)]
+        curve = [100 * (_curve(r) - _curve(q)) for r, q in zip(runs, ref, strict=True)]
         each = ", ".join(f"{g:+.1f}" for g in gains)
         out.append(f"| {setting} | {label} | {ref_label} | {statistics.mean(gains):+.1f} ± {statistics.pstdev(gains):.1f} "
-                   f"| {each} |")  # fmt: skip
+                   f"| {statistics.mean(curve):+.1f} ± {statistics.pstdev(curve):.1f} | {each} |")  # fmt: skip
     return out
 
 

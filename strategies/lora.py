@@ -5,9 +5,13 @@ own rank (:func:`fedfuse.lora.truncate_rank`; plus the adapted layers' base weig
 updates into them: fedex-lora, flora) and the dense ``train_keys`` (a head trained fully, trainable biases); a
 reply holds what the node was sent minus the base weights (validated against it), the dense keys averaged plainly;
 the aggregate is one :mod:`fedfuse.lora.aggregate` rule, merged back into the global model the server holds.
+The exact rules (fedex-lora, svd-lora) aim at U = G + Σ λ_i (s_i B_i A_i − T_i), the global product G plus the
+clients' mean change from what each was sent (T_i: G at its rank), :func:`fedfuse.lora.mean_update`; with one rank
+U = M = Σ λ_i s_i B_i A_i, with mixed ranks M would drop the components of G a lower-rank client never received
+(``target="product"``, run option ``lora-refactor product``, re-factorises M instead).
 Round metrics: ``bytes_down``/``bytes_up`` (array bytes sent to / received from the clients), ``lora_agg_error``
-= ‖M − s·B̄·Ā‖_F over the adapted layers (M = Σ λ_i s_i B_i A_i, the clients' mean update), ``lora_update_error``
-(the same for what the global model applies, base folding included) and ``lora_mean_update`` = ‖M‖_F.
+= ‖U − s·B̄·Ā‖_F over the adapted layers, ``lora_update_error`` (the same for what the global model applies, base
+folding included) and ``lora_mean_update`` = ‖U‖_F (FLoRA: M, its clients all start from B = 0).
 
 Usable in a user's own Flower app like FedWB: ``FedExLoRA(alpha=4.0)`` with a ServerApp whose initial arrays are
 the LoRA-wrapped model's state dict (:func:`fedfuse.lora.inject_lora`) and a ClientApp that sends back its
@@ -65,10 +69,15 @@ class LoRAStrategy(FedFuseStrategy):
         scale: str = "standard",
         client_ranks: Sequence[int] | None = None,
         train_keys: Sequence[str] = (),
+        target: str = "update",
         **kwargs: Any,
     ) -> None:
         if isinstance(alpha, bool) or not float(alpha) > 0:
             raise ConfigError(f"alpha={alpha!r} is out of range; allowed: > 0")
+        if target not in ("update", "product"):
+            raise ConfigError(f"target={target!r} is unknown; allowed: update, product")
+        if target != "update" and self.rule not in ("exact", "svd"):
+            raise ConfigError(f"target={target!r} applies to FedExLoRA and SVDLoRA only, not {type(self).__name__}")
         lora.check_scale(scale)
         ranks = [int(r) for r in client_ranks] if client_ranks else []
         if any(r < 1 for r in ranks):
@@ -80,6 +89,7 @@ class LoRAStrategy(FedFuseStrategy):
         self.alpha, self.scale = float(alpha), str(scale)
         self.client_ranks = ranks
         self.train_keys = [str(k) for k in train_keys]
+        self.target = str(target)
         self.base_folded = False  # once the server folds updates into the base, nodes receive the adapted layers'
 
     @classmethod
@@ -100,11 +110,14 @@ class LoRAStrategy(FedFuseStrategy):
         if cfg.get("lora-ranks") and ":" in str(cfg.get("lora-targets", "")):
             raise ConfigError("lora-ranks cannot be combined with per-target ranks in lora-targets (PAT:R)")
         train_keys = lora.trained_keys(model) if model is not None else []
+        owns = any(o.name == "lora-refactor" for o in cls.options)  # fedex-lora, svd-lora
+        own = {"target": str(cfg.get("lora-refactor", "update"))} if owns else {}
         return {
             "alpha": float(cfg["lora-alpha"]),
             "scale": str(cfg.get("lora-scale", "standard")),
             "client_ranks": ranks if len(set(ranks)) > 1 else None,
             "train_keys": train_keys,
+            **own,
         }
 
     # ---- what travels --------------------------------------------------------------------------
@@ -179,10 +192,12 @@ class LoRAStrategy(FedFuseStrategy):
         alpha, rank, scale = self.alpha, self._global_rank, self.scale
         pairs = lora.adapter_pairs(states[0])
         residuals: dict[str, torch.Tensor] = {}
+        start = {k: self._global[k] for k in lora.adapter_keys(self._global)}  # what the clients started from
+        since = start if self.target == "update" else None  # "product": the mean of the clients' products
         if self.rule == "exact":
-            adapters, residuals = lora.exact_lora(states, weights, rank, alpha, scale)
+            adapters, residuals = lora.exact_lora(states, weights, rank, alpha, scale, since)
         elif self.rule == "svd":
-            adapters = lora.svd_lora(states, weights, rank, alpha, scale)
+            adapters = lora.svd_lora(states, weights, rank, alpha, scale, since)
         elif self.rule == "flora":
             stacked = lora.flora_stack(states, weights, alpha, scale)
             residuals = {p: sp for p, sp in lora.mean_products(states, weights, alpha, scale).items()}
@@ -191,15 +206,15 @@ class LoRAStrategy(FedFuseStrategy):
         else:
             padded = [lora.pad_rank(s, rank, alpha, scale) for s in states]
             if self.rule == "aligned":  # matched to the global adapters every client started from
-                start = {k: self._global[k] for k in lora.adapter_keys(self._global)}
                 adapters = lora.aligned_lora(padded, weights, alpha, reference=start)
             else:
                 adapters = lora.fedavg_lora(padded, weights, alpha)
-        products = lora.mean_products(states, weights, alpha, scale)
-        if self.rule == "flora":  # scale 1: stacked
+        if self.rule == "flora":  # scale 1: stacked; every client started from B = 0, so U = M
+            products = lora.mean_products(states, weights, alpha, scale)
             agg_error = lora.aggregation_error(states, weights, stacked, alpha, out_scale=1.0, scale=scale)
-        else:
-            agg_error = lora.aggregation_error(states, weights, adapters, alpha, scale=scale)
+        else:  # U: the global product plus the clients' mean change (= M for one rank)
+            products = lora.mean_update(states, weights, start, alpha, scale)
+            agg_error = lora.aggregation_error(states, weights, adapters, alpha, scale=scale, start=start)
         new = {**self._global, **{k: v.to(self._global[k].dtype) for k, v in adapters.items()}}
         for prefix, residual in residuals.items():
             key = lora.base_weight_key(prefix, new)
@@ -253,11 +268,13 @@ class FedAvgLoRA(LoRAStrategy):
 
 
 class FedExLoRA(LoRAStrategy):
-    """Exact aggregation (FedEx-LoRA, Singhal et al. 2024): adapters = truncated SVD of the mean product at the
-    global rank, the residual M − s·B'·A' folded into the base weights the server keeps and sends."""
+    """Exact aggregation (FedEx-LoRA, Singhal et al. 2024): adapters = truncated SVD of the mean update U (or of
+    M with ``target="product"``) at the global rank, the residual folded into the base weights the server keeps
+    and sends."""
 
     rule = "exact"
     folds_base = True
+    options = STRATEGY_OPTIONS["fedex-lora"]
 
 
 class AlignedLoRA(LoRAStrategy):
@@ -268,9 +285,11 @@ class AlignedLoRA(LoRAStrategy):
 
 
 class SVDLoRA(LoRAStrategy):
-    """The mean product re-factorised at the global rank by truncated SVD, the rest dropped (mixed ranks)."""
+    """The mean update U (or the mean product M with ``target="product"``) re-factorised at the global rank by
+    truncated SVD, the rest dropped (mixed ranks)."""
 
     rule = "svd"
+    options = STRATEGY_OPTIONS["svd-lora"]
 
 
 class HetLoRA(LoRAStrategy):

@@ -106,6 +106,12 @@ LORA_OPTIONS = (
     Option("lora-bias", str, "none", "LoRA: trainable biases, sent and averaged plainly (PEFT's bias): none, "
            "lora_only (the adapted layers') or all", choices=("none", "lora_only", "all")),
 )  # fmt: skip
+LORA_TARGET_OPTION = Option(
+    "lora-refactor", str, "update", "fedex-lora/svd-lora: what the truncated SVD re-factorises: update = the global "
+    "product plus the clients' mean change from the adapters each was sent (clients that change nothing leave the "
+    "model as it was), product = the mean of the clients' products s·B·A (with mixed ranks a lower-rank client "
+    "counts the global components it never received as 0); the same with one rank", choices=("update", "product"),
+)  # fmt: skip
 # LoRA strategies screen updates but reduce adapters with their own rule (no robust reduction)
 LORA_STRATEGY_OPTIONS = (
     *(o for o in ROBUST_OPTIONS if o.name not in ("robust", "robust-fraction", "trusted-data")),
@@ -142,9 +148,9 @@ STRATEGY_OPTIONS: dict[str, tuple[Option, ...]] = {
         ),
     ),
     "fedavg-lora": LORA_STRATEGY_OPTIONS,
-    "fedex-lora": LORA_STRATEGY_OPTIONS,
+    "fedex-lora": (*LORA_STRATEGY_OPTIONS, LORA_TARGET_OPTION),
     "aligned-lora": LORA_STRATEGY_OPTIONS,
-    "svd-lora": LORA_STRATEGY_OPTIONS,
+    "svd-lora": (*LORA_STRATEGY_OPTIONS, LORA_TARGET_OPTION),
     "hetlora": LORA_STRATEGY_OPTIONS,
     "flora": LORA_STRATEGY_OPTIONS,
 }

@@ -19,6 +19,7 @@ from fedfuse.lora import (
     inject_lora,
     inject_peft,
     mean_products,
+    mean_update,
     svd_lora,
     truncate_rank,
 )
@@ -301,3 +302,52 @@ def test_a_bad_lora_scale_is_one_config_error():
     from strategies.options import LORA_OPTIONS
 
     assert next(o for o in LORA_OPTIONS if o.name == "lora-scale").choices == SCALES
+
+
+def _global_adapters(rank=6, out=12, inp=10, seed=5):
+    """Global adapters as an SVD leaves them: components in decreasing order of their singular values."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(rank, inp, generator=g, dtype=torch.float64)
+    b = torch.randn(out, rank, generator=g, dtype=torch.float64)
+    return svd_lora([{"l.lora_A": a, "l.lora_B": b}], [1.0], rank, 4.0)
+
+
+def test_mean_update_is_the_mean_product_when_every_client_has_the_global_rank():
+    start, states, w = _global_adapters(3), _states([3, 3, 3]), [1.0, 2.0, 3.0]
+    assert torch.allclose(mean_update(states, w, start, 4.0)["l"], mean_products(states, w, 4.0)["l"], atol=1e-9)
+    with_start, res = exact_lora(states, w, 3, 4.0, start=start)
+    without, res0 = exact_lora(states, w, 3, 4.0)
+    assert torch.allclose(_product(with_start, 4.0) + res["l"], _product(without, 4.0) + res0["l"], atol=1e-9)
+
+
+@pytest.mark.parametrize("scale", ["standard", "rslora"])
+def test_an_idle_round_keeps_the_global_update_with_mixed_ranks(scale):
+    """Clients of ranks 2, 4, 6 that return exactly what they were sent (the global adapters at their rank) changed
+    nothing: U is the global product G, and svd_lora with ``start`` gives G back. The mean of the products M drops
+    the components a rank-2 or rank-4 client never received, shrinking G's tail."""
+    start = _global_adapters(6)
+    ranks, w = [2, 4, 6], [1.0, 1.0, 2.0]
+    states = [{**truncate_rank(start, r, 4.0, scale), "l.bias": torch.zeros(12)} for r in ranks]
+    g = mean_products([start], [1.0], 4.0, scale)["l"]
+    assert torch.allclose(mean_update(states, w, start, 4.0, scale)["l"], g, atol=1e-9)
+    kept = svd_lora(states, w, 6, 4.0, scale, start=start)
+    assert torch.allclose(mean_products([kept], [1.0], 4.0, scale)["l"], g, atol=1e-9)
+    dropped = mean_products(states, w, 4.0, scale)["l"]
+    assert float((dropped - g).norm()) > 0.05 * float(g.norm())
+    assert float(aggregation_error(states, w, kept, 4.0, scale=scale, start=start)["l"]) < 1e-9
+
+
+def test_a_low_rank_clients_change_is_applied_in_full():
+    """One rank-2 client moves its B; the others return what they were sent: U = G + λ_1 (P_1 − T_1)."""
+    start = _global_adapters(6)
+    states = [dict(truncate_rank(start, r, 4.0)) for r in (2, 6)]
+    t1 = mean_products([states[0]], [1.0], 4.0)["l"]
+    states[0]["l.lora_B"] = states[0]["l.lora_B"] + 0.5
+    p1 = mean_products([states[0]], [1.0], 4.0)["l"]
+    g = mean_products([start], [1.0], 4.0)["l"]
+    assert torch.allclose(mean_update(states, [1.0, 3.0], start, 4.0)["l"], g + 0.25 * (p1 - t1), atol=1e-9)
+
+
+def test_mean_update_refuses_a_client_rank_above_the_global_one():
+    with pytest.raises(ConfigError, match="rank 8 is above the global rank 6"):
+        mean_update(_states([8]), [1.0], _global_adapters(6))

@@ -81,4 +81,7 @@ def test_lora_scale_reaches_the_runs_and_the_report_pairs_gains(tmp_path, monkey
              for s, h in zip(rs["runs"][key], rs["runs"]["α=0.5 mixed: HetLoRA (pad)"], strict=True)]  # fmt: skip
     row = next(line for line in text.splitlines() if line.startswith("| α=0.5 mixed | SVD-LoRA | HetLoRA (pad) |"))
     assert row.endswith(f"| {gains[0]:+.1f}, {gains[1]:+.1f} |")
+    curve = [100 * (sum(x["accuracy"] for x in s[1:]) - sum(x["accuracy"] for x in h[1:])) / 2
+             for s, h in zip(rs["runs"][key], rs["runs"]["α=0.5 mixed: HetLoRA (pad)"], strict=True)]  # fmt: skip
+    assert row.split(" | ")[4] == f"{sum(curve) / 2:+.1f} ± {abs(curve[0] - curve[1]) / 2:.1f}"
     assert "--lora-scale" not in (tmp_path / "lora-digits-mlp-std.md").read_text()

@@ -205,3 +205,51 @@ def test_rslora_clients_and_server_agree_on_the_scale(name):
     else:  # the factors averaged apart
         assert gap > 1e-3 * float(mean.norm())
         assert strategy.round_metrics["lora_update_error"] == pytest.approx(gap, rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["fedex-lora", "svd-lora", "hetlora", "svd-lora:product", "fedex-lora:product"])
+def test_clients_that_change_nothing_leave_the_global_model_as_it_was(name):
+    """Mixed ranks 2,4,8 after some rounds (global adapters with 8 nonzero components): each client returns the
+    adapters it was sent at its rank. The exact rules aggregate the clients' changes (none), so the global model's
+    adapted weight W + s·B·A stays; HetLoRA's padding averages the components a rank-2 client never received as 0,
+    and so does re-factorising the mean of the clients' products (lora-refactor product)."""
+    from fedfuse import lora
+    from strategies.registry import resolve_strategy, validate_config
+
+    name, _, refactor = name.partition(":")
+    cls = resolve_strategy(name)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(8, 10, generator=g, dtype=torch.float64), torch.randn(12, 8, generator=g, dtype=torch.float64)
+    adapters = lora.svd_lora([{"l.lora_A": a, "l.lora_B": b}], [1.0], 8, 4.0)  # SVD order, as after a round
+    glob = {"l.base.weight": torch.randn(12, 10, generator=g), **{k: v.float() for k, v in adapters.items()}}
+    chosen = {"lora-refactor": refactor} if refactor else {}
+    cfg = validate_config({"strategy": name, "lora-ranks": "2,4,8", **chosen})
+    strategy = cls(**{**cls.config_kwargs(cfg, model=None, example_input=None), "train_keys": []}, seed=0)
+    assert getattr(strategy, "target", "update") == (refactor or "update")
+    strategy._global, strategy._global_rank, strategy.round_metrics = glob, 8, {}
+    states = [lora.truncate_rank({k: glob[k] for k in ("l.lora_A", "l.lora_B")}, r, 4.0) for r in (2, 4, 8)]
+    new = strategy.aggregate_arrays(2, states, [1.0, 1.0, 1.0])
+
+    def weight(state):
+        return state["l.base.weight"].double() + lora.mean_products([state], [1.0], 4.0)["l"]
+
+    drift = float((weight(new) - weight(glob)).norm()) / float(weight(glob).norm())
+    if name == "hetlora" or refactor == "product":
+        assert drift > 0.05
+    else:
+        assert drift < 1e-6
+        assert strategy.round_metrics["lora_agg_error"] < 1e-5 * strategy.round_metrics["lora_mean_update"]
+
+
+def test_lora_refactor_belongs_to_the_svd_rules():
+    from strategies.lora import HetLoRA, SVDLoRA
+    from strategies.registry import validate_config
+
+    with pytest.raises(ConfigError, match="lora-refactor='product' needs strategy fedex-lora or svd-lora"):
+        validate_config({"strategy": "hetlora", "lora-ranks": "2,4", "lora-refactor": "product"})
+    with pytest.raises(ConfigError, match="lora-refactor.*'mean'.*update, product"):
+        validate_config({"strategy": "svd-lora", "lora-rank": 4, "lora-refactor": "mean"})
+    with pytest.raises(ConfigError, match="target='product' applies to FedExLoRA and SVDLoRA only, not HetLoRA"):
+        HetLoRA(target="product")
+    with pytest.raises(ConfigError, match="target='sum' is unknown; allowed: update, product"):
+        SVDLoRA(target="sum")

@@ -24,6 +24,7 @@ from fedfuse.state import normalise_weights, weighted_average
 
 __all__ = [
     "mean_products",
+    "mean_update",
     "fedavg_lora",
     "svd_lora",
     "exact_lora",
@@ -95,6 +96,39 @@ def mean_products(
     return out
 
 
+def mean_update(
+    states: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    start: Mapping[str, torch.Tensor],
+    alpha: float | None = None,
+    scale: str = "standard",
+) -> dict[str, torch.Tensor]:
+    """Layer prefix → U = G + Σ_i λ_i (s_i B_i A_i − T_i): the product G = s_R·B₀·A₀ of the global adapters
+    ``start`` plus the mean of each client's change from what it was sent, T_i = the product of ``start`` at
+    client i's rank (:func:`truncate_rank`: its first r_i components, the best rank-r_i part once ``start`` comes
+    from an SVD). With one rank, T_i = G and U = M (:func:`mean_products`). With mixed ranks, M counts G's
+    components beyond r_i as zero for a rank-r_i client (it never received them), so every round M shrinks them
+    by the weight of the lower-rank clients; U keeps them and moves them only by what the clients changed."""
+    pairs = _check(states, weights)
+    lam = normalise_weights(weights, len(states))
+    base = mean_products([start], [1.0], alpha, scale)
+    out = {p: base[p].clone() for p in pairs}
+    starts: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}  # truncated products, per tuple of layer ranks
+    for s, w in zip(states, lam, strict=True):
+        ranks = {p: s[ak].shape[0] for p, (ak, _) in pairs.items()}
+        for p, (ak, _) in pairs.items():
+            if ranks[p] > start[ak].shape[0]:
+                raise ConfigError(f"{p!r}: a client's rank {ranks[p]} is above the global rank {start[ak].shape[0]}")
+        key = tuple(ranks[p] for p in pairs)
+        if key not in starts:
+            sent = truncate_rank({k: start[k] for ab in pairs.values() for k in ab}, ranks, alpha, scale)
+            starts[key] = mean_products([sent], [1.0], alpha, scale)
+        own = mean_products([s], [1.0], alpha, scale)
+        for p in pairs:
+            out[p] += float(w) * (own[p] - starts[key][p])
+    return out
+
+
 def fedavg_lora(
     states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], alpha: float | None = None
 ) -> State:
@@ -136,11 +170,13 @@ def svd_lora(
     rank: int | None = None,
     alpha: float | None = None,
     scale: str = "standard",
+    start: Mapping[str, torch.Tensor] | None = None,
 ) -> State:
     """M re-factorised at ``rank`` (default: the largest client rank) by truncated SVD: the best rank-r
     approximation of the mean update (Eckart–Young); exact when rank(M) <= r. Works for mixed client ranks
-    (each client's s_i B_i A_i is summed before factorising)."""
-    return exact_lora(states, weights, rank, alpha, scale)[0]
+    (each client's s_i B_i A_i is summed before factorising); with ``start`` (the global adapters the clients
+    were sent) the target is :func:`mean_update` U instead of M (the same for one rank)."""
+    return exact_lora(states, weights, rank, alpha, scale, start)[0]
 
 
 def exact_lora(
@@ -149,13 +185,19 @@ def exact_lora(
     rank: int | None = None,
     alpha: float | None = None,
     scale: str = "standard",
+    start: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[State, dict[str, torch.Tensor]]:
     """Exact aggregation (FedEx-LoRA, Singhal et al. 2024, with an SVD re-factorisation): the adapters
     (A', B') are the truncated SVD of M = Σ λ_i s_i B_i A_i at ``rank`` (s' = the scale of that rank), and the residual
     R = M − s'·B'·A' (per layer prefix, an out × in float64 matrix: reshape to the base weight) is what the
-    caller folds into the frozen base weight: W + R + s'B'A' = W + M exactly."""
+    caller folds into the frozen base weight: W + R + s'B'A' = W + M exactly. With ``start`` (the global adapters
+    the clients were sent), the target is :func:`mean_update` U (= M for one rank; mixed ranks keep the global
+    components a lower-rank client never received)."""
     pairs = _check(states, weights)
-    products = mean_products(states, weights, alpha, scale)
+    if start is None:
+        products = mean_products(states, weights, alpha, scale)
+    else:
+        products = mean_update(states, weights, start, alpha, scale)
     out, residuals = _others(states, weights), {}
     for prefix, (ak, bk) in pairs.items():
         r = _target_rank(states, ak, rank)
@@ -310,11 +352,16 @@ def aggregation_error(
     residuals: Mapping[str, torch.Tensor] | None = None,
     out_scale: float | None = None,
     scale: str = "standard",
+    start: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Layer prefix → ‖M − (s·B̄·Ā + R)‖_F: how far the aggregate's update (plus a residual R folded into the
-    base, if any) is from the mean of the clients' updates M = Σ λ_i s_i B_i A_i. ``aggregate`` carries scale
+    base, if any) is from the mean of the clients' updates M = Σ λ_i s_i B_i A_i (from :func:`mean_update` U when
+    ``start``, the global adapters the clients were sent, is given). ``aggregate`` carries scale
     s = ``out_scale``, default the scale of its rank (1 for :func:`flora_stack`'s output)."""
-    products = mean_products(states, weights, alpha, scale)
+    if start is None:
+        products = mean_products(states, weights, alpha, scale)
+    else:
+        products = mean_update(states, weights, start, alpha, scale)
     errors: dict[str, float] = {}
     for prefix, (ak, bk) in adapter_pairs(aggregate).items():
         a, b = _factors(aggregate, ak, bk)
