@@ -325,7 +325,7 @@ def paired_gains(results: dict[str, Any], seeds: list[str]) -> list[str]:
             continue
         if not out:
             out = ["", "## Paired gain in final accuracy over the reference on the same seed (points)", "",
-                   f"| setting | method | reference | mean ± std | accuracy averaged over rounds 1-{len(runs[0]) - 1}: "
+                   f"| setting | method | reference | final acc: mean ± std | accuracy averaged over rounds 1-{len(runs[0]) - 1}: "
                    f"mean ± std | per seed, final ({', '.join(seeds)}) |", "|---|---|---|---|---|---|"]  # fmt: skip
         gains = [100 * (r[-1]["accuracy"] - q[-1]["accuracy"]) for r, q in zip(runs, ref, strict=True)]
         curve = [100 * (_curve(r) - _curve(q)) for r, q in zip(runs, ref, strict=True)]
