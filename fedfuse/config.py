@@ -30,6 +30,7 @@ from fedfuse.errors import ConfigError
 __all__ = ["Option", "OPTIONS", "SERVER_OPTIONS", "CLIENT_INITS", "validate_config", "defaults"]
 
 CLIENT_INITS = ("shared", "own")
+OPTIMIZERS = ("sgd", "adam", "adamw")  # the clients' local optimiser (fedfuse.train.make_optimizer)
 
 
 @dataclass(frozen=True)
@@ -124,9 +125,17 @@ OPTIONS: dict[str, Option] = {
             high=1.0,
         ),
         Option("batch-size", int, 32, "local batch size", low=1),
-        Option("lr", float, 0.05, "local SGD learning rate", low=0.0, low_open=True),
-        Option("momentum", float, 0.9, "local SGD momentum", low=0.0, high=1.0),
-        Option("weight-decay", float, 0.0, "local SGD weight decay", low=0.0),
+        Option(
+            "optimizer",
+            str,
+            "sgd",
+            "the clients' local optimiser, fresh each round: sgd (with momentum), adam (L2 weight decay) or adamw "
+            "(decoupled weight decay); adam/adamw want a smaller lr, e.g. 0.001",
+            choices=OPTIMIZERS,
+        ),
+        Option("lr", float, 0.05, "local learning rate", low=0.0, low_open=True),
+        Option("momentum", float, 0.9, "local SGD momentum (optimizer sgd only)", low=0.0, high=1.0),
+        Option("weight-decay", float, 0.0, "local weight decay", low=0.0),
         Option("lmc-monitor", bool, False, "log full and layer-wise barriers among each round's client models"),
         Option("save-client-models", int, 0, "save the client models received in this round (0 = off)", low=0),
         Option(
@@ -236,6 +245,11 @@ def validate_config(
         raise ConfigError(
             f"local-epochs-max={out['local-epochs-max']} is below local-epochs={out['local-epochs']}; "
             "allowed: 0 (off) or >= local-epochs"
+        )
+    if out.get("optimizer", "sgd") != "sgd" and out.get("momentum", 0.9) != 0.9:  # Adam has betas, not momentum
+        raise ConfigError(
+            f"momentum={out['momentum']} applies to optimizer sgd; got optimizer={out['optimizer']!r} "
+            "(Adam's moment decay is fixed at betas=(0.9, 0.999))"
         )
     if out.get("client-pool", 0):
         _check_pool(out)

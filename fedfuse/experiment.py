@@ -21,7 +21,7 @@ from fedfuse.data import Dataset, load_dataset
 from fedfuse.data.partition import partition_indices
 from fedfuse.errors import ConfigError
 from fedfuse.models import build_model
-from fedfuse.train import TrainResult, train
+from fedfuse.train import TrainResult, make_optimizer, train
 
 __all__ = [
     "dataset_for",
@@ -139,15 +139,19 @@ def local_plan(cfg: Mapping[str, Any], partition_id: int, server_round: int, num
 def local_train(
     cfg: Mapping[str, Any], model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: LocalPlan, **kwargs: Any
 ) -> TrainResult:
-    """One client's local update under ``plan`` with the configured SGD hyper-parameters."""
+    """One client's local update under ``plan`` with the configured optimiser (``optimizer``, fresh each round) and
+    hyper-parameters; ``kwargs`` go to :func:`fedfuse.train.train` (an explicit ``optimizer`` object wins)."""
+    lr, momentum, decay = float(cfg["lr"]), float(cfg["momentum"]), float(cfg["weight-decay"])
+    if "optimizer" not in kwargs:
+        kwargs["optimizer"] = make_optimizer(str(cfg.get("optimizer", "sgd")), model.parameters(), lr, momentum, decay)
     return train(
         model,
         x,
         y,
         epochs=plan.epochs,
-        lr=float(cfg["lr"]),
-        momentum=float(cfg["momentum"]),
-        weight_decay=float(cfg["weight-decay"]),
+        lr=lr,
+        momentum=momentum,
+        weight_decay=decay,
         batch_size=int(cfg["batch-size"]),
         seed=plan.seed,
         max_steps=plan.max_steps,

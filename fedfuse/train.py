@@ -6,7 +6,7 @@ pair fixes the exact sequence of SGD steps on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +14,7 @@ from torch import nn
 
 __all__ = [
     "TrainResult",
+    "make_optimizer",
     "train",
     "evaluate",
     "iterate_batches",
@@ -39,6 +40,21 @@ def iterate_batches(
     for start in range(0, len(x), batch_size):
         idx = order[start : start + batch_size]
         yield x[idx], y[idx]
+
+
+def make_optimizer(
+    name: str, params: Iterable[torch.nn.Parameter], lr: float, momentum: float = 0.0, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """The local optimiser ``name``: ``sgd`` = SGD(lr, momentum, weight_decay), ``adam`` = Adam(lr, weight_decay as
+    an L2 term in the gradient), ``adamw`` = AdamW(lr, decoupled weight decay: w ← w − lr·wd·w each step); Adam's
+    betas are PyTorch's (0.9, 0.999). Parameters without a gradient (a LoRA client's frozen base) do not move."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer={name!r} is unknown; allowed: sgd, adam, adamw")
 
 
 def train(
@@ -71,7 +87,7 @@ def train(
         raise ValueError(f"proximal_mu={proximal_mu!r} is out of range; allowed: a number >= 0")
     model.train()
     anchor = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad] if proximal_mu > 0 else []
-    opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = optimizer or make_optimizer("sgd", model.parameters(), lr, momentum, weight_decay)
     gen = torch.Generator().manual_seed(int(seed))
     loss_fn = nn.CrossEntropyLoss()
     steps = 0
