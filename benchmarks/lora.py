@@ -35,7 +35,7 @@ from fedfuse.lora.layers import SCALES  # noqa: E402
 from fedfuse.lora.run import adapter_state, load_received  # noqa: E402
 from fedfuse.state import torch_threads, weighted_average  # noqa: E402
 from fedfuse.train import evaluate  # noqa: E402
-from strategies.registry import resolve_strategy, validate_config  # noqa: E402
+from strategies.registry import OWNERS, resolve_strategy, validate_config  # noqa: E402
 
 # (label, strategy, ranks): equal ranks vs mixed ranks (cycled over clients)
 SETTINGS = {
@@ -189,7 +189,7 @@ def main() -> None:
                                                                 "lora-bias": args.lora_bias,
                                                                 "lora-alpha": args.lora_alpha,
                                                                 "lora-scale": args.lora_scale}),
-                            **({"lora-refactor": args.lora_refactor} if strategy in ("fedex-lora", "svd-lora") else {}),
+                            **({"lora-refactor": args.lora_refactor} if strategy in OWNERS["lora-refactor"] else {}),
                         })  # fmt: skip
                         runs.append(run(cfg, args.rounds))
                     results[key] = runs

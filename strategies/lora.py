@@ -8,7 +8,7 @@ the aggregate is one :mod:`fedfuse.lora.aggregate` rule, merged back into the gl
 The exact rules (fedex-lora, svd-lora) aim at U = G + Σ λ_i (s_i B_i A_i − T_i), the global product G plus the
 clients' mean change from what each was sent (T_i: G at its rank), :func:`fedfuse.lora.mean_update`; with one rank
 U = M = Σ λ_i s_i B_i A_i, with mixed ranks M would drop the components of G a lower-rank client never received
-(``target="product"``, run option ``lora-refactor product``, re-factorises M instead).
+(``refactor="product"``, run option ``lora-refactor product``, re-factorises M instead).
 Round metrics: ``bytes_down``/``bytes_up`` (array bytes sent to / received from the clients), ``lora_agg_error``
 = ‖U − s·B̄·Ā‖_F over the adapted layers, ``lora_update_error`` (the same for what the global model applies, base
 folding included) and ``lora_mean_update`` = ‖U‖_F (FLoRA: M, its clients all start from B = 0).
@@ -41,6 +41,7 @@ from strategies.options import LORA_OPTIONS, STRATEGY_OPTIONS
 __all__ = ["LORA_OPTIONS", "LoRAStrategy", "FedAvgLoRA", "FedExLoRA", "AlignedLoRA", "FLoRA", "HetLoRA", "SVDLoRA"]
 
 State = dict[str, torch.Tensor]
+REFACTORING = ("exact", "svd")  # rules that re-factorise a mean by truncated SVD: run option lora-refactor
 
 
 def _nbytes(state: Mapping[str, torch.Tensor]) -> int:
@@ -69,15 +70,15 @@ class LoRAStrategy(FedFuseStrategy):
         scale: str = "standard",
         client_ranks: Sequence[int] | None = None,
         train_keys: Sequence[str] = (),
-        target: str = "update",
+        refactor: str = "update",
         **kwargs: Any,
     ) -> None:
         if isinstance(alpha, bool) or not float(alpha) > 0:
             raise ConfigError(f"alpha={alpha!r} is out of range; allowed: > 0")
-        if target not in ("update", "product"):
-            raise ConfigError(f"target={target!r} is unknown; allowed: update, product")
-        if target != "update" and self.rule not in ("exact", "svd"):
-            raise ConfigError(f"target={target!r} applies to FedExLoRA and SVDLoRA only, not {type(self).__name__}")
+        if refactor not in ("update", "product"):
+            raise ConfigError(f"refactor={refactor!r} is unknown; allowed: update, product")
+        if refactor != "update" and self.rule not in REFACTORING:
+            raise ConfigError(f"refactor={refactor!r} applies to FedExLoRA and SVDLoRA only, not {type(self).__name__}")
         lora.check_scale(scale)
         ranks = [int(r) for r in client_ranks] if client_ranks else []
         if any(r < 1 for r in ranks):
@@ -89,7 +90,7 @@ class LoRAStrategy(FedFuseStrategy):
         self.alpha, self.scale = float(alpha), str(scale)
         self.client_ranks = ranks
         self.train_keys = [str(k) for k in train_keys]
-        self.target = str(target)
+        self.refactor = str(refactor)
         self.base_folded = False  # once the server folds updates into the base, nodes receive the adapted layers'
 
     @classmethod
@@ -110,8 +111,7 @@ class LoRAStrategy(FedFuseStrategy):
         if cfg.get("lora-ranks") and ":" in str(cfg.get("lora-targets", "")):
             raise ConfigError("lora-ranks cannot be combined with per-target ranks in lora-targets (PAT:R)")
         train_keys = lora.trained_keys(model) if model is not None else []
-        owns = any(o.name == "lora-refactor" for o in cls.options)  # fedex-lora, svd-lora
-        own = {"target": str(cfg.get("lora-refactor", "update"))} if owns else {}
+        own = {"refactor": str(cfg.get("lora-refactor", "update"))} if cls.rule in REFACTORING else {}
         return {
             "alpha": float(cfg["lora-alpha"]),
             "scale": str(cfg.get("lora-scale", "standard")),
@@ -193,7 +193,7 @@ class LoRAStrategy(FedFuseStrategy):
         pairs = lora.adapter_pairs(states[0])
         residuals: dict[str, torch.Tensor] = {}
         start = {k: self._global[k] for k in lora.adapter_keys(self._global)}  # what the clients started from
-        since = start if self.target == "update" else None  # "product": the mean of the clients' products
+        since = start if self.refactor == "update" else None  # "product": the mean of the clients' products
         if self.rule == "exact":
             adapters, residuals = lora.exact_lora(states, weights, rank, alpha, scale, since)
         elif self.rule == "svd":
@@ -211,10 +211,10 @@ class LoRAStrategy(FedFuseStrategy):
                 adapters = lora.fedavg_lora(padded, weights, alpha)
         if self.rule == "flora":  # scale 1: stacked; every client started from B = 0, so U = M
             products = lora.mean_products(states, weights, alpha, scale)
-            agg_error = lora.aggregation_error(states, weights, stacked, alpha, out_scale=1.0, scale=scale)
+            agg_error = lora.aggregation_error(states, weights, stacked, alpha, out_scale=1.0, target=products)
         else:  # U: the global product plus the clients' mean change (= M for one rank)
             products = lora.mean_update(states, weights, start, alpha, scale)
-            agg_error = lora.aggregation_error(states, weights, adapters, alpha, scale=scale, start=start)
+            agg_error = lora.aggregation_error(states, weights, adapters, alpha, scale=scale, target=products)
         new = {**self._global, **{k: v.to(self._global[k].dtype) for k, v in adapters.items()}}
         for prefix, residual in residuals.items():
             key = lora.base_weight_key(prefix, new)
@@ -269,7 +269,7 @@ class FedAvgLoRA(LoRAStrategy):
 
 class FedExLoRA(LoRAStrategy):
     """Exact aggregation (FedEx-LoRA, Singhal et al. 2024): adapters = truncated SVD of the mean update U (or of
-    M with ``target="product"``) at the global rank, the residual folded into the base weights the server keeps
+    M with ``refactor="product"``) at the global rank, the residual folded into the base weights the server keeps
     and sends."""
 
     rule = "exact"
@@ -285,7 +285,7 @@ class AlignedLoRA(LoRAStrategy):
 
 
 class SVDLoRA(LoRAStrategy):
-    """The mean update U (or the mean product M with ``target="product"``) re-factorised at the global rank by
+    """The mean update U (or the mean product M with ``refactor="product"``) re-factorised at the global rank by
     truncated SVD, the rest dropped (mixed ranks)."""
 
     rule = "svd"

@@ -106,7 +106,7 @@ LORA_OPTIONS = (
     Option("lora-bias", str, "none", "LoRA: trainable biases, sent and averaged plainly (PEFT's bias): none, "
            "lora_only (the adapted layers') or all", choices=("none", "lora_only", "all")),
 )  # fmt: skip
-LORA_TARGET_OPTION = Option(
+LORA_REFACTOR_OPTION = Option(
     "lora-refactor", str, "update", "fedex-lora/svd-lora: what the truncated SVD re-factorises: update = the global "
     "product plus the clients' mean change from the adapters each was sent (clients that change nothing leave the "
     "model as it was), product = the mean of the clients' products s·B·A (with mixed ranks a lower-rank client "
@@ -148,9 +148,9 @@ STRATEGY_OPTIONS: dict[str, tuple[Option, ...]] = {
         ),
     ),
     "fedavg-lora": LORA_STRATEGY_OPTIONS,
-    "fedex-lora": (*LORA_STRATEGY_OPTIONS, LORA_TARGET_OPTION),
+    "fedex-lora": (*LORA_STRATEGY_OPTIONS, LORA_REFACTOR_OPTION),
     "aligned-lora": LORA_STRATEGY_OPTIONS,
-    "svd-lora": (*LORA_STRATEGY_OPTIONS, LORA_TARGET_OPTION),
+    "svd-lora": (*LORA_STRATEGY_OPTIONS, LORA_REFACTOR_OPTION),
     "hetlora": LORA_STRATEGY_OPTIONS,
     "flora": LORA_STRATEGY_OPTIONS,
 }

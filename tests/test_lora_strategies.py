@@ -225,7 +225,7 @@ def test_clients_that_change_nothing_leave_the_global_model_as_it_was(name):
     chosen = {"lora-refactor": refactor} if refactor else {}
     cfg = validate_config({"strategy": name, "lora-ranks": "2,4,8", **chosen})
     strategy = cls(**{**cls.config_kwargs(cfg, model=None, example_input=None), "train_keys": []}, seed=0)
-    assert getattr(strategy, "target", "update") == (refactor or "update")
+    assert getattr(strategy, "refactor", "update") == (refactor or "update")
     strategy._global, strategy._global_rank, strategy.round_metrics = glob, 8, {}
     states = [lora.truncate_rank({k: glob[k] for k in ("l.lora_A", "l.lora_B")}, r, 4.0) for r in (2, 4, 8)]
     new = strategy.aggregate_arrays(2, states, [1.0, 1.0, 1.0])
@@ -249,7 +249,7 @@ def test_lora_refactor_belongs_to_the_svd_rules():
         validate_config({"strategy": "hetlora", "lora-ranks": "2,4", "lora-refactor": "product"})
     with pytest.raises(ConfigError, match="lora-refactor.*'mean'.*update, product"):
         validate_config({"strategy": "svd-lora", "lora-rank": 4, "lora-refactor": "mean"})
-    with pytest.raises(ConfigError, match="target='product' applies to FedExLoRA and SVDLoRA only, not HetLoRA"):
-        HetLoRA(target="product")
-    with pytest.raises(ConfigError, match="target='sum' is unknown; allowed: update, product"):
-        SVDLoRA(target="sum")
+    with pytest.raises(ConfigError, match="refactor='product' applies to FedExLoRA and SVDLoRA only, not HetLoRA"):
+        HetLoRA(refactor="product")
+    with pytest.raises(ConfigError, match="refactor='sum' is unknown; allowed: update, product"):
+        SVDLoRA(refactor="sum")

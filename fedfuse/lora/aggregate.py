@@ -352,16 +352,13 @@ def aggregation_error(
     residuals: Mapping[str, torch.Tensor] | None = None,
     out_scale: float | None = None,
     scale: str = "standard",
-    start: Mapping[str, torch.Tensor] | None = None,
+    target: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Layer prefix → ‖M − (s·B̄·Ā + R)‖_F: how far the aggregate's update (plus a residual R folded into the
-    base, if any) is from the mean of the clients' updates M = Σ λ_i s_i B_i A_i (from :func:`mean_update` U when
-    ``start``, the global adapters the clients were sent, is given). ``aggregate`` carries scale
+    base, if any) is from the mean of the clients' updates M = Σ λ_i s_i B_i A_i, or from ``target`` (layer prefix →
+    matrix, e.g. :func:`mean_update`'s U, already computed by the caller). ``aggregate`` carries scale
     s = ``out_scale``, default the scale of its rank (1 for :func:`flora_stack`'s output)."""
-    if start is None:
-        products = mean_products(states, weights, alpha, scale)
-    else:
-        products = mean_update(states, weights, start, alpha, scale)
+    products = mean_products(states, weights, alpha, scale) if target is None else target
     errors: dict[str, float] = {}
     for prefix, (ak, bk) in adapter_pairs(aggregate).items():
         a, b = _factors(aggregate, ak, bk)
