@@ -246,7 +246,8 @@ def validate_config(
             f"local-epochs-max={out['local-epochs-max']} is below local-epochs={out['local-epochs']}; "
             "allowed: 0 (off) or >= local-epochs"
         )
-    if out.get("optimizer", "sgd") != "sgd" and out.get("momentum", 0.9) != 0.9:  # Adam has betas, not momentum
+    momentum = options["momentum"].default if "momentum" in options else None
+    if out.get("optimizer", "sgd") != "sgd" and out.get("momentum", momentum) != momentum:  # Adam: betas, no momentum
         raise ConfigError(
             f"momentum={out['momentum']} applies to optimizer sgd; got optimizer={out['optimizer']!r} "
             "(Adam's moment decay is fixed at betas=(0.9, 0.999))"
