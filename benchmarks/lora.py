@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.commo
 
 from benchmarks.common import add_out, load_header, load_line  # noqa: E402
 from fedfuse.data.partition import partition_indices  # noqa: E402
-from fedfuse.experiment import dataset_for, local_plan, local_train, model_for  # noqa: E402
+from fedfuse.experiment import apart_model, dataset_for, local_plan, local_train, model_for  # noqa: E402
 from fedfuse.lora import adapter_keys, adapter_pairs, base_weight_key, mean_products, mean_update, truncate_rank  # noqa: E402
 from fedfuse.lora.layers import SCALES  # noqa: E402
 from fedfuse.lora.run import adapter_state, load_received  # noqa: E402
@@ -90,18 +90,20 @@ def run(cfg: dict[str, Any], rounds: int) -> list[dict[str, float]]:
         for pid in range(n):
             idx = torch.as_tensor(parts[pid])
             x, y = ds.x_train[idx], ds.y_train[idx]
+            apart = apart_model(cfg, ds, pid) if rnd == 1 else None  # client-init own: its own adapter init
             if lora_run:
                 rank = ranks[pid % len(ranks)]
-                model = model_for(cfg, ds, lora_rank=rank)
+                model = model_for(cfg, ds, lora_rank=rank) if apart is None else apart
                 global_rank = max(ranks)
                 payload = (
                     adapters if rank == global_rank else truncate_rank(adapters, rank, strategy.alpha, strategy.scale)
                 )
                 sent = {**payload, **dense, **(base if strategy.base_folded else {})}
-                load_received(model, sent)
+                if apart is None:  # as the ClientApp: a client that starts apart leaves round 1's arrays unused
+                    load_received(model, sent)
             else:
                 model = model_for(cfg, ds)
-                model.load_state_dict(state)
+                model.load_state_dict(state if apart is None else apart.state_dict())
                 sent = state
             down += _nbytes(sent)
             local_train(cfg, model, x, y, local_plan(cfg, pid, rnd, len(x)))
@@ -161,6 +163,12 @@ def main() -> None:
     p.add_argument("--width", type=int, default=0, help="hidden width of the model (0: its default)")
     p.add_argument("--depth", type=int, default=0, help="hidden layers of the model (0: its default)")
     p.add_argument("--pretrain-epochs", type=int, default=5, help="epochs of the central low-classes pretraining")
+    p.add_argument(
+        "--client-init",
+        default="shared",
+        choices=("shared", "own"),
+        help="round 1's adapters: the global ones (shared) or each client's own init (own: sites that start apart)",
+    )
     p.add_argument("--tag", default="")
     add_out(p)
     args = p.parse_args()
@@ -183,6 +191,7 @@ def main() -> None:
                             "model": args.model, "num-clients": args.num_clients, "alpha": alpha, "seed": seed,
                             "local-epochs": args.local_epochs, "pretrain": "low-classes",
                             "pretrain-epochs": args.pretrain_epochs, "width": args.width, "depth": args.depth,
+                            "client-init": args.client_init,
                             "lora-ranks": {"": "", "4": str(args.rank)}.get(ranks, args.mixed_ranks),
                             "lr": args.lr if strategy == "fedavg" else args.lora_lr,
                             **({} if strategy == "fedavg" else {"lora-head": args.lora_head,
@@ -216,6 +225,11 @@ def _refactor(args: argparse.Namespace) -> str:
     return str(getattr(args, "lora_refactor", "product"))
 
 
+def _init(args: argparse.Namespace) -> str:
+    """Round 1's adapters: records written before --client-init started every client from the global ones."""
+    return str(getattr(args, "client_init", "shared"))
+
+
 def _ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{statistics.mean(values) * scale:.{digits}f} ± {statistics.pstdev(values) * scale:.{digits}f}"
 
@@ -233,7 +247,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
         f"{args.mixed_ranks} --lora-alpha {args.lora_alpha:g}"
         f"{' --lora-scale ' + args.lora_scale if _scale(args) != 'standard' else ''}"
         f"{' --lora-refactor product' if _refactor(args) == 'product' else ''} --width {args.width} --depth {args.depth} "
-        f"--pretrain-epochs {args.pretrain_epochs}{' --tag ' + args.tag if args.tag else ''}` "
+        f"--pretrain-epochs {args.pretrain_epochs}{' --client-init own' if _init(args) == 'own' else ''}"
+        f"{' --tag ' + args.tag if args.tag else ''}` "
         f"({seconds / 60:.0f} min, 1 thread).",
         "",
         *([load, ""] if load else []),
@@ -242,7 +257,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
         f"LoRA on every Linear but the lora-head (alpha {args.lora_alpha:g}, scale "
         f"{'alpha/√r (rslora)' if _scale(args) == 'rslora' else 'alpha/r'}); head trained fully: "
         f"{args.lora_head}, trainable biases: {args.lora_bias}; equal ranks {args.rank}, mixed ranks "
-        f"{args.mixed_ranks} cycled over clients. Accuracy: central test set, mean ± std "
+        f"{args.mixed_ranks} cycled over clients. "
+        f"{_APART if _init(args) == 'own' else ''}Accuracy: central test set, mean ± std "
         f"over seeds {', '.join(seeds)} (percent). Bytes: arrays sent + received per round, all clients. "
         "Error: ‖U − s·B̄·Ā‖_F / ‖U‖_F of the adapters the server keeps (U = s·B₀·A₀ + Σ λ_i (s_i·B_i·A_i − T_i): "
         "the product of the global adapters B₀, A₀ sent that round plus the clients' mean change from what each "
@@ -302,6 +318,12 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
     lines.append("")
     return "\n".join(lines) + "\n" + ("" if math.isfinite(seconds) else "")
 
+
+_APART = (
+    "Clients start apart (--client-init own): in round 1 each client draws its own adapter init (A from its own "
+    "seed, B = 0) on the same frozen base and head, as sites that fine-tune one public checkpoint independently; "
+    "from round 2 on every client starts from the global adapters. "
+)
 
 REFERENCES = {"mixed": "HetLoRA (pad)", "equal": "FedAvg-LoRA"}
 

@@ -279,10 +279,10 @@ def preflight(
         from fedfuse.experiment import init_mode
         from fedfuse.lora.run import lora_on
 
-        if lora_on(cfg) and init_mode(cfg) != "shared":  # every client adapts the same frozen base
+        if lora_on(cfg) and init_mode(cfg) == "files":  # LoRA clients start apart from their own adapter seeds
             raise ConfigError(
-                f"client-init={init_mode(cfg)!r} does not apply to a LoRA run: every client adapts the same frozen "
-                "base from the global adapters; allowed: client-init shared (no --one-shot, no --client-init-from)"
+                f"client-init-from={cfg['client-init-from']!r} does not apply to a LoRA run: every client adapts the "
+                "run's frozen base; allowed: client-init shared, or own / --one-shot (each client's own adapter init)"
             )
     if cfg["client-init-from"] and resumed_round == 0:  # every client's round-1 file exists, loads and fits
         from fedfuse.experiment import check_init_files

@@ -144,7 +144,8 @@ OPTIONS: dict[str, Option] = {
             "shared",
             "how clients start round 1: shared = from the global model (then wb = match = FedAvg: every client's "
             "units stay in the same order, so alignment is the identity); own = each from its own seed-derived "
-            "init (models trained apart), fused after round 1; later rounds are ordinary FL from the fused model",
+            "init (models trained apart; with LoRA: the run's frozen base, each client's own adapter init), fused "
+            "after round 1; later rounds are ordinary FL from the fused model",
             choices=CLIENT_INITS,
         ),
         Option(

@@ -130,9 +130,13 @@ def lora_head(cfg: Mapping[str, Any], ds: Any, model: nn.Module) -> list[str]:
     return head_modules(model, str(cfg.get("lora-head", "auto")), example, str(cfg.get("lora-targets", "") or ""))
 
 
-def adapt_model(cfg: Mapping[str, Any], ds: Any, model: nn.Module, rank: int | None = None) -> nn.Module:
+def adapt_model(
+    cfg: Mapping[str, Any], ds: Any, model: nn.Module, rank: int | None = None, seed: int | None = None
+) -> nn.Module:
     """``model`` with the run's base loaded and, when LoRA is on, adapters of ``rank`` (default: the global rank)
-    injected on ``lora-targets`` (everything else frozen)."""
+    injected on ``lora-targets`` (everything else frozen). The adapters' init (A random, B = 0) is drawn from
+    ``seed`` (default: the run seed, so server and clients agree on it); a client that starts apart
+    (``client-init own``) passes its own seed: the same frozen base, its own A."""
     base = base_state(cfg, ds, model)
     if base is not None:
         model.load_state_dict(base)
@@ -142,7 +146,7 @@ def adapt_model(cfg: Mapping[str, Any], ds: Any, model: nn.Module, rank: int | N
     targets = str(cfg.get("lora-targets", "") or "")
     head = lora_head(cfg, ds, model)
     with torch.random.fork_rng(devices=[]):  # the adapters' init (A) depends on the seed alone
-        torch.manual_seed(derive_seed(int(cfg["seed"]), 61))
+        torch.manual_seed(derive_seed(int(cfg["seed"] if seed is None else seed), 61))
         return inject_lora(
             model, targets, rank, float(cfg.get("lora-alpha", 4.0)), head, str(cfg.get("lora-bias", "none")),
             str(cfg.get("lora-scale", "standard")),
