@@ -189,10 +189,13 @@ def read_state_dict(
     what: str = "",
     model: str = "the model",
     hint: str = "pass the --model/--width/--depth/--batch-norm/--group-norm it was built with",
+    fixed: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The state dict saved in ``path`` (or a fedfuse checkpoint's ``model``), read with
     ``torch.load(weights_only=True)`` — pickled code is refused, never run — and checked name by name and shape by
-    shape against ``template`` (a state dict). Bad input is one ConfigError line, prefixed with ``what``."""
+    shape against ``template`` (a state dict). ``fixed``: entries the run fixes (a LoRA run's frozen base): the file
+    may leave them out (the run's values fill in) and, where it holds one, must hold exactly the run's value. Bad
+    input is one ConfigError line, prefixed with ``what``."""
     where = f"{what}: {str(path)!r}" if what else repr(str(path))
     path = Path(path).expanduser()
     if not path.is_file():
@@ -212,6 +215,15 @@ def read_state_dict(
         obj = obj["model"]
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
         raise ConfigError(f"{where} does not hold a state dict of tensors")
+    for key, value in (fixed or {}).items():
+        if key not in obj:
+            obj[key] = value
+        elif tuple(obj[key].shape) == tuple(value.shape) and not torch.equal(obj[key].to(value.dtype), value):
+            delta = (obj[key].double() - value.double()).abs().max().item()
+            raise ConfigError(
+                f"{where}: {key!r} differs from the run's (max |difference| {delta:.3g}), which stays frozen; "
+                f"allowed: the run's values or none (only what trains); {hint}"
+            )
     why = fit_error(obj, template)
     if why:
         raise ConfigError(f"{where} does not fit {model}: {why}; {hint}")

@@ -276,14 +276,6 @@ def preflight(
         if lora_strategy:  # lora-rank or lora-ranks given, ranks usable by the strategy
             resolve_strategy(str(cfg["strategy"])).config_kwargs(cfg, model=None, example_input=None)
         check_lora(cfg, ds, arch if arch is not None else _built_model(cfg, ds))
-        from fedfuse.experiment import init_mode
-        from fedfuse.lora.run import lora_on
-
-        if lora_on(cfg) and init_mode(cfg) == "files":  # LoRA clients start apart from their own adapter seeds
-            raise ConfigError(
-                f"client-init-from={cfg['client-init-from']!r} does not apply to a LoRA run: every client adapts the "
-                "run's frozen base; allowed: client-init shared, or own / --one-shot (each client's own adapter init)"
-            )
     if cfg["client-init-from"] and resumed_round == 0:  # every client's round-1 file exists, loads and fits
         from fedfuse.experiment import check_init_files
 

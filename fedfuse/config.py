@@ -153,7 +153,8 @@ OPTIONS: dict[str, Option] = {
             str,
             "",
             "directory with one state dict per client, partition<P>.pt (e.g. a run's clients/round1/ from "
-            "--save-client-models 1): client P starts round 1 from it (implies client-init own); empty = off",
+            "--save-client-models 1): client P starts round 1 from it (implies client-init own; with LoRA the file may "
+            "hold only the adapters and head, on the run's frozen base); empty = off",
         ),
         Option(
             "one-shot",

@@ -210,12 +210,21 @@ def init_path(cfg: Mapping[str, Any], partition_id: int) -> Path:
     return Path(str(cfg["client-init-from"])) / INIT_FILE.format(partition_id)
 
 
-def load_init_state(path: str | Path, template: nn.Module, what: str = "client-init-from") -> dict[str, torch.Tensor]:
+def load_init_state(
+    path: str | Path, template: nn.Module, what: str = "client-init-from", lora: bool = False
+) -> dict[str, torch.Tensor]:
     """The state dict in ``path`` checked against ``template`` (:func:`fedfuse.checkpoint.read_state_dict`: never
-    unpickles code); ConfigError with one line naming ``what`` and the file otherwise."""
+    unpickles code); ConfigError with one line naming ``what`` and the file otherwise. ``lora``: ``template`` is a
+    LoRA client's model; the file may hold only what trains (adapters, head: what ``--save-client-models`` or
+    :func:`fedfuse.lora.run.adapter_state` gives), the frozen base comes from the run and must match where given."""
     from fedfuse.checkpoint import read_state_dict
 
-    return read_state_dict(path, template.state_dict(), what=what)
+    if not lora:
+        return read_state_dict(path, template.state_dict(), what=what)
+    from fedfuse.lora.run import frozen_state
+
+    hint = "pass the --base/--pretrain, --lora-rank(s), --lora-targets and --lora-head it was trained with"
+    return read_state_dict(path, template.state_dict(), what=what, hint=hint, fixed=frozen_state(template))
 
 
 def check_init_files(cfg: Mapping[str, Any], ds: Dataset) -> None:
@@ -231,8 +240,10 @@ def check_init_files(cfg: Mapping[str, Any], ds: Dataset) -> None:
             f"client-init-from={str(directory)!r} lacks {INIT_FILE.format(missing[0])}"
             f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; num-clients={n} needs {wanted}"
         )
+    from fedfuse.lora.run import lora_on
+
     for p in range(n):
-        load_init_state(init_path(cfg, p), client_model(cfg, ds, p))
+        load_init_state(init_path(cfg, p), client_model(cfg, ds, p), lora=lora_on(cfg))
 
 
 def apart_model(
@@ -243,7 +254,8 @@ def apart_model(
 
     In order: the node's own file ``node_file`` (a deployed SuperNode's ``init-from`` node config), the client's
     file in ``client-init-from``, its own seed (:func:`own_init_seed`). The model is the client's architecture
-    (:func:`client_model`, its own width under width heterogeneity).
+    (:func:`client_model`, its own width under width heterogeneity, its own LoRA rank). With LoRA the run's frozen
+    base stays: an own seed draws only the adapters, a file may hold only what trains (:func:`load_init_state`).
     """
     mode = init_mode(cfg)
     if mode == "shared":
@@ -251,7 +263,10 @@ def apart_model(
     if node_file or mode == "files":
         model = client_model(cfg, ds, partition_id)
         what = "node config init-from" if node_file else "client-init-from"
-        model.load_state_dict(load_init_state(node_file or init_path(cfg, partition_id), model, what))
+        from fedfuse.lora.run import lora_on
+
+        path = node_file or init_path(cfg, partition_id)
+        model.load_state_dict(load_init_state(path, model, what, lora=lora_on(cfg)))
         return model
     return client_model(cfg, ds, partition_id, seed=own_init_seed(cfg, partition_id))
 

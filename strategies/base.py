@@ -130,6 +130,10 @@ class FedFuseStrategy(FedAvg):
         """Federated evaluation on a seeded sample (FedAvg's default ``fraction_evaluate=1.0``; 0 turns it off)."""
         return self._messages(server_round, arrays, config, grid, MessageType.EVALUATE)
 
+    def sent_to(self, node: int) -> State:
+        """What ``node`` was sent this round: its own model under width or rank heterogeneity, else the global."""
+        return self._sent_to.get(node, self._sent)
+
     def shape_ok(self, key: str, shape: tuple[int, ...], reference: tuple[int, ...]) -> bool:
         """Whether a reply's ``shape`` for ``key`` may differ from the global one (False; see FedFusion)."""
         return False
@@ -146,7 +150,7 @@ class FedFuseStrategy(FedAvg):
             log.warning("round %d: %s replied with an error: %s", server_round,
                         self.nodes.label(msg.metadata.src_node_id), error_summary(msg.error.reason))  # fmt: skip
         answers = [m for m in replies if not m.has_error()]
-        sent = [self._sent_to.get(m.metadata.src_node_id, self._sent) for m in answers]
+        sent = [self.sent_to(m.metadata.src_node_id) for m in answers]
         unpacked = [unpack_reply(m, s, self.weighted_by_key, max_reply_factor=self.max_reply_factor,
                                  max_num_examples=self.max_num_examples, shape_ok=self.shape_ok)
                     for m, s in zip(answers, sent, strict=True)]  # fmt: skip

@@ -228,17 +228,21 @@ class ObservedStrategy(Strategy):
         return f"every client failed ({rnd.failures} of {rnd.sampled}); first error: {error_summary(rnd.first_error)}"
 
     def _client_models(self, replies: Sequence[Message]) -> list[ClientModel]:
-        """Valid replies as full models (a partial reply is completed with the sent model), sorted by label."""
+        """Valid replies as full models, sorted by label: each checked against what its node was sent (its own
+        width or LoRA rank, where the strategy sends per node), a partial reply (LoRA adapters) completed with the
+        global model."""
         out: list[tuple[tuple[int, int], ClientModel]] = []
+        sent_to, shape_ok = getattr(self.inner, "sent_to", None), getattr(self.inner, "shape_ok", None)
         for msg in replies:
             if msg.has_error():
                 continue
-            reply = unpack_reply(msg, self._sent, protocol.NUM_EXAMPLES, complete=True)  # what the strategy sees
+            node = msg.metadata.src_node_id
+            own = sent_to(node) if sent_to is not None else self._sent
+            reply = unpack_reply(msg, own, protocol.NUM_EXAMPLES, shape_ok=shape_ok, complete=True)  # as the strategy
             if isinstance(reply, str):  # the strategy rejects (and logs) it itself
                 continue
             info = msg.content.config_records.get(protocol.CLIENT_INFO)
             pid = int(info.get(protocol.PARTITION_ID, -1)) if info is not None else -1
-            node = msg.metadata.src_node_id
             key, label = ((0, pid), f"partition{pid}") if pid >= 0 else ((1, node), f"node{node}")
-            out.append((key, ClientModel(label, reply.state, reply.weight)))
+            out.append((key, ClientModel(label, {**self._sent, **reply.state}, reply.weight)))
         return [client for _, client in sorted(out, key=lambda item: item[0])]

@@ -191,6 +191,18 @@ def test_the_flwr_run_entry_point_passes_client_init_to_the_clientapp(tmp_path, 
     assert not equal(rec.start[(1, 0)], rec.sent[(1, 0)]) and not equal(rec.start[(1, 0)], rec.start[(1, 1)])
 
 
+def test_saved_clients_of_other_widths_round_trip_into_client_init_from(tmp_path) -> None:
+    """--save-client-models under --client-widths keeps every client, each at its own width (they were dropped:
+    checked against the global model's shapes), and those files start the next run's clients apart."""
+    flags = ["simulate", "--backend", "inline", "--no-progress", "--num-clients", "3", "--rounds", "1",
+             "--strategy", "wb", "--client-widths", "16,32"]  # fmt: skip
+    assert run_cli([*flags, "--one-shot", "--save-client-models", "1", "--out", str(tmp_path / "a")]) == 0
+    saved = tmp_path / "a" / "clients" / "round1"
+    widths = [torch.load(saved / f"partition{p}.pt")["net.1.weight"].shape[0] for p in range(3)]
+    assert widths == [16, 32, 16]
+    assert run_cli([*flags, "--client-init-from", str(saved), "--out", str(tmp_path / "b")]) == 0
+
+
 def refused(extra: list[str], tmp_path: Path, capsys) -> str:
     """``fedfuse simulate`` with ``extra``: exit 2, one line, no traceback, nothing written; returns the line."""
     code = run_cli(["simulate", "--backend", "inline", "--num-clients", "3", *extra, "--out", str(tmp_path / "out")])

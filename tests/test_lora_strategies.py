@@ -91,7 +91,7 @@ def test_lora_options_belong_to_lora_strategies():
         ([], "needs lora-rank >= 1"),
         (["--lora-rank", "2", "--model", "rnn"], "LoRA finds no Linear/Conv2d layer to adapt besides .* \\(fc\\)"),
         (["--lora-ranks", "2,4"], "lora-ranks=2,4: FedAvgLoRA needs one rank for every client"),
-        (["--lora-rank", "2", "--client-init-from", "DIR"], "client-init-from=.* does not apply to a LoRA run"),
+        (["--lora-rank", "2", "--client-init-from", "DIR"], "client-init-from=.* lacks partition0.pt"),
     ],
 )
 def test_bad_lora_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, flags, message):
@@ -292,3 +292,41 @@ def test_lora_from_own_inits_is_where_averaging_the_factors_apart_fails(tmp_path
     rc = main(["simulate", "--backend", "inline", "--strategy", "svd-lora", "--lora-ranks", "2,4", "--one-shot",
                *flags, "--out", str(out)])  # fmt: skip
     assert rc == 0 and (out / "metrics.csv").is_file()
+
+
+def test_sites_adapters_saved_apart_start_the_next_run_from_files_adapters_alone_suffice(tmp_path):
+    """--save-client-models keeps every client of a mixed-rank run (each at its own rank); a LoRA run started from
+    those files (--client-init-from) loads them on the run's frozen base, from whole files or adapter-only ones
+    alike; a file whose frozen base differs is one line, exit 2."""
+    from fedfuse.cli import main
+    from fedfuse.data import load_dataset
+    from fedfuse.experiment import apart_model
+    from fedfuse.lora.run import frozen_state
+    from strategies.registry import validate_config
+
+    flags = ["--backend", "inline", "--strategy", "svd-lora", "--lora-ranks", "2,4", "--dataset", "digits",
+             "--num-clients", "3", "--rounds", "1", "--pretrain", "low-classes", "--pretrain-epochs", "2"]  # fmt: skip
+    assert main(["simulate", *flags, "--one-shot", "--save-client-models", "1", "--out", str(tmp_path / "a")]) == 0
+    saved = tmp_path / "a" / "clients" / "round1"
+    files = {p: torch.load(saved / f"partition{p}.pt") for p in range(3)}
+    assert [files[p]["net.1.lora_A"].shape[0] for p in range(3)] == [2, 4, 2]  # every client, at its own rank
+    run = {"strategy": "svd-lora", "lora-ranks": "2,4", "dataset": "digits", "num-clients": 3,
+           "pretrain": "low-classes", "pretrain-epochs": 2}  # fmt: skip
+    cfg = validate_config({**run, "client-init-from": str(saved)})
+    ds = load_dataset("digits")
+    whole = apart_model(cfg, ds, 0)
+    frozen = frozen_state(whole)
+    assert frozen and all(torch.equal(whole.state_dict()[k], v) for k, v in files[0].items())
+    only = tmp_path / "only"
+    only.mkdir()
+    for p, state in files.items():
+        torch.save({k: v for k, v in state.items() if k not in frozen}, only / f"partition{p}.pt")
+    from_only = apart_model({**cfg, "client-init-from": str(only)}, ds, 0).state_dict()
+    assert all(torch.equal(from_only[k], v) for k, v in whole.state_dict().items())
+    assert main(["simulate", *flags, "--client-init-from", str(only), "--out", str(tmp_path / "b")]) == 0
+    key = next(k for k in frozen if k.endswith("weight"))
+    torch.save({**files[1], key: files[1][key] + 0.01}, only / "partition1.pt")
+    with pytest.raises(ConfigError, match=f"partition1.pt': '{key}' differs from the run's"):
+        apart_model({**cfg, "client-init-from": str(only)}, ds, 1)
+    assert main(["simulate", *flags, "--client-init-from", str(only), "--out", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "c").exists()

@@ -40,6 +40,7 @@ __all__ = [
     "check_lora",
     "load_received",
     "adapter_state",
+    "frozen_state",
     "lora_head",
 ]
 
@@ -185,3 +186,10 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What a LoRA client sends: its adapters (``lora_A``/``lora_B``) and the dense entries it trains (the head,
     trainable biases: :func:`fedfuse.lora.layers.trained_keys`)."""
     return travelling_state(model)
+
+
+def frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a LoRA client never changes: every entry of ``model``'s state dict but :func:`adapter_state` (the
+    frozen base, its buffers). A client's own file (``client-init-from``) may leave it out."""
+    travelling = adapter_state(model)
+    return {k: v for k, v in model.state_dict().items() if k not in travelling}
