@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import pickle
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -190,12 +190,14 @@ def read_state_dict(
     model: str = "the model",
     hint: str = "pass the --model/--width/--depth/--batch-norm/--group-norm it was built with",
     fixed: Mapping[str, torch.Tensor] | None = None,
+    adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The state dict saved in ``path`` (or a fedfuse checkpoint's ``model``), read with
     ``torch.load(weights_only=True)`` — pickled code is refused, never run — and checked name by name and shape by
     shape against ``template`` (a state dict). ``fixed``: entries the run fixes (a LoRA run's frozen base): the file
-    may leave them out (the run's values fill in) and, where it holds one, must hold exactly the run's value. Bad
-    input is one ConfigError line, prefixed with ``what``."""
+    may leave them out (the run's values fill in) and, where it holds one, must hold exactly the run's value.
+    ``adapt``: applied to what was read before any check (e.g. :func:`fedfuse.lora.fold.fold_adapters`). Bad input
+    is one ConfigError line, prefixed with ``what``."""
     where = f"{what}: {str(path)!r}" if what else repr(str(path))
     path = Path(path).expanduser()
     if not path.is_file():
@@ -215,6 +217,11 @@ def read_state_dict(
         obj = obj["model"]
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
         raise ConfigError(f"{where} does not hold a state dict of tensors")
+    if adapt is not None:
+        try:
+            obj = adapt(obj)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     for key, value in (fixed or {}).items():
         if key not in obj:
             obj[key] = value

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedfuse.catalog import LORA_SCALES
 from fedfuse.config import OPTIONS, validate_config
 from fedfuse.errors import ConfigError
 
@@ -42,6 +43,7 @@ def add_lmc_parser(sub: Any) -> None:
         metavar="FILE.npz",
         help="labelled .npz (arrays x, y) to measure on instead of --dataset's test split",
     )
+    _add_lora_flags(p)
     p.add_argument("--out", required=True, help="directory for lmc.json and the plots")
     p.add_argument("--overwrite", action="store_true", help="replace a previous lmc's files in --out")
 
@@ -90,10 +92,19 @@ def add_merge_parser(sub: Any) -> None:
         metavar="W",
         help="one per parent (default 1 each: equal, unlike a federated round's num-examples weights)",
     )
+    _add_lora_flags(p)
     p.add_argument("--save", default=None, metavar="VARIANT", help="variant written as model.pt (default: best)")
     p.add_argument("--dtype", default=None, help="saved model dtype: float32, float16, bfloat16")
     p.add_argument("--out", default=None, help="directory for model.pt, merge.json, merge.png")
     p.add_argument("--overwrite", action="store_const", const=True, default=None, help="replace a non-empty --out")
+
+
+def _add_lora_flags(p: argparse.ArgumentParser) -> None:
+    """--lora-alpha / --lora-scale: how a LoRA model file (adapters on a base) is folded into its plain model."""
+    p.add_argument("--lora-alpha", type=float, default=None, metavar="FLOAT",
+                   help="LoRA files (adapters + base, fedfuse's or PEFT's) are folded, W = W0 + s*B*A with s = "
+                        "alpha / r; alpha as trained (default 4, fedfuse's; PEFT's lora_alpha)")  # fmt: skip
+    p.add_argument("--lora-scale", default=None, help=f"{' or '.join(LORA_SCALES)}: s = alpha/r or alpha/sqrt(r)")
 
 
 LMC_FILES = ("lmc.json", "curve.png", "layerwise.png", "cumulative.png")
@@ -107,12 +118,14 @@ def _lmc_inputs(
     (``factory``), the inputs and template ``fedfuse merge`` reads (:mod:`fedfuse.merge.inputs`)."""
     from fedfuse.checkpoint import read_state_dict
     from fedfuse.experiment import dataset_for, model_for
-    from fedfuse.merge.inputs import Inputs, build_template, check_fits, load_inputs, load_parent
+    from fedfuse.merge.inputs import Inputs, build_template, check_fits, load_inputs, load_parent, lora_folder
 
+    lora = (4.0 if args.lora_alpha is None else args.lora_alpha, args.lora_scale or "standard")
     if not args.test_data and not factory:
         ds = dataset_for(cfg)
         template = model_for(cfg, ds)
-        a, b = (read_state_dict(p, template.state_dict()) for p in (args.model_a, args.model_b))
+        fold = lora_folder(*lora)
+        a, b = (read_state_dict(p, template.state_dict(), adapt=fold) for p in (args.model_a, args.model_b))
         return template, a, b, Inputs(ds.x_test, ds.y_test, f"{cfg['dataset']} (test split)"), ds.x_train
     spec, flag = (args.test_data, "test-data") if args.test_data else (str(cfg["dataset"]), "dataset")
     kw = {"data_root": str(cfg["data-root"]), "seed": int(cfg["seed"])}
@@ -123,7 +136,7 @@ def _lmc_inputs(
                               batch_norm=bool(cfg["batch-norm"]), seed=int(cfg["seed"]),
                               group_norm=int(cfg["group-norm"]))  # fmt: skip
     test = check_fits(template, test, flag, model, shape)
-    a, b = (load_parent(p, template, model, shape) for p in (args.model_a, args.model_b))
+    a, b = (load_parent(p, template, model, shape, *lora) for p in (args.model_a, args.model_b))
     pool = load_inputs(spec, flag=flag, labelled=False, split="train", **kw).x if test.num_classes else test.x
     return template, a, b, test, pool.reshape(len(pool), *shape)
 
@@ -201,7 +214,7 @@ def run_merge(args: argparse.Namespace) -> None:
         parents, recipe = [], parents[0]
     names = ("model", "width", "depth", "num_classes", "seed", "data_samples", "distill_epochs", "distill_batch_size",
              "batch_norm", "group_norm", "repair", "test_data", "data", "distill_data", "distill_lr", "data_root",
-             "weights", "save", "dtype", "out", "overwrite")  # fmt: skip
+             "weights", "save", "dtype", "out", "overwrite", "lora_alpha", "lora_scale")  # fmt: skip
     given = {k: getattr(args, k) for k in names}
     given.update(parents=parents or None, methods=args.method.split(",") if args.method is not None else None)
     report = merge(build_request(given, recipe))

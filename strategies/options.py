@@ -8,7 +8,7 @@ are repeated here, and ``tests/test_startup.py`` checks both agree.
 
 from __future__ import annotations
 
-from fedfuse.catalog import positive_ints_reason
+from fedfuse.catalog import LORA_SCALES, positive_ints_reason
 from fedfuse.config import SERVER_OPTIONS, Option
 from fedfuse.screening_options import ROBUST_OPTIONS
 
@@ -99,7 +99,7 @@ LORA_OPTIONS = (
     Option("lora-alpha", float, 4.0, "LoRA: the update is (alpha / rank)·B·A", low=0.0, low_open=True),
     Option("lora-scale", str, "standard", "LoRA: the scale of the update s·B·A: standard = alpha / rank (PEFT's "
            "default), rslora = alpha / sqrt(rank) (rank-stabilised, PEFT's use_rslora)",
-           choices=("standard", "rslora")),
+           choices=LORA_SCALES),
     Option("lora-head", str, "auto", "LoRA: modules trained fully and sent with the adapters, averaged plainly "
            "(PEFT's modules_to_save): auto = the output layer (the classifier head, so classes new to the base can "
            "be learnt; unless lora-targets adapts it), none = frozen, or comma-separated module-name globs"),

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedfuse.catalog import LORA_SCALES
 from fedfuse.errors import ConfigError
 
 __all__ = [
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 BIAS_MODES = ("none", "lora_only", "all")  # PEFT's LoraConfig.bias
-SCALES = ("standard", "rslora")  # s = alpha / r, s = alpha / √r (PEFT's use_rslora)
+SCALES = LORA_SCALES  # s = alpha / r, s = alpha / √r (PEFT's use_rslora)
 
 State = dict[str, torch.Tensor]
 

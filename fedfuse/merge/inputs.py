@@ -13,7 +13,7 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from fedfuse.checkpoint import read_state_dict
 from fedfuse.errors import ConfigError
 
-__all__ = ["Inputs", "load_inputs", "build_template", "load_parent", "check_fits"]
+__all__ = ["Inputs", "load_inputs", "build_template", "load_parent", "lora_folder", "check_fits"]
 
 
 @dataclass(frozen=True)
@@ -147,16 +147,35 @@ def build_template(
     )
 
 
-def load_parent(path: str, template: nn.Module, model: str, input_shape: Sequence[int] = ()) -> dict[str, Tensor]:
+def load_parent(
+    path: str,
+    template: nn.Module,
+    model: str,
+    input_shape: Sequence[int] = (),
+    lora_alpha: float = 4.0,
+    lora_scale: str = "standard",
+) -> dict[str, Tensor]:
     """A parent's state dict (or a fedfuse checkpoint's ``model``), read without running pickled code
     (:func:`fedfuse.checkpoint.read_state_dict`), checked key by key and shape by shape against ``template``,
-    with floating tensors in float32."""
+    with floating tensors in float32. A LoRA model's state dict (fedfuse's adapters or PEFT's) is folded into the
+    plain model's first, W = W₀ + s·B·A (:func:`fedfuse.lora.fold.fold_adapters`, s from ``lora_alpha``,
+    ``lora_scale``), so ``template`` is the plain model."""
     hint = "pass the --model (and --width/--depth/--batch-norm/--group-norm) the parents were built with"
     if input_shape:
         hint += f" (built here for test-data samples of shape {tuple(input_shape)})"
     ref = template.state_dict()
-    obj = read_state_dict(path, ref, model=f"model={model!r}", hint=hint)
+    obj = read_state_dict(path, ref, model=f"model={model!r}", hint=hint, adapt=lora_folder(lora_alpha, lora_scale))
     return {k: (obj[k].float() if obj[k].is_floating_point() else obj[k]).clone() for k in ref}
+
+
+def lora_folder(alpha: float, scale: str = "standard") -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+    """What :func:`fedfuse.checkpoint.read_state_dict` applies to a file it reads: a LoRA model's state dict folded
+    into the plain model's (:func:`fedfuse.lora.fold.fold_adapters`), any other left as it is."""
+    from fedfuse.lora.fold import check_alpha, fold_adapters, has_adapters
+    from fedfuse.lora.layers import check_scale
+
+    check_alpha(alpha), check_scale(scale)
+    return lambda state: fold_adapters(state, alpha, scale) if has_adapters(state) else state
 
 
 def check_fits(template: nn.Module, data: Inputs, flag: str, model: str, input_shape: Sequence[int]) -> Inputs:

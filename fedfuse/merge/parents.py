@@ -83,6 +83,8 @@ class MergeRequest:
     dtype: str | None = None
     reference: int | None = None
     overwrite: bool = False
+    lora_alpha: float = 4.0  # LoRA parents: s = alpha / r (standard) or alpha / √r (rslora); fedfuse's default
+    lora_scale: str = "standard"
 
 
 @dataclass
@@ -193,7 +195,7 @@ def prepare(req: MergeRequest) -> Prepared:
     if distill is not None:
         distill = check_fits(template, distill, "distill-data", req.model, shape)
         distill = Inputs(distill.x[: n or None], None, distill.label)
-    states = [load_parent(p, template, req.model, shape) for p in req.parents]
+    states = [load_parent(p, template, req.model, shape, req.lora_alpha, req.lora_scale) for p in req.parents]
     variants = _variants(methods, req.repair, distill is not None)
     if req.save is not None and req.save not in [v[0] for v in variants]:
         raise ConfigError(

@@ -1,0 +1,72 @@
+"""A LoRA model's state dict as its plain model's: each adapter folded into its base weight, W = W₀ + s·B·A (PEFT's
+``merge_and_unload``, on tensors alone). What lets models fine-tuned apart with LoRA — sites' checkpoints, a run's
+``--save-client-models`` files — enter every tool that takes plain state dicts (``fedfuse merge``, ``fedfuse lmc``):
+the plain average of folded models is the exact mean of their updates, Σ λ_i (W₀ + s_i·B_i·A_i) = W₀ + mean(s·B·A).
+
+Names: fedfuse's built-in adapters (``X.base.weight``, ``X.lora_A``, ``X.lora_B``) and PEFT's (``X.base_layer.weight``,
+``X.lora_A.<adapter>.weight``, ``X.lora_B.<adapter>.weight``, the ``base_model.model.`` prefix of a ``PeftModel``, a
+head in ``modules_to_save`` as ``X.modules_to_save.<adapter>.*`` beside the unused ``X.original_module.*``).
+The scale is not in a state dict: s = alpha / r (``standard``) or alpha / √r (``rslora``), alpha given.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+
+from fedfuse.errors import ConfigError
+from fedfuse.lora.layers import adapter_pairs, base_weight_key, lora_scale
+
+__all__ = ["fold_adapters", "has_adapters", "check_alpha"]
+
+State = dict[str, torch.Tensor]
+_PEFT_PREFIX = "base_model.model."
+_SAVED = re.compile(r"\.modules_to_save\.[^.]+\.")  # PEFT's trained copy of a head: X.modules_to_save.default.W
+
+
+def check_alpha(alpha: float) -> float:
+    """``alpha`` if it is > 0, else ConfigError naming it."""
+    if not alpha > 0:
+        raise ConfigError(f"lora-alpha={alpha!r} is out of range; allowed: > 0")
+    return alpha
+
+
+def has_adapters(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``state`` holds LoRA adapters (a ``lora_A`` key)."""
+    return any("lora_A" in k for k in state)
+
+
+def fold_adapters(state: Mapping[str, torch.Tensor], alpha: float, scale: str = "standard") -> State:
+    """``state`` with every adapter folded: the adapted layer's weight W₀ + s·B·A (reshaped to W₀'s shape for a
+    convolution; s from ``alpha``, ``scale`` and the adapter's rank), its other base entries under the plain
+    layer's names, adapter keys dropped; PEFT's wrapper prefix and head copies resolved. ConfigError (one line) for an
+    adapter without its base weight or of a shape that does not fit it."""
+    check_alpha(alpha)
+    state = dict(state)
+    folded: State = {}
+    pairs = adapter_pairs(state)
+    for prefix, (ak, bk) in pairs.items():
+        w_key = base_weight_key(prefix, state)
+        w0, a, b = state[w_key], state[ak], state[bk]
+        a2, b2 = a.double().reshape(a.shape[0], -1), b.double().reshape(b.shape[0], -1)
+        if b2.shape[1] != a2.shape[0] or (b2.shape[0], a2.shape[1]) != (w0.shape[0], w0[0].numel()):
+            raise ConfigError(
+                f"adapter {prefix!r}: B {tuple(b.shape)} · A {tuple(a.shape)} does not fit its base weight "
+                f"{tuple(w0.shape)}"
+            )
+        delta = lora_scale(alpha, a2.shape[0], scale) * (b2 @ a2)
+        folded[w_key] = (w0.double() + delta.reshape(w0.shape)).to(w0.dtype)
+    out: State = {}
+    for key, value in state.items():
+        if "lora_A" in key or "lora_B" in key or ".original_module." in key:
+            continue
+        value = folded.get(key, value)
+        for prefix in pairs:  # X.base.W / X.base_layer.W of an adapted layer X → X.W
+            for inner in (".base.", ".base_layer."):
+                if key.startswith(prefix + inner):
+                    key = prefix + "." + key[len(prefix + inner) :]
+        key = _SAVED.sub(".", key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key)
+        out[key] = value
+    return out

@@ -1,0 +1,118 @@
+"""LoRA model files enter the tools that take plain state dicts: each adapter folded into its base weight,
+W = W₀ + s·B·A (fedfuse's adapters and PEFT's), so ``fedfuse merge`` and ``fedfuse lmc`` take sites' LoRA
+checkpoints, and the plain average of folded models is the exact mean of the sites' updates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fedfuse.errors import ConfigError
+from fedfuse.lora import inject_lora, mean_products
+from fedfuse.lora.fold import fold_adapters
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc, self.head = nn.Conv2d(2, 4, 3), nn.Linear(64, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(torch.relu(self.conv(x)).flatten(1))))
+
+
+def _randomised(model: nn.Module) -> nn.Module:
+    """Every adapter's B (and a PEFT head copy) drawn at random: a trained-looking LoRA model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("scale", ["standard", "rslora"])
+def test_folding_fedfuses_adapters_gives_the_plain_model_the_same_function(scale):
+    torch.manual_seed(0)
+    lora = _randomised(inject_lora(Net(), "conv,fc", 2, 8.0, ["head"], "none", scale))
+    plain = Net()
+    plain.load_state_dict(fold_adapters(lora.state_dict(), 8.0, scale))
+    x = torch.randn(5, 2, 6, 6)
+    assert torch.allclose(plain(x), lora(x), rtol=1e-4, atol=1e-5)
+    wrong = Net()
+    wrong.load_state_dict(fold_adapters(lora.state_dict(), 4.0, scale))  # another alpha is another model
+    assert not torch.allclose(wrong(x), lora(x), rtol=1e-2, atol=1e-3)
+
+
+def test_folding_a_peft_model_resolves_its_prefix_base_layers_and_saved_head():
+    peft = pytest.importorskip("peft")  # in requirements.lock
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=2, lora_alpha=8, target_modules=["conv", "fc"], modules_to_save=["head"])
+    model = _randomised(peft.get_peft_model(Net(), config))
+    state = model.state_dict()
+    assert any(".original_module." in k for k in state) and any(".modules_to_save." in k for k in state)
+    plain = Net()
+    plain.load_state_dict(fold_adapters(state, 8.0))  # strict: exactly the plain model's names
+    x = torch.randn(5, 2, 6, 6)
+    assert torch.allclose(plain(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_an_adapter_that_does_not_fit_its_base_is_one_line():
+    state = inject_lora(Net(), "fc", 2, 8.0, [], "none", "standard").state_dict()
+    state["fc.lora_A"] = torch.zeros(2, 63)
+    with pytest.raises(ConfigError, match=r"adapter 'fc': B \(5, 2\) · A \(2, 63\) does not fit its base weight"):
+        fold_adapters(state, 8.0)
+    with pytest.raises(ConfigError, match="lora-alpha=0.0 is out of range; allowed: > 0"):
+        fold_adapters(state, 0.0)
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory) -> Path:
+    """Three LoRA clients fine-tuned apart on one frozen base (own adapter inits, ranks 2, 4, 2), as saved."""
+    from fedfuse.cli import main
+
+    out = tmp_path_factory.mktemp("sites") / "run"
+    flags = ["--strategy", "svd-lora", "--lora-ranks", "2,4", "--one-shot", "--dataset", "digits", "--num-clients", "3",
+             "--rounds", "1", "--local-epochs", "2", "--pretrain", "low-classes", "--pretrain-epochs", "2"]  # fmt: skip
+    rc = main(["simulate", "--backend", "inline", *flags, "--save-client-models", "1", "--out", str(out)])
+    assert rc == 0
+    return out / "clients" / "round1"
+
+
+def test_merge_takes_lora_sites_and_their_average_is_the_exact_mean_update(sites, tmp_path, capsys):
+    from fedfuse.cli import main
+
+    files = [str(sites / f"partition{p}.pt") for p in range(3)]
+    out = tmp_path / "merge"
+    rc = main(["merge", *files, "--model", "mlp", "--test-data", "digits", "--method", "average,wb", "--save",
+               "average", "--out", str(out)])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    merged = torch.load(out / "model.pt")
+    states = [torch.load(f) for f in files]
+    exact = mean_products(states, [1.0] * 3, alpha=4.0)  # Σ λ_i s_i B_i A_i, fedfuse's default alpha
+    for prefix, update in exact.items():
+        want = states[0][f"{prefix}.base.weight"].double() + update
+        assert torch.allclose(merged[f"{prefix}.weight"].double(), want, atol=1e-6), prefix
+    report = json.loads((out / "merge.json").read_text())
+    parents = report["parents"]  # on one frozen base the sites stay connected: their average is no worse
+    assert report["average"] > sum(parents) / len(parents), report
+
+
+def test_lmc_takes_two_lora_sites_and_bad_lora_flags_are_one_line(sites, tmp_path, capsys):
+    from fedfuse.cli import main
+
+    a, b = (str(sites / f"partition{p}.pt") for p in (0, 1))
+    assert main(["lmc", a, b, "--dataset", "digits", "--out", str(tmp_path / "lmc")]) == 0
+    before = json.loads((tmp_path / "lmc" / "lmc.json").read_text())["full"]["before"]
+    assert before["max_loss"] <= 0.05 and before["mid_loss"] < 0, before  # one frozen base: no loss barrier
+    capsys.readouterr()
+    bad = {"0": "lora-alpha=0.0 is out of range; allowed: > 0", "sqrt": "lora-scale='sqrt' is not allowed; allowed: "}
+    for flags in (["--lora-alpha", "0"], ["--lora-scale", "sqrt"]):
+        message = bad[flags[1]]
+        out = tmp_path / "bad"
+        rc = main(["merge", a, b, "--model", "mlp", "--test-data", "digits", *flags, "--out", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and message in err[-1] and not out.exists(), err
