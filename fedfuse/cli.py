@@ -302,6 +302,10 @@ def preflight(
     if overwrite is not None:
         check_out_dir(Path(cfg["out"]), overwrite)
     check_writable(Path(cfg["out"]))
+    from fedfuse.lora.run import base_warning
+
+    if base_warning(cfg):  # every check passed: a warning, not a refusal (a toy run may want a random base)
+        print(f"fedfuse: warning: {base_warning(cfg)}", file=sys.stderr)
 
 
 def _built_model(cfg: dict[str, Any], ds: Any) -> Any:

@@ -330,3 +330,15 @@ def test_sites_adapters_saved_apart_start_the_next_run_from_files_adapters_alone
         apart_model({**cfg, "client-init-from": str(only)}, ds, 1)
     assert main(["simulate", *flags, "--client-init-from", str(only), "--out", str(tmp_path / "c")]) == 2
     assert not (tmp_path / "c").exists()
+
+
+def test_lora_on_a_base_nobody_trained_is_warned_about_once_every_check_passed(tmp_path, capsys):
+    from fedfuse.cli import main
+
+    flags = ["simulate", "--backend", "inline", "--no-progress", "--strategy", "fedavg-lora", "--lora-rank", "2",
+             "--num-clients", "2", "--rounds", "1"]  # fmt: skip
+    assert main([*flags, "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: LoRA adapts a base nobody trained (no --base, --pretrain none)") == 1, err
+    assert main([*flags, "--pretrain", "low-classes", "--pretrain-epochs", "1", "--out", str(tmp_path / "b")]) == 0
+    assert "nobody trained" not in capsys.readouterr().err

@@ -41,6 +41,7 @@ __all__ = [
     "load_received",
     "adapter_state",
     "frozen_state",
+    "base_warning",
     "lora_head",
 ]
 
@@ -186,6 +187,17 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What a LoRA client sends: its adapters (``lora_A``/``lora_B``) and the dense entries it trains (the head,
     trainable biases: :func:`fedfuse.lora.layers.trained_keys`)."""
     return travelling_state(model)
+
+
+def base_warning(cfg: Mapping[str, Any]) -> str | None:
+    """A line when LoRA adapts a base nobody trained (no ``base``, ``pretrain`` none): the frozen weights are then
+    the seed's random init, which adapters of low rank cannot make up for; else None."""
+    if not lora_on(cfg) or cfg.get("base") or str(cfg.get("pretrain", "none")) != "none":
+        return None
+    return (
+        "LoRA adapts a base nobody trained (no --base, --pretrain none): its frozen weights are the seed's random "
+        "init; pass --base FILE (your model's state_dict) or --pretrain low-classes"
+    )
 
 
 def frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
