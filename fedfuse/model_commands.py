@@ -124,7 +124,7 @@ def _lmc_inputs(
     if not args.test_data and not factory:
         ds = dataset_for(cfg)
         template = model_for(cfg, ds)
-        fold = lora_folder(*lora)
+        fold = lora_folder(*lora, template)
         a, b = (read_state_dict(p, template.state_dict(), adapt=fold) for p in (args.model_a, args.model_b))
         return template, a, b, Inputs(ds.x_test, ds.y_test, f"{cfg['dataset']} (test split)"), ds.x_train
     spec, flag = (args.test_data, "test-data") if args.test_data else (str(cfg["dataset"]), "dataset")

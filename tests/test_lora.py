@@ -161,7 +161,7 @@ def test_peft_adapters_are_found_by_name_and_aggregated():
 @pytest.mark.parametrize(
     ("targets", "rank", "match"),
     [("", 0, "lora-rank=0"), ("", -2, "lora-rank=-2"), ("3", 5, "lora-rank=5 is too large for layer '3'"),
-     ("nope*", 2, "'nope\\*' matches no Linear/Conv2d layer"), ("1:0", 2, "rank '0'")],
+     ("nope*", 2, "'nope\\*' matches no Linear/Conv2d/Conv1D layer"), ("1:0", 2, "rank '0'")],
 )  # fmt: skip
 def test_bad_lora_input_is_one_config_error(targets, rank, match):
     with pytest.raises(ConfigError, match=match):

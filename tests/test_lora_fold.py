@@ -116,3 +116,33 @@ def test_lmc_takes_two_lora_sites_and_bad_lora_flags_are_one_line(sites, tmp_pat
         rc = main(["merge", a, b, "--model", "mlp", "--test-data", "digits", *flags, "--out", str(out)])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and message in err[-1] and not out.exists(), err
+
+
+@pytest.mark.parametrize("kind", ["fedfuse", "peft"])
+def test_gpt2s_conv1d_layers_take_adapters_and_fold_back_to_the_plain_model(kind):
+    """transformers' Conv1D (GPT-2, weight in × out) is adapted as the Linear it computes; a LoRA GPT-2 — fedfuse's
+    or PEFT's (fan_in_fan_out) — folds back into the plain model: the same function, every weight in × out."""
+    pytest.importorskip("transformers")  # in requirements.lock
+    import copy
+
+    from fedfuse.lora import output_layer
+    from fedfuse.merge.inputs import build_template, lora_folder
+
+    torch.manual_seed(0)
+    template = build_template("hf:gpt2", (1, 8, 8), 10, seed=0)
+    x = torch.randn(4, 1, 8, 8)
+    head = output_layer(template, x)
+    if kind == "fedfuse":
+        lora = inject_lora(copy.deepcopy(template), "", 2, 8.0, [head], "none", "standard")
+        assert sum("lora_A" in k for k in lora.state_dict()) >= 3  # attention and MLP Conv1D layers adapted
+    else:
+        peft = pytest.importorskip("peft")
+        config = peft.LoraConfig(r=2, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+                                 modules_to_save=[head])  # fmt: skip
+        lora = peft.get_peft_model(copy.deepcopy(template), config)
+    lora = _randomised(lora).eval()
+    plain = copy.deepcopy(template).eval()
+    plain.load_state_dict(lora_folder(8.0, "standard", template)(lora.state_dict()))
+    with torch.no_grad():
+        assert torch.allclose(plain(x), lora(x), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(template.eval()(x), lora(x), rtol=1e-2, atol=1e-3)  # the adapters do change it

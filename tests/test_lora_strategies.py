@@ -84,12 +84,12 @@ def test_lora_options_belong_to_lora_strategies():
     ("flags", "message"),
     [
         (["--lora-rank", "200"], "lora-rank=200 is too large for layer 'net.1'"),
-        (["--lora-rank", "2", "--lora-targets", "conv*"], "'conv\\*' matches no Linear/Conv2d layer"),
+        (["--lora-rank", "2", "--lora-targets", "conv*"], "'conv\\*' matches no Linear/Conv2d/Conv1D layer"),
         (["--lora-ranks", "2,x"], "lora-ranks='2,x' is not a comma-separated list"),
         (["--lora-rank", "2", "--base", "BAD"], "base: .* does not fit the model"),
         (["--lora-rank", "2", "--lora-scale", "sqrt"], "lora-scale='sqrt' is not allowed; allowed: standard, rslora"),
         ([], "needs lora-rank >= 1"),
-        (["--lora-rank", "2", "--model", "rnn"], "LoRA finds no Linear/Conv2d layer to adapt besides .* \\(fc\\)"),
+        (["--lora-rank", "2", "--model", "rnn"], "finds no Linear/Conv2d/Conv1D layer to adapt besides .* \\(fc\\)"),
         (["--lora-ranks", "2,4"], "lora-ranks=2,4: FedAvgLoRA needs one rank for every client"),
         (["--lora-rank", "2", "--client-init-from", "DIR"], "client-init-from=.* lacks partition0.pt"),
     ],
@@ -342,3 +342,13 @@ def test_lora_on_a_base_nobody_trained_is_warned_about_once_every_check_passed(t
     assert err.count("warning: LoRA adapts a base nobody trained (no --base, --pretrain none)") == 1, err
     assert main([*flags, "--pretrain", "low-classes", "--pretrain-epochs", "1", "--out", str(tmp_path / "b")]) == 0
     assert "nobody trained" not in capsys.readouterr().err
+
+
+def test_gpt2_fine_tunes_federated_with_adapters_on_its_conv1d_layers(tmp_path):
+    """hf:gpt2's Conv1D layers (attention and MLP) take adapters; only they and the head travel."""
+    pytest.importorskip("transformers")  # in requirements.lock
+    last, _, replies = _run(tmp_path, {"strategy": "svd-lora", "model": "hf:gpt2", "lora-ranks": "2,4",
+                                       "num-rounds": 1, "pretrain-epochs": 1})  # fmt: skip
+    assert replies and all(any(k.endswith("c_attn.lora_A") for k in keys) for keys in replies)
+    assert all(k.endswith(("lora_A", "lora_B")) or k.startswith("model.score") for keys in replies for k in keys)
+    assert last["replies"] == 3 and last["lora_mean_update"] > 0

@@ -12,7 +12,7 @@ The scale is not in a state dict: s = alpha / r (``standard``) or alpha / √r (
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 
@@ -38,11 +38,16 @@ def has_adapters(state: Mapping[str, torch.Tensor]) -> bool:
     return any("lora_A" in k for k in state)
 
 
-def fold_adapters(state: Mapping[str, torch.Tensor], alpha: float, scale: str = "standard") -> State:
+def fold_adapters(
+    state: Mapping[str, torch.Tensor], alpha: float, scale: str = "standard", transposed: Collection[str] = ()
+) -> State:
     """``state`` with every adapter folded: the adapted layer's weight W₀ + s·B·A (reshaped to W₀'s shape for a
     convolution; s from ``alpha``, ``scale`` and the adapter's rank), its other base entries under the plain
-    layer's names, adapter keys dropped; PEFT's wrapper prefix and head copies resolved. ConfigError (one line) for an
-    adapter without its base weight or of a shape that does not fit it."""
+    layer's names, adapter keys dropped; PEFT's wrapper prefix and head copies resolved. ``transposed``: the plain
+    model's layers that store their weight in × out (transformers' ``Conv1D``, GPT-2): fedfuse's adapters hold
+    those bases as out × in (:func:`fedfuse.lora.layers.as_linear`), PEFT's in their own layout; either way the
+    folded weight comes out in × out. ConfigError (one line) for an adapter without its base weight or of a shape
+    that does not fit it."""
     check_alpha(alpha)
     state = dict(state)
     folded: State = {}
@@ -50,14 +55,17 @@ def fold_adapters(state: Mapping[str, torch.Tensor], alpha: float, scale: str = 
     for prefix, (ak, bk) in pairs.items():
         w_key = base_weight_key(prefix, state)
         w0, a, b = state[w_key], state[ak], state[bk]
+        plain = prefix[len(_PEFT_PREFIX) :] if prefix.startswith(_PEFT_PREFIX) else prefix
+        flip = plain in transposed and w_key.endswith(".base_layer.weight")  # PEFT keeps Conv1D's in × out
+        w = w0.double().t() if flip else w0.double()
         a2, b2 = a.double().reshape(a.shape[0], -1), b.double().reshape(b.shape[0], -1)
-        if b2.shape[1] != a2.shape[0] or (b2.shape[0], a2.shape[1]) != (w0.shape[0], w0[0].numel()):
+        if b2.shape[1] != a2.shape[0] or (b2.shape[0], a2.shape[1]) != (w.shape[0], w[0].numel()):
             raise ConfigError(
                 f"adapter {prefix!r}: B {tuple(b.shape)} · A {tuple(a.shape)} does not fit its base weight "
                 f"{tuple(w0.shape)}"
             )
-        delta = lora_scale(alpha, a2.shape[0], scale) * (b2 @ a2)
-        folded[w_key] = (w0.double() + delta.reshape(w0.shape)).to(w0.dtype)
+        w = w + lora_scale(alpha, a2.shape[0], scale) * (b2 @ a2).reshape(w.shape)
+        folded[w_key] = (w.t().contiguous() if plain in transposed else w).to(w0.dtype)
     out: State = {}
     for key, value in state.items():
         if "lora_A" in key or "lora_B" in key or ".original_module." in key:

@@ -46,6 +46,8 @@ __all__ = [
     "check_scale",
     "SCALES",
     "max_rank",
+    "is_conv1d",
+    "as_linear",
     "BIAS_MODES",
     "output_layer",
     "head_modules",
@@ -117,13 +119,36 @@ class LoRAConv2d(_LoRA):
         return conv._conv_forward(x, weight, conv.bias)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layer, y = x·W + b with W stored in × out),
+    recognised by name so that transformers stays optional."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """A transformers ``Conv1D`` as the ``nn.Linear`` that computes the same (weight transposed to out × in)."""
+    w = module.weight
+    layer = nn.Linear(w.shape[0], w.shape[1], bias=module.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(w.t())
+        if module.bias is not None:
+            layer.bias.copy_(module.bias)
+    return layer
+
+
+def _adaptable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv2d)) or is_conv1d(module)
+
+
 def max_rank(module: nn.Module) -> int:
     """The largest rank a LoRA on ``module`` can have: min(in, out) of its weight matrix."""
+    if is_conv1d(module):
+        return min(module.weight.shape)
     if isinstance(module, nn.Linear):
         return min(module.in_features, module.out_features)
     if isinstance(module, nn.Conv2d):
         return min(module.in_channels * module.kernel_size[0] * module.kernel_size[1], module.out_channels)
-    raise ConfigError(f"LoRA supports nn.Linear and nn.Conv2d; got {type(module).__name__}")
+    raise ConfigError(f"LoRA supports nn.Linear, nn.Conv2d and transformers' Conv1D; got {type(module).__name__}")
 
 
 def parse_targets(text: str) -> list[tuple[str, int | None]]:
@@ -149,14 +174,14 @@ def target_modules(
     rank: int,
     exclude: Sequence[str] = (),
 ) -> dict[str, int]:
-    """Module name → rank of every ``nn.Linear``/``nn.Conv2d`` a target pattern selects (all of them but the
+    """Module name → rank of every ``nn.Linear``/``nn.Conv2d``/``Conv1D`` a target pattern selects (all of them but the
     ``exclude``d ones — the head trained fully — when ``targets`` is empty). Raises ConfigError naming a pattern
     that matches no such layer, one that names an excluded layer, a rank <= 0 and a rank above min(in, out)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ConfigError(f"lora-rank={rank!r} is out of range; allowed: an integer >= 1")
     parsed = parse_targets(targets) if isinstance(targets, str) or targets is None else list(targets)
     parsed = parsed if targets else []
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n}
+    layers = {n: m for n, m in model.named_modules() if _adaptable(m) and n}
     chosen: dict[str, int] = {}
     if not parsed:
         chosen = dict.fromkeys((n for n in layers if n not in exclude), rank)
@@ -164,7 +189,7 @@ def target_modules(
         hits = [n for n in layers if _matches(n, pattern)]
         if not hits:
             names = ", ".join(list(layers)[:8]) + (" ..." if len(layers) > 8 else "")
-            raise ConfigError(f"lora-targets: {pattern!r} matches no Linear/Conv2d layer; layers: {names}")
+            raise ConfigError(f"lora-targets: {pattern!r} matches no Linear/Conv2d/Conv1D layer; layers: {names}")
         both = [n for n in hits if n in exclude]
         if both:
             raise ConfigError(
@@ -176,8 +201,9 @@ def target_modules(
     if not chosen:  # e.g. an RNN whose only Linear is the head, or Conv1d layers
         kinds = sorted({type(m).__name__ for n, m in model.named_modules() if n and not list(m.children())})
         raise ConfigError(
-            f"LoRA finds no Linear/Conv2d layer to adapt besides the fully trained head ({', '.join(exclude) or '-'}); "
-            f"the model's layers: {', '.join(kinds[:8])}; allowed: a model with Linear/Conv2d layers (e.g. mlp, cnn)"
+            f"LoRA finds no Linear/Conv2d/Conv1D layer to adapt besides the fully trained head "
+            f"({', '.join(exclude) or '-'}); the model's layers: {', '.join(kinds[:8])}; allowed: a model with "
+            "Linear/Conv2d layers (e.g. mlp, cnn) or transformers' Conv1D (GPT-2)"
         )
     for name, r in chosen.items():
         limit = max_rank(layers[name])
@@ -204,8 +230,10 @@ def inject_lora(
     scale: str = "standard",
 ) -> nn.Module:
     """Replace every targeted Linear/Conv2d of ``model`` (in place) by its LoRA wrapper and freeze everything
-    else; returns ``model``. ``targets``: module-name globs (``"net.1,net.3:8"``, a ``:R`` suffix gives that
-    target its own rank); empty = every Linear/Conv2d but the ``head``. ``head``: module names trained fully (PEFT's
+    else; returns ``model``. A transformers ``Conv1D`` (GPT-2) becomes the equivalent ``nn.Linear`` first
+    (:func:`as_linear`), so every adapted base weight is out × in. ``targets``: module-name globs
+    (``"net.1,net.3:8"``, a ``:R`` suffix gives that target its own rank); empty = every Linear/Conv2d/Conv1D but
+    the ``head``. ``head``: module names trained fully (PEFT's
     ``modules_to_save``, :func:`head_modules`); ``bias``: ``none`` (frozen), ``lora_only`` (the adapted layers'
     biases trainable) or ``all`` (every bias), as PEFT's ``LoraConfig.bias``; ``scale``: ``standard`` (alpha / r)
     or ``rslora`` (alpha / √r)."""
@@ -221,6 +249,7 @@ def inject_lora(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
+        base = as_linear(base) if is_conv1d(base) else base  # GPT-2's Conv1D: the same map, weight out × in
         wrapper = LoRALinear if isinstance(base, nn.Linear) else LoRAConv2d
         layer = wrapper(base, r, alpha, scale)
         setattr(parent, child, layer)
@@ -237,10 +266,10 @@ def inject_lora(
 
 
 def output_layer(model: nn.Module, example: torch.Tensor | None = None) -> str:
-    """The module name of the output layer: the last ``nn.Linear``/``nn.Conv2d`` to run in a forward pass on
+    """The module name of the output layer: the last ``nn.Linear``/``nn.Conv2d``/``Conv1D`` to run in a forward pass on
     ``example`` (forward hooks, eval mode, no grad), or without an example the last one registered. Raises
     ConfigError when the model has none."""
-    layers = [(n, m) for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, nn.Conv2d))]
+    layers = [(n, m) for n, m in model.named_modules() if n and _adaptable(m)]
     if not layers:
         raise ConfigError(f"lora-head=auto: {type(model).__name__} has no Linear/Conv2d layer to train as the head")
     if example is None:

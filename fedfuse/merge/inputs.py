@@ -164,18 +164,23 @@ def load_parent(
     if input_shape:
         hint += f" (built here for test-data samples of shape {tuple(input_shape)})"
     ref = template.state_dict()
-    obj = read_state_dict(path, ref, model=f"model={model!r}", hint=hint, adapt=lora_folder(lora_alpha, lora_scale))
+    fold = lora_folder(lora_alpha, lora_scale, template)
+    obj = read_state_dict(path, ref, model=f"model={model!r}", hint=hint, adapt=fold)
     return {k: (obj[k].float() if obj[k].is_floating_point() else obj[k]).clone() for k in ref}
 
 
-def lora_folder(alpha: float, scale: str = "standard") -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+def lora_folder(
+    alpha: float, scale: str = "standard", template: nn.Module | None = None
+) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
     """What :func:`fedfuse.checkpoint.read_state_dict` applies to a file it reads: a LoRA model's state dict folded
-    into the plain model's (:func:`fedfuse.lora.fold.fold_adapters`), any other left as it is."""
+    into the plain model's (:func:`fedfuse.lora.fold.fold_adapters`; ``template``, the plain model, says which
+    layers store their weight in × out), any other left as it is."""
     from fedfuse.lora.fold import check_alpha, fold_adapters, has_adapters
-    from fedfuse.lora.layers import check_scale
+    from fedfuse.lora.layers import check_scale, is_conv1d
 
     check_alpha(alpha), check_scale(scale)
-    return lambda state: fold_adapters(state, alpha, scale) if has_adapters(state) else state
+    flipped = {n for n, m in template.named_modules() if is_conv1d(m)} if template is not None else set()
+    return lambda state: fold_adapters(state, alpha, scale, flipped) if has_adapters(state) else state
 
 
 def check_fits(template: nn.Module, data: Inputs, flag: str, model: str, input_shape: Sequence[int]) -> Inputs:
