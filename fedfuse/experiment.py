@@ -62,10 +62,14 @@ def model_for(
 ) -> nn.Module:
     """The run's model; ``seed`` fixes the init (default: the run seed), ``width`` overrides the hidden width. With
     ``base``/``pretrain`` the pretrained base is loaded, with LoRA on (``lora-rank``/``lora-ranks``) adapters of
-    ``lora_rank`` (default: the global rank) wrap it (:func:`fedfuse.lora.run.adapt_model`; ``seed`` then draws the
-    adapters' init too: the base is the run's)."""
-    model = _built_model(cfg, ds, seed, width)
-    if cfg.get("base") or str(cfg.get("pretrain", "none")) != "none" or cfg.get("lora-rank") or cfg.get("lora-ranks"):
+    ``lora_rank`` (default: the global rank) wrap it (:func:`fedfuse.lora.run.adapt_model`). Then ``seed`` draws
+    only the adapters' init: the base is the run's in every process — built from the run seed before it is
+    pretrained, or, with neither base nor pretraining, that init itself."""
+    adapted = (
+        cfg.get("base") or str(cfg.get("pretrain", "none")) != "none" or cfg.get("lora-rank") or cfg.get("lora-ranks")
+    )
+    model = _built_model(cfg, ds, None if adapted else seed, width)
+    if adapted:
         from fedfuse.lora.run import adapt_model
 
         model = adapt_model(cfg, ds, model, lora_rank, seed)

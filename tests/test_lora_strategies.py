@@ -255,14 +255,25 @@ def test_lora_refactor_belongs_to_the_svd_rules():
         SVDLoRA(refactor="sum")
 
 
-def test_lora_clients_that_start_apart_draw_their_own_adapters_on_the_same_base():
+@pytest.mark.parametrize("pretrain", ["low-classes", "none"])
+def test_lora_clients_that_start_apart_draw_their_own_adapters_on_the_same_base(pretrain):
+    """Each model built as in a process of its own (the per-process base cache emptied first, as a Ray worker
+    starts): the server's and every apart client's frozen base agree, pretrained or the run seed's init."""
     from fedfuse.data import load_dataset
     from fedfuse.experiment import apart_model, model_for
+    from fedfuse.lora import run as lora_run
     from strategies.registry import validate_config
 
-    cfg = validate_config({**SMALL, "strategy": "fedavg-lora", "lora-rank": 3, "client-init": "own"})
+    cfg = validate_config({**SMALL, "strategy": "fedavg-lora", "lora-rank": 3, "client-init": "own",
+                           "pretrain": pretrain})  # fmt: skip
     ds = load_dataset("digits")
-    glob, *own = [model_for(cfg, ds), apart_model(cfg, ds, 0), apart_model(cfg, ds, 1)]
+
+    def fresh(build):  # type: ignore[no-untyped-def]
+        lora_run._BASES.clear()
+        return build()
+
+    glob, *own = [fresh(lambda: model_for(cfg, ds)), fresh(lambda: apart_model(cfg, ds, 0)),
+                  fresh(lambda: apart_model(cfg, ds, 1))]  # fmt: skip
     states = [m.state_dict() for m in (glob, *own)]
     for key, value in states[0].items():
         if key.endswith("lora_A"):  # each client its own A, none the global one
