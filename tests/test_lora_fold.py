@@ -97,6 +97,7 @@ def test_merge_takes_lora_sites_and_their_average_is_the_exact_mean_update(sites
         want = states[0][f"{prefix}.base.weight"].double() + update
         assert torch.allclose(merged[f"{prefix}.weight"].double(), want, atol=1e-6), prefix
     report = json.loads((out / "merge.json").read_text())
+    assert report["lora"] == {"alpha": 4.0, "scale": "standard", "folded": [True, True, True]}
     parents = report["parents"]  # on one frozen base the sites stay connected: their average is no worse
     assert report["average"] > sum(parents) / len(parents), report
 

@@ -154,18 +154,28 @@ def load_parent(
     input_shape: Sequence[int] = (),
     lora_alpha: float = 4.0,
     lora_scale: str = "standard",
+    folded: list[bool] | None = None,
 ) -> dict[str, Tensor]:
     """A parent's state dict (or a fedfuse checkpoint's ``model``), read without running pickled code
     (:func:`fedfuse.checkpoint.read_state_dict`), checked key by key and shape by shape against ``template``,
     with floating tensors in float32. A LoRA model's state dict (fedfuse's adapters or PEFT's) is folded into the
     plain model's first, W = W₀ + s·B·A (:func:`fedfuse.lora.fold.fold_adapters`, s from ``lora_alpha``,
-    ``lora_scale``), so ``template`` is the plain model."""
+    ``lora_scale``), so ``template`` is the plain model; ``folded`` gets whether this file was."""
     hint = "pass the --model (and --width/--depth/--batch-norm/--group-norm) the parents were built with"
     if input_shape:
         hint += f" (built here for test-data samples of shape {tuple(input_shape)})"
     ref = template.state_dict()
-    fold = lora_folder(lora_alpha, lora_scale, template)
-    obj = read_state_dict(path, ref, model=f"model={model!r}", hint=hint, adapt=fold)
+    from fedfuse.lora.fold import has_adapters
+
+    fold, seen = lora_folder(lora_alpha, lora_scale, template), []
+
+    def adapt(state: dict[str, Tensor]) -> dict[str, Tensor]:
+        seen.append(has_adapters(state))
+        return fold(state)
+
+    obj = read_state_dict(path, ref, model=f"model={model!r}", hint=hint, adapt=adapt)
+    if folded is not None:
+        folded.append(any(seen))
     return {k: (obj[k].float() if obj[k].is_floating_point() else obj[k]).clone() for k in ref}
 
 

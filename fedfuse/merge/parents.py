@@ -99,6 +99,7 @@ class Prepared:
     align: Inputs | None
     distill: Inputs | None
     variants: list[tuple[str, str, bool, bool]]  # (name, method, repair, distill)
+    lora_folded: list[bool] = field(default_factory=list)  # per parent: a LoRA model folded into its plain one
 
 
 def resolve_methods(names: Sequence[str]) -> list[str]:
@@ -195,13 +196,15 @@ def prepare(req: MergeRequest) -> Prepared:
     if distill is not None:
         distill = check_fits(template, distill, "distill-data", req.model, shape)
         distill = Inputs(distill.x[: n or None], None, distill.label)
-    states = [load_parent(p, template, req.model, shape, req.lora_alpha, req.lora_scale) for p in req.parents]
+    folded: list[bool] = []
+    states = [load_parent(p, template, req.model, shape, req.lora_alpha, req.lora_scale, folded) for p in req.parents]
     variants = _variants(methods, req.repair, distill is not None)
     if req.save is not None and req.save not in [v[0] for v in variants]:
         raise ConfigError(
             f"save={req.save!r} is not among the variants run; allowed: {', '.join(v[0] for v in variants)}"
         )
-    return Prepared(req, template, states, normalise_weights(req.weights, len(states)), test, align, distill, variants)
+    weights = normalise_weights(req.weights, len(states))
+    return Prepared(req, template, states, weights, test, align, distill, variants, folded)
 
 
 def _net(template: nn.Module, state: dict[str, Tensor]) -> nn.Module:
@@ -276,6 +279,7 @@ def run(p: Prepared, log: Any = print) -> tuple[dict[str, Any], dict[str, Tensor
     if req.dtype is not None:
         state = {k: v.to(DTYPES[req.dtype]) if v.is_floating_point() else v for k, v in state.items()}
     saved_acc = accuracy(t, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, p.test)
+    lora = {"alpha": req.lora_alpha, "scale": req.lora_scale, "folded": p.lora_folded} if any(p.lora_folded) else None
     report = {
         "parents": parents,
         "average": average,
@@ -297,6 +301,7 @@ def run(p: Prepared, log: Any = print) -> tuple[dict[str, Any], dict[str, Tensor
         "test_samples": len(p.test.x),
         "data": None if p.align is None else {"source": p.align.label, "samples": len(p.align.x)},
         "distill_data": None if p.distill is None else {"source": p.distill.label, "samples": len(p.distill.x)},
+        "lora": lora,  # LoRA parents: each folded, W0 + s·B·A, with this alpha and scale
     }
     return report, state
 
