@@ -57,7 +57,8 @@ def add_merge_parser(sub: Any) -> None:
         "--out runs/merge\n  fedfuse merge recipe.yml --out runs/merge   # mergekit-style recipe",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("parents", nargs="*", metavar="A.pt", help="state dicts (or one recipe.yml)")
+    what = "state dicts, PEFT adapter directories (with --lora-base), or one recipe.yml"
+    p.add_argument("parents", nargs="*", metavar="A.pt", help=what)
     p.add_argument("--recipe", default=None, metavar="YAML", help="mergekit-style recipe (models, merge_method, ...)")
     p.add_argument("--model", default=None, help="mlp, cnn, ..., torchvision:NAME, timm:NAME or package.module:factory")
     ints = {
@@ -92,19 +93,23 @@ def add_merge_parser(sub: Any) -> None:
         metavar="W",
         help="one per parent (default 1 each: equal, unlike a federated round's num-examples weights)",
     )
-    _add_lora_flags(p)
+    _add_lora_flags(p, merge=True)
     p.add_argument("--save", default=None, metavar="VARIANT", help="variant written as model.pt (default: best)")
     p.add_argument("--dtype", default=None, help="saved model dtype: float32, float16, bfloat16")
     p.add_argument("--out", default=None, help="directory for model.pt, merge.json, merge.png")
     p.add_argument("--overwrite", action="store_const", const=True, default=None, help="replace a non-empty --out")
 
 
-def _add_lora_flags(p: argparse.ArgumentParser) -> None:
+def _add_lora_flags(p: argparse.ArgumentParser, merge: bool = False) -> None:
     """--lora-alpha / --lora-scale: how a LoRA model file (adapters on a base) is folded into its plain model."""
     p.add_argument("--lora-alpha", type=float, default=None, metavar="FLOAT",
                    help="LoRA files (adapters + base, fedfuse's or PEFT's) are folded, W = W0 + s*B*A with s = "
                         "alpha / r; alpha as trained (default 4, fedfuse's; PEFT's lora_alpha)")  # fmt: skip
     p.add_argument("--lora-scale", default=None, help=f"{' or '.join(LORA_SCALES)}: s = alpha/r or alpha/sqrt(r)")
+    if merge:
+        p.add_argument("--lora-base", default=None, metavar="FILE",
+                       help="the base model's state dict, for parents that are PEFT save_pretrained directories "
+                            "(adapters only; alpha and scale from their adapter_config.json)")  # fmt: skip
 
 
 LMC_FILES = ("lmc.json", "curve.png", "layerwise.png", "cumulative.png")
@@ -214,7 +219,7 @@ def run_merge(args: argparse.Namespace) -> None:
         parents, recipe = [], parents[0]
     names = ("model", "width", "depth", "num_classes", "seed", "data_samples", "distill_epochs", "distill_batch_size",
              "batch_norm", "group_norm", "repair", "test_data", "data", "distill_data", "distill_lr", "data_root",
-             "weights", "save", "dtype", "out", "overwrite", "lora_alpha", "lora_scale")  # fmt: skip
+             "weights", "save", "dtype", "out", "overwrite", "lora_alpha", "lora_scale", "lora_base")  # fmt: skip
     given = {k: getattr(args, k) for k in names}
     given.update(parents=parents or None, methods=args.method.split(",") if args.method is not None else None)
     report = merge(build_request(given, recipe))

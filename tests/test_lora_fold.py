@@ -147,3 +147,39 @@ def test_gpt2s_conv1d_layers_take_adapters_and_fold_back_to_the_plain_model(kind
     with torch.no_grad():
         assert torch.allclose(plain(x), lora(x), rtol=1e-4, atol=1e-4)
         assert not torch.allclose(template.eval()(x), lora(x), rtol=1e-2, atol=1e-3)  # the adapters do change it
+
+
+def test_merge_reads_peft_save_pretrained_directories_on_a_base(tmp_path, capsys):
+    """Sites that fine-tuned with PEFT hand in ``save_pretrained`` directories (adapters only, alpha in
+    adapter_config.json): with --lora-base they fold onto the base, and their average is W₀ + mean(s·B·A)."""
+    peft = pytest.importorskip("peft")  # in requirements.lock
+    import copy
+
+    from fedfuse.cli import main
+    from fedfuse.merge.inputs import build_template
+
+    template = build_template("mlp", (1, 8, 8), 10, seed=0)
+    torch.save(template.state_dict(), tmp_path / "base.pt")
+    sites, deltas = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["net.1", "net.3"])
+        model = _randomised(peft.get_peft_model(copy.deepcopy(template), config))
+        model.save_pretrained(str(tmp_path / f"site{seed}"))
+        sites.append(str(tmp_path / f"site{seed}"))
+        state = model.state_dict()
+        deltas.append({p: 3.0 * state[f"base_model.model.{p}.lora_B.default.weight"]
+                       @ state[f"base_model.model.{p}.lora_A.default.weight"] for p in ("net.1", "net.3")})  # fmt: skip
+    out = tmp_path / "merge"
+    flags = ["--model", "mlp", "--test-data", "digits", "--method", "average", "--save", "average"]
+    assert main(["merge", *sites, *flags, "--lora-base", str(tmp_path / "base.pt"), "--out", str(out)]) == 0
+    merged, base = torch.load(out / "model.pt"), template.state_dict()
+    for p in ("net.1", "net.3"):  # s = lora_alpha / r = 3 from the adapters' own config
+        want = base[f"{p}.weight"] + (deltas[0][p] + deltas[1][p]) / 2
+        assert torch.allclose(merged[f"{p}.weight"], want, atol=1e-5), p
+    assert json.loads((out / "merge.json").read_text())["lora"]["folded"] == [True, True]
+    capsys.readouterr()
+    assert main(["merge", *sites, *flags, "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a PEFT adapter directory (adapters only, no base); pass --lora-base FILE" in err[0]
+    assert not (tmp_path / "bad").exists()

@@ -11,15 +11,17 @@ The scale is not in a state dict: s = alpha / r (``standard``) or alpha / √r (
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Collection, Mapping
+from pathlib import Path
 
 import torch
 
 from fedfuse.errors import ConfigError
 from fedfuse.lora.layers import adapter_pairs, base_weight_key, lora_scale
 
-__all__ = ["fold_adapters", "has_adapters", "check_alpha"]
+__all__ = ["fold_adapters", "has_adapters", "check_alpha", "is_peft_dir", "read_peft_adapter", "with_base"]
 
 State = dict[str, torch.Tensor]
 _PEFT_PREFIX = "base_model.model."
@@ -77,4 +79,65 @@ def fold_adapters(
                     key = prefix + "." + key[len(prefix + inner) :]
         key = _SAVED.sub(".", key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key)
         out[key] = value
+    return out
+
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's save_pretrained, newest first
+
+
+def is_peft_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a directory PEFT's ``save_pretrained`` wrote (adapter_config.json + adapter weights)."""
+    p = Path(path)
+    return p.is_dir() and (p / "adapter_config.json").is_file() and any((p / f).is_file() for f in ADAPTER_FILES)
+
+
+def read_peft_adapter(path: str | Path) -> tuple[State, float, str]:
+    """(adapter state, alpha, scale) of a PEFT ``save_pretrained`` directory: its weights (safetensors, or a .bin
+    read with ``weights_only``) and ``adapter_config.json``'s ``lora_alpha`` and ``use_rslora``. ConfigError (one
+    line) for what this cannot fold exactly: per-layer ``alpha_pattern``, DoRA, a non-LoRA adapter."""
+    p = Path(path)
+    where = f"{str(path)!r}"
+    try:
+        config = json.loads((p / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{where}: adapter_config.json is not readable JSON ({type(exc).__name__})") from None
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise ConfigError(f"{where}: peft_type={config.get('peft_type')!r} is not supported; allowed: LORA")
+    if config.get("alpha_pattern") or config.get("use_dora"):
+        what = "alpha_pattern" if config.get("alpha_pattern") else "use_dora"
+        raise ConfigError(f"{where}: {what} is not supported (one alpha per adapter, plain LoRA); save without it")
+    weights = next(p / f for f in ADAPTER_FILES if (p / f).is_file())
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 — an unreadable adapter file is bad input
+        raise ConfigError(f"{where}: {weights.name} is not readable ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not has_adapters(state):
+        raise ConfigError(f"{where}: {weights.name} holds no LoRA adapters (lora_A/lora_B)")
+    alpha = check_alpha(float(config.get("lora_alpha", 8)))
+    return dict(state), alpha, "rslora" if config.get("use_rslora") else "standard"
+
+
+def with_base(adapter: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> State:
+    """A PEFT adapter (no base weights, names under ``base_model.model.``) joined with the plain model's ``base``
+    state dict into the LoRA state dict :func:`fold_adapters` reads: each adapted layer's base entries as
+    ``X.base_layer.*``, the adapter's other entries (a ``modules_to_save`` head) replacing the base's."""
+    pairs = adapter_pairs(adapter)
+    out: State = {}
+    plain = {p[len(_PEFT_PREFIX) :] if p.startswith(_PEFT_PREFIX) else p: p for p in pairs}
+    for key, value in base.items():
+        layer, _, name = key.rpartition(".")
+        if layer in plain:
+            out[f"{plain[layer]}.base_layer.{name}"] = value
+        else:
+            out[_PEFT_PREFIX + key] = value
+    for key, value in adapter.items():
+        out[key if key.startswith(_PEFT_PREFIX) else _PEFT_PREFIX + key] = value
+    missing = [p for p in plain if f"{plain[p]}.base_layer.weight" not in out]
+    if missing:
+        raise ConfigError(f"the adapter's layer {missing[0]!r} has no weight in the base state dict")
     return out

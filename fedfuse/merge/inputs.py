@@ -155,18 +155,26 @@ def load_parent(
     lora_alpha: float = 4.0,
     lora_scale: str = "standard",
     folded: list[bool] | None = None,
+    lora_base: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """A parent's state dict (or a fedfuse checkpoint's ``model``), read without running pickled code
     (:func:`fedfuse.checkpoint.read_state_dict`), checked key by key and shape by shape against ``template``,
     with floating tensors in float32. A LoRA model's state dict (fedfuse's adapters or PEFT's) is folded into the
     plain model's first, W = W₀ + s·B·A (:func:`fedfuse.lora.fold.fold_adapters`, s from ``lora_alpha``,
-    ``lora_scale``), so ``template`` is the plain model; ``folded`` gets whether this file was."""
+    ``lora_scale``), so ``template`` is the plain model; ``folded`` gets whether this file was. A PEFT
+    ``save_pretrained`` directory (adapters only, alpha and scale in its adapter_config.json) is folded onto
+    ``lora_base``, the plain model's state dict it adapts."""
     hint = "pass the --model (and --width/--depth/--batch-norm/--group-norm) the parents were built with"
     if input_shape:
         hint += f" (built here for test-data samples of shape {tuple(input_shape)})"
     ref = template.state_dict()
-    from fedfuse.lora.fold import has_adapters
+    from fedfuse.lora.fold import has_adapters, is_peft_dir
 
+    if is_peft_dir(path):
+        obj = _peft_parent(path, template, lora_base, f"does not fit model={model!r}", hint)
+        if folded is not None:
+            folded.append(True)
+        return {k: (obj[k].float() if obj[k].is_floating_point() else obj[k]).clone() for k in ref}
     fold, seen = lora_folder(lora_alpha, lora_scale, template), []
 
     def adapt(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -177,6 +185,32 @@ def load_parent(
     if folded is not None:
         folded.append(any(seen))
     return {k: (obj[k].float() if obj[k].is_floating_point() else obj[k]).clone() for k in ref}
+
+
+def _peft_parent(
+    path: str, template: nn.Module, base: dict[str, Tensor] | None, misfit: str, hint: str
+) -> dict[str, Tensor]:
+    """A PEFT adapter directory folded onto ``base`` (:func:`fedfuse.lora.fold.with_base`), checked against
+    ``template``."""
+    from fedfuse.checkpoint import fit_error
+    from fedfuse.lora.fold import fold_adapters, read_peft_adapter, with_base
+    from fedfuse.lora.layers import is_conv1d
+
+    if base is None:
+        raise ConfigError(
+            f"{path!r} is a PEFT adapter directory (adapters only, no base); pass --lora-base FILE: the state dict "
+            "of the model the adapters were trained on"
+        )
+    adapter, alpha, scale = read_peft_adapter(path)
+    flipped = {n for n, m in template.named_modules() if is_conv1d(m)}
+    try:
+        obj = fold_adapters(with_base(adapter, base), alpha, scale, flipped)
+    except ConfigError as exc:
+        raise ConfigError(f"{path!r}: {exc}") from None
+    why = fit_error(obj, template.state_dict())
+    if why:
+        raise ConfigError(f"{path!r} {misfit}: {why}; {hint}")
+    return obj
 
 
 def lora_folder(

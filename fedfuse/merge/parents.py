@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fedfuse.checkpoint import read_state_dict
 from fedfuse.errors import ConfigError, RunFailedError
 from fedfuse.merge.inputs import Inputs, build_template, check_fits, load_inputs, load_parent
 
@@ -85,6 +86,7 @@ class MergeRequest:
     overwrite: bool = False
     lora_alpha: float = 4.0  # LoRA parents: s = alpha / r (standard) or alpha / √r (rslora); fedfuse's default
     lora_scale: str = "standard"
+    lora_base: str | None = None  # PEFT adapter directories (save_pretrained): the base model's state dict
 
 
 @dataclass
@@ -197,7 +199,9 @@ def prepare(req: MergeRequest) -> Prepared:
         distill = check_fits(template, distill, "distill-data", req.model, shape)
         distill = Inputs(distill.x[: n or None], None, distill.label)
     folded: list[bool] = []
-    states = [load_parent(p, template, req.model, shape, req.lora_alpha, req.lora_scale, folded) for p in req.parents]
+    base = read_state_dict(req.lora_base, template.state_dict(), what="lora-base") if req.lora_base else None
+    states = [load_parent(p, template, req.model, shape, req.lora_alpha, req.lora_scale, folded, base)
+              for p in req.parents]  # fmt: skip
     variants = _variants(methods, req.repair, distill is not None)
     if req.save is not None and req.save not in [v[0] for v in variants]:
         raise ConfigError(

@@ -40,7 +40,7 @@ FEDFUSE_KEYS = {
     "test-data": "test_data", "data": "data", "distill-data": "distill_data", "data-root": "data_root",
     "repair": "repair", "seed": "seed", "data-samples": "data_samples", "save": "save",
     "distill-epochs": "distill_epochs", "distill-lr": "distill_lr", "distill-batch-size": "distill_batch_size",
-    "lora-alpha": "lora_alpha", "lora-scale": "lora_scale",
+    "lora-alpha": "lora_alpha", "lora-scale": "lora_scale", "lora-base": "lora_base",
 }  # fmt: skip
 
 
@@ -142,7 +142,7 @@ _TYPES: dict[str, type] = {
     "model": str, "test_data": str, "data": str, "distill_data": str, "data_root": str, "save": str, "dtype": str,
     "width": int, "depth": int, "group_norm": int, "num_classes": int, "seed": int, "data_samples": int,
     "distill_epochs": int, "distill_batch_size": int, "reference": int, "distill_lr": float, "repair": bool,
-    "batch_norm": bool, "lora_alpha": float, "lora_scale": str,
+    "batch_norm": bool, "lora_alpha": float, "lora_scale": str, "lora_base": str,
 }  # fmt: skip
 
 
