@@ -93,23 +93,23 @@ def add_merge_parser(sub: Any) -> None:
         metavar="W",
         help="one per parent (default 1 each: equal, unlike a federated round's num-examples weights)",
     )
-    _add_lora_flags(p, merge=True)
+    _add_lora_flags(p)
     p.add_argument("--save", default=None, metavar="VARIANT", help="variant written as model.pt (default: best)")
     p.add_argument("--dtype", default=None, help="saved model dtype: float32, float16, bfloat16")
     p.add_argument("--out", default=None, help="directory for model.pt, merge.json, merge.png")
     p.add_argument("--overwrite", action="store_const", const=True, default=None, help="replace a non-empty --out")
 
 
-def _add_lora_flags(p: argparse.ArgumentParser, merge: bool = False) -> None:
-    """--lora-alpha / --lora-scale: how a LoRA model file (adapters on a base) is folded into its plain model."""
+def _add_lora_flags(p: argparse.ArgumentParser) -> None:
+    """--lora-alpha / --lora-scale: how a LoRA model file (adapters on a base) is folded into its plain model;
+    --lora-base: the base a PEFT adapter directory is folded onto."""
     p.add_argument("--lora-alpha", type=float, default=None, metavar="FLOAT",
                    help="LoRA files (adapters + base, fedfuse's or PEFT's) are folded, W = W0 + s*B*A with s = "
                         "alpha / r; alpha as trained (default 4, fedfuse's; PEFT's lora_alpha)")  # fmt: skip
     p.add_argument("--lora-scale", default=None, help=f"{' or '.join(LORA_SCALES)}: s = alpha/r or alpha/sqrt(r)")
-    if merge:
-        p.add_argument("--lora-base", default=None, metavar="FILE",
-                       help="the base model's state dict, for parents that are PEFT save_pretrained directories "
-                            "(adapters only; alpha and scale from their adapter_config.json)")  # fmt: skip
+    p.add_argument("--lora-base", default=None, metavar="FILE",
+                   help="the base model's state dict, for models given as PEFT save_pretrained directories "
+                        "(adapters only; alpha and scale from their adapter_config.json)")  # fmt: skip
 
 
 LMC_FILES = ("lmc.json", "curve.png", "layerwise.png", "cumulative.png")
@@ -123,14 +123,28 @@ def _lmc_inputs(
     (``factory``), the inputs and template ``fedfuse merge`` reads (:mod:`fedfuse.merge.inputs`)."""
     from fedfuse.checkpoint import read_state_dict
     from fedfuse.experiment import dataset_for, model_for
-    from fedfuse.merge.inputs import Inputs, build_template, check_fits, load_inputs, load_parent, lora_folder
+    from fedfuse.lora.fold import is_peft_dir
+    from fedfuse.merge.inputs import (
+        Inputs,
+        build_template,
+        check_fits,
+        load_inputs,
+        load_parent,
+        load_peft_parent,
+        lora_folder,
+    )
 
     lora = (4.0 if args.lora_alpha is None else args.lora_alpha, args.lora_scale or "standard")
     if not args.test_data and not factory:
         ds = dataset_for(cfg)
         template = model_for(cfg, ds)
-        fold = lora_folder(*lora, template)
-        a, b = (read_state_dict(p, template.state_dict(), adapt=fold) for p in (args.model_a, args.model_b))
+        fold, base = lora_folder(*lora, template), _lora_base(args, template)
+        a, b = (
+            load_peft_parent(p, template, base)
+            if is_peft_dir(p)
+            else read_state_dict(p, template.state_dict(), adapt=fold)
+            for p in (args.model_a, args.model_b)
+        )
         return template, a, b, Inputs(ds.x_test, ds.y_test, f"{cfg['dataset']} (test split)"), ds.x_train
     spec, flag = (args.test_data, "test-data") if args.test_data else (str(cfg["dataset"]), "dataset")
     kw = {"data_root": str(cfg["data-root"]), "seed": int(cfg["seed"])}
@@ -141,9 +155,17 @@ def _lmc_inputs(
                               batch_norm=bool(cfg["batch-norm"]), seed=int(cfg["seed"]),
                               group_norm=int(cfg["group-norm"]))  # fmt: skip
     test = check_fits(template, test, flag, model, shape)
-    a, b = (load_parent(p, template, model, shape, *lora) for p in (args.model_a, args.model_b))
+    base = _lora_base(args, template)
+    a, b = (load_parent(p, template, model, shape, *lora, None, base) for p in (args.model_a, args.model_b))
     pool = load_inputs(spec, flag=flag, labelled=False, split="train", **kw).x if test.num_classes else test.x
     return template, a, b, test, pool.reshape(len(pool), *shape)
+
+
+def _lora_base(args: argparse.Namespace, template: Any) -> Any:
+    """--lora-base read against the plain ``template`` (None when not given)."""
+    from fedfuse.checkpoint import read_state_dict
+
+    return read_state_dict(args.lora_base, template.state_dict(), what="lora-base") if args.lora_base else None
 
 
 def run_lmc(args: argparse.Namespace) -> None:

@@ -178,6 +178,8 @@ def test_merge_reads_peft_save_pretrained_directories_on_a_base(tmp_path, capsys
         want = base[f"{p}.weight"] + (deltas[0][p] + deltas[1][p]) / 2
         assert torch.allclose(merged[f"{p}.weight"], want, atol=1e-5), p
     assert json.loads((out / "merge.json").read_text())["lora"]["folded"] == [True, True]
+    lmc = ["lmc", *sites, "--dataset", "digits", "--lora-base", str(tmp_path / "base.pt"), "--out", str(tmp_path / "l")]
+    assert main(lmc) == 0 and (tmp_path / "l" / "lmc.json").is_file()
     capsys.readouterr()
     assert main(["merge", *sites, *flags, "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

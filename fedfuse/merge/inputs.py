@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from fedfuse.checkpoint import read_state_dict
 from fedfuse.errors import ConfigError
 
-__all__ = ["Inputs", "load_inputs", "build_template", "load_parent", "lora_folder", "check_fits"]
+__all__ = ["Inputs", "load_inputs", "build_template", "load_parent", "load_peft_parent", "lora_folder", "check_fits"]
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ def load_parent(
     from fedfuse.lora.fold import has_adapters, is_peft_dir
 
     if is_peft_dir(path):
-        obj = _peft_parent(path, template, lora_base, f"does not fit model={model!r}", hint)
+        obj = load_peft_parent(path, template, lora_base, f"does not fit model={model!r}", hint)
         if folded is not None:
             folded.append(True)
         return {k: (obj[k].float() if obj[k].is_floating_point() else obj[k]).clone() for k in ref}
@@ -187,8 +187,12 @@ def load_parent(
     return {k: (obj[k].float() if obj[k].is_floating_point() else obj[k]).clone() for k in ref}
 
 
-def _peft_parent(
-    path: str, template: nn.Module, base: dict[str, Tensor] | None, misfit: str, hint: str
+def load_peft_parent(
+    path: str,
+    template: nn.Module,
+    base: dict[str, Tensor] | None,
+    misfit: str = "does not fit the model",
+    hint: str = "pass the --model it adapts",
 ) -> dict[str, Tensor]:
     """A PEFT adapter directory folded onto ``base`` (:func:`fedfuse.lora.fold.with_base`), checked against
     ``template``."""
