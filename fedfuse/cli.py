@@ -304,8 +304,9 @@ def preflight(
     check_writable(Path(cfg["out"]))
     from fedfuse.lora.run import base_warning
 
-    if base_warning(cfg):  # every check passed: a warning, not a refusal (a toy run may want a random base)
-        print(f"fedfuse: warning: {base_warning(cfg)}", file=sys.stderr)
+    warning = base_warning(cfg)
+    if warning:  # every check passed: a warning, not a refusal (a toy run may want a random base)
+        print(f"fedfuse: warning: {warning}", file=sys.stderr)
 
 
 def _built_model(cfg: dict[str, Any], ds: Any) -> Any:

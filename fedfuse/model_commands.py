@@ -133,8 +133,10 @@ def _lmc_inputs(
         load_peft_parent,
         lora_folder,
     )
+    from fedfuse.merge.parents import MergeRequest  # its LoRA defaults: fedfuse's own run defaults
 
-    lora = (4.0 if args.lora_alpha is None else args.lora_alpha, args.lora_scale or "standard")
+    lora = (MergeRequest.lora_alpha if args.lora_alpha is None else args.lora_alpha,
+            args.lora_scale or MergeRequest.lora_scale)  # fmt: skip
     if not args.test_data and not factory:
         ds = dataset_for(cfg)
         template = model_for(cfg, ds)

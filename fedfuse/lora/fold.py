@@ -19,20 +19,13 @@ from pathlib import Path
 import torch
 
 from fedfuse.errors import ConfigError
-from fedfuse.lora.layers import adapter_pairs, base_weight_key, lora_scale
+from fedfuse.lora.layers import adapter_pairs, base_weight_key, check_alpha, lora_scale
 
-__all__ = ["fold_adapters", "has_adapters", "check_alpha", "is_peft_dir", "read_peft_adapter", "with_base"]
+__all__ = ["fold_adapters", "has_adapters", "is_peft_dir", "read_peft_adapter", "with_base"]
 
 State = dict[str, torch.Tensor]
 _PEFT_PREFIX = "base_model.model."
 _SAVED = re.compile(r"\.modules_to_save\.[^.]+\.")  # PEFT's trained copy of a head: X.modules_to_save.default.W
-
-
-def check_alpha(alpha: float) -> float:
-    """``alpha`` if it is > 0, else ConfigError naming it."""
-    if not alpha > 0:
-        raise ConfigError(f"lora-alpha={alpha!r} is out of range; allowed: > 0")
-    return alpha
 
 
 def has_adapters(state: Mapping[str, torch.Tensor]) -> bool:
@@ -57,7 +50,7 @@ def fold_adapters(
     for prefix, (ak, bk) in pairs.items():
         w_key = base_weight_key(prefix, state)
         w0, a, b = state[w_key], state[ak], state[bk]
-        plain = prefix[len(_PEFT_PREFIX) :] if prefix.startswith(_PEFT_PREFIX) else prefix
+        plain = prefix.removeprefix(_PEFT_PREFIX)
         flip = plain in transposed and w_key.endswith(".base_layer.weight")  # PEFT keeps Conv1D's in × out
         w = w0.double().t() if flip else w0.double()
         a2, b2 = a.double().reshape(a.shape[0], -1), b.double().reshape(b.shape[0], -1)
@@ -77,7 +70,7 @@ def fold_adapters(
             for inner in (".base.", ".base_layer."):
                 if key.startswith(prefix + inner):
                     key = prefix + "." + key[len(prefix + inner) :]
-        key = _SAVED.sub(".", key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key)
+        key = _SAVED.sub(".", key.removeprefix(_PEFT_PREFIX))
         out[key] = value
     return out
 
@@ -128,7 +121,7 @@ def with_base(adapter: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tens
     ``X.base_layer.*``, the adapter's other entries (a ``modules_to_save`` head) replacing the base's."""
     pairs = adapter_pairs(adapter)
     out: State = {}
-    plain = {p[len(_PEFT_PREFIX) :] if p.startswith(_PEFT_PREFIX) else p: p for p in pairs}
+    plain = {p.removeprefix(_PEFT_PREFIX): p for p in pairs}
     for key, value in base.items():
         layer, _, name = key.rpartition(".")
         if layer in plain:
@@ -136,7 +129,7 @@ def with_base(adapter: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tens
         else:
             out[_PEFT_PREFIX + key] = value
     for key, value in adapter.items():
-        out[key if key.startswith(_PEFT_PREFIX) else _PEFT_PREFIX + key] = value
+        out[_PEFT_PREFIX + key.removeprefix(_PEFT_PREFIX)] = value
     missing = [p for p in plain if f"{plain[p]}.base_layer.weight" not in out]
     if missing:
         raise ConfigError(f"the adapter's layer {missing[0]!r} has no weight in the base state dict")

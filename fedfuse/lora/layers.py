@@ -44,6 +44,8 @@ __all__ = [
     "layer_scales",
     "lora_scale",
     "check_scale",
+    "check_alpha",
+    "conv1d_layers",
     "SCALES",
     "max_rank",
     "is_conv1d",
@@ -66,6 +68,18 @@ def check_scale(scale: str) -> str:
     if scale not in SCALES:
         raise ConfigError(f"lora-scale={scale!r} is not allowed; allowed: {', '.join(SCALES)}")
     return scale
+
+
+def check_alpha(alpha: float) -> float:
+    """``alpha`` (the LoRA scale numerator) as a float if it is > 0, else ConfigError naming it."""
+    if not float(alpha) > 0:
+        raise ConfigError(f"lora-alpha={alpha!r} is out of range; allowed: > 0")
+    return float(alpha)
+
+
+def conv1d_layers(model: nn.Module) -> set[str]:
+    """The names of ``model``'s transformers ``Conv1D`` layers (weight stored in × out)."""
+    return {n for n, m in model.named_modules() if is_conv1d(m)}
 
 
 def lora_scale(alpha: float, rank: int, scale: str = "standard") -> float:
@@ -237,8 +251,7 @@ def inject_lora(
     ``modules_to_save``, :func:`head_modules`); ``bias``: ``none`` (frozen), ``lora_only`` (the adapted layers'
     biases trainable) or ``all`` (every bias), as PEFT's ``LoraConfig.bias``; ``scale``: ``standard`` (alpha / r)
     or ``rslora`` (alpha / √r)."""
-    if not float(alpha) > 0:
-        raise ConfigError(f"lora-alpha={alpha!r} is out of range; allowed: > 0")
+    check_alpha(alpha)
     _bias_mode(bias)
     check_scale(scale)
     chosen = target_modules(model, targets, rank, exclude=head)

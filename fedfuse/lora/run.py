@@ -26,7 +26,7 @@ from torch import nn
 from fedfuse.catalog import PRETRAIN_TASKS
 from fedfuse.catalog import positive_ints_reason as ranks_reason  # noqa: F401  (a lora-ranks value's check)
 from fedfuse.errors import ConfigError
-from fedfuse.lora.layers import check_scale, head_modules, inject_lora, target_modules, travelling_state
+from fedfuse.lora.layers import check_alpha, check_scale, head_modules, inject_lora, target_modules, travelling_state
 
 __all__ = [
     "PRETRAIN_TASKS",
@@ -165,8 +165,7 @@ def check_lora(cfg: Mapping[str, Any], ds: Any, model: nn.Module) -> None:
         head = lora_head(cfg, ds, model)
         for rank in sorted(set(lora_ranks(cfg))):
             target_modules(model, targets, rank, exclude=head)
-        if not float(cfg.get("lora-alpha", 4.0)) > 0:
-            raise ConfigError(f"lora-alpha={cfg.get('lora-alpha')!r} is out of range; allowed: > 0")
+        check_alpha(cfg.get("lora-alpha", 4.0))
         check_scale(str(cfg.get("lora-scale", "standard")))
 
 

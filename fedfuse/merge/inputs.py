@@ -170,18 +170,17 @@ def load_parent(
     ref = template.state_dict()
     from fedfuse.lora.fold import has_adapters, is_peft_dir
 
-    if is_peft_dir(path):
-        obj = load_peft_parent(path, template, lora_base, f"does not fit model={model!r}", hint)
-        if folded is not None:
-            folded.append(True)
-        return {k: (obj[k].float() if obj[k].is_floating_point() else obj[k]).clone() for k in ref}
     fold, seen = lora_folder(lora_alpha, lora_scale, template), []
 
     def adapt(state: dict[str, Tensor]) -> dict[str, Tensor]:
         seen.append(has_adapters(state))
         return fold(state)
 
-    obj = read_state_dict(path, ref, model=f"model={model!r}", hint=hint, adapt=adapt)
+    if is_peft_dir(path):
+        obj = load_peft_parent(path, template, lora_base, f"does not fit model={model!r}", hint)
+        seen.append(True)
+    else:
+        obj = read_state_dict(path, ref, model=f"model={model!r}", hint=hint, adapt=adapt)
     if folded is not None:
         folded.append(any(seen))
     return {k: (obj[k].float() if obj[k].is_floating_point() else obj[k]).clone() for k in ref}
@@ -198,7 +197,7 @@ def load_peft_parent(
     ``template``."""
     from fedfuse.checkpoint import fit_error
     from fedfuse.lora.fold import fold_adapters, read_peft_adapter, with_base
-    from fedfuse.lora.layers import is_conv1d
+    from fedfuse.lora.layers import conv1d_layers
 
     if base is None:
         raise ConfigError(
@@ -206,9 +205,8 @@ def load_peft_parent(
             "of the model the adapters were trained on"
         )
     adapter, alpha, scale = read_peft_adapter(path)
-    flipped = {n for n, m in template.named_modules() if is_conv1d(m)}
     try:
-        obj = fold_adapters(with_base(adapter, base), alpha, scale, flipped)
+        obj = fold_adapters(with_base(adapter, base), alpha, scale, conv1d_layers(template))
     except ConfigError as exc:
         raise ConfigError(f"{path!r}: {exc}") from None
     why = fit_error(obj, template.state_dict())
@@ -223,11 +221,11 @@ def lora_folder(
     """What :func:`fedfuse.checkpoint.read_state_dict` applies to a file it reads: a LoRA model's state dict folded
     into the plain model's (:func:`fedfuse.lora.fold.fold_adapters`; ``template``, the plain model, says which
     layers store their weight in × out), any other left as it is."""
-    from fedfuse.lora.fold import check_alpha, fold_adapters, has_adapters
-    from fedfuse.lora.layers import check_scale, is_conv1d
+    from fedfuse.lora.fold import fold_adapters, has_adapters
+    from fedfuse.lora.layers import check_alpha, check_scale, conv1d_layers
 
     check_alpha(alpha), check_scale(scale)
-    flipped = {n for n, m in template.named_modules() if is_conv1d(m)} if template is not None else set()
+    flipped = conv1d_layers(template) if template is not None else set()
     return lambda state: fold_adapters(state, alpha, scale, flipped) if has_adapters(state) else state
 
 
