@@ -125,6 +125,15 @@ def _steps(metrics: Mapping[str, Any]) -> float | None:
     return float(value)
 
 
+def _frozen_changed(state: Mapping[str, torch.Tensor], frozen: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``state`` fails to return a ``frozen`` entry as it was sent (dtype, shape and every bit), or None."""
+    for key in (k for k in frozen if k in state):
+        got, ref = state[key], frozen[key]
+        if got.dtype != ref.dtype or got.shape != ref.shape or not torch.equal(got, ref):
+            return f"{key}: a frozen entry it was sent came back changed (return it unchanged, or not at all)"
+    return None
+
+
 def unpack_reply(
     msg: Any,
     sent: Mapping[str, torch.Tensor],
@@ -134,9 +143,12 @@ def unpack_reply(
     max_num_examples: float = MAX_NUM_EXAMPLES,
     shape_ok: Any = None,
     complete: bool = False,
+    frozen: Mapping[str, torch.Tensor] | None = None,
 ) -> Reply | str:
     """The :class:`Reply` of a train reply ``msg``, or why it is rejected; never raises. ``complete``: a reply
-    with only some of the keys is completed with the ``sent`` model (what a round observer looks at)."""
+    with only some of the keys is completed with the ``sent`` model (what a round observer looks at).
+    ``frozen``: entries the node was sent to use, not to train (a LoRA node's base weights once the server folds
+    updates into them); a reply may send them back, bit for bit, and they are dropped."""
     content = msg.content
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         return "expected exactly one ArrayRecord and one MetricRecord"
@@ -144,13 +156,18 @@ def unpack_reply(
     if weighted_by_key not in metrics:
         return f"MetricRecord lacks {weighted_by_key!r}"
     record = next(iter(content.array_records.values()))
-    reason = reply_size_reason(record, sent, max_reply_factor)
+    frozen = frozen or {}
+    reason = reply_size_reason(record, {**sent, **frozen}, max_reply_factor)
     if reason is not None:
         return reason
     try:
         state = decode_arrays(record)
     except Exception as exc:  # noqa: BLE001 — undecodable arrays are a bad update, not a crash
         return f"arrays cannot be decoded ({type(exc).__name__})"
+    reason = _frozen_changed(state, frozen)
+    if reason is not None:
+        return reason
+    state = {k: v for k, v in state.items() if k not in frozen}
     if complete:
         state = {**sent, **state}
     weight = metrics[weighted_by_key]

@@ -74,7 +74,8 @@ class FedFuseStrategy(FedAvg):
         self.round_metrics: dict[str, float] = {}  # statistics of the current round, returned with the metrics
         self.started_apart = False  # round-1 clients trained from their own inits (no direction guard then)
         self._sent: State = {}
-        self._sent_to: dict[int, State] = {}  # per node, where nodes get different models (width heterogeneity)
+        self._sent_to: dict[int, State] = {}  # per node, where nodes get different models (widths, LoRA ranks)
+        self._frozen_to: dict[int, State] = {}  # per node: sent to use, not to train (unpack_reply's frozen)
         self._sampled = 0
         self._valid_nodes: list[int] = []
         self.server_data, self.distill_epochs, self.distill_model = server_data, int(distill_epochs), distill_model
@@ -119,7 +120,7 @@ class FedFuseStrategy(FedAvg):
     ) -> Iterable[Message]:
         """Send the global model and config to a seeded sample of nodes."""
         messages = self._messages(server_round, arrays, config, grid, MessageType.TRAIN)
-        self._sent, self._sent_to, self._sampled = decode_arrays(arrays), {}, len(messages)
+        self._sent, self._sent_to, self._frozen_to, self._sampled = decode_arrays(arrays), {}, {}, len(messages)
         self.round_metrics = {}
         log.info("round %d: sampled %d nodes", server_round, len(messages))
         return messages
@@ -133,6 +134,10 @@ class FedFuseStrategy(FedAvg):
     def sent_to(self, node: int) -> State:
         """What ``node`` was sent this round: its own model under width or rank heterogeneity, else the global."""
         return self._sent_to.get(node, self._sent)
+
+    def frozen_to(self, node: int) -> State:
+        """What ``node`` was sent to use, not to train: its reply may return it unchanged (LoRA's folded base)."""
+        return self._frozen_to.get(node, {})
 
     def shape_ok(self, key: str, shape: tuple[int, ...], reference: tuple[int, ...]) -> bool:
         """Whether a reply's ``shape`` for ``key`` may differ from the global one (False; see FedFusion)."""
@@ -150,10 +155,12 @@ class FedFuseStrategy(FedAvg):
             log.warning("round %d: %s replied with an error: %s", server_round,
                         self.nodes.label(msg.metadata.src_node_id), error_summary(msg.error.reason))  # fmt: skip
         answers = [m for m in replies if not m.has_error()]
-        sent = [self.sent_to(m.metadata.src_node_id) for m in answers]
+        nodes = [m.metadata.src_node_id for m in answers]
+        sent = [self.sent_to(n) for n in nodes]
         unpacked = [unpack_reply(m, s, self.weighted_by_key, max_reply_factor=self.max_reply_factor,
-                                 max_num_examples=self.max_num_examples, shape_ok=self.shape_ok)
-                    for m, s in zip(answers, sent, strict=True)]  # fmt: skip
+                                 max_num_examples=self.max_num_examples, shape_ok=self.shape_ok,
+                                 frozen=self.frozen_to(n))
+                    for m, s, n in zip(answers, sent, nodes, strict=True)]  # fmt: skip
         guard = not (self.started_apart and server_round == 1)  # apart clients share no starting point
         use = self.trusted and guard and len(answers) >= 3 and self.screening.direction_guard != "off"
         reference = self.trusted(self._sent, server_round) if use else None  # type: ignore[misc]

@@ -13,10 +13,11 @@ Round metrics: ``bytes_down``/``bytes_up`` (array bytes sent to / received from 
 = ‖U − s·B̄·Ā‖_F over the adapted layers, ``lora_update_error`` (the same for what the global model applies, base
 folding included) and ``lora_mean_update`` = ‖U‖_F (FLoRA: M, its clients all start from B = 0).
 
-Usable in a user's own Flower app like FedWB: ``FedExLoRA(alpha=4.0)`` with a ServerApp whose initial arrays are
-the LoRA-wrapped model's state dict (:func:`fedfuse.lora.inject_lora`) and a ClientApp that sends back its
-``lora_A``/``lora_B`` entries (fedfuse's own does when the run config has ``lora-rank``); pass
-``train_keys=fedfuse.lora.trained_keys(model)`` when the clients also train a head or biases.
+Usable in a user's own Flower app like FedWB: ``FedExLoRA(model=model)`` with ``model`` the clients' LoRA model
+(PEFT's ``get_peft_model`` or :func:`fedfuse.lora.inject_lora`; its alpha, scale and trained head/biases are read
+from it), a ServerApp whose initial arrays are ``model.state_dict()``, and a ClientApp that loads what it receives
+(``load_state_dict(..., strict=False)``) and sends back its adapters and trained entries — or everything it
+received: the base weights a node gets once the server folds into them may come back unchanged, and are dropped.
 """
 
 from __future__ import annotations
@@ -48,12 +49,31 @@ def _nbytes(state: Mapping[str, torch.Tensor]) -> int:
     return sum(v.numel() * v.element_size() for v in state.values())
 
 
+def _settings(
+    model: torch.nn.Module | None, alpha: float | None, scale: str | None, train_keys: Sequence[str] | None
+) -> tuple[float, str, Sequence[str]]:
+    """(alpha, scale, train_keys): those given, the rest read from ``model`` (:func:`fedfuse.lora.lora_settings`),
+    else alpha 4, the standard scale, no dense keys. A given value the model contradicts is a ConfigError."""
+    own = lora.lora_settings(model) if model is not None else {"alpha": 4.0, "scale": "standard", "train_keys": []}
+    for name, given in (("alpha", alpha), ("scale", scale)):
+        if model is not None and given is not None and given != own[name]:
+            raise ConfigError(f"{name}={given!r} contradicts the model's LoRA layers ({name} {own[name]!r}); "
+                              f"leave {name} out to take the model's")  # fmt: skip
+    return (
+        own["alpha"] if alpha is None else alpha,
+        own["scale"] if scale is None else scale,
+        own["train_keys"] if train_keys is None else train_keys,
+    )
+
+
 class LoRAStrategy(FedFuseStrategy):
     """Adapters aggregated by ``rule``: ``fedavg`` (A, B averaged apart), ``exact`` (SVD of the mean product +
     FedEx-LoRA residual folded into the base), ``aligned`` (rank components matched first), ``svd`` (SVD of the
     mean product at the global rank, residual dropped), ``hetlora`` (zero-padding), ``flora`` (stacking: the exact
     mean product folded into the base, fresh adapters). ``alpha``, ``scale``: every adapter's scale is alpha / r
-    (``scale="standard"``) or alpha / √r (``"rslora"``), as the clients' (``lora-alpha``, ``lora-scale``);
+    (``scale="standard"``) or alpha / √r (``"rslora"``), as the clients' (``lora-alpha``, ``lora-scale``; default
+    4, standard); ``model``: the clients' LoRA model (fedfuse's or PEFT's), whose alpha, scale and ``train_keys``
+    are taken (:func:`fedfuse.lora.lora_settings`) unless given;
     ``client_ranks``: ranks cycled over partitions (None: every client has the global rank); ``train_keys``: the
     dense entries clients train fully and send with the adapters (a head, trainable biases:
     :func:`fedfuse.lora.trained_keys` of the LoRA model), averaged plainly by every rule."""
@@ -66,13 +86,15 @@ class LoRAStrategy(FedFuseStrategy):
     def __init__(
         self,
         *,
-        alpha: float = 4.0,
-        scale: str = "standard",
+        model: torch.nn.Module | None = None,
+        alpha: float | None = None,
+        scale: str | None = None,
         client_ranks: Sequence[int] | None = None,
-        train_keys: Sequence[str] = (),
+        train_keys: Sequence[str] | None = None,
         refactor: str = "update",
         **kwargs: Any,
     ) -> None:
+        alpha, scale, train_keys = _settings(model, alpha, scale, train_keys)
         if isinstance(alpha, bool) or not float(alpha) > 0:
             raise ConfigError(f"alpha={alpha!r} is out of range; allowed: > 0")
         if refactor not in ("update", "product"):
@@ -147,7 +169,7 @@ class LoRAStrategy(FedFuseStrategy):
         for msg in messages:
             node = msg.metadata.dst_node_id
             payload, base = self._payload(full, node)
-            self._sent_to[node] = payload
+            self._sent_to[node], self._frozen_to[node] = payload, base  # a reply may echo the base, unchanged
             down += _nbytes(payload) + _nbytes(base)
             content = RecordDict(
                 {self.arrayrecord_key: ArrayRecord({**payload, **base}), self.configrecord_key: config}

@@ -233,12 +233,14 @@ class ObservedStrategy(Strategy):
         global model."""
         out: list[tuple[tuple[int, int], ClientModel]] = []
         sent_to, shape_ok = getattr(self.inner, "sent_to", None), getattr(self.inner, "shape_ok", None)
+        frozen_to = getattr(self.inner, "frozen_to", None)
         for msg in replies:
             if msg.has_error():
                 continue
             node = msg.metadata.src_node_id
             own = sent_to(node) if sent_to is not None else self._sent
-            reply = unpack_reply(msg, own, protocol.NUM_EXAMPLES, shape_ok=shape_ok, complete=True)  # as the strategy
+            frozen = frozen_to(node) if frozen_to is not None else None
+            reply = unpack_reply(msg, own, protocol.NUM_EXAMPLES, shape_ok=shape_ok, complete=True, frozen=frozen)
             if isinstance(reply, str):  # the strategy rejects (and logs) it itself
                 continue
             info = msg.content.config_records.get(protocol.CLIENT_INFO)

@@ -363,3 +363,174 @@ def test_gpt2_fine_tunes_federated_with_adapters_on_its_conv1d_layers(tmp_path):
     assert replies and all(any(k.endswith("c_attn.lora_A") for k in keys) for keys in replies)
     assert all(k.endswith(("lora_A", "lora_B")) or k.startswith("model.score") for keys in replies for k in keys)
     assert last["replies"] == 3 and last["lora_mean_update"] > 0
+
+
+PEFT_APP = '''
+"""A Flower user's own apps: PEFT LoRA on their own pretrained net, fedfuse's FedExLoRA on the server."""
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+from peft import LoraConfig, get_peft_model
+from sklearn.datasets import load_digits
+
+from strategies import FedExLoRA
+
+X, Y = load_digits(return_X_y=True)
+X, Y = torch.tensor(X, dtype=torch.float32) / 16.0, torch.tensor(Y)
+
+
+def lora_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                              torch.nn.Linear(64, 10))
+    opt, low = torch.optim.SGD(net.parameters(), lr=0.2), Y[:1500] < 5
+    for _ in range(100):  # the user's pretraining: digits 0-4 only
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(X[:1500][low]), Y[:1500][low]).backward()
+        opt.step()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], modules_to_save=["4"], lora_dropout=0.0)
+    return get_peft_model(net, config)
+
+
+client = ClientApp()
+
+
+@client.train()
+def train(msg: Message, context: Context) -> Message:
+    model = lora_model()
+    received = msg.content["arrays"].to_torch_state_dict()
+    assert not model.load_state_dict(received, strict=False).unexpected_keys
+    pid = int(context.node_config["partition-id"])
+    x, y = X[pid:1500:3], Y[pid:1500:3]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2)
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    state = model.state_dict()
+    arrays = ArrayRecord({k: state[k] for k in received})  # everything it received, the frozen base included
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": len(x)})}), reply_to=msg)
+
+
+server = ServerApp()
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    model = lora_model()
+    strategy = FedExLoRA(model=model, fraction_evaluate=0.0, min_available_nodes=3)
+    history = []
+
+    def central(rnd: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        with torch.no_grad():
+            history.append(float((model(X[1500:]).argmax(1) == Y[1500:]).float().mean()))
+        return MetricRecord({"accuracy": history[-1]})
+
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=3,
+                            evaluate_fn=central)
+    print("HISTORY", history)
+    print("SENT", [result.train_metrics_clientapp[r]["bytes_down"] for r in (1, 2, 3)])
+    print("REJECTED", [result.train_metrics_clientapp[r]["rejected"] for r in (1, 2, 3)])
+
+
+run_simulation(server_app=server, client_app=client, num_supernodes=3,
+               backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+'''
+
+
+@pytest.mark.ray
+def test_fedex_lora_plugs_into_a_users_own_peft_app(tmp_path):
+    """A user's own ServerApp/ClientApp on PEFT: alpha and the head come from the model; a client that returns
+    everything it received (the folded base weights too, from round 2) is aggregated every round."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "peft_app.py"
+    script.write_text(PEFT_APP)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Traceback" not in log, log[-3000:]
+    lines = {ln.split(" ", 1)[0]: json.loads(ln.split(" ", 1)[1]) for ln in proc.stdout.splitlines() if ln[:1].isupper()
+             and ln.split(" ", 1)[0] in ("HISTORY", "SENT", "REJECTED")}  # fmt: skip
+    history, sent = lines["HISTORY"], lines["SENT"]
+    assert lines["REJECTED"] == [0, 0, 0], log[-3000:]
+    assert sent[1] > sent[0]  # from round 2 the nodes also get the base weights the residual was folded into
+    assert history[3] > history[1] + 0.05 and history[1] > history[0] + 0.05, history  # every round moved it
+
+
+def test_a_frozen_entry_sent_back_changed_is_rejected_and_an_unchanged_one_dropped():
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+    from fedfuse.replies import unpack_reply
+
+    sent = {"l.lora_A": torch.ones(2, 3), "l.lora_B": torch.zeros(4, 2)}
+    frozen = {"l.base_layer.weight": torch.randn(4, 3)}
+
+    def reply(state):  # what unpack_reply reads of a Message: its content
+        return SimpleNamespace(content=RecordDict({"arrays": ArrayRecord(state),
+                                                   "metrics": MetricRecord({"num-examples": 5})}))  # fmt: skip
+
+    echoed = unpack_reply(reply({**sent, **frozen}), sent, "num-examples", frozen=frozen)
+    assert set(echoed.state) == set(sent)
+    assert set(unpack_reply(reply(sent), sent, "num-examples", frozen=frozen).state) == set(sent)
+    moved = {**sent, "l.base_layer.weight": frozen["l.base_layer.weight"] + 1e-3}
+    assert "frozen entry" in unpack_reply(reply(moved), sent, "num-examples", frozen=frozen)
+    assert "unexpected key" in unpack_reply(reply({**sent, **frozen}), sent, "num-examples")  # not frozen: refused
+
+
+def test_lora_strategies_take_alpha_scale_and_head_from_the_model():
+    from peft import LoraConfig, get_peft_model
+
+    from fedfuse.lora import inject_lora
+    from strategies import FedExLoRA, SVDLoRA
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+    peft = get_peft_model(net(), LoraConfig(r=2, lora_alpha=8, target_modules=["0"], modules_to_save=["2"],
+                                            use_rslora=True))  # fmt: skip
+    s = FedExLoRA(model=peft)
+    assert (s.alpha, s.scale) == (8.0, "rslora")
+    assert s.train_keys == ["base_model.model.2.modules_to_save.default.weight",
+                            "base_model.model.2.modules_to_save.default.bias"]  # fmt: skip
+    own = SVDLoRA(model=inject_lora(net(), rank=2, alpha=3.0, head=["2"]))
+    assert (own.alpha, own.scale, own.train_keys) == (3.0, "standard", ["2.weight", "2.bias"])
+    assert FedExLoRA().alpha == 4.0 and FedExLoRA().train_keys == []  # no model: fedfuse's defaults
+    with pytest.raises(ConfigError, match=r"alpha=4\.0 contradicts the model's LoRA layers \(alpha 8\.0\)"):
+        FedExLoRA(model=peft, alpha=4.0)
+    with pytest.raises(ConfigError, match="has no LoRA adapters"):
+        FedExLoRA(model=net())
+
+
+@pytest.mark.parametrize("name", ["fedex-lora", "flora"])
+def test_a_lora_run_cut_after_round_1_resumes_bit_identically(tmp_path, name):
+    """The strategy's state (the base folded into, which nodes then receive) and FLoRA's seeded restarts survive a
+    resume: a run cut after round 1 ends bit-identical to an uninterrupted one."""
+    from clients.client_app import app
+    from fedfuse.runners.inline import InlineGrid
+    from strategies.registry import validate_config
+    from strategies.server_app import run_server
+
+    config = {**SMALL, "strategy": name, "lora-ranks": "2,4", "num-rounds": 3}
+    run_server(InlineGrid(app, 3), validate_config({**config, "out": str(tmp_path / "ref")}))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_round_1(row):
+        if row["round"] == 1:
+            raise Stop
+
+    cut = validate_config({**config, "out": str(tmp_path / "cut")})
+    with pytest.raises(Stop):
+        run_server(InlineGrid(app, 3), cut, stop_after_round_1)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["strategy"]["lora_base_folded"]
+    run_server(InlineGrid(app, 3), cut, resume=True)
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("ref", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

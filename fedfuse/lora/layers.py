@@ -97,7 +97,7 @@ class _LoRA(nn.Module):
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
-        self.rank, self.alpha = int(rank), float(alpha)
+        self.rank, self.alpha, self.scale_mode = int(rank), float(alpha), check_scale(scale)
         self.scale = lora_scale(self.alpha, self.rank, scale)
         self.lora_A = nn.Parameter(torch.empty(self.rank, fan_in))
         self.lora_B = nn.Parameter(torch.zeros(fan_out, self.rank))
@@ -390,6 +390,31 @@ def base_weight_key(prefix: str, state: Mapping[str, Any]) -> str:
         if key in state:
             return key
     raise ConfigError(f"no base weight for adapted layer {prefix!r}")
+
+
+def lora_settings(model: nn.Module) -> dict[str, Any]:
+    """What a server must know of a LoRA model (built-in or PEFT) to aggregate its adapters as its clients apply
+    them: ``alpha``, ``scale`` (``standard``: s = alpha / r, ``rslora``: alpha / √r) and ``train_keys``
+    (:func:`trained_keys`), the keyword arguments of ``strategies.LoRAStrategy``. Raises ConfigError for a model
+    without adapters or whose layers disagree on alpha or the scale (one alpha per run; PEFT's ``alpha_pattern``)."""
+    found: set[tuple[float, str]] = set()
+    for module in model.modules():
+        if isinstance(module, _LoRA):
+            found.add((module.alpha, module.scale_mode))
+        elif hasattr(module, "lora_A") and isinstance(getattr(module, "lora_alpha", None), dict):  # PEFT's layers
+            rslora = getattr(module, "use_rslora", {})
+            for name, alpha in module.lora_alpha.items():
+                found.add((float(alpha), "rslora" if rslora.get(name, False) else "standard"))
+    if not found:
+        raise ConfigError(
+            f"{type(model).__name__} has no LoRA adapters (fedfuse.lora.inject_lora or PEFT's get_peft_model)"
+        )
+    if len(found) > 1:
+        raise ConfigError(
+            f"the model's LoRA layers disagree on (alpha, scale): {sorted(found)}; allowed: one for every layer"
+        )
+    ((alpha, scale),) = found
+    return {"alpha": alpha, "scale": scale, "train_keys": trained_keys(model)}
 
 
 def layer_scales(model: nn.Module) -> dict[str, float]:
