@@ -222,6 +222,20 @@ def read_state_dict(
             obj = adapt(obj)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
+    return check_read_state(obj, template, where=where, model=model, hint=hint, fixed=fixed)
+
+
+def check_read_state(
+    obj: dict[str, torch.Tensor],
+    template: Mapping[str, torch.Tensor],
+    *,
+    where: str,
+    model: str = "the model",
+    hint: str = "",
+    fixed: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`read_state_dict`'s checks on a state dict already read (``obj``, completed in place with ``fixed``
+    entries it leaves out); ConfigError, one line beginning with ``where``."""
     for key, value in (fixed or {}).items():
         if key not in obj:
             obj[key] = value

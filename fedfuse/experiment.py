@@ -210,8 +210,12 @@ def own_init_seed(cfg: Mapping[str, Any], partition_id: int) -> int:
 
 
 def init_path(cfg: Mapping[str, Any], partition_id: int) -> Path:
-    """Client ``partition_id``'s file in ``client-init-from``: ``DIR/partition<P>.pt``."""
-    return Path(str(cfg["client-init-from"])) / INIT_FILE.format(partition_id)
+    """Client ``partition_id``'s file in ``client-init-from``: ``DIR/partition<P>.pt``, or where that is absent, a
+    PEFT ``save_pretrained`` directory ``DIR/partition<P>/`` (a LoRA run's sites' adapters)."""
+    from fedfuse.lora.fold import is_peft_dir
+
+    path = Path(str(cfg["client-init-from"])) / INIT_FILE.format(partition_id)
+    return path.with_suffix("") if not path.is_file() and is_peft_dir(path.with_suffix("")) else path
 
 
 def load_init_state(
@@ -221,24 +225,36 @@ def load_init_state(
     unpickles code); ConfigError with one line naming ``what`` and the file otherwise. ``lora``: ``template`` is a
     LoRA client's model; the file may hold only what trains (adapters, head: what ``--save-client-models`` or
     :func:`fedfuse.lora.run.adapter_state` gives), the frozen base comes from the run and must match where given."""
-    from fedfuse.checkpoint import read_state_dict
+    from fedfuse.checkpoint import check_read_state, read_state_dict
+    from fedfuse.lora.fold import as_client_adapters, is_peft_dir, read_peft_adapter
 
+    if is_peft_dir(path) and not lora:
+        raise ConfigError(f"{what}: {str(path)!r} is a PEFT adapter directory; it needs a LoRA run (--lora-rank)")
     if not lora:
         return read_state_dict(path, template.state_dict(), what=what)
     from fedfuse.lora.run import frozen_state
 
     hint = "pass the --base/--pretrain, --lora-rank(s), --lora-targets and --lora-head it was trained with"
-    return read_state_dict(path, template.state_dict(), what=what, hint=hint, fixed=frozen_state(template))
+    if not is_peft_dir(path):
+        return read_state_dict(path, template.state_dict(), what=what, hint=hint, fixed=frozen_state(template))
+    try:
+        adapter, alpha, scale = read_peft_adapter(path)
+    except ConfigError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+    state = as_client_adapters(adapter, alpha, scale, template)
+    return check_read_state(state, template.state_dict(), where=f"{what}: {str(path)!r}", hint=hint,
+                            fixed=frozen_state(template))  # fmt: skip
 
 
 def check_init_files(cfg: Mapping[str, Any], ds: Dataset) -> None:
     """``client-init-from``: a directory holding ``partition<P>.pt`` for every client P < ``num-clients``, each a
     state dict of tensors that fits that client's model; ConfigError with one line otherwise."""
     directory, n = Path(str(cfg["client-init-from"])), int(cfg["num-clients"])
-    wanted = f"a directory with {INIT_FILE.format(0)} .. {INIT_FILE.format(n - 1)} (one state dict per client)"
+    wanted = (f"a directory with {INIT_FILE.format(0)} .. {INIT_FILE.format(n - 1)} (one state dict per client; "
+              "in a LoRA run also PEFT adapter directories partition0/ ..)")  # fmt: skip
     if not directory.is_dir():
         raise ConfigError(f"client-init-from={str(directory)!r} is not a directory; allowed: {wanted}")
-    missing = [p for p in range(n) if not init_path(cfg, p).is_file()]
+    missing = [p for p in range(n) if not init_path(cfg, p).exists()]
     if missing:
         raise ConfigError(
             f"client-init-from={str(directory)!r} lacks {INIT_FILE.format(missing[0])}"

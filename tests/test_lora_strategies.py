@@ -534,3 +534,53 @@ def test_a_lora_run_cut_after_round_1_resumes_bit_identically(tmp_path, name):
     run_server(InlineGrid(app, 3), cut, resume=True)
     a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("ref", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sites_peft_adapter_directories_start_a_lora_run_as_the_same_functions(tmp_path):
+    """--client-init-from DIR with PEFT save_pretrained directories DIR/partition<P>/ (each site's own lora_alpha,
+    rslora or not): every client starts from a model computing what the site's PEFT model computes (B rescaled
+    to the run's scale); a rank that is not the client's is one line, exit 2, nothing written."""
+    from fedfuse.cli import main
+    from fedfuse.data import load_dataset
+    from fedfuse.experiment import apart_model, client_model, model_for
+    from fedfuse.lora import inject_peft, layer_scales, trained_keys
+    from strategies.registry import validate_config
+
+    run = {"strategy": "svd-lora", "lora-ranks": "2,4", "dataset": "digits", "num-clients": 3,
+           "pretrain": "low-classes", "pretrain-epochs": 2}  # fmt: skip
+    ds = load_dataset("digits")
+    cfg = validate_config(run)
+    template = client_model(cfg, ds, 0)
+    targets = ",".join(layer_scales(template))
+    head = sorted({k.rpartition(".")[0] for k in trained_keys(template)})
+    sites = tmp_path / "sites"
+    peft_models = {}
+    for p, (rank, alpha, scale) in enumerate([(2, 16.0, "standard"), (4, 6.0, "rslora"), (2, 4.0, "standard")]):
+        torch.manual_seed(p)
+        peft = inject_peft(model_for({**cfg, "lora-ranks": ""}, ds), targets, rank, alpha, head=head, scale=scale)
+        with torch.no_grad():
+            for param in peft.parameters():
+                if param.requires_grad:  # the site's fine-tuning: B away from 0, the head moved
+                    param.add_(0.05 * torch.randn_like(param))
+        peft.save_pretrained(str(sites / f"partition{p}"))
+        peft_models[p] = peft.eval()
+    x = torch.as_tensor(ds.x_test[:64], dtype=torch.float32)
+    for p, peft in peft_models.items():
+        model = apart_model({**cfg, "client-init-from": str(sites)}, ds, p).eval()
+        with torch.no_grad():
+            assert torch.allclose(model(x), peft(x), atol=1e-5), p
+    flags = ["--backend", "inline", "--strategy", "svd-lora", "--lora-ranks", "2,4", "--dataset", "digits",
+             "--num-clients", "3", "--rounds", "1", "--pretrain", "low-classes", "--pretrain-epochs", "2"]  # fmt: skip
+    assert main(["simulate", *flags, "--client-init-from", str(sites), "--out", str(tmp_path / "a")]) == 0
+    wrong = inject_peft(model_for({**cfg, "lora-ranks": ""}, ds), targets, 2, 8.0, head=head)
+    wrong.save_pretrained(str(sites / "partition1"))  # partition 1 trains at rank 4
+    with pytest.raises(ConfigError, match=r"client-init-from: '.*partition1' does not fit the model: .*lora_A"):
+        apart_model({**cfg, "client-init-from": str(sites)}, ds, 1)
+    assert main(["simulate", *flags, "--client-init-from", str(sites), "--out", str(tmp_path / "b")]) == 2
+    assert not (tmp_path / "b").exists()
+    plain = ["--backend", "inline", "--dataset", "digits", "--num-clients", "3", "--rounds", "1"]
+    with pytest.raises(ConfigError, match="is a PEFT adapter directory; it needs a LoRA run"):
+        from fedfuse.experiment import load_init_state
+
+        load_init_state(sites / "partition0", model_for(validate_config({"dataset": "digits"}), ds))
+    assert main(["simulate", *plain, "--client-init-from", str(sites), "--out", str(tmp_path / "c")]) == 2

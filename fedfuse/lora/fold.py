@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 
 from fedfuse.errors import ConfigError
-from fedfuse.lora.layers import adapter_pairs, base_weight_key, check_alpha, lora_scale
+from fedfuse.lora.layers import adapter_pairs, base_weight_key, check_alpha, layer_scales, lora_scale
 
-__all__ = ["fold_adapters", "has_adapters", "is_peft_dir", "read_peft_adapter", "with_base"]
+__all__ = ["as_client_adapters", "fold_adapters", "has_adapters", "is_peft_dir", "read_peft_adapter", "with_base"]
 
 State = dict[str, torch.Tensor]
 _PEFT_PREFIX = "base_model.model."
 _SAVED = re.compile(r"\.modules_to_save\.[^.]+\.")  # PEFT's trained copy of a head: X.modules_to_save.default.W
+_FACTOR = re.compile(r"^(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")  # PEFT's X.lora_A[.<adapter>].weight
 
 
 def has_adapters(state: Mapping[str, torch.Tensor]) -> bool:
@@ -133,4 +134,31 @@ def with_base(adapter: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tens
     missing = [p for p in plain if f"{plain[p]}.base_layer.weight" not in out]
     if missing:
         raise ConfigError(f"the adapter's layer {missing[0]!r} has no weight in the base state dict")
+    return out
+
+
+def as_client_adapters(adapter: Mapping[str, torch.Tensor], alpha: float, scale: str, model: torch.nn.Module) -> State:
+    """A PEFT adapter (:func:`read_peft_adapter`: its tensors, ``lora_alpha``, scale) as the entries of fedfuse's
+    LoRA ``model`` it trains, computing the same function: ``X.lora_A[.<adapter>].weight`` → ``X.lora_A`` and B
+    alike (a convolution's factors flattened to r × in·kh·kw and out × r), B rescaled by s_PEFT / s so that
+    s·B'·A = s_PEFT·B·A (s: the layer's scale in ``model``, s_PEFT from ``alpha``, ``scale`` and the adapter's
+    rank); a ``modules_to_save`` head and trained biases under ``model``'s names (``X.b`` → ``X.base.b`` for an
+    adapted layer). Entries ``model`` lacks keep their names, for the caller's fit check to name."""
+    layers = layer_scales(model)  # adapted layer → its scale s
+    own = model.state_dict()
+    out: State = {}
+    for key, value in adapter.items():
+        key = _SAVED.sub(".", key.removeprefix(_PEFT_PREFIX))
+        factor = _FACTOR.match(key)
+        if factor and factor.group(1) in layers:
+            name, which = factor.groups()
+            rank = value.shape[0] if which == "A" else value.shape[1]
+            flat = value.reshape(rank, -1) if which == "A" else value.reshape(value.shape[0], rank)
+            ratio = lora_scale(alpha, rank, scale) / layers[name] if which == "B" else 1.0
+            out[f"{name}.lora_{which}"] = (flat.double() * ratio).to(value.dtype) if ratio != 1.0 else flat
+            continue
+        layer_name, _, leaf = key.rpartition(".")
+        if key not in own and layer_name in layers:
+            key = f"{layer_name}.base.{leaf}"
+        out[key] = value
     return out
