@@ -365,6 +365,27 @@ def test_gpt2_fine_tunes_federated_with_adapters_on_its_conv1d_layers(tmp_path):
     assert last["replies"] == 3 and last["lora_mean_update"] > 0
 
 
+@pytest.mark.parametrize("arch", ["vit", "llama", "bert"])
+def test_every_hf_architecture_fine_tunes_federated_with_lora(tmp_path, arch):
+    """LoRA layers expose their base's ``weight``/``bias`` as PEFT's do: hf:vit reads its patch projection's
+    ``weight.dtype`` in forward (it crashed with an AttributeError before)."""
+    pytest.importorskip("transformers")  # in requirements.lock
+    last, _, replies = _run(tmp_path, {"strategy": "fedex-lora", "model": f"hf:{arch}", "lora-rank": 2,
+                                       "num-rounds": 1, "pretrain-epochs": 1})  # fmt: skip
+    assert last["replies"] == 3 and last["rejected"] == 0 and last["lora_mean_update"] > 0
+    assert replies and all(any(k.endswith("lora_A") for k in keys) for keys in replies)
+
+
+def test_lora_layers_show_their_base_weight_and_bias():
+    from fedfuse.lora import inject_lora
+
+    model = inject_lora(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 2)),
+                        rank=1)  # fmt: skip
+    for layer in (model[0], model[2]):
+        assert layer.weight is layer.base.weight and layer.bias is layer.base.bias
+    assert not any(".weight" in k and ".base." not in k for k in model.state_dict())  # nothing saved twice
+
+
 PEFT_APP = '''
 """A Flower user's own apps: PEFT LoRA on their own pretrained net, fedfuse's FedExLoRA on the server."""
 import torch

@@ -107,6 +107,16 @@ class _LoRA(nn.Module):
         """s·B·A (out × in)."""
         return self.scale * (self.lora_B @ self.lora_A)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight, as PEFT's layers expose it (models read a layer's ``weight``, e.g. ViT its dtype)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (or None)."""
+        return self.base.bias
+
 
 class LoRALinear(_LoRA):
     """y = base(x) + s·x·Aᵀ·Bᵀ."""
