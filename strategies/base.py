@@ -1,12 +1,10 @@
 """FedFuseStrategy: Flower's FedAvg, made deterministic and strict about what it aggregates.
 
-The Flower adaptation only: seeded sampling and a fixed reply order (:mod:`strategies.sampling`); replies read
-by :func:`fedfuse.replies.unpack_reply` and screened by :func:`fedfuse.screening.screen_round`; then
-:meth:`aggregate_arrays` (weighted average or unweighted ``robust`` reduction), keeping the previous model when
-fewer than ``min_train_nodes`` updates are valid. Round statistics come back in the MetricRecord. The round
-loop is Flower's own ``Strategy.start``. Subclasses override :meth:`aggregate_arrays` and, for run options,
-``options`` + :meth:`config_kwargs` (:mod:`strategies.registry`).
-"""
+The Flower adaptation only: seeded sampling and a fixed reply order (:mod:`strategies.sampling`); replies read by
+:func:`fedfuse.replies.unpack_reply`, screened by :func:`fedfuse.screening.screen_round`, then :meth:`aggregate_arrays`
+(weighted average or unweighted ``robust`` reduction); the previous model stays when fewer than ``min_train_nodes``
+are valid. The round loop is Flower's ``Strategy.start``. Subclasses override :meth:`aggregate_arrays` and, for run
+options, ``options`` + :meth:`config_kwargs` (:mod:`strategies.registry`)."""
 
 from __future__ import annotations
 
@@ -30,7 +28,6 @@ from fedfuse.replies import decode_arrays, error_summary, unpack_reply
 from fedfuse.robust import Reducer, reducer
 from fedfuse.screening import ROBUST_OPTIONS, ScreeningConfig, screen_round
 from fedfuse.state import weighted_average
-from fedfuse.trust import trusted_reference
 from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_known_args, check_strategy_args, non_finite
 from strategies.options import STRATEGY_OPTIONS
 from strategies.sampling import NodeOrder, seeded_sample
@@ -84,18 +81,11 @@ class FedFuseStrategy(FedAvg):
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, model: Any = None, example_input: Any = None, **kwargs: Any):
         """The strategy a validated run config asks for (fedfuse's ServerApp, whose ClientApp answers the
-        partition query); ``kwargs`` are FedAvg's sampling arguments, :meth:`config_kwargs` the strategy's own."""
+        partition query): :func:`strategies.registry.config_arguments`; ``kwargs`` are FedAvg's sampling ones."""
         from fedfuse.experiment import init_mode
+        from strategies.registry import config_arguments
 
-        own = cls.config_kwargs(cfg, model=model, example_input=example_input)
-        defences = {o.name.replace("-", "_"): cfg[o.name] for o in ROBUST_OPTIONS if o.name in cfg}
-        owns_trust = any(o.name == "trusted-data" for o in cls.options)  # FedPFN, layer-wise, LoRA: not theirs
-        defences["trusted"] = trusted_reference(cfg, model) if defences.pop("trusted_data", 0) and owns_trust else None
-        if int(cfg.get("distill-epochs", 0)):
-            defences |= {"distill_epochs": int(cfg["distill-epochs"]), "distill_model": model}
-        pool = int(cfg["num-clients"]) if int(cfg.get("client-pool", 0)) else 0
-        strategy = cls(**{**kwargs, "seed": int(cfg["seed"]), "discover_partitions": True, "pool_clients": pool,
-                          **defences, **own})  # fmt: skip
+        strategy = cls(**config_arguments(cls, cfg, model, example_input, kwargs))
         strategy.started_apart = init_mode(cfg) != "shared"
         return strategy
 
@@ -155,12 +145,11 @@ class FedFuseStrategy(FedAvg):
             log.warning("round %d: %s replied with an error: %s", server_round,
                         self.nodes.label(msg.metadata.src_node_id), error_summary(msg.error.reason))  # fmt: skip
         answers = [m for m in replies if not m.has_error()]
-        nodes = [m.metadata.src_node_id for m in answers]
-        sent = [self.sent_to(n) for n in nodes]
+        sent = [self.sent_to(m.metadata.src_node_id) for m in answers]
         unpacked = [unpack_reply(m, s, self.weighted_by_key, max_reply_factor=self.max_reply_factor,
                                  max_num_examples=self.max_num_examples, shape_ok=self.shape_ok,
-                                 frozen=self.frozen_to(n))
-                    for m, s, n in zip(answers, sent, nodes, strict=True)]  # fmt: skip
+                                 frozen=self.frozen_to(m.metadata.src_node_id))
+                    for m, s in zip(answers, sent, strict=True)]  # fmt: skip
         guard = not (self.started_apart and server_round == 1)  # apart clients share no starting point
         use = self.trusted and guard and len(answers) >= 3 and self.screening.direction_guard != "off"
         reference = self.trusted(self._sent, server_round) if use else None  # type: ignore[misc]

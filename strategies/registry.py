@@ -28,7 +28,10 @@ from strategies.options import STRATEGY_OPTIONS
 if TYPE_CHECKING:
     from flwr.serverapp.strategy import Strategy
 
-__all__ = ["STRATEGIES", "OPTIONS", "OWNERS", "resolve_strategy", "build_strategy", "validate_config", "options_for"]
+__all__ = [
+    "STRATEGIES", "OPTIONS", "OWNERS", "resolve_strategy", "build_strategy", "config_arguments", "validate_config",
+    "options_for",
+]  # fmt: skip
 
 STRATEGIES: dict[str, str] = {
     "fedavg": "strategies.base:FedFuseStrategy",
@@ -137,6 +140,26 @@ def options_for(cfg: Mapping[str, Any], strategy: str) -> dict[str, Any]:
         return {**cfg, "strategy": strategy}
     reset = {k: OPTIONS[k].default for k, owners in OWNERS.items() if k in cfg and strategy not in owners}
     return {**cfg, **reset, "strategy": strategy}
+
+
+def config_arguments(
+    cls: Any, cfg: Mapping[str, Any], model: Any, example_input: Any, kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A :class:`strategies.base.FedFuseStrategy` subclass ``cls``'s constructor arguments for the run config
+    ``cfg``: FedAvg's sampling ``kwargs``, the seed, partition discovery, the client pool, the defences
+    (:data:`fedfuse.screening.ROBUST_OPTIONS`; the trusted reference only for a strategy that has the option),
+    FedDF distillation, and ``cls.config_kwargs`` (the strategy's own options)."""
+    from fedfuse.screening import ROBUST_OPTIONS
+    from fedfuse.trust import trusted_reference
+
+    own = cls.config_kwargs(cfg, model=model, example_input=example_input)
+    defences = {o.name.replace("-", "_"): cfg[o.name] for o in ROBUST_OPTIONS if o.name in cfg}
+    owns_trust = any(o.name == "trusted-data" for o in cls.options)  # FedPFN, layer-wise, LoRA: not theirs
+    defences["trusted"] = trusted_reference(cfg, model) if defences.pop("trusted_data", 0) and owns_trust else None
+    if int(cfg.get("distill-epochs", 0)):
+        defences |= {"distill_epochs": int(cfg["distill-epochs"]), "distill_model": model}
+    pool = int(cfg["num-clients"]) if int(cfg.get("client-pool", 0)) else 0
+    return {**kwargs, "seed": int(cfg["seed"]), "discover_partitions": True, "pool_clients": pool, **defences, **own}
 
 
 def build_strategy(
