@@ -10,6 +10,10 @@ model from the same base (every parameter trained, the whole model both ways).
     python -m benchmarks.lora --dataset mnist10k --data-root /work/shared/data --rounds 10 --seeds 0,1,2
 
 Bytes per round = array bytes sent to the sampled clients + received from them (all clients every round).
+``--screening default`` screens every round's replies as the Flower path does (:func:`fedfuse.screening.screen_round`
+with the strategy's default :class:`~fedfuse.screening.ScreeningConfig`: norm bound with clipping, claim caps, the
+direction guard from round 2 of a run that starts apart); ``off`` (the default, as every report before 2026-12-06)
+aggregates every finite reply.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.commo
 
 from benchmarks.common import add_out, load_header, load_line  # noqa: E402
 from fedfuse.data.partition import partition_indices  # noqa: E402
-from fedfuse.experiment import apart_model, dataset_for, local_plan, local_train, model_for  # noqa: E402
+from fedfuse.experiment import apart_model, dataset_for, init_mode, local_plan, local_train, model_for  # noqa: E402
 from fedfuse.lora import adapter_keys, adapter_pairs, base_weight_key, mean_products, mean_update, truncate_rank  # noqa: E402
 from fedfuse.lora.layers import SCALES  # noqa: E402
 from fedfuse.lora.run import adapter_state, load_received  # noqa: E402
+from fedfuse.replies import Reply  # noqa: E402
+from fedfuse.screening import ScreeningConfig, screen_round  # noqa: E402
 from fedfuse.state import torch_threads, weighted_average  # noqa: E402
 from fedfuse.train import evaluate  # noqa: E402
 from strategies.registry import OWNERS, resolve_strategy, validate_config  # noqa: E402
@@ -65,8 +71,9 @@ def _round_update(
     return math.sqrt(sum(float((moved[p] - before[p]).norm()) ** 2 for p in moved))
 
 
-def run(cfg: dict[str, Any], rounds: int) -> list[dict[str, float]]:
-    """One federated fine-tuning run; a row per round (round 0 = the base)."""
+def run(cfg: dict[str, Any], rounds: int, screening: bool = False) -> list[dict[str, float]]:
+    """One federated fine-tuning run; a row per round (round 0 = the base). ``screening``: every round's replies
+    screened as the Flower path screens them (clipped, rejected: the row's ``clipped``/``rejected``)."""
     ds = dataset_for(cfg)
     n = int(cfg["num-clients"])
     parts = partition_indices(ds.y_train.numpy(), "dirichlet", n, alpha=float(cfg["alpha"]), seed=int(cfg["seed"]))
@@ -80,9 +87,10 @@ def run(cfg: dict[str, Any], rounds: int) -> list[dict[str, float]]:
         ranks = [int(r) for r in str(cfg["lora-ranks"]).split(",")]
     _, acc = evaluate(global_model, ds.x_test, ds.y_test)
     rows = [{"round": 0, "accuracy": acc, "bytes": 0.0, "agg_error": 0.0, "rel_error": 0.0, "step_error": 0.0,
-             "dropped": 0.0}]  # fmt: skip
+             "dropped": 0.0, "clipped": 0.0, "rejected": 0.0}]  # fmt: skip
+    screen_config = strategy.screening if strategy is not None else ScreeningConfig()
     for rnd in range(1, rounds + 1):
-        states, weights, down, up, dropped = [], [], 0, 0, 0
+        states, weights, down, up, dropped, steps, sents = [], [], 0, 0, 0, [], []
         adapters = {k: state[k] for k in adapter_keys(state)} if lora_run else {}
         dense = {k: state[k] for k in strategy.train_keys} if lora_run else {}  # head / biases trained fully
         pairs = adapter_pairs(state) if lora_run else {}
@@ -106,7 +114,7 @@ def run(cfg: dict[str, Any], rounds: int) -> list[dict[str, float]]:
                 model.load_state_dict(state if apart is None else apart.state_dict())
                 sent = state
             down += _nbytes(sent)
-            local_train(cfg, model, x, y, local_plan(cfg, pid, rnd, len(x)))
+            result = local_train(cfg, model, x, y, local_plan(cfg, pid, rnd, len(x)))
             reply = adapter_state(model) if lora_run else model.state_dict()
             up += _nbytes(reply)
             if not all(bool(torch.isfinite(v).all()) for v in reply.values() if v.is_floating_point()):
@@ -114,8 +122,18 @@ def run(cfg: dict[str, Any], rounds: int) -> list[dict[str, float]]:
                 continue
             states.append(reply)
             weights.append(float(len(x)))
+            steps.append(float(result.steps))
+            sents.append({k: sent[k] for k in reply})  # what the node was sent, as the strategy screens against
+        screened = {"clipped": 0.0, "rejected": 0.0}
+        if screening and states:
+            replies = [Reply(st, w, n) for st, w, n in zip(states, weights, steps, strict=True)]
+            guard = not (init_mode(cfg) != "shared" and rnd == 1)  # the Flower path's: apart clients share no start
+            rs = screen_round(rnd, [f"client{i}" for i in range(len(states))], replies, sents, screen_config,
+                              direction=guard)  # fmt: skip
+            states, weights = rs.states, rs.weights
+            screened = {"clipped": rs.stats["clipped"], "rejected": rs.stats["rejected"]}
         if not states:  # every update diverged: the round keeps the previous model
-            rows.append({**rows[-1], "round": rnd, "bytes": float(down + up), "dropped": float(dropped)})
+            rows.append({**rows[-1], "round": rnd, "bytes": float(down + up), "dropped": float(dropped), **screened})
             continue
         if lora_run:
             step = _round_update(states, weights, adapters, strategy.alpha, strategy.scale)
@@ -129,7 +147,7 @@ def run(cfg: dict[str, Any], rounds: int) -> list[dict[str, float]]:
         _, acc = evaluate(global_model, ds.x_test, ds.y_test)
         rows.append({"round": rnd, "accuracy": acc, "bytes": float(down + up), "agg_error": err,
                      "rel_error": err / mean if mean else 0.0, "step_error": err / step if step else 0.0,
-                     "dropped": float(dropped)})  # fmt: skip
+                     "dropped": float(dropped), **screened})  # fmt: skip
     return rows
 
 
@@ -146,6 +164,9 @@ def main() -> None:
     p.add_argument("--settings", default="equal,mixed")
     p.add_argument("--lr", type=float, default=0.05, help="local SGD lr of full fine-tuning")
     p.add_argument("--lora-lr", type=float, default=0.05, help="local SGD lr of the LoRA runs")
+    p.add_argument("--optimizer", default="sgd", help="the clients' local optimizer (fedfuse's --optimizer)")
+    p.add_argument("--screening", choices=["off", "default"], default="off",
+                   help="screen replies as the Flower path does (default) or not (off)")  # fmt: skip
     p.add_argument("--only", default="", help="comma-separated method labels to run (default: all)")
     p.add_argument("--lora-head", default="auto", help="lora-head of the LoRA runs (auto: the output layer trained)")
     p.add_argument("--lora-bias", default="none", help="lora-bias of the LoRA runs (none, lora_only, all)")
@@ -193,19 +214,19 @@ def main() -> None:
                             "pretrain-epochs": args.pretrain_epochs, "width": args.width, "depth": args.depth,
                             "client-init": args.client_init,
                             "lora-ranks": {"": "", "4": str(args.rank)}.get(ranks, args.mixed_ranks),
-                            "lr": args.lr if strategy == "fedavg" else args.lora_lr,
+                            "lr": args.lr if strategy == "fedavg" else args.lora_lr, "optimizer": args.optimizer,
                             **({} if strategy == "fedavg" else {"lora-head": args.lora_head,
                                                                 "lora-bias": args.lora_bias,
                                                                 "lora-alpha": args.lora_alpha,
                                                                 "lora-scale": args.lora_scale}),
                             **({"lora-refactor": args.lora_refactor} if strategy in OWNERS["lora-refactor"] else {}),
                         })  # fmt: skip
-                        runs.append(run(cfg, args.rounds))
+                        runs.append(run(cfg, args.rounds, screening=args.screening == "default"))
                     results[key] = runs
                     last = [r[-1]["accuracy"] for r in runs]
                     print(f"{key}: final acc {statistics.mean(last):.4f} ± {statistics.pstdev(last):.4f} "
                           f"({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
-    name = f"lora-{args.dataset}-{args.model}{'-' + args.tag if args.tag else ''}"
+    name = f"lora-{args.dataset}-{args.model.replace(':', '-')}{'-' + args.tag if args.tag else ''}"
     end = load_line()
     print(end, flush=True)
     load = load_header(start, end)
@@ -248,13 +269,15 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
         f"{' --lora-scale ' + args.lora_scale if _scale(args) != 'standard' else ''}"
         f"{' --lora-refactor product' if _refactor(args) == 'product' else ''} --width {args.width} --depth {args.depth} "
         f"--pretrain-epochs {args.pretrain_epochs}{' --client-init own' if _init(args) == 'own' else ''}"
+        f"{' --optimizer ' + args.optimizer if getattr(args, 'optimizer', 'sgd') != 'sgd' else ''}"
+        f"{' --screening default' if getattr(args, 'screening', 'off') == 'default' else ''}"
         f"{' --tag ' + args.tag if args.tag else ''}` "
         f"({seconds / 60:.0f} min, 1 thread).",
         "",
         *([load, ""] if load else []),
         f"Base: pretrained centrally on the training samples of classes 0-4 ({args.pretrain_epochs} epochs); "
         f"federated task: all 10 classes, Dirichlet(α) over {args.num_clients} clients, every client every round. "
-        f"LoRA on every Linear but the lora-head (alpha {args.lora_alpha:g}, scale "
+        f"LoRA on every Linear/Conv2d but the lora-head (alpha {args.lora_alpha:g}, scale "
         f"{'alpha/√r (rslora)' if _scale(args) == 'rslora' else 'alpha/r'}); head trained fully: "
         f"{args.lora_head}, trainable biases: {args.lora_bias}; equal ranks {args.rank}, mixed ranks "
         f"{args.mixed_ranks} cycled over clients. "
@@ -266,11 +289,17 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
         "rounds; per round update: the same error / ‖U − s·B₀·A₀‖_F, mean over rounds; FedEx-LoRA folds that gap "
         "into the base (its applied update is exact), FLoRA's stacking is exact by construction (0). fedex-lora and "
         f"svd-lora re-factorise {'the mean of the clients products (--lora-refactor product)' if _refactor(args) == 'product' else 'U'}. "
-        "Diverged updates (non-finite) are left out of the round, as the Flower path's validation rejects them.",
+        "Diverged updates (non-finite) are left out of the round, as the Flower path's validation rejects them. "
+        + (
+            "Replies screened as the Flower path screens them (--screening default): last column, updates clipped "
+            "(norm bound) / rejected over all runs and rounds."
+            if getattr(args, "screening", "off") == "default"
+            else "No other screening (--screening off)."
+        ),
         "",
         "| setting | method | base acc | final acc | best acc | bytes/round (MB) | bytes vs full | rel. agg. error "
-        "| error / round update | diverged updates |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| error / round update | diverged updates | clipped / rejected |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     full_bytes: dict[str, float] = {}
     for key, runs in results.items():
@@ -286,7 +315,9 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
             f"| {setting} | {label} | {_ms([r[0]['accuracy'] for r in runs])} | {_ms([r[-1]['accuracy'] for r in runs])} "
             f"| {_ms([max(x['accuracy'] for x in r) for r in runs])} | {byt / 1e6:.3f} | {ratio} | {_ms(err, 1.0, 3)} "
             f"| {_ms(step, 1.0, 3)} "
-            f"| {sum(x.get('dropped', 0) for r in runs for x in r):.0f} |"
+            f"| {sum(x.get('dropped', 0) for r in runs for x in r):.0f} "
+            f"| {sum(x.get('clipped', 0) for r in runs for x in r):.0f} / "
+            f"{sum(x.get('rejected', 0) for r in runs for x in r):.0f} |"
         )
     lines += ["", "## Accuracy per round (mean over seeds, percent)", ""]
     rounds = len(next(iter(results.values()))[0])

@@ -85,3 +85,30 @@ def test_lora_scale_reaches_the_runs_and_the_report_pairs_gains(tmp_path, monkey
              for s, h in zip(rs["runs"][key], rs["runs"]["α=0.5 mixed: HetLoRA (pad)"], strict=True)]  # fmt: skip
     assert row.split(" | ")[4] == f"{sum(curve) / 2:+.1f} ± {abs(curve[0] - curve[1]) / 2:.1f}"
     assert "--lora-scale" not in (tmp_path / "lora-digits-mlp-std.md").read_text()
+
+
+def test_screening_clips_a_blown_up_client_as_the_flower_path_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--screening default: a client whose adapters come back 100× too large is clipped to the norm bound (the run
+    stays where the honest ones take it); --screening off aggregates it as it is."""
+    from benchmarks import lora as bench
+    from strategies.registry import validate_config
+
+    real, calls = bench.local_train, []
+
+    def blow_up_client_0(cfg, model, x, y, plan):  # type: ignore[no-untyped-def]
+        result = real(cfg, model, x, y, plan)
+        if len(calls) % 3 == 0:
+            for name, param in model.named_parameters():
+                if name.endswith("lora_B"):
+                    param.data.mul_(100.0)
+        calls.append(1)
+        return result
+
+    monkeypatch.setattr(bench, "local_train", blow_up_client_0)
+    cfg = validate_config({"dataset": "digits", "num-clients": 3, "alpha": 1.0, "seed": 0, "pretrain": "low-classes",
+                           "pretrain-epochs": 2, "lora-ranks": "4", "local-epochs": 2, "lr": 0.05,
+                           "strategy": "fedex-lora"})  # fmt: skip
+    screened = bench.run(cfg, 2, screening=True)
+    plain = bench.run(cfg, 2, screening=False)
+    assert [r["clipped"] for r in screened[1:]] == [1.0, 1.0] and all(r["clipped"] == 0 for r in plain)
+    assert screened[-1]["accuracy"] > plain[-1]["accuracy"] + 0.1, (screened[-1], plain[-1])
