@@ -185,3 +185,34 @@ def test_merge_reads_peft_save_pretrained_directories_on_a_base(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a PEFT adapter directory (adapters only, no base); pass --lora-base FILE" in err[0]
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("scale", ["standard", "rslora"])
+def test_a_peft_adapter_becomes_fedfuses_adapters_with_the_same_function(tmp_path, scale):
+    """as_client_adapters: a PEFT save_pretrained adapter (conv and linear factors, a saved head, its own alpha)
+    loaded into fedfuse's LoRA model on the same base computes what the PEFT model computes."""
+    from peft import LoraConfig, get_peft_model
+
+    from fedfuse.lora.fold import as_client_adapters, read_peft_adapter
+    from fedfuse.lora.run import frozen_state
+
+    def base() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8), nn.ReLU(),
+                             nn.Linear(8, 3))  # fmt: skip
+
+    peft = get_peft_model(base(), LoraConfig(r=2, lora_alpha=7, target_modules=["0", "3"], modules_to_save=["5"],
+                                             use_rslora=scale == "rslora"))  # fmt: skip
+    with torch.no_grad():
+        for p in peft.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    peft.save_pretrained(str(tmp_path / "site"))
+    ours = inject_lora(base(), "0,3", rank=2, alpha=3.0, head=["5"])
+    adapter, alpha, got_scale = read_peft_adapter(tmp_path / "site")
+    state = as_client_adapters(adapter, alpha, got_scale, ours)
+    assert set(state) == {"0.lora_A", "0.lora_B", "3.lora_A", "3.lora_B", "5.weight", "5.bias"}
+    ours.load_state_dict({**frozen_state(ours), **state})
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), peft.eval()(x), atol=1e-5)
