@@ -88,7 +88,7 @@ def run(cfg: dict[str, Any], rounds: int, screening: bool = False) -> list[dict[
     _, acc = evaluate(global_model, ds.x_test, ds.y_test)
     rows = [{"round": 0, "accuracy": acc, "bytes": 0.0, "agg_error": 0.0, "rel_error": 0.0, "step_error": 0.0,
              "dropped": 0.0, "clipped": 0.0, "rejected": 0.0}]  # fmt: skip
-    screen_config = strategy.screening if strategy is not None else ScreeningConfig()
+    screen_config = ScreeningConfig.from_config(cfg)  # the run's screening options (defaults: the Flower path's)
     for rnd in range(1, rounds + 1):
         states, weights, down, up, dropped, steps, sents = [], [], 0, 0, 0, [], []
         adapters = {k: state[k] for k in adapter_keys(state)} if lora_run else {}
@@ -165,8 +165,14 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.05, help="local SGD lr of full fine-tuning")
     p.add_argument("--lora-lr", type=float, default=0.05, help="local SGD lr of the LoRA runs")
     p.add_argument("--optimizer", default="sgd", help="the clients' local optimizer (fedfuse's --optimizer)")
-    p.add_argument("--screening", choices=["off", "default"], default="off",
-                   help="screen replies as the Flower path does (default) or not (off)")  # fmt: skip
+    p.add_argument(
+        "--screening",
+        choices=["off", "default"],
+        default="off",
+        help="screen replies as the Flower path does (default) or not (off)",
+    )
+    p.add_argument("--direction-guard", choices=["median", "off"], default="median",
+                   help="with --screening default: the direction guard (fedfuse's --direction-guard)")  # fmt: skip
     p.add_argument("--only", default="", help="comma-separated method labels to run (default: all)")
     p.add_argument("--lora-head", default="auto", help="lora-head of the LoRA runs (auto: the output layer trained)")
     p.add_argument("--lora-bias", default="none", help="lora-bias of the LoRA runs (none, lora_only, all)")
@@ -215,6 +221,7 @@ def main() -> None:
                             "client-init": args.client_init,
                             "lora-ranks": {"": "", "4": str(args.rank)}.get(ranks, args.mixed_ranks),
                             "lr": args.lr if strategy == "fedavg" else args.lora_lr, "optimizer": args.optimizer,
+                            "direction-guard": args.direction_guard,
                             **({} if strategy == "fedavg" else {"lora-head": args.lora_head,
                                                                 "lora-bias": args.lora_bias,
                                                                 "lora-alpha": args.lora_alpha,
@@ -271,6 +278,7 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
         f"--pretrain-epochs {args.pretrain_epochs}{' --client-init own' if _init(args) == 'own' else ''}"
         f"{' --optimizer ' + args.optimizer if getattr(args, 'optimizer', 'sgd') != 'sgd' else ''}"
         f"{' --screening default' if getattr(args, 'screening', 'off') == 'default' else ''}"
+        f"{' --direction-guard off' if getattr(args, 'direction_guard', 'median') == 'off' else ''}"
         f"{' --tag ' + args.tag if args.tag else ''}` "
         f"({seconds / 60:.0f} min, 1 thread).",
         "",
