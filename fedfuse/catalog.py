@@ -12,6 +12,7 @@ import math
 __all__ = [
     "ATTACKS",
     "PRETRAIN_TASKS",
+    "LORA_ALPHA",
     "LORA_SCALES",
     "SYNTHETIC_REASON",
     "dataset_problem",
@@ -33,6 +34,7 @@ SYNTHETIC_REASON = (
     "(e.g. synthetic:0.5,0.5)"
 )
 PRETRAIN_TASKS = ("none", "low-classes")  # --pretrain: how a LoRA run's base is made (fedfuse.lora.run)
+LORA_ALPHA = 4.0  # --lora-alpha: the LoRA scale numerator, s = alpha / r (a run's, merge's and the strategies' default)
 LORA_SCALES = ("standard", "rslora")  # --lora-scale: s = alpha / r, s = alpha / √r (PEFT's use_rslora)
 PARTITIONS = ("iid", "dirichlet", "pathological", "quantity")
 MODEL_NAMES = ("mlp", "cnn", "resnet20", "rnn", "lstm", "gru")

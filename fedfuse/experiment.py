@@ -228,14 +228,15 @@ def load_init_state(
     from fedfuse.checkpoint import check_read_state, read_state_dict
     from fedfuse.lora.fold import as_client_adapters, is_peft_dir, read_peft_adapter
 
-    if is_peft_dir(path) and not lora:
+    peft = is_peft_dir(path)
+    if peft and not lora:
         raise ConfigError(f"{what}: {str(path)!r} is a PEFT adapter directory; it needs a LoRA run (--lora-rank)")
     if not lora:
         return read_state_dict(path, template.state_dict(), what=what)
     from fedfuse.lora.run import frozen_state
 
     hint = "pass the --base/--pretrain, --lora-rank(s), --lora-targets and --lora-head it was trained with"
-    if not is_peft_dir(path):
+    if not peft:
         return read_state_dict(path, template.state_dict(), what=what, hint=hint, fixed=frozen_state(template))
     try:
         adapter, alpha, scale = read_peft_adapter(path)

@@ -32,6 +32,7 @@ from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 
 from fedfuse import lora
+from fedfuse.catalog import LORA_ALPHA
 from fedfuse.config import Option
 from fedfuse.errors import ConfigError
 from fedfuse.experiment import derive_seed
@@ -54,7 +55,9 @@ def _settings(
 ) -> tuple[float, str, Sequence[str]]:
     """(alpha, scale, train_keys): those given, the rest read from ``model`` (:func:`fedfuse.lora.lora_settings`),
     else alpha 4, the standard scale, no dense keys. A given value the model contradicts is a ConfigError."""
-    own = lora.lora_settings(model) if model is not None else {"alpha": 4.0, "scale": "standard", "train_keys": []}
+    own = (
+        lora.lora_settings(model) if model is not None else {"alpha": LORA_ALPHA, "scale": "standard", "train_keys": []}
+    )
     for name, given in (("alpha", alpha), ("scale", scale)):
         if model is not None and given is not None and given != own[name]:
             raise ConfigError(f"{name}={given!r} contradicts the model's LoRA layers ({name} {own[name]!r}); "

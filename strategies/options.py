@@ -8,7 +8,7 @@ are repeated here, and ``tests/test_startup.py`` checks both agree.
 
 from __future__ import annotations
 
-from fedfuse.catalog import LORA_SCALES, positive_ints_reason
+from fedfuse.catalog import LORA_ALPHA, LORA_SCALES, positive_ints_reason
 from fedfuse.config import SERVER_OPTIONS, Option
 from fedfuse.screening_options import ROBUST_OPTIONS
 
@@ -96,7 +96,7 @@ LORA_OPTIONS = (
            "adapters have the largest", check_value=positive_ints_reason),
     Option("lora-targets", str, "", "LoRA: comma-separated module-name globs of the Linear/Conv2d layers to adapt, "
            "PAT:R for a rank of its own (empty = every Linear/Conv2d but the lora-head)"),
-    Option("lora-alpha", float, 4.0, "LoRA: the update is (alpha / rank)·B·A", low=0.0, low_open=True),
+    Option("lora-alpha", float, LORA_ALPHA, "LoRA: the update is (alpha / rank)·B·A", low=0.0, low_open=True),
     Option("lora-scale", str, "standard", "LoRA: the scale of the update s·B·A: standard = alpha / rank (PEFT's "
            "default), rslora = alpha / sqrt(rank) (rank-stabilised, PEFT's use_rslora)",
            choices=LORA_SCALES),

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedfuse.catalog import PRETRAIN_TASKS
+from fedfuse.catalog import LORA_ALPHA, PRETRAIN_TASKS
 from fedfuse.catalog import positive_ints_reason as ranks_reason  # noqa: F401  (a lora-ranks value's check)
 from fedfuse.errors import ConfigError
 from fedfuse.lora.layers import check_alpha, check_scale, head_modules, inject_lora, target_modules, travelling_state
@@ -150,7 +150,7 @@ def adapt_model(
     with torch.random.fork_rng(devices=[]):  # the adapters' init (A) depends on the seed alone
         torch.manual_seed(derive_seed(int(cfg["seed"] if seed is None else seed), 61))
         return inject_lora(
-            model, targets, rank, float(cfg.get("lora-alpha", 4.0)), head, str(cfg.get("lora-bias", "none")),
+            model, targets, rank, float(cfg.get("lora-alpha", LORA_ALPHA)), head, str(cfg.get("lora-bias", "none")),
             str(cfg.get("lora-scale", "standard")),
         )  # fmt: skip
 
@@ -165,7 +165,7 @@ def check_lora(cfg: Mapping[str, Any], ds: Any, model: nn.Module) -> None:
         head = lora_head(cfg, ds, model)
         for rank in sorted(set(lora_ranks(cfg))):
             target_modules(model, targets, rank, exclude=head)
-        check_alpha(cfg.get("lora-alpha", 4.0))
+        check_alpha(cfg.get("lora-alpha", LORA_ALPHA))
         check_scale(str(cfg.get("lora-scale", "standard")))
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fedfuse.catalog import LORA_ALPHA
 from fedfuse.checkpoint import read_state_dict
 from fedfuse.errors import ConfigError
 
@@ -152,7 +153,7 @@ def load_parent(
     template: nn.Module,
     model: str,
     input_shape: Sequence[int] = (),
-    lora_alpha: float = 4.0,
+    lora_alpha: float = LORA_ALPHA,
     lora_scale: str = "standard",
     folded: list[bool] | None = None,
     lora_base: dict[str, Tensor] | None = None,

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fedfuse.catalog import LORA_ALPHA
 from fedfuse.checkpoint import read_state_dict
 from fedfuse.errors import ConfigError, RunFailedError
 from fedfuse.merge.inputs import Inputs, build_template, check_fits, load_inputs, load_parent
@@ -84,7 +85,7 @@ class MergeRequest:
     dtype: str | None = None
     reference: int | None = None
     overwrite: bool = False
-    lora_alpha: float = 4.0  # LoRA parents: s = alpha / r (standard) or alpha / √r (rslora); fedfuse's default
+    lora_alpha: float = LORA_ALPHA  # LoRA parents: s = alpha / r (standard) or alpha / √r (rslora); fedfuse's default
     lora_scale: str = "standard"
     lora_base: str | None = None  # PEFT adapter directories (save_pretrained): the base model's state dict
 
