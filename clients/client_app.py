@@ -218,7 +218,7 @@ def _train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
         metrics["bytes-sent"] = sum(v.numel() * v.element_size() for v in state.values())
     if attack is not None and attack[0] in OMNISCIENT:  # it knows the honest updates (alie, ipm, adaptive)
         state, claim, steps = omniscient_reply(*attack, cfg, _received_state(msg), server_round, result.num_examples,
-                                               result.steps)  # fmt: skip
+                                               result.steps, own=pid)  # fmt: skip
         metrics[protocol.NUM_EXAMPLES], metrics["local-steps"] = claim, steps
     elif attack is not None:
         state = poison_state(*attack, state, _received_state(msg))

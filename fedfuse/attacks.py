@@ -95,25 +95,32 @@ _HONEST: dict[tuple, list[tuple[dict[str, Tensor], int, int]]] = {}  # one round
 
 
 def honest_updates(
-    cfg: Mapping[str, Any], sent: Mapping[str, Tensor], server_round: int
+    cfg: Mapping[str, Any], sent: Mapping[str, Tensor], server_round: int, own: int | None = None
 ) -> list[tuple[dict[str, Tensor], int, int]]:
     """(Δ_j, num-examples, local steps) of every honest client of the round, recomputed as they train (same
-    data, plan and seeds) from the model ``sent``; cached per process, so colluders share one computation."""
+    data, plan and seeds) from the model ``sent``, on the entries sent; cached per process, so colluders share
+    one computation. ``own``: the attacker's partition, whose model (its width, its LoRA rank) every honest
+    client is simulated in, so the updates fit what it sends (default: each honest client's own model)."""
     from fedfuse.experiment import client_data, client_model, dataset_for, local_plan, local_train
+    from fedfuse.lora.run import load_received, lora_on
 
     n = int(cfg["num-clients"])
     bad = set(attacker_ids(int(cfg["seed"]), n, int(cfg.get("attackers", 0))))
-    fingerprint = tuple(float(v.double().sum()) for v in sent.values() if torch.is_floating_point(v))
+    fingerprint = tuple((tuple(v.shape), float(v.double().sum())) for v in sent.values() if torch.is_floating_point(v))
     key = (str(cfg.get("attack")), int(cfg["seed"]), n, server_round, fingerprint)
     if key not in _HONEST:
         _HONEST.clear()
         ds, out = dataset_for(cfg), []
         for pid in (p for p in range(n) if p not in bad):
             x, y = client_data(cfg, pid, n)
-            model = client_model(cfg, ds, pid)
-            model.load_state_dict(dict(sent))
+            model = client_model(cfg, ds, pid if own is None else own)
+            if lora_on(cfg):  # adapters (and folded base weights) only: the frozen base is the client's own
+                load_received(model, sent)
+            else:
+                model.load_state_dict(dict(sent))
             result = local_train(cfg, model, x, y, local_plan(cfg, pid, server_round, len(x)))
-            delta = {k: v.detach() - sent[k] for k, v in model.state_dict().items() if torch.is_floating_point(v)}
+            delta = {k: v.detach() - sent[k] for k, v in model.state_dict().items()
+                     if k in sent and torch.is_floating_point(v)}  # fmt: skip
             out.append((delta, result.num_examples, result.steps))
         _HONEST[key] = out
     return _HONEST[key]
@@ -121,10 +128,11 @@ def honest_updates(
 
 def omniscient_reply(
     kind: str, value: float, cfg: Mapping[str, Any], sent: Mapping[str, Tensor], server_round: int,
-    num_examples: int, steps: int,
+    num_examples: int, steps: int, own: int | None = None,
 ) -> tuple[dict[str, Tensor], float, float]:  # fmt: skip
-    """(state, claimed num-examples, claimed local steps) an ``alie`` / ``ipm`` / ``adaptive`` attacker sends."""
-    honest = honest_updates(cfg, sent, server_round)
+    """(state, claimed num-examples, claimed local steps) an ``alie`` / ``ipm`` / ``adaptive`` attacker of
+    partition ``own`` sends (the entries it was sent, moved)."""
+    honest = honest_updates(cfg, sent, server_round, own)
     keys = list(honest[0][0])
     stack = {k: torch.stack([d[k].double() for d, _, _ in honest]) for k in keys}
     mean = {k: v.mean(0) for k, v in stack.items()}
