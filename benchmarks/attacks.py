@@ -1,6 +1,6 @@
 """Attack × strategy matrix with fedfuse's defences, and what they cost on clean runs (inline).
 
-    python benchmarks/attacks.py [--shard i/n] [--out DIR]   # resumable; writes DIR/attacks.md (+ .shard*.json)
+    python benchmarks/attacks.py [--suite mlp|lora] [--shard i/n] [--out DIR]   # resumable; DIR/attacks.md (+ .json)
 
 Digits MLP, 3 rounds, seeds 0-2 in every cell. Attacks (``fedfuse.attacks``): 1 attacker of 5 clients, 2 of 10
 and 3 of 10 (drawn from the seed), Dirichlet α = 0.3, against fedavg, wb and match, with the shipped defaults
@@ -11,6 +11,10 @@ Two references per setting: ``none`` (every client honest) and ``absent`` — th
 non-IID data costs accuracy by itself. Clean runs (no attacker): Dirichlet α = 0.1 and 1 and quantity skew
 (α = 0.3), 10 clients, seeds 0-2, with every defence off (``OFF``), the defaults and ``median``. Jobs run in
 priority order (fedavg first), so a partial run still fills whole columns.
+
+``--suite lora`` (DIR/attacks-lora.md): the same matrix on federated LoRA fine-tuning — fedavg-lora and fedex-lora,
+rank 4 adapters on the digits MLP pretrained centrally on classes 0-4 (``pretrain low-classes``), 5 rounds; the
+attackers send adapters (and the head) as honest LoRA clients do.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,10 +49,27 @@ ATTACK_DEFENCES = ("defaults", "median")
 CLEAN = [("dirichlet", 0.1), ("dirichlet", 1.0), ("quantity", 0.3)]
 SEEDS = [0, 1, 2]
 BASE = {"dataset": "digits", "model": "mlp", "num-rounds": 3}
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A matrix: its strategies, the run options every cell shares and the file name of its results."""
+
+    strategies: tuple[str, ...]
+    base: dict
+    name: str
+    what: str
+
+
+SUITES = {
+    "mlp": Suite(tuple(STRATEGIES), BASE, "attacks", "digits MLP, 3 rounds"),
+    "lora": Suite(("fedavg-lora", "fedex-lora"), {**BASE, "num-rounds": 5, "pretrain": "low-classes", "lora-rank": 4},
+                  "attacks-lora", "digits MLP pretrained on classes 0-4, LoRA rank 4, 5 rounds"),
+}  # fmt: skip
 COUNTS = ("rejected", "clipped", "capped", "projected", "skipped", "diverged")
 
 
-def run_cell(cfg: dict) -> dict:
+def run_cell(cfg: dict, base: dict = BASE) -> dict:
     from clients.client_app import app
     from fedfuse.results import load_metrics
     from fedfuse.runners.inline import InlineGrid
@@ -57,7 +79,7 @@ def run_cell(cfg: dict) -> dict:
     out = Path(tempfile.mkdtemp(prefix="attacks-"))
     t0 = time.perf_counter()
     try:
-        run_server(InlineGrid(app, int(cfg["num-clients"])), validate_config({**BASE, **cfg, "out": str(out)}))
+        run_server(InlineGrid(app, int(cfg["num-clients"])), validate_config({**base, **cfg, "out": str(out)}))
     except Exception as exc:  # noqa: BLE001 — a crash is a result here
         shutil.rmtree(out, ignore_errors=True)
         return {"crashed": f"{type(exc).__name__}: {exc}"[:200], "seconds": time.perf_counter() - t0}
@@ -67,10 +89,10 @@ def run_cell(cfg: dict) -> dict:
     return res | {k: int(sum(r.get(k, 0) for r in rows[1:])) for k in COUNTS}
 
 
-def jobs() -> list[tuple[str, dict]]:
-    """(key, config) in priority order: fedavg's attack matrix and clean runs first, then wb, then match."""
+def jobs(suite: Suite = SUITES["mlp"]) -> list[tuple[str, dict]]:
+    """(key, config) in priority order: the first strategy's attack matrix and clean runs first, then the next."""
     out = []
-    for s in STRATEGIES:
+    for s in suite.strategies:
         for n, k in SETTINGS:
             for a in ATTACKS:
                 for d in ATTACK_DEFENCES:
@@ -91,6 +113,7 @@ def main() -> None:
     import logging
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", choices=sorted(SUITES), default="mlp", help="mlp: fedavg/wb/match; lora: LoRA strategies")
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th job from the i-th (parallel processes)")
     p.add_argument("--table-only", action="store_true", help="only rewrite attacks.md from the JSON files")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
@@ -99,17 +122,18 @@ def main() -> None:
     logging.disable(logging.WARNING)
     results_dir = args.out
     results_dir.mkdir(parents=True, exist_ok=True)
-    json_path = results_dir / f"attacks.shard{shard}.json"
-    results = load_results(results_dir)
+    suite = SUITES[args.suite]
+    json_path = results_dir / f"{suite.name}.shard{shard}.json"
+    results = load_results(results_dir, suite)
     start = load_line()
     if not args.table_only:
         print(start, flush=True)
     ran = False
-    for i, (key, cfg) in enumerate(jobs()):
+    for i, (key, cfg) in enumerate(jobs(suite)):
         if args.table_only or i % shards != shard or key in results:
             continue
         mine = json.loads(json_path.read_text()) if json_path.exists() else {}
-        mine[key] = results[key] = run_cell(cfg)
+        mine[key] = results[key] = run_cell(cfg, suite.base)
         print(key, _cell([results[key]]), f"{results[key]['seconds']:.1f}s", flush=True)
         json_path.write_text(json.dumps(mine, indent=1))
         ran = True
@@ -120,22 +144,22 @@ def main() -> None:
             mine = json.loads(json_path.read_text())
             note_load(mine, start, end)
             json_path.write_text(json.dumps(mine, indent=1))
-    write_table(results, results_dir / "attacks.md", load_records(results_dir))
+    write_table(results, results_dir / f"{suite.name}.md", load_records(results_dir, suite), suite)
 
 
-def load_results(results_dir: Path) -> dict[str, dict]:
-    """Every measured cell of the per-shard files (keys with a seed: the 3-seed matrix)."""
+def load_results(results_dir: Path, suite: Suite = SUITES["mlp"]) -> dict[str, dict]:
+    """Every measured cell of the suite's per-shard files (keys with a seed: the 3-seed matrix)."""
     results: dict[str, dict] = {}
-    for path in sorted(results_dir.glob("attacks*.json")):
+    for path in sorted(results_dir.glob(f"{suite.name}.shard*.json")):
         data = json.loads(path.read_text())
         results |= {k: v for k, v in data.items() if k.count("|") == {"attack": 6, "clean": 4}.get(k.split("|")[0])}
     return results
 
 
-def load_records(results_dir: Path) -> dict[str, list[str]]:
-    """The load lines every shard file recorded (:func:`benchmarks.common.note_load`), merged."""
+def load_records(results_dir: Path, suite: Suite = SUITES["mlp"]) -> dict[str, list[str]]:
+    """The load lines every shard file of the suite recorded (:func:`benchmarks.common.note_load`), merged."""
     loads: list[str] = []
-    for path in sorted(results_dir.glob("attacks*.json")):
+    for path in sorted(results_dir.glob(f"{suite.name}.shard*.json")):
         loads += json.loads(path.read_text()).get("loads", [])
     return {"loads": loads}
 
@@ -188,11 +212,12 @@ def holds(results: dict[str, dict], s: str = "fedavg", limit: float = 3.0) -> li
     return lines
 
 
-def write_table(results: dict[str, dict], path: Path, loads: dict | None = None) -> None:
+def write_table(results: dict[str, dict], path: Path, loads: dict | None = None, suite: Suite = SUITES["mlp"]) -> None:
+    command = "python benchmarks/attacks.py" + ("" if suite.name == "attacks" else f" --suite {suite.name[8:]}")
     lines = [
         "# Attacks × strategies with fedfuse's defences, and their cost on clean runs",
         "",
-        "Command: `python benchmarks/attacks.py` (inline; digits MLP, 3 rounds, seeds 0-2; attacks with Dirichlet",
+        f"Command: `{command}` (inline; {suite.what}, seeds 0-2; attacks with Dirichlet",
         "α = 0.3). Cell: mean final central accuracy over the 3 seeds ± half its range, (gap to `none` / gap to",
         "`absent`, in points), then the updates over the runs that were **r**ejected, **c**lipped (norm bound),",
         "had their claim **c**apped, and **p**rojected (direction guard). `none`: every client honest. `absent`:",
@@ -201,7 +226,9 @@ def write_table(results: dict[str, dict], path: Path, loads: dict | None = None)
         "num-examples capped at 10 × the round's median, claimed local steps at 10 × its 70th percentile),",
         "direction-guard median with trusted-data 100 (the guard's reference is the server's own update g₀ on 100",
         "labelled training examples, `fedfuse/trust.py`; the norm bound's 3 × shrinks to 1 × for an update at",
-        "cosine ≤ 0 with g₀), robust none. `median`: the defaults with `--trusted-data 0` (a server without",
+        "cosine ≤ 0 with g₀; an update keeps its whole weight down to cosine −b with g₀, b = 3σ − median of the",
+        "round's cosines with g₀ within [0.05, 0.4], none left at −b − 0.25), robust none. `median`: the defaults",
+        "with `--trusted-data 0` (a server without",
         "labelled data: the guard's reference is the round's coordinate median of the updates).",
         "`–`: not measured.",
         "",
@@ -209,10 +236,10 @@ def write_table(results: dict[str, dict], path: Path, loads: dict | None = None)
         "",
         "## What holds",
         "",
-        *(line for s in STRATEGIES for line in holds(results, s)),
+        *(line for s in suite.strategies for line in holds(results, s)),
         "",
     ]
-    cols = [(s, d) for s in STRATEGIES for d in ATTACK_DEFENCES]
+    cols = [(s, d) for s in suite.strategies for d in ATTACK_DEFENCES]
     for n, k in SETTINGS:
         lines += [f"## {k} attacker(s) of {n} clients", "",
                   "| attack | " + " | ".join(f"{s} {d}" for s, d in cols) + " |", "|---|" + "---|" * len(cols)]  # fmt: skip
@@ -237,7 +264,7 @@ def write_table(results: dict[str, dict], path: Path, loads: dict | None = None)
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for part, alpha in CLEAN:
-        for s in STRATEGIES:
+        for s in suite.strategies:
             runs = {d: [results.get(f"clean|{s}|{part}:{alpha}|{seed}|{d}") for seed in SEEDS] for d in DEFENCES}
             means = {d: _mean(rs) if None not in rs else None for d, rs in runs.items()}  # type: ignore[arg-type]
             if means["off"] is None or means["defaults"] is None:

@@ -12,7 +12,8 @@ model from the same base (every parameter trained, the whole model both ways).
 Bytes per round = array bytes sent to the sampled clients + received from them (all clients every round).
 ``--screening default`` screens every round's replies as the Flower path does (:func:`fedfuse.screening.screen_round`
 with the strategy's default :class:`~fedfuse.screening.ScreeningConfig`: norm bound with clipping, claim caps, the
-direction guard from round 2 of a run that starts apart); ``off`` (the default, as every report before 2026-12-06)
+direction guard from round 2 of a run that starts apart, against the server's own update g₀ on ``--trusted-data``
+examples, 100 by default, as the LoRA strategies since 2026-12-07; 0: the round's median); ``off`` (the default, as every report before 2026-12-06)
 aggregates every finite reply.
 """
 
@@ -41,6 +42,7 @@ from fedfuse.replies import Reply  # noqa: E402
 from fedfuse.screening import ScreeningConfig, screen_round  # noqa: E402
 from fedfuse.state import torch_threads, weighted_average  # noqa: E402
 from fedfuse.train import evaluate  # noqa: E402
+from fedfuse.trust import trusted_reference  # noqa: E402
 from strategies.registry import OWNERS, resolve_strategy, validate_config  # noqa: E402
 
 # (label, strategy, ranks): equal ranks vs mixed ranks (cycled over clients)
@@ -89,6 +91,7 @@ def run(cfg: dict[str, Any], rounds: int, screening: bool = False) -> list[dict[
     rows = [{"round": 0, "accuracy": acc, "bytes": 0.0, "agg_error": 0.0, "rel_error": 0.0, "step_error": 0.0,
              "dropped": 0.0, "clipped": 0.0, "rejected": 0.0}]  # fmt: skip
     screen_config = ScreeningConfig.from_config(cfg)  # the run's screening options (defaults: the Flower path's)
+    trusted = trusted_reference(cfg, global_model) if screening else None  # g₀ (trusted-data), as the strategies'
     for rnd in range(1, rounds + 1):
         states, weights, down, up, dropped, steps, sents = [], [], 0, 0, 0, [], []
         adapters = {k: state[k] for k in adapter_keys(state)} if lora_run else {}
@@ -128,8 +131,9 @@ def run(cfg: dict[str, Any], rounds: int, screening: bool = False) -> list[dict[
         if screening and states:
             replies = [Reply(st, w, n) for st, w, n in zip(states, weights, steps, strict=True)]
             guard = not (init_mode(cfg) != "shared" and rnd == 1)  # the Flower path's: apart clients share no start
+            use = trusted is not None and guard and len(states) >= 3  # as FedFuseStrategy.aggregate_train
             rs = screen_round(rnd, [f"client{i}" for i in range(len(states))], replies, sents, screen_config,
-                              direction=guard)  # fmt: skip
+                              direction=guard, reference=trusted(state, rnd) if use else None)  # fmt: skip
             states, weights = rs.states, rs.weights
             screened = {"clipped": rs.stats["clipped"], "rejected": rs.stats["rejected"]}
         if not states:  # every update diverged: the round keeps the previous model
@@ -173,6 +177,9 @@ def main() -> None:
     )
     p.add_argument("--direction-guard", choices=["median", "off"], default="median",
                    help="with --screening default: the direction guard (fedfuse's --direction-guard)")  # fmt: skip
+    p.add_argument("--trusted-data", type=int, default=100,
+                   help="with --screening default: the guard's reference, g₀ on N labelled examples (0: the round's "
+                   "median, the LoRA strategies' only reference before 2026-12-07)")  # fmt: skip
     p.add_argument("--only", default="", help="comma-separated method labels to run (default: all)")
     p.add_argument("--lora-head", default="auto", help="lora-head of the LoRA runs (auto: the output layer trained)")
     p.add_argument("--lora-bias", default="none", help="lora-bias of the LoRA runs (none, lora_only, all)")
@@ -221,7 +228,7 @@ def main() -> None:
                             "client-init": args.client_init,
                             "lora-ranks": {"": "", "4": str(args.rank)}.get(ranks, args.mixed_ranks),
                             "lr": args.lr if strategy == "fedavg" else args.lora_lr, "optimizer": args.optimizer,
-                            "direction-guard": args.direction_guard,
+                            "direction-guard": args.direction_guard, "trusted-data": args.trusted_data,
                             **({} if strategy == "fedavg" else {"lora-head": args.lora_head,
                                                                 "lora-bias": args.lora_bias,
                                                                 "lora-alpha": args.lora_alpha,
@@ -253,6 +260,15 @@ def _refactor(args: argparse.Namespace) -> str:
     return str(getattr(args, "lora_refactor", "product"))
 
 
+def _screened(args: argparse.Namespace) -> bool:
+    return getattr(args, "screening", "off") == "default"
+
+
+def _trusted(args: argparse.Namespace) -> int:
+    """The guard's trusted examples: records screened before --trusted-data used the round's median (0)."""
+    return int(getattr(args, "trusted_data", 0))
+
+
 def _init(args: argparse.Namespace) -> str:
     """Round 1's adapters: records written before --client-init started every client from the global ones."""
     return str(getattr(args, "client_init", "shared"))
@@ -277,8 +293,9 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
         f"{' --lora-refactor product' if _refactor(args) == 'product' else ''} --width {args.width} --depth {args.depth} "
         f"--pretrain-epochs {args.pretrain_epochs}{' --client-init own' if _init(args) == 'own' else ''}"
         f"{' --optimizer ' + args.optimizer if getattr(args, 'optimizer', 'sgd') != 'sgd' else ''}"
-        f"{' --screening default' if getattr(args, 'screening', 'off') == 'default' else ''}"
+        f"{' --screening default' if _screened(args) else ''}"
         f"{' --direction-guard off' if getattr(args, 'direction_guard', 'median') == 'off' else ''}"
+        f"{' --trusted-data ' + str(_trusted(args)) if _screened(args) and _trusted(args) != 100 else ''}"
         f"{' --tag ' + args.tag if args.tag else ''}` "
         f"({seconds / 60:.0f} min, 1 thread).",
         "",
@@ -300,8 +317,13 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
         "Diverged updates (non-finite) are left out of the round, as the Flower path's validation rejects them. "
         + (
             "Replies screened as the Flower path screens them (--screening default): last column, updates clipped "
-            "(norm bound) / rejected over all runs and rounds."
-            if getattr(args, "screening", "off") == "default"
+            "(norm bound) / rejected over all runs and rounds; the direction guard's reference: "
+            + (
+                f"the server's own update g₀ on {_trusted(args)} labelled examples."
+                if _trusted(args)
+                else "the round's median update (--trusted-data 0)."
+            )
+            if _screened(args)
             else "No other screening (--screening off)."
         ),
         "",

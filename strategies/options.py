@@ -112,9 +112,10 @@ LORA_REFACTOR_OPTION = Option(
     "model as it was), product = the mean of the clients' products s·B·A (with mixed ranks a lower-rank client "
     "counts the global components it never received as 0); the same with one rank", choices=("update", "product"),
 )  # fmt: skip
-# LoRA strategies screen updates but reduce adapters with their own rule (no robust reduction)
+# LoRA strategies screen updates but reduce adapters with their own rule (no robust reduction); the trusted
+# reference trains the server's copy of the LoRA model like a client (adapters and dense keys only)
 LORA_STRATEGY_OPTIONS = (
-    *(o for o in ROBUST_OPTIONS if o.name not in ("robust", "robust-fraction", "trusted-data")),
+    *(o for o in ROBUST_OPTIONS if o.name not in ("robust", "robust-fraction")),
     *LORA_OPTIONS,
 )
 BASE_OPTIONS = (*ROBUST_OPTIONS, *SERVER_OPTIONS)

@@ -154,7 +154,7 @@ def config_arguments(
 
     own = cls.config_kwargs(cfg, model=model, example_input=example_input)
     defences = {o.name.replace("-", "_"): cfg[o.name] for o in ROBUST_OPTIONS if o.name in cfg}
-    owns_trust = any(o.name == "trusted-data" for o in cls.options)  # FedPFN, layer-wise, LoRA: not theirs
+    owns_trust = any(o.name == "trusted-data" for o in cls.options)  # FedPFN, layer-wise: not theirs
     defences["trusted"] = trusted_reference(cfg, model) if defences.pop("trusted_data", 0) and owns_trust else None
     if int(cfg.get("distill-epochs", 0)):
         defences |= {"distill_epochs": int(cfg["distill-epochs"]), "distill_model": model}

@@ -36,9 +36,8 @@ def test_colluders_capture_the_median_reference_but_not_a_trusted_one(seed: int)
     assert cos(by_median) < 0 < 0.3 < cos(by_trust)
 
 
-def test_updates_near_orthogonal_to_the_trusted_reference_keep_their_weight() -> None:
-    """Weight factor against g₀: 1 down to cosine −0.05 (a noisy 100-example reference), then falling linearly to
-    none left at −0.30; the parts against g₀ are projected out either way."""
+def _round(cosines: list[float]) -> object:
+    """Updates at the given cosines with g₀ = e₀ (unit norm, equal claims), screened against g₀."""
     g = torch.zeros(400)
     g[0] = 1.0
 
@@ -47,12 +46,40 @@ def test_updates_near_orthogonal_to_the_trusted_reference_keep_their_weight() ->
         u[0], u[1] = cos, (1 - cos**2) ** 0.5
         return {"w": u}
 
-    cosines = [0.5, 0.2, -0.03, -0.175, -0.4]
-    res = screen_updates([update(c) for c in cosines], [{"w": torch.zeros(400)}] * 5, [10.0] * 5,
-                         direction="median", reference={"w": g})  # fmt: skip
-    assert res.weights[:3] == [10.0] * 3
-    assert res.weights[3] == pytest.approx(5.0, rel=1e-6) and res.weights[4] < 1e-4
+    n = len(cosines)
+    return screen_updates([update(c) for c in cosines], [{"w": torch.zeros(400)}] * n, [10.0] * n,
+                          direction="median", reference={"w": g})  # fmt: skip
+
+
+def test_updates_near_orthogonal_to_the_trusted_reference_keep_their_weight() -> None:
+    """Weight factor against g₀: 1 down to cosine −b, then falling linearly to none left at −b − 0.25. Where the
+    round's updates agree with g₀ closely the band b is its least (0.05: a noisy 100-example reference); the parts
+    against g₀ are projected out either way."""
+    from fedfuse.screening import cosine_band
+
+    cosines = [0.5, 0.45, 0.4, 0.42, 0.48, -0.03, -0.175, -0.4]
+    assert cosine_band(cosines) == 0.05
+    res = _round(cosines)
+    assert res.weights[:6] == [10.0] * 6
+    assert res.weights[6] == pytest.approx(5.0, rel=1e-6) and res.weights[7] < 1e-4
     assert all(float(st["w"][0]) >= 0 for st in res.states)  # nothing against g₀ is left
+
+
+def test_the_band_widens_with_the_rounds_own_spread_of_cosines() -> None:
+    """Non-IID honest updates scatter widely around g₀ (−0.32 … +0.69 in one mnist1d round): the band follows the
+    round's robust spread (3σ − median, σ = 1.4826·MAD), so they keep their weight, up to 0.4: an update at
+    −0.65 or below keeps none whatever the spread, and three colluders of ten do not widen it at all."""
+    from fedfuse.screening import cosine_band
+
+    wide = [0.6, 0.3, 0.1, -0.05, -0.2, -0.3, 0.45, 0.0, 0.2, -0.7]
+    band = cosine_band(wide)
+    assert 0.3 < band <= 0.4
+    res = _round(wide)
+    assert res.weights[:9] == [10.0] * 9  # the honest spread: no weight lost
+    assert res.weights[9] < 1e-4  # −0.7: none left
+    colluders = [0.4, 0.35, 0.3, 0.45, 0.5, 0.38, 0.42, -0.5, -0.5, -0.5]  # 3 of 10 at −0.5
+    assert cosine_band(colluders) == 0.05
+    assert max(_round(colluders).weights[7:]) < 1e-4
 
 
 def test_the_trusted_reference_is_the_servers_own_seeded_update(tmp_path) -> None:
@@ -199,3 +226,28 @@ def test_trusted_data_contains_a_boosted_label_flip(tmp_path) -> None:
         run_server(InlineGrid(app, 10), validate_config(cfg))
         accs[attack] = load_metrics(out)["rounds"][-1]["central_accuracy"]
     assert accs["labelflip:4"] > accs["num-examples:nan"] - 0.03, accs
+
+
+def test_lora_strategies_guard_against_the_servers_own_adapter_update(tmp_path) -> None:
+    """LoRA runs take the trusted reference too: the server trains its copy of the whole LoRA model (frozen base,
+    head) from the global state like a client, and the adapters' updates are measured against that. 2 of 10
+    clients send the adaptive attack (−mean of the honest adapter updates, just under every bound): against the
+    round's median the run collapses (0.100, seed 0, 4 rounds), against g₀ it ends where the run with the
+    attackers' replies rejected does (0.691 both)."""
+    from clients.client_app import app
+    from fedfuse.results import load_metrics
+    from fedfuse.runners.inline import InlineGrid
+    from strategies.registry import validate_config
+    from strategies.server_app import run_server
+
+    accs = {}
+    for attack, n in (("adaptive:0.99", 0), ("adaptive:0.99", 100), ("num-examples:nan", 100)):
+        out = tmp_path / f"{attack.replace(':', '-')}-{n}"
+        cfg = {"dataset": "digits", "model": "mlp", "strategy": "fedavg-lora", "lora-rank": 4,
+               "pretrain": "low-classes", "num-clients": 10, "num-rounds": 4, "partition": "dirichlet", "alpha": 0.3,
+               "seed": 0, "attack": attack, "attackers": 2, "trusted-data": n, "out": str(out)}  # fmt: skip
+        run_server(InlineGrid(app, 10), validate_config(cfg))
+        accs[(attack, n)] = load_metrics(out)["rounds"][-1]["central_accuracy"]
+    absent = accs[("num-examples:nan", 100)]
+    assert accs[("adaptive:0.99", 100)] > absent - 0.03, accs
+    assert accs[("adaptive:0.99", 0)] < absent - 0.2, accs  # the attack is real: the median reference is captured
