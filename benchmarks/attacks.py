@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import load_line, note_load, parse_shard, recorded_loads  # noqa: E402
+from benchmarks.common import load_line, note_load, parse_shard, read_shards, recorded_loads  # noqa: E402
 
 STRATEGIES = ["fedavg", "wb", "match"]
 ATTACKS = [
@@ -150,18 +150,14 @@ def main() -> None:
 def load_results(results_dir: Path, suite: Suite = SUITES["mlp"]) -> dict[str, dict]:
     """Every measured cell of the suite's per-shard files (keys with a seed: the 3-seed matrix)."""
     results: dict[str, dict] = {}
-    for path in sorted(results_dir.glob(f"{suite.name}.shard*.json")):
-        data = json.loads(path.read_text())
+    for data in read_shards(results_dir, suite.name):
         results |= {k: v for k, v in data.items() if k.count("|") == {"attack": 6, "clean": 4}.get(k.split("|")[0])}
     return results
 
 
 def load_records(results_dir: Path, suite: Suite = SUITES["mlp"]) -> dict[str, list[str]]:
     """The load lines every shard file of the suite recorded (:func:`benchmarks.common.note_load`), merged."""
-    loads: list[str] = []
-    for path in sorted(results_dir.glob(f"{suite.name}.shard*.json")):
-        loads += json.loads(path.read_text()).get("loads", [])
-    return {"loads": loads}
+    return {"loads": [line for data in read_shards(results_dir, suite.name) for line in data.get("loads", [])]}
 
 
 def _mean(rs: list[dict]) -> float | None:
@@ -213,7 +209,8 @@ def holds(results: dict[str, dict], s: str = "fedavg", limit: float = 3.0) -> li
 
 
 def write_table(results: dict[str, dict], path: Path, loads: dict | None = None, suite: Suite = SUITES["mlp"]) -> None:
-    command = "python benchmarks/attacks.py" + ("" if suite.name == "attacks" else f" --suite {suite.name[8:]}")
+    key = next(k for k, v in SUITES.items() if v is suite)
+    command = "python benchmarks/attacks.py" + ("" if key == "mlp" else f" --suite {key}")
     lines = [
         "# Attacks × strategies with fedfuse's defences, and their cost on clean runs",
         "",

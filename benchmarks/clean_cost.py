@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.attacks import OFF  # noqa: E402
-from benchmarks.common import add_out, load_line, note_load, parse_shard, recorded_loads  # noqa: E402
+from benchmarks.common import add_out, load_line, note_load, parse_shard, read_shards, recorded_loads  # noqa: E402
 
 PARTITIONS = [("dirichlet", 0.1), ("dirichlet", 1.0), ("quantity", 0.3)]
 SEEDS = 20
@@ -84,8 +84,7 @@ def main() -> None:
     note_load(data, start, load_line())
     path.write_text(json.dumps(data, indent=1))
     merged: dict = {"runs": {}, "loads": []}
-    for other in sorted(args.out.glob("clean_cost.shard*.json")):
-        part_data = json.loads(other.read_text())
+    for part_data in read_shards(args.out, "clean_cost"):
         merged["runs"] |= part_data.get("runs", {})
         merged["loads"] += part_data.get("loads", [])
     write_table(merged, args.out / "clean_cost.md")

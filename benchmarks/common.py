@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -130,6 +131,11 @@ def selfcheck_record(name: str, model: torch.nn.Module, side: int, res: Any, t0:
         "total_s": round(time.perf_counter() - t0, 2),
         "load": load_line(),
     }
+
+
+def read_shards(results_dir: Path, name: str) -> list[dict[str, Any]]:
+    """The JSON of every ``<name>.shard<i>.json`` in ``results_dir`` (what ``--shard`` processes wrote), in order."""
+    return [json.loads(path.read_text()) for path in sorted(results_dir.glob(f"{name}.shard*.json"))]
 
 
 def parse_shard(p: argparse.ArgumentParser, text: str) -> tuple[int, int]:

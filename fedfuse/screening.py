@@ -302,7 +302,7 @@ def screen_updates(
     if direction == "median" and len(live) >= 3 and same_shape:
         slope, deadband = TRUST_SLOPE, 0.0
         if trusted is not None:  # the server's own update (fedfuse.trust): colluders cannot move it
-            ref, slope, deadband = trusted, TRUSTED_SLOPE, TRUSTED_DEADBAND
+            ref, slope = trusted, TRUSTED_SLOPE  # its band: cosine_band, below
         else:
             m = lower_median([float(deltas[i].norm()) for i in live])  # each update held to the median norm first,
             held = [deltas[i] * min(1.0, m / max(float(deltas[i].norm()), 1e-30)) for i in live]  # size buys nothing
