@@ -131,6 +131,26 @@ def test_every_lora_strategy_averages_the_dense_keys_plainly(name):
     assert new["l.lora_A"].shape == (4, 5) and torch.isfinite(new["l.lora_B"]).all()
 
 
+def test_a_users_trusted_reference_is_called_with_the_whole_global_lora_model():
+    """README: in a user's own ServerApp a LoRA strategy calls ``trusted=`` with the whole global LoRA state (frozen
+    base included, so a ``TrustedReference`` of the user's LoRA/PEFT model can load it), not the adapters it sends."""
+    from strategies.lora import FedAvgLoRA
+
+    calls = []
+
+    def trusted(state, server_round):
+        calls.append((set(state), server_round))
+        return dict(state)
+
+    glob = {"l.base.weight": torch.zeros(6, 5), "l.lora_A": torch.ones(4, 5), "l.lora_B": torch.zeros(6, 4)}
+    strategy = FedAvgLoRA(alpha=4.0, trusted=trusted, seed=0)
+    strategy._global = glob
+    sent = {k: glob[k] for k in ("l.lora_A", "l.lora_B")}
+    assert strategy.trusted(sent, 3) == glob
+    assert calls == [(set(glob), 3)]
+    assert FedAvgLoRA(alpha=4.0, seed=0).trusted is None  # no reference given: the round's median
+
+
 def test_the_head_and_the_adapted_biases_travel_at_every_rank(tmp_path):
     """hetlora, ranks 2,4: with lora-head=auto (the default) and lora-bias=lora_only the output layer and the
     adapted layers' biases are sent both ways (at every rank) and land in the global model."""
