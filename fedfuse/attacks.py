@@ -20,6 +20,13 @@ recomputes them, :func:`honest_updates`: μ and σ below are their coordinate-wi
                      in the run config it receives), claiming ``r`` × the examples cap (or bound) × the
                      round's median num-examples and × the cap scale of its local steps
                      (:func:`fedfuse.screening.cap_scale`): just under every bound with ``r`` < 1.
+* ``evade:c``        aimed at the trusted reference's allowances: per parameter tensor, cosine −c with μ
+                     (the attacker's stand-in for the server's update g₀), the rest along −σ made orthogonal
+                     to μ, each tensor's share of the norm that of a typical honest update; claims at 0.99 ×
+                     the caps like ``adaptive:0.99``, and a norm 0.99 × what the bound allows an update that
+                     does not agree with g₀ (the median norm per step × its capped steps). With c inside
+                     the band the guard grants honest disagreement it keeps its whole weight, and whatever
+                     the guard does not project away acts.
 """
 
 from __future__ import annotations
@@ -141,21 +148,50 @@ def omniscient_reply(
         delta = {k: mean[k] - value * std[k] for k in keys}
     elif kind == "ipm":
         delta = {k: -value * mean[k] for k in keys}
-    else:  # adaptive: just under every bound the server's run config sets
+    else:  # adaptive, evade: just under every bound the server's run config sets
         cap = float(cfg.get("examples-cap", 0) or 0) or float(cfg.get("examples-bound", 0) or 0) or 10.0
+        ratio = value if kind == "adaptive" else 0.99
         top = [math.inf] * (int(cfg["num-clients"]) - len(honest))  # the attackers' own claims: the largest
         ns, ss = [float(n) for _, n, _ in honest], [float(s) for _, _, s in honest]
         med_n = min(lower_median(ns + top), max(ns))  # the server's scales for this round (capped: most attack)
         scale_s = min(cap_scale(ss + top), max(ss))
-        num_examples, steps = max(1, int(value * cap * med_n)), max(1, int(value * cap * scale_s))
+        num_examples, steps = max(1, int(ratio * cap * med_n)), max(1, int(ratio * cap * scale_s))
         norms = [math.sqrt(sum(float(d[k].pow(2).sum()) for k in keys)) for d, _, _ in honest]
         k_bound = float(cfg.get("update-norm-bound", 0) or 0)
+        if kind == "evade":  # an update that does not agree with g0 may move 1 x the median per step
+            k_bound = min(k_bound, 1.0) if k_bound > 0 else 0.0
         if k_bound > 0:
             per_step = lower_median([nm / s for nm, (_, _, s) in zip(norms, honest, strict=True)])
-            target = value * k_bound * per_step * min(steps, cap * scale_s)
+            target = ratio * k_bound * per_step * min(steps, cap * scale_s)
         else:
-            target = value * 4.0 * lower_median(norms)
-        mean_norm = math.sqrt(sum(float(v.pow(2).sum()) for v in mean.values())) or 1.0
-        delta = {k: -mean[k] * (target / mean_norm) for k in keys}
+            target = ratio * 4.0 * lower_median(norms)
+        if kind == "adaptive":
+            mean_norm = math.sqrt(sum(float(v.pow(2).sum()) for v in mean.values())) or 1.0
+            delta = {k: -mean[k] * (target / mean_norm) for k in keys}
+        else:
+            std = {k: v.std(0, unbiased=False) for k, v in stack.items()}
+            typical = {k: float(v.flatten(1).norm(dim=1).median()) for k, v in stack.items()}
+            delta = _against(mean, std, value, target, typical)
     state = {k: (sent[k].double() + delta[k]).to(sent[k].dtype) if k in delta else sent[k] for k in sent}
     return state, num_examples, steps
+
+
+def _against(
+    mean: dict[str, Tensor], std: dict[str, Tensor], cos: float, norm: float, typical: dict[str, float]
+) -> dict[str, Tensor]:
+    """Per tensor t the unit direction ``−c·u_t + √(1 − c²)·o_t`` (``u_t = μ_t/‖μ_t‖``, ``o_t`` the unit part
+    of ``−σ_t`` orthogonal to ``u_t``), scaled so the tensors share ``norm`` as a typical honest update does
+    (``typical``: each tensor's median norm over the honest updates)."""
+    total = math.sqrt(sum(v * v for v in typical.values())) or 1.0
+    out = {}
+    for k, m in mean.items():
+        m_norm = float(m.norm())
+        if m_norm == 0.0:
+            out[k] = torch.zeros_like(m)
+            continue
+        u = m / m_norm
+        o = -std[k] - float((-std[k] * u).sum()) * u
+        o_norm = float(o.norm())
+        o = o / o_norm if o_norm > 0 else torch.zeros_like(o)
+        out[k] = (-cos * u + math.sqrt(1.0 - cos * cos) * o) * (norm * typical[k] / total)
+    return out

@@ -70,6 +70,9 @@ def test_new_attacks_parse_and_labelflip_flips() -> None:
     assert parse_attack("adaptive:0.99") == ("adaptive", 0.99)
     with pytest.raises(ValueError, match="ratio"):
         parse_attack("adaptive:2")
+    assert parse_attack("evade:0.4") == ("evade", 0.4)
+    with pytest.raises(ValueError, match="cosine in"):
+        parse_attack("evade:1")
     assert flip_labels("labelflip", torch.tensor([0, 3, 9]), 10).tolist() == [9, 6, 0]
     assert flip_labels("scale", torch.tensor([0, 3]), 10).tolist() == [0, 3]
 
@@ -115,3 +118,20 @@ def test_an_honest_client_that_trained_50x_the_median_is_not_clipped_under_quant
     s = screen_updates([*states[:7], *lying], sent, liars, liars, norm_factor=3.0, examples_cap=10.0)
     bound = 3.0 * 1.0 * 10 * 25.0  # k × median norm per step × 10 × the 7th smallest claim (honest: 25)
     assert s.clipped == 3 and all(abs(float(st["w"].norm()) - bound) < 1e-3 for st in s.states[7:])
+
+
+def test_evade_direction_has_the_chosen_cosine_per_tensor_and_the_norm() -> None:
+    """``evade:c``: per tensor cosine −c with the honest mean, the rest along −σ made orthogonal to it; the
+    tensors share the norm as a typical honest update does."""
+    from fedfuse.attacks import _against
+
+    g = torch.Generator().manual_seed(0)
+    mean = {"a": torch.randn(20, 5, generator=g, dtype=torch.float64), "b": 3 * torch.randn(7, generator=g).double()}
+    std = {k: torch.rand(v.shape, generator=g, dtype=torch.float64) for k, v in mean.items()}
+    typical = {"a": 4.0, "b": 3.0}
+    for c in (0.0, 0.05, 0.4, 0.9):
+        out = _against(mean, std, c, 2.5, typical)
+        for k in mean:
+            cos = float(torch.nn.functional.cosine_similarity(out[k].flatten(), mean[k].flatten(), dim=0))
+            assert cos == pytest.approx(-c, abs=1e-9)
+        assert float(out["a"].norm()) == pytest.approx(2.0) and float(out["b"].norm()) == pytest.approx(1.5)
