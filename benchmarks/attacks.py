@@ -37,7 +37,7 @@ from benchmarks.common import load_line, note_load, parse_shard, read_shards, re
 STRATEGIES = ["fedavg", "wb", "match"]
 ATTACKS = [
     "none", "absent", "scale:1e6", "signflip:2", "signflip:4", "signflip:8", "alie:1", "ipm:4", "adaptive:0.99",
-    "labelflip", "labelflip:4",
+    "evade:0.05", "evade:0.4", "labelflip", "labelflip:4",
 ]  # fmt: skip
 ABSENT = "num-examples:nan"  # every reply of the attackers is rejected: the 'attackers absent' reference
 SETTINGS = [(5, 1), (10, 2), (10, 3)]  # (clients, attackers)
@@ -223,8 +223,10 @@ def write_table(results: dict[str, dict], path: Path, loads: dict | None = None,
         "num-examples capped at 10 × the round's median, claimed local steps at 10 × its 70th percentile),",
         "direction-guard median with trusted-data 100 (the guard's reference is the server's own update g₀ on 100",
         "labelled training examples, `fedfuse/trust.py`; the norm bound's 3 × shrinks to 1 × for an update at",
-        "cosine ≤ 0 with g₀; an update keeps its whole weight down to cosine −b with g₀, b = 3σ − median of the",
-        "round's cosines with g₀ within [0.05, 0.4], none left at −b − 0.25), robust none. `median`: the defaults",
+        "cosine ≤ 0 with g₀; an update keeps its whole weight, and each tensor everything of it, down to cosine",
+        "−0.4 with g₀, only what points further against it projected away, no weight left at −0.65; a clipped",
+        "update gets no band), robust none. `evade:c`: at the claim caps, coherent junk at cosine −c per tensor with",
+        "the honest mean (`fedfuse.attacks`). `median`: the defaults",
         "with `--trusted-data 0` (a server without",
         "labelled data: the guard's reference is the round's coordinate median of the updates).",
         "`–`: not measured.",

@@ -73,11 +73,12 @@ def main() -> None:
     start = load_line()
     print(start, flush=True)
     runs = data.setdefault("runs", {})
+    done = {k for part_data in read_shards(args.out, "clean_cost") for k in part_data.get("runs", {})}  # any shard's
     keys = [(f"{dataset}|{args.rounds}|{part}:{alpha}|{d}|{seed}", (dataset, part, alpha, seed, d))
             for dataset in args.datasets.split(",") for part, alpha in PARTITIONS for seed in range(args.seeds)
             for d in DEFENCES]  # fmt: skip
     for i, (key, (dataset, part, alpha, seed, d)) in enumerate(keys):
-        if i % shards == shard and key not in runs:
+        if i % shards == shard and key not in done:
             runs[key] = run(dataset, args.rounds, part, alpha, seed, DEFENCES[d])
             print(key, runs[key], flush=True)
             path.write_text(json.dumps(data, indent=1))
