@@ -95,7 +95,7 @@ __all__ = [
 State = Mapping[str, Tensor]
 log = logging.getLogger("fedfuse")
 TRUST_SLOPE = 0.5  # direction guard: weight × max(0, 1 + cos/0.5) for an update against the round
-TRUSTED_SLOPE = 0.25  # the same against a trusted reference (no weight left at cosine -0.3 with it)
+TRUSTED_SLOPE = 0.25  # the same against a trusted reference, below its band (no weight left 0.25 below the band)
 # against a trusted reference an update keeps its whole weight, and each tensor everything down to, this far below
 # orthogonal (cosine −0.4); only what points further against g₀ is projected away, and the weight is gone at −0.65.
 # Why so wide: g₀ from 100 examples is noisy, and honest non-IID updates scatter widely around it (−0.38 … +0.78 in
