@@ -112,6 +112,8 @@ def jobs(suite: Suite = SUITES["mlp"]) -> list[tuple[str, dict]]:
 def main() -> None:
     import logging
 
+    import torch
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", choices=sorted(SUITES), default="mlp", help="mlp: fedavg/wb/match; lora: LoRA strategies")
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th job from the i-th (parallel processes)")
@@ -119,6 +121,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
     args = p.parse_args()
     shard, shards = parse_shard(p, args.shard)
+    torch.set_num_threads(1)  # one thread per process: --shard runs one process per core
     logging.disable(logging.WARNING)
     results_dir = args.out
     results_dir.mkdir(parents=True, exist_ok=True)
