@@ -137,14 +137,14 @@ def omniscient_reply(
     kind: str, value: float, cfg: Mapping[str, Any], sent: Mapping[str, Tensor], server_round: int,
     num_examples: int, steps: int, own: int | None = None,
 ) -> tuple[dict[str, Tensor], float, float]:  # fmt: skip
-    """(state, claimed num-examples, claimed local steps) an ``alie`` / ``ipm`` / ``adaptive`` attacker of
+    """(state, claimed num-examples, claimed local steps) an ``alie`` / ``ipm`` / ``adaptive`` / ``evade`` attacker of
     partition ``own`` sends (the entries it was sent, moved)."""
     honest = honest_updates(cfg, sent, server_round, own)
     keys = list(honest[0][0])
     stack = {k: torch.stack([d[k].double() for d, _, _ in honest]) for k in keys}
     mean = {k: v.mean(0) for k, v in stack.items()}
+    std = {k: v.std(0, unbiased=False) for k, v in stack.items()} if kind in ("alie", "evade") else {}
     if kind == "alie":
-        std = {k: v.std(0, unbiased=False) for k, v in stack.items()}
         delta = {k: mean[k] - value * std[k] for k in keys}
     elif kind == "ipm":
         delta = {k: -value * mean[k] for k in keys}
@@ -169,7 +169,6 @@ def omniscient_reply(
             mean_norm = math.sqrt(sum(float(v.pow(2).sum()) for v in mean.values())) or 1.0
             delta = {k: -mean[k] * (target / mean_norm) for k in keys}
         else:
-            std = {k: v.std(0, unbiased=False) for k, v in stack.items()}
             typical = {k: float(v.flatten(1).norm(dim=1).median()) for k, v in stack.items()}
             delta = _against(mean, std, value, target, typical)
     state = {k: (sent[k].double() + delta[k]).to(sent[k].dtype) if k in delta else sent[k] for k in sent}

@@ -307,9 +307,8 @@ def screen_updates(
         # pull its output layer against the server's); against the round's median, as one vector
         segments = _segments(states[live[0]]) if slope == TRUSTED_SLOPE else [(0, ref.numel())]
         ref_sq = float(ref.dot(ref))
-        cosines = {i: float(deltas[i].dot(ref)) / max(math.sqrt(ref_sq) * float(deltas[i].norm()), 1e-30) for i in live}
         for i in live:
-            cos = cosines[i]
+            cos = float(deltas[i].dot(ref)) / max(math.sqrt(ref_sq) * float(deltas[i].norm()), 1e-30)
             band = 0.0 if i in oversized else deadband
             if cos < -band:
                 result.weights[i] *= max(1.0 + (cos + band) / slope, 1e-6)  # never all 0
