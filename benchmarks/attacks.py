@@ -41,7 +41,7 @@ ATTACKS = [
 ]  # fmt: skip
 ABSENT = "num-examples:nan"  # every reply of the attackers is rejected: the 'attackers absent' reference
 SETTINGS = [(5, 1), (10, 2), (10, 3)]  # (clients, attackers)
-OFF = {"update-norm-bound": 0.0, "examples-cap": 0.0, "examples-bound": 0.0, "min-update-cosine": -1.0,
+OFF = {"update-norm-bound": 0.0, "examples-cap": 0.0, "examples-bound": 0.0, "min-update-cosine": -1.0, "influence-z": 0.0,
        "direction-guard": "off", "robust": "none"}  # fmt: skip
 MEDIAN = {"trusted-data": 0}  # no server data: the guard's reference is the round's coordinate median
 DEFENCES = {"off": OFF, "defaults": {}, "median": MEDIAN}
@@ -66,7 +66,8 @@ SUITES = {
     "lora": Suite(("fedavg-lora", "fedex-lora"), {**BASE, "num-rounds": 5, "pretrain": "low-classes", "lora-rank": 4},
                   "attacks-lora", "digits MLP pretrained on classes 0-4, LoRA rank 4, 5 rounds"),
 }  # fmt: skip
-COUNTS = ("rejected", "clipped", "capped", "projected", "skipped", "diverged")
+COUNTS = ("rejected", "clipped", "capped", "projected", "cut", "skipped", "diverged")
+MARKS = {"rejected": "r", "clipped": "c", "capped": "c", "projected": "p", "cut": "x"}  # the letters in a cell
 
 
 def run_cell(cfg: dict, base: dict = BASE) -> dict:
@@ -179,7 +180,7 @@ def _cell(rs: list[dict | None], *refs: list[dict | None]) -> str:
     gaps = [m for ref in refs if ref and None not in ref and (m := _mean(ref)) is not None]  # type: ignore[arg-type]
     if gaps and len(gaps) == len(refs):
         out += " (" + " / ".join(f"{100 * (statistics.mean(accs) - g):+.1f}" for g in gaps) + ")"
-    marks = "".join(f" {sum(r.get(k, 0) for r in rs)}{k[0]}" for k in ("rejected", "clipped", "capped", "projected")
+    marks = "".join(f" {sum(r.get(k, 0) for r in rs)}{m}" for k, m in MARKS.items()
                     if any(r.get(k) for r in rs))  # type: ignore[union-attr]  # fmt: skip
     return out + marks
 
@@ -220,7 +221,8 @@ def write_table(results: dict[str, dict], path: Path, loads: dict | None = None,
         f"Command: `{command}` (inline; {suite.what}, seeds 0-2; attacks with Dirichlet",
         "α = 0.3). Cell: mean final central accuracy over the 3 seeds ± half its range, (gap to `none` / gap to",
         "`absent`, in points), then the updates over the runs that were **r**ejected, **c**lipped (norm bound),",
-        "had their claim **c**apped, and **p**rojected (direction guard). `none`: every client honest. `absent`:",
+        "had their claim **c**apped, **p**rojected (direction guard), and cut to the round's median influence",
+        "(**x**, the influence test; a reply it drops counts as rejected). `none`: every client honest. `absent`:",
         "the attackers' replies rejected (what a perfect defence leaves; their non-IID data is lost).",
         "Defaults: update-norm-bound 3 × the median norm per local step (clip), examples-cap 10 (claimed",
         "num-examples capped at 10 × the round's median, claimed local steps at 10 × its 70th percentile),",
@@ -228,7 +230,10 @@ def write_table(results: dict[str, dict], path: Path, loads: dict | None = None,
         "labelled training examples, `fedfuse/trust.py`; the norm bound's 3 × shrinks to 1 × for an update at",
         "cosine ≤ 0 with g₀; an update keeps its whole weight, and each tensor everything of it, down to cosine",
         "−0.4 with g₀, only what points further against it projected away, no weight left at −0.65; a clipped",
-        "update gets no band), robust none. `evade:c`: at the claim caps, coherent junk at cosine −c per tensor with",
+        "update gets no band), influence-z 2 (an update whose weight × norm exceeds 2 × the round's median is cut to",
+        "the median's, and dropped if its full size raises the loss on the 100 examples significantly and dropping",
+        "it does not, `fedfuse/influence.py`), robust none. `evade:c`: at the claim caps, coherent junk at cosine −c",
+        "per tensor with",
         "the honest mean (`fedfuse.attacks`). `median`: the defaults",
         "with `--trusted-data 0` (a server without",
         "labelled data: the guard's reference is the round's coordinate median of the updates).",
@@ -258,24 +263,24 @@ def write_table(results: dict[str, dict], path: Path, loads: dict | None = None,
         "## Clean runs: what the defences cost (10 clients, no attacker)",
         "",
         "Mean final accuracy over the seeds with every defence off, the defaults and `median`, and the",
-        "difference to off (points); honest updates rejected / clipped / capped / projected by the defaults",
+        "difference to off (points); honest updates rejected / clipped / capped / projected / cut by the defaults",
         "(median), summed over seeds and rounds.",
         "",
         "| partition | strategy | seeds | off | defaults | cost | median | cost | rejected | clipped | capped | "
-        "projected |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "projected | cut |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for part, alpha in CLEAN:
         for s in suite.strategies:
             runs = {d: [results.get(f"clean|{s}|{part}:{alpha}|{seed}|{d}") for seed in SEEDS] for d in DEFENCES}
             means = {d: _mean(rs) if None not in rs else None for d, rs in runs.items()}  # type: ignore[arg-type]
             if means["off"] is None or means["defaults"] is None:
-                lines.append(f"| {part} {alpha} | {s} | 0 |" + " – |" * 9)
+                lines.append(f"| {part} {alpha} | {s} | 0 |" + " – |" * 10)
                 continue
             off, on, tr = means["off"], means["defaults"], means["median"]
             counts = [f"{sum(r.get(c, 0) for r in runs['defaults'])}"  # type: ignore[union-attr]
                       + (f" ({sum(r.get(c, 0) for r in runs['median'])})" if tr is not None else "")  # type: ignore[union-attr]
-                      for c in ("rejected", "clipped", "capped", "projected")]  # fmt: skip
+                      for c in ("rejected", "clipped", "capped", "projected", "cut")]  # fmt: skip
             median = f"{tr:.3f} | {100 * (tr - off):+.1f}" if tr is not None else "– | –"
             lines.append(f"| {part} {alpha} | {s} | {len(SEEDS)} | {off:.3f} | {on:.3f} | {100 * (on - off):+.1f} | "
                          f"{median} | " + " | ".join(counts) + " |")  # fmt: skip

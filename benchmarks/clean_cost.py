@@ -30,7 +30,7 @@ from benchmarks.common import add_out, load_line, note_load, parse_shard, read_s
 PARTITIONS = [("dirichlet", 0.1), ("dirichlet", 1.0), ("quantity", 0.3)]
 SEEDS = 20
 DEFENCES = {"off": OFF, "defaults": {}, "median": {"trusted-data": 0}}
-COUNTS = ("rejected", "clipped", "capped", "projected")
+COUNTS = ("rejected", "clipped", "capped", "projected", "cut")
 
 
 def run(dataset: str, rounds: int, part: str, alpha: float, seed: int, defence: dict) -> dict:
@@ -98,15 +98,16 @@ def write_table(data: dict, path: Path) -> None:
         "Command: `python benchmarks/clean_cost.py` (inline; MLP, 10 clients, no attacker). Accuracy: mean final",
         "central accuracy over the seeds (their range); cost: the mean paired difference to every defence off on the",
         "same seed ± its standard error, in points; counts: honest",
-        "updates rejected / clipped (norm bound) / capped (claimed num-examples) / projected (direction guard),",
+        "updates rejected / clipped (norm bound) / capped (claimed num-examples) / projected (direction guard) / cut",
+        "to the round's median influence (the influence test, `fedfuse/influence.py`),",
         "summed over the seeds and rounds. `defaults`: the guard against the server's own update on 100 labelled",
         "examples (`trusted-data 100`); `median`: `--trusted-data 0`, the guard against the round's median update.",
         "",
         *recorded_loads(data),
         "",
         "| data set | rounds | partition | seeds | defences | accuracy | cost | rejected | clipped | capped | "
-        "projected |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "projected | cut |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     runs = data.get("runs", {})
     combos = sorted({tuple(k.split("|")[:3]) for k in runs})
@@ -120,7 +121,7 @@ def write_table(data: dict, path: Path) -> None:
             accs = [r["accuracy"] for r in rs]
             diff = [100 * (a - b) for a, b in zip(accs, off, strict=True)]
             se = statistics.stdev(diff) / len(diff) ** 0.5 if len(diff) > 1 else 0.0
-            counts = " | ".join(str(sum(r[k] for r in rs)) for k in COUNTS)
+            counts = " | ".join(str(sum(r.get(k, 0) for r in rs)) for k in COUNTS)
             lines.append(f"| {dataset} | {rounds} | {part.replace(':', ' ')} | {len(seeds)} | {d} | "
                          f"{statistics.mean(accs):.3f} ({min(accs):.3f}-{max(accs):.3f}) | "
                          f"{statistics.mean(diff):+.1f} ± {se:.1f} | {counts} |")  # fmt: skip

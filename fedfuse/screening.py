@@ -45,24 +45,34 @@ depend on the learning rate, the local epochs and the architecture. In order:
    coordinate median towards them (measured: three identical ``−μ`` updates of ten Dirichlet-0.3 clients at
    cosine +0.26 with it, honest ones down to −0.23); they cannot move the server's update.
 
-Checks 2 and 5 need three clients (with fewer there is nothing to compare with).
+6. ``influence-z`` z > 0 (2 by default), with a trusted reference and the server's per-example ``losses``: the
+   influence test (:mod:`fedfuse.influence`). An update whose influence ``w_i · ‖Δ_i‖`` (after 3-5) exceeds 2 × the
+   round's median is cut to the median's where that lowers the loss on the server's examples by more than z
+   standard errors; each cut update then gets its weight back unless that raises the loss significantly, and one
+   whose full size does keeps a tenth of the median's influence (unless that raises the loss significantly).
+   It is what stops a liar at the caps (``--attack evade``: coherent junk inside the band, half a round's weight,
+   10 × the median's norm budget), which 1-5 let through to chance.
+
+Checks 2, 5 and 6 need three clients (with fewer there is nothing to compare with).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from fedfuse.errors import ConfigError
+from fedfuse.influence import influence_test
 from fedfuse.screening_options import (
     DIRECTION_GUARDS,
     EXAMPLES_BOUND,
     EXAMPLES_CAP,
+    INFLUENCE_Z,
     MIN_UPDATE_COSINE,
     NORM_ACTIONS,
     ROBUST_OPTIONS,
@@ -93,6 +103,7 @@ __all__ = [
 ]
 
 State = Mapping[str, Tensor]
+LossFn = Callable[[State], Tensor]  # a model state -> its per-example losses on the server's examples
 log = logging.getLogger("fedfuse")
 TRUST_SLOPE = 0.5  # direction guard: weight × max(0, 1 + cos/0.5) for an update against the round
 TRUSTED_SLOPE = 0.25  # the same against a trusted reference, below its band (no weight left 0.25 below the band)
@@ -161,6 +172,7 @@ class Screening:
     clipped: int = 0
     capped: int = 0
     projected: int = 0
+    cut: int = 0
     bounds: dict[str, float] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)  # largest value / lower median, per check
 
@@ -181,9 +193,10 @@ class ScreeningConfig:
     examples_bound: float = EXAMPLES_BOUND
     min_update_cosine: float = MIN_UPDATE_COSINE
     direction_guard: str = "median"
+    influence_z: float = INFLUENCE_Z
 
     def __post_init__(self) -> None:
-        for name in ("update_norm_bound", "examples_cap", "examples_bound"):
+        for name in ("update_norm_bound", "examples_cap", "examples_bound", "influence_z"):
             object.__setattr__(self, name, _check_factor(name, getattr(self, name)))
         cos = self.min_update_cosine
         if isinstance(cos, bool) or not isinstance(cos, (int, float)) or not -1.0 <= float(cos) <= 1.0:
@@ -206,13 +219,15 @@ class ScreeningConfig:
     def screen(
         self, states: Sequence[State], sent: Sequence[State], weights: Sequence[float],
         work: Sequence[float] | None = None, *, direction: bool = True, reference: State | None = None,
+        losses: LossFn | None = None,
     ) -> Screening:  # fmt: skip
         """:func:`screen_updates` with this configuration (``direction=False``: no direction guard, e.g. for
         clients that did not start from the model sent)."""
         return screen_updates(
             states, sent, weights, work, norm_factor=self.update_norm_bound, norm_action=self.update_norm_action,
             examples_cap=self.examples_cap, examples_factor=self.examples_bound, min_cosine=self.min_update_cosine,
-            direction=self.direction_guard if direction else "off", reference=reference,
+            direction=self.direction_guard if direction else "off", reference=reference, losses=losses,
+            influence_z=self.influence_z,
         )  # fmt: skip
 
 
@@ -229,10 +244,14 @@ def screen_updates(
     min_cosine: float = -1.0,
     direction: str = "off",
     reference: State | None = None,
+    losses: LossFn | None = None,
+    influence_z: float = 0.0,
 ) -> Screening:
     """Round-level checks relative to the round's own clients (see the module docstring for the maths).
 
     ``work``: each client's local steps (``None``: the same for all, so the norm bound is ``k × med‖Δ‖``).
+    ``losses`` (with a trusted ``reference`` and ``influence_z`` > 0): a model state's per-example losses on the
+    server's examples, for the influence test (:mod:`fedfuse.influence`).
     A factor of 0 turns that check off; the defaults here are all off (:class:`ScreeningConfig` has the
     shipped ones)."""
     if norm_action not in NORM_ACTIONS:
@@ -324,7 +343,21 @@ def screen_updates(
             if moved:
                 result.states[i] = _moved(states[i], sent[i], kept)
                 result.projected += 1
+                deltas[i] = kept
+        if trusted is not None and losses is not None and influence_z > 0:
+            _influence(result, live, deltas, states[live[0]], sent[live[0]], losses, influence_z)
     return result
+
+
+def _influence(
+    result: Screening, live: list[int], deltas: list[Tensor], like: State, sent: State, losses: LossFn, z: float
+) -> None:
+    """:func:`fedfuse.influence.influence_test` on the live updates (after the guard), applied to ``result``."""
+    test = influence_test([deltas[i] for i in live], [result.weights[i] for i in live],
+                          lambda delta: losses(_moved(like, sent, delta)), z)  # fmt: skip
+    for j, i in enumerate(live):
+        result.weights[i] = test.weights[j]
+    result.cut += test.cut
 
 
 def _band_floor(d: Tensor, r: Tensor, p: float, r_sq: float, band: float) -> float:
@@ -398,7 +431,7 @@ class RoundScreen:
 
 def screen_round(
     server_round: int, labels: Sequence[str], replies: Sequence[object], sent: Sequence[State],
-    config: ScreeningConfig, *, direction: bool = True, reference: State | None = None,
+    config: ScreeningConfig, *, direction: bool = True, reference: State | None = None, losses: LossFn | None = None,
 ) -> RoundScreen:  # fmt: skip
     """Every answer of a round (a :class:`fedfuse.replies.Reply` or the reason it was refused, one per
     ``labels``), screened with ``config``; each rejection logged once, naming the client. Non-finite
@@ -417,14 +450,15 @@ def screen_round(
     work = [r.steps for r in ok] if all(r.steps for r in ok) else [r.weight for r in ok]  # type: ignore[attr-defined]
     with single_threaded():  # many small reductions: intra-op threads only add contention (10x under load)
         screen = config.screen([r.state for r in ok], [sent[i] for i in valid], [r.weight for r in ok], work,  # type: ignore[attr-defined]
-                               direction=direction, reference=reference)  # fmt: skip
+                               direction=direction, reference=reference, losses=losses)  # fmt: skip
     reasons = {**{i: r for i, r in enumerate(replies) if isinstance(r, str) and i not in diverged},
                **{valid[j]: r for j, r in enumerate(screen.reasons) if r is not None}}  # fmt: skip
     for i in sorted(reasons):
         log.warning("round %d: rejected update from %s: %s", server_round, labels[i], reasons[i])
     kept = [j for j, r in enumerate(screen.reasons) if r is None]
     stats = {"rejected": float(len(reasons)), **screen.ratios, "clipped": float(screen.clipped),
-             "capped": float(screen.capped), "projected": float(screen.projected)}  # fmt: skip
+             "capped": float(screen.capped), "projected": float(screen.projected),
+             "cut": float(screen.cut)}  # fmt: skip
     if diverged:
         stats["diverged"] = float(len(diverged))
     return RoundScreen([valid[j] for j in kept], [screen.states[j] for j in kept],

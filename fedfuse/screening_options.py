@@ -14,6 +14,7 @@ __all__ = [
     "EXAMPLES_BOUND",
     "MIN_UPDATE_COSINE",
     "TRUSTED_DATA",
+    "INFLUENCE_Z",
     "SCREENING_OPTIONS",
     "ROBUST_OPTIONS",
 ]
@@ -25,6 +26,7 @@ UPDATE_NORM_BOUND = 3.0  # × the round's median per-step update norm × the cli
 EXAMPLES_CAP = 10.0  # claims clipped to × the round's median (weight) or 70th percentile (steps)
 EXAMPLES_BOUND = 0.0  # reject claims above × the median (off: the cap makes a large claim harmless)
 MIN_UPDATE_COSINE = -1.0  # off: honest non-IID updates reach cosine -0.27 with the median update
+INFLUENCE_Z = 2.0  # with trusted data: an outsized update is cut where the server's examples show harm at this z
 TRUSTED_DATA = 100  # server-held labelled examples for the guard's reference (the whole split when it holds fewer)
 
 SCREENING_OPTIONS = (
@@ -43,6 +45,10 @@ SCREENING_OPTIONS = (
     Option("direction-guard", str, "median",
            "median: remove the part of each update pointing against the round's median update, and down-weight it",
            choices=DIRECTION_GUARDS),
+    Option("influence-z", float, INFLUENCE_Z,
+           "with trusted-data: an update whose influence (weight × norm) exceeds 2 × the round's median is cut to "
+           "the median's, or dropped, where the loss on the server's examples shows harm at this z-score (0 = off)",
+           low=0.0),
 )  # fmt: skip
 ROBUST_OPTIONS = (
     Option(

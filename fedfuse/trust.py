@@ -11,6 +11,9 @@ round's median norm per step only as far as it agrees with ``g₀`` (:func:`fedf
 cosine ≤ 0, the full factor at ≥ 0.25) — a boosted label flip stays under the plain bound and left 14.9 points
 on the table at 2 of 10 clients.
 
+The same examples are the influence test's evidence (:mod:`fedfuse.influence`, :meth:`TrustedReference.losses`):
+an outsized update keeps its claimed size only where the loss of the aggregate on them does not show harm.
+
 In simulation the examples are a seeded draw from the training split (the clients' own distribution): an
 optimistic stand-in for a server's own labelled data, as in FLTrust's experiments.
 """
@@ -27,7 +30,7 @@ from torch import Tensor, nn
 from fedfuse.errors import ConfigError
 from fedfuse.screening_options import TRUSTED_DATA
 
-__all__ = ["TrustedReference", "trusted_examples", "trusted_reference"]
+__all__ = ["TrustedReference", "OnWhole", "trusted_examples", "trusted_reference"]
 
 State = Mapping[str, Tensor]
 TrainFn = Callable[[nn.Module, Tensor, Tensor, int], Any]  # (model, x, y, server_round): trains in place
@@ -49,6 +52,39 @@ class TrustedReference:
         model.load_state_dict(dict(sent))
         self.train(model, self.x, self.y, server_round)
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def losses(self, state: State, batch_size: int = 1024) -> Tensor:
+        """The per-example cross-entropy of ``state`` on the server's examples, in eval mode (the influence test's
+        evidence, :mod:`fedfuse.influence`)."""
+        model = self.model
+        model.load_state_dict(dict(state))
+        was_training = model.training
+        model.eval()
+        try:
+            return torch.cat([
+                nn.functional.cross_entropy(model(self.x[a : a + batch_size]), self.y[a : a + batch_size],
+                                            reduction="none").double()
+                for a in range(0, len(self.x), batch_size)
+            ])  # fmt: skip
+        finally:
+            model.train(was_training)
+
+
+class OnWhole:
+    """A :class:`TrustedReference` for a strategy whose clients get and send only a part of its model (LoRA: the
+    adapters and dense keys): the server trains, and measures, the whole model ``whole()`` it holds."""
+
+    def __init__(self, reference: TrustedReference, whole: Callable[[], State]) -> None:
+        self.reference, self.whole = reference, whole
+
+    def __call__(self, sent: State, server_round: int) -> dict[str, Tensor]:
+        """g₀'s end state, trained from the whole model (``sent`` is a part of it)."""
+        return self.reference(self.whole(), server_round)
+
+    def losses(self, state: State) -> Tensor:
+        """:meth:`TrustedReference.losses` of the whole model with ``state``'s entries in place."""
+        return self.reference.losses({**self.whole(), **state})
 
 
 def trusted_examples(cfg: Mapping[str, Any], ds: Any) -> tuple[Tensor, Tensor] | None:

@@ -1,10 +1,9 @@
 """FedFuseStrategy: Flower's FedAvg, made deterministic and strict about what it aggregates.
 
-The Flower adaptation only: seeded sampling and a fixed reply order (:mod:`strategies.sampling`); replies read by
-:func:`fedfuse.replies.unpack_reply`, screened by :func:`fedfuse.screening.screen_round`, then :meth:`aggregate_arrays`
-(weighted average or unweighted ``robust`` reduction); the previous model stays when fewer than ``min_train_nodes``
-are valid. The round loop is Flower's ``Strategy.start``. Subclasses override :meth:`aggregate_arrays` and, for run
-options, ``options`` + :meth:`config_kwargs` (:mod:`strategies.registry`)."""
+The Flower adaptation only (Flower's ``Strategy.start`` runs the rounds): seeded sampling, a fixed reply order
+(:mod:`strategies.sampling`), replies read by :func:`fedfuse.replies.unpack_reply`, screened by
+:func:`fedfuse.screening.screen_round`, then :meth:`aggregate_arrays`; the previous model stays when fewer than
+``min_train_nodes`` are valid. Subclasses override :meth:`aggregate_arrays`, ``options`` and :meth:`config_kwargs`."""
 
 from __future__ import annotations
 
@@ -153,8 +152,9 @@ class FedFuseStrategy(FedAvg):
         guard = not (self.started_apart and server_round == 1)  # apart clients share no starting point
         use = self.trusted and guard and len(answers) >= 3 and self.screening.direction_guard != "off"
         reference = self.trusted(self._sent, server_round) if use else None  # type: ignore[misc]
+        losses = self.trusted.losses if use else None  # type: ignore[union-attr]  (fedfuse.influence)
         rs = screen_round(server_round, [self.nodes.label(m.metadata.src_node_id) for m in answers], unpacked, sent,
-                          self.screening, direction=guard, reference=reference)  # fmt: skip
+                          self.screening, direction=guard, reference=reference, losses=losses)  # fmt: skip
         stats = {**rs.stats, "skipped": 0.0}
         if len(replies) < self._sampled:
             log.warning("round %d: %d sampled node(s) did not reply in time", server_round,

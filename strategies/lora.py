@@ -37,6 +37,7 @@ from fedfuse.config import Option
 from fedfuse.errors import ConfigError
 from fedfuse.experiment import derive_seed
 from fedfuse.lora.run import lora_ranks
+from fedfuse.trust import OnWhole
 from strategies.base import FedFuseStrategy
 from strategies.options import LORA_OPTIONS, STRATEGY_OPTIONS
 
@@ -118,12 +119,8 @@ class LoRAStrategy(FedFuseStrategy):
         self.refactor = str(refactor)
         # the trusted reference (trusted-data) trains the server's copy of the whole LoRA model (frozen base, folded
         # weights) from the global state; what is sent is only the adapters and dense keys
-        self._trusted_full, self.trusted = self.trusted, (self._trusted_from_global if self.trusted else None)
+        self.trusted = OnWhole(self.trusted, lambda: self._global) if self.trusted else None
         self.base_folded = False  # once the server folds updates into the base, nodes receive the adapted layers'
-
-    def _trusted_from_global(self, sent: State, server_round: int) -> State:
-        """g₀'s end state: the trusted reference trained from the global LoRA model (``sent`` is a part of it)."""
-        return self._trusted_full(self._global, server_round)  # type: ignore[misc]
 
     @classmethod
     def check_mixed(cls, ranks: Sequence[int]) -> None:

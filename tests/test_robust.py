@@ -264,7 +264,7 @@ def test_with_defences_off_a_poisoned_global_is_blamed_not_the_honest_clients(tm
     """The old bug: after a ×1e6 update was accepted, honest clients were rejected as "non-finite". Now their
     diverged updates are counted as ``diverged`` with one line naming the global model as the cause."""
     caplog.set_level(logging.WARNING, logger="fedfuse")
-    off = {"update-norm-bound": 0.0, "examples-bound": 0.0}
+    off = {"update-norm-bound": 0.0, "examples-bound": 0.0, "influence-z": 0.0}
     cfg = {"dataset": "digits", "num-clients": 4, "num-rounds": 3, "seed": 0, "out": str(tmp_path),
            "attack": "scale:1e6", "attackers": 1, **off}  # fmt: skip
     rows = _run(cfg, 4)

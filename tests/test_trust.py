@@ -254,24 +254,31 @@ def test_lora_strategies_guard_against_the_servers_own_adapter_update(tmp_path) 
     assert accs[("adaptive:0.99", 0)] < absent - 0.2, accs  # the attack is real: the median reference is captured
 
 
-def test_evade_takes_the_defaults_to_chance_and_krum_holds_it_at_one_of_five(tmp_path) -> None:
-    """The known hole (docs/robustness.md): one of five clients claims the caps and sends coherent junk orthogonal
-    to the honest mean (``evade:0.4``). Its whole weight survives the guard's band and the run ends near chance
-    under the defaults; multi-Krum, which never reads a claim, ends where the run without the attacker does."""
+def test_the_influence_test_holds_evade_where_the_claims_alone_do_not(tmp_path) -> None:
+    """One of five clients claims the caps and sends coherent junk orthogonal to the honest mean (``evade:0.4``).
+    Its whole weight survives the guard's band; without the influence test (``influence-z 0``) the run ends near
+    chance (0.100, seed 0). With it (the default) the server's examples show the harm of its claimed size: it keeps
+    a tenth of a median client's influence, is never rejected, and the run ends within a point of the run without
+    the attacker (0.716 vs 0.724, seed 0)."""
     from clients.client_app import app
     from fedfuse.results import load_metrics
     from fedfuse.runners.inline import InlineGrid
     from strategies.registry import validate_config
     from strategies.server_app import run_server
 
-    accs = {}
-    for attack, robust in (("evade:0.4", "none"), ("num-examples:nan", "none"), ("evade:0.4", "krum"),
-                           ("num-examples:nan", "krum")):  # fmt: skip
-        out = tmp_path / f"{attack.replace(':', '-')}-{robust}"
+    accs, rejected, cut = {}, {}, {}
+    for attack, z in (("evade:0.4", 2.0), ("num-examples:nan", 2.0), ("evade:0.4", 0.0)):
+        out = tmp_path / f"{attack.replace(':', '-')}-{z}"
         cfg = {"dataset": "digits", "model": "mlp", "num-clients": 5, "num-rounds": 3, "partition": "dirichlet",
-               "alpha": 0.3, "seed": 0, "attack": attack, "attackers": 1, "robust": robust,
+               "alpha": 0.3, "seed": 0, "attack": attack, "attackers": 1, "influence-z": z,
                "out": str(out)}  # fmt: skip
         run_server(InlineGrid(app, 5), validate_config(cfg))
-        accs[(attack, robust)] = load_metrics(out)["rounds"][-1]["central_accuracy"]
-    assert accs[("evade:0.4", "none")] < 0.2 < 0.5 < accs[("num-examples:nan", "none")], accs
-    assert accs[("evade:0.4", "krum")] > accs[("num-examples:nan", "krum")] - 0.03, accs
+        rows = load_metrics(out)["rounds"]
+        accs[(attack, z)] = rows[-1]["central_accuracy"]
+        rejected[(attack, z)] = sum(r.get("rejected", 0) for r in rows[1:])
+        cut[(attack, z)] = sum(r.get("cut", 0) for r in rows[1:])
+    absent = accs[("num-examples:nan", 2.0)]
+    assert accs[("evade:0.4", 2.0)] > absent - 0.03, accs
+    assert rejected[("evade:0.4", 2.0)] == 0 and cut[("evade:0.4", 2.0)] == 3, (rejected, cut)  # every round
+    assert cut[("num-examples:nan", 2.0)] == 0 and cut[("evade:0.4", 0.0)] == 0, cut
+    assert accs[("evade:0.4", 0.0)] < 0.2 < 0.5 < absent, accs  # the attack is real

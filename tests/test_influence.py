@@ -1,0 +1,124 @@
+"""The influence test (fedfuse.influence): outsized updates answer to the server's examples, others are left alone."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedfuse.influence import FLOOR, influence_test
+from fedfuse.screening import screen_updates
+
+D = 50
+
+
+def _task(seed: int = 0, n: int = 200) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Linear regression: the server's ``n`` examples (x, y = x·w*) and w* (the model starts at 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    w_star = torch.randn(D, generator=gen, dtype=torch.float64)
+    x = torch.randn(n, D, generator=gen, dtype=torch.float64)
+    return x, x @ w_star, w_star
+
+
+def _losses(x: torch.Tensor, y: torch.Tensor):
+    return lambda delta: (x @ delta - y) ** 2  # per-example squared error of the model moved from 0 by delta
+
+
+def _honest(w_star: torch.Tensor, k: int, seed: int = 1, size: float = 1.0) -> list[torch.Tensor]:
+    """k updates a third of the way to w*, each with its own noise (non-IID clients)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [size * (w_star / 3 + 0.3 * torch.randn(D, generator=gen, dtype=torch.float64)) for _ in range(k)]
+
+
+def _influence(test, deltas) -> list[float]:
+    return [w * float(d.norm()) for w, d in zip(test.weights, deltas, strict=True)]
+
+
+def test_an_outsized_liar_keeps_a_tenth_of_the_median_influence_and_the_honest_their_weights() -> None:
+    x, y, w_star = _task()
+    gen = torch.Generator().manual_seed(2)
+    junk = torch.randn(D, generator=gen, dtype=torch.float64)
+    junk *= 3 * float(w_star.norm()) / float(junk.norm())  # coherent junk, 3 × an honest update's size...
+    deltas = [*_honest(w_star, 4), junk]
+    weights = [10.0, 12.0, 9.0, 11.0, 100.0]  # ... claiming 10 × the median's examples: influence ~30 × the median
+    test = influence_test(deltas, weights, _losses(x, y), z=2.0)
+    assert test.tested == 1 and test.weights[:4] == weights[:4] and test.cut == 1 and test.floored == 1
+    med = sorted(w * float(d.norm()) for w, d in zip(weights, deltas, strict=True))[2]  # the round's lower median
+    assert math.isclose(_influence(test, deltas)[4], FLOOR * med, rel_tol=1e-9)
+
+
+def test_an_outsized_honest_client_keeps_its_whole_weight() -> None:
+    """Quantity skew: one client holds 20 × the data and trained further, in the direction the examples agree with."""
+    x, y, w_star = _task()
+    big = _honest(w_star, 1, seed=5, size=2.0)[0]
+    deltas = [*_honest(w_star, 4), big]
+    weights = [10.0, 12.0, 9.0, 11.0, 200.0]
+    test = influence_test(deltas, weights, _losses(x, y), z=2.0)
+    assert test.tested == 1 and test.weights == weights and test.cut == 0
+
+
+def test_an_outsized_update_that_helps_a_little_and_harms_more_keeps_the_median_influence() -> None:
+    """A large update that is mostly right but overshoots: at its full weight it raises the loss, at a tenth of the
+    median's influence the loss is higher still (it carries the signal): it keeps the median's influence."""
+    x, y, w_star = _task()
+    deltas = [*_honest(w_star, 4, size=0.2), 4 * w_star]  # honest ones barely move; the big one overshoots w*
+    weights = [10.0, 10.0, 10.0, 10.0, 40.0]
+    test = influence_test(deltas, weights, _losses(x, y), z=2.0)
+    assert test.cut == 1 and test.floored == 0
+    infl = _influence(test, deltas)
+    med = sorted(w * float(d.norm()) for w, d in zip(weights, deltas, strict=True))[2]
+    assert math.isclose(infl[4], med, rel_tol=1e-9) and test.weights[:4] == weights[:4]
+
+
+def test_nothing_is_tested_below_twice_the_median_influence_or_with_z_0() -> None:
+    """The test's stated limit: an update within 2 × the median's influence is never touched, however harmful."""
+    x, y, w_star = _task()
+    harmful = -w_star / 3  # against the task, the size of an honest update
+    deltas = [*_honest(w_star, 4), harmful]
+    weights = [10.0, 12.0, 9.0, 11.0, 12.0]
+    test = influence_test(deltas, weights, _losses(x, y), z=2.0)
+    assert test.tested == 0 and test.weights == weights
+    liar = [*_honest(w_star, 4), 3 * harmful]
+    off = influence_test(liar, [10.0, 12.0, 9.0, 11.0, 100.0], _losses(x, y), z=0.0)
+    assert off.tested == 0 and off.weights == [10.0, 12.0, 9.0, 11.0, 100.0]
+
+
+def test_non_finite_losses_count_as_harm() -> None:
+    x, y, w_star = _task()
+    deltas = [*_honest(w_star, 4), 5 * w_star]
+    weights = [10.0, 12.0, 9.0, 11.0, 100.0]
+
+    def losses(delta: torch.Tensor) -> torch.Tensor:  # the outsized update's full weight overflows the model
+        out = (x @ delta - y) ** 2
+        return torch.where(out > 1e3, torch.full_like(out, math.inf), out)
+
+    test = influence_test(deltas, weights, losses, z=2.0)
+    assert test.cut == 1 and test.weights[4] < 100.0
+
+
+@pytest.mark.parametrize("z", [2.0, 0.0])
+def test_screening_runs_the_test_only_with_a_trusted_reference_and_losses(z: float) -> None:
+    """Through :func:`screen_updates`: the liar is cut (never rejected) with g₀ and the losses; without either, or
+    with influence-z 0, its claim stands."""
+    x, y, w_star = _task()
+    gen = torch.Generator().manual_seed(3)
+    junk = torch.randn(D, generator=gen, dtype=torch.float64)
+    junk *= 3 * float(w_star.norm()) / float(junk.norm())
+    deltas = [*_honest(w_star, 4), junk]
+    states = [{"w": d.float()} for d in deltas]
+    sent = [{"w": torch.zeros(D)}] * 5
+    weights = [10.0, 12.0, 9.0, 11.0, 100.0]
+
+    def losses(state: dict) -> torch.Tensor:
+        return (x @ state["w"].double() - y) ** 2
+
+    ref = {"w": (w_star / 3).float()}
+    res = screen_updates(states, sent, weights, direction="median", reference=ref, losses=losses, influence_z=z)
+    plain = screen_updates(states, sent, weights, direction="median", losses=losses, influence_z=z)
+    assert plain.reasons == [None] * 5 and res.reasons == [None] * 5
+    assert plain.cut == 0
+    if z > 0:
+        assert res.cut == 1 and res.weights[4] < 0.05 * plain.weights[4] and res.weights[:4] == plain.weights[:4]
+    else:
+        assert res.cut == 0 and res.weights == plain.weights
