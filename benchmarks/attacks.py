@@ -37,7 +37,7 @@ from benchmarks.common import load_line, note_load, parse_shard, read_shards, re
 STRATEGIES = ["fedavg", "wb", "match"]
 ATTACKS = [
     "none", "absent", "scale:1e6", "signflip:2", "signflip:4", "signflip:8", "alie:1", "ipm:4", "adaptive:0.99",
-    "evade:0.05", "evade:0.4", "labelflip", "labelflip:4",
+    "evade:0.05", "evade:0.4", "lowkey:0.2", "labelflip", "labelflip:4",
 ]  # fmt: skip
 ABSENT = "num-examples:nan"  # every reply of the attackers is rejected: the 'attackers absent' reference
 SETTINGS = [(5, 1), (10, 2), (10, 3)]  # (clients, attackers)
@@ -222,7 +222,7 @@ def write_table(results: dict[str, dict], path: Path, loads: dict | None = None,
         "α = 0.3). Cell: mean final central accuracy over the 3 seeds ± half its range, (gap to `none` / gap to",
         "`absent`, in points), then the updates over the runs that were **r**ejected, **c**lipped (norm bound),",
         "had their claim **c**apped, **p**rojected (direction guard), and cut to the round's median influence",
-        "(**x**, the influence test; a reply it drops counts as rejected). `none`: every client honest. `absent`:",
+        "or below (**x**, the influence test). `none`: every client honest. `absent`:",
         "the attackers' replies rejected (what a perfect defence leaves; their non-IID data is lost).",
         "Defaults: update-norm-bound 3 × the median norm per local step (clip), examples-cap 10 (claimed",
         "num-examples capped at 10 × the round's median, claimed local steps at 10 × its 70th percentile),",
@@ -231,10 +231,10 @@ def write_table(results: dict[str, dict], path: Path, loads: dict | None = None,
         "cosine ≤ 0 with g₀; an update keeps its whole weight, and each tensor everything of it, down to cosine",
         "−0.4 with g₀, only what points further against it projected away, no weight left at −0.65; a clipped",
         "update gets no band), influence-z 2 (an update whose weight × norm exceeds 2 × the round's median is cut to",
-        "the median's, and dropped if its full size raises the loss on the 100 examples significantly and dropping",
-        "it does not, `fedfuse/influence.py`), robust none. `evade:c`: at the claim caps, coherent junk at cosine −c",
-        "per tensor with",
-        "the honest mean (`fedfuse.attacks`). `median`: the defaults",
+        "the median's where that lowers the loss on the 100 examples significantly, and kept at a tenth of it if its",
+        "full size raises that loss significantly, `fedfuse/influence.py`), robust none. `evade:c`: at the claim caps, coherent junk at cosine −c",
+        "per tensor with the honest mean (`fedfuse.attacks`); `lowkey:0.2`: `evade:0.4` claiming 0.2 × the caps, under",
+        "the influence test's line. `median`: the defaults",
         "with `--trusted-data 0` (a server without",
         "labelled data: the guard's reference is the round's coordinate median of the updates).",
         "`–`: not measured.",

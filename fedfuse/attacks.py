@@ -27,6 +27,9 @@ recomputes them, :func:`honest_updates`: μ and σ below are their coordinate-wi
                      does not agree with g₀ (the median norm per step × its capped steps). With c inside
                      the band the guard grants honest disagreement it keeps its whole weight, and whatever
                      the guard does not project away acts.
+* ``lowkey:r``       ``evade:0.4`` with claims at ``r`` × the caps (``r`` = 0.2: 2 × the median's examples and
+                     the cap scale's steps): it stays under the influence test's line (2 × the median's
+                     influence, :mod:`fedfuse.influence`) and so keeps whatever the guard leaves it.
 """
 
 from __future__ import annotations
@@ -137,20 +140,20 @@ def omniscient_reply(
     kind: str, value: float, cfg: Mapping[str, Any], sent: Mapping[str, Tensor], server_round: int,
     num_examples: int, steps: int, own: int | None = None,
 ) -> tuple[dict[str, Tensor], float, float]:  # fmt: skip
-    """(state, claimed num-examples, claimed local steps) an ``alie`` / ``ipm`` / ``adaptive`` / ``evade`` attacker of
-    partition ``own`` sends (the entries it was sent, moved)."""
+    """(state, claimed num-examples, claimed local steps) an omniscient attacker (``alie``, ``ipm``, ``adaptive``,
+    ``evade``, ``lowkey``) of partition ``own`` sends (the entries it was sent, moved)."""
     honest = honest_updates(cfg, sent, server_round, own)
     keys = list(honest[0][0])
     stack = {k: torch.stack([d[k].double() for d, _, _ in honest]) for k in keys}
     mean = {k: v.mean(0) for k, v in stack.items()}
-    std = {k: v.std(0, unbiased=False) for k, v in stack.items()} if kind in ("alie", "evade") else {}
+    std = {k: v.std(0, unbiased=False) for k, v in stack.items()} if kind in ("alie", "evade", "lowkey") else {}
     if kind == "alie":
         delta = {k: mean[k] - value * std[k] for k in keys}
     elif kind == "ipm":
         delta = {k: -value * mean[k] for k in keys}
     else:  # adaptive, evade: just under every bound the server's run config sets
         cap = float(cfg.get("examples-cap", 0) or 0) or float(cfg.get("examples-bound", 0) or 0) or 10.0
-        ratio = value if kind == "adaptive" else 0.99
+        ratio = value if kind in ("adaptive", "lowkey") else 0.99
         top = [math.inf] * (int(cfg["num-clients"]) - len(honest))  # the attackers' own claims: the largest
         ns, ss = [float(n) for _, n, _ in honest], [float(s) for _, _, s in honest]
         med_n = min(lower_median(ns + top), max(ns))  # the server's scales for this round (capped: most attack)
@@ -158,7 +161,7 @@ def omniscient_reply(
         num_examples, steps = max(1, int(ratio * cap * med_n)), max(1, int(ratio * cap * scale_s))
         norms = [math.sqrt(sum(float(d[k].pow(2).sum()) for k in keys)) for d, _, _ in honest]
         k_bound = float(cfg.get("update-norm-bound", 0) or 0)
-        if kind == "evade":  # an update that does not agree with g0 may move 1 x the median per step
+        if kind in ("evade", "lowkey"):  # an update that does not agree with g0 may move 1 x the median per step
             k_bound = min(k_bound, 1.0) if k_bound > 0 else 0.0
         if k_bound > 0:
             per_step = lower_median([nm / s for nm, (_, _, s) in zip(norms, honest, strict=True)])
@@ -170,9 +173,12 @@ def omniscient_reply(
             delta = {k: -mean[k] * (target / mean_norm) for k in keys}
         else:
             typical = {k: float(v.flatten(1).norm(dim=1).median()) for k, v in stack.items()}
-            delta = _against(mean, std, value, target, typical)
+            delta = _against(mean, std, value if kind == "evade" else LOWKEY_COS, target, typical)
     state = {k: (sent[k].double() + delta[k]).to(sent[k].dtype) if k in delta else sent[k] for k in sent}
     return state, num_examples, steps
+
+
+LOWKEY_COS = 0.4  # lowkey's cosine with the honest mean (evade:0.4's)
 
 
 def _against(

@@ -73,6 +73,11 @@ def test_new_attacks_parse_and_labelflip_flips() -> None:
     assert parse_attack("evade:0.4") == ("evade", 0.4)
     with pytest.raises(ValueError, match="cosine in"):
         parse_attack("evade:1")
+    assert parse_attack("lowkey:0.2") == ("lowkey", 0.2)
+    with pytest.raises(ValueError, match="ratio"):
+        parse_attack("lowkey:0")
+    with pytest.raises(ConfigError, match="influence_z=-1"):
+        ScreeningConfig(influence_z=-1)
     assert flip_labels("labelflip", torch.tensor([0, 3, 9]), 10).tolist() == [9, 6, 0]
     assert flip_labels("scale", torch.tensor([0, 3]), 10).tolist() == [0, 3]
 

@@ -259,7 +259,7 @@ def test_the_influence_test_holds_evade_where_the_claims_alone_do_not(tmp_path) 
     Its whole weight survives the guard's band; without the influence test (``influence-z 0``) the run ends near
     chance (0.100, seed 0). With it (the default) the server's examples show the harm of its claimed size: it keeps
     a tenth of a median client's influence, is never rejected, and the run ends within a point of the run without
-    the attacker (0.716 vs 0.724, seed 0)."""
+    the attacker (0.716 vs 0.724, seed 0). What it does not hold: ``lowkey:0.2``."""
     from clients.client_app import app
     from fedfuse.results import load_metrics
     from fedfuse.runners.inline import InlineGrid
@@ -267,7 +267,7 @@ def test_the_influence_test_holds_evade_where_the_claims_alone_do_not(tmp_path) 
     from strategies.server_app import run_server
 
     accs, rejected, cut = {}, {}, {}
-    for attack, z in (("evade:0.4", 2.0), ("num-examples:nan", 2.0), ("evade:0.4", 0.0)):
+    for attack, z in (("evade:0.4", 2.0), ("num-examples:nan", 2.0), ("evade:0.4", 0.0), ("lowkey:0.2", 2.0)):
         out = tmp_path / f"{attack.replace(':', '-')}-{z}"
         cfg = {"dataset": "digits", "model": "mlp", "num-clients": 5, "num-rounds": 3, "partition": "dirichlet",
                "alpha": 0.3, "seed": 0, "attack": attack, "attackers": 1, "influence-z": z,
@@ -282,3 +282,5 @@ def test_the_influence_test_holds_evade_where_the_claims_alone_do_not(tmp_path) 
     assert rejected[("evade:0.4", 2.0)] == 0 and cut[("evade:0.4", 2.0)] == 3, (rejected, cut)  # every round
     assert cut[("num-examples:nan", 2.0)] == 0 and cut[("evade:0.4", 0.0)] == 0, cut
     assert accs[("evade:0.4", 0.0)] < 0.2 < 0.5 < absent, accs  # the attack is real
+    # the test's stated limit: the same junk claiming 0.2 × the caps stays under its line, untouched (0.646, seed 0)
+    assert cut[("lowkey:0.2", 2.0)] == 0 and accs[("lowkey:0.2", 2.0)] < absent - 0.05, (accs, cut)
