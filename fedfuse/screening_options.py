@@ -47,7 +47,8 @@ SCREENING_OPTIONS = (
            choices=DIRECTION_GUARDS),
     Option("influence-z", float, INFLUENCE_Z,
            "with trusted-data: an update whose influence (weight × norm) exceeds 2 × the round's median is cut to "
-           "the median's, or dropped, where the loss on the server's examples shows harm at this z-score (0 = off)",
+           "the median's (a tenth of it if its full size raises the loss) where the loss on the server's examples "
+           "shows it at this z-score (0 = off)",
            low=0.0),
 )  # fmt: skip
 ROBUST_OPTIONS = (
