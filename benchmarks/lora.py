@@ -42,7 +42,7 @@ from fedfuse.replies import Reply  # noqa: E402
 from fedfuse.screening import ScreeningConfig, screen_round  # noqa: E402
 from fedfuse.state import torch_threads, weighted_average  # noqa: E402
 from fedfuse.train import evaluate  # noqa: E402
-from fedfuse.trust import trusted_reference  # noqa: E402
+from fedfuse.trust import OnWhole, trusted_reference  # noqa: E402
 from strategies.registry import OWNERS, resolve_strategy, validate_config  # noqa: E402
 
 # (label, strategy, ranks): equal ranks vs mixed ranks (cycled over clients)
@@ -89,7 +89,7 @@ def run(cfg: dict[str, Any], rounds: int, screening: bool = False) -> list[dict[
         ranks = [int(r) for r in str(cfg["lora-ranks"]).split(",")]
     _, acc = evaluate(global_model, ds.x_test, ds.y_test)
     rows = [{"round": 0, "accuracy": acc, "bytes": 0.0, "agg_error": 0.0, "rel_error": 0.0, "step_error": 0.0,
-             "dropped": 0.0, "clipped": 0.0, "rejected": 0.0}]  # fmt: skip
+             "dropped": 0.0, "clipped": 0.0, "rejected": 0.0, "cut": 0.0}]  # fmt: skip
     screen_config = ScreeningConfig.from_config(cfg)  # the run's screening options (defaults: the Flower path's)
     trusted = trusted_reference(cfg, global_model) if screening else None  # g₀ (trusted-data), as the strategies'
     for rnd in range(1, rounds + 1):
@@ -127,15 +127,17 @@ def run(cfg: dict[str, Any], rounds: int, screening: bool = False) -> list[dict[
             weights.append(float(len(x)))
             steps.append(float(result.steps))
             sents.append({k: sent[k] for k in reply})  # what the node was sent, as the strategy screens against
-        screened = {"clipped": 0.0, "rejected": 0.0}
+        screened = {"clipped": 0.0, "rejected": 0.0, "cut": 0.0}
         if screening and states:
             replies = [Reply(st, w, n) for st, w, n in zip(states, weights, steps, strict=True)]
             guard = not (init_mode(cfg) != "shared" and rnd == 1)  # the Flower path's: apart clients share no start
             use = trusted is not None and guard and len(states) >= 3  # as FedFuseStrategy.aggregate_train
+            whole = OnWhole(trusted, lambda st=state: st) if trusted is not None and use else None  # the whole model
             rs = screen_round(rnd, [f"client{i}" for i in range(len(states))], replies, sents, screen_config,
-                              direction=guard, reference=trusted(state, rnd) if use else None)  # fmt: skip
+                              direction=guard, reference=whole(state, rnd) if whole else None,
+                              losses=whole.losses if whole else None)  # fmt: skip
             states, weights = rs.states, rs.weights
-            screened = {"clipped": rs.stats["clipped"], "rejected": rs.stats["rejected"]}
+            screened = {"clipped": rs.stats["clipped"], "rejected": rs.stats["rejected"], "cut": rs.stats["cut"]}
         if not states:  # every update diverged: the round keeps the previous model
             rows.append({**rows[-1], "round": rnd, "bytes": float(down + up), "dropped": float(dropped), **screened})
             continue
@@ -317,7 +319,7 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
         "Diverged updates (non-finite) are left out of the round, as the Flower path's validation rejects them. "
         + (
             "Replies screened as the Flower path screens them (--screening default): last column, updates clipped "
-            "(norm bound) / rejected over all runs and rounds; the direction guard's reference: "
+            "(norm bound) / rejected / cut (influence test) over all runs and rounds; the direction guard's reference: "
             + (
                 f"the server's own update g₀ on {_trusted(args)} labelled examples."
                 if _trusted(args)
@@ -328,7 +330,7 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
         ),
         "",
         "| setting | method | base acc | final acc | best acc | bytes/round (MB) | bytes vs full | rel. agg. error "
-        "| error / round update | diverged updates | clipped / rejected |",
+        "| error / round update | diverged updates | clipped / rejected / cut |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     full_bytes: dict[str, float] = {}
@@ -347,7 +349,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, seconds: float, lo
             f"| {_ms(step, 1.0, 3)} "
             f"| {sum(x.get('dropped', 0) for r in runs for x in r):.0f} "
             f"| {sum(x.get('clipped', 0) for r in runs for x in r):.0f} / "
-            f"{sum(x.get('rejected', 0) for r in runs for x in r):.0f} |"
+            f"{sum(x.get('rejected', 0) for r in runs for x in r):.0f} / "
+            f"{sum(x.get('cut', 0) for r in runs for x in r):.0f} |"
         )
     lines += ["", "## Accuracy per round (mean over seeds, percent)", ""]
     rounds = len(next(iter(results.values()))[0])
