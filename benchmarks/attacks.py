@@ -53,18 +53,20 @@ BASE = {"dataset": "digits", "model": "mlp", "num-rounds": 3}
 
 @dataclass(frozen=True)
 class Suite:
-    """A matrix: its strategies, the run options every cell shares and the file name of its results."""
+    """A matrix: its strategies, the run options every cell shares, the file name of its results, what it runs and
+    its ``--suite`` value."""
 
     strategies: tuple[str, ...]
     base: dict
     name: str
     what: str
+    key: str
 
 
 SUITES = {
-    "mlp": Suite(tuple(STRATEGIES), BASE, "attacks", "digits MLP, 3 rounds"),
+    "mlp": Suite(tuple(STRATEGIES), BASE, "attacks", "digits MLP, 3 rounds", "mlp"),
     "lora": Suite(("fedavg-lora", "fedex-lora"), {**BASE, "num-rounds": 5, "pretrain": "low-classes", "lora-rank": 4},
-                  "attacks-lora", "digits MLP pretrained on classes 0-4, LoRA rank 4, 5 rounds"),
+                  "attacks-lora", "digits MLP pretrained on classes 0-4, LoRA rank 4, 5 rounds", "lora"),
 }  # fmt: skip
 COUNTS = ("rejected", "clipped", "capped", "projected", "cut", "skipped", "diverged")
 MARKS = {"rejected": "r", "clipped": "c", "capped": "c", "projected": "p", "cut": "x"}  # the letters in a cell
@@ -213,8 +215,7 @@ def holds(results: dict[str, dict], s: str = "fedavg", limit: float = 3.0) -> li
 
 
 def write_table(results: dict[str, dict], path: Path, loads: dict | None = None, suite: Suite = SUITES["mlp"]) -> None:
-    key = next(k for k, v in SUITES.items() if v is suite)
-    command = "python benchmarks/attacks.py" + ("" if key == "mlp" else f" --suite {key}")
+    command = "python benchmarks/attacks.py" + ("" if suite.key == "mlp" else f" --suite {suite.key}")
     lines = [
         "# Attacks × strategies with fedfuse's defences, and their cost on clean runs",
         "",
