@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -48,6 +48,7 @@ class InfluenceTest:
     tested: int = 0
     cut: int = 0
     floored: int = 0
+    notes: dict[int, str] = field(default_factory=dict)  # why an update was kept at FLOOR (for the log)
 
 
 def _paired(new: Tensor, old: Tensor) -> tuple[float, float]:
@@ -99,6 +100,11 @@ def influence_test(
         d_low, se_low = _paired(without, best)
         if not d_low > z * se_low:
             current, best = trial, without
+            sig = f"{diff / se:.1f} standard errors" if se > 0 else "on every example"
+            out.notes[i] = (
+                f"its influence ({infl[i] / med:.3g} × the round's median) raises the loss on the server's "
+                f"{len(tried)} examples by {diff:.3g} ({sig}) at its claimed size: kept at {FLOOR:g} × the median's"
+            )
     out.weights = current
     out.cut = sum(1 for i in outsized if current[i] < full[i])
     out.floored = sum(1 for i in outsized if current[i] < cut[i])

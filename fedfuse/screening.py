@@ -173,6 +173,7 @@ class Screening:
     capped: int = 0
     projected: int = 0
     cut: int = 0
+    notes: dict[int, str] = field(default_factory=dict)  # per client: why the influence test kept it at its floor
     bounds: dict[str, float] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)  # largest value / lower median, per check
 
@@ -358,6 +359,7 @@ def _influence(
     for j, i in enumerate(live):
         result.weights[i] = test.weights[j]
     result.cut += test.cut
+    result.notes |= {live[j]: note for j, note in test.notes.items()}
 
 
 def _band_floor(d: Tensor, r: Tensor, p: float, r_sq: float, band: float) -> float:
@@ -455,6 +457,8 @@ def screen_round(
                **{valid[j]: r for j, r in enumerate(screen.reasons) if r is not None}}  # fmt: skip
     for i in sorted(reasons):
         log.warning("round %d: rejected update from %s: %s", server_round, labels[i], reasons[i])
+    for j, note in sorted(screen.notes.items()):
+        log.warning("round %d: down-weighted update from %s: %s", server_round, labels[valid[j]], note)
     kept = [j for j, r in enumerate(screen.reasons) if r is None]
     stats = {"rejected": float(len(reasons)), **screen.ratios, "clipped": float(screen.clipped),
              "capped": float(screen.capped), "projected": float(screen.projected),

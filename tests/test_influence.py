@@ -44,6 +44,7 @@ def test_an_outsized_liar_keeps_a_tenth_of_the_median_influence_and_the_honest_t
     weights = [10.0, 12.0, 9.0, 11.0, 100.0]  # ... claiming 10 × the median's examples: influence ~30 × the median
     test = influence_test(deltas, weights, _losses(x, y), z=2.0)
     assert test.tested == 1 and test.weights[:4] == weights[:4] and test.cut == 1 and test.floored == 1
+    assert list(test.notes) == [4] and "at its claimed size" in test.notes[4]
     med = sorted(w * float(d.norm()) for w, d in zip(weights, deltas, strict=True))[2]  # the round's lower median
     assert math.isclose(_influence(test, deltas)[4], FLOOR * med, rel_tol=1e-9)
 

@@ -254,18 +254,21 @@ def test_lora_strategies_guard_against_the_servers_own_adapter_update(tmp_path) 
     assert accs[("adaptive:0.99", 0)] < absent - 0.2, accs  # the attack is real: the median reference is captured
 
 
-def test_the_influence_test_holds_evade_where_the_claims_alone_do_not(tmp_path) -> None:
+def test_the_influence_test_holds_evade_where_the_claims_alone_do_not(tmp_path, caplog) -> None:
     """One of five clients claims the caps and sends coherent junk orthogonal to the honest mean (``evade:0.4``).
     Its whole weight survives the guard's band; without the influence test (``influence-z 0``) the run ends near
     chance (0.100, seed 0). With it (the default) the server's examples show the harm of its claimed size: it keeps
     a tenth of a median client's influence, is never rejected, and the run ends within a point of the run without
     the attacker (0.716 vs 0.724, seed 0). What it does not hold: ``lowkey:0.2``."""
+    import logging
+
     from clients.client_app import app
     from fedfuse.results import load_metrics
     from fedfuse.runners.inline import InlineGrid
     from strategies.registry import validate_config
     from strategies.server_app import run_server
 
+    caplog.set_level(logging.WARNING, logger="fedfuse")
     accs, rejected, cut = {}, {}, {}
     for attack, z in (("evade:0.4", 2.0), ("num-examples:nan", 2.0), ("evade:0.4", 0.0), ("lowkey:0.2", 2.0)):
         out = tmp_path / f"{attack.replace(':', '-')}-{z}"
@@ -281,6 +284,8 @@ def test_the_influence_test_holds_evade_where_the_claims_alone_do_not(tmp_path) 
     assert accs[("evade:0.4", 2.0)] > absent - 0.03, accs
     assert rejected[("evade:0.4", 2.0)] == 0 and cut[("evade:0.4", 2.0)] == 3, (rejected, cut)  # every round
     assert cut[("num-examples:nan", 2.0)] == 0 and cut[("evade:0.4", 0.0)] == 0, cut
+    downs = [r.message for r in caplog.records if "down-weighted update from" in r.message]
+    assert len(downs) == 3 and all("standard errors) at its claimed size" in m for m in downs), downs
     assert accs[("evade:0.4", 0.0)] < 0.2 < 0.5 < absent, accs  # the attack is real
     # the test's stated limit: the same junk claiming 0.2 × the caps stays under its line, untouched (0.646, seed 0)
     assert cut[("lowkey:0.2", 2.0)] == 0 and accs[("lowkey:0.2", 2.0)] < absent - 0.05, (accs, cut)
