@@ -72,19 +72,19 @@ class TrustedReference:
 
 
 class OnWhole:
-    """A :class:`TrustedReference` for a strategy whose clients get and send only a part of its model (LoRA: the
-    adapters and dense keys): the server trains, and measures, the whole model ``whole()`` it holds."""
+    """A trusted reference for a strategy whose clients get and send only a part of its model (LoRA: the adapters
+    and dense keys): the server trains, and measures, the whole model ``whole()`` it holds. ``reference`` is a
+    :class:`TrustedReference` or any ``(state, round) -> state`` callable; ``losses`` is None for one without
+    ``losses`` (then there is no influence test)."""
 
-    def __init__(self, reference: TrustedReference, whole: Callable[[], State]) -> None:
+    def __init__(self, reference: Callable[[State, int], State], whole: Callable[[], State]) -> None:
         self.reference, self.whole = reference, whole
+        own = getattr(reference, "losses", None)
+        self.losses: Callable[[State], Tensor] | None = (lambda state: own({**whole(), **state})) if own else None
 
     def __call__(self, sent: State, server_round: int) -> dict[str, Tensor]:
         """g₀'s end state, trained from the whole model (``sent`` is a part of it)."""
-        return self.reference(self.whole(), server_round)
-
-    def losses(self, state: State) -> Tensor:
-        """:meth:`TrustedReference.losses` of the whole model with ``state``'s entries in place."""
-        return self.reference.losses({**self.whole(), **state})
+        return dict(self.reference(self.whole(), server_round))
 
 
 def trusted_examples(cfg: Mapping[str, Any], ds: Any) -> tuple[Tensor, Tensor] | None:

@@ -148,6 +148,7 @@ def test_a_users_trusted_reference_is_called_with_the_whole_global_lora_model():
     sent = {k: glob[k] for k in ("l.lora_A", "l.lora_B")}
     assert strategy.trusted(sent, 3) == glob
     assert calls == [(set(glob), 3)]
+    assert strategy.trusted.losses is None  # a plain callable has no per-example losses: no influence test
     assert FedAvgLoRA(alpha=4.0, seed=0).trusted is None  # no reference given: the round's median
 
 
