@@ -132,7 +132,7 @@ def run(cfg: dict[str, Any], rounds: int, screening: bool = False) -> list[dict[
             replies = [Reply(st, w, n) for st, w, n in zip(states, weights, steps, strict=True)]
             guard = not (init_mode(cfg) != "shared" and rnd == 1)  # the Flower path's: apart clients share no start
             use = trusted is not None and guard and len(states) >= 3  # as FedFuseStrategy.aggregate_train
-            whole = OnWhole(trusted, lambda st=state: st) if trusted is not None and use else None  # the whole model
+            whole = OnWhole(trusted, lambda st=state: st) if use else None  # g₀ and losses of the whole model
             rs = screen_round(rnd, [f"client{i}" for i in range(len(states))], replies, sents, screen_config,
                               direction=guard, reference=whole(state, rnd) if whole else None,
                               losses=whole.losses if whole else None)  # fmt: skip

@@ -47,8 +47,12 @@ class InfluenceTest:
     weights: list[float]
     tested: int = 0
     cut: int = 0
-    floored: int = 0
     notes: dict[int, str] = field(default_factory=dict)  # why an update was kept at FLOOR (for the log)
+
+    @property
+    def floored(self) -> int:
+        """How many updates were kept at ``FLOOR`` × the median's influence."""
+        return len(self.notes)
 
 
 def _paired(new: Tensor, old: Tensor) -> tuple[float, float]:
@@ -107,5 +111,4 @@ def influence_test(
             )
     out.weights = current
     out.cut = sum(1 for i in outsized if current[i] < full[i])
-    out.floored = sum(1 for i in outsized if current[i] < cut[i])
     return out

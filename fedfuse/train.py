@@ -17,6 +17,7 @@ __all__ = [
     "make_optimizer",
     "train",
     "evaluate",
+    "example_losses",
     "iterate_batches",
     "state_to_numpy",
 ]
@@ -132,6 +133,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     model.train(was_training)
     n = max(len(x), 1)
     return total_loss / n, correct / n
+
+
+@torch.no_grad()
+def example_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """The per-example cross-entropy of ``model`` on (x, y) in eval mode (float64, in the order of ``x``)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([nn.functional.cross_entropy(model(xb), yb, reduction="none").double()
+                          for xb, yb in iterate_batches(x, y, batch_size)])  # fmt: skip
+    finally:
+        model.train(was_training)
 
 
 def state_to_numpy(model: nn.Module) -> dict[str, object]:

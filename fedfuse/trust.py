@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from fedfuse.errors import ConfigError
 from fedfuse.screening_options import TRUSTED_DATA
+from fedfuse.train import example_losses
 
 __all__ = ["TrustedReference", "OnWhole", "trusted_examples", "trusted_reference"]
 
@@ -53,22 +54,11 @@ class TrustedReference:
         self.train(model, self.x, self.y, server_round)
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    @torch.no_grad()
-    def losses(self, state: State, batch_size: int = 1024) -> Tensor:
+    def losses(self, state: State) -> Tensor:
         """The per-example cross-entropy of ``state`` on the server's examples, in eval mode (the influence test's
         evidence, :mod:`fedfuse.influence`)."""
-        model = self.model
-        model.load_state_dict(dict(state))
-        was_training = model.training
-        model.eval()
-        try:
-            return torch.cat([
-                nn.functional.cross_entropy(model(self.x[a : a + batch_size]), self.y[a : a + batch_size],
-                                            reduction="none").double()
-                for a in range(0, len(self.x), batch_size)
-            ])  # fmt: skip
-        finally:
-            model.train(was_training)
+        self.model.load_state_dict(dict(state))
+        return example_losses(self.model, self.x, self.y)
 
 
 class OnWhole:
