@@ -71,7 +71,7 @@ def test_fedavg_clients_train_without_a_proximal_term(tmp_path) -> None:
     """The run config holds FedProx's ``proximal-mu`` (default 0.01) for every strategy; FedAvg's clients must not
     receive it: one inline round equals FedAvg of plain local training (no proximal term), bit for bit."""
     from fedfuse.experiment import client_data, dataset_for, local_plan, local_train, model_for
-    from fedfuse.state import weighted_average
+    from fedfuse.state import torch_threads, weighted_average
 
     cfg = _cfg(tmp_path, **{"num-rounds": 1})
     run_inline(cfg)
@@ -82,7 +82,8 @@ def test_fedavg_clients_train_without_a_proximal_term(tmp_path) -> None:
         model = model_for(cfg, ds)
         model.load_state_dict(start)
         x, y = client_data(cfg, pid, 2)
-        weights.append(local_train(cfg, model, x, y, local_plan(cfg, pid, 1, len(x))).num_examples)
+        with torch_threads(1):  # as the ClientApp trains (client-threads 1): bit for bit on a multi-threaded torch too
+            weights.append(local_train(cfg, model, x, y, local_plan(cfg, pid, 1, len(x))).num_examples)
         states.append(model.state_dict())
     expected, got = weighted_average(states, weights), torch.load(tmp_path / "model.pt")
     assert all(torch.equal(expected[k], got[k]) for k in expected)
