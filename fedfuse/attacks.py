@@ -28,8 +28,8 @@ recomputes them, :func:`honest_updates`: μ and σ below are their coordinate-wi
                      the band the guard grants honest disagreement it keeps its whole weight, and whatever
                      the guard does not project away acts.
 * ``lowkey:r``       ``evade:0.4`` with claims at ``r`` × the caps (``r`` = 0.2: 2 × the median's examples and
-                     the cap scale's steps): it stays under the influence test's line (2 × the median's
-                     influence, :mod:`fedfuse.influence`) and so keeps whatever the guard leaves it.
+                     the cap scale's steps): it stays under the influence test's outsized line (2 × the median's
+                     influence, :mod:`fedfuse.influence`), so only the test's step on harmful steps can catch it.
 """
 
 from __future__ import annotations

@@ -51,7 +51,10 @@ depend on the learning rate, the local epochs and the architecture. In order:
    standard errors; each cut update then gets its weight back unless that raises the loss significantly, and one
    whose full size does keeps a tenth of the median's influence (unless that raises the loss significantly).
    It is what stops a liar at the caps (``--attack evade``: coherent junk inside the band, half a round's weight,
-   10 × the median's norm budget), which 1-5 let through to chance.
+   10 × the median's norm budget), which 1-5 let through to chance. Then, whatever an update's size, its own step
+   ``w_i Δ_i / Σ_j w_j`` (the others not rescaled) is put in the aggregate only where it does not raise that loss by
+   more than z standard errors; one that does keeps a tenth of the median's influence (``--attack lowkey``: the same
+   junk claiming like a median client).
 
 Checks 2, 5 and 6 need three clients (with fewer there is nothing to compare with).
 """

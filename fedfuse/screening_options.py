@@ -47,8 +47,9 @@ SCREENING_OPTIONS = (
            choices=DIRECTION_GUARDS),
     Option("influence-z", float, INFLUENCE_Z,
            "with trusted-data: an update whose influence (weight × norm) exceeds 2 × the round's median is cut to "
-           "the median's (a tenth of it if its full size raises the loss) where the loss on the server's examples "
-           "shows it at this z-score (0 = off)",
+           "the median's (a tenth of it if its full size raises the loss), and any update whose own step raises "
+           "the loss keeps a tenth of the median's, where the loss on the server's examples shows it at this "
+           "z-score (0 = off)",
            low=0.0),
 )  # fmt: skip
 ROBUST_OPTIONS = (

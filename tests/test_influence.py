@@ -1,4 +1,5 @@
-"""The influence test (fedfuse.influence): outsized updates answer to the server's examples, others are left alone."""
+"""The influence test (fedfuse.influence): outsized and harmful updates answer to the server's examples, honest
+non-IID ones are left alone."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fedfuse.influence import FLOOR, influence_test
+from fedfuse.influence import FLOOR, _paired, influence_test
 from fedfuse.screening import screen_updates
 
 D = 50
@@ -72,17 +73,46 @@ def test_an_outsized_update_that_helps_a_little_and_harms_more_keeps_the_median_
     assert math.isclose(infl[4], med, rel_tol=1e-9) and test.weights[:4] == weights[:4]
 
 
-def test_nothing_is_tested_below_twice_the_median_influence_or_with_z_0() -> None:
-    """The test's stated limit: an update within 2 × the median's influence is never touched, however harmful."""
+def test_a_harmful_step_of_median_size_keeps_a_tenth_of_the_median_influence() -> None:
+    """Step 4: an update within 2 × the median's influence (not outsized) whose own step raises the loss on the
+    server's examples is floored; the honest updates keep their weights."""
     x, y, w_star = _task()
-    harmful = -w_star / 3  # against the task, the size of an honest update
+    harmful = -w_star / 3  # against the task, the size of an honest update, an honest claim
     deltas = [*_honest(w_star, 4), harmful]
     weights = [10.0, 12.0, 9.0, 11.0, 12.0]
     test = influence_test(deltas, weights, _losses(x, y), z=2.0)
-    assert test.tested == 0 and test.weights == weights
-    liar = [*_honest(w_star, 4), 3 * harmful]
+    assert test.tested == 0 and test.cut == 1 and test.floored == 1 and test.weights[:4] == weights[:4]
+    assert list(test.notes) == [4] and "the others not rescaled" in test.notes[4]
+    med = sorted(w * float(d.norm()) for w, d in zip(weights, deltas, strict=True))[2]
+    assert math.isclose(_influence(test, deltas)[4], FLOOR * med, rel_tol=1e-9)
+
+
+def test_honest_non_iid_steps_are_never_floored() -> None:
+    """Clients that each know a part of the task (here: a few coordinates of w*, as a class-skewed client knows its
+    classes) move the loss on the whole of it a little each: none is taken for harmful, though leaving one out and
+    rescaling the others may raise the loss. Neither is an honest client whose step barely helps."""
+    x, y, w_star = _task()
+    parts = torch.arange(D).chunk(5)
+    deltas = [torch.zeros(D, dtype=torch.float64).index_copy(0, p, w_star[p] / 2) for p in parts]
+    deltas.append(0.01 * w_star)  # a client that hardly trained
+    weights = [10.0, 30.0, 5.0, 12.0, 8.0, 11.0]
+    losses = _losses(x, y)
+    rest = [w if i < 5 else 0.0 for i, w in enumerate(weights)]  # the barely-trained client left out, rest rescaled
+    left_out = losses(sum(d * (w / sum(rest)) for d, w in zip(deltas, rest, strict=True)))
+    diff, se = _paired(losses(sum(d * (w / sum(weights)) for d, w in zip(deltas, weights, strict=True))), left_out)
+    assert diff > 2 * se  # the leave-one-out would take it for harmful
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        noisy = [d + 0.02 * torch.randn(D, generator=gen, dtype=torch.float64) for d in deltas]
+        test = influence_test(noisy, weights, _losses(x, y), z=2.0)
+        assert test.weights == weights and test.cut == 0
+
+
+def test_nothing_is_tested_with_z_0() -> None:
+    x, y, w_star = _task()
+    liar = [*_honest(w_star, 4), -w_star]
     off = influence_test(liar, [10.0, 12.0, 9.0, 11.0, 100.0], _losses(x, y), z=0.0)
-    assert off.tested == 0 and off.weights == [10.0, 12.0, 9.0, 11.0, 100.0]
+    assert off.tested == 0 and off.weights == [10.0, 12.0, 9.0, 11.0, 100.0] and off.cut == 0
 
 
 def test_non_finite_losses_count_as_harm() -> None:
