@@ -48,7 +48,7 @@ from strategies.registry import OWNERS, resolve_strategy, validate_config  # noq
 # (label, strategy, ranks): equal ranks vs mixed ranks (cycled over clients)
 SETTINGS = {
     "equal": [("full FedAvg", "fedavg", ""), ("FedAvg-LoRA", "fedavg-lora", "4"), ("FedEx-LoRA", "fedex-lora", "4"),
-              ("aligned-LoRA", "aligned-lora", "4"), ("FLoRA", "flora", "4")],
+              ("aligned-LoRA", "aligned-lora", "4"), ("SVD-LoRA", "svd-lora", "4"), ("FLoRA", "flora", "4")],
     "mixed": [("HetLoRA (pad)", "hetlora", "2,4,8"), ("FedEx-LoRA", "fedex-lora", "2,4,8"),
               ("aligned-LoRA", "aligned-lora", "2,4,8"), ("SVD-LoRA", "svd-lora", "2,4,8"), ("FLoRA", "flora", "2,4,8")],
 }  # fmt: skip
