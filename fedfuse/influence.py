@@ -138,10 +138,11 @@ def _outsized_step(
 def _harm_step(
     out: InfluenceTest, deltas: Sequence[Tensor], losses: Callable[[Tensor], Tensor], z: float, med: float
 ) -> None:
-    """Step 4 on ``out``'s weights: each update's own step ``w_i·Δ_i / W`` (``W = Σ_j w_j``, held fixed, so the
-    others are not rescaled) against the aggregate ``S = Σ_j w_j·Δ_j / W``; the harmful-looking ones (loss rises
-    without the others rescaled) dropped jointly, kept apart only where that lowers the loss significantly, then
-    given back one by one unless the step raises the loss by more than ``z`` standard errors."""
+    """Step 4 on ``out``'s weights: each update's own step ``s_i = w_i·Δ_i / W`` (``W = Σ_j w_j`` held fixed, so
+    the others are not rescaled) in the aggregate ``S = Σ_j s_j``. The steps that raise the loss on average are
+    taken out together, which stands only if that lowers the loss by more than ``z`` standard errors; then each is
+    put back (least harmful first) unless it raises the loss by more than ``z`` standard errors, and one that does
+    keeps ``FLOOR`` × the median's influence ``med``."""
     ws = out.weights
     total = sum(ws)
     if total <= 0:
