@@ -52,8 +52,9 @@ FLOOR = 0.1  # an update harmful at its claimed size keeps this × the median's 
 
 @dataclass
 class InfluenceTest:
-    """What :func:`influence_test` decided: each update's weight, how many were tested (outsized), cut (to the
-    median's influence or below) and, of those, kept at only ``FLOOR`` × the median's (harmful at full size)."""
+    """What :func:`influence_test` decided: each update's weight, how many were outsized (``tested``), how many
+    lost weight (``cut``: to the median's influence or below, by either step) and, of those, the ones kept at only
+    ``FLOOR`` × the median's (harmful at full size, or a harmful step), with why."""
 
     weights: list[float]
     tested: int = 0
