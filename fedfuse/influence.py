@@ -56,12 +56,14 @@ FLOOR = 0.1  # an update harmful at its claimed size keeps this × the median's 
 class InfluenceTest:
     """What :func:`influence_test` decided: each update's weight, how many were outsized (``tested``), how many
     lost weight (``cut``: to the median's influence or below, by either step) and, of those, the ones kept at only
-    ``FLOOR`` × the median's (harmful at full size, or a harmful step), with why."""
+    ``FLOOR`` × the median's (harmful at full size, or a harmful step) and those harmful at full size that kept the
+    median's, with why (``notes``, ``trims``: the server logs both)."""
 
     weights: list[float]
     tested: int = 0
     cut: int = 0
     notes: dict[int, str] = field(default_factory=dict)  # why an update was kept at FLOOR (for the log)
+    trims: dict[int, str] = field(default_factory=dict)  # why one harmful at full size kept the median's
 
     @property
     def floored(self) -> int:
@@ -128,13 +130,14 @@ def _outsized_step(
         trial[i] = cut[i] * FLOOR  # harmful at its claimed size: a tenth of the median's influence
         without = loss_of(trial)
         d_low, se_low = _paired(without, best)
+        sig = f"{diff / se:.1f} standard errors" if se > 0 else "on every example"
+        why = (f"its influence ({infl[i] / med:.3g} × the round's median) raises the loss on the server's "
+               f"{len(tried)} examples by {diff:.3g} ({sig}) at its claimed size")  # fmt: skip
         if not d_low > z * se_low:
             current, best = trial, without
-            sig = f"{diff / se:.1f} standard errors" if se > 0 else "on every example"
-            out.notes[i] = (
-                f"its influence ({infl[i] / med:.3g} × the round's median) raises the loss on the server's "
-                f"{len(tried)} examples by {diff:.3g} ({sig}) at its claimed size: kept at {FLOOR:g} × the median's"
-            )
+            out.notes[i] = f"{why}: kept at {FLOOR:g} × the median's"
+        else:  # it carries signal: less than the median's influence raises the loss too
+            out.trims[i] = f"{why}: cut to the median's"
     out.weights = current
 
 

@@ -177,6 +177,7 @@ class Screening:
     projected: int = 0
     cut: int = 0
     notes: dict[int, str] = field(default_factory=dict)  # per client: why the influence test kept it at its floor
+    trims: dict[int, str] = field(default_factory=dict)  # ... or cut it to the median's influence
     bounds: dict[str, float] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)  # largest value / lower median, per check
 
@@ -363,6 +364,7 @@ def _influence(
         result.weights[i] = test.weights[j]
     result.cut += test.cut
     result.notes |= {live[j]: note for j, note in test.notes.items()}
+    result.trims |= {live[j]: note for j, note in test.trims.items()}
 
 
 def _band_floor(d: Tensor, r: Tensor, p: float, r_sq: float, band: float) -> float:
@@ -460,7 +462,7 @@ def screen_round(
                **{valid[j]: r for j, r in enumerate(screen.reasons) if r is not None}}  # fmt: skip
     for i in sorted(reasons):
         log.warning("round %d: rejected update from %s: %s", server_round, labels[i], reasons[i])
-    for j, note in sorted(screen.notes.items()):
+    for j, note in sorted((screen.notes | screen.trims).items()):
         log.warning("round %d: down-weighted update from %s: %s", server_round, labels[valid[j]], note)
     kept = [j for j, r in enumerate(screen.reasons) if r is None]
     stats = {"rejected": float(len(reasons)), **screen.ratios, "clipped": float(screen.clipped),

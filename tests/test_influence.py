@@ -68,6 +68,7 @@ def test_an_outsized_update_that_helps_a_little_and_harms_more_keeps_the_median_
     weights = [10.0, 10.0, 10.0, 10.0, 40.0]
     test = influence_test(deltas, weights, _losses(x, y), z=2.0)
     assert test.cut == 1 and test.floored == 0
+    assert list(test.trims) == [4] and test.trims[4].endswith("at its claimed size: cut to the median's")
     infl = _influence(test, deltas)
     med = sorted(w * float(d.norm()) for w, d in zip(weights, deltas, strict=True))[2]
     assert math.isclose(infl[4], med, rel_tol=1e-9) and test.weights[:4] == weights[:4]
