@@ -37,7 +37,7 @@ from benchmarks.common import load_line, note_load, parse_shard, read_shards, re
 STRATEGIES = ["fedavg", "wb", "match"]
 ATTACKS = [
     "none", "absent", "scale:1e6", "signflip:2", "signflip:4", "signflip:8", "alie:1", "ipm:4", "adaptive:0.99",
-    "evade:0.05", "evade:0.4", "lowkey:0.2", "labelflip", "labelflip:4",
+    "evade:0.05", "evade:0.4", "lowkey:0.2", "freeride:0.99", "labelflip", "labelflip:4",
 ]  # fmt: skip
 ABSENT = "num-examples:nan"  # every reply of the attackers is rejected: the 'attackers absent' reference
 SETTINGS = [(5, 1), (10, 2), (10, 3)]  # (clients, attackers)

@@ -216,7 +216,7 @@ def _train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
     if lora_on(cfg):  # only the adapters travel
         state = adapter_state(model)
         metrics["bytes-sent"] = sum(v.numel() * v.element_size() for v in state.values())
-    if attack is not None and attack[0] in OMNISCIENT:  # it knows the honest updates (alie, ipm, adaptive, evade)
+    if attack is not None and attack[0] in OMNISCIENT:  # it knows the honest updates (alie, ipm, adaptive, evade…)
         state, claim, steps = omniscient_reply(*attack, cfg, _received_state(msg), server_round, result.num_examples,
                                                result.steps, own=pid)  # fmt: skip
         metrics[protocol.NUM_EXAMPLES], metrics["local-steps"] = claim, steps

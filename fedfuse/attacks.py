@@ -30,6 +30,9 @@ recomputes them, :func:`honest_updates`: μ and σ below are their coordinate-wi
 * ``lowkey:r``       ``evade:0.4`` with claims at ``r`` × the caps (``r`` = 0.2: 2 × the median's examples and
                      the cap scale's steps): it stays under the influence test's outsized line (2 × the median's
                      influence, :mod:`fedfuse.influence`), so only the test's step on harmful steps can catch it.
+* ``freeride:r``     a free rider (Lin et al. 2019; Fraboni et al. 2021) that claims like ``adaptive:r`` (``r`` × the
+                     caps) and sends back the model it was sent: an update of zero, which no norm, direction or
+                     loss of its own can flag, diluting the honest updates by its claimed share of the weight.
 """
 
 from __future__ import annotations
@@ -141,7 +144,7 @@ def omniscient_reply(
     num_examples: int, steps: int, own: int | None = None,
 ) -> tuple[dict[str, Tensor], float, float]:  # fmt: skip
     """(state, claimed num-examples, claimed local steps) an omniscient attacker (``alie``, ``ipm``, ``adaptive``,
-    ``evade``, ``lowkey``) of partition ``own`` sends (the entries it was sent, moved)."""
+    ``evade``, ``lowkey``, ``freeride``) of partition ``own`` sends (the entries it was sent, moved)."""
     honest = honest_updates(cfg, sent, server_round, own)
     keys = list(honest[0][0])
     stack = {k: torch.stack([d[k].double() for d, _, _ in honest]) for k in keys}
@@ -153,12 +156,14 @@ def omniscient_reply(
         delta = {k: -value * mean[k] for k in keys}
     else:  # adaptive, evade: just under every bound the server's run config sets
         cap = float(cfg.get("examples-cap", 0) or 0) or float(cfg.get("examples-bound", 0) or 0) or 10.0
-        ratio = value if kind in ("adaptive", "lowkey") else 0.99
+        ratio = value if kind in ("adaptive", "lowkey", "freeride") else 0.99
         top = [math.inf] * (int(cfg["num-clients"]) - len(honest))  # the attackers' own claims: the largest
         ns, ss = [float(n) for _, n, _ in honest], [float(s) for _, _, s in honest]
         med_n = min(lower_median(ns + top), max(ns))  # the server's scales for this round (capped: most attack)
         scale_s = min(cap_scale(ss + top), max(ss))
         num_examples, steps = max(1, int(ratio * cap * med_n)), max(1, int(ratio * cap * scale_s))
+        if kind == "freeride":
+            return dict(sent), num_examples, steps
         norms = [math.sqrt(sum(float(d[k].pow(2).sum()) for k in keys)) for d, _, _ in honest]
         k_bound = float(cfg.get("update-norm-bound", 0) or 0)
         if kind in ("evade", "lowkey"):  # an update that does not agree with g0 may move 1 x the median per step

@@ -43,9 +43,10 @@ LIBRARY_NAMES = (
     "torchvision:NAME (a torchvision classifier), timm:NAME (a timm model) or hf:ARCH (a Hugging Face architecture)"
 )
 ATTACKS = (
-    "scale", "signflip", "num-examples", "extra-bytes", "alie", "ipm", "adaptive", "evade", "lowkey", "labelflip",
+    "scale", "signflip", "num-examples", "extra-bytes", "alie", "ipm", "adaptive", "evade", "lowkey", "freeride",
+    "labelflip",
 )  # fmt: skip
-OMNISCIENT = ("alie", "ipm", "adaptive", "evade", "lowkey")  # attacks that need the honest clients' updates
+OMNISCIENT = ("alie", "ipm", "adaptive", "evade", "lowkey", "freeride")  # attacks that need the honest clients' updates
 
 
 def model_name_problem(name: str) -> str | None:
@@ -114,7 +115,7 @@ def parse_attack(text: str) -> tuple[str, float] | None:
         raise ValueError("needs a finite value (only num-examples may be nan/inf)")
     if kind == "extra-bytes" and not value >= 1:
         raise ValueError("needs a byte count >= 1")
-    if kind in ("adaptive", "lowkey") and not 0 < value <= 1:
+    if kind in ("adaptive", "lowkey", "freeride") and not 0 < value <= 1:
         raise ValueError("needs a ratio in (0, 1] (the fraction of each bound it goes up to, e.g. 0.99)")
     if kind == "evade" and not 0 <= value < 1:
         raise ValueError("needs a cosine in [0, 1) (how far against the honest mean it points, e.g. 0.4)")

@@ -8,7 +8,9 @@ every run to chance before this test. A claim cannot be checked; its effect can,
 holds (:mod:`fedfuse.trust`), in the spirit of Zeno (Xie et al., ICML 2019), which scores updates by the loss they
 remove on a server batch. Here the test acts only on significant evidence, in two steps:
 
-1. *outsized*: ``I_i > 2 · med(I)`` (the lower median: fewer than half of the clients cannot move it);
+1. *outsized*: ``I_i > 2 · med(I)`` (the lower median: fewer than half of the clients cannot move it); then,
+   among the rest, by claimed weight alone, ``w_i > 2 · med(w)`` (cut to ``med(w)``): an update of ~0 claiming the
+   caps (a free rider, ``--attack freeride``) has no influence, but its weight dilutes everyone else's;
 2. every outsized update is cut to the median's influence (``w_i ← w_i · med(I) / I_i``); the cut stands only if the
    per-example loss of the aggregate ``θ_sent + Σ w_j Δ_j / Σ w_j`` on the server's examples falls
    *significantly*: the paired mean difference below ``−z`` standard errors (``z`` = ``influence-z``, 2);
@@ -89,13 +91,19 @@ def influence_test(
     if z <= 0 or n < 3:
         return out
     infl = [float(w) * float(d.norm()) for w, d in zip(weights, deltas, strict=True)]
-    med = sorted(infl)[(n - 1) // 2]
-    outsized = sorted((i for i in range(n) if infl[i] > OUTSIZED * med), key=lambda i: infl[i])
-    out.tested = len(outsized)
-    if med <= 0:
+    med, w_med = sorted(infl)[(n - 1) // 2], sorted(float(w) for w in weights)[(n - 1) // 2]
+    if med <= 0 or w_med <= 0:
         return out
-    if outsized:
-        _outsized_step(out, deltas, losses, z, infl, med, outsized)
+    big = sorted((i for i in range(n) if infl[i] > OUTSIZED * med), key=lambda i: infl[i])
+    if big:
+        cut = [w * med / infl[i] if i in big else w for i, w in enumerate(out.weights)]
+        _outsized_step(out, deltas, losses, z, [v / med for v in infl], cut, big, "influence")
+    # then by claimed weight alone: an update of ~0 claiming the caps moves nothing but dilutes the others
+    heavy = sorted((i for i in range(n) if i not in big and weights[i] > OUTSIZED * w_med), key=lambda i: weights[i])
+    if heavy:
+        cut = [min(w, w_med) if i in heavy else w for i, w in enumerate(out.weights)]
+        _outsized_step(out, deltas, losses, z, [float(w) / w_med for w in weights], cut, heavy, "claimed weight")
+    out.tested = len(big) + len(heavy)
     _harm_step(out, deltas, losses, z, med)
     out.cut = sum(1 for w, w0 in zip(out.weights, weights, strict=True) if w < w0)
     return out
@@ -103,16 +111,16 @@ def influence_test(
 
 def _outsized_step(
     out: InfluenceTest, deltas: Sequence[Tensor], losses: Callable[[Tensor], Tensor], z: float,
-    infl: list[float], med: float, outsized: list[int],
+    size: list[float], cut: list[float], outsized: list[int], what: str,
 ) -> None:  # fmt: skip
-    """Steps 2-3 on ``out``'s weights."""
+    """Steps 2-3 on ``out``'s weights: ``cut`` the outsized updates' weights at the median's ``what`` (influence or
+    claimed weight), ``size`` how far above the median each is."""
 
     def loss_of(ws: Sequence[float]) -> Tensor:
         total = sum(ws)
         return losses(sum(d * (w / total) for d, w in zip(deltas, ws, strict=True) if w > 0))
 
     full = list(out.weights)
-    cut = [w * med / infl[i] if i in outsized else w for i, w in enumerate(full)]
     now, best = loss_of(full), loss_of(cut)
     diff, se = _paired(best, now)
     if not diff < -z * se:
@@ -131,7 +139,7 @@ def _outsized_step(
         without = loss_of(trial)
         d_low, se_low = _paired(without, best)
         sig = f"{diff / se:.1f} standard errors" if se > 0 else "on every example"
-        why = (f"its influence ({infl[i] / med:.3g} × the round's median) raises the loss on the server's "
+        why = (f"its {what} ({size[i]:.3g} × the round's median) raises the loss on the server's "
                f"{len(tried)} examples by {diff:.3g} ({sig}) at its claimed size")  # fmt: skip
         if not d_low > z * se_low:
             current, best = trial, without

@@ -51,7 +51,9 @@ depend on the learning rate, the local epochs and the architecture. In order:
    standard errors; each cut update then gets its weight back unless that raises the loss significantly, and one
    whose full size does keeps a tenth of the median's influence (unless that raises the loss significantly).
    It is what stops a liar at the caps (``--attack evade``: coherent junk inside the band, half a round's weight,
-   10 × the median's norm budget), which 1-5 let through to chance. Then, whatever an update's size, its own step
+   10 × the median's norm budget), which 1-5 let through to chance. The same test runs on updates whose claimed
+   weight alone exceeds 2 × the median's (cut to the median's weight): a free rider (``--attack freeride``) sends
+   nothing and dilutes the rest. Then, whatever an update's size, its own step
    ``w_i Δ_i / Σ_j w_j`` (the others not rescaled) is put in the aggregate only where it does not raise that loss by
    more than z standard errors; one that does keeps a tenth of the median's influence (``--attack lowkey``: the same
    junk claiming like a median client).

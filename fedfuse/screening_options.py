@@ -47,7 +47,8 @@ SCREENING_OPTIONS = (
            choices=DIRECTION_GUARDS),
     Option("influence-z", float, INFLUENCE_Z,
            "with trusted-data: an update whose influence (weight × norm) exceeds 2 × the round's median is cut to "
-           "the median's (a tenth of it if its full size raises the loss), and any update whose own step raises "
+           "the median's (a tenth of it if its full size raises the loss), as is one whose claimed weight alone "
+           "exceeds 2 × the median's, and any update whose own step raises "
            "the loss keeps a tenth of the median's, where the loss on the server's examples shows it at this "
            "z-score (0 = off)",
            low=0.0),

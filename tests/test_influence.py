@@ -109,6 +109,20 @@ def test_honest_non_iid_steps_are_never_floored() -> None:
         assert test.weights == weights and test.cut == 0
 
 
+def test_a_free_rider_claiming_ten_times_the_median_keeps_a_tenth_of_the_median_weight() -> None:
+    """An update of zero claiming 10 × the median's examples has no influence and no harmful step, yet takes two
+    thirds of the round's weight: outsized by claimed weight, it is cut to the median's weight and, since its
+    claimed weight raises the loss (it dilutes the rest), kept at a tenth of the median's."""
+    x, y, w_star = _task()
+    deltas = [*_honest(w_star, 4), torch.zeros(D, dtype=torch.float64)]
+    weights = [10.0, 12.0, 9.0, 11.0, 110.0]
+    test = influence_test(deltas, weights, _losses(x, y), z=2.0)
+    assert test.tested == 1 and test.cut == 1 and test.weights[:4] == weights[:4]
+    assert (
+        math.isclose(test.weights[4], FLOOR * 11.0) and "its claimed weight (10 × the round's median)" in test.notes[4]
+    )
+
+
 def test_nothing_is_tested_with_z_0() -> None:
     x, y, w_star = _task()
     liar = [*_honest(w_star, 4), -w_star]

@@ -74,6 +74,7 @@ def test_new_attacks_parse_and_labelflip_flips() -> None:
     with pytest.raises(ValueError, match="cosine in"):
         parse_attack("evade:1")
     assert parse_attack("lowkey:0.2") == ("lowkey", 0.2)
+    assert parse_attack("freeride:0.99") == ("freeride", 0.99)
     with pytest.raises(ValueError, match="ratio"):
         parse_attack("lowkey:0")
     with pytest.raises(ConfigError, match="influence_z=-1"):

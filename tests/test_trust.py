@@ -261,7 +261,8 @@ def test_the_influence_test_holds_evade_and_lowkey_where_the_claims_alone_do_not
     a tenth of a median client's influence, is never rejected, and the run ends within a point of the run without
     the attacker (0.716 vs 0.724, seed 0). The same junk claiming 0.2 × the caps (``lowkey:0.2``) stays under the
     outsized line; its own step still raises the loss on the server's examples, so step 4 floors it (0.702 vs 0.646
-    without the test)."""
+    without the test). A free rider (``freeride:0.99``: the model it was sent back, claiming the caps) is outsized by
+    its claimed weight: kept at a tenth of the median's, within 0.03 of ``absent`` (0.685 without the test)."""
     import logging
 
     from clients.client_app import app
@@ -272,7 +273,15 @@ def test_the_influence_test_holds_evade_and_lowkey_where_the_claims_alone_do_not
 
     caplog.set_level(logging.WARNING, logger="fedfuse")
     accs, rejected, cut = {}, {}, {}
-    runs = (("evade:0.4", 2.0), ("num-examples:nan", 2.0), ("evade:0.4", 0.0), ("lowkey:0.2", 2.0), ("lowkey:0.2", 0.0))
+    runs = (
+        ("evade:0.4", 2.0),
+        ("num-examples:nan", 2.0),
+        ("evade:0.4", 0.0),
+        ("lowkey:0.2", 2.0),
+        ("lowkey:0.2", 0.0),
+        ("freeride:0.99", 2.0),
+        ("freeride:0.99", 0.0),
+    )
     for attack, z in runs:
         out = tmp_path / f"{attack.replace(':', '-')}-{z}"
         cfg = {"dataset": "digits", "model": "mlp", "num-clients": 5, "num-rounds": 3, "partition": "dirichlet",
@@ -288,8 +297,12 @@ def test_the_influence_test_holds_evade_and_lowkey_where_the_claims_alone_do_not
     assert rejected[("evade:0.4", 2.0)] == 0 and cut[("evade:0.4", 2.0)] == 3, (rejected, cut)  # every round
     assert cut[("num-examples:nan", 2.0)] == 0 and cut[("evade:0.4", 0.0)] == 0, cut
     downs = [r.message for r in caplog.records if "down-weighted update from" in r.message]
-    assert len(downs) == 6 and sum("standard errors) at its claimed size" in m for m in downs) == 3, downs
+    assert len(downs) == 9 and sum("standard errors) at its claimed size" in m for m in downs) == 6, downs
     assert sum("the others not rescaled" in m for m in downs) == 3, downs  # lowkey's, by step 4
     assert accs[("evade:0.4", 0.0)] < 0.2 < 0.5 < absent, accs  # the attack is real
     assert cut[("lowkey:0.2", 2.0)] == 3 and accs[("lowkey:0.2", 2.0)] > absent - 0.03, (accs, cut)
     assert cut[("lowkey:0.2", 0.0)] == 0 and accs[("lowkey:0.2", 0.0)] < absent - 0.05, (accs, cut)  # real too
+    # a free rider (an update of zero claiming the caps) is outsized by its claimed weight alone
+    assert sum("its claimed weight" in m for m in downs) == 3, downs
+    assert cut[("freeride:0.99", 2.0)] == 3 and accs[("freeride:0.99", 2.0)] > absent - 0.03, (accs, cut)
+    assert accs[("freeride:0.99", 0.0)] < absent - 0.03, accs  # seed 0 is its mildest (−3.9; seeds 1-2 −28 and −34)
