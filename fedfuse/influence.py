@@ -26,9 +26,9 @@ remove on a server batch. Here the test acts only on significant evidence, in tw
    (Dirichlet 0.1 to quantity skew; 270 honest updates) no honest step raised the loss by 1 standard error, where
    junk at a median client's size and claim (``--attack lowkey``) raised it by 4-13; over 15-round runs a few honest
    updates late in training are floored (up to 42 more of 3,000 per setting, docs/robustness.md). Holding ``W``
-   fixed matters: leaving a
-   client out *and* rescaling the rest (the leave-one-out of the aggregate) flagged honest non-IID clients in a third
-   of clean rounds, because a client with one or two classes pulls the average towards them.
+   fixed matters: leaving a client out *and* rescaling the rest (the leave-one-out of the aggregate) flagged honest
+   non-IID clients in a third of clean rounds, because a client with one or two classes pulls the average towards
+   them.
 
 Nothing is rejected: an update harmful at its claimed size is down-weighted, as the guard does (a liar's claim and
 norm buy it a tenth of a median client's say; an honest client whose update the examples speak against keeps that
@@ -69,7 +69,7 @@ class InfluenceTest:
 
     @property
     def floored(self) -> int:
-        """How many updates were kept at ``FLOOR`` × the median's influence."""
+        """How many updates were kept at ``FLOOR`` × the median's influence (or claimed weight)."""
         return len(self.notes)
 
 
@@ -78,6 +78,11 @@ def _paired(new: Tensor, old: Tensor) -> tuple[float, float]:
     d = torch.nan_to_num(new.double(), nan=1e6, posinf=1e6) - torch.nan_to_num(old.double(), nan=1e6, posinf=1e6)
     se = float(d.std()) / math.sqrt(len(d)) if len(d) > 1 else 0.0
     return float(d.mean()), se
+
+
+def _significance(diff: float, se: float) -> str:
+    """How a loss difference reads in the log: in standard errors, or on every example where they are all equal."""
+    return f"{diff / se:.1f} standard errors" if se > 0 else "on every example"
 
 
 def influence_test(
@@ -138,9 +143,8 @@ def _outsized_step(
         trial[i] = cut[i] * FLOOR  # harmful at its claimed size: a tenth of the median's influence
         without = loss_of(trial)
         d_low, se_low = _paired(without, best)
-        sig = f"{diff / se:.1f} standard errors" if se > 0 else "on every example"
         why = (f"its {what} ({size[i]:.3g} × the round's median) raises the loss on the server's "
-               f"{len(tried)} examples by {diff:.3g} ({sig}) at its claimed size")  # fmt: skip
+               f"{len(tried)} examples by {diff:.3g} ({_significance(diff, se)}) at its claimed size")  # fmt: skip
         if not d_low > z * se_low:
             current, best = trial, without
             out.notes[i] = f"{why}: kept at {FLOOR:g} × the median's"
@@ -186,8 +190,7 @@ def _harm_step(
             continue
         norm = float(deltas[i].norm())
         out.weights[i] = min(ws[i], FLOOR * med / norm) if norm > 0 else ws[i]
-        sig = f"{diff / se:.1f} standard errors" if se > 0 else "on every example"
         out.notes[i] = (
             f"its step (weight × update, the others not rescaled) raises the loss on the server's {len(tried)} "
-            f"examples by {diff:.3g} ({sig}): kept at {FLOOR:g} × the median's influence"
+            f"examples by {diff:.3g} ({_significance(diff, se)}): kept at {FLOOR:g} × the median's influence"
         )
