@@ -1,9 +1,7 @@
-"""FedFuseStrategy: Flower's FedAvg, made deterministic and strict about what it aggregates.
-
-The Flower adaptation only (Flower's ``Strategy.start`` runs the rounds): seeded sampling, a fixed reply order
-(:mod:`strategies.sampling`), replies read by :func:`fedfuse.replies.unpack_reply`, screened by
-:func:`fedfuse.screening.screen_round`, then :meth:`aggregate_arrays`; the previous model stays when fewer than
-``min_train_nodes`` are valid. Subclasses override :meth:`aggregate_arrays`, ``options`` and :meth:`config_kwargs`."""
+"""FedFuseStrategy: Flower's FedAvg, made deterministic and strict about what it aggregates. The Flower adaptation
+only: seeded sampling, a fixed reply order (:mod:`strategies.sampling`), replies read by
+:func:`fedfuse.replies.unpack_reply`, screened by :func:`fedfuse.screening.screen_round`, then :meth:`aggregate_arrays`
+(the previous model stays when fewer than ``min_train_nodes`` are valid); subclasses override it and ``options``."""
 
 from __future__ import annotations
 
@@ -38,13 +36,10 @@ State = dict[str, torch.Tensor]
 
 
 class FedFuseStrategy(FedAvg):
-    """FedAvg whose sampling, aggregation order and fault handling depend on ``seed`` only.
-
-    θ = Σ_i (n_i / Σ_j n_j) θ_i over the screened replies (n_i capped), summed in partition order in float64.
-    FedAvg's arguments pass through with FedAvg's defaults; the screening ones are
-    :class:`fedfuse.screening.ScreeningConfig`'s. ``distill_epochs`` > 0: FedDF (Lin et al. 2020) on ``server_data``.
-    ``pool_clients`` = N > 0: the SuperNodes are a pool serving clients 0..N-1 (messages name them).
-    """
+    """FedAvg whose sampling, aggregation order and fault handling depend on ``seed`` only: θ = Σ_i (n_i / Σ_j n_j) θ_i
+    over the screened replies (n_i capped), summed in partition order in float64. FedAvg's arguments keep FedAvg's
+    defaults; the screening ones are :class:`fedfuse.screening.ScreeningConfig`'s. ``distill_epochs`` > 0: FedDF
+    (Lin et al. 2020) on ``server_data``. ``pool_clients`` = N > 0: SuperNodes serving clients 0..N-1."""
 
     options: ClassVar[tuple[Option, ...]] = STRATEGY_OPTIONS["fedavg"]  # run options beyond the core ones
 
@@ -72,8 +67,7 @@ class FedFuseStrategy(FedAvg):
         self._sent: State = {}
         self._sent_to: dict[int, State] = {}  # per node, where nodes get different models (widths, LoRA ranks)
         self._frozen_to: dict[int, State] = {}  # per node: sent to use, not to train (unpack_reply's frozen)
-        self._sampled = 0
-        self._valid_nodes: list[int] = []
+        self._sampled, self._valid_nodes = 0, []  # nodes sampled; whose states aggregate_arrays gets (in order)
         self.server_data, self.distill_epochs, self.distill_model = server_data, int(distill_epochs), distill_model
         self.trusted = trusted  # (sent, round) -> the server's own trained state (fedfuse.trust), or None
 
@@ -132,6 +126,10 @@ class FedFuseStrategy(FedAvg):
         """Whether a reply's ``shape`` for ``key`` may differ from the global one (False; see FedFusion)."""
         return False
 
+    def screen_view(self, unpacked: list, sent: list[State]) -> tuple[list, list[State]]:
+        """The replies and what each was sent, as screening compares them: as they are (LoRA ranks: one space)."""
+        return unpacked, sent
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -149,6 +147,7 @@ class FedFuseStrategy(FedAvg):
                                  max_num_examples=self.max_num_examples, shape_ok=self.shape_ok,
                                  frozen=self.frozen_to(m.metadata.src_node_id))
                     for m, s in zip(answers, sent, strict=True)]  # fmt: skip
+        unpacked, sent = self.screen_view(unpacked, sent)
         guard = not (self.started_apart and server_round == 1)  # apart clients share no starting point
         use = self.trusted and guard and len(answers) >= 3 and self.screening.direction_guard != "off"
         reference = self.trusted(self._sent, server_round) if use else None  # type: ignore[misc]
@@ -165,7 +164,7 @@ class FedFuseStrategy(FedAvg):
             return None, MetricRecord({**stats, "skipped": 1.0})
         t_agg = time.perf_counter()
         msgs, states, weights = [answers[i] for i in rs.keep], rs.states, rs.weights
-        self._valid_nodes = [m.metadata.src_node_id for m in msgs]  # whose states these are (post-fusion rounds)
+        self._valid_nodes = [m.metadata.src_node_id for m in msgs]
         new_state = self.aggregate_arrays(server_round, states, weights)
         if self.distill_epochs:
             new_state = self.distill_aggregate(server_round, new_state, states, weights)

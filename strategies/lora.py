@@ -121,6 +121,7 @@ class LoRAStrategy(FedFuseStrategy):
         # weights) from the global state; what is sent is only the adapters and dense keys
         self.trusted = OnWhole(self.trusted, lambda: self._global) if self.trusted else None
         self.base_folded = False  # once the server folds updates into the base, nodes receive the adapted layers'
+        self._completed = False  # this round's replies were completed to the global rank (screen_view)
 
     @classmethod
     def check_mixed(cls, ranks: Sequence[int]) -> None:
@@ -150,10 +151,12 @@ class LoRAStrategy(FedFuseStrategy):
         }
 
     # ---- what travels --------------------------------------------------------------------------
-    def _rank_of(self, node: int, global_rank: int) -> int:
+    def _rank_of(self, node: int, global_ranks: Mapping[str, int]) -> dict[str, int]:
+        """``node``'s rank per adapted layer: the global one, or its client rank where that is lower."""
         if not self.client_ranks:
-            return global_rank
-        return self.client_ranks[max(self.nodes.partition(node), 0) % len(self.client_ranks)]
+            return dict(global_ranks)
+        mine = self.client_ranks[max(self.nodes.partition(node), 0) % len(self.client_ranks)]
+        return {p: min(mine, r) for p, r in global_ranks.items()}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -161,13 +164,14 @@ class LoRAStrategy(FedFuseStrategy):
         """Each node gets the global adapters at its rank (and the adapted base weights once folded)."""
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._global = full = self._sent
+        self._completed = False
         pairs = lora.adapter_pairs(full)
         if not pairs:
             raise ConfigError(
                 f"{type(self).__name__}: the global model has no LoRA adapters ('lora_A'/'lora_B' keys); start from "
                 "a LoRA-wrapped model (fedfuse.lora.inject_lora, or --lora-rank)"
             )
-        self._global_rank = max(full[a].shape[0] for a, _ in pairs.values())
+        self._global_rank = {p: full[a].shape[0] for p, (a, _) in pairs.items()}  # per layer (lora-targets PAT:R)
         missing = [k for k in self.train_keys if k not in full]
         if missing:
             raise ConfigError(f"{type(self).__name__}: train_keys {missing[:3]} are not in the global model")
@@ -189,10 +193,10 @@ class LoRAStrategy(FedFuseStrategy):
         """(the adapters at ``node``'s rank and the dense ``train_keys``, the adapted layers' base weights once
         folded, else nothing)."""
         pairs = lora.adapter_pairs(full)
-        global_rank = max(full[a].shape[0] for a, _ in pairs.values())
+        global_ranks = {p: full[a].shape[0] for p, (a, _) in pairs.items()}
         adapters = {k: full[k] for k in lora.adapter_keys(full)}
-        rank = self._rank_of(node, global_rank)
-        payload = adapters if rank == global_rank else lora.truncate_rank(adapters, rank, self.alpha, self.scale)
+        rank = self._rank_of(node, global_ranks)
+        payload = adapters if rank == global_ranks else lora.truncate_rank(adapters, rank, self.alpha, self.scale)
         payload = {**payload, **{k: full[k] for k in self.train_keys}}
         keys = [lora.base_weight_key(p, full) for p in pairs] if self.base_folded else []
         return payload, {k: full[k] for k in keys}
@@ -216,9 +220,29 @@ class LoRAStrategy(FedFuseStrategy):
         return out
 
     # ---- aggregation ---------------------------------------------------------------------------
+    def _mixed(self) -> bool:
+        return len(set(self.client_ranks)) > 1
+
+    def screen_view(self, unpacked: list, sent: list[State]) -> tuple[list, list[State]]:
+        """Mixed ranks: every reply completed to the global rank (:func:`fedfuse.lora.complete_rank`) and measured
+        against the global adapters, so the screening's norms, direction guard and influence test compare every
+        client in one space (else updates of different shapes share no coordinates and go unguarded);
+        :meth:`aggregate_arrays` truncates each back to its client's rank (what the screening changed beyond it —
+        a projection's part there — is dropped)."""
+        if not self._mixed():
+            return unpacked, sent
+        full, self._completed = self._sent, True  # the global adapters and dense keys, at the global rank
+        done = [r if isinstance(r, str) else r._replace(state=lora.complete_rank(r.state, full, self.alpha, self.scale))
+                for r in unpacked]  # fmt: skip
+        return done, [full] * len(sent)
+
     def aggregate_arrays(self, server_round: int, states: list[State], weights: list[float]) -> State:
         """The rule's aggregate, merged into the global model (base folding for exact/flora); round metrics."""
         alpha, rank, scale = self.alpha, self._global_rank, self.scale
+        if self._completed:  # screened at the global rank (screen_view): back to each client's own
+            self._completed = False
+            states = [lora.truncate_rank(st, self._rank_of(node, rank), alpha, scale)
+                      for st, node in zip(states, self._valid_nodes, strict=True)]  # fmt: skip
         pairs = lora.adapter_pairs(states[0])
         residuals: dict[str, torch.Tensor] = {}
         start = {k: self._global[k] for k in lora.adapter_keys(self._global)}  # what the clients started from

@@ -60,6 +60,20 @@ def test_fedex_lora_with_mixed_ranks_sends_adapters_only_and_folds_the_residual(
     assert not torch.equal(final["net.3.base.weight"], base.state_dict()["net.3.weight"])  # residual folded
 
 
+@pytest.mark.parametrize("name", ["fedavg-lora", "fedex-lora", "svd-lora", "hetlora", "aligned-lora", "flora"])
+def test_per_target_ranks_keep_each_layers_rank_under_every_rule(tmp_path, name):
+    """``lora-targets PAT:R`` with ranks that differ by layer: every rule keeps each layer at its own rank (the rules
+    once padded or re-factorised every layer to the largest one, and the server's model no longer loaded)."""
+    from strategies.registry import validate_config
+
+    cfg = validate_config({**SMALL, "strategy": name, "lora-rank": 8, "lora-targets": "net.3:2,net.5:4"})
+    last, sent, _ = _run(tmp_path, cfg)
+    assert last["replies"] == 3 and last["rejected"] == 0 and last["central_accuracy"] > 0.2
+    assert all(s[-1]["net.3.lora_A"][0] == 2 and s[-1]["net.5.lora_A"][0] == 4 for s in sent.values())
+    final = torch.load(tmp_path / "model.pt")
+    assert final["net.3.lora_A"].shape[0] == 2 and final["net.5.lora_B"].shape[1] == 4
+
+
 def test_fedavg_lora_is_inexact_where_adapters_are_averaged_apart(tmp_path):
     last, sent, _ = _run(tmp_path, {"strategy": "fedavg-lora", "lora-rank": 3, "num-rounds": 1})
     assert all("net.1.base.weight" not in s[0] for s in sent.values())  # the base never travels
@@ -626,3 +640,17 @@ def test_sites_peft_adapter_directories_start_a_lora_run_as_the_same_functions(t
 
         load_init_state(sites / "partition0", model_for(validate_config({"dataset": "digits"}), ds))
     assert main(["simulate", *plain, "--client-init-from", str(sites), "--out", str(tmp_path / "c")]) == 2
+
+
+def test_a_lora_runs_own_model_is_a_base_for_the_next_run(tmp_path):
+    """``--base`` takes a LoRA run's ``model.pt`` (adapters and folded base weights): its adapters are folded into
+    the plain model with the run's alpha, so the next run starts as the same function (round 0 = the last round)."""
+    from fedfuse.results import load_metrics
+    from strategies.registry import validate_config
+
+    first, _, _ = _run(tmp_path / "a", validate_config({**SMALL, "strategy": "fedex-lora", "lora-rank": 2}))
+    again = {k: v for k, v in SMALL.items() if not k.startswith("pretrain")}
+    cfg = validate_config({**again, "strategy": "svd-lora", "lora-rank": 4, "base": str(tmp_path / "a" / "model.pt"),
+                           "num-rounds": 1})  # fmt: skip
+    _run(tmp_path / "b", cfg)
+    assert load_metrics(tmp_path / "b")["rounds"][0]["central_accuracy"] == first["central_accuracy"]

@@ -254,6 +254,30 @@ def test_lora_strategies_guard_against_the_servers_own_adapter_update(tmp_path) 
     assert accs[("adaptive:0.99", 0)] < absent - 0.2, accs  # the attack is real: the median reference is captured
 
 
+def test_mixed_rank_lora_updates_are_screened_in_one_space(tmp_path) -> None:
+    """Clients of ranks 2 and 4 send adapters of different shapes, which share no coordinates: screened as they
+    came, no guard or influence test acted and 2 adaptive attackers of 10 took the run to chance (0.100, seed 0,
+    4 rounds). Completed to the global rank against the global adapters (fedfuse.lora.complete_rank), they end where
+    the run with their replies rejected does (0.685 both)."""
+    from clients.client_app import app
+    from fedfuse.results import load_metrics
+    from fedfuse.runners.inline import InlineGrid
+    from strategies.registry import validate_config
+    from strategies.server_app import run_server
+
+    accs, rows = {}, {}
+    for attack in ("adaptive:0.99", "num-examples:nan"):
+        out = tmp_path / attack.replace(":", "-")
+        cfg = {"dataset": "digits", "model": "mlp", "strategy": "hetlora", "lora-ranks": "2,4",
+               "pretrain": "low-classes", "num-clients": 10, "num-rounds": 4, "partition": "dirichlet", "alpha": 0.3,
+               "seed": 0, "attack": attack, "attackers": 2, "out": str(out)}  # fmt: skip
+        run_server(InlineGrid(app, 10), validate_config(cfg))
+        rows[attack] = load_metrics(out)["rounds"][1:]
+        accs[attack] = rows[attack][-1]["central_accuracy"]
+    assert accs["adaptive:0.99"] > accs["num-examples:nan"] - 0.03, accs
+    assert sum(r["projected"] for r in rows["adaptive:0.99"]) > 0  # the guard acts on mixed ranks
+
+
 def test_the_influence_test_holds_evade_and_lowkey_where_the_claims_alone_do_not(tmp_path, caplog) -> None:
     """One of five clients claims the caps and sends coherent junk orthogonal to the honest mean (``evade:0.4``).
     Its whole weight survives the guard's band; without the influence test (``influence-z 0``) the run ends near

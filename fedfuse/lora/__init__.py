@@ -6,6 +6,7 @@ SVD + FedEx-LoRA residual, rank-aligned, FLoRA stacking, HetLoRA padding) and wh
 from fedfuse.lora.aggregate import (
     aggregation_error,
     aligned_lora,
+    complete_rank,
     exact_lora,
     fedavg_lora,
     flora_stack,
@@ -60,5 +61,6 @@ __all__ = [
     "hetlora_pad",
     "pad_rank",
     "truncate_rank",
+    "complete_rank",
     "aggregation_error",
 ]

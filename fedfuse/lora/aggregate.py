@@ -33,6 +33,7 @@ __all__ = [
     "hetlora_pad",
     "pad_rank",
     "truncate_rank",
+    "complete_rank",
     "aggregation_error",
 ]
 
@@ -157,7 +158,12 @@ def _refactor(m: torch.Tensor, rank: int, s: float) -> tuple[torch.Tensor, torch
     return a, b
 
 
-def _target_rank(states: Sequence[Mapping[str, torch.Tensor]], ak: str, rank: int | None) -> int:
+Ranks = int | Mapping[str, int]  # one rank for every adapted layer, or one per layer prefix
+
+
+def _target_rank(states: Sequence[Mapping[str, torch.Tensor]], prefix: str, ak: str, rank: Ranks | None) -> int:
+    if isinstance(rank, Mapping):
+        rank = rank.get(prefix)
     r = max(s[ak].shape[0] for s in states) if rank is None else rank
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ConfigError(f"rank={rank!r} is out of range; allowed: an integer >= 1")
@@ -167,22 +173,22 @@ def _target_rank(states: Sequence[Mapping[str, torch.Tensor]], ak: str, rank: in
 def svd_lora(
     states: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float],
-    rank: int | None = None,
+    rank: Ranks | None = None,
     alpha: float | None = None,
     scale: str = "standard",
     start: Mapping[str, torch.Tensor] | None = None,
 ) -> State:
-    """M re-factorised at ``rank`` (default: the largest client rank) by truncated SVD: the best rank-r
-    approximation of the mean update (Eckart–Young); exact when rank(M) <= r. Works for mixed client ranks
-    (each client's s_i B_i A_i is summed before factorising); with ``start`` (the global adapters the clients
-    were sent) the target is :func:`mean_update` U instead of M (the same for one rank)."""
+    """M re-factorised at ``rank`` (per layer prefix when a mapping; default: the largest client rank) by truncated
+    SVD: the best rank-r approximation of the mean update (Eckart–Young); exact when rank(M) <= r. Works for mixed
+    client ranks (each client's s_i B_i A_i is summed before factorising); with ``start`` (the global adapters the
+    clients were sent) the target is :func:`mean_update` U instead of M (the same for one rank)."""
     return exact_lora(states, weights, rank, alpha, scale, start)[0]
 
 
 def exact_lora(
     states: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float],
-    rank: int | None = None,
+    rank: Ranks | None = None,
     alpha: float | None = None,
     scale: str = "standard",
     start: Mapping[str, torch.Tensor] | None = None,
@@ -200,7 +206,7 @@ def exact_lora(
         products = mean_update(states, weights, start, alpha, scale)
     out, residuals = _others(states, weights), {}
     for prefix, (ak, bk) in pairs.items():
-        r = _target_rank(states, ak, rank)
+        r = _target_rank(states, prefix, ak, rank)
         s_out = _scale(alpha, r, scale)
         a, b = _refactor(products[prefix], r, s_out)
         out[ak], out[bk] = _shaped(states[0][ak], a, 0), _shaped(states[0][bk], b, 1)
@@ -284,19 +290,19 @@ def flora_stack(
 
 
 def pad_rank(
-    state: Mapping[str, torch.Tensor], rank: int, alpha: float | None = None, scale: str = "standard"
+    state: Mapping[str, torch.Tensor], rank: Ranks, alpha: float | None = None, scale: str = "standard"
 ) -> State:
-    """Every adapter zero-padded to ``rank`` components, B rescaled so the update is unchanged:
-    s_R·B'·A' = s_r·B·A (B' = [B·s_r / s_R, 0], A' = [A; 0])."""
+    """Every adapter zero-padded to ``rank`` components (per layer prefix when a mapping), B rescaled so the update
+    is unchanged: s_R·B'·A' = s_r·B·A (B' = [B·s_r / s_R, 0], A' = [A; 0])."""
     out = dict(state)
     for prefix, (ak, bk) in adapter_pairs(state).items():
         a, b = _factors(state, ak, bk)
-        r = a.shape[0]
-        if r > rank:
-            raise ConfigError(f"rank {r} of {prefix!r} is above the rank {rank} to pad to")
-        a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])], 0)
-        ratio = _scale(alpha, r, scale) / _scale(alpha, rank, scale)
-        b = torch.cat([b * ratio, b.new_zeros(b.shape[0], rank - r)], 1)
+        r, to = a.shape[0], rank[prefix] if isinstance(rank, Mapping) else rank
+        if r > to:
+            raise ConfigError(f"rank {r} of {prefix!r} is above the rank {to} to pad to")
+        a = torch.cat([a, a.new_zeros(to - r, a.shape[1])], 0)
+        ratio = _scale(alpha, r, scale) / _scale(alpha, to, scale)
+        b = torch.cat([b * ratio, b.new_zeros(b.shape[0], to - r)], 1)
         out[ak], out[bk] = _shaped(state[ak], a, 0), _shaped(state[bk], b, 1)
     return out
 
@@ -341,6 +347,31 @@ def truncate_rank(
             raise ConfigError(f"rank={r} for {prefix!r} is out of range; allowed: 1..{big}")
         out[ak] = state[ak][:r].clone()
         out[bk] = (state[bk][:, :r] * (_scale(alpha, big, scale) / _scale(alpha, r, scale))).to(state[bk].dtype)
+    return out
+
+
+def complete_rank(
+    state: Mapping[str, torch.Tensor], full: Mapping[str, torch.Tensor], alpha: float | None = None,
+    scale: str = "standard",
+) -> State:  # fmt: skip
+    """A rank-r_i client's adapters completed to the rank R of ``full`` (the global adapters it got the first r_i
+    components of, :func:`truncate_rank`): its own components (B rescaled to scale s_R), then ``full``'s components
+    r_i..R, which it never received and so did not change. Then s_R·B'·A' − G = s_i·B_i·A_i − T_i exactly (G the
+    global product, T_i its part the client received): every client's change, measured in one space against one
+    model, the change :func:`mean_update` counts. :func:`truncate_rank` to r_i undoes it."""
+    out = dict(state)
+    for prefix, (ak, bk) in adapter_pairs(state).items():
+        r, big = state[ak].shape[0], full[ak].shape[0]
+        if r == big:
+            continue
+        if r > big:
+            raise ConfigError(f"rank {r} of {prefix!r} is above the global rank {big}")
+        a, b = _factors(state, ak, bk)
+        fa, fb = _factors(full, ak, bk)
+        a = torch.cat([a, fa[r:]], 0)
+        b = torch.cat([b * (_scale(alpha, r, scale) / _scale(alpha, big, scale)), fb[:, r:]], 1)
+        out[ak] = _shaped(full[ak], a, 0).to(state[ak].dtype)
+        out[bk] = _shaped(full[bk], b, 1).to(state[bk].dtype)
     return out
 
 

@@ -99,10 +99,12 @@ def base_state(cfg: Mapping[str, Any], ds: Any, model: nn.Module) -> dict[str, t
     task = str(cfg.get("pretrain", "none") or "none")
     if path and task != "none":
         raise ConfigError(f"base={path!r} and pretrain={task!r} are exclusive; give one")
-    if path:
+    if path:  # a LoRA model's state dict (a LoRA run's model.pt) is folded with this run's alpha and scale
         from fedfuse.checkpoint import read_state_dict
+        from fedfuse.merge.inputs import lora_folder
 
-        return read_state_dict(path, model.state_dict(), what="base")
+        adapt = lora_folder(float(cfg.get("lora-alpha", LORA_ALPHA)), str(cfg.get("lora-scale", "standard")), model)
+        return read_state_dict(path, model.state_dict(), what="base", adapt=adapt)
     if task == "none":
         return None
     if task not in PRETRAIN_TASKS:
