@@ -42,7 +42,7 @@ ATTACKS = [
 ABSENT = "num-examples:nan"  # every reply of the attackers is rejected: the 'attackers absent' reference
 SETTINGS = [(5, 1), (10, 2), (10, 3)]  # (clients, attackers)
 OFF = {"update-norm-bound": 0.0, "examples-cap": 0.0, "examples-bound": 0.0, "min-update-cosine": -1.0, "influence-z": 0.0,
-       "direction-guard": "off", "robust": "none"}  # fmt: skip
+       "duplicate-cosine": 0.0, "direction-guard": "off", "robust": "none"}  # fmt: skip
 MEDIAN = {"trusted-data": 0}  # no server data: the guard's reference is the round's coordinate median
 DEFENCES = {"off": OFF, "defaults": {}, "median": MEDIAN}
 ATTACK_DEFENCES = ("defaults", "median")
@@ -68,8 +68,9 @@ SUITES = {
     "lora": Suite(("fedavg-lora", "fedex-lora"), {**BASE, "num-rounds": 5, "pretrain": "low-classes", "lora-rank": 4},
                   "attacks-lora", "digits MLP pretrained on classes 0-4, LoRA rank 4, 5 rounds", "lora"),
 }  # fmt: skip
-COUNTS = ("rejected", "clipped", "capped", "projected", "cut", "skipped", "diverged")
-MARKS = {"rejected": "r", "clipped": "c", "capped": "c", "projected": "p", "cut": "x"}  # the letters in a cell
+COUNTS = ("rejected", "clipped", "capped", "projected", "shared", "cut", "skipped", "diverged")
+# the letters in a cell
+MARKS = {"rejected": "r", "clipped": "c", "capped": "c", "projected": "p", "shared": "s", "cut": "x"}
 
 
 def run_cell(cfg: dict, base: dict = BASE) -> dict:
@@ -222,7 +223,8 @@ def write_table(results: dict[str, dict], path: Path, loads: dict | None = None,
         f"Command: `{command}` (inline; {suite.what}, seeds 0-2; attacks with Dirichlet",
         "α = 0.3). Cell: mean final central accuracy over the 3 seeds ± half its range, (gap to `none` / gap to",
         "`absent`, in points), then the updates over the runs that were **r**ejected, **c**lipped (norm bound),",
-        "had their claim **c**apped, **p**rojected (direction guard), and cut to the round's median influence",
+        "had their claim **c**apped, **p**rojected (direction guard), **s**hared one client's weight (near-identical",
+        "updates, `duplicate-cosine` 0.99), and cut to the round's median influence",
         "or below (**x**, the influence test). `none`: every client honest. `absent`:",
         "the attackers' replies rejected (what a perfect defence leaves; their non-IID data is lost).",
         "Defaults: update-norm-bound 3 × the median norm per local step (clip), examples-cap 10 (claimed",
@@ -234,7 +236,8 @@ def write_table(results: dict[str, dict], path: Path, loads: dict | None = None,
         "update gets no band), influence-z 2 (an update whose weight × norm exceeds 2 × the round's median is cut to",
         "the median's where that lowers the loss on the 100 examples significantly, and kept at a tenth of it if its",
         "full size raises that loss significantly; any update whose own step raises that loss significantly kept at",
-        "a tenth too, `fedfuse/influence.py`), robust none. `evade:c`: at the claim caps, coherent junk at cosine −c",
+        "a tenth too, `fedfuse/influence.py`), duplicate-cosine 0.99 (updates at cosine ≥ 0.99 with each other share",
+        "one client's weight, unless they are half the round), robust none. `evade:c`: at the claim caps, coherent junk at cosine −c",
         "per tensor with the honest mean (`fedfuse.attacks`); `lowkey:0.2`: `evade:0.4` claiming 0.2 × the caps,",
         "under the influence test's outsized line. `median`: the defaults with",
         "`--trusted-data 0` (a server without labelled data: the guard's reference is the round's coordinate median",

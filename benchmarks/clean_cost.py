@@ -30,7 +30,7 @@ from benchmarks.common import add_out, load_line, note_load, parse_shard, read_s
 PARTITIONS = [("dirichlet", 0.1), ("dirichlet", 1.0), ("quantity", 0.3)]
 SEEDS = 20
 DEFENCES = {"off": OFF, "defaults": {}, "median": {"trusted-data": 0}}
-COUNTS = ("rejected", "clipped", "capped", "projected", "cut")
+COUNTS = ("rejected", "clipped", "capped", "projected", "shared", "cut")
 
 
 def run(dataset: str, rounds: int, part: str, alpha: float, seed: int, defence: dict) -> dict:
@@ -98,7 +98,8 @@ def write_table(data: dict, path: Path) -> None:
         "Command: `python benchmarks/clean_cost.py` (inline; MLP, 10 clients, no attacker). Accuracy: mean final",
         "central accuracy over the seeds (their range); cost: the mean paired difference to every defence off on the",
         "same seed ± its standard error, in points; counts: honest",
-        "updates rejected / clipped (norm bound) / capped (claimed num-examples) / projected (direction guard) / cut",
+        "updates rejected / clipped (norm bound) / capped (claimed num-examples) / projected (direction guard) /",
+        "grouped with a near-identical update (sharing one client's weight, `duplicate-cosine`) / cut",
         "to the round's median influence (the influence test, `fedfuse/influence.py`),",
         "summed over the seeds and rounds. `defaults`: the guard against the server's own update on 100 labelled",
         "examples (`trusted-data 100`); `median`: `--trusted-data 0`, the guard against the round's median update.",
@@ -106,8 +107,8 @@ def write_table(data: dict, path: Path) -> None:
         *recorded_loads(data),
         "",
         "| data set | rounds | partition | seeds | defences | accuracy | cost | rejected | clipped | capped | "
-        "projected | cut |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "projected | shared | cut |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     runs = data.get("runs", {})
     combos = sorted({tuple(k.split("|")[:3]) for k in runs})

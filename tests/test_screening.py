@@ -141,3 +141,57 @@ def test_evade_direction_has_the_chosen_cosine_per_tensor_and_the_norm() -> None
             cos = float(torch.nn.functional.cosine_similarity(out[k].flatten(), mean[k].flatten(), dim=0))
             assert cos == pytest.approx(-c, abs=1e-9)
         assert float(out["a"].norm()) == pytest.approx(2.0) and float(out["b"].norm()) == pytest.approx(1.5)
+
+
+def test_near_identical_updates_share_one_clients_weight() -> None:
+    """Colluders sending one vector (alie, ipm, evade, lowkey) buy no more say by their number: a group at cosine
+    >= 0.99 weighs the mean of its claims; honest updates at 0.95 with each other, and the rule off, keep theirs."""
+    from fedfuse.screening import duplicate_groups
+
+    gen = torch.Generator().manual_seed(0)
+    honest = [torch.randn(64, generator=gen) for _ in range(4)]
+    close = honest[0] + 0.33 * torch.randn(64, generator=gen) * honest[0].norm() / 8  # cosine ~0.95 with honest[0]
+    cos = float(torch.nn.functional.cosine_similarity(close, honest[0], dim=0))
+    assert 0.9 < cos < 0.99, cos
+    bad = -2 * torch.stack(honest).mean(0)
+    deltas = [*honest, close, bad, bad * 1.5, bad + 1e-4 * torch.randn(64, generator=gen)]
+    assert duplicate_groups(deltas, 0.99) == [[5, 6, 7]]  # scaled or jittered copies still point one way
+    assert duplicate_groups([*deltas, torch.zeros(64), torch.zeros(64)], 0.99) == [[5, 6, 7], [8, 9]]
+    assert duplicate_groups(deltas, 0.9) == [[0, 4], [5, 6, 7]]  # a lower threshold takes the close pair too
+
+    sent = {"w": torch.zeros(64)}
+    states = [{"w": d} for d in deltas]
+    weights = [10.0, 20.0, 10.0, 10.0, 10.0, 30.0, 30.0, 30.0]
+    s = screen_updates(states, [sent] * 8, weights, duplicate_cosine=0.99)
+    assert s.weights == [10.0, 20.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0] and s.shared == 3 and s.groups == [[5, 6, 7]]
+    many = screen_updates([*states[:4], *states[5:], {"w": bad * 2}], [sent] * 8, weights, duplicate_cosine=0.99)
+    assert many.weights == weights and many.shared == 0  # 4 of 8: the round's consensus, not a minority of Sybils
+    off = screen_updates(states, [sent] * 8, weights)  # 0: off (the function's default; the config's is 0.99)
+    assert off.weights == weights and off.shared == 0
+    assert ScreeningConfig().duplicate_cosine == 0.99
+    with pytest.raises(ConfigError, match="duplicate_cosine=1.5"):
+        ScreeningConfig(duplicate_cosine=1.5)
+
+
+def test_colluders_are_grouped_and_honest_clients_never(tmp_path, caplog) -> None:
+    """Through the ServerApp: ipm:4 from 3 of 10 clients (one vector) is logged as one group each round, and no honest
+    client of a Dirichlet-0.1 run is ever grouped (their updates reached cosine 0.95 at most, screening_options)."""
+    from clients.client_app import app
+    from fedfuse.results import load_metrics
+    from fedfuse.runners.inline import InlineGrid
+    from strategies.registry import validate_config
+    from strategies.server_app import run_server
+
+    def run(name: str, **extra: object) -> list[dict]:
+        cfg = {"dataset": "digits", "model": "mlp", "num-clients": 10, "num-rounds": 3, "partition": "dirichlet",
+               "alpha": 0.3, "seed": 1, "out": str(tmp_path / name), **extra}  # fmt: skip
+        run_server(InlineGrid(app, 10), validate_config(cfg))
+        return load_metrics(tmp_path / name)["rounds"][1:]
+
+    with caplog.at_level("WARNING", logger="fedfuse"):
+        rows = run("ipm", attack="ipm:4", attackers=3)
+    assert [r["shared"] for r in rows] == [3.0, 3.0, 3.0]
+    lines = [r.getMessage() for r in caplog.records if "near-identical updates" in r.getMessage()]
+    assert len(lines) == 3 and all(line.count("partition") == 3 for line in lines), lines
+    clean = run("clean", alpha=0.1)
+    assert [r["shared"] for r in clean] == [0.0, 0.0, 0.0]
