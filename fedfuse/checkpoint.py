@@ -171,6 +171,9 @@ def fit_error(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Te
             return f"key {key!r} is missing"
         if tuple(state[key].shape) != tuple(want.shape):
             return f"{key!r} has shape {tuple(state[key].shape)}, the model's is {tuple(want.shape)}"
+        if want.is_floating_point() and not state[key].is_floating_point():
+            got = str(state[key].dtype).removeprefix("torch.")
+            return f"{key!r} holds {got}, the model's {str(want.dtype).removeprefix('torch.')} is floating point"
     extra = next((k for k in state if k not in expected), None)
     return None if extra is None else f"unexpected key {extra!r}"
 

@@ -19,6 +19,7 @@ from typing import Any
 from fedfuse.catalog import (
     DATASET_NAMES,
     MODEL_NAMES,
+    OMNISCIENT,
     PARTITIONS,
     PRETRAIN_TASKS,
     attack_reason,
@@ -60,6 +61,13 @@ class Option:
                 v = self.type(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{self.name}={value!r} is not a valid {self.type.__name__}") from None
+        if self.type is float and not math.isfinite(v):  # nan passes every comparison; inf is no setting
+            rng = " and ".join(
+                f"{op} {b:g}"
+                for op, b in ((">" if self.low_open else ">=", self.low), ("<=", self.high))
+                if b is not None
+            )
+            raise ConfigError(f"{self.name}={value!r} is not a finite number; allowed: {rng or 'a finite number'}")
         free = (self.name == "strategy" and ":" in v) or (self.name == "dataset" and v.startswith("synthetic:"))
         if self.choices is not None and v not in self.choices and not free:
             extra = " or package.module:Class" if self.name == "strategy" else ""
@@ -210,7 +218,8 @@ OPTIONS: dict[str, Option] = {
             str,
             "",
             "a pretrained base: a state dict of the model (torch.save(model.state_dict())) every client and the "
-            "server start from (fine-tuning; LoRA strategies keep it frozen); empty = the model's own init",
+            "server start from (fine-tuning; LoRA strategies keep it frozen); a LoRA model's (a LoRA run's model.pt) "
+            "is folded with this run's lora-alpha and lora-scale; empty = the model's own init",
         ),
         Option(
             "pretrain",
@@ -256,6 +265,8 @@ def validate_config(
         )
     if out.get("client-pool", 0):
         _check_pool(out)
+    if str(out.get("attack", "none") or "none") != "none" and "num-clients" in out:
+        _check_attackers(str(out["attack"]), int(out.get("attackers", 1)), int(out["num-clients"]))
     if out.get("save-client-models", 0) > out.get("num-rounds", math.inf):  # would save nothing, silently
         raise ConfigError(
             f"save-client-models={out['save-client-models']} is past the run's last round (num-rounds="
@@ -268,6 +279,15 @@ def round_sample_size(num_clients: int, fraction: float) -> int:
     """Clients a train round samples: ``min(N, max(1, ceil(fraction·N)))`` (:func:`fedfuse.experiment.sample_clients`
     with the registry's ``min_train_nodes``)."""
     return min(num_clients, max(1, math.ceil(fraction * num_clients)))
+
+
+def _check_attackers(attack: str, attackers: int, n: int) -> None:
+    """At most every client attacks; an omniscient attack (it recomputes the honest updates) needs one honest."""
+    omniscient = attack.split(":", 1)[0] in OMNISCIENT
+    top = n - 1 if omniscient else n
+    if attackers > top:
+        why = f"; attack {attack!r} recomputes the honest clients' updates: one must be honest" if omniscient else ""
+        raise ConfigError(f"attackers={attackers} exceeds the {top} allowed of num-clients={n}{why}; allowed: 0..{top}")
 
 
 def _check_pool(cfg: Mapping[str, Any]) -> None:

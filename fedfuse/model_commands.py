@@ -180,6 +180,7 @@ def run_lmc(args: argparse.Namespace) -> None:
     from fedfuse import lmc
     from fedfuse.models import library_of
     from fedfuse.results import atomic_write_bytes, check_replaceable
+    from fedfuse.validation import non_finite
 
     names = ("dataset", "width", "depth", "data-root", "seed", "batch-norm", "group-norm")
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
@@ -192,6 +193,10 @@ def run_lmc(args: argparse.Namespace) -> None:
     out = Path(args.out)
     check_replaceable(out, bool(args.overwrite), LMC_FILES, "lmc")
     template, state_a, state_b, test, pool = _lmc_inputs(args, cfg, model, factory)
+    for which, path, state in (("A", args.model_a, state_a), ("B", args.model_b, state_b)):
+        bad = non_finite(state)
+        if bad is not None:
+            raise ConfigError(f"model {which} {path!r}: {bad[0]!r} holds {bad[1]} NaN or inf values; allowed: finite")
     n = min(args.samples, len(test.y)) or len(test.y)
     x, y = test.x[:n], test.y[:n]
     kw: dict[str, Any] = {"num_points": args.num_points, "bn_reset_data": pool[:1024] if args.bn_reset else None}

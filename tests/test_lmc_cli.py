@@ -52,11 +52,17 @@ def test_lmc_writes_json_and_plots(saved, tmp_path) -> None:
         (["/no/such.pt"], "'/no/such.pt' is not a file"),
         (["MODEL", "--width", "32"], "does not fit the model"),
         (["MODEL", "--model", "vit"], "model='vit' is not allowed"),
+        (["NAN", "--align"], "model B 'NAN': 'net.1.weight' holds 1 NaN or inf values; allowed: finite"),
     ],
 )
 def test_lmc_bad_input_is_one_line_and_exit_2(saved, tmp_path, capsys, extra, message) -> None:
     model = str(saved / "model.pt")
     b = model if extra[0] == "MODEL" else extra[0]
+    if b == "NAN":  # a diverged model: alignment's assignment solver would raise on it
+        state = torch.load(model)
+        state["net.1.weight"][0, 0] = float("nan")
+        torch.save(state, b := str(tmp_path / "nan.pt"))
+        message = message.replace("'NAN'", repr(b))
     argv = ["lmc", model, b, "--dataset", "digits", "--out", str(tmp_path / "x"), *extra[1:]]
     if "--width" not in argv:
         argv += ["--width", "16"]

@@ -271,6 +271,9 @@ def test_overwrite_replaces_a_previous_merge_and_nothing_else(parents, tmp_path,
         ("one-parent", "merge needs at least 2 parent state dicts, got 1"),
         ("save", "save='gw' is not among the variants run; allowed: wb"),
         ("no-test-data", "--test-data FILE.npz|DATASET is required"),
+        ("seed", "seed=-1 is out of range; allowed: an integer >= 0"),
+        ("nan-lr", "distill-lr=nan is not a finite number"),
+        ("int", "'net.1.weight' holds int64, the model's float32 is floating point"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(parents, tmp_path, capsys, case, message) -> None:
@@ -315,6 +318,13 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(parents, tmp_path, cap
         extra = ["--save", "gw"]
     elif case == "distill-lr":
         extra = ["--distill-data", "synthetic", "--distill-lr", "0"]
+    elif case == "seed":
+        extra = ["--seed", "-1"]
+    elif case == "nan-lr":
+        extra = ["--distill-data", "synthetic", "--distill-lr", "nan"]
+    elif case == "int":  # no float entry left: the fusion's own NaN check would pass it and alignment then fail
+        b = str(tmp_path / "int.pt")
+        torch.save({k: v.long() for k, v in torch.load(parents[1]).items()}, b)
     argv = ["merge", a, *([b] if b else []), "--model", "mlp", "--width", width, "--method", method]
     argv += [] if case == "no-test-data" else ["--test-data", test]
     # Execute + Assert

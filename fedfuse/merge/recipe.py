@@ -174,6 +174,12 @@ def build_request(given: dict[str, Any], recipe: str | None = None) -> Any:
                 flag = "method" if key == "methods" else key.replace("_", "-")
                 raise ConfigError(f"--{flag}={fields[key]!r} disagrees with the recipe's {value!r}; give it once")
             fields[key] = value
+    seed = fields.get("seed")
+    if seed is not None and int(seed) < 0:
+        raise ConfigError(f"seed={seed!r} is out of range; allowed: an integer >= 0")
+    for key, value in fields.items():  # nan passes every comparison further on
+        if _TYPES.get(key) is float and not math.isfinite(float(value)):
+            raise ConfigError(f"{key.replace('_', '-')}={value!r} is not a finite number")
     if "out" not in fields:
         raise ConfigError("--out DIR is required")
     if "test_data" not in fields:
