@@ -140,6 +140,13 @@ class LoRAStrategy(FedFuseStrategy):
         cls.check_mixed(ranks)  # from the CLI's preflight too: before any write
         if cfg.get("lora-ranks") and ":" in str(cfg.get("lora-targets", "")):
             raise ConfigError("lora-ranks cannot be combined with per-target ranks in lora-targets (PAT:R)")
+        if cfg.get("lora-ranks") and int(cfg.get("lora-rank", 0) or 0):
+            raise ConfigError(f"lora-rank={cfg['lora-rank']} and lora-ranks={cfg['lora-ranks']!r} are exclusive: "
+                              "give one (every client's rank, or ranks cycled over clients)")  # fmt: skip
+        n = int(cfg.get("num-clients", 0) or 0)
+        if 0 < n < len(ranks):
+            raise ConfigError(f"lora-ranks={cfg['lora-ranks']!r} lists {len(ranks)} ranks for num-clients={n}; "
+                              f"allowed: at most {n} (they are cycled over the clients)")  # fmt: skip
         train_keys = lora.trained_keys(model) if model is not None else []
         own = {"refactor": str(cfg.get("lora-refactor", "update"))} if cls.rule in REFACTORING else {}
         return {

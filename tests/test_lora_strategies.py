@@ -105,6 +105,8 @@ def test_lora_options_belong_to_lora_strategies():
         ([], "needs lora-rank >= 1"),
         (["--lora-rank", "2", "--model", "rnn"], "finds no Linear/Conv2d/Conv1D layer to adapt besides .* \\(fc\\)"),
         (["--lora-ranks", "2,4"], "lora-ranks=2,4: FedAvgLoRA needs one rank for every client"),
+        (["--strategy", "hetlora", "--lora-rank", "4", "--lora-ranks", "2,8"], "lora-rank=4 and lora-ranks='2,8' ar"),
+        (["--strategy", "hetlora", "--num-clients", "3", "--lora-ranks", "2,4,8,16"], "4 ranks for num-clients=3"),
         (["--lora-rank", "2", "--client-init-from", "DIR"], "client-init-from=.* lacks partition0.pt"),
     ],
 )
