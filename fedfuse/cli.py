@@ -334,6 +334,14 @@ def round_line(row: dict[str, Any]) -> str:
 
 
 _COLUMNS = ["round", "accuracy", "loss", "client train loss", "ok/err/late/bad", "wall s"]
+_SCREENED = {"clipped": "clipped (norm bound)", "capped": "claims capped", "projected": "projected (direction guard)",
+             "shared": "sharing a weight (near-identical)", "cut": "cut (influence test)"}  # fmt: skip
+
+
+def screening_line(row: dict[str, Any]) -> str | None:
+    """What the round's screening did to updates it kept (rejections are in the round line), or None."""
+    acts = [f"{int(row[k])} {what}" for k, what in _SCREENED.items() if row.get(k)]
+    return f"  screening: {', '.join(acts)}" if acts else None
 
 
 def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -366,6 +374,8 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             description=f"{label}: round {row['round']} acc {row['central_accuracy']:.3f}",
         )
         console.print(round_line(row), soft_wrap=True)
+        if screened := screening_line(row):
+            console.print(screened, soft_wrap=True, highlight=False)
         diverged = None if warned else nonfinite_loss(row, float(cfg["lr"]))
         if diverged:  # once per run: the table shows the later rounds' losses
             warned.append(diverged)

@@ -13,6 +13,7 @@ strategy, so users plug their own in (constructed with FedAvg's sampling argumen
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import os
 import sys
@@ -32,6 +33,7 @@ __all__ = [
     "STRATEGIES", "OPTIONS", "OWNERS", "resolve_strategy", "build_strategy", "config_arguments", "validate_config",
     "options_for",
 ]  # fmt: skip
+log = logging.getLogger("fedfuse")
 
 STRATEGIES: dict[str, str] = {
     "fedavg": "strategies.base:FedFuseStrategy",
@@ -155,7 +157,17 @@ def config_arguments(
     own = cls.config_kwargs(cfg, model=model, example_input=example_input)
     defences = {o.name.replace("-", "_"): cfg[o.name] for o in ROBUST_OPTIONS if o.name in cfg}
     owns_trust = any(o.name == "trusted-data" for o in cls.options)  # FedPFN, layer-wise: not theirs
-    defences["trusted"] = trusted_reference(cfg, model) if defences.pop("trusted_data", 0) and owns_trust else None
+    wanted = defences.pop("trusted_data", 0)
+    defences["trusted"] = trusted_reference(cfg, model) if wanted and owns_trust else None
+    if wanted and not owns_trust and cfg.get("direction-guard", "median") != "off":
+        log.warning("strategy %r measures updates against the round's median update: trusted-data (the server's "
+                    "own update) and the influence test are not used by it", cfg["strategy"])  # fmt: skip
+    if int(cfg["num-clients"]) < 3:
+        log.warning(
+            "num-clients=%d: the direction guard, the trusted reference and the influence test need 3 "
+            "clients a round and are off; only the claim cap and the norm bound act",
+            int(cfg["num-clients"]),
+        )
     if int(cfg.get("distill-epochs", 0)):
         defences |= {"distill_epochs": int(cfg["distill-epochs"]), "distill_model": model}
     pool = int(cfg["num-clients"]) if int(cfg.get("client-pool", 0)) else 0

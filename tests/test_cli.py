@@ -137,13 +137,16 @@ def test_help_lists_allowed_values_and_has_examples(capsys, monkeypatch) -> None
 
 
 def test_a_round_line_fits_80_columns() -> None:
-    from fedfuse.cli import round_line
+    from fedfuse.cli import round_line, screening_line
 
     row = {"round": 999, "central_accuracy": 0.8802, "central_loss": 2.3133, "client_train_loss": 1.5,
            "replies": 99.0, "failures": 0.0, "timeouts": 0.0, "rejected": 0.0, "wall_time": 9999.9}  # fmt: skip
     line = round_line(row)
     assert len(line) <= 80, (len(line), line)
     assert line.startswith("round 999: acc 0.8802") and "ok/err/late/bad 99/0/0/0" in line
+    assert screening_line(row) is None  # nothing screened: no second line
+    acts = screening_line({**row, "clipped": 2.0, "projected": 3.0, "cut": 1.0})
+    assert acts == "  screening: 2 clipped (norm bound), 3 projected (direction guard), 1 cut (influence test)"
 
 
 def test_resume_reuses_the_backend_of_the_run(tmp_path, monkeypatch) -> None:
