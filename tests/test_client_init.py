@@ -241,6 +241,11 @@ def test_compare_entries_give_one_run_its_own_options(tmp_path, capsys) -> None:
     # an entry's shared start overrides a global --one-shot / --client-init-from (never both at once)
     assert compare_entries("wb,fedavg@client-init=shared")[1][2] == {
         "client-init": "shared", "one-shot": "false", "client-init-from": ""}  # fmt: skip
+    # a value with commas stays whole: a piece that cannot start an entry continues the previous value
+    assert compare_entries("fedavg-lora,hetlora@lora-ranks=2,4,svd-lora@lora-targets=net.1:4,net.3:8,my.mod:Cls") == [
+        ("fedavg-lora", "fedavg-lora", {}), ("hetlora@lora-ranks=2,4", "hetlora", {"lora-rank": "0", "lora-ranks": "2,4"}),
+        ("svd-lora@lora-targets=net.1:4,net.3:8", "svd-lora", {"lora-targets": "net.1:4,net.3:8"}),
+        ("my.mod:Cls", "my.mod:Cls", {})]  # fmt: skip
     assert option_flags({"client-init": "shared", "one-shot": False, "num-rounds": 3}) == [
         "--client-init", "shared", "--no-one-shot", "--rounds", "3"]  # fmt: skip
     line = refused(["--compare", "fedavg,fedavg@client-init"], tmp_path, capsys)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -26,11 +27,26 @@ def _schema() -> dict[str, Any]:
     return OPTIONS
 
 
+_STRATEGY_TOKEN = re.compile(r"[A-Za-z_][\w-]*(@.*)?|[A-Za-z_][\w.]*:[A-Za-z_]\w*(@.*)?")
+
+
+def _split_entries(text: str) -> list[str]:
+    """``text`` split at commas, except inside an option's value: a piece that cannot start an entry (a strategy
+    name or ``package.module:Class``) continues the previous entry's last value (``hetlora@lora-ranks=2,4``)."""
+    out: list[str] = []
+    for piece in (s.strip() for s in text.split(",")):
+        if out and "=" in out[-1].rsplit("@", 1)[-1] and piece and not _STRATEGY_TOKEN.fullmatch(piece):
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+    return out
+
+
 def compare_entries(text: str) -> list[tuple[str, str, dict[str, Any]]]:
     """``--compare`` entries as (label, strategy, options): ``STRATEGY`` or ``STRATEGY@key=value[@key=value...]``,
     a run with options of its own (schema names, e.g. ``fedavg@client-init=shared``, ``wb@bn-repair=repair``)."""
     entries: list[tuple[str, str, dict[str, Any]]] = []
-    for label in (s.strip() for s in text.split(",")):
+    for label in _split_entries(text):
         if not label:
             continue
         name, *pairs = label.split("@")
@@ -45,6 +61,10 @@ def compare_entries(text: str) -> list[tuple[str, str, dict[str, Any]]]:
             own[key] = value
         if str(own.get("client-init", "")) == "shared":  # the entry's shared start overrides a global apart one
             own = {"one-shot": "false", "client-init-from": "", **own}
+        if "lora-ranks" in own:  # the entry's ranks override a global lora-rank (and the other way round)
+            own = {"lora-rank": "0", **own}
+        elif "lora-rank" in own:
+            own = {"lora-ranks": "", **own}
         entries.append((label, name, own))
     labels = [e[0] for e in entries]
     if len(entries) < 2 or len(set(labels)) < len(labels):
