@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -20,7 +20,7 @@ import torch
 
 from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_reply_size, check_update
 
-__all__ = ["Reply", "unpack_reply", "reply_size_reason", "error_summary", "decode_arrays", "LOCAL_STEPS"]
+__all__ = ["Reply", "unpack_reply", "reply_size_reason", "error_summary", "decode_arrays", "traffic", "LOCAL_STEPS"]
 
 LOCAL_STEPS = "local-steps"  # the optimiser steps a client reports (fedfuse clients do; others may not)
 State = dict[str, torch.Tensor]
@@ -35,6 +35,17 @@ class Reply(NamedTuple):
     state: State
     weight: float
     steps: float | None
+
+
+def traffic(sent: Sequence[Mapping[str, torch.Tensor]], replies: Sequence[object]) -> dict[str, float]:
+    """A round's array bytes: ``bytes_down`` what each answering node was sent, ``bytes_up`` what the valid replies
+    (:class:`Reply`) hold — what a full-model FedAvg round moves, for comparing with the LoRA strategies' own."""
+
+    def nbytes(state: Mapping[str, torch.Tensor]) -> float:
+        return float(sum(v.numel() * v.element_size() for v in state.values()))
+
+    up = sum(nbytes(r.state) for r in replies if isinstance(r, Reply))
+    return {"bytes_down": sum(nbytes(s) for s in sent), "bytes_up": up}
 
 
 def error_summary(reason: str | None) -> str:

@@ -21,7 +21,7 @@ from fedfuse.config import SERVER_OPTIONS, Option
 from fedfuse.errors import require_model
 from fedfuse.experiment import derive_seed
 from fedfuse.merge.distill import distill_states
-from fedfuse.replies import decode_arrays, error_summary, unpack_reply
+from fedfuse.replies import decode_arrays, error_summary, traffic, unpack_reply
 from fedfuse.robust import Reducer, reducer
 from fedfuse.screening import ROBUST_OPTIONS, ScreeningConfig, screen_round
 from fedfuse.state import weighted_average
@@ -147,14 +147,14 @@ class FedFuseStrategy(FedAvg):
                                  max_num_examples=self.max_num_examples, shape_ok=self.shape_ok,
                                  frozen=self.frozen_to(m.metadata.src_node_id))
                     for m, s in zip(answers, sent, strict=True)]  # fmt: skip
-        unpacked, sent = self.screen_view(unpacked, sent)
+        moved, (unpacked, sent) = traffic(sent, unpacked), self.screen_view(unpacked, sent)
         guard = not (self.started_apart and server_round == 1)  # apart clients share no starting point
         use = self.trusted and guard and len(answers) >= 3 and self.screening.direction_guard != "off"
         reference = self.trusted(self._sent, server_round) if use else None  # type: ignore[misc]
         losses = getattr(self.trusted, "losses", None) if use else None  # a plain callable: no influence test
         rs = screen_round(server_round, [self.nodes.label(m.metadata.src_node_id) for m in answers], unpacked, sent,
                           self.screening, direction=guard, reference=reference, losses=losses)  # fmt: skip
-        stats = {**rs.stats, "skipped": 0.0}
+        stats = {**rs.stats, "skipped": 0.0, **moved}
         if len(replies) < self._sampled:
             log.warning("round %d: %d sampled node(s) did not reply in time", server_round,
                         self._sampled - len(replies))  # fmt: skip

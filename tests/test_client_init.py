@@ -243,7 +243,8 @@ def test_compare_entries_give_one_run_its_own_options(tmp_path, capsys) -> None:
         "client-init": "shared", "one-shot": "false", "client-init-from": ""}  # fmt: skip
     # a value with commas stays whole: a piece that cannot start an entry continues the previous value
     assert compare_entries("fedavg-lora,hetlora@lora-ranks=2,4,svd-lora@lora-targets=net.1:4,net.3:8,my.mod:Cls") == [
-        ("fedavg-lora", "fedavg-lora", {}), ("hetlora@lora-ranks=2,4", "hetlora", {"lora-rank": "0", "lora-ranks": "2,4"}),
+        ("fedavg-lora", "fedavg-lora", {}),
+        ("hetlora@lora-ranks=2,4", "hetlora", {"lora-rank": "0", "lora-ranks": "2,4"}),
         ("svd-lora@lora-targets=net.1:4,net.3:8", "svd-lora", {"lora-targets": "net.1:4,net.3:8"}),
         ("my.mod:Cls", "my.mod:Cls", {})]  # fmt: skip
     assert option_flags({"client-init": "shared", "one-shot": False, "num-rounds": 3}) == [

@@ -656,3 +656,16 @@ def test_a_lora_runs_own_model_is_a_base_for_the_next_run(tmp_path):
                            "num-rounds": 1})  # fmt: skip
     _run(tmp_path / "b", cfg)
     assert load_metrics(tmp_path / "b")["rounds"][0]["central_accuracy"] == first["central_accuracy"]
+
+
+def test_full_fedavg_reports_its_bytes_like_the_lora_strategies(tmp_path):
+    """A LoRA-vs-full comparison reads both from the metrics: full FedAvg moves the whole model to and from a node."""
+    from strategies.registry import validate_config
+
+    full, _, _ = _run(tmp_path / "full", validate_config({**SMALL, "strategy": "fedavg", "num-rounds": 1}))
+    lora_run, _, _ = _run(tmp_path / "lora", validate_config({**SMALL, "strategy": "fedex-lora", "lora-rank": 2,
+                                                             "num-rounds": 1}))  # fmt: skip
+    model = torch.load(tmp_path / "full" / "model.pt")
+    nbytes = sum(v.numel() * v.element_size() for v in model.values())
+    assert full["bytes_down"] == full["bytes_up"] == 3 * nbytes
+    assert 0 < lora_run["bytes_up"] < 0.2 * full["bytes_up"]
