@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -186,6 +187,9 @@ def resume_config(args: argparse.Namespace) -> tuple[dict[str, Any], int, dict[s
     from fedfuse.checkpoint import CHECKPOINT, check_resumable, config_mismatch, load_checkpoint
     from strategies.registry import STRATEGIES
 
+    if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+        raise ConfigError(f"out={args.out!r} differs from resume={args.resume!r}: a resumed run continues in its own "
+                          "directory; leave --out out (or copy the run directory first)")  # fmt: skip
     ckpt = load_checkpoint(Path(args.resume))
     saved = ckpt["config"].get("strategy")
     if isinstance(saved, str) and saved not in STRATEGIES and args.strategy != saved:
@@ -458,7 +462,8 @@ def _simulate_replacing(cfg: dict[str, Any], args: argparse.Namespace) -> None:
         restore_aside(out, aside)
         if aside is None:
             raise
-        raise RunFailedError(f"{str(exc).split('; results in')[0]}; the previous results in {out}/ are kept") from None
+        why = re.split(r";? ?\(?results (?:up to it )?in ", str(exc))[0].rstrip(" (;")  # where new results were
+        raise RunFailedError(f"{why}; the previous results in {out}/ are kept") from None
     except BaseException:
         restore_aside(out, aside)
         raise

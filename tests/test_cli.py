@@ -219,6 +219,23 @@ def test_results_a_killed_overwrite_set_aside_are_reported_then_replaced(tmp_pat
     assert not stale.exists() and live.is_dir()
 
 
+def test_a_failed_overwrite_says_the_previous_results_stay_and_resume_keeps_its_directory(tmp_path, capsys) -> None:
+    """The failing run's own 'results up to it in OUT' is not repeated beside 'the previous results in OUT are kept'
+    (both named the same folder); ``--resume DIR --out OTHER`` is refused, not silently run in DIR."""
+    out = tmp_path / "run"
+    base = ["simulate", "--backend", "inline", "--no-progress", "--num-clients", "3", "--rounds", "1"]
+    base += ["--out", str(out)]
+    assert run_cli(base) == 0
+    before = (out / "model.pt").read_bytes()
+    capsys.readouterr()
+    assert run_cli([*base, "--overwrite", "--fail-prob", "1"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert f"the run stops; the previous results in {out}/ are kept" in err and "up to it" not in err, err
+    assert (out / "model.pt").read_bytes() == before
+    assert run_cli(["simulate", "--resume", str(out), "--out", str(tmp_path / "other")]) == 2
+    assert "differs from resume=" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
 def test_lmc_refuses_abbreviations_too(tmp_path, capsys) -> None:
     code = run_cli(["lmc", "a.pt", "b.pt", "--out", str(tmp_path / "o"), "--alig"])
     assert code == 2
