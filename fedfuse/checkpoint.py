@@ -219,7 +219,7 @@ def read_state_dict(
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # a fedfuse checkpoint.pt
         obj = obj["model"]
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ConfigError(f"{where} does not hold a state dict of tensors")
+        raise ConfigError(f"{where} does not hold a state dict of tensors; allowed: torch.save(model.state_dict())")
     if adapt is not None:
         try:
             obj = adapt(obj)

@@ -108,6 +108,7 @@ def test_lora_options_belong_to_lora_strategies():
         (["--strategy", "hetlora", "--lora-rank", "4", "--lora-ranks", "2,8"], "lora-rank=4 and lora-ranks='2,8' ar"),
         (["--strategy", "hetlora", "--num-clients", "3", "--lora-ranks", "2,4,8,16"], "4 ranks for num-clients=3"),
         (["--lora-rank", "2", "--client-init-from", "DIR"], "client-init-from=.* lacks partition0.pt"),
+        (["--lora-rank", "2", "--lora-targets", ","], "lora-targets=',' names no module"),
     ],
 )
 def test_bad_lora_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, flags, message):

@@ -185,6 +185,9 @@ def parse_targets(text: str) -> list[tuple[str, int | None]]:
         if sep and not (rank.strip().isdigit() and int(rank) > 0):
             raise ConfigError(f"lora-targets={text!r}: rank {rank!r} of {pattern!r} is not allowed; allowed: >= 1")
         out.append((pattern.strip(), int(rank) if sep else None))
+    if str(text).strip() and not out:  # "," or " , ": not the empty default (every layer) by accident
+        raise ConfigError(f"lora-targets={text!r} names no module; allowed: module-name globs (e.g. net.1,net.3:8), "
+                          "or leave it empty for every Linear/Conv layer")  # fmt: skip
     return out
 
 
