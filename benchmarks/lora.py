@@ -35,7 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.commo
 from benchmarks.common import add_out, load_header, load_line  # noqa: E402
 from fedfuse.data.partition import partition_indices  # noqa: E402
 from fedfuse.experiment import apart_model, dataset_for, init_mode, local_plan, local_train, model_for  # noqa: E402
-from fedfuse.lora import adapter_keys, adapter_pairs, base_weight_key, mean_products, mean_update, truncate_rank  # noqa: E402
+from fedfuse.lora import (  # noqa: E402
+    adapter_keys,
+    adapter_pairs,
+    base_weight_key,
+    complete_rank,
+    mean_products,
+    mean_update,
+    truncate_rank,
+)
 from fedfuse.lora.layers import SCALES  # noqa: E402
 from fedfuse.lora.run import adapter_state, load_received  # noqa: E402
 from fedfuse.replies import Reply  # noqa: E402
@@ -130,6 +138,13 @@ def run(cfg: dict[str, Any], rounds: int, screening: bool = False) -> list[dict[
         screened = {"clipped": 0.0, "rejected": 0.0, "cut": 0.0}
         if screening and states:
             replies = [Reply(st, w, n) for st, w, n in zip(states, weights, steps, strict=True)]
+            mixed = lora_run and len(set(ranks)) > 1
+            if mixed:  # as LoRAStrategy.screen_view: completed to the global rank, measured against one model
+                own = [{p: st[a].shape[0] for p, (a, _) in adapter_pairs(st).items()} for st in states]
+                full = {k: state[k] for k in sents[0]}
+                replies = [r._replace(state=complete_rank(r.state, full, strategy.alpha, strategy.scale))
+                           for r in replies]  # fmt: skip
+                sents = [full] * len(replies)
             guard = not (init_mode(cfg) != "shared" and rnd == 1)  # the Flower path's: apart clients share no start
             use = trusted is not None and guard and len(states) >= 3  # as FedFuseStrategy.aggregate_train
             whole = OnWhole(trusted, lambda st=state: st) if use else None  # g₀ and losses of the whole model
@@ -137,6 +152,9 @@ def run(cfg: dict[str, Any], rounds: int, screening: bool = False) -> list[dict[
                               direction=guard, reference=whole(state, rnd) if whole else None,
                               losses=whole.losses if whole else None)  # fmt: skip
             states, weights = rs.states, rs.weights
+            if mixed:  # back to each client's rank, as LoRAStrategy.aggregate_arrays
+                states = [truncate_rank(st, own[i], strategy.alpha, strategy.scale)
+                          for st, i in zip(states, rs.keep, strict=True)]  # fmt: skip
             screened = {"clipped": rs.stats["clipped"], "rejected": rs.stats["rejected"], "cut": rs.stats["cut"]}
         if not states:  # every update diverged: the round keeps the previous model
             rows.append({**rows[-1], "round": rnd, "bytes": float(down + up), "dropped": float(dropped), **screened})

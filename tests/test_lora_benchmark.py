@@ -87,9 +87,11 @@ def test_lora_scale_reaches_the_runs_and_the_report_pairs_gains(tmp_path, monkey
     assert "--lora-scale" not in (tmp_path / "lora-digits-mlp-std.md").read_text()
 
 
-def test_screening_clips_a_blown_up_client_as_the_flower_path_does(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("ranks", ["4", "2,4"])
+def test_screening_clips_a_blown_up_client_as_the_flower_path_does(monkeypatch: pytest.MonkeyPatch, ranks: str) -> None:
     """--screening default: a client whose adapters come back 100× too large is clipped to the norm bound (the run
-    stays where the honest ones take it); --screening off aggregates it as it is."""
+    stays where the honest ones take it); --screening off aggregates it as it is. Mixed ranks are screened completed
+    to the global rank and truncated back, as LoRAStrategy does."""
     from benchmarks import lora as bench
     from strategies.registry import validate_config
 
@@ -106,7 +108,7 @@ def test_screening_clips_a_blown_up_client_as_the_flower_path_does(monkeypatch: 
 
     monkeypatch.setattr(bench, "local_train", blow_up_client_0)
     cfg = validate_config({"dataset": "digits", "num-clients": 3, "alpha": 1.0, "seed": 0, "pretrain": "low-classes",
-                           "pretrain-epochs": 2, "lora-ranks": "4", "local-epochs": 2, "lr": 0.05,
+                           "pretrain-epochs": 2, "lora-ranks": ranks, "local-epochs": 2, "lr": 0.05,
                            "strategy": "fedex-lora"})  # fmt: skip
     screened = bench.run(cfg, 2, screening=True)
     plain = bench.run(cfg, 2, screening=False)
