@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["OUTSIZED", "FLOOR", "InfluenceTest", "influence_test"]
+__all__ = ["OUTSIZED", "FLOOR", "InfluenceTest", "influence_test", "claim_test"]
 
 OUTSIZED = 2.0  # an update whose influence exceeds this × the round's lower median is tested
 FLOOR = 0.1  # an update harmful at its claimed size keeps this × the median's influence
@@ -99,32 +99,53 @@ def influence_test(
     med, w_med = sorted(infl)[(n - 1) // 2], sorted(float(w) for w in weights)[(n - 1) // 2]
     if med <= 0 or w_med <= 0:
         return out
+
+    def loss_of(ws: Sequence[float]) -> Tensor:  # the aggregate θ_sent + Σ w_j Δ_j / Σ w_j under weights ws
+        total = sum(ws)
+        return losses(sum(d * (w / total) for d, w in zip(deltas, ws, strict=True) if w > 0))
+
     big = sorted((i for i in range(n) if infl[i] > OUTSIZED * med), key=lambda i: infl[i])
     if big:
         cut = [w * med / infl[i] if i in big else w for i, w in enumerate(out.weights)]
-        _outsized_step(out, deltas, losses, z, [v / med for v in infl], cut, big, "influence")
+        _outsized_step(out, loss_of, z, [v / med for v in infl], cut, big, "influence")
     # then by claimed weight alone: an update of ~0 claiming the caps moves nothing but dilutes the others
     heavy = sorted((i for i in range(n) if i not in big and weights[i] > OUTSIZED * w_med), key=lambda i: weights[i])
     if heavy:
         cut = [min(w, w_med) if i in heavy else w for i, w in enumerate(out.weights)]
-        _outsized_step(out, deltas, losses, z, [float(w) / w_med for w in weights], cut, heavy, "claimed weight")
+        _outsized_step(out, loss_of, z, [float(w) / w_med for w in weights], cut, heavy, "claimed weight")
     out.tested = len(big) + len(heavy)
     _harm_step(out, deltas, losses, z, med)
     out.cut = sum(1 for w, w0 in zip(out.weights, weights, strict=True) if w < w0)
     return out
 
 
+def claim_test(loss_of: Callable[[Sequence[float]], Tensor], weights: Sequence[float], z: float) -> InfluenceTest:
+    """Steps 1-3 by claimed weight alone, on any aggregate: ``loss_of(ws)`` the per-example losses, on the server's
+    examples, of the round's aggregate under weights ``ws`` — e.g. the fusion of models trained apart, which share
+    no starting point and so have no update to measure (a liar claiming the caps took every such run to chance).
+    A weight above 2 × the lower median is cut to the median's where that lowers the loss by more than ``z``
+    standard errors, and gets it back unless that raises the loss significantly (then a tenth of the median's, or
+    the median's where a tenth raises it too). ``z ≤ 0`` or fewer than three weights: nothing is tested."""
+    out = InfluenceTest([float(w) for w in weights])
+    n = len(out.weights)
+    if z <= 0 or n < 3:
+        return out
+    w_med = sorted(out.weights)[(n - 1) // 2]
+    heavy = sorted((i for i in range(n) if out.weights[i] > OUTSIZED * w_med), key=lambda i: out.weights[i])
+    if heavy and w_med > 0:
+        cut = [min(w, w_med) if i in heavy else w for i, w in enumerate(out.weights)]
+        _outsized_step(out, loss_of, z, [w / w_med for w in out.weights], cut, heavy, "claimed weight")
+        out.tested = len(heavy)
+        out.cut = sum(1 for w, w0 in zip(out.weights, weights, strict=True) if w < w0)
+    return out
+
+
 def _outsized_step(
-    out: InfluenceTest, deltas: Sequence[Tensor], losses: Callable[[Tensor], Tensor], z: float,
+    out: InfluenceTest, loss_of: Callable[[Sequence[float]], Tensor], z: float,
     size: list[float], cut: list[float], outsized: list[int], what: str,
 ) -> None:  # fmt: skip
     """Steps 2-3 on ``out``'s weights: ``cut`` the outsized updates' weights at the median's ``what`` (influence or
-    claimed weight), ``size`` how far above the median each is."""
-
-    def loss_of(ws: Sequence[float]) -> Tensor:
-        total = sum(ws)
-        return losses(sum(d * (w / total) for d, w in zip(deltas, ws, strict=True) if w > 0))
-
+    claimed weight), ``size`` how far above the median each is; ``loss_of(ws)`` the aggregate's losses."""
     full = list(out.weights)
     now, best = loss_of(full), loss_of(cut)
     diff, se = _paired(best, now)

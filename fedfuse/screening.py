@@ -82,7 +82,7 @@ import torch
 from torch import Tensor
 
 from fedfuse.errors import ConfigError
-from fedfuse.influence import influence_test
+from fedfuse.influence import claim_test, influence_test
 from fedfuse.screening_options import (
     DIRECTION_GUARDS,
     DUPLICATE_COSINE,
@@ -117,6 +117,7 @@ __all__ = [
     "state_norm",
     "RoundScreen",
     "screen_round",
+    "screen_apart_claims",
 ]
 
 State = Mapping[str, Tensor]
@@ -545,3 +546,18 @@ def screen_round(
         stats["diverged"] = float(len(diverged))
     return RoundScreen([valid[j] for j in kept], [screen.states[j] for j in kept],
                        [screen.weights[j] for j in kept], stats)  # fmt: skip
+
+
+def screen_apart_claims(
+    server_round: int, labels: Sequence[str], weights: Sequence[float], aggregate: Callable[[list[float]], State],
+    losses: LossFn, config: ScreeningConfig,
+) -> tuple[list[float], int]:  # fmt: skip
+    """Clients that trained apart (round 1 from their own inits) share no starting point, so the guard and the
+    influence test have no update to measure; their claims still answer to the server's examples:
+    :func:`fedfuse.influence.claim_test` on ``aggregate(weights)`` (the strategy's own fusion), with the
+    influence test's ``z``. Returns the weights and how many were cut; each cut is logged, naming the client."""
+    with single_threaded():
+        test = claim_test(lambda ws: losses(aggregate(list(ws))), weights, config.influence_z)
+    for j, note in sorted((test.notes | test.trims).items()):
+        log.warning("round %d: down-weighted update from %s: %s", server_round, labels[j], note)
+    return test.weights, test.cut

@@ -23,7 +23,7 @@ from fedfuse.experiment import derive_seed
 from fedfuse.merge.distill import distill_states
 from fedfuse.replies import decode_arrays, error_summary, traffic, unpack_reply
 from fedfuse.robust import Reducer, reducer
-from fedfuse.screening import ROBUST_OPTIONS, ScreeningConfig, screen_round
+from fedfuse.screening import ROBUST_OPTIONS, ScreeningConfig, screen_apart_claims, screen_round
 from fedfuse.state import weighted_average
 from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_known_args, check_strategy_args, non_finite
 from strategies.options import STRATEGY_OPTIONS
@@ -65,8 +65,8 @@ class FedFuseStrategy(FedAvg):
         self.round_metrics: dict[str, float] = {}  # statistics of the current round, returned with the metrics
         self.started_apart = False  # round-1 clients trained from their own inits (no direction guard then)
         self._sent: State = {}
-        self._sent_to: dict[int, State] = {}  # per node, where nodes get different models (widths, LoRA ranks)
-        self._frozen_to: dict[int, State] = {}  # per node: sent to use, not to train (unpack_reply's frozen)
+        self._sent_to: dict[int, State] = {}  # per node, where nodes get different models (widths, LoRA ranks);
+        self._frozen_to: dict[int, State] = {}  # and what it was sent to use, not to train (unpack_reply's frozen)
         self._sampled, self._valid_nodes = 0, []  # nodes sampled; whose states aggregate_arrays gets (in order)
         self.server_data, self.distill_epochs, self.distill_model = server_data, int(distill_epochs), distill_model
         self.trusted = trusted  # (sent, round) -> the server's own trained state (fedfuse.trust), or None
@@ -165,6 +165,9 @@ class FedFuseStrategy(FedAvg):
         t_agg = time.perf_counter()
         msgs, states, weights = [answers[i] for i in rs.keep], rs.states, rs.weights
         self._valid_nodes = [m.metadata.src_node_id for m in msgs]
+        if not guard and len(msgs) >= 3 and (own := getattr(self.trusted, "losses", None)):  # apart: claims answer
+            weights, stats["cut"] = screen_apart_claims(server_round, [self.nodes.label(n) for n in self._valid_nodes],
+                weights, lambda ws: self.aggregate_arrays(server_round, states, ws), own, self.screening)  # fmt: skip
         new_state = self.aggregate_arrays(server_round, states, weights)
         if self.distill_epochs:
             new_state = self.distill_aggregate(server_round, new_state, states, weights)
@@ -180,13 +183,11 @@ class FedFuseStrategy(FedAvg):
         return ArrayRecord(new_state), MetricRecord({**metrics, **stats, **self.round_metrics})
 
     def aggregate_arrays(self, server_round: int, states: list[State], weights: list[float]) -> State:
-        """FedAvg: θ = Σ_i (n_i / Σ_j n_j) θ_i (:func:`fedfuse.state.weighted_average`), or the ``robust``
-        reduction (:func:`fedfuse.robust.robust_reduce`, unweighted)."""
+        """θ = Σ_i (n_i / Σ_j n_j) θ_i (:func:`fedfuse.state.weighted_average`), or the unweighted ``robust`` one."""
         return (self.reduce or weighted_average)(states, weights)
 
     def distill_aggregate(self, server_round: int, state: State, states: list[State], weights: list[float]) -> State:
-        """FedDF: ``state`` distilled from the clients' models (λ_i = n_i/Σn) on ``server_data``, seeded by
-        (seed, round) so a resumed run distils bit-identically (:func:`fedfuse.merge.distill.distill_states`)."""
+        """FedDF (:func:`fedfuse.merge.distill.distill_states`), seeded by (seed, round): bit-identical on resume."""
         assert self.distill_model is not None and self.server_data is not None
         return distill_states(self.distill_model, state, states, self.server_data, epochs=self.distill_epochs,
                               seed=derive_seed(self.seed, server_round, 31), weights=weights)  # fmt: skip

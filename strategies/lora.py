@@ -247,7 +247,6 @@ class LoRAStrategy(FedFuseStrategy):
         """The rule's aggregate, merged into the global model (base folding for exact/flora); round metrics."""
         alpha, rank, scale = self.alpha, self._global_rank, self.scale
         if self._completed:  # screened at the global rank (screen_view): back to each client's own
-            self._completed = False
             states = [lora.truncate_rank(st, self._rank_of(node, rank), alpha, scale)
                       for st, node in zip(states, self._valid_nodes, strict=True)]  # fmt: skip
         pairs = lora.adapter_pairs(states[0])

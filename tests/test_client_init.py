@@ -256,3 +256,23 @@ def test_compare_entries_give_one_run_its_own_options(tmp_path, capsys) -> None:
     assert "needs at least two different" in refused(["--compare", "wb,wb"], tmp_path, capsys)
     line = refused(["--compare", "fedavg,fedavg@bn-repair=repair"], tmp_path, capsys)
     assert "bn-repair='repair' needs strategy" in line
+
+
+def test_a_liar_among_sites_trained_apart_answers_to_the_fused_model(tmp_path, caplog) -> None:
+    """Round 1 from own inits has no shared start, so no update for the guard or the influence test to measure; a
+    site claiming 9.9 × the median's examples with junk (``evade``) took the fused model to chance (0.100). Its claim
+    now answers to the server's examples on the fusion itself (fedfuse.influence.claim_test): kept at a tenth of
+    the median's weight, the fusion lands by the run without it (0.329 vs 0.320, seed 0, wb, 1 of 5)."""
+    from fedfuse.results import load_metrics
+
+    accs = {}
+    with caplog.at_level("WARNING", logger="fedfuse"):
+        for name, extra in (("on", []), ("off", ["--influence-z", "0"]), ("absent", None)):
+            attack = ["--attack", "num-examples:nan" if extra is None else "evade:0.4", "--attackers", "1"]
+            argv = ["simulate", "--backend", "inline", "--no-progress", "--num-clients", "5", "--rounds", "1",
+                    "--client-init", "own", "--strategy", "wb", *attack, *(extra or [])]  # fmt: skip
+            argv += ["--out", str(tmp_path / name)]
+            assert run_cli(argv) == 0
+            accs[name] = load_metrics(tmp_path / name)["rounds"][-1]["central_accuracy"]
+    assert accs["on"] > accs["absent"] - 0.03 and accs["off"] < accs["absent"] - 0.15, accs
+    assert any("its claimed weight (9.9 × the round's median)" in r.getMessage() for r in caplog.records)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fedfuse.influence import FLOOR, _paired, influence_test
+from fedfuse.influence import FLOOR, _paired, claim_test, influence_test
 from fedfuse.screening import screen_updates
 
 D = 50
@@ -168,3 +168,23 @@ def test_screening_runs_the_test_only_with_a_trusted_reference_and_losses(z: flo
         assert res.cut == 1 and res.weights[4] < 0.05 * plain.weights[4] and res.weights[:4] == plain.weights[:4]
     else:
         assert res.cut == 0 and res.weights == plain.weights
+
+
+def test_claims_answer_to_any_aggregate_such_as_a_fusion_of_models_trained_apart() -> None:
+    """``claim_test`` asks only for the aggregate's losses under given weights: models trained apart (a fusion,
+    no update to measure). A junk model claiming 10 × the median keeps a tenth of the median's weight; honest
+    models claiming 3 × keep theirs; z = 0 does nothing."""
+    x, y, w_star = _task()
+    models = [w_star + 0.3 * torch.randn(D, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+              for i in range(5)]  # fmt: skip
+    junk = -3 * w_star
+
+    def losses(ws):  # the weighted mean of the models: FedAvg's fusion
+        total = sum(ws)
+        return _losses(x, y)(sum(m * (w / total) for m, w in zip([*models, junk], ws, strict=True)))
+
+    claims = [10.0, 30.0, 10.0, 12.0, 9.0, 100.0]  # an honest client with 3 x the median's data, a liar at 10 x
+    test = claim_test(losses, claims, 2.0)
+    assert test.weights[:5] == claims[:5] and test.tested == 2 and test.cut == 1
+    assert test.weights[5] == pytest.approx(FLOOR * 10.0) and "claimed weight (10 ×" in test.notes[5]
+    assert claim_test(losses, claims, 0.0).weights == claims
