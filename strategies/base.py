@@ -1,7 +1,6 @@
-"""FedFuseStrategy: Flower's FedAvg, made deterministic and strict about what it aggregates. The Flower adaptation
-only: seeded sampling, a fixed reply order (:mod:`strategies.sampling`), replies read by
-:func:`fedfuse.replies.unpack_reply`, screened by :func:`fedfuse.screening.screen_round`, then :meth:`aggregate_arrays`
-(the previous model stays when fewer than ``min_train_nodes`` are valid); subclasses override it and ``options``."""
+"""FedFuseStrategy: Flower's FedAvg, deterministic and strict about what it aggregates (the Flower adaptation only):
+seeded sampling and reply order (:mod:`strategies.sampling`), :func:`fedfuse.replies.unpack_reply`,
+:func:`fedfuse.screening.screen_round`, then :meth:`aggregate_arrays`, which subclasses override (and ``options``)."""
 
 from __future__ import annotations
 
@@ -36,10 +35,9 @@ State = dict[str, torch.Tensor]
 
 
 class FedFuseStrategy(FedAvg):
-    """FedAvg whose sampling, aggregation order and fault handling depend on ``seed`` only: θ = Σ_i (n_i / Σ_j n_j) θ_i
-    over the screened replies (n_i capped), summed in partition order in float64. FedAvg's arguments keep FedAvg's
-    defaults; the screening ones are :class:`fedfuse.screening.ScreeningConfig`'s. ``distill_epochs`` > 0: FedDF
-    (Lin et al. 2020) on ``server_data``. ``pool_clients`` = N > 0: SuperNodes serving clients 0..N-1."""
+    """FedAvg whose sampling, aggregation order and fault handling depend on ``seed`` only (float64, partition order);
+    FedAvg's arguments keep FedAvg's defaults, the screening ones :class:`fedfuse.screening.ScreeningConfig`'s;
+    ``distill_epochs`` > 0: FedDF on ``server_data``; ``pool_clients`` = N > 0: SuperNodes serving clients 0..N-1."""
 
     options: ClassVar[tuple[Option, ...]] = STRATEGY_OPTIONS["fedavg"]  # run options beyond the core ones
 
@@ -58,8 +56,7 @@ class FedFuseStrategy(FedAvg):
         super().__init__(**kwargs)
         self.reduce: Reducer | None = reducer(robust, robust_fraction)  # None: the weighted average
         self.robust, self.seed = robust, int(seed)
-        self.max_num_examples = float(max_num_examples)  # a reply's num-examples above this is rejected
-        self.max_reply_factor = float(max_reply_factor)  # a reply above this × the sent model's bytes is rejected
+        self.max_num_examples, self.max_reply_factor = float(max_num_examples), float(max_reply_factor)  # rejection
         self.nodes = NodeOrder(query_timeout, query=discover_partitions)  # see strategies.sampling
         self.nodes.clients = int(pool_clients)  # > 0: the nodes are a pool serving this many clients
         self.round_metrics: dict[str, float] = {}  # statistics of the current round, returned with the metrics
@@ -156,8 +153,7 @@ class FedFuseStrategy(FedAvg):
                           self.screening, direction=guard, reference=reference, losses=losses)  # fmt: skip
         stats = {**rs.stats, "skipped": 0.0, **moved}
         if len(replies) < self._sampled:
-            log.warning("round %d: %d sampled node(s) did not reply in time", server_round,
-                        self._sampled - len(replies))  # fmt: skip
+            log.warning("round %d: %d sampled node(s) replied too late", server_round, self._sampled - len(replies))
         if len(rs.keep) < max(self.min_train_nodes, 1):
             log.warning("round %d: %d valid update(s) < min_train_nodes=%d; keeping the previous global model",
                         server_round, len(rs.keep), self.min_train_nodes)  # fmt: skip
@@ -167,7 +163,7 @@ class FedFuseStrategy(FedAvg):
         self._valid_nodes = [m.metadata.src_node_id for m in msgs]
         if not guard and len(msgs) >= 3 and (own := getattr(self.trusted, "losses", None)):  # apart: claims answer
             weights, stats["cut"] = screen_apart_claims(server_round, [self.nodes.label(n) for n in self._valid_nodes],
-                weights, lambda ws: self.aggregate_arrays(server_round, states, ws), own, self.screening)  # fmt: skip
+                weights, lambda ws: self.trial_aggregate(server_round, states, ws), own, self.screening)  # fmt: skip
         new_state = self.aggregate_arrays(server_round, states, weights)
         if self.distill_epochs:
             new_state = self.distill_aggregate(server_round, new_state, states, weights)
@@ -185,6 +181,10 @@ class FedFuseStrategy(FedAvg):
     def aggregate_arrays(self, server_round: int, states: list[State], weights: list[float]) -> State:
         """θ = Σ_i (n_i / Σ_j n_j) θ_i (:func:`fedfuse.state.weighted_average`), or the unweighted ``robust`` one."""
         return (self.reduce or weighted_average)(states, weights)
+
+    def trial_aggregate(self, server_round: int, states: list[State], weights: list[float]) -> State:
+        """The aggregate under trial ``weights`` (the apart claim test), asking no client anything."""
+        return self.aggregate_arrays(server_round, states, weights)
 
     def distill_aggregate(self, server_round: int, state: State, states: list[State], weights: list[float]) -> State:
         """FedDF (:func:`fedfuse.merge.distill.distill_states`), seeded by (seed, round): bit-identical on resume."""

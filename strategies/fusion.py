@@ -181,6 +181,17 @@ class FedFusion(FedFuseStrategy):
         )
         return self.post.for_strategy(self, server_round, fused, aligned, weights)
 
+    def trial_aggregate(
+        self, server_round: int, states: list[dict[str, torch.Tensor]], weights: list[float]
+    ) -> dict[str, torch.Tensor]:
+        """The fusion under trial ``weights`` without the post-fusion statistics round (no client is asked)."""
+        grid = getattr(self, "_grid", None)
+        self._grid = None  # PostFusionRepair.for_strategy: no grid, no round trip
+        try:
+            return self.aggregate_arrays(server_round, states, weights)
+        finally:
+            self._grid = grid
+
     def state_dict(self) -> dict[str, Any]:
         """Checkpoint state: the base's plus the unrepaired fused model clients train on after REPAIR."""
         return {**super().state_dict(), **self.post.state_dict()}
