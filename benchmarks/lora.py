@@ -48,7 +48,7 @@ from fedfuse.lora.layers import SCALES  # noqa: E402
 from fedfuse.lora.run import adapter_state, load_received  # noqa: E402
 from fedfuse.replies import Reply  # noqa: E402
 from fedfuse.screening import ScreeningConfig, screen_round  # noqa: E402
-from fedfuse.state import torch_threads, weighted_average  # noqa: E402
+from fedfuse.state import state_bytes, torch_threads, weighted_average  # noqa: E402
 from fedfuse.train import evaluate  # noqa: E402
 from fedfuse.trust import OnWhole, trusted_reference  # noqa: E402
 from strategies.registry import OWNERS, resolve_strategy, validate_config  # noqa: E402
@@ -60,10 +60,6 @@ SETTINGS = {
     "mixed": [("HetLoRA (pad)", "hetlora", "2,4,8"), ("FedEx-LoRA", "fedex-lora", "2,4,8"),
               ("aligned-LoRA", "aligned-lora", "2,4,8"), ("SVD-LoRA", "svd-lora", "2,4,8"), ("FLoRA", "flora", "2,4,8")],
 }  # fmt: skip
-
-
-def _nbytes(state: dict[str, torch.Tensor]) -> int:
-    return sum(v.numel() * v.element_size() for v in state.values())
 
 
 def _round_update(
@@ -124,10 +120,10 @@ def run(cfg: dict[str, Any], rounds: int, screening: bool = False) -> list[dict[
                 model = model_for(cfg, ds)
                 model.load_state_dict(state if apart is None else apart.state_dict())
                 sent = state
-            down += _nbytes(sent)
+            down += state_bytes(sent)
             result = local_train(cfg, model, x, y, local_plan(cfg, pid, rnd, len(x)))
             reply = adapter_state(model) if lora_run else model.state_dict()
-            up += _nbytes(reply)
+            up += state_bytes(reply)
             if not all(bool(torch.isfinite(v).all()) for v in reply.values() if v.is_floating_point()):
                 dropped += 1  # as the Flower path's reply validation rejects a non-finite update
                 continue

@@ -41,7 +41,7 @@ from fedfuse.experiment import (
 )
 from fedfuse.lora.run import adapter_state, load_received, lora_on
 from fedfuse.replies import decode_arrays
-from fedfuse.state import torch_threads
+from fedfuse.state import state_bytes, torch_threads
 from fedfuse.subspace import MaskedTraining, mask_ratio
 from fedfuse.train import evaluate as evaluate_model
 
@@ -215,7 +215,7 @@ def _train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
     state = model.state_dict() if shared is None else keep_personal(model, context, shared)
     if lora_on(cfg):  # only the adapters travel
         state = adapter_state(model)
-        metrics["bytes-sent"] = sum(v.numel() * v.element_size() for v in state.values())
+        metrics["bytes-sent"] = state_bytes(state)
     if attack is not None and attack[0] in OMNISCIENT:  # it knows the honest updates (alie, ipm, adaptive, evade…)
         state, claim, steps = omniscient_reply(*attack, cfg, _received_state(msg), server_round, result.num_examples,
                                                result.steps, own=pid)  # fmt: skip

@@ -48,6 +48,11 @@ class Option:
     low_open: bool = False
     check_value: Callable[[Any], str | None] | None = None  # extra rule: a reason the value is refused, or None
 
+    def _range(self) -> str:
+        """The bounds as text (``> 0 and <= 1``), empty when there are none."""
+        bounds = ((">" if self.low_open else ">=", self.low), ("<=", self.high))
+        return " and ".join(f"{op} {b:g}" for op, b in bounds if b is not None)
+
     def check(self, value: Any) -> Any:
         """Coerce ``value`` to the option's type and check it; raise ConfigError otherwise."""
         try:
@@ -62,20 +67,15 @@ class Option:
         except (TypeError, ValueError):
             raise ConfigError(f"{self.name}={value!r} is not a valid {self.type.__name__}") from None
         if self.type is float and not math.isfinite(v):  # nan passes every comparison; inf is no setting
-            rng = " and ".join(
-                f"{op} {b:g}"
-                for op, b in ((">" if self.low_open else ">=", self.low), ("<=", self.high))
-                if b is not None
+            raise ConfigError(
+                f"{self.name}={value!r} is not a finite number; allowed: {self._range() or 'a finite number'}"
             )
-            raise ConfigError(f"{self.name}={value!r} is not a finite number; allowed: {rng or 'a finite number'}")
         free = (self.name == "strategy" and ":" in v) or (self.name == "dataset" and v.startswith("synthetic:"))
         if self.choices is not None and v not in self.choices and not free:
             extra = " or package.module:Class" if self.name == "strategy" else ""
             raise ConfigError(f"{self.name}={v!r} is not allowed; allowed: {', '.join(self.choices)}{extra}")
         if self.low is not None and (v <= self.low if self.low_open else v < self.low):
-            op = ">" if self.low_open else ">="
-            rng = f"{op} {self.low:g}" + (f" and <= {self.high:g}" if self.high is not None else "")
-            raise ConfigError(f"{self.name}={v!r} is out of range; allowed: {rng}")
+            raise ConfigError(f"{self.name}={v!r} is out of range; allowed: {self._range()}")
         if self.high is not None and v > self.high:
             raise ConfigError(f"{self.name}={v!r} is out of range; allowed: <= {self.high:g}")
         reason = self.check_value(v) if self.check_value is not None else None

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from fedfuse.state import state_bytes
 from fedfuse.validation import MAX_NUM_EXAMPLES, MAX_REPLY_FACTOR, check_reply_size, check_update
 
 __all__ = ["Reply", "unpack_reply", "reply_size_reason", "error_summary", "decode_arrays", "traffic", "LOCAL_STEPS"]
@@ -40,12 +41,8 @@ class Reply(NamedTuple):
 def traffic(sent: Sequence[Mapping[str, torch.Tensor]], replies: Sequence[object]) -> dict[str, float]:
     """A round's array bytes: ``bytes_down`` what each answering node was sent, ``bytes_up`` what the valid replies
     (:class:`Reply`) hold — what a full-model FedAvg round moves, for comparing with the LoRA strategies' own."""
-
-    def nbytes(state: Mapping[str, torch.Tensor]) -> float:
-        return float(sum(v.numel() * v.element_size() for v in state.values()))
-
-    up = sum(nbytes(r.state) for r in replies if isinstance(r, Reply))
-    return {"bytes_down": sum(nbytes(s) for s in sent), "bytes_up": up}
+    up = sum(state_bytes(r.state) for r in replies if isinstance(r, Reply))
+    return {"bytes_down": float(sum(state_bytes(s) for s in sent)), "bytes_up": float(up)}
 
 
 def error_summary(reason: str | None) -> str:

@@ -78,7 +78,9 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
 from fedfuse.errors import ConfigError
@@ -205,6 +207,12 @@ def _check_factor(name: str, value: object) -> float:
     return float(value)
 
 
+def _check_cosine(name: str, value: object, off: int) -> None:
+    """A cosine threshold in ``[off, 1]``, ``off`` turning its check off."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not off <= float(value) <= 1.0:
+        raise ConfigError(f"{name}={value!r} is out of range; allowed: [{off}, 1] ({off} = off)")
+
+
 @dataclass(frozen=True)
 class ScreeningConfig:
     """The screening a strategy applies (the run options of :data:`SCREENING_OPTIONS`, validated)."""
@@ -221,12 +229,8 @@ class ScreeningConfig:
     def __post_init__(self) -> None:
         for name in ("update_norm_bound", "examples_cap", "examples_bound", "influence_z"):
             object.__setattr__(self, name, _check_factor(name, getattr(self, name)))
-        cos = self.min_update_cosine
-        if isinstance(cos, bool) or not isinstance(cos, (int, float)) or not -1.0 <= float(cos) <= 1.0:
-            raise ConfigError(f"min_update_cosine={cos!r} is out of range; allowed: [-1, 1] (-1 = off)")
-        dup = self.duplicate_cosine
-        if isinstance(dup, bool) or not isinstance(dup, (int, float)) or not 0.0 <= float(dup) <= 1.0:
-            raise ConfigError(f"duplicate_cosine={dup!r} is out of range; allowed: [0, 1] (0 = off)")
+        _check_cosine("min_update_cosine", self.min_update_cosine, -1)
+        _check_cosine("duplicate_cosine", self.duplicate_cosine, 0)
         if self.update_norm_action not in NORM_ACTIONS:
             raise ConfigError(
                 f"update-norm-action={self.update_norm_action!r} is not allowed; allowed: {', '.join(NORM_ACTIONS)}"
@@ -373,7 +377,6 @@ def screen_updates(
                 result.states[i] = _moved(states[i], sent[i], kept)
                 result.projected += 1
                 deltas[i] = kept
-    if direction == "median" and len(live) >= 3 and same_shape:
         if trusted is not None and losses is not None and influence_z > 0:
             _influence(result, live, deltas, states[live[0]], sent[live[0]], losses, influence_z)
     return result
@@ -382,29 +385,13 @@ def screen_updates(
 def duplicate_groups(deltas: Sequence[Tensor], threshold: float) -> list[list[int]]:
     """Groups (of two or more) of near-identical updates: the connected components of the graph with an edge
     where ``cos(Δ_i, Δ_j) ≥ threshold``; updates of norm 0 (nothing trained, or a free rider) are one group."""
-    n = len(deltas)
-    norms = [float(d.norm()) for d in deltas]
-    parent = list(range(n))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    moved = [i for i in range(n) if norms[i] > 0]
-    if len(moved) >= 2:
-        unit = torch.stack([deltas[i] / norms[i] for i in moved])
-        close = (unit @ unit.T) >= threshold
-        for a, b in torch.nonzero(torch.triu(close, diagonal=1)).tolist():
-            parent[root(moved[a])] = root(moved[b])
-    still = [i for i in range(n) if norms[i] == 0]
-    for i in still[1:]:
-        parent[root(i)] = root(still[0])
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(root(i), []).append(i)
-    return sorted(g for g in groups.values() if len(g) > 1)
+    norms = torch.stack([d.norm() for d in deltas])
+    unit = torch.stack([d / n if n > 0 else d for d, n in zip(deltas, norms, strict=True)])
+    still = norms == 0
+    close = ((unit @ unit.T) >= threshold) | (still[:, None] & still[None, :])
+    _, labels = connected_components(close.numpy(), directed=False)
+    groups = [np.flatnonzero(labels == c).tolist() for c in np.unique(labels)]
+    return sorted(g for g in groups if len(g) > 1)
 
 
 def _share_duplicates(result: Screening, live: list[int], deltas: list[Tensor], threshold: float) -> None:
@@ -536,8 +523,7 @@ def screen_round(
             "round %d: near-identical updates (cosine >= %g with each other) from %s: they share one client's weight",
             server_round, config.duplicate_cosine, ", ".join(labels[valid[j]] for j in group),
         )  # fmt: skip
-    for j, note in sorted((screen.notes | screen.trims).items()):
-        log.warning("round %d: down-weighted update from %s: %s", server_round, labels[valid[j]], note)
+    _log_down_weighted(server_round, [labels[i] for i in valid], screen.notes | screen.trims)
     kept = [j for j, r in enumerate(screen.reasons) if r is None]
     stats = {"rejected": float(len(reasons)), **screen.ratios, "clipped": float(screen.clipped),
              "capped": float(screen.capped), "projected": float(screen.projected),
@@ -558,6 +544,11 @@ def screen_apart_claims(
     influence test's ``z``. Returns the weights and how many were cut; each cut is logged, naming the client."""
     with single_threaded():
         test = claim_test(lambda ws: losses(aggregate(list(ws))), weights, config.influence_z)
-    for j, note in sorted((test.notes | test.trims).items()):
-        log.warning("round %d: down-weighted update from %s: %s", server_round, labels[j], note)
+    _log_down_weighted(server_round, labels, test.notes | test.trims)
     return test.weights, test.cut
+
+
+def _log_down_weighted(server_round: int, labels: Sequence[str], notes: Mapping[int, str]) -> None:
+    """One warning per down-weighted update (by its index into ``labels``), naming the client and why."""
+    for j, note in sorted(notes.items()):
+        log.warning("round %d: down-weighted update from %s: %s", server_round, labels[j], note)

@@ -23,6 +23,7 @@ __all__ = [
     "check_compatible",
     "weighted_average",
     "interpolate",
+    "state_bytes",
     "torch_threads",
     "single_threaded",
     "caller_threads",
@@ -128,6 +129,11 @@ def _average_chunked(parts: list[Tensor], lam: list[float], like: Tensor) -> Ten
             acc += term.copy_(p[j : j + m]).mul_(w)
         out[j : j + m].copy_(acc)
     return out.view(like.shape)
+
+
+def state_bytes(state: Mapping[str, Tensor]) -> int:
+    """The bytes of ``state``'s arrays (``Σ numel × element size``): what sending it moves, before serialisation."""
+    return sum(v.numel() * v.element_size() for v in state.values())
 
 
 def interpolate(state_a: State, state_b: State, alpha: float, keys: Iterable[str] | None = None) -> dict[str, Any]:

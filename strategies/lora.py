@@ -37,6 +37,7 @@ from fedfuse.config import Option
 from fedfuse.errors import ConfigError
 from fedfuse.experiment import derive_seed
 from fedfuse.lora.run import lora_ranks
+from fedfuse.state import state_bytes
 from fedfuse.trust import OnWhole
 from strategies.base import FedFuseStrategy
 from strategies.options import LORA_OPTIONS, STRATEGY_OPTIONS
@@ -45,10 +46,6 @@ __all__ = ["LORA_OPTIONS", "LoRAStrategy", "FedAvgLoRA", "FedExLoRA", "AlignedLo
 
 State = dict[str, torch.Tensor]
 REFACTORING = ("exact", "svd")  # rules that re-factorise a mean by truncated SVD: run option lora-refactor
-
-
-def _nbytes(state: Mapping[str, torch.Tensor]) -> int:
-    return sum(v.numel() * v.element_size() for v in state.values())
 
 
 def _settings(
@@ -188,7 +185,7 @@ class LoRAStrategy(FedFuseStrategy):
             node = msg.metadata.dst_node_id
             payload, base = self._payload(full, node)
             self._sent_to[node], self._frozen_to[node] = payload, base  # a reply may echo the base, unchanged
-            down += _nbytes(payload) + _nbytes(base)
+            down += state_bytes(payload) + state_bytes(base)
             content = RecordDict(
                 {self.arrayrecord_key: ArrayRecord({**payload, **base}), self.configrecord_key: config}
             )
@@ -281,7 +278,7 @@ class LoRAStrategy(FedFuseStrategy):
             self.base_folded = True
         applied = {p: products[p] - self._applied(new, p, pairs[p], residuals) for p in products}
         self.round_metrics.update(
-            bytes_up=float(sum(_nbytes(s) for s in states)),
+            bytes_up=float(sum(state_bytes(s) for s in states)),
             lora_agg_error=math.sqrt(sum(e * e for e in agg_error.values())),
             lora_update_error=math.sqrt(sum(float(d.norm()) ** 2 for d in applied.values())),
             lora_mean_update=math.sqrt(sum(float(m.norm()) ** 2 for m in products.values())),
