@@ -78,9 +78,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
 from fedfuse.errors import ConfigError
@@ -388,10 +386,15 @@ def duplicate_groups(deltas: Sequence[Tensor], threshold: float) -> list[list[in
     norms = torch.stack([d.norm() for d in deltas])
     unit = torch.stack([d / n if n > 0 else d for d, n in zip(deltas, norms, strict=True)])
     still = norms == 0
-    close = ((unit @ unit.T) >= threshold) | (still[:, None] & still[None, :])
-    _, labels = connected_components(close.numpy(), directed=False)
-    groups = [np.flatnonzero(labels == c).tolist() for c in np.unique(labels)]
-    return sorted(g for g in groups if len(g) > 1)
+    reach = ((unit @ unit.T) >= threshold) | (still[:, None] & still[None, :])
+    reach |= torch.eye(len(deltas), dtype=torch.bool)  # every update reaches itself
+    while True:  # transitive closure by squaring (no scipy: plain FedAvg's clients and server never import it)
+        wider = (reach.double() @ reach.double()) > 0
+        if torch.equal(wider, reach):
+            break
+        reach = wider
+    groups = {tuple(torch.nonzero(row).flatten().tolist()) for row in reach}
+    return sorted(list(g) for g in groups if len(g) > 1)
 
 
 def _share_duplicates(result: Screening, live: list[int], deltas: list[Tensor], threshold: float) -> None:
