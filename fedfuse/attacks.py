@@ -180,6 +180,8 @@ def omniscient_reply(
             typical = {k: float(v.flatten(1).norm(dim=1).median()) for k, v in stack.items()}
             delta = _against(mean, std, value if kind == "evade" else LOWKEY_COS, target, typical)
     state = {k: (sent[k].double() + delta[k]).to(sent[k].dtype) if k in delta else sent[k] for k in sent}
+    for k in (k for k in state if k.endswith("running_var")):  # a negative variance is rejected: stay valid
+        state[k] = state[k].clamp(min=0)
     return state, num_examples, steps
 
 

@@ -50,7 +50,8 @@ def check_update(
     """Why ``state`` cannot be aggregated against the global ``reference``, or None when it can.
 
     Rules: the same keys; the same dtype per key; the same shape per key (or, with width
-    heterogeneity, ``shape_ok(key, shape, reference_shape)``); every value finite; ``num_examples``
+    heterogeneity, ``shape_ok(key, shape, reference_shape)``); every value finite; every running variance
+    ``>= 0``; ``num_examples``
     a positive integer <= ``max_num_examples``. Never raises on a malformed reply: every fault is a reason.
     """
     reason = check_num_examples(num_examples, max_num_examples)
@@ -79,6 +80,9 @@ def _check_arrays(
     bad = non_finite(state)
     if bad is not None:
         return f"{bad[0]}: {bad[1]} non-finite value(s)"
+    bad = negative_variance(state)
+    if bad is not None:
+        return f"{bad[0]}: {bad[1]} negative value(s) (a running variance is >= 0)"
     return None
 
 
@@ -114,6 +118,16 @@ def non_finite(state: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
             bad = int(value.numel() - torch.isfinite(value).sum())
             if bad:
                 return key, bad
+    return None
+
+
+def negative_variance(state: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
+    """The first normalisation running variance (a ``*running_var`` entry: BatchNorm, InstanceNorm) of ``state``
+    with entries ``< 0`` and how many, or None. ``σ² < 0`` is no statistic any client can measure; BatchNorm
+    would divide by ``√(σ² + ε)`` of it and turn every output NaN."""
+    for key, value in state.items():
+        if key.endswith("running_var") and value.is_floating_point() and value.numel() and float(value.min()) < 0:
+            return key, int((value < 0).sum())
     return None
 
 

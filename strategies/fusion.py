@@ -161,7 +161,27 @@ class FedFusion(FedFuseStrategy):
     def aggregate_arrays(
         self, server_round: int, states: list[dict[str, torch.Tensor]], weights: list[float]
     ) -> dict[str, torch.Tensor]:
-        fused, aligned = fuse(
+        fused, aligned = self._fuse(server_round, states, weights)
+        return self.post.for_strategy(self, server_round, fused, aligned, weights)
+
+    def trial_aggregate(
+        self, server_round: int, states: list[dict[str, torch.Tensor]], weights: list[float]
+    ) -> dict[str, torch.Tensor]:
+        """The fusion under trial ``weights`` (the apart claim test) asking no client anything: the post-fusion
+        statistics round (``reset``/``repair``) is done on the server's own examples instead, where it has them
+        (a BatchNorm model's transported statistics alone leave every trial near chance, and a junk reply's
+        statistics decide it)."""
+        x = getattr(self.trusted, "x", None)
+        mode = self.post.mode if self.post.enabled and x is not None else None
+        return self._fuse(server_round, states, weights, bn_repair=mode, repair_data=x)[0]
+
+    def _fuse(
+        self, server_round: int, states: list[dict[str, torch.Tensor]], weights: list[float],
+        bn_repair: str | None = None, repair_data: torch.Tensor | None = None,
+    ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:  # fmt: skip
+        """(fused, aligned): :func:`fedfuse.align.fuse` with the strategy's settings, BatchNorm/REPAIR on
+        ``repair_data`` where ``bn_repair`` is given (else the strategy's own ``bn_repair``)."""
+        return fuse(
             states,
             weights,
             method=self.method,  # type: ignore[arg-type]
@@ -171,26 +191,15 @@ class FedFusion(FedFuseStrategy):
             epsilon=self.epsilon,
             max_iter=self.max_iter,
             **self.fuse_kwargs,
-            bn_repair=self.bn_repair,  # type: ignore[arg-type]
+            bn_repair=bn_repair or self.bn_repair,  # type: ignore[arg-type]
             bn_fold=self.bn_fold,
             seed=self.seed + server_round,
             target_width=self.global_sizes if self.client_widths else None,
             reduce=self.reduce,  # robust aggregation in the aligned space
             data=self.server_data if self.method in DATA_METHODS else None,
+            repair_data=repair_data,
             return_aligned=True,
         )
-        return self.post.for_strategy(self, server_round, fused, aligned, weights)
-
-    def trial_aggregate(
-        self, server_round: int, states: list[dict[str, torch.Tensor]], weights: list[float]
-    ) -> dict[str, torch.Tensor]:
-        """The fusion under trial ``weights`` without the post-fusion statistics round (no client is asked)."""
-        grid = getattr(self, "_grid", None)
-        self._grid = None  # PostFusionRepair.for_strategy: no grid, no round trip
-        try:
-            return self.aggregate_arrays(server_round, states, weights)
-        finally:
-            self._grid = grid
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpoint state: the base's plus the unrepaired fused model clients train on after REPAIR."""

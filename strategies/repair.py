@@ -40,7 +40,9 @@ from torch import nn
 
 from fedfuse import protocol
 from fedfuse.align.repair import (
+    STATS_BOUND,
     average_statistics,
+    bound_statistics,
     pool_bn_statistics,
     repair_sites,
     rescale_units,
@@ -127,7 +129,7 @@ class PostFusionRepair:
             ok = [(w, r[protocol.REPAIR_FUSED]) for n, w in zip(nodes, weights, strict=True) if (r := replies.get(n))]
             if not ok:
                 return self._nobody(server_round, fused)
-            pooled = pool_bn_statistics([s for _, s in ok], [w for w, _ in ok])
+            pooled = pool_bn_statistics(self._bounded(server_round, [s for _, s in ok]), [w for w, _ in ok])
             metrics["repair_replies"] = float(len(ok))
             return {**fused, **{k: v.to(fused[k].dtype) for k, v in pooled.items() if k in fused}}, metrics
         assert aligned is not None
@@ -136,8 +138,12 @@ class PostFusionRepair:
         if not kept:
             return self._nobody(server_round, fused)
         lam = [w for _, w in kept]
-        target = average_statistics([replies[n][protocol.REPAIR_OWN] for n, _ in kept], lam)
-        fused_stats = average_statistics([replies[n][protocol.REPAIR_FUSED] for n, _ in kept], lam)
+        target = average_statistics(
+            self._bounded(server_round, [replies[n][protocol.REPAIR_OWN] for n, _ in kept]), lam
+        )
+        fused_stats = average_statistics(
+            self._bounded(server_round, [replies[n][protocol.REPAIR_FUSED] for n, _ in kept]), lam
+        )
         state = rescale_units(fused, self.sites, fused_stats, target)
         metrics["repair_replies"] = float(len(kept))
         for _ in range(self.rounds - 1):  # Jacobi rounds: only the fused model travels again
@@ -146,7 +152,8 @@ class PostFusionRepair:
             both = [(n, w) for n, w in kept if n in again]
             if not both:
                 break
-            fused_stats = average_statistics([again[n][protocol.REPAIR_FUSED] for n, _ in both], [w for _, w in both])
+            stats = self._bounded(server_round, [again[n][protocol.REPAIR_FUSED] for n, _ in both])
+            fused_stats = average_statistics(stats, [w for _, w in both])
             state = rescale_units(state, self.sites, fused_stats, target)
         return state, metrics
 
@@ -173,6 +180,14 @@ class PostFusionRepair:
             "@app.query(%r)?); the fused model is kept as it is", server_round, self.mode, protocol.REPAIR_ACTION,
         )  # fmt: skip
         return fused, {"repair_down_bytes": 0.0, "repair_up_bytes": 0.0, "repair_replies": 0.0}
+
+    def _bounded(self, server_round: int, stats: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """:func:`fedfuse.align.repair.bound_statistics`, with one warning when a client's statistics were bounded."""
+        out, hit = bound_statistics(stats)
+        if hit:
+            log.warning("round %d: bn-repair=%s: statistics of %d client(s) bounded at %g × the clients' median",
+                        server_round, self.mode, hit, STATS_BOUND)  # fmt: skip
+        return out
 
     def _ask(
         self,

@@ -276,3 +276,24 @@ def test_a_liar_among_sites_trained_apart_answers_to_the_fused_model(tmp_path, c
             accs[name] = load_metrics(tmp_path / name)["rounds"][-1]["central_accuracy"]
     assert accs["on"] > accs["absent"] - 0.03 and accs["off"] < accs["absent"] - 0.15, accs
     assert any("its claimed weight (9.9 × the round's median)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_liar_among_batch_norm_sites_is_cut_and_cannot_set_repairs_targets(tmp_path, caplog) -> None:
+    """The same liar in a BatchNorm CNN with federated REPAIR: its negative variances used to turn the model NaN
+    (now a malformed reply); clamped at 0 they still took REPAIR's targets (a std of 10⁶ from one site: loss 3.6e6,
+    0.098). Trial fusions get REPAIR on the server's examples, so the claim is cut, and each unit's statistics
+    are bounded at 10 × the sites' median (fedfuse.align.repair.bound_statistics)."""
+    from fedfuse.results import load_metrics
+
+    accs = {}
+    with caplog.at_level("WARNING", logger="fedfuse"):
+        for name, attack in (("on", "evade:0.4"), ("absent", "num-examples:nan")):
+            argv = ["simulate", "--backend", "inline", "--no-progress", "--num-clients", "5", "--rounds", "1",
+                    "--client-init", "own", "--strategy", "wb", "--model", "cnn", "--batch-norm", "--bn-repair",
+                    "repair", "--attack", attack, "--attackers", "1", "--out", str(tmp_path / name)]  # fmt: skip
+            assert run_cli(argv) == 0
+            accs[name] = load_metrics(tmp_path / name)["rounds"][-1]["central_accuracy"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert accs["on"] > accs["absent"] - 0.05, accs
+    assert any("its claimed weight (9.9 × the round's median)" in m for m in messages)
+    assert any("statistics of 1 client(s) bounded at 10 × the clients' median" in m for m in messages)

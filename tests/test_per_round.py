@@ -67,6 +67,15 @@ def test_non_finite_names_the_first_bad_tensor_and_its_count() -> None:
     assert torch.get_num_threads() >= 1
 
 
+def test_a_negative_running_variance_is_a_malformed_update() -> None:
+    """σ² < 0 is no statistic a client can measure, and BatchNorm turns it into NaN outputs for every example."""
+    ref = {"bn.running_mean": torch.zeros(4), "bn.running_var": torch.ones(4), "w": torch.zeros(4)}
+    assert check_update({**ref, "w": -torch.ones(4)}, ref, 5) is None  # negative weights are fine
+    assert check_update({**ref, "bn.running_var": torch.tensor([1.0, 0.0, 2.0, 3.0])}, ref, 5) is None
+    bad = {**ref, "bn.running_var": torch.tensor([1.0, -0.5, 2.0, -3.0])}
+    assert check_update(bad, ref, 5) == "bn.running_var: 2 negative value(s) (a running variance is >= 0)"
+
+
 def test_fedavg_clients_train_without_a_proximal_term(tmp_path) -> None:
     """The run config holds FedProx's ``proximal-mu`` (default 0.01) for every strategy; FedAvg's clients must not
     receive it: one inline round equals FedAvg of plain local training (no proximal term), bit for bit."""

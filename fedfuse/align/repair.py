@@ -27,6 +27,12 @@ iterate all layers at once (Jacobi): after ``r`` rounds the ``r`` shallowest dep
 ``rounds = number of sites`` reproduces sequential REPAIR. The one-shot :func:`repair` uses the same
 functions, with the parents' statistics on ``data`` (or, with one batch per parent, on each parent's own).
 
+A client's statistics are its own word: before averaging, each unit's ``σ_i`` is bounded by ``K ×`` the clients'
+(lower) median ``σ_m`` and its ``μ_i`` to ``μ_m ± K (σ_m + |μ_m|)`` (:func:`bound_statistics`, ``K`` = 10), so
+one client cannot set a target alone — a model trained apart with zeroed BatchNorm variances reports stds of
+10⁶ and more, and took REPAIR's targets with it *(our addition)*. Honest clients' statistics of one unit lie far
+inside the bound; unbounded values are returned bit for bit.
+
 Federated BatchNorm reset (:func:`bn_statistics`, :func:`pool_bn_statistics`): each client recomputes the
 fused model's BN statistics on its data (:func:`fedfuse.align.bn.reset_bn_stats`); the server pools them as
 the statistics of the union, ``μ = Σ λ_i μ_i``, ``v = Σ λ_i (v_i + μ_i²) − μ²``.
@@ -55,6 +61,7 @@ __all__ = [
     "repair",
     "bn_statistics",
     "pool_bn_statistics",
+    "bound_statistics",
     "Stats",
 ]
 
@@ -260,3 +267,50 @@ def pool_bn_statistics(stats: Sequence[Mapping[str, Tensor]], weights: Sequence[
         out[key] = mean.float()  # type: ignore[union-attr]
         out[var_key] = (second - mean * mean).clamp_min(0.0).float()  # type: ignore[operator,union-attr]
     return out
+
+
+STATS_BOUND = 10.0  # K: how far (× the clients' median) one client's statistics may reach
+
+
+def bound_statistics(stats: Sequence[Mapping[str, Tensor]], k: float = STATS_BOUND) -> tuple[list[Stats], int]:
+    """Clients' statistics with every unit's spread bounded by ``k ×`` the clients' (lower) median and its centre to
+    the median's ``± k (spread_m + |centre_m|)``; returns them and how many clients had a value bounded. Works on
+    unit statistics (``(2, C)`` per site: mean, std) and on BatchNorm statistics (``*.running_mean`` /
+    ``*.running_var``: the variance bounded by ``k² ×`` its median). Values inside the bound are kept bit for bit."""
+    out = [dict(s) for s in stats]
+    if len(out) < 2:
+        return out, 0
+    hit = [False] * len(out)
+
+    def median(values: list[Tensor]) -> Tensor:
+        return torch.stack(values).double().sort(0).values[(len(values) - 1) // 2]
+
+    def clamp(i: int, value: Tensor, low: Tensor, high: Tensor) -> Tensor:
+        bounded = torch.minimum(torch.maximum(value.double(), low), high)
+        if bool((bounded != value.double()).any()):
+            hit[i] = True
+            return bounded.to(value.dtype)
+        return value
+
+    for key in out[0]:
+        if key.endswith(".running_var"):
+            continue
+        if key.endswith(".running_mean"):
+            var_key = key[: -len("mean")] + "var"
+            mu_m, var_m = median([s[key] for s in out]), median([s[var_key] for s in out])
+            reach = k * (var_m.clamp_min(0).sqrt() + mu_m.abs())
+            for i, s in enumerate(out):
+                s[key] = clamp(i, s[key], mu_m - reach, mu_m + reach)
+                s[var_key] = clamp(i, s[var_key], torch.zeros_like(var_m), k * k * var_m)
+            continue
+        mu_m, sd_m = median([s[key][0] for s in out]), median([s[key][1] for s in out])
+        reach = k * (sd_m + mu_m.abs())
+        for i, s in enumerate(out):
+            before = hit[i]
+            hit[i] = False
+            mean = clamp(i, s[key][0], mu_m - reach, mu_m + reach)
+            std = clamp(i, s[key][1], torch.zeros_like(sd_m), k * sd_m)
+            if hit[i]:
+                s[key] = torch.stack([mean, std])
+            hit[i] = hit[i] or before
+    return out, sum(hit)
