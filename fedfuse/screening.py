@@ -167,12 +167,14 @@ def _flat_delta(state: State, sent: State) -> Tensor:
 
 
 def _moved(state: State, sent: State, delta: Tensor) -> dict[str, Tensor]:
-    """``sent + delta`` (a flat float64 update over the floating entries, in ``state``'s key order)."""
+    """``sent + delta`` (a flat float64 update over the floating entries, in ``state``'s key order); a running
+    variance stays ``>= 0`` (a projected update can take it below, and BatchNorm's outputs with it to NaN)."""
     out, pos = {}, 0
     for k, v in state.items():
         if torch.is_floating_point(v):
             n = v.numel()
             out[k] = (sent[k].detach().double() + delta[pos : pos + n].reshape(v.shape)).to(v.dtype)
+            out[k] = out[k].clamp(min=0) if k.endswith("running_var") else out[k]
             pos += n
         else:
             out[k] = v

@@ -246,6 +246,8 @@ class PostFusionRepair:
             if set(part) != set(expected):
                 return f"keys {sorted(part)[:3]}... do not match the expected {sorted(expected)[:3]}..."
             for k, v in part.items():
-                if tuple(v.shape) != tuple(expected[k]) or not bool(torch.isfinite(v).all()):
-                    return f"{k}: shape {tuple(v.shape)} (expected {tuple(expected[k])}) or non-finite values"
+                if tuple(v.shape) != tuple(expected[k]):
+                    return f"{k}: shape {tuple(v.shape)} (expected {tuple(expected[k])})"
+                if not bool(torch.isfinite(v).all()):
+                    return f"{k}: {int(v.numel() - torch.isfinite(v).sum())} non-finite value(s)"
         return None

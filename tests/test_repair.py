@@ -198,25 +198,28 @@ def test_gwb_alpha_out_of_range_is_one_clear_error() -> None:
 
 
 def test_one_clients_statistics_cannot_set_the_targets_alone() -> None:
-    """Each unit's std is bounded at K × the clients' lower median and its mean to the median's ± K (σ_m + |μ_m|);
-    statistics inside the bound come back bit for bit (honest runs are unchanged)."""
+    """Each unit's std is bounded at K (σ_m + s) (σ_m the clients' lower median, s the site's median σ_m) and its
+    mean to μ_m ± K (σ_m + |μ_m| + s); statistics inside the bound come back bit for bit (honest runs unchanged)."""
     from fedfuse.align.repair import STATS_BOUND, bound_statistics
 
     gen = torch.Generator().manual_seed(0)
     honest = [{"fc": torch.stack([torch.randn(6, generator=gen), 1 + torch.rand(6, generator=gen)])} for _ in range(4)]
+    honest[1]["fc"][1, 5] = 8.0  # alive on one client's data, quiet on the rest: inside through s
+    honest[2]["fc"][1, 5] = honest[3]["fc"][1, 5] = honest[0]["fc"][1, 5] = 0.01
     same, hit = bound_statistics(honest)
     assert hit == 0 and all(torch.equal(a["fc"], b["fc"]) for a, b in zip(same, honest, strict=True))
     junk = {"fc": honest[0]["fc"].clone()}
     junk["fc"][1, 2] = 1e6  # a zeroed BatchNorm variance: its unit's std explodes
     junk["fc"][0, 4] = -1e9
     out, hit = bound_statistics([*honest, junk])
-    med = torch.stack([s["fc"] for s in [*honest, junk]]).sort(0).values[2]
+    med = torch.stack([s["fc"].double() for s in [*honest, junk]]).sort(0).values[2]
+    site = med[1].median()
     assert hit == 1 and all(torch.equal(a["fc"], b["fc"]) for a, b in zip(out[:4], honest, strict=True))
-    assert float(out[4]["fc"][1, 2]) == pytest.approx(STATS_BOUND * float(med[1, 2]), rel=1e-6)
-    low = med[0, 4] - STATS_BOUND * (med[1, 4] + med[0, 4].abs())
+    assert float(out[4]["fc"][1, 2]) == pytest.approx(float(STATS_BOUND * (med[1, 2] + site)), rel=1e-6)
+    low = med[0, 4] - STATS_BOUND * (med[1, 4] + site + med[0, 4].abs())
     assert float(out[4]["fc"][0, 4]) == pytest.approx(float(low), rel=1e-6)
     assert torch.equal(out[4]["fc"][:, :2], junk["fc"][:, :2])  # only the bounded units change
-    bn = [{"b.running_mean": torch.zeros(3), "b.running_var": torch.full((3,), v)} for v in (1.0, 2.0, 1e8)]
+    bn = [{"b.running_mean": torch.zeros(3), "b.running_var": torch.full((3,), v)} for v in (1.0, 4.0, 1e8)]
     out, hit = bound_statistics(bn)
-    assert hit == 1 and out[2]["b.running_var"].tolist() == [STATS_BOUND**2 * 2.0] * 3
+    assert hit == 1 and out[2]["b.running_var"].tolist() == [(STATS_BOUND * (2.0 + 2.0)) ** 2] * 3
     assert bound_statistics(bn[2:]) == (bn[2:], 0)  # one client: nothing to compare with

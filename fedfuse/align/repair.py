@@ -269,48 +269,44 @@ def pool_bn_statistics(stats: Sequence[Mapping[str, Tensor]], weights: Sequence[
     return out
 
 
-STATS_BOUND = 10.0  # K: how far (× the clients' median) one client's statistics may reach
+STATS_BOUND = 10.0  # K: how far (× the clients' median scale) one client's statistics may reach
 
 
 def bound_statistics(stats: Sequence[Mapping[str, Tensor]], k: float = STATS_BOUND) -> tuple[list[Stats], int]:
-    """Clients' statistics with every unit's spread bounded by ``k ×`` the clients' (lower) median and its centre to
-    the median's ``± k (spread_m + |centre_m|)``; returns them and how many clients had a value bounded. Works on
-    unit statistics (``(2, C)`` per site: mean, std) and on BatchNorm statistics (``*.running_mean`` /
-    ``*.running_var``: the variance bounded by ``k² ×`` its median). Values inside the bound are kept bit for bit."""
+    """Clients' statistics with no unit beyond ``k ×`` the clients' scale; returns them and how many clients had a
+    value bounded. Per unit ``c`` of a site, with ``(μ_m, σ_m)`` the clients' lower medians and ``s`` the site's
+    median ``σ_m`` over its units: ``σ_i ≤ k (σ_m + s)`` and ``|μ_i − μ_m| ≤ k (σ_m + |μ_m| + s)`` (``s`` keeps a
+    unit that is quiet on most clients' data but alive on a few — non-IID — inside). Works on unit statistics
+    (``(2, C)`` per site: mean, std) and on BatchNorm statistics (``*.running_mean`` / ``*.running_var``, their
+    std the variance's root). Values inside the bound are kept bit for bit."""
     out = [dict(s) for s in stats]
     if len(out) < 2:
         return out, 0
     hit = [False] * len(out)
 
     def median(values: list[Tensor]) -> Tensor:
-        return torch.stack(values).double().sort(0).values[(len(values) - 1) // 2]
+        return torch.stack([v.double() for v in values]).sort(0).values[(len(values) - 1) // 2]
 
-    def clamp(i: int, value: Tensor, low: Tensor, high: Tensor) -> Tensor:
-        bounded = torch.minimum(torch.maximum(value.double(), low), high)
-        if bool((bounded != value.double()).any()):
+    def bounded(i: int, value: Tensor, low: Tensor, high: Tensor) -> Tensor:
+        inside = torch.minimum(torch.maximum(value.double(), low), high)
+        if bool((inside != value.double()).any()):
             hit[i] = True
-            return bounded.to(value.dtype)
+            return inside.to(value.dtype)
         return value
 
-    for key in out[0]:
-        if key.endswith(".running_var"):
-            continue
-        if key.endswith(".running_mean"):
-            var_key = key[: -len("mean")] + "var"
-            mu_m, var_m = median([s[key] for s in out]), median([s[var_key] for s in out])
-            reach = k * (var_m.clamp_min(0).sqrt() + mu_m.abs())
-            for i, s in enumerate(out):
-                s[key] = clamp(i, s[key], mu_m - reach, mu_m + reach)
-                s[var_key] = clamp(i, s[var_key], torch.zeros_like(var_m), k * k * var_m)
-            continue
-        mu_m, sd_m = median([s[key][0] for s in out]), median([s[key][1] for s in out])
-        reach = k * (sd_m + mu_m.abs())
+    for key in (key for key in out[0] if not key.endswith(".running_var")):
+        bn = key.endswith(".running_mean")
+        var_key = key[: -len("mean")] + "var"
+        means = [s[key] if bn else s[key][0] for s in out]
+        stds = [s[var_key].clamp_min(0).sqrt() if bn else s[key][1] for s in out]
+        mu_m, sd_m = median(means), median(stds)
+        scale = sd_m + sd_m.median()
+        reach = k * (scale + mu_m.abs())
         for i, s in enumerate(out):
-            before = hit[i]
-            hit[i] = False
-            mean = clamp(i, s[key][0], mu_m - reach, mu_m + reach)
-            std = clamp(i, s[key][1], torch.zeros_like(sd_m), k * sd_m)
-            if hit[i]:
-                s[key] = torch.stack([mean, std])
-            hit[i] = hit[i] or before
+            mean = bounded(i, means[i], mu_m - reach, mu_m + reach)
+            top = k * scale
+            if bn:
+                s[key], s[var_key] = mean, bounded(i, s[var_key], torch.zeros_like(top), top * top)
+            elif mean is not means[i] or bool((stds[i].double() > top).any()) or bool((stds[i] < 0).any()):
+                s[key] = torch.stack([mean, bounded(i, stds[i], torch.zeros_like(top), top)])
     return out, sum(hit)
