@@ -87,6 +87,10 @@ def train(
     if not proximal_mu >= 0.0:
         raise ValueError(f"proximal_mu={proximal_mu!r} is out of range; allowed: a number >= 0")
     model.train()
+    for m in model.modules():  # a frozen BatchNorm (a LoRA base's) keeps its statistics: train as it is evaluated
+        params = list(m.parameters(recurse=False))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
+            m.eval()
     anchor = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad] if proximal_mu > 0 else []
     opt = optimizer or make_optimizer("sgd", model.parameters(), lr, momentum, weight_decay)
     gen = torch.Generator().manual_seed(int(seed))
