@@ -15,6 +15,11 @@ priority order (fedavg first), so a partial run still fills whole columns.
 ``--suite lora`` (DIR/attacks-lora.md): the same matrix on federated LoRA fine-tuning — fedavg-lora and fedex-lora,
 rank 4 adapters on the digits MLP pretrained centrally on classes 0-4 (``pretrain low-classes``), 5 rounds; the
 attackers send adapters (and the head) as honest LoRA clients do.
+
+``--suite bn`` / ``--suite bn-apart`` (DIR/attacks-bn*.md): a subset (11 attacks incl. the references, 1 of 5 and 3
+of 10, the defaults) on the digits CNN with BatchNorm — fedavg from a shared init, 3 rounds; and wb on sites trained
+apart (``client-init own``) fused with federated REPAIR, then 1 round of FL: running statistics are in every
+update, and in REPAIR's statistics round.
 """
 
 from __future__ import annotations
@@ -61,12 +66,36 @@ class Suite:
     name: str
     what: str
     key: str
+    attacks: tuple[str, ...] = tuple(ATTACKS)  # the first two are the references, none and absent
+    settings: tuple[tuple[int, int], ...] = tuple(SETTINGS)
+    defences: tuple[str, ...] = ATTACK_DEFENCES
+    clean: bool = True  # the clean-cost runs too
 
 
+BN = {**BASE, "model": "cnn", "batch-norm": True}
+BN_ATTACKS = (
+    "none",
+    "absent",
+    "scale:1e6",
+    "signflip:4",
+    "alie:1",
+    "ipm:4",
+    "adaptive:0.99",
+    "evade:0.4",
+    "lowkey:0.2",
+    "freeride:0.99",
+    "labelflip:4",
+)
 SUITES = {
     "mlp": Suite(tuple(STRATEGIES), BASE, "attacks", "digits MLP, 3 rounds", "mlp"),
     "lora": Suite(("fedavg-lora", "fedex-lora"), {**BASE, "num-rounds": 5, "pretrain": "low-classes", "lora-rank": 4},
                   "attacks-lora", "digits MLP pretrained on classes 0-4, LoRA rank 4, 5 rounds", "lora"),
+    "bn": Suite(("fedavg",), BN, "attacks-bn", "digits CNN with BatchNorm, 3 rounds", "bn", BN_ATTACKS,
+                ((5, 1), (10, 3)), ("defaults",), clean=False),
+    "bn-apart": Suite(("wb",), {**BN, "num-rounds": 2, "client-init": "own", "bn-repair": "repair"}, "attacks-bn-apart",
+                      "digits CNN with BatchNorm, sites trained apart (client-init own) fused with federated REPAIR in "
+                      "round 1, then 1 round of FL", "bn-apart", BN_ATTACKS, ((5, 1), (10, 3)), ("defaults",),
+                      clean=False),
 }  # fmt: skip
 COUNTS = ("rejected", "clipped", "capped", "projected", "shared", "cut", "skipped", "diverged")
 # the letters in a cell
@@ -97,15 +126,15 @@ def jobs(suite: Suite = SUITES["mlp"]) -> list[tuple[str, dict]]:
     """(key, config) in priority order: the first strategy's attack matrix and clean runs first, then the next."""
     out = []
     for s in suite.strategies:
-        for n, k in SETTINGS:
-            for a in ATTACKS:
-                for d in ATTACK_DEFENCES:
+        for n, k in suite.settings:
+            for a in suite.attacks:
+                for d in suite.defences:
                     for seed in SEEDS:
                         cfg = {"strategy": s, "num-clients": n, "seed": seed, "partition": "dirichlet", "alpha": 0.3}
                         if a != "none":
                             cfg |= {"attack": ABSENT if a == "absent" else a, "attackers": k}
                         out.append((f"attack|{s}|{n}|{k}|{a}|{d}|{seed}", cfg | DEFENCES[d]))
-        for part, alpha in CLEAN:
+        for part, alpha in CLEAN if suite.clean else []:
             for seed in SEEDS:
                 for d, defence in DEFENCES.items():
                     cfg = {"strategy": s, "num-clients": 10, "seed": seed, "partition": part, "alpha": alpha}
@@ -119,7 +148,8 @@ def main() -> None:
     import torch
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=sorted(SUITES), default="mlp", help="mlp: fedavg/wb/match; lora: LoRA strategies")
+    p.add_argument("--suite", choices=sorted(SUITES), default="mlp",
+                   help="mlp: fedavg/wb/match; lora: LoRA strategies; bn, bn-apart: BatchNorm CNN (a subset)")  # fmt: skip
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th job from the i-th (parallel processes)")
     p.add_argument("--table-only", action="store_true", help="only rewrite attacks.md from the JSON files")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
@@ -197,12 +227,14 @@ def _gaps(results: dict[str, dict], s: str, n: int, k: int, a: str, d: str) -> t
     return 100 * (means[a] - means["none"]), 100 * (means[a] - means["absent"])  # type: ignore[operator]
 
 
-def holds(results: dict[str, dict], s: str = "fedavg", limit: float = 3.0) -> list[str]:
+def holds(results: dict[str, dict], s: str = "fedavg", limit: float = 3.0, suite: Suite | None = None) -> list[str]:
     """Markdown lines: per defence, the attack cells of strategy ``s`` more than ``limit`` points below `absent`
     (what a perfect defence leaves), worst first, and how many cells are within 5 points of `none`."""
-    lines = []
-    for d in ATTACK_DEFENCES:
-        gaps = {(n, k, a): g for n, k in SETTINGS for a in ATTACKS[2:] if (g := _gaps(results, s, n, k, a, d))}
+    lines, suite = [], suite or SUITES["mlp"]
+    for d in suite.defences:
+        gaps = {
+            (n, k, a): g for n, k in suite.settings for a in suite.attacks[2:] if (g := _gaps(results, s, n, k, a, d))
+        }
         if not gaps:
             continue
         bad = sorted((g[1], f"`{a}` at {k} of {n} ({g[1]:+.1f})") for (n, k, a), g in gaps.items() if g[1] < -limit)
@@ -248,22 +280,25 @@ def write_table(results: dict[str, dict], path: Path, loads: dict | None = None,
         "",
         "## What holds",
         "",
-        *(line for s in suite.strategies for line in holds(results, s)),
+        *(line for s in suite.strategies for line in holds(results, s, suite=suite)),
         "",
     ]
-    cols = [(s, d) for s in suite.strategies for d in ATTACK_DEFENCES]
-    for n, k in SETTINGS:
+    cols = [(s, d) for s in suite.strategies for d in suite.defences]
+    for n, k in suite.settings:
         lines += [f"## {k} attacker(s) of {n} clients", "",
                   "| attack | " + " | ".join(f"{s} {d}" for s, d in cols) + " |", "|---|" + "---|" * len(cols)]  # fmt: skip
 
         def cells(s: str, a: str, d: str, n: int = n, k: int = k) -> list[dict | None]:
             return [results.get(f"attack|{s}|{n}|{k}|{a}|{d}|{seed}") for seed in SEEDS]
 
-        for a in ATTACKS:
+        for a in suite.attacks:
             row = [_cell(cells(s, a, d)) if a == "none" else _cell(cells(s, a, d), cells(s, "none", d),
                    cells(s, "absent", d)) for s, d in cols]  # fmt: skip
             lines.append(f"| {a} | " + " | ".join(row) + " |")
         lines.append("")
+    if not suite.clean:
+        path.write_text("\n".join(lines) + "\n")
+        return
     lines += [
         "## Clean runs: what the defences cost (10 clients, no attacker)",
         "",

@@ -66,26 +66,30 @@ def test_coverage_report_only_writes_under_out(tmp_path: Path) -> None:
     assert _snapshot() == before
 
 
-def test_attack_tables_of_both_suites_name_their_command_columns_and_what_holds(tmp_path: Path) -> None:
-    """benchmarks/attacks.py's plumbing without running a cell: every job key of a suite lands in its table, the
-    LoRA suite names its own command and strategies, and `holds` counts the cells below `absent`."""
-    from benchmarks.attacks import ATTACKS, SUITES, jobs, write_table
+def test_attack_tables_of_every_suite_name_their_command_columns_and_what_holds(tmp_path: Path) -> None:
+    """benchmarks/attacks.py's plumbing without running a cell: every job key of a suite lands in its table, each
+    suite names its own command, strategies, settings and defences, and `holds` counts the cells below `absent`."""
+    from benchmarks.attacks import SUITES, jobs, write_table
 
     for key, suite in SUITES.items():
         results = {}
         for k, _ in jobs(suite):
             attack = k.split("|")[4] if k.startswith("attack|") else "clean"
-            acc = {"none": 0.7, "absent": 0.65, "evade:0.05": 0.1}.get(attack, 0.64)
+            acc = {"none": 0.7, "absent": 0.65, "evade:0.4": 0.1}.get(attack, 0.64)
             results[k] = {"accuracy": acc, "clipped": 1}
         path = tmp_path / f"{suite.name}.md"
         write_table(results, path, {}, suite)
         text = path.read_text()
-        command = "python benchmarks/attacks.py" + ("" if key == "mlp" else " --suite lora")
+        command = "python benchmarks/attacks.py" + ("" if key == "mlp" else f" --suite {key}")
         assert f"Command: `{command}`" in text
-        n = 3 * (len(ATTACKS) - 2)  # 3 settings, every attack but the two references
+        n = len(suite.settings) * (len(suite.attacks) - 2)  # every attack but the two references
         for s in suite.strategies:
-            assert f"- **defaults** ({s}): {n - 3} of {n} attack cells within 3 points of `absent`; below it: " in text
-            assert f"| {s} defaults | {s} median |" in text
-        rows = [line for line in text.splitlines() if line.startswith("| evade:0.05 | ")]
+            for d in suite.defences:
+                assert f"- **{d}** ({s}): {n - len(suite.settings)} of {n} attack cells within 3 points of `absent`; " \
+                       f"below it: " in text  # fmt: skip
+            assert "| " + " | ".join(f"{s} {d}" for d in suite.defences) + " |" in text
+        rows = [line for line in text.splitlines() if line.startswith("| evade:0.4 | ")]
         cell = "0.100 ±0.000 (-60.0 / -55.0) 3c"  # every strategy × defence column of each setting's row
-        assert len(rows) == 3 and all(r.count(cell) == 2 * len(suite.strategies) for r in rows)
+        assert len(rows) == len(suite.settings)
+        assert all(r.count(cell) == len(suite.defences) * len(suite.strategies) for r in rows)
+        assert ("## Clean runs" in text) == suite.clean
