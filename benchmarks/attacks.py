@@ -250,7 +250,7 @@ def holds(results: dict[str, dict], s: str = "fedavg", limit: float = 3.0, suite
 def write_table(results: dict[str, dict], path: Path, loads: dict | None = None, suite: Suite = SUITES["mlp"]) -> None:
     command = "python benchmarks/attacks.py" + ("" if suite.key == "mlp" else f" --suite {suite.key}")
     lines = [
-        "# Attacks × strategies with fedfuse's defences, and their cost on clean runs",
+        "# Attacks × strategies with fedfuse's defences" + (", and their cost on clean runs" if suite.clean else ""),
         "",
         f"Command: `{command}` (inline; {suite.what}, seeds 0-2; attacks with Dirichlet",
         "α = 0.3). Cell: mean final central accuracy over the 3 seeds ± half its range, (gap to `none` / gap to",

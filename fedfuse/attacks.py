@@ -88,6 +88,7 @@ def poison_state(kind: str, value: float, state: Mapping[str, Tensor], sent: Map
             if torch.is_floating_point(v) and k in sent:
                 base = sent[k].to(v.dtype)
                 out[k] = base + s * (v - base)
+                out[k] = out[k].clamp(min=0) if k.endswith("running_var") else out[k]  # < 0: rejected as malformed
     elif kind == "extra-bytes" and out:
         first = next(iter(out))
         out[first] = torch.zeros(max(1, int(value) // 4), dtype=torch.float32)
@@ -180,7 +181,7 @@ def omniscient_reply(
             typical = {k: float(v.flatten(1).norm(dim=1).median()) for k, v in stack.items()}
             delta = _against(mean, std, value if kind == "evade" else LOWKEY_COS, target, typical)
     state = {k: (sent[k].double() + delta[k]).to(sent[k].dtype) if k in delta else sent[k] for k in sent}
-    for k in (k for k in state if k.endswith("running_var")):  # a negative variance is rejected: stay valid
+    for k in (k for k in state if k.endswith("running_var")):  # < 0: rejected as malformed
         state[k] = state[k].clamp(min=0)
     return state, num_examples, steps
 

@@ -34,6 +34,7 @@ from fedfuse.train import example_losses
 __all__ = ["TrustedReference", "OnWhole", "trusted_examples", "trusted_reference"]
 
 State = Mapping[str, Tensor]
+LOSS_CAP = 10.0  # nats: p(true class) ≈ 4.5e-5
 TrainFn = Callable[[nn.Module, Tensor, Tensor, int], Any]  # (model, x, y, server_round): trains in place
 
 
@@ -55,10 +56,12 @@ class TrustedReference:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def losses(self, state: State) -> Tensor:
-        """The per-example cross-entropy of ``state`` on the server's examples, in eval mode (the influence test's
-        evidence, :mod:`fedfuse.influence`)."""
+        """The per-example cross-entropy of ``state`` on the server's examples, in eval mode, capped at
+        ``LOSS_CAP`` nats (the influence test's evidence, :mod:`fedfuse.influence`): an example the model gets
+        confidently wrong counts as confidently wrong, however confident — uncapped, a junk aggregate's few
+        examples at 10³ nats made its standard error so wide that a mean loss of 56 vs 2.3 was not significant."""
         self.model.load_state_dict(dict(state))
-        return example_losses(self.model, self.x, self.y)
+        return example_losses(self.model, self.x, self.y).clamp(max=LOSS_CAP)
 
 
 class OnWhole:

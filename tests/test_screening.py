@@ -67,6 +67,19 @@ def test_a_screened_update_never_leaves_a_negative_running_variance() -> None:
     assert all(torch.equal(s.states[i]["bn.running_var"], honest[i]["bn.running_var"]) for i in range(3))
 
 
+def test_boosted_attacks_send_valid_variances() -> None:
+    """A boosted update (scale, sign flip, boosted label flip) would take a BatchNorm variance below 0 and be
+    rejected as malformed; the simulated attacker stays valid, as one that means to get through would."""
+    from fedfuse.attacks import poison_state
+
+    sent = {"w": torch.zeros(2), "bn.running_var": torch.ones(2)}
+    trained = {"w": torch.ones(2), "bn.running_var": torch.tensor([0.5, 1.5])}
+    for kind, value in (("scale", 4.0), ("signflip", 4.0), ("labelflip", 4.0)):
+        out = poison_state(kind, value, trained, sent)
+        assert float(out["bn.running_var"].min()) >= 0.0 and not torch.equal(out["w"], trained["w"]), kind
+    assert poison_state("scale", 4.0, trained, sent)["bn.running_var"].tolist() == [0.0, 3.0]
+
+
 def test_screening_config_validates_in_one_line() -> None:
     assert ScreeningConfig().update_norm_action == "clip"
     with pytest.raises(ConfigError, match="direction-guard='mean'"):

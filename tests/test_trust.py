@@ -330,3 +330,42 @@ def test_the_influence_test_holds_evade_and_lowkey_where_the_claims_alone_do_not
     assert sum("its claimed weight" in m for m in downs) == 3, downs
     assert cut[("freeride:0.99", 2.0)] == 3 and accs[("freeride:0.99", 2.0)] > absent - 0.03, (accs, cut)
     assert accs[("freeride:0.99", 0.0)] < absent - 0.03, accs  # seed 0 is its mildest (−3.9; seeds 1-2 −28 and −34)
+
+
+def test_a_junk_aggregates_few_huge_losses_do_not_hide_its_harm() -> None:
+    """Per-example losses are capped at LOSS_CAP nats: a junk update that makes a few examples cost 10³ nats made
+    the paired standard error so wide that its harm was not significant (BN CNN, evade 1 of 5: a mean loss of 56
+    vs 2.3 kept the liar's claim, and the run at chance, 0.103; with the cap it is cut, 0.855 vs 0.872 absent)."""
+    from torch import nn
+
+    from fedfuse.influence import influence_test
+    from fedfuse.train import example_losses
+    from fedfuse.trust import LOSS_CAP, TrustedReference
+
+    gen = torch.Generator().manual_seed(0)
+    w_true = torch.randn(3, 8, generator=gen)
+    x = torch.randn(100, 8, generator=gen)
+    x[3:, 7] = 0.0  # a feature only 3 of the server's examples have
+    y = (x @ w_true.T).argmax(1)
+    model = nn.Linear(8, 3, bias=False)
+    sent = {"weight": torch.zeros(3, 8)}
+    ref = TrustedReference(model, x, y, lambda *a: None)
+    honest = [(0.3 * w_true + 0.1 * torch.randn(3, 8, generator=gen)).flatten() for _ in range(4)]
+    junk = torch.zeros(3, 8)
+    junk[:, 7] = torch.tensor([2000.0, -2000.0, 0.0])  # ~10³ nats on those 3 examples; elsewhere it only dilutes
+    deltas, weights = [*honest, junk.flatten()], [10.0, 12.0, 9.0, 11.0, 100.0]
+
+    def state(delta: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"weight": sent["weight"] + delta.reshape(3, 8)}
+
+    capped = influence_test(deltas, weights, lambda d: ref.losses(state(d)), z=2.0)
+    model.load_state_dict(state(junk.flatten()))
+    raw = example_losses(model, x, y)
+    assert float(raw.max()) > 100 * LOSS_CAP and float(ref.losses(state(junk.flatten())).max()) == LOSS_CAP
+
+    def uncapped(d: torch.Tensor) -> torch.Tensor:
+        model.load_state_dict(state(d))
+        return example_losses(model, x, y)
+
+    assert influence_test(deltas, weights, uncapped, z=2.0).weights[4] == 100.0  # the tail hides the harm
+    assert capped.weights[4] < 10.0 and capped.weights[:4] == weights[:4]
