@@ -34,7 +34,7 @@ from fedfuse.train import example_losses
 __all__ = ["TrustedReference", "OnWhole", "trusted_examples", "trusted_reference"]
 
 State = Mapping[str, Tensor]
-LOSS_CAP = 10.0  # nats: p(true class) ≈ 4.5e-5
+LOSS_CAP = 10.0  # nats (p(true class) ≈ 4.5e-5): above it a per-example loss counts logarithmically
 TrainFn = Callable[[nn.Module, Tensor, Tensor, int], Any]  # (model, x, y, server_round): trains in place
 
 
@@ -56,12 +56,14 @@ class TrustedReference:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def losses(self, state: State) -> Tensor:
-        """The per-example cross-entropy of ``state`` on the server's examples, in eval mode, capped at
-        ``LOSS_CAP`` nats (the influence test's evidence, :mod:`fedfuse.influence`): an example the model gets
-        confidently wrong counts as confidently wrong, however confident — uncapped, a junk aggregate's few
-        examples at 10³ nats made its standard error so wide that a mean loss of 56 vs 2.3 was not significant."""
+        """The per-example cross-entropy ``ℓ`` of ``state`` on the server's examples, in eval mode, compressed
+        above ``C`` = ``LOSS_CAP`` nats to ``C + log(1 + ℓ − C)`` (the influence test's evidence,
+        :mod:`fedfuse.influence`). Raw, a junk aggregate's few examples at 10³ nats made its standard error so wide
+        that a mean loss of 56 vs 2.3 was not significant; clamped at ``C``, two junk trials (10⁵ vs 10³ nats)
+        both read ``C`` and could not be told apart. The log keeps their order and shrinks the tail."""
         self.model.load_state_dict(dict(state))
-        return example_losses(self.model, self.x, self.y).clamp(max=LOSS_CAP)
+        loss = example_losses(self.model, self.x, self.y)
+        return torch.where(loss > LOSS_CAP, LOSS_CAP + torch.log1p((loss - LOSS_CAP).clamp(min=0)), loss)
 
 
 class OnWhole:
