@@ -296,10 +296,14 @@ def write_table(results: dict[str, dict], path: Path, loads: dict | None = None,
                    cells(s, "absent", d)) for s, d in cols]  # fmt: skip
             lines.append(f"| {a} | " + " | ".join(row) + " |")
         lines.append("")
-    if not suite.clean:
-        path.write_text("\n".join(lines) + "\n")
-        return
-    lines += [
+    if suite.clean:
+        lines += _clean_lines(results, suite)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _clean_lines(results: dict[str, dict], suite: Suite) -> list[str]:
+    """The clean-run table: each strategy's mean accuracy off / defaults / median and what the defences did."""
+    lines = [
         "## Clean runs: what the defences cost (10 clients, no attacker)",
         "",
         "Mean final accuracy over the seeds with every defence off, the defaults and `median`, and the",
@@ -324,7 +328,7 @@ def write_table(results: dict[str, dict], path: Path, loads: dict | None = None,
             median = f"{tr:.3f} | {100 * (tr - off):+.1f}" if tr is not None else "– | –"
             lines.append(f"| {part} {alpha} | {s} | {len(SEEDS)} | {off:.3f} | {on:.3f} | {100 * (on - off):+.1f} | "
                          f"{median} | " + " | ".join(counts) + " |")  # fmt: skip
-    path.write_text("\n".join(lines) + "\n")
+    return lines
 
 
 if __name__ == "__main__":
