@@ -261,7 +261,9 @@ def preflight(
         if library_of(str(cfg["model"])):
             from fedfuse.models.external import degenerate_input
 
-            warning = degenerate_input(model, str(cfg["model"]), ds.input_shape)
+            adapted = any(cfg.get(k) for k in ("base", "lora-rank", "lora-ranks")) or cfg.get("pretrain") != "none"
+            plain = _built_model(cfg, ds) if adapted else model  # LoRA's convolutions hide their kernels
+            warning = degenerate_input(plain, str(cfg["model"]), ds.input_shape)
             if warning:  # a warning, not a refusal: such a model may still learn easy data (see degenerate_input)
                 print(f"fedfuse: warning: {warning}", file=sys.stderr)
         if library_of(str(cfg["model"])) and client_widths(cfg):
@@ -367,7 +369,7 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     starting = "starting Flower's simulation engine (Ray)" if args.backend == "ray" else "starting (inline)"
     task = progress.add_task(f"{label}: {starting}", total=cfg["num-rounds"])
 
-    from fedfuse.results import nonfinite_loss
+    from fedfuse.results import divergence_warning
 
     warned: list[str] = []
 
@@ -380,7 +382,7 @@ def _simulate(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         console.print(round_line(row), soft_wrap=True)
         if screened := screening_line(row):
             console.print(screened, soft_wrap=True, highlight=False)
-        diverged = None if warned else nonfinite_loss(row, float(cfg["lr"]))
+        diverged = None if warned else divergence_warning(row, cfg)
         if diverged:  # once per run: the table shows the later rounds' losses
             warned.append(diverged)
             print(f"fedfuse: warning: {diverged}", file=sys.stderr, flush=True)

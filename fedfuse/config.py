@@ -144,6 +144,14 @@ OPTIONS: dict[str, Option] = {
         Option("lr", float, 0.05, "local learning rate", low=0.0, low_open=True),
         Option("momentum", float, 0.9, "local SGD momentum (optimizer sgd only)", low=0.0, high=1.0),
         Option("weight-decay", float, 0.0, "local weight decay", low=0.0),
+        Option(
+            "max-grad-norm",
+            float,
+            0.0,
+            "clip each local step's gradient to this L2 norm over the trained parameters (Hugging Face's Trainer "
+            "uses 1.0); 0 = off",
+            low=0.0,
+        ),
         Option("lmc-monitor", bool, False, "log full and layer-wise barriers among each round's client models"),
         Option("save-client-models", int, 0, "save the client models received in this round (0 = off)", low=0),
         Option(

@@ -160,6 +160,7 @@ def local_train(
         batch_size=int(cfg["batch-size"]),
         seed=plan.seed,
         max_steps=plan.max_steps,
+        max_grad_norm=float(cfg.get("max-grad-norm", 0.0)),
         **kwargs,
     )
 

@@ -37,7 +37,7 @@ __all__ = [
     "check_writable",
     "fedfuse_home",
     "resolve_out",
-    "nonfinite_loss",
+    "divergence_warning",
 ]
 
 RESULT_FILES = ("metrics.json", "metrics.csv", "model.pt", "accuracy.png")
@@ -279,14 +279,28 @@ def plot_accuracy(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, t
     return fig
 
 
-def nonfinite_loss(row: Mapping[str, Any], lr: float) -> str | None:
-    """The warning for a metrics row whose central test loss is inf/NaN although the round was evaluated (its
-    accuracy is a number; --eval-every leaves both NaN): the global model's weights passed the aggregate's finiteness
-    check, so its outputs overflow on the test set. None otherwise."""
+def _remedy(cfg: Mapping[str, Any]) -> str:
+    """What to try against diverging local training: gradient clipping (where off) and a lower lr."""
+    clip = "" if float(cfg.get("max-grad-norm", 0.0)) > 0 else "--max-grad-norm 1 or "
+    return f"try {clip}a lower --lr (now {float(cfg['lr']):g})"
+
+
+def divergence_warning(row: Mapping[str, Any], cfg: Mapping[str, Any]) -> str | None:
+    """The warning for a metrics row that shows training diverging, else None: its central test loss is inf/NaN
+    although the round was evaluated (its accuracy is a number; --eval-every leaves both NaN), i.e. the global
+    model's weights passed the aggregate's finiteness check but its outputs overflow on the test set; or, in a run
+    with no simulated attack, some clients' updates were non-finite (``nonfinite``: refused, so the round went
+    on without them)."""
     loss, acc = float(row.get("central_loss", 0.0)), float(row.get("central_accuracy", math.nan))
-    if math.isfinite(loss) or math.isnan(acc):
-        return None
-    return (
-        f"round {row['round']}: the global model's central test loss is {loss} (accuracy {acc:.4f}): its weights are "
-        f"finite but its outputs on the test set are not; training is diverging, try a lower --lr (now {lr:g})"
-    )
+    if not math.isfinite(loss) and not math.isnan(acc):
+        return (
+            f"round {row['round']}: the global model's central test loss is {loss} (accuracy {acc:.4f}): its weights "
+            f"are finite but its outputs on the test set are not; training is diverging, {_remedy(cfg)}"
+        )
+    bad = int(row.get("nonfinite", 0))
+    if bad and str(cfg.get("attack", "none") or "none") == "none":
+        return (
+            f"round {row['round']}: {bad} client update(s) had non-finite values and were left out (no attack is "
+            f"simulated in this run): local training is diverging, {_remedy(cfg)}"
+        )
+    return None

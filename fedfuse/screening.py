@@ -504,7 +504,8 @@ def screen_round(
     """Every answer of a round (a :class:`fedfuse.replies.Reply` or the reason it was refused, one per
     ``labels``), screened with ``config``; each rejection logged once, naming the client. Non-finite
     updates from most of the round are counted as ``diverged`` (:func:`diverged_updates`), not ``rejected``.
-    The work each client did is its reported local steps where every reply has them, else its num-examples."""
+    The work each client did is its reported local steps where every reply has them, else its num-examples.
+    ``nonfinite`` counts the replies refused for non-finite values (rejected or diverged), where there are any."""
     refused = [i for i, r in enumerate(replies) if isinstance(r, str)]
     diverged = {refused[j] for j in diverged_updates([replies[i] for i in refused], len(replies))}  # type: ignore[misc]
     if diverged:
@@ -535,6 +536,8 @@ def screen_round(
              "cut": float(screen.cut), "shared": float(screen.shared)}  # fmt: skip
     if diverged:
         stats["diverged"] = float(len(diverged))
+    if nonfinite := sum(isinstance(r, str) and "non-finite value" in r for r in replies):
+        stats["nonfinite"] = float(nonfinite)
     return RoundScreen([valid[j] for j in kept], [screen.states[j] for j in kept],
                        [screen.weights[j] for j in kept], stats)  # fmt: skip
 

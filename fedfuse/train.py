@@ -73,6 +73,7 @@ def train(
     after_step: Callable[[], None] | None = None,
     max_steps: int | None = None,
     proximal_mu: float = 0.0,
+    max_grad_norm: float = 0.0,
 ) -> TrainResult:
     """Minimise cross-entropy with SGD(lr, momentum, weight_decay) for ``epochs`` passes over (x, y).
 
@@ -80,18 +81,23 @@ def train(
     ``optimizer`` replaces the default SGD; ``max_steps`` stops early (a straggler's partial work).
     ``proximal_mu`` = μ > 0 (FedProx) minimises ``CE(w) + (μ/2)·‖w − w₀‖²`` with w₀ the parameters at the
     start (the received global model): its gradient μ·(w − w₀) is added to each parameter's gradient before
-    the step. The reported loss is the cross-entropy alone.
+    the step. The reported loss is the cross-entropy alone. ``max_grad_norm`` = c > 0 rescales each step's
+    gradient g over the trained parameters to g·min(1, c/‖g‖₂) (``torch.nn.utils.clip_grad_norm_``; Hugging Face's
+    Trainer does so with c = 1).
     """
     if len(x) == 0:
         raise ValueError("cannot train on an empty data set")
     if not proximal_mu >= 0.0:
         raise ValueError(f"proximal_mu={proximal_mu!r} is out of range; allowed: a number >= 0")
+    if not max_grad_norm >= 0.0:
+        raise ValueError(f"max_grad_norm={max_grad_norm!r} is out of range; allowed: a number >= 0 (0 = off)")
     model.train()
     for m in model.modules():  # a frozen BatchNorm (a LoRA base's) keeps its statistics: train as it is evaluated
         params = list(m.parameters(recurse=False))
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
             m.eval()
-    anchor = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad] if proximal_mu > 0 else []
+    trained = [p for p in model.parameters() if p.requires_grad]
+    anchor = [(p, p.detach().clone()) for p in trained] if proximal_mu > 0 else []
     opt = optimizer or make_optimizer("sgd", model.parameters(), lr, momentum, weight_decay)
     gen = torch.Generator().manual_seed(int(seed))
     loss_fn = nn.CrossEntropyLoss()
@@ -109,6 +115,8 @@ def train(
             for p, p0 in anchor:  # ∇ (μ/2)‖w − w₀‖² = μ (w − w₀)
                 if p.grad is not None:
                     p.grad.add_(p.detach() - p0, alpha=proximal_mu)
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(trained, max_grad_norm)
             opt.step()
             if after_step is not None:
                 after_step()

@@ -38,7 +38,7 @@ from fedfuse.checkpoint import (
 from fedfuse.errors import ConfigError, RunFailedError
 from fedfuse.experiment import dataset_for, model_for, server_batch
 from fedfuse.replies import decode_arrays
-from fedfuse.results import RunWriter, fedfuse_home, nonfinite_loss, remove_stale_temp_files, resolve_out
+from fedfuse.results import RunWriter, divergence_warning, fedfuse_home, remove_stale_temp_files, resolve_out
 from fedfuse.train import evaluate
 from strategies.monitor import ClientModelDump, LMCMonitor
 from strategies.observed import ObservedStrategy, RoundObserver
@@ -131,12 +131,12 @@ def run_server(
             return MetricRecord({"accuracy": acc, "loss": loss})
         row = {"round": server_round, "central_accuracy": acc, "central_loss": loss, "client_train_loss": nan,
                "client_train_accuracy": nan, "replies": 0.0, "failures": 0.0}  # fmt: skip
-        diverged = None if warned else nonfinite_loss(row, float(cfg["lr"]))
+        if server_round > 0:
+            row |= observed.round_metrics()
+        diverged = None if warned else divergence_warning(row, cfg)
         if diverged:  # once per run, in Flower's log (`flwr run --stream`, the inline backend's flower.log)
             warned.append(diverged)
             log.warning("%s", diverged)
-        if server_round > 0:
-            row |= observed.round_metrics()
         row["wall_time"] = time.perf_counter() - t0
         if server_round == 0 or last or server_round % int(cfg["checkpoint-every"]) == 0:
             ckpt = {

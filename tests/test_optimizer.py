@@ -75,3 +75,22 @@ def test_bad_optimizer_input_is_one_config_error():
         validate_config({"optimizer": "adam", "momentum": 0.5})
     with pytest.raises(ValueError, match="optimizer='lion' is unknown; allowed: sgd, adam, adamw"):
         make_optimizer("lion", _model().parameters(), 0.1)
+
+
+def test_max_grad_norm_clips_every_step_and_off_changes_nothing():
+    """max-grad-norm c rescales each step's gradient to norm ≤ c: one plain SGD step (lr 1, no momentum) moves the
+    trained parameters by exactly min(‖g‖, c); 0 (the default) is bit-identical to no clipping; < 0 is refused."""
+    x, y = _data()
+    moved = {}
+    for c in (0.0, 1e-3, 1e6):
+        m, start = _model(), _model()
+        local_train(validate_config({"lr": 1.0, "momentum": 0.0, "batch-size": 64, "max-grad-norm": c}), m, x, y,
+                    LocalPlan(1, None, 0, False))  # fmt: skip
+        moved[c] = torch.cat([(p - q).flatten() for p, q in zip(m.parameters(), start.parameters(), strict=True)])
+    assert moved[0.0].norm() > 1e-2  # the gradient itself: far above the clip below
+    assert torch.isclose(moved[1e-3].norm(), torch.tensor(1e-3), rtol=1e-4)
+    assert torch.equal(moved[1e6], moved[0.0])  # a bound above the gradient's norm: the same step
+    with pytest.raises(ConfigError, match="max-grad-norm"):
+        validate_config({"max-grad-norm": -1.0})
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        train(_model(), x, y, max_grad_norm=float("nan"))

@@ -134,7 +134,7 @@ def test_a_nonfinite_central_loss_is_named_once(tmp_path, capsys, monkeypatch):
     per round; a round --eval-every skips (loss and accuracy NaN) is not one."""
     import strategies.server_app as server_app
     from fedfuse.cli import main
-    from fedfuse.results import nonfinite_loss
+    from fedfuse.results import divergence_warning
 
     real, calls = server_app.evaluate, []
 
@@ -149,9 +149,36 @@ def test_a_nonfinite_central_loss_is_named_once(tmp_path, capsys, monkeypatch):
                "3", "--backend", "inline", "--no-progress", "--lr", "0.07", "--out", str(out)])  # fmt: skip
     assert rc == 0
     err = [line for line in capsys.readouterr().err.splitlines() if "central test loss" in line]
-    assert err == [f"fedfuse: warning: {nonfinite_loss(load_metrics(out)['rounds'][1], 0.07)}"], err
+    cfg = {"lr": 0.07}
+    assert err == [f"fedfuse: warning: {divergence_warning(load_metrics(out)['rounds'][1], cfg)}"], err
     assert "round 1: the global model's central test loss is nan" in err[0] and "--lr (now 0.07)" in err[0]
+    assert "--max-grad-norm 1 or a lower" in err[0]
     assert (out / "flower.log").read_text().count("central test loss is nan") == 1
-    assert nonfinite_loss({"round": 4, "central_loss": math.nan, "central_accuracy": math.nan}, 0.1) is None
-    assert nonfinite_loss({"round": 4, "central_loss": 2.3, "central_accuracy": 0.1}, 0.1) is None
-    assert "loss is inf" in nonfinite_loss({"round": 4, "central_loss": math.inf, "central_accuracy": 0.1}, 0.1)
+    assert divergence_warning({"round": 4, "central_loss": math.nan, "central_accuracy": math.nan}, cfg) is None
+    assert divergence_warning({"round": 4, "central_loss": 2.3, "central_accuracy": 0.1}, cfg) is None
+    assert "loss is inf" in divergence_warning({"round": 4, "central_loss": math.inf, "central_accuracy": 0.1}, cfg)
+    clipped = divergence_warning({"round": 4, "central_loss": math.inf, "central_accuracy": 0.1},
+                                 {"lr": 0.1, "max-grad-norm": 1.0})  # fmt: skip
+    assert "--max-grad-norm" not in clipped and "a lower --lr (now 0.1)" in clipped
+
+
+def test_nonfinite_client_updates_without_an_attack_are_named_as_divergence(tmp_path, capsys):
+    """Clients whose local training overflows (lr 1e30) send non-finite updates; with no attack simulated the run
+    says once that training diverges and what to try (gradient clipping, a lower lr), on stderr and in Flower's log.
+    With an attack simulated, a non-finite update is the attacker's and no such advice is given."""
+    from fedfuse.cli import main
+    from fedfuse.results import divergence_warning
+
+    out = tmp_path / "run"
+    rc = main(["simulate", "--dataset", "digits", "--model", "mlp", "--width", "16", "--num-clients", "3", "--rounds",
+               "2", "--backend", "inline", "--no-progress", "--lr", "1e30", "--out", str(out)])  # fmt: skip
+    assert rc == 1  # no round produced a model: one line, results kept
+    err = [line for line in capsys.readouterr().err.splitlines() if "diverging" in line]
+    assert err == [
+        "fedfuse: warning: round 1: 3 client update(s) had non-finite values and were left out (no attack is "
+        "simulated in this run): local training is diverging, try --max-grad-norm 1 or a lower --lr (now 1e+30)"
+    ], err
+    assert (out / "flower.log").read_text().count("local training is diverging") == 1
+    row = {"round": 1, "central_loss": 2.3, "central_accuracy": 0.1, "nonfinite": 1.0}
+    assert divergence_warning(row, {"lr": 0.05, "attack": "scale:1e6"}) is None
+    assert "1 client update(s)" in divergence_warning(row, {"lr": 0.05, "attack": "none"})

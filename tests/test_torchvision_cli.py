@@ -91,6 +91,15 @@ def test_a_model_the_inputs_make_degenerate_is_warned_about_with_the_size_it_nee
         "convolutions see a 1×1 feature map (from features.3.block.1.0 on), where a k×k kernel is a 1×1 one; "
         "it needs inputs of at least 17×17"
     )
+    # a model with LoRA adapters on its convolutions (which hide their kernels from the probe): still warned
+    code = run_cli(["simulate", "--backend", "inline", "--dataset", "digits", "--model", "torchvision:resnet18",
+                    "--strategy", "fedavg-lora", "--lora-rank", "2", "--out", str(tmp_path / "lora")])  # fmt: skip
+    line = (
+        "fedfuse: warning: torchvision:resnet18 on (1, 8, 8) inputs is degenerate: 11 of its 17 k×k convolutions "
+        "see a 1×1 feature map (from layer2.0.conv2 on), where a k×k kernel is a 1×1 one; it needs inputs of at "
+        "least 9×9"
+    )
+    assert code == 0 and line in capsys.readouterr().err.splitlines()
     from fedfuse.models.external import degenerate_input
 
     net = build_model(model, (1, 17, 17), 10, seed=0)
