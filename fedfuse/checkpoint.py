@@ -39,6 +39,7 @@ CHECKPOINT = "checkpoint.pt"
 
 # Options that may differ between a run and its resumption (they do not change the result).
 RESUMABLE_OVERRIDES = frozenset({"out"})
+_SAVED = "allowed: a state dict saved with torch.save (e.g. torch.save(model.state_dict(), path))"
 
 
 def rng_states() -> dict[str, Any]:
@@ -204,7 +205,7 @@ def read_state_dict(
     where = f"{what}: {str(path)!r}" if what else repr(str(path))
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"{where} is not a file; allowed: a state dict saved with torch.save")
+        raise ConfigError(f"{where} is not a file; {_SAVED}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -213,9 +214,9 @@ def read_state_dict(
                 f"{where} holds pickled code or objects, not just tensors; refused (files are read with "
                 "torch.load(weights_only=True); save model.state_dict() instead)"
             ) from None
-        raise ConfigError(f"{where} is not a torch file ({type(exc).__name__})") from None
-    except Exception as exc:  # noqa: BLE001 — any unreadable file is bad input
-        raise ConfigError(f"{where} is not a torch file ({type(exc).__name__})") from None
+        raise ConfigError(f"{where} is not a torch file; {_SAVED}") from None
+    except Exception:  # noqa: BLE001 — any unreadable file is bad input
+        raise ConfigError(f"{where} is not a torch file; {_SAVED}") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # a fedfuse checkpoint.pt
         obj = obj["model"]
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):

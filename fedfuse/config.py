@@ -275,6 +275,11 @@ def validate_config(
         _check_pool(out)
     if str(out.get("attack", "none") or "none") != "none" and "num-clients" in out:
         _check_attackers(str(out["attack"]), int(out.get("attackers", 1)), int(out["num-clients"]))
+    elif int(out.get("attackers", 1)) > 1:  # would simulate nothing, silently
+        raise ConfigError(
+            f"attackers={out['attackers']} has no attack to run (attack is not set); allowed: set attack "
+            "(e.g. --attack signflip:4) or leave attackers at 1"
+        )
     if out.get("save-client-models", 0) > out.get("num-rounds", math.inf):  # would save nothing, silently
         raise ConfigError(
             f"save-client-models={out['save-client-models']} is past the run's last round (num-rounds="

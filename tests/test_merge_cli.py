@@ -256,7 +256,7 @@ def test_overwrite_replaces_a_previous_merge_and_nothing_else(parents, tmp_path,
     [
         ("missing", "'/no/such/p.pt' is not a file"),
         ("pickled", "holds pickled code or objects, not just tensors; refused"),
-        ("garbage", "is not a torch file"),
+        ("garbage", "is not a torch file; allowed: a state dict saved with torch.save (e.g. torch.save("),
         ("width", "does not fit model='mlp': 'net.1.weight' has shape (16, 64), the model's is (32, 64)"),
         ("method", "method='ties' is not supported; allowed: average, match"),
         ("model", "model='vit' is not allowed"),
