@@ -271,9 +271,15 @@ def write_table(results: dict[str, dict], path: Path, loads: dict | None = None,
         "a tenth too, `fedfuse/influence.py`), duplicate-cosine 0.99 (updates at cosine ≥ 0.99 with each other share",
         "one client's weight, unless they are half the round), robust none. `evade:c`: at the claim caps, coherent junk at cosine −c",
         "per tensor with the honest mean (`fedfuse.attacks`); `lowkey:0.2`: `evade:0.4` claiming 0.2 × the caps,",
-        "under the influence test's outsized line. `median`: the defaults with",
-        "`--trusted-data 0` (a server without labelled data: the guard's reference is the round's coordinate median",
-        "of the updates).",
+        "under the influence test's outsized line.",
+        *(
+            [
+                "`median`: the defaults with `--trusted-data 0` (a server without labelled data: the guard's reference is",
+                "the round's coordinate median of the updates).",
+            ]
+            if "median" in suite.defences
+            else []
+        ),
         "`–`: not measured.",
         "",
         *recorded_loads(loads or {}),

@@ -79,6 +79,7 @@ class PostFusionRepair:
             raise ConfigError(f"repair_rounds={rounds!r} is out of range; allowed: an integer >= 0 (0 = exact)")
         self.mode, self.rounds, self.timeout = mode, int(rounds), float(timeout)
         self.train_from: State | None = None  # the last unrepaired fused model (repair): what clients train on
+        self._hit = 0  # the most clients bounded in one statistics round of the current call
         self.sites = []
         if mode == "repair":
             if template is None or example_input is None:
@@ -122,6 +123,7 @@ class PostFusionRepair:
     ) -> tuple[State, dict[str, float]]:
         """``fused`` after the statistics round(s) with ``nodes`` (whose train weights are ``weights``)."""
         metrics = {"repair_down_bytes": 0.0, "repair_up_bytes": 0.0, "repair_replies": 0.0}
+        self._hit = 0
         if not self.enabled or not nodes:
             return fused, metrics
         if self.mode == "reset":
@@ -129,8 +131,9 @@ class PostFusionRepair:
             ok = [(w, r[protocol.REPAIR_FUSED]) for n, w in zip(nodes, weights, strict=True) if (r := replies.get(n))]
             if not ok:
                 return self._nobody(server_round, fused)
-            pooled = pool_bn_statistics(self._bounded(server_round, [s for _, s in ok]), [w for w, _ in ok])
+            pooled = pool_bn_statistics(self._bounded([s for _, s in ok]), [w for w, _ in ok])
             metrics["repair_replies"] = float(len(ok))
+            self._warn_bounded(server_round)
             return {**fused, **{k: v.to(fused[k].dtype) for k, v in pooled.items() if k in fused}}, metrics
         assert aligned is not None
         replies = self._ask(grid, server_round, nodes, fused, aligned, config, "unit-stats", metrics, label)
@@ -138,12 +141,8 @@ class PostFusionRepair:
         if not kept:
             return self._nobody(server_round, fused)
         lam = [w for _, w in kept]
-        target = average_statistics(
-            self._bounded(server_round, [replies[n][protocol.REPAIR_OWN] for n, _ in kept]), lam
-        )
-        fused_stats = average_statistics(
-            self._bounded(server_round, [replies[n][protocol.REPAIR_FUSED] for n, _ in kept]), lam
-        )
+        target = average_statistics(self._bounded([replies[n][protocol.REPAIR_OWN] for n, _ in kept]), lam)
+        fused_stats = average_statistics(self._bounded([replies[n][protocol.REPAIR_FUSED] for n, _ in kept]), lam)
         state = rescale_units(fused, self.sites, fused_stats, target)
         metrics["repair_replies"] = float(len(kept))
         for _ in range(self.rounds - 1):  # Jacobi rounds: only the fused model travels again
@@ -152,9 +151,10 @@ class PostFusionRepair:
             both = [(n, w) for n, w in kept if n in again]
             if not both:
                 break
-            stats = self._bounded(server_round, [again[n][protocol.REPAIR_FUSED] for n, _ in both])
+            stats = self._bounded([again[n][protocol.REPAIR_FUSED] for n, _ in both])
             fused_stats = average_statistics(stats, [w for _, w in both])
             state = rescale_units(state, self.sites, fused_stats, target)
+        self._warn_bounded(server_round)
         return state, metrics
 
     def for_strategy(
@@ -181,13 +181,18 @@ class PostFusionRepair:
         )  # fmt: skip
         return fused, {"repair_down_bytes": 0.0, "repair_up_bytes": 0.0, "repair_replies": 0.0}
 
-    def _bounded(self, server_round: int, stats: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        """:func:`fedfuse.align.repair.bound_statistics`, with one warning when a client's statistics were bounded."""
+    def _bounded(self, stats: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """:func:`fedfuse.align.repair.bound_statistics`; the most clients bounded in one statistics round of this
+        call is kept for :meth:`_warn_bounded`."""
         out, hit = bound_statistics(stats)
-        if hit:
-            log.warning("round %d: bn-repair=%s: statistics of %d client(s) bounded at %g × the clients' median",
-                        server_round, self.mode, hit, STATS_BOUND)  # fmt: skip
+        self._hit = max(self._hit, hit)
         return out
+
+    def _warn_bounded(self, server_round: int) -> None:
+        """One warning per server round (not per Jacobi round) when a client's statistics were bounded."""
+        if self._hit:
+            log.warning("round %d: bn-repair=%s: statistics of %d client(s) bounded at %g × the clients' median",
+                        server_round, self.mode, self._hit, STATS_BOUND)  # fmt: skip
 
     def _ask(
         self,

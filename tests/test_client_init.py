@@ -296,4 +296,6 @@ def test_a_liar_among_batch_norm_sites_is_cut_and_cannot_set_repairs_targets(tmp
     messages = [r.getMessage() for r in caplog.records]
     assert accs["on"] > accs["absent"] - 0.05, accs
     assert any("its claimed weight (9.9 × the round's median)" in m for m in messages)
-    assert any("statistics of 1 client(s) bounded at 10 × the clients' median" in m for m in messages)
+    bounded = [m for m in messages if "bounded at 10 × the clients' median" in m]
+    assert bounded == ["round 1: bn-repair=repair: statistics of 1 client(s) bounded at 10 × the clients' median"]
+    # once for the round, not once per statistics (Jacobi) round
