@@ -198,8 +198,9 @@ def test_gwb_alpha_out_of_range_is_one_clear_error() -> None:
 
 
 def test_one_clients_statistics_cannot_set_the_targets_alone() -> None:
-    """Each unit's std is bounded at K (σ_m + s) (σ_m the clients' lower median, s the site's median σ_m) and its
-    mean to μ_m ± K (σ_m + |μ_m| + s); statistics inside the bound come back bit for bit (honest runs unchanged)."""
+    """Each unit's std is bounded at K (σ_m + s) (σ_m the clients' lower median, s the larger of the site's median
+    and mean σ_m) and its mean to μ_m ± K (σ_m + |μ_m| + s); statistics inside the bound come back bit for bit
+    (honest runs unchanged)."""
     from fedfuse.align.repair import STATS_BOUND, bound_statistics
 
     gen = torch.Generator().manual_seed(0)
@@ -213,7 +214,7 @@ def test_one_clients_statistics_cannot_set_the_targets_alone() -> None:
     junk["fc"][0, 4] = -1e9
     out, hit = bound_statistics([*honest, junk])
     med = torch.stack([s["fc"].double() for s in [*honest, junk]]).sort(0).values[2]
-    site = med[1].median()
+    site = max(med[1].median(), med[1].mean())
     assert hit == 1 and all(torch.equal(a["fc"], b["fc"]) for a, b in zip(out[:4], honest, strict=True))
     assert float(out[4]["fc"][1, 2]) == pytest.approx(float(STATS_BOUND * (med[1, 2] + site)), rel=1e-6)
     low = med[0, 4] - STATS_BOUND * (med[1, 4] + site + med[0, 4].abs())
@@ -223,3 +224,9 @@ def test_one_clients_statistics_cannot_set_the_targets_alone() -> None:
     out, hit = bound_statistics(bn)
     assert hit == 1 and out[2]["b.running_var"].tolist() == [(STATS_BOUND * (2.0 + 2.0)) ** 2] * 3
     assert bound_statistics(bn[2:]) == (bn[2:], 0)  # one client: nothing to compare with
+    # a site where most units are quiet on most clients (median σ_m 0: a deep block of models trained apart): a unit
+    # alive on one client's data, and float noise on quiet ones, stay inside (the site's mean σ_m, the floor)
+    quiet = [{"b.running_mean": torch.zeros(4), "b.running_var": torch.tensor([v, 0.0, 0.0, 1.0])} for v in (0, 0, 0)]
+    quiet[0]["b.running_var"][0], quiet[1]["b.running_var"][1] = 0.25, 1e-16
+    out, hit = bound_statistics(quiet)
+    assert hit == 0 and all(torch.equal(a[k], b[k]) for a, b in zip(out, quiet, strict=True) for k in a)

@@ -28,10 +28,11 @@ iterate all layers at once (Jacobi): after ``r`` rounds the ``r`` shallowest dep
 functions, with the parents' statistics on ``data`` (or, with one batch per parent, on each parent's own).
 
 A client's statistics are its own word: before averaging, each unit's ``σ_i`` is bounded by ``K (σ_m + s)`` and
-its ``μ_i`` to ``μ_m ± K (σ_m + |μ_m| + s)`` — ``(μ_m, σ_m)`` the clients' lower medians, ``s`` the site's median
-``σ_m`` (:func:`bound_statistics`, ``K`` = 10), so one client cannot set a target alone: a model trained apart
-with zeroed BatchNorm variances reports stds of 10⁶ and more, and took REPAIR's targets with it *(our
-addition)*. Honest clients' statistics lie inside the bound (10 clean BN runs trained apart moved ≤ 0.6 points
+its ``μ_i`` to ``μ_m ± K (σ_m + |μ_m| + s)`` — ``(μ_m, σ_m)`` the clients' lower medians, ``s`` the larger of the
+site's median and mean ``σ_m`` (:func:`bound_statistics`, ``K`` = 10), so one client cannot set a target
+alone: a model trained apart with zeroed BatchNorm variances reports stds of 10⁶ and more, and took REPAIR's
+targets with it *(our addition)*. Honest clients' statistics lie inside the bound (10 clean BN runs trained
+apart, 5 clients, Dirichlet 0.3 and 0.1, 5 seeds: 9 bit-identical with and without it, one 1.7 points higher
 with it); values inside are returned bit for bit.
 
 Federated BatchNorm reset (:func:`bn_statistics`, :func:`pool_bn_statistics`): each client recomputes the
@@ -271,13 +272,17 @@ def pool_bn_statistics(stats: Sequence[Mapping[str, Tensor]], weights: Sequence[
 
 
 STATS_BOUND = 10.0  # K: how far (× the clients' median scale) one client's statistics may reach
+# the smallest site scale s: a std below it is numerical noise (BatchNorm adds eps = 1e-5 to every variance)
+STATS_FLOOR = 1e-6
 
 
 def bound_statistics(stats: Sequence[Mapping[str, Tensor]], k: float = STATS_BOUND) -> tuple[list[Stats], int]:
     """Clients' statistics with no unit beyond ``k ×`` the clients' scale; returns them and how many clients had a
-    value bounded. Per unit ``c`` of a site, with ``(μ_m, σ_m)`` the clients' lower medians and ``s`` the site's
-    median ``σ_m`` over its units: ``σ_i ≤ k (σ_m + s)`` and ``|μ_i − μ_m| ≤ k (σ_m + |μ_m| + s)`` (``s`` keeps a
-    unit that is quiet on most clients' data but alive on a few — non-IID — inside). Works on unit statistics
+    value bounded. Per unit ``c`` of a site, with ``(μ_m, σ_m)`` the clients' lower medians and ``s`` the larger
+    of the median and the mean of ``σ_m`` over the site's units (at least :data:`STATS_FLOOR`):
+    ``σ_i ≤ k (σ_m + s)`` and ``|μ_i − μ_m| ≤ k (σ_m + |μ_m| + s)`` (``s`` keeps a unit that is quiet on most
+    clients' data but alive on a few — non-IID — inside, also at a site where most units are quiet on most
+    clients, e.g. a deep ResNet block trained apart, whose median ``σ_m`` is 0). Works on unit statistics
     (``(2, C)`` per site: mean, std) and on BatchNorm statistics (``*.running_mean`` / ``*.running_var``, their
     std the variance's root). Values inside the bound are kept bit for bit."""
     out = [dict(s) for s in stats]
@@ -301,7 +306,7 @@ def bound_statistics(stats: Sequence[Mapping[str, Tensor]], k: float = STATS_BOU
         means = [s[key] if bn else s[key][0] for s in out]
         stds = [s[var_key].clamp_min(0).sqrt() if bn else s[key][1] for s in out]
         mu_m, sd_m = median(means), median(stds)
-        scale = sd_m + sd_m.median()
+        scale = sd_m + max(float(sd_m.median()), float(sd_m.mean()), STATS_FLOOR)
         reach, top = k * (scale + mu_m.abs()), k * scale
         for i, s in enumerate(out):
             mean = bounded(i, means[i], mu_m - reach, mu_m + reach)
