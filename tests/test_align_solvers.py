@@ -243,3 +243,21 @@ def test_fusion_on_the_callers_threads_equals_one_thread(method: str, monkeypatc
     # Assert: the thread count of the products changes no assignment (and, for these shapes, no bit)
     assert all(torch.equal(one[k], two[k]) for k in one)
     assert max_state_diff(one, models[0].state_dict()) > 1e-3
+
+
+def test_a_model_scaled_beyond_float32_still_aligns_and_a_non_finite_cost_is_one_error() -> None:
+    """Squared distances of features near 1e30 overflow float32 (the cost used to turn inf − inf = NaN, and POT only
+    warned "problem infeasible" and returned a plan of zeros): they are recomputed in float64, where a ×1e30 copy of
+    a model's shuffled units is matched back to the permutation. A cost that is non-finite anyway is one ConfigError
+    naming the count of bad entries."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=gen)
+    perm = torch.randperm(6, generator=gen)
+    cost = solvers.pairwise_sq_dist(x * 1e30, x[perm] * 1e30)
+    assert bool(torch.isfinite(cost).all())
+    plan = solvers.ot_plan(cost)
+    assert [int(j) for j in plan.argmax(1)] == [int((perm == i).nonzero()) for i in range(6)]
+    bad = cost.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ConfigError, match="the alignment cost has 1 non-finite entries of 36"):
+        solvers.ot_plan(bad)

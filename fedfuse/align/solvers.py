@@ -79,9 +79,13 @@ def group_features(
 
 
 def pairwise_sq_dist(x: Tensor, y: Tensor) -> Tensor:
-    """``C[a, b] = ‖x_a − y_b‖²`` as one matrix product ``‖x‖² + ‖y‖² − 2 x yᵀ`` (returned float64, clamped ≥ 0)."""
-    x, y = x.float(), y.float()
-    c = (x * x).sum(1, keepdim=True) + (y * y).sum(1)[None, :] - 2.0 * threaded_matmul(x, y.T)
+    """``C[a, b] = ‖x_a − y_b‖²`` as one matrix product ``‖x‖² + ‖y‖² − 2 x yᵀ`` (returned float64, clamped ≥ 0);
+    in float32, or in float64 where float32 overflows (features beyond ~10¹⁹, e.g. a model scaled by 10³⁰)."""
+    xf, yf = x.float(), y.float()
+    c = (xf * xf).sum(1, keepdim=True) + (yf * yf).sum(1)[None, :] - 2.0 * threaded_matmul(xf, yf.T)
+    if not bool(torch.isfinite(c).all()) and bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all()):
+        xd, yd = x.double(), y.double()
+        c = (xd * xd).sum(1, keepdim=True) + (yd * yd).sum(1)[None, :] - 2.0 * (xd @ yd.T)
     return c.double().clamp_min_(0.0)
 
 
@@ -100,6 +104,11 @@ def ot_plan(cost: Tensor | np.ndarray, solver: str = "emd", epsilon: float = 0.0
     (the cost is mapped to [0, 1] first; a constant shift does not change any OT plan).
     """
     c = cost.detach().cpu().double().numpy() if isinstance(cost, Tensor) else np.asarray(cost, dtype=np.float64)
+    if not np.isfinite(c).all():  # POT would only warn ("problem infeasible") and return a plan of zeros
+        raise ConfigError(
+            f"the alignment cost has {int((~np.isfinite(c)).sum())} non-finite entries of {c.size}: a model holds "
+            "non-finite values or ones too large to compare; allowed: finite weights (and activations)"
+        )
     n_t, n_s = c.shape
     a, b = np.full(n_t, 1.0 / n_t), np.full(n_s, 1.0 / n_s)
     if solver == "emd":
