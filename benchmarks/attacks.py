@@ -16,7 +16,7 @@ priority order (fedavg first), so a partial run still fills whole columns.
 rank 4 adapters on the digits MLP pretrained centrally on classes 0-4 (``pretrain low-classes``), 5 rounds; the
 attackers send adapters (and the head) as honest LoRA clients do.
 
-``--suite bn`` / ``--suite bn-apart`` (DIR/attacks-bn*.md): a subset (11 attacks incl. the references, 1 of 5 and 3
+``--suite bn`` / ``--suite bn-apart`` (DIR/attacks-bn*.md): a subset (12 attacks incl. the references, 1 of 5 and 3
 of 10, the defaults) on the digits CNN with BatchNorm — fedavg from a shared init, 3 rounds; and wb on sites trained
 apart (``client-init own``) fused with federated REPAIR, then 1 round of FL: running statistics are in every
 update, and in REPAIR's statistics round.
@@ -42,7 +42,7 @@ from benchmarks.common import load_line, note_load, parse_shard, read_shards, re
 STRATEGIES = ["fedavg", "wb", "match"]
 ATTACKS = [
     "none", "absent", "scale:1e6", "signflip:2", "signflip:4", "signflip:8", "alie:1", "ipm:4", "adaptive:0.99",
-    "evade:0.05", "evade:0.4", "lowkey:0.2", "freeride:0.99", "labelflip", "labelflip:4",
+    "evade:0.05", "evade:0.4", "lowkey:0.2", "freeride:0.99", "labelflip", "labelflip:4", "noise:4",
 ]  # fmt: skip
 ABSENT = "num-examples:nan"  # every reply of the attackers is rejected: the 'attackers absent' reference
 SETTINGS = [(5, 1), (10, 2), (10, 3)]  # (clients, attackers)
@@ -85,6 +85,7 @@ BN_ATTACKS = (
     "lowkey:0.2",
     "freeride:0.99",
     "labelflip:4",
+    "noise:4",
 )
 SUITES = {
     "mlp": Suite(tuple(STRATEGIES), BASE, "attacks", "digits MLP, 3 rounds", "mlp"),
@@ -271,7 +272,8 @@ def write_table(results: dict[str, dict], path: Path, loads: dict | None = None,
         "a tenth too, `fedfuse/influence.py`), duplicate-cosine 0.99 (updates at cosine ≥ 0.99 with each other share",
         "one client's weight, unless they are half the round), robust none. `evade:c`: at the claim caps, coherent junk at cosine −c",
         "per tensor with the honest mean (`fedfuse.attacks`); `lowkey:0.2`: `evade:0.4` claiming 0.2 × the caps,",
-        "under the influence test's outsized line.",
+        "under the influence test's outsized line. `noise:4`: each attacker replaces its update by its own Gaussian",
+        "noise at 4 × the update's norm (no collusion: near-duplicate detection cannot group them).",
         *(
             [
                 "`median`: the defaults with `--trusted-data 0` (a server without labelled data: the guard's reference is",

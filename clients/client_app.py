@@ -33,6 +33,7 @@ from fedfuse.experiment import (
     client_data,
     client_model,
     dataset_for,
+    derive_seed,
     init_mode,
     inject_faults,
     local_plan,
@@ -221,7 +222,9 @@ def _train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
                                                result.steps, own=pid)  # fmt: skip
         metrics[protocol.NUM_EXAMPLES], metrics["local-steps"] = claim, steps
     elif attack is not None:
-        state = poison_state(*attack, state, _received_state(msg))
+        state = poison_state(
+            *attack, state, _received_state(msg), seed=derive_seed(int(cfg["seed"]), pid, server_round, 13)
+        )
         metrics[protocol.NUM_EXAMPLES] = claimed_examples(*attack, result.num_examples)
     content = {protocol.ARRAYS: ArrayRecord(state), protocol.METRICS: metrics, protocol.CLIENT_INFO: _info(pid)}
     return Message(RecordDict(content), reply_to=msg)

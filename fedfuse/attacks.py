@@ -9,6 +9,10 @@
                      only the server's reply-size limit (checked before decoding) can catch it. The
                      *client* allocates ``b`` bytes (twice, with serialisation): keep ``b`` small in tests.
 * ``labelflip[:b]``  trains on flipped labels ``y → C − 1 − y``, then sends θ_sent + b·Δ (``b`` = 1: plain).
+* ``noise:s``        θ_sent + s·‖Δ‖·g/‖g‖, ``g ~ N(0, I)`` over the floating entries (the Gaussian attack of
+                     Blanchard et al. 2017 and Fang et al. 2020, scaled to the attacker's own update): no
+                     collusion, every attacker draws its own noise (seeded by run seed, partition and round), so
+                     near-duplicate detection cannot group them.
 
 Omniscient, colluding attacks: the attacker knows every honest client's update of the round (in simulation it
 recomputes them, :func:`honest_updates`: μ and σ below are their coordinate-wise mean and standard deviation):
@@ -79,10 +83,22 @@ def is_attacker(cfg: Mapping[str, Any], partition_id: int) -> bool:
     return partition_id in attacker_ids(int(cfg["seed"]), int(cfg["num-clients"]), int(cfg.get("attackers", 0)))
 
 
-def poison_state(kind: str, value: float, state: Mapping[str, Tensor], sent: Mapping[str, Tensor]) -> dict:
-    """The state an attacking client sends instead of ``state`` (trained from ``sent``)."""
+def poison_state(
+    kind: str, value: float, state: Mapping[str, Tensor], sent: Mapping[str, Tensor], seed: int = 0
+) -> dict:
+    """The state an attacking client sends instead of ``state`` (trained from ``sent``); ``seed`` draws
+    ``noise``'s direction."""
     out = dict(state)
-    if kind in ("scale", "signflip", "labelflip"):
+    if kind == "noise":
+        keys = [k for k, v in state.items() if torch.is_floating_point(v) and k in sent]
+        own = math.sqrt(sum(float((state[k].double() - sent[k].double()).pow(2).sum()) for k in keys))
+        gen = torch.Generator().manual_seed(int(seed))
+        g = {k: torch.randn(tuple(state[k].shape), generator=gen, dtype=torch.float64) for k in keys}
+        step = value * own / (math.sqrt(sum(float(v.pow(2).sum()) for v in g.values())) or 1.0)
+        for k in keys:
+            out[k] = (sent[k].double() + step * g[k]).to(state[k].dtype)
+            out[k] = out[k].clamp(min=0) if k.endswith("running_var") else out[k]  # < 0: rejected as malformed
+    elif kind in ("scale", "signflip", "labelflip"):
         s = -value if kind == "signflip" else value
         for k, v in state.items():
             if torch.is_floating_point(v) and k in sent:

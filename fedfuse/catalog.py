@@ -44,7 +44,7 @@ LIBRARY_NAMES = (
 )
 ATTACKS = (
     "scale", "signflip", "num-examples", "extra-bytes", "alie", "ipm", "adaptive", "evade", "lowkey", "freeride",
-    "labelflip",
+    "labelflip", "noise",
 )  # fmt: skip
 OMNISCIENT = ("alie", "ipm", "adaptive", "evade", "lowkey", "freeride")  # attacks that need the honest clients' updates
 
@@ -117,6 +117,8 @@ def parse_attack(text: str) -> tuple[str, float] | None:
         raise ValueError("needs a byte count >= 1")
     if kind in ("adaptive", "lowkey", "freeride") and not 0 < value <= 1:
         raise ValueError("needs a ratio in (0, 1] (the fraction of each bound it goes up to, e.g. 0.99)")
+    if kind == "noise" and not value > 0:
+        raise ValueError("needs a scale > 0 (the noise's norm as a multiple of the attacker's own update, e.g. 4)")
     if kind == "evade" and not 0 <= value < 1:
         raise ValueError("needs a cosine in [0, 1) (how far against the honest mean it points, e.g. 0.4)")
     return kind, value

@@ -193,7 +193,7 @@ OPTIONS: dict[str, Option] = {
             str,
             "",
             "simulated attack: scale:S, signflip:S, num-examples:V, extra-bytes:B, alie:Z, ipm:EPS, adaptive:RATIO, "
-            "evade:COS, lowkey:RATIO, freeride:RATIO, labelflip[:BOOST] (fedfuse.attacks)",
+            "evade:COS, lowkey:RATIO, freeride:RATIO, labelflip[:BOOST], noise:S (fedfuse.attacks)",
             check_value=attack_reason,
         ),
         Option("attackers", int, 1, "number of attacking clients (chosen from the seed) when attack is set", low=0),

@@ -148,7 +148,7 @@ def test_attack_parsing_and_poisoning() -> None:
     assert parse_attack("scale:1e6") == ("scale", 1e6)
     kind, value = parse_attack("num-examples:nan")
     assert kind == "num-examples" and value != value
-    for bad in ("scale", "boost:3", "scale:x", "signflip:inf", "extra-bytes:0"):
+    for bad in ("scale", "boost:3", "scale:x", "signflip:inf", "extra-bytes:0", "noise:0", "noise:-1"):
         with pytest.raises(ValueError):
             parse_attack(bad)
     sent = {"w": torch.ones(3), "n": torch.tensor(2)}
@@ -157,6 +157,15 @@ def test_attack_parsing_and_poisoning() -> None:
     assert torch.equal(poison_state("signflip", 2, trained, sent)["w"], torch.full((3,), 0.0))
     assert int(poison_state("signflip", 2, trained, sent)["n"]) == 3
     assert poison_state("extra-bytes", 4000, trained, sent)["w"].numel() == 1000
+    # noise:s replaces the update by Gaussian noise of s × its norm, each seed its own (near-orthogonal) draw
+    sent = {"w": torch.zeros(4000), "bn.running_var": torch.ones(8), "n": torch.tensor(2)}
+    trained = {"w": torch.full((4000,), 0.01), "bn.running_var": torch.ones(8), "n": torch.tensor(3)}
+    a, b = (poison_state("noise", 4, trained, sent, seed=s) for s in (1, 2))
+    delta = torch.cat([a["w"], a["bn.running_var"] - 1])
+    assert float(delta.norm()) == pytest.approx(4 * 0.01 * 4000**0.5, rel=0.02)  # variances clamped at 0: ≈
+    assert abs(float(torch.nn.functional.cosine_similarity(a["w"], b["w"], dim=0))) < 0.1
+    assert torch.equal(a["w"], poison_state("noise", 4, trained, sent, seed=1)["w"])  # seeded
+    assert float(a["bn.running_var"].min()) >= 0 and int(a["n"]) == 3
     ids = attacker_ids(0, 10, 2)
     assert len(set(ids)) == 2 and ids == sorted(ids) and ids == attacker_ids(0, 10, 2)
     assert attacker_ids(0, 3, 5) == [0, 1, 2]
