@@ -34,6 +34,7 @@ BAD_INPUT = [
     (["--num-clients", "3", "--attack", "alie:1", "--attackers", "3"], "attackers=3 exceeds the 2 allowed of num-"),
     (["--num-clients", "3", "--attack", "signflip:4", "--attackers", "4"], "attackers=4 exceeds the 3 allowed of num-"),
     (["--attackers", "3"], "attackers=3 has no attack to run (attack is not set); allowed: set attack"),
+    (["--attack", "noise:0"], "attack='noise:0' needs a scale > 0 (the noise's norm as a multiple of"),
     (["--dataset", "mnist10k"], "needs --data-root"),
     (["--dataset", "mnist10k", "--data-root", "/no/such/dir"], "data-root='/no/such/dir' is not a directory"),
     (["--partition", "zipf"], "partition='zipf' is not allowed; allowed: iid, dirichlet, pathological, quantity"),
