@@ -51,6 +51,7 @@ from torch import Tensor
 
 from fedfuse.catalog import ATTACKS, OMNISCIENT, attack_reason, parse_attack
 from fedfuse.screening import cap_scale, lower_median
+from fedfuse.validation import valid_variance
 
 __all__ = [
     "ATTACKS",
@@ -96,15 +97,13 @@ def poison_state(
         g = {k: torch.randn(tuple(state[k].shape), generator=gen, dtype=torch.float64) for k in keys}
         step = value * own / (math.sqrt(sum(float(v.pow(2).sum()) for v in g.values())) or 1.0)
         for k in keys:
-            out[k] = (sent[k].double() + step * g[k]).to(state[k].dtype)
-            out[k] = out[k].clamp(min=0) if k.endswith("running_var") else out[k]  # < 0: rejected as malformed
+            out[k] = valid_variance(k, (sent[k].double() + step * g[k]).to(state[k].dtype))
     elif kind in ("scale", "signflip", "labelflip"):
         s = -value if kind == "signflip" else value
         for k, v in state.items():
             if torch.is_floating_point(v) and k in sent:
                 base = sent[k].to(v.dtype)
-                out[k] = base + s * (v - base)
-                out[k] = out[k].clamp(min=0) if k.endswith("running_var") else out[k]  # < 0: rejected as malformed
+                out[k] = valid_variance(k, base + s * (v - base))  # a negative variance: rejected as malformed
     elif kind == "extra-bytes" and out:
         first = next(iter(out))
         out[first] = torch.zeros(max(1, int(value) // 4), dtype=torch.float32)
@@ -196,9 +195,8 @@ def omniscient_reply(
         else:
             typical = {k: float(v.flatten(1).norm(dim=1).median()) for k, v in stack.items()}
             delta = _against(mean, std, value if kind == "evade" else LOWKEY_COS, target, typical)
-    state = {k: (sent[k].double() + delta[k]).to(sent[k].dtype) if k in delta else sent[k] for k in sent}
-    for k in (k for k in state if k.endswith("running_var")):  # < 0: rejected as malformed
-        state[k] = state[k].clamp(min=0)
+    state = {k: valid_variance(k, (sent[k].double() + delta[k]).to(sent[k].dtype)) if k in delta else sent[k]
+             for k in sent}  # fmt: skip
     return state, num_examples, steps
 
 

@@ -95,7 +95,7 @@ from fedfuse.screening_options import (
     SCREENING_OPTIONS,
     UPDATE_NORM_BOUND,
 )
-from fedfuse.validation import single_threaded
+from fedfuse.validation import single_threaded, valid_variance
 
 __all__ = [
     "NORM_ACTIONS",
@@ -173,8 +173,7 @@ def _moved(state: State, sent: State, delta: Tensor) -> dict[str, Tensor]:
     for k, v in state.items():
         if torch.is_floating_point(v):
             n = v.numel()
-            out[k] = (sent[k].detach().double() + delta[pos : pos + n].reshape(v.shape)).to(v.dtype)
-            out[k] = out[k].clamp(min=0) if k.endswith("running_var") else out[k]
+            out[k] = valid_variance(k, (sent[k].detach().double() + delta[pos : pos + n].reshape(v.shape)).to(v.dtype))
             pos += n
         else:
             out[k] = v

@@ -14,7 +14,7 @@ import torch
 __all__ = [
     "check_known_args",
     "check_update", "non_finite", "single_threaded", "check_num_examples", "check_reply_size", "check_strategy_args",
-    "MAX_NUM_EXAMPLES", "MAX_REPLY_FACTOR",
+    "MAX_NUM_EXAMPLES", "MAX_REPLY_FACTOR", "negative_variance", "is_variance", "valid_variance",
 ]  # fmt: skip
 
 MAX_NUM_EXAMPLES = 1e9  # default bound on a reply's num-examples (its aggregation weight)
@@ -121,12 +121,24 @@ def non_finite(state: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
     return None
 
 
+def is_variance(key: str) -> bool:
+    """Whether state entry ``key`` is a normalisation layer's running variance (``*running_var``: BatchNorm,
+    InstanceNorm), which must stay ``>= 0`` (:func:`negative_variance`)."""
+    return key.endswith("running_var")
+
+
+def valid_variance(key: str, value: torch.Tensor) -> torch.Tensor:
+    """``value`` clamped at 0 where ``key`` is a running variance (:func:`is_variance`), else ``value`` itself:
+    what a moved, projected or simulated state does to stay a valid reply."""
+    return value.clamp(min=0) if is_variance(key) else value
+
+
 def negative_variance(state: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
     """The first normalisation running variance (a ``*running_var`` entry: BatchNorm, InstanceNorm) of ``state``
     with entries ``< 0`` and how many, or None. ``σ² < 0`` is no statistic any client can measure; BatchNorm
     would divide by ``√(σ² + ε)`` of it and turn every output NaN."""
     for key, value in state.items():
-        if key.endswith("running_var") and value.is_floating_point() and value.numel() and float(value.min()) < 0:
+        if is_variance(key) and value.is_floating_point() and value.numel() and float(value.min()) < 0:
             return key, int((value < 0).sum())
     return None
 
