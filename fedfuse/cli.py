@@ -259,10 +259,10 @@ def preflight(
 
         model = model_for(cfg, ds)
         if library_of(str(cfg["model"])):
+            from fedfuse.experiment import is_adapted
             from fedfuse.models.external import degenerate_input
 
-            adapted = any(cfg.get(k) for k in ("base", "lora-rank", "lora-ranks")) or cfg.get("pretrain") != "none"
-            plain = _built_model(cfg, ds) if adapted else model  # LoRA's convolutions hide their kernels
+            plain = _built_model(cfg, ds) if is_adapted(cfg) else model  # LoRA's convolutions hide their kernels
             warning = degenerate_input(plain, str(cfg["model"]), ds.input_shape)
             if warning:  # a warning, not a refusal: such a model may still learn easy data (see degenerate_input)
                 print(f"fedfuse: warning: {warning}", file=sys.stderr)
@@ -317,9 +317,9 @@ def preflight(
 
 def _built_model(cfg: dict[str, Any], ds: Any) -> Any:
     """The run's architecture, freshly initialised (no base, no adapters): what LoRA options are checked on."""
-    from fedfuse.experiment import model_for
+    from fedfuse.experiment import ADAPTING_OPTIONS, model_for
 
-    return model_for({k: v for k, v in cfg.items() if k not in ("base", "pretrain", "lora-rank", "lora-ranks")}, ds)
+    return model_for({k: v for k, v in cfg.items() if k not in ADAPTING_OPTIONS}, ds)
 
 
 def _format_row(row: dict[str, Any]) -> list[str]:

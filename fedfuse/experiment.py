@@ -26,6 +26,8 @@ from fedfuse.train import TrainResult, make_optimizer, train
 __all__ = [
     "dataset_for",
     "model_for",
+    "is_adapted",
+    "ADAPTING_OPTIONS",
     "client_data",
     "LocalPlan",
     "local_plan",
@@ -57,6 +59,17 @@ def dataset_for(cfg: Mapping[str, Any]) -> Dataset:
     return load_dataset(str(cfg["dataset"]), cfg.get("data-root") or None, int(cfg["seed"]))
 
 
+ADAPTING_OPTIONS = ("base", "pretrain", "lora-rank", "lora-ranks")  # what turns the built model into a LoRA/base one
+
+
+def is_adapted(cfg: Mapping[str, Any]) -> bool:
+    """Whether :func:`model_for` loads a base (``base``/``pretrain``) or wraps adapters (``lora-rank(s)``) around the
+    built architecture."""
+    return bool(
+        cfg.get("base") or str(cfg.get("pretrain", "none")) != "none" or cfg.get("lora-rank") or cfg.get("lora-ranks")
+    )
+
+
 def model_for(
     cfg: Mapping[str, Any], ds: Dataset, seed: int | None = None, width: int | None = None, lora_rank: int | None = None
 ) -> nn.Module:
@@ -65,9 +78,7 @@ def model_for(
     ``lora_rank`` (default: the global rank) wrap it (:func:`fedfuse.lora.run.adapt_model`). Then ``seed`` draws
     only the adapters' init: the base is the run's in every process — built from the run seed before it is
     pretrained, or, with neither base nor pretraining, that init itself."""
-    adapted = (
-        cfg.get("base") or str(cfg.get("pretrain", "none")) != "none" or cfg.get("lora-rank") or cfg.get("lora-ranks")
-    )
+    adapted = is_adapted(cfg)
     model = _built_model(cfg, ds, None if adapted else seed, width)
     if adapted:
         from fedfuse.lora.run import adapt_model

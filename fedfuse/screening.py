@@ -114,6 +114,7 @@ __all__ = [
     "cap_scale",
     "update_norm",
     "diverged_updates",
+    "nonfinite_reason",
     "state_norm",
     "RoundScreen",
     "screen_round",
@@ -470,12 +471,17 @@ def _segments(state: State) -> list[tuple[int, int]]:
     return out
 
 
+def nonfinite_reason(reply: object) -> bool:
+    """Whether a refused reply's reason is non-finite values (as :func:`fedfuse.validation.check_update` says)."""
+    return isinstance(reply, str) and "non-finite value" in reply
+
+
 def diverged_updates(reasons: Sequence[str], answered: int) -> list[int]:
     """Which of a round's rejection ``reasons`` to blame on the global model rather than on the clients: the
     non-finite updates, when at least half of the round's ``answered`` replies (and at least 2) are
     non-finite — training from the model sent is then what fails (a poisoned global, or a too large learning
     rate). Empty otherwise."""
-    idx = [i for i, r in enumerate(reasons) if "non-finite value" in r]
+    idx = [i for i, r in enumerate(reasons) if nonfinite_reason(r)]
     return idx if len(idx) >= 2 and 2 * len(idx) >= answered else []
 
 
@@ -535,7 +541,7 @@ def screen_round(
              "cut": float(screen.cut), "shared": float(screen.shared)}  # fmt: skip
     if diverged:
         stats["diverged"] = float(len(diverged))
-    if nonfinite := sum(isinstance(r, str) and "non-finite value" in r for r in replies):
+    if nonfinite := sum(map(nonfinite_reason, replies)):
         stats["nonfinite"] = float(nonfinite)
     return RoundScreen([valid[j] for j in kept], [screen.states[j] for j in kept],
                        [screen.weights[j] for j in kept], stats)  # fmt: skip

@@ -81,11 +81,13 @@ def group_features(
 def pairwise_sq_dist(x: Tensor, y: Tensor) -> Tensor:
     """``C[a, b] = ‖x_a − y_b‖²`` as one matrix product ``‖x‖² + ‖y‖² − 2 x yᵀ`` (returned float64, clamped ≥ 0);
     in float32, or in float64 where float32 overflows (features beyond ~10¹⁹, e.g. a model scaled by 10³⁰)."""
-    xf, yf = x.float(), y.float()
-    c = (xf * xf).sum(1, keepdim=True) + (yf * yf).sum(1)[None, :] - 2.0 * threaded_matmul(xf, yf.T)
+
+    def sq(a: Tensor, b: Tensor) -> Tensor:
+        return (a * a).sum(1, keepdim=True) + (b * b).sum(1)[None, :] - 2.0 * threaded_matmul(a, b.T)
+
+    c = sq(x.float(), y.float())
     if not bool(torch.isfinite(c).all()) and bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all()):
-        xd, yd = x.double(), y.double()
-        c = (xd * xd).sum(1, keepdim=True) + (yd * yd).sum(1)[None, :] - 2.0 * (xd @ yd.T)
+        c = sq(x.double(), y.double())
     return c.double().clamp_min_(0.0)
 
 
