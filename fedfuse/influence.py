@@ -17,6 +17,8 @@ remove on a server batch. Here the test acts only on significant evidence, in tw
 3. then, from the least to the most influential, each cut update gets its weight back unless that raises the loss
    significantly (``+z`` standard errors); if it does, the update is harmful at the size it claims, and it keeps a
    tenth of the median's influence (``FLOOR``) unless that raises the loss significantly (else the median's).
+   Near-identical updates (one group of ``duplicate-cosine``, counted as one client) are put back together, here
+   and in step 4: one at a time, each of three junk copies can look harmless where the three are not.
 4. *harmful steps*, whatever their size: with ``W = Σ_j w_j`` held fixed, update ``i``'s own step ``s_i = w_i Δ_i / W``
    is what it adds to the aggregate ``S = Σ_j s_j`` (the others not rescaled). Those whose step raises the loss
    (``L(S) > L(S − s_i)`` on average) are taken out jointly; that stands only if it lowers the loss significantly;
@@ -34,9 +36,10 @@ Nothing is rejected: an update harmful at its claimed size is down-weighted, as 
 norm buy it a tenth of a median client's say; an honest client whose update the examples speak against keeps that
 much of its data in the round). An honest client keeps its weight wherever the evidence does not speak against it.
 What is left to the guard (docs/robustness.md): junk whose harm the examples cannot resolve — a few clients each
-claiming twice the median slow the honest mean by diluting it, and three identical junk steps are no more
-significant than one. With ``n`` examples the test's resolution is ~``z · σ/√n`` of loss; it costs ``n_updates + 2``
-forward passes over them per round (plus two per harmful-looking or outsized update).
+claiming twice the median slow the honest mean by diluting it, and colluders that add noise enough to escape the
+near-duplicate groups are put back one at a time. With ``n`` examples the test's resolution is ~``z · σ/√n`` of
+loss; it costs ``n_updates + 2`` forward passes over them per round (plus two per harmful-looking or outsized
+update).
 """
 
 from __future__ import annotations
@@ -86,11 +89,16 @@ def _significance(diff: float, se: float) -> str:
 
 
 def influence_test(
-    deltas: Sequence[Tensor], weights: Sequence[float], losses: Callable[[Tensor], Tensor], z: float
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    losses: Callable[[Tensor], Tensor],
+    z: float,
+    groups: Sequence[Sequence[int]] = (),
 ) -> InfluenceTest:
     """The test above on one round: ``deltas`` the (screened) flat updates, ``weights`` their aggregation weights,
     ``losses(Δ)`` the per-example losses of the model moved by the aggregate update ``Δ`` on the server's
-    examples. ``z ≤ 0`` or fewer than three updates: nothing is tested."""
+    examples; ``groups`` the near-identical updates (indices into ``deltas``) that count as one client, so steps 3
+    and 4 put a group's members back together. ``z ≤ 0`` or fewer than three updates: nothing is tested."""
     out = InfluenceTest([float(w) for w in weights])
     n = len(deltas)
     if z <= 0 or n < 3:
@@ -107,14 +115,15 @@ def influence_test(
     big = sorted((i for i in range(n) if infl[i] > OUTSIZED * med), key=lambda i: infl[i])
     if big:
         cut = [w * med / infl[i] if i in big else w for i, w in enumerate(out.weights)]
-        _outsized_step(out, loss_of, z, [v / med for v in infl], cut, big, "influence")
+        _outsized_step(out, loss_of, z, [v / med for v in infl], cut, _units(big, groups), "influence")
     # then by claimed weight alone: an update of ~0 claiming the caps moves nothing but dilutes the others
     heavy = sorted((i for i in range(n) if i not in big and weights[i] > OUTSIZED * w_med), key=lambda i: weights[i])
     if heavy:
         cut = [min(w, w_med) if i in heavy else w for i, w in enumerate(out.weights)]
-        _outsized_step(out, loss_of, z, [float(w) / w_med for w in weights], cut, heavy, "claimed weight")
+        sizes = [float(w) / w_med for w in weights]
+        _outsized_step(out, loss_of, z, sizes, cut, _units(heavy, groups), "claimed weight")
     out.tested = len(big) + len(heavy)
-    _harm_step(out, deltas, losses, z, med)
+    _harm_step(out, deltas, losses, z, med, groups)
     out.cut = sum(1 for w, w0 in zip(out.weights, weights, strict=True) if w < w0)
     return out
 
@@ -134,54 +143,85 @@ def claim_test(loss_of: Callable[[Sequence[float]], Tensor], weights: Sequence[f
     heavy = sorted((i for i in range(n) if out.weights[i] > OUTSIZED * w_med), key=lambda i: out.weights[i])
     if heavy and w_med > 0:
         cut = [min(w, w_med) if i in heavy else w for i, w in enumerate(out.weights)]
-        _outsized_step(out, loss_of, z, [w / w_med for w in out.weights], cut, heavy, "claimed weight")
+        _outsized_step(out, loss_of, z, [w / w_med for w in out.weights], cut, [[i] for i in heavy], "claimed weight")
         out.tested = len(heavy)
         out.cut = sum(1 for w, w0 in zip(out.weights, weights, strict=True) if w < w0)
     return out
 
 
+def _units(members: Sequence[int], groups: Sequence[Sequence[int]]) -> list[list[int]]:
+    """``members`` (in their order) as the units steps 3 and 4 put back: the members of one near-duplicate group
+    together, at the place of the first of them, every other update alone. Colluders sending one vector count as one
+    client (:mod:`fedfuse.screening`, ``duplicate-cosine``); put back one at a time, each of three junk updates looked
+    harmless on its own and two of them went back at full size (the BatchNorm CNN, 3 of 10, ``--attack evade``)."""
+    group_of = {i: set(g) for g in groups for i in g}
+    units: list[list[int]] = []
+    placed: set[int] = set()
+    for i in members:
+        if i not in placed:
+            unit = [j for j in members if j in group_of.get(i, {i})]
+            placed.update(unit)
+            units.append(unit)
+    return units
+
+
+def _with(ws: Sequence[float], unit: Sequence[int], values: Sequence[float], factor: float = 1.0) -> list[float]:
+    """``ws`` with the ``unit``'s entries set to ``factor`` × theirs in ``values``."""
+    out = list(ws)
+    for i in unit:
+        out[i] = values[i] * factor
+    return out
+
+
+def _joint(unit: Sequence[int]) -> str:
+    """How a log line says an update was tested with its near-identical ones."""
+    return f" (put back with the {len(unit) - 1} near-identical update(s) sent with it)" if len(unit) > 1 else ""
+
+
 def _outsized_step(
     out: InfluenceTest, loss_of: Callable[[Sequence[float]], Tensor], z: float,
-    size: list[float], cut: list[float], outsized: list[int], what: str,
+    size: list[float], cut: list[float], outsized: list[list[int]], what: str,
 ) -> None:  # fmt: skip
     """Steps 2-3 on ``out``'s weights: ``cut`` the outsized updates' weights at the median's ``what`` (influence or
-    claimed weight), ``size`` how far above the median each is; ``loss_of(ws)`` the aggregate's losses."""
+    claimed weight), ``size`` how far above the median each is; ``outsized`` the units put back together
+    (:func:`_units`); ``loss_of(ws)`` the aggregate's losses."""
     full = list(out.weights)
     now, best = loss_of(full), loss_of(cut)
     diff, se = _paired(best, now)
     if not diff < -z * se:
         return  # cutting them does not help on the server's examples: every claim stands
     current = cut
-    for i in outsized:
-        trial = list(current)
-        trial[i] = full[i]
+    for unit in outsized:
+        trial = _with(current, unit, full)
         tried = loss_of(trial)
         diff, se = _paired(tried, best)
         if not diff > z * se:
             current, best = trial, tried
             continue
-        trial = list(current)
-        trial[i] = cut[i] * FLOOR  # harmful at its claimed size: a tenth of the median's influence
+        trial = _with(current, unit, cut, FLOOR)  # harmful at its claimed size: a tenth of the median's influence
         without = loss_of(trial)
         d_low, se_low = _paired(without, best)
-        why = (f"its {what} ({size[i]:.3g} × the round's median) raises the loss on the server's "
-               f"{len(tried)} examples by {diff:.3g} ({_significance(diff, se)}) at its claimed size")  # fmt: skip
+        for i in unit:
+            why = (f"its {what} ({size[i]:.3g} × the round's median) raises the loss on the server's {len(tried)} "
+                   f"examples by {diff:.3g} ({_significance(diff, se)}) at its claimed size{_joint(unit)}")  # fmt: skip
+            if not d_low > z * se_low:
+                out.notes[i] = f"{why}: kept at {FLOOR:g} × the median's"
+            else:  # it carries signal: less than the median's influence raises the loss too
+                out.trims[i] = f"{why}: cut to the median's"
         if not d_low > z * se_low:
             current, best = trial, without
-            out.notes[i] = f"{why}: kept at {FLOOR:g} × the median's"
-        else:  # it carries signal: less than the median's influence raises the loss too
-            out.trims[i] = f"{why}: cut to the median's"
     out.weights = current
 
 
 def _harm_step(
-    out: InfluenceTest, deltas: Sequence[Tensor], losses: Callable[[Tensor], Tensor], z: float, med: float
-) -> None:
+    out: InfluenceTest, deltas: Sequence[Tensor], losses: Callable[[Tensor], Tensor], z: float, med: float,
+    groups: Sequence[Sequence[int]] = (),
+) -> None:  # fmt: skip
     """Step 4 on ``out``'s weights: each update's own step ``s_i = w_i·Δ_i / W`` (``W = Σ_j w_j`` held fixed, so
     the others are not rescaled) in the aggregate ``S = Σ_j s_j``. The steps that raise the loss on average are
     taken out together, which stands only if that lowers the loss by more than ``z`` standard errors; then each is
-    put back (least harmful first) unless it raises the loss by more than ``z`` standard errors, and one that does
-    keeps ``FLOOR`` × the median's influence ``med``."""
+    put back (least harmful first; a near-duplicate group's members together, :func:`_units`) unless it raises the
+    loss by more than ``z`` standard errors, and one that does keeps ``FLOOR`` × the median's influence ``med``."""
     ws = out.weights
     total = sum(ws)
     if total <= 0:
@@ -203,15 +243,17 @@ def _harm_step(
     diff, se = _paired(best, base)
     if not diff < -z * se:
         return
-    for _, i in sorted(harmful):
-        tried = losses(without + steps[i])
+    for unit in _units([i for _, i in sorted(harmful)], groups):
+        tried = losses(without + sum(steps[i] for i in unit))
         diff, se = _paired(tried, best)
         if not diff > z * se:
-            without, best = without + steps[i], tried
+            without, best = without + sum(steps[i] for i in unit), tried
             continue
-        norm = float(deltas[i].norm())
-        out.weights[i] = min(ws[i], FLOOR * med / norm) if norm > 0 else ws[i]
-        out.notes[i] = (
-            f"its step (weight × update, the others not rescaled) raises the loss on the server's {len(tried)} "
-            f"examples by {diff:.3g} ({_significance(diff, se)}): kept at {FLOOR:g} × the median's influence"
-        )
+        for i in unit:
+            norm = float(deltas[i].norm())
+            out.weights[i] = min(ws[i], FLOOR * med / norm) if norm > 0 else ws[i]
+            out.notes[i] = (
+                f"its step (weight × update, the others not rescaled) raises the loss on the server's {len(tried)} "
+                f"examples by {diff:.3g} ({_significance(diff, se)}){_joint(unit)}: kept at {FLOOR:g} × the "
+                "median's influence"
+            )

@@ -419,8 +419,10 @@ def _influence(
     result: Screening, live: list[int], deltas: list[Tensor], like: State, sent: State, losses: LossFn, z: float
 ) -> None:
     """:func:`fedfuse.influence.influence_test` on the live updates (after the guard), applied to ``result``."""
+    pos = {i: j for j, i in enumerate(live)}
+    groups = [[pos[i] for i in g if i in pos] for g in result.groups]
     test = influence_test([deltas[i] for i in live], [result.weights[i] for i in live],
-                          lambda delta: losses(_moved(like, sent, delta)), z)  # fmt: skip
+                          lambda delta: losses(_moved(like, sent, delta)), z, groups)  # fmt: skip
     for j, i in enumerate(live):
         result.weights[i] = test.weights[j]
     result.cut += test.cut

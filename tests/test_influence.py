@@ -143,6 +143,58 @@ def test_non_finite_losses_count_as_harm() -> None:
     assert test.cut == 1 and test.weights[4] < 100.0
 
 
+def _colluders() -> tuple[list[torch.Tensor], list[float], object]:
+    """7 honest updates and 3 identical ones that add to an honest step a big move along a direction ``u`` the
+    loss does not see until the model has moved along it beyond about 2.5 of them (a cliff, as BatchNorm's units
+    that die under a junk step while the loss stays at chance)."""
+    x, _, w_star = _task()
+    gen = torch.Generator().manual_seed(3)
+    u = torch.randn(D, generator=gen, dtype=torch.float64)
+    u /= u.norm()
+    x = x - (x @ u)[:, None] * u  # the examples do not see u
+    y = x @ w_star
+    jitter = 1 + 0.1 * torch.rand(len(x), generator=gen, dtype=torch.float64)
+    junk = w_star / 3 + 6 * float(w_star.norm()) * u
+    deltas = [*_honest(w_star, 7), junk, junk.clone(), junk.clone()]
+    weights = [10.0, 12.0, 9.0, 11.0, 10.0, 8.0, 12.0, 10.0, 10.0, 10.0]
+    med = sorted(w * float(d.norm()) for w, d in zip(weights, deltas, strict=True))[4]
+    cut = 10.0 * med / (10.0 * float(junk.norm()))
+
+    def along(ws: list[float]) -> float:
+        return float(sum(w * d for w, d in zip(ws, deltas, strict=True)) @ u) / sum(ws)
+
+    cliff = (along([*weights[:9], cut]) + along(weights)) / 2  # between two and three of them back at full size
+
+    def losses(delta: torch.Tensor) -> torch.Tensor:
+        return (x @ delta - y) ** 2 + 1e3 * torch.relu(delta @ u - cliff) ** 2 * jitter
+
+    return deltas, weights, losses
+
+
+def test_near_identical_updates_are_put_back_together() -> None:
+    """Colluders sending one vector count as one client: put back one at a time, two of three go back at full
+    size (each alone is harmless); as one unit, all three keep a tenth of the median's influence."""
+    deltas, weights, losses = _colluders()
+    apart = influence_test(deltas, weights, losses, z=2.0)
+    assert apart.weights[7:9] == [10.0, 10.0] and apart.weights[9] < 1.0  # the weakness the groups close
+    test = influence_test(deltas, weights, losses, z=2.0, groups=[[7, 8, 9]])
+    assert test.weights[:7] == weights[:7] and test.cut == 3 and all(w < 1.0 for w in test.weights[7:])
+    assert "put back with the 2 near-identical update(s)" in test.notes[8]
+
+
+def test_screening_puts_its_duplicate_groups_back_together() -> None:
+    """Through :func:`screen_updates`: the group it finds (three claims of 30 sharing one client's weight: 10 each,
+    the unit test's round) reaches the influence test, which puts its members back together."""
+    deltas, weights, losses = _colluders()
+    states = [{"w": d} for d in deltas]
+    sent = [{"w": torch.zeros(D, dtype=torch.float64)}] * len(deltas)
+    res = screen_updates(states, sent, [*weights[:7], 30.0, 30.0, 30.0], direction="median", reference={"w": deltas[0]},
+                         losses=lambda state: losses(state["w"]), influence_z=2.0, duplicate_cosine=0.99)  # fmt: skip
+    assert res.groups == [[7, 8, 9]] and res.shared == 3 and res.cut == 3
+    assert res.weights[:7] == weights[:7] and all(w < 1.0 for w in res.weights[7:])
+    assert all("put back with the 2 near-identical" in res.notes[i] for i in (7, 8, 9))
+
+
 @pytest.mark.parametrize("z", [2.0, 0.0])
 def test_screening_runs_the_test_only_with_a_trusted_reference_and_losses(z: float) -> None:
     """Through :func:`screen_updates`: the liar is cut (never rejected) with g₀ and the losses; without either, or
