@@ -21,8 +21,8 @@ of 10, the defaults) on the digits CNN with BatchNorm — fedavg from a shared i
 apart (``client-init own``) fused with federated REPAIR, then 1 round of FL: running statistics are in every
 update, and in REPAIR's statistics round.
 
-``--suite mlp-10`` / ``--suite bn-10`` (DIR/attacks-10rounds.md, DIR/attacks-bn-10rounds.md): fedavg with the
-defaults over 10 rounds instead of 3 (the MLP's every attack and setting; the BN subset). After 3 rounds the models
+``--suite mlp-10`` / ``--suite bn-10`` (DIR/attacks-10rounds.md, DIR/attacks-bn-10rounds.md): the defaults over
+10 rounds instead of 3 (the MLP's every attack, setting and strategy; the BN subset, fedavg). After 3 rounds the models
 are early in training (loss ~1.5-2.2) and their accuracy swings by many points at small loss differences.
 """
 
@@ -102,7 +102,7 @@ SUITES = {
                       "round 1, then 1 round of FL", "bn-apart", BN_ATTACKS, ((5, 1), (10, 3)), ("defaults",),
                       clean=False),
     # the 3-round matrices read early training (loss ~1.5-2.2): the same cells with the defaults over 10 rounds
-    "mlp-10": Suite(("fedavg",), {**BASE, "num-rounds": 10}, "attacks-10rounds", "digits MLP, 10 rounds, fedavg",
+    "mlp-10": Suite(tuple(STRATEGIES), {**BASE, "num-rounds": 10}, "attacks-10rounds", "digits MLP, 10 rounds",
                     "mlp-10", defences=("defaults",), clean=False),
     "bn-10": Suite(("fedavg",), {**BN, "num-rounds": 10}, "attacks-bn-10rounds",
                    "digits CNN with BatchNorm, 10 rounds", "bn-10", BN_ATTACKS, ((5, 1), (10, 3)), ("defaults",),
@@ -161,7 +161,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", choices=sorted(SUITES), default="mlp",
                    help="mlp: fedavg/wb/match; lora: LoRA strategies; bn, bn-apart: BatchNorm CNN (a subset); "
-                        "mlp-10, bn-10: fedavg with the defaults over 10 rounds")  # fmt: skip
+                        "mlp-10, bn-10: the defaults over 10 rounds")  # fmt: skip
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th job from the i-th (parallel processes)")
     p.add_argument("--table-only", action="store_true", help="only rewrite attacks.md from the JSON files")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
