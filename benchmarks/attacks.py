@@ -1,6 +1,6 @@
 """Attack × strategy matrix with fedfuse's defences, and what they cost on clean runs (inline).
 
-    python benchmarks/attacks.py [--suite mlp|lora|bn|bn-apart|mlp-10|bn-10] [--shard i/n] [--out DIR]   # resumable; DIR/attacks.md (+ .json)
+    python benchmarks/attacks.py [--suite mlp|lora|bn|bn-apart|mlp-10|bn-10|lora-15] [--shard i/n] [--out DIR]   # resumable; DIR/attacks.md (+ .json)
 
 Digits MLP, 3 rounds, seeds 0-2 in every cell. Attacks (``fedfuse.attacks``): 1 attacker of 5 clients, 2 of 10
 and 3 of 10 (drawn from the seed), Dirichlet α = 0.3, against fedavg, wb and match, with the shipped defaults
@@ -21,8 +21,9 @@ of 10, the defaults) on the digits CNN with BatchNorm — fedavg from a shared i
 apart (``client-init own``) fused with federated REPAIR, then 1 round of FL: running statistics are in every
 update, and in REPAIR's statistics round.
 
-``--suite mlp-10`` / ``--suite bn-10`` (DIR/attacks-10rounds.md, DIR/attacks-bn-10rounds.md): the defaults over
-10 rounds instead of 3 (the MLP's every attack, setting and strategy; the BN subset, fedavg). After 3 rounds the models
+``--suite mlp-10`` / ``--suite bn-10`` / ``--suite lora-15`` (DIR/attacks-10rounds.md, attacks-bn-10rounds.md,
+attacks-lora-15rounds.md): the defaults over 10 rounds instead of 3 (the MLP's every attack, setting and strategy;
+the BN subset, fedavg), and the LoRA matrix over 15 rounds instead of 5. After 3 rounds the models
 are early in training (loss ~1.5-2.2) and their accuracy swings by many points at small loss differences.
 """
 
@@ -91,10 +92,12 @@ BN_ATTACKS = (
     "labelflip:4",
     "noise:4",
 )
+LORA = {**BASE, "num-rounds": 5, "pretrain": "low-classes", "lora-rank": 4}
+LORA_STRATEGIES = ("fedavg-lora", "fedex-lora")
 SUITES = {
     "mlp": Suite(tuple(STRATEGIES), BASE, "attacks", "digits MLP, 3 rounds", "mlp"),
-    "lora": Suite(("fedavg-lora", "fedex-lora"), {**BASE, "num-rounds": 5, "pretrain": "low-classes", "lora-rank": 4},
-                  "attacks-lora", "digits MLP pretrained on classes 0-4, LoRA rank 4, 5 rounds", "lora"),
+    "lora": Suite(LORA_STRATEGIES, LORA, "attacks-lora", "digits MLP pretrained on classes 0-4, LoRA rank 4, 5 rounds",
+                  "lora"),
     "bn": Suite(("fedavg",), BN, "attacks-bn", "digits CNN with BatchNorm, 3 rounds", "bn", BN_ATTACKS,
                 ((5, 1), (10, 3)), ("defaults",), clean=False),
     "bn-apart": Suite(("wb",), {**BN, "num-rounds": 2, "client-init": "own", "bn-repair": "repair"}, "attacks-bn-apart",
@@ -104,6 +107,9 @@ SUITES = {
     # the 3-round matrices read early training (loss ~1.5-2.2): the same cells with the defaults over 10 rounds
     "mlp-10": Suite(tuple(STRATEGIES), {**BASE, "num-rounds": 10}, "attacks-10rounds", "digits MLP, 10 rounds",
                     "mlp-10", defences=("defaults",), clean=False),
+    "lora-15": Suite(LORA_STRATEGIES, {**LORA, "num-rounds": 15}, "attacks-lora-15rounds",
+                     "digits MLP pretrained on classes 0-4, LoRA rank 4, 15 rounds", "lora-15", defences=("defaults",),
+                     clean=False),
     "bn-10": Suite(("fedavg",), {**BN, "num-rounds": 10}, "attacks-bn-10rounds",
                    "digits CNN with BatchNorm, 10 rounds", "bn-10", BN_ATTACKS, ((5, 1), (10, 3)), ("defaults",),
                    clean=False),
@@ -161,7 +167,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", choices=sorted(SUITES), default="mlp",
                    help="mlp: fedavg/wb/match; lora: LoRA strategies; bn, bn-apart: BatchNorm CNN (a subset); "
-                        "mlp-10, bn-10: the defaults over 10 rounds")  # fmt: skip
+                        "mlp-10, bn-10, lora-15: the defaults over 10 (LoRA: 15) rounds")  # fmt: skip
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th job from the i-th (parallel processes)")
     p.add_argument("--table-only", action="store_true", help="only rewrite attacks.md from the JSON files")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
