@@ -201,15 +201,16 @@ def _outsized_step(
         trial = _with(current, unit, cut, FLOOR)  # harmful at its claimed size: a tenth of the median's influence
         without = loss_of(trial)
         d_low, se_low = _paired(without, best)
+        floored = not d_low > z * se_low  # else it carries signal: less than the median's influence raises the loss
+        if floored:
+            current, best = trial, without
         for i in unit:
             why = (f"its {what} ({size[i]:.3g} × the round's median) raises the loss on the server's {len(tried)} "
                    f"examples by {diff:.3g} ({_significance(diff, se)}) at its claimed size{_joint(unit)}")  # fmt: skip
-            if not d_low > z * se_low:
+            if floored:
                 out.notes[i] = f"{why}: kept at {FLOOR:g} × the median's"
-            else:  # it carries signal: less than the median's influence raises the loss too
+            else:
                 out.trims[i] = f"{why}: cut to the median's"
-        if not d_low > z * se_low:
-            current, best = trial, without
     out.weights = current
 
 
@@ -244,10 +245,11 @@ def _harm_step(
     if not diff < -z * se:
         return
     for unit in _units([i for _, i in sorted(harmful)], groups):
-        tried = losses(without + sum(steps[i] for i in unit))
+        step = sum(steps[i] for i in unit)
+        tried = losses(without + step)
         diff, se = _paired(tried, best)
         if not diff > z * se:
-            without, best = without + sum(steps[i] for i in unit), tried
+            without, best = without + step, tried
             continue
         for i in unit:
             norm = float(deltas[i].norm())
